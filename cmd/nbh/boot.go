@@ -1,0 +1,160 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+func bootCmd(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
+	arch := fs.String("arch", "amd64", "guest architecture: amd64 or arm64")
+	firmware := fs.String("firmware", "", "boot chain firmware (default: seabios-ipxe for amd64, uboot for arm64)")
+	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
+	initrd := fs.String("initrd", "", "boot archive (default: the reference archive)")
+	appendArgs := fs.String("append", "", "extra kernel command line arguments")
+	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
+	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
+	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
+	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	quiet := fs.Bool("quiet", false, "no live progress, only the result")
+	var faults multiFlag
+	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nbh boot [flags]\n\nBoots one guest on the reference stack and waits for its marker, a\nclassified failure or the deadline. Exit status: 0 marker seen, 1 boot failed\n(the reason is printed), 2 bad usage, 3 the lab could not be set up.\n\nBoot chains:\n%s\nFaults:\n%s\nFlags:\n", chainsHelp(), faultsHelp())
+		fs.PrintDefaults()
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if *firmware == "" {
+		*firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*arch]
+	}
+	spec := harness.Spec{Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout}
+	for _, name := range faults {
+		f, err := harness.LookupFault(name)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			return exitUsage
+		}
+		spec.Faults = append(spec.Faults, f)
+	}
+	for _, p := range []string{*kernel, *initrd} {
+		if p == "" {
+			continue
+		}
+		if _, err := os.Stat(p); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			return exitUsage
+		}
+	}
+	keep := *artifacts != ""
+	dir := *artifacts
+	if dir == "" {
+		var err error
+		if dir, err = os.MkdirTemp("", "nbh-boot-"); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			return exitSetup
+		}
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+		return exitSetup
+	}
+	spec.Artifacts = dir
+
+	var out sync.Mutex
+	say := func(format string, a ...any) {
+		out.Lock()
+		fmt.Fprintf(os.Stderr, format, a...)
+		out.Unlock()
+	}
+	var start time.Time
+	if !*quiet {
+		spec.OnStage = func(e timeline.Event) {
+			msg := e.Msg
+			if len(msg) > 90 {
+				msg = msg[:87] + "..."
+			}
+			say("  [%6.2fs] %-8s %s: %s\n", time.Since(start).Seconds(), e.Stage, e.Source, msg)
+		}
+	}
+	lab, err := harness.New(harness.Options{Cache: images.Open(*cache), Log: os.Stderr})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: lab: %v\n", err)
+		return exitSetup
+	}
+	defer lab.Close()
+	start = time.Now()
+	say("nbh: booting %s/%s\n", *arch, *firmware)
+	g, err := lab.Boot(ctx, spec)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+		if ctx.Err() != nil {
+			return exitStopped
+		}
+		return exitSetup
+	}
+	v := g.Wait(ctx)
+	spans := g.Spans()
+	g.Close()
+	fmt.Printf("\n%s", timeline.Table(spans, g.Start))
+	if v.OK {
+		fmt.Printf("\nOK: %s/%s reached the marker in %.2fs\n  %s\n", *arch, *firmware, v.Elapsed.Seconds(), v.Line)
+		if keep {
+			fmt.Printf("artifacts: %s\n", dir)
+		} else {
+			os.RemoveAll(dir)
+		}
+		return exitOK
+	}
+	fmt.Printf("\nFAILED: %s/%s: %v\n", *arch, *firmware, v.Err())
+	if len(v.Tail) > 0 {
+		fmt.Printf("last console lines:\n")
+		for _, l := range v.Tail[max(0, len(v.Tail)-10):] {
+			fmt.Printf("  | %s\n", l)
+		}
+	}
+	fmt.Printf("artifacts: %s\n", dir)
+	if ctx.Err() != nil {
+		return exitStopped
+	}
+	return exitFailed
+}
+
+func imagesCmd(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("images", flag.ContinueOnError)
+	arch := fs.String("arch", "all", "amd64, arm64 or all")
+	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware and loaders. A second run is offline.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	arches := images.Arches
+	if *arch != "all" {
+		arches = []string{*arch}
+	}
+	c := images.Open(*cache)
+	for _, a := range arches {
+		if err := images.FetchAll(ctx, c, a); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh images: %v\n", err)
+			return exitSetup
+		}
+		fmt.Printf("%s:\n", a)
+		for _, p := range c.Pins(a) {
+			fmt.Printf("  %s\n", p)
+		}
+	}
+	fmt.Printf("cache: %s\n", c.Dir)
+	return exitOK
+}

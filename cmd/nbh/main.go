@@ -1,0 +1,108 @@
+// Command nbh is the netboot harness's command line: boot one guest on the
+// reference stack, run the scenario matrix, or fetch images.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/qemu"
+)
+
+const usage = `nbh — the netboot harness
+
+Usage:
+  nbh boot   [flags]   boot one guest on the reference network-boot stack
+  nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
+  nbh help [command]   show help
+
+Boot chains (--arch / --firmware):
+%s
+Faults (--fault):
+%s
+Run "nbh boot --help" for the boot flags.
+`
+
+func chainsHelp() string {
+	var b strings.Builder
+	for _, p := range qemu.Profiles {
+		fmt.Fprintf(&b, "  %-6s %-13s %s\n", p.Arch, p.Firmware, p.Description)
+	}
+	return b.String()
+}
+
+func faultsHelp() string {
+	var b strings.Builder
+	for _, n := range harness.FaultNames() {
+		f := harness.Faults[n]
+		fmt.Fprintf(&b, "  %-15s %s (expected: %s)\n", n, f.Help, f.Expect)
+	}
+	return b.String()
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+// exit codes
+const (
+	exitOK      = 0
+	exitFailed  = 1 // the boot failed (classified)
+	exitUsage   = 2
+	exitSetup   = 3 // the lab could not be set up
+	exitStopped = 130
+)
+
+func run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprintf(os.Stderr, usage, chainsHelp(), faultsHelp())
+		return exitUsage
+	}
+	// SIGINT and SIGTERM cancel the run; the lab then stops QEMU and
+	// removes its files before nbh exits.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	switch args[0] {
+	case "boot":
+		return bootCmd(ctx, args[1:])
+	case "images":
+		return imagesCmd(ctx, args[1:])
+	case "help", "-h", "--help":
+		if len(args) > 1 {
+			return run([]string{args[1], "--help"})
+		}
+		fmt.Fprintf(os.Stdout, usage, chainsHelp(), faultsHelp())
+		return exitOK
+	default:
+		fmt.Fprintf(os.Stderr, "nbh: unknown command %q\n\n", args[0])
+		fmt.Fprintf(os.Stderr, usage, chainsHelp(), faultsHelp())
+		return exitUsage
+	}
+}
+
+// multiFlag collects a repeatable flag.
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
+
+func parse(fs *flag.FlagSet, args []string) (int, bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK, false
+		}
+		return exitUsage, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "nbh %s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return exitUsage, false
+	}
+	return 0, true
+}

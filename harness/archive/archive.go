@@ -1,0 +1,262 @@
+// Package archive builds boot archives (initramfs): cpio "newc" streams,
+// gzip-compressed, reproducible (entries sorted, fixed mtimes and owners, so
+// the same inputs give byte-identical output), with a manifest inside listing
+// every file with its size and SHA-256.
+package archive
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"sort"
+	"strings"
+
+	"github.com/klauspost/compress/gzip"
+)
+
+// ManifestPath is where the manifest lives inside an archive.
+const ManifestPath = "etc/nbh/manifest.json"
+
+// Manifest describes an archive's files.
+type Manifest struct {
+	Kernel string          `json:"kernel,omitempty"` // kernel version the modules belong to
+	Files  []ManifestEntry `json:"files"`
+}
+
+// ManifestEntry is one regular file of an archive.
+type ManifestEntry struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+	Source string `json:"source,omitempty"` // where it came from (host path or root-relative path)
+}
+
+type entry struct {
+	mode   uint32    // full st_mode
+	rdev   [2]uint32 // device major, minor
+	data   []byte    // regular files; symlink target
+	source string
+}
+
+// Builder collects entries; parents are created as needed.
+type Builder struct {
+	entries map[string]*entry
+	// Kernel is recorded in the manifest.
+	Kernel string
+}
+
+// New returns an empty builder.
+func New() *Builder { return &Builder{entries: map[string]*entry{}} }
+
+const (
+	sIFDIR = 0o040000
+	sIFREG = 0o100000
+	sIFLNK = 0o120000
+	sIFCHR = 0o020000
+)
+
+func clean(p string) (string, error) {
+	c := strings.TrimPrefix(path.Clean("/"+p), "/")
+	if c == "" || c == "." {
+		return "", fmt.Errorf("archive: bad path %q", p)
+	}
+	return c, nil
+}
+
+func (b *Builder) parents(p string) {
+	for d := path.Dir(p); d != "." && d != "/"; d = path.Dir(d) {
+		if _, ok := b.entries[d]; !ok {
+			b.entries[d] = &entry{mode: sIFDIR | 0o755}
+		}
+	}
+}
+
+// Dir adds a directory.
+func (b *Builder) Dir(p string, perm os.FileMode) error {
+	c, err := clean(p)
+	if err != nil {
+		return err
+	}
+	b.parents(c)
+	b.entries[c] = &entry{mode: sIFDIR | uint32(perm.Perm())}
+	return nil
+}
+
+// File adds a regular file with the given contents.
+func (b *Builder) File(p string, data []byte, perm os.FileMode) error {
+	return b.file(p, data, perm, "")
+}
+
+func (b *Builder) file(p string, data []byte, perm os.FileMode, source string) error {
+	c, err := clean(p)
+	if err != nil {
+		return err
+	}
+	b.parents(c)
+	b.entries[c] = &entry{mode: sIFREG | uint32(perm.Perm()), data: data, source: source}
+	return nil
+}
+
+// Copy adds the host file src at p, keeping its permission bits.
+func (b *Builder) Copy(p, src string) error {
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("archive: %w", err)
+	}
+	fi, err := os.Stat(src)
+	if err != nil {
+		return fmt.Errorf("archive: %w", err)
+	}
+	return b.file(p, data, fi.Mode(), src)
+}
+
+// Symlink adds a symbolic link.
+func (b *Builder) Symlink(p, target string) error {
+	c, err := clean(p)
+	if err != nil {
+		return err
+	}
+	b.parents(c)
+	b.entries[c] = &entry{mode: sIFLNK | 0o777, data: []byte(target)}
+	return nil
+}
+
+// CharDev adds a character device node; /dev/console must exist in an
+// initramfs for the kernel to give init a console.
+func (b *Builder) CharDev(p string, perm os.FileMode, major, minor uint32) error {
+	c, err := clean(p)
+	if err != nil {
+		return err
+	}
+	b.parents(c)
+	b.entries[c] = &entry{mode: sIFCHR | uint32(perm.Perm()), rdev: [2]uint32{major, minor}}
+	return nil
+}
+
+// Manifest lists the regular files added so far.
+func (b *Builder) Manifest() Manifest {
+	m := Manifest{Kernel: b.Kernel, Files: []ManifestEntry{}}
+	for _, p := range b.sorted() {
+		e := b.entries[p]
+		if e.mode&0o170000 != sIFREG || p == ManifestPath {
+			continue
+		}
+		sum := sha256.Sum256(e.data)
+		m.Files = append(m.Files, ManifestEntry{Path: "/" + p, Size: int64(len(e.data)), SHA256: hex.EncodeToString(sum[:]), Source: e.source})
+	}
+	return m
+}
+
+func (b *Builder) sorted() []string {
+	names := make([]string, 0, len(b.entries))
+	for p := range b.entries {
+		names = append(names, p)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// WriteCPIO writes the uncompressed newc stream, manifest included.
+func (b *Builder) WriteCPIO(w io.Writer) error {
+	m, err := json.MarshalIndent(b.Manifest(), "", " ")
+	if err != nil {
+		return err
+	}
+	if err := b.File(ManifestPath, append(m, '\n'), 0o644); err != nil {
+		return err
+	}
+	cw := &cpioWriter{w: w}
+	ino := uint32(1)
+	for _, p := range b.sorted() {
+		e := b.entries[p]
+		if err := cw.entry(p, ino, e.mode, e.rdev, e.data); err != nil {
+			return err
+		}
+		ino++
+	}
+	return cw.trailer()
+}
+
+// WriteGzip writes the gzip-compressed archive. The gzip header carries no
+// name and no time, so output depends on the entries alone.
+func (b *Builder) WriteGzip(w io.Writer) error {
+	zw, err := gzip.NewWriterLevel(w, gzip.BestSpeed)
+	if err != nil {
+		return err
+	}
+	if err := b.WriteCPIO(zw); err != nil {
+		return err
+	}
+	return zw.Close()
+}
+
+// WriteFile writes the gzip-compressed archive to path atomically.
+func (b *Builder) WriteFile(path string) error {
+	tmp := path + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("archive: %w", err)
+	}
+	if err := b.WriteGzip(f); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("archive: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("archive: %w", err)
+	}
+	return os.Rename(tmp, path)
+}
+
+// cpioWriter writes SVR4 "newc" (070701) records.
+type cpioWriter struct {
+	w   io.Writer
+	off int64
+}
+
+func (c *cpioWriter) write(b []byte) error {
+	n, err := c.w.Write(b)
+	c.off += int64(n)
+	return err
+}
+
+func (c *cpioWriter) pad() error {
+	if r := c.off % 4; r != 0 {
+		return c.write(make([]byte, 4-r))
+	}
+	return nil
+}
+
+func (c *cpioWriter) entry(name string, ino, mode uint32, rdev [2]uint32, data []byte) error {
+	nlink := uint32(1)
+	if mode&0o170000 == sIFDIR {
+		nlink = 2
+	}
+	// Fields: magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor,
+	// devminor, rdevmajor, rdevminor, namesize, check. uid, gid and mtime are
+	// zero: reproducible, and owned by root in the guest.
+	hdr := fmt.Sprintf("070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(name)+1, 0)
+	if err := c.write([]byte(hdr)); err != nil {
+		return err
+	}
+	if err := c.write(append([]byte(name), 0)); err != nil {
+		return err
+	}
+	if err := c.pad(); err != nil {
+		return err
+	}
+	if err := c.write(data); err != nil {
+		return err
+	}
+	return c.pad()
+}
+
+func (c *cpioWriter) trailer() error {
+	return c.entry("TRAILER!!!", 0, 0, [2]uint32{}, nil)
+}

@@ -1,0 +1,125 @@
+// Package bootcfg writes the boot loaders' configuration: an iPXE script, a
+// U-Boot boot script (in a legacy image header, as U-Boot's "source" wants
+// it) and a pxelinux-style config, a grub.cfg, and a GRUB netboot EFI image
+// for arm64 UEFI. Every config prints an "nbh:" line when it runs, so the
+// console shows which loader got how far.
+package bootcfg
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+	"os/exec"
+	"strings"
+)
+
+// Boot is what a loader must load.
+type Boot struct {
+	Server  string // IP address of the boot server
+	Kernel  string // path on the server, e.g. g1/vmlinuz
+	Initrd  string
+	Cmdline string
+}
+
+// IPXEScript fetches kernel and archive over HTTP. initrd= on the command line
+// lets an EFI-stub kernel find the archive iPXE registered under that name.
+func IPXEScript(b Boot) string {
+	return fmt.Sprintf(`#!ipxe
+echo nbh: iPXE script for ${net0/mac} at ${net0/ip}
+kernel http://%[1]s/%[2]s initrd=initrd.img %[4]s || goto failed
+initrd --name initrd.img http://%[1]s/%[3]s || goto failed
+echo nbh: booting kernel
+boot || goto failed
+:failed
+echo nbh: iPXE boot failed
+exit 1
+`, b.Server, b.Kernel, b.Initrd, b.Cmdline)
+}
+
+// PXELinux is a pxelinux-style config, as U-Boot's "pxe" command reads it.
+func PXELinux(b Boot) string {
+	return fmt.Sprintf(`# nbh: pxelinux config
+default nbh
+prompt 0
+timeout 1
+label nbh
+	kernel %s
+	initrd %s
+	append %s
+`, b.Kernel, b.Initrd, b.Cmdline)
+}
+
+// UBootScript widens TFTP blocks and windows (one block per round trip
+// would make a 33 MB kernel take tens of seconds) and then boots the
+// pxelinux config for this NIC.
+func UBootScript() string {
+	return `echo nbh: U-Boot script
+setenv tftpblocksize 1468
+setenv tftpwindowsize 32
+if pxe get; then
+	echo nbh: booting the pxelinux config
+	pxe boot
+fi
+echo nbh: U-Boot boot failed
+`
+}
+
+// UBootImage wraps a script in a legacy U-Boot image header (type script,
+// uncompressed), like "mkimage -T script" does.
+func UBootImage(name, script string) []byte {
+	// Script images are multi-file images: a zero-terminated list of
+	// lengths, then the data.
+	var data bytes.Buffer
+	binary.Write(&data, binary.BigEndian, uint32(len(script)))
+	binary.Write(&data, binary.BigEndian, uint32(0))
+	data.WriteString(script)
+	d := data.Bytes()
+
+	h := make([]byte, 64)
+	be := binary.BigEndian
+	be.PutUint32(h[0:], 0x27051956) // magic
+	be.PutUint32(h[8:], 0)          // time: 0, reproducible
+	be.PutUint32(h[12:], uint32(len(d)))
+	be.PutUint32(h[24:], crc32.ChecksumIEEE(d))
+	h[28] = 5  // OS: Linux
+	h[29] = 22 // arch: arm64
+	h[30] = 6  // type: script
+	h[31] = 0  // no compression
+	copy(h[32:], name)
+	be.PutUint32(h[4:], crc32.ChecksumIEEE(h))
+	return append(h, d...)
+}
+
+// GRUBConfig loads kernel and archive over HTTP from the boot server.
+func GRUBConfig(b Boot) string {
+	return fmt.Sprintf(`set timeout=0
+echo "nbh: grub.cfg"
+echo "nbh: loading kernel"
+linux (http,%[1]s)/%[2]s %[4]s
+echo "nbh: loading archive"
+initrd (http,%[1]s)/%[3]s
+echo "nbh: booting kernel"
+boot
+echo "nbh: GRUB boot failed"
+`, b.Server, b.Kernel, b.Initrd, b.Cmdline)
+}
+
+// GRUBModules are built into the netboot image.
+var GRUBModules = []string{"tftp", "http", "net", "efinet", "linux", "normal", "configfile", "echo", "gzio", "test", "boot", "halt", "reboot"}
+
+// GRUBImage runs grub-mkimage to build an arm64-efi netboot image whose
+// prefix is prefix (e.g. "(tftp)/g1/grub"): GRUB then reads grub.cfg from
+// there, from the server the firmware's DHCP named.
+func GRUBImage(ctx context.Context, moduleDir, prefix, out string) error {
+	tool, err := exec.LookPath("grub-mkimage")
+	if err != nil {
+		return fmt.Errorf("bootcfg: grub-mkimage is not installed (Debian package grub-common): %w", err)
+	}
+	args := append([]string{"-O", "arm64-efi", "-d", moduleDir, "-p", prefix, "-o", out}, GRUBModules...)
+	if b, err := exec.CommandContext(ctx, tool, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("bootcfg: grub-mkimage: %v: %s", err, strings.TrimSpace(string(b)))
+	}
+	return nil
+}

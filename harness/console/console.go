@@ -1,0 +1,182 @@
+// Package console owns a guest's serial console: a pseudo-terminal from
+// go-expect that QEMU's serial port writes to, drained continuously (a guest
+// is never blocked by a full terminal buffer, whoever is waiting), teed to
+// console.log with a timestamp on every line, and turned into lines that the
+// lab checks against the marker and the failure table.
+//
+// Two bugs seen in other harnesses are designed out here: expectations that
+// block after the guest exits (the console drops its own copy of the terminal
+// once QEMU has it, so QEMU's exit ends the stream), and floods of output
+// that stall matching (lines are matched one at a time, bounded in length).
+package console
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	expect "github.com/Netflix/go-expect"
+)
+
+// MaxLine bounds a line; longer runs without a newline are split.
+const MaxLine = 4096
+
+// idle is how long a partial line (a prompt) may wait before it is handed on.
+const idle = 300 * time.Millisecond
+
+// Line is one console line.
+type Line struct {
+	Time    time.Time
+	Text    string // printable text: no CR, no terminal escapes
+	Partial bool   // no newline yet (a prompt, or output that paused)
+}
+
+// Console is a running serial console.
+type Console struct {
+	c     *expect.Console
+	start time.Time
+	log   io.Writer
+	lines chan Line
+	done  chan struct{}
+
+	mu   sync.Mutex
+	tail []string
+}
+
+// New opens a console; log (may be nil) receives the timestamped transcript.
+// Lines arrive on Lines() until the guest side closes.
+func New(log io.Writer, start time.Time) (*Console, error) {
+	c, err := expect.NewConsole()
+	if err != nil {
+		return nil, fmt.Errorf("console: %w", err)
+	}
+	con := &Console{c: c, start: start, log: log, lines: make(chan Line, 1024), done: make(chan struct{})}
+	return con, nil
+}
+
+// Tty is the terminal QEMU's serial port is attached to (its stdin/stdout).
+func (con *Console) Tty() *os.File { return con.c.Tty() }
+
+// Started tells the console that QEMU holds the terminal: the console closes
+// its own copy, so that QEMU exiting ends the stream, and begins reading.
+func (con *Console) Started() {
+	con.c.Tty().Close()
+	go con.read()
+}
+
+// Lines delivers console lines; it is closed when the stream ends.
+func (con *Console) Lines() <-chan Line { return con.lines }
+
+// Done is closed when the stream has ended and every line was delivered.
+func (con *Console) Done() <-chan struct{} { return con.done }
+
+// Send types s on the console.
+func (con *Console) Send(s string) error {
+	_, err := con.c.Send(s)
+	return err
+}
+
+// Close releases the terminal.
+func (con *Console) Close() error { return con.c.Close() }
+
+// Tail returns the last n lines seen.
+func (con *Console) Tail(n int) []string {
+	con.mu.Lock()
+	defer con.mu.Unlock()
+	if len(con.tail) < n {
+		n = len(con.tail)
+	}
+	return append([]string(nil), con.tail[len(con.tail)-n:]...)
+}
+
+// lineEnd matches as soon as the buffer ends a line or grows too long: it
+// looks at the last byte only, so matching stays cheap however long the
+// output.
+type lineEnd struct{}
+
+func (lineEnd) Match(v any) bool {
+	buf, ok := v.(*bytes.Buffer)
+	if !ok {
+		return false
+	}
+	b := buf.Bytes()
+	return len(b) > 0 && (b[len(b)-1] == '\n' || len(b) >= MaxLine)
+}
+
+func (lineEnd) Criteria() any { return "end of line" }
+
+func untilLineEnd(opts *expect.ExpectOpts) error {
+	opts.Matchers = append(opts.Matchers, lineEnd{})
+	return nil
+}
+
+func (con *Console) read() {
+	defer close(con.done)
+	defer close(con.lines)
+	for {
+		s, err := con.c.Expect(untilLineEnd, expect.WithTimeout(idle))
+		if s != "" {
+			con.emit(s, err != nil)
+		}
+		if err != nil && !isTimeout(err) {
+			return // QEMU closed the terminal: EOF or EIO
+		}
+	}
+}
+
+func isTimeout(err error) bool {
+	var t interface{ Timeout() bool }
+	return errors.As(err, &t) && t.Timeout()
+}
+
+func (con *Console) emit(raw string, partial bool) {
+	now := time.Now()
+	text := Clean(raw)
+	if con.log != nil {
+		fmt.Fprintf(con.log, "[%8.3f] %s", now.Sub(con.start).Seconds(), strings.TrimRight(raw, "\r\n"))
+		if partial {
+			io.WriteString(con.log, " ⏎\n") // the line went on later; shown split
+		} else {
+			io.WriteString(con.log, "\n")
+		}
+	}
+	if strings.TrimSpace(text) == "" {
+		return
+	}
+	con.mu.Lock()
+	con.tail = append(con.tail, text)
+	if len(con.tail) > 200 {
+		con.tail = con.tail[len(con.tail)-100:]
+	}
+	con.mu.Unlock()
+	con.lines <- Line{Time: now, Text: text, Partial: partial}
+}
+
+var escapes = regexp.MustCompile(`\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])`)
+
+// Clean strips terminal escapes, carriage returns and other control bytes.
+func Clean(s string) string {
+	s = escapes.ReplaceAllString(s, "")
+	// A carriage return in the middle of a line overwrote what came before
+	// on a terminal; keep the last non-empty rewrite.
+	s = strings.TrimRight(s, "\r\n")
+	if i := strings.LastIndex(s, "\r"); i >= 0 {
+		if rest := s[i+1:]; strings.TrimSpace(rest) != "" {
+			s = rest
+		} else {
+			s = strings.ReplaceAll(s, "\r", "")
+		}
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 && r != '\t' || r == 0x7f {
+			return -1
+		}
+		return r
+	}, s)
+}

@@ -1,0 +1,96 @@
+package console
+
+import (
+	"regexp"
+
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Pattern is one row of the failure table: a console line matching Re means
+// Reason, shown at Stage (None: the stage reached so far). Before, when set,
+// limits the row to boots that have not yet reached that stage, so that a
+// loader's "error:" is not confused with a kernel message.
+type Pattern struct {
+	Re     *regexp.Regexp
+	Reason failure.Reason
+	Stage  timeline.Stage
+	Before timeline.Stage
+	Who    string // what printed it, for the report
+}
+
+func row(re string, r failure.Reason, st, before timeline.Stage, who string) Pattern {
+	return Pattern{Re: regexp.MustCompile(re), Reason: r, Stage: st, Before: before, Who: who}
+}
+
+// Failures is the table of console lines that end a boot. Order matters: the
+// first matching row wins, so specific rows come before general ones.
+var Failures = []Pattern{
+	// Our own init names the step that failed.
+	row(`nbh-init: FAIL dhcp:`, failure.NoDHCP, timeline.Init, 0, "init"),
+	row(`nbh-init: FAIL modules:`, failure.ModuleLoad, timeline.Init, 0, "init"),
+	row(`nbh-init: FAIL root:`, failure.RootMount, timeline.Root, 0, "init"),
+	row(`nbh-init: FAIL (\S+):`, failure.InitFailed, timeline.Init, 0, "init"),
+
+	// Kernel.
+	row(`VFS: Unable to mount root fs`, failure.RootMount, timeline.Root, 0, "kernel"),
+	row(`Kernel panic - not syncing`, failure.KernelPanic, timeline.Kernel, 0, "kernel"),
+	row(`(Unknown symbol \S+|disagrees about version of symbol)`, failure.ModuleLoad, timeline.Init, 0, "kernel"),
+	row(`Initramfs unpacking failed`, failure.LoaderFetch, timeline.Kernel, 0, "kernel"),
+
+	// iPXE: error messages end in an ipxe.org error URL.
+	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),
+	row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
+	row(`Could not boot image:.*ipxe\.org/[0-9a-f]{8}`, failure.LoaderError, timeline.Loader, timeline.Kernel, "ipxe"),
+
+	// U-Boot.
+	row(`TFTP error: .*`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "u-boot"),
+	row(`Retry time exceeded`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "u-boot"),
+	row(`(Bad Linux ARM64 Image magic|Wrong Image Format|ERROR: Did not find a cmdline Flattened Device Tree)`, failure.LoaderError, timeline.Loader, timeline.Kernel, "u-boot"),
+
+	// GRUB.
+	row(`error: (file .* not found|.*couldn't find|.*timeout|.*connection refused|.*unresolvable|.*404)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "grub"),
+	row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
+
+	// UEFI firmware PXE.
+	row(`PXE-E16|PXE-E51|PXE-E53`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "uefi"),
+	row(`PXE-E\d\d`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "uefi"),
+	row(`BdsDxe: failed to load Boot\d+ ".*PXE.*": Not Found`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Loader, "uefi"),
+
+	// SeaBIOS.
+	row(`No bootable device`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Kernel, "seabios"),
+}
+
+// Stages are console lines that start a stage.
+var Stages = []struct {
+	Re    *regexp.Regexp
+	Stage timeline.Stage
+}{
+	{regexp.MustCompile(`Linux version \d|Booting Linux on physical CPU|EFI stub: Booting Linux Kernel`), timeline.Kernel},
+	{regexp.MustCompile(`nbh-init: started`), timeline.Init},
+	{regexp.MustCompile(`nbh-init: mounting root|nbh-root:`), timeline.Root},
+}
+
+// Classify returns the first failure row matching line, given the stage
+// reached so far.
+func Classify(line string, reached timeline.Stage) (Pattern, bool) {
+	for _, p := range Failures {
+		if p.Before != 0 && reached >= p.Before {
+			continue
+		}
+		if p.Re.MatchString(line) {
+			return p, true
+		}
+	}
+	return Pattern{}, false
+}
+
+// StageOf returns the stage a console line starts, or None.
+func StageOf(line string) timeline.Stage {
+	for _, s := range Stages {
+		if s.Re.MatchString(line) {
+			return s.Stage
+		}
+	}
+	return timeline.None
+}

@@ -1,0 +1,317 @@
+// Package dhcp is the lab's DHCPv4 server. It hands every guest NIC a stable
+// lease and decides the boot file from what the client says it is: option 93
+// (client architecture), option 77 / 175 (iPXE), option 60 (PXEClient,
+// HTTPClient, U-Boot). It knows nothing about QEMU: the lab gives it a Policy.
+package dhcp
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Client architecture types (RFC 4578 option 93, IANA registry).
+const (
+	ArchBIOS     = 0
+	ArchEFIx64   = 7
+	ArchEFIBC    = 9
+	ArchEFIArm64 = 11
+	ArchUBootA64 = 22 // arm64 U-Boot (u-boot's own choice; HTTP 0x16 is also "arm64 uefi http")
+	ArchNone     = -1
+)
+
+// Client is what a DHCP request tells about the asking machine.
+type Client struct {
+	MAC         net.HardwareAddr
+	Arch        int    // option 93, ArchNone when absent
+	VendorClass string // option 60
+	UserClass   string // option 77, joined
+	IPXE        bool   // user class "iPXE" or option 175 present
+}
+
+func (c Client) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "mac=%s", c.MAC)
+	if c.Arch != ArchNone {
+		fmt.Fprintf(&b, " arch=%d", c.Arch)
+	}
+	if c.VendorClass != "" {
+		fmt.Fprintf(&b, " vendor=%q", c.VendorClass)
+	}
+	if c.UserClass != "" {
+		fmt.Fprintf(&b, " user=%q", c.UserClass)
+	}
+	return b.String()
+}
+
+// Boot is the boot decision for one client.
+type Boot struct {
+	File     string // boot file name or URL (option 67 and the file field)
+	RootPath string // option 17, if any
+	Why      string // which rule chose File, for the timeline
+}
+
+// Policy decides what a client boots.
+type Policy func(Client) Boot
+
+// Config sets up a server.
+type Config struct {
+	Stack     *stack.Stack
+	ServerIP  netip.Addr
+	Subnet    netip.Prefix
+	PoolStart netip.Addr // first address handed out; default .15 of the subnet
+	LeaseTime time.Duration
+	Policy    Policy
+	Timeline  *timeline.Timeline
+}
+
+// Server is a running DHCP server.
+type Server struct {
+	cfg Config
+	srv *server4.Server
+
+	mu     sync.Mutex
+	leases map[string]netip.Addr
+	silent map[string]bool
+	next   netip.Addr
+	done   chan struct{}
+}
+
+// Start listens on UDP port 67 of the fabric host.
+func Start(cfg Config) (*Server, error) {
+	if cfg.LeaseTime == 0 {
+		cfg.LeaseTime = time.Hour
+	}
+	if !cfg.PoolStart.IsValid() {
+		a := cfg.Subnet.Masked().Addr().As4()
+		a[3] = 15
+		cfg.PoolStart = netip.AddrFrom4(a)
+	}
+	if cfg.Policy == nil {
+		cfg.Policy = func(Client) Boot { return Boot{} }
+	}
+	var wq waiter.Queue
+	ep, terr := cfg.Stack.NewEndpoint(udp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+	if terr != nil {
+		return nil, fmt.Errorf("dhcp: endpoint: %s", terr)
+	}
+	ep.SocketOptions().SetBroadcast(true)
+	if terr := ep.Bind(tcpip.FullAddress{Port: 67}); terr != nil {
+		ep.Close()
+		return nil, fmt.Errorf("dhcp: bind :67: %s", terr)
+	}
+	conn := gonet.NewUDPConn(&wq, ep)
+	s := &Server{cfg: cfg, leases: map[string]netip.Addr{}, silent: map[string]bool{}, next: cfg.PoolStart, done: make(chan struct{})}
+	srv, err := server4.NewServer("", nil, s.handle, server4.WithConn(conn))
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dhcp: %w", err)
+	}
+	s.srv = srv
+	go func() {
+		defer close(s.done)
+		srv.Serve()
+	}()
+	return s, nil
+}
+
+// Close stops the server.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	<-s.done
+	return err
+}
+
+// Ignore makes the server stay silent towards mac (the no-dhcp fault).
+func (s *Server) Ignore(mac net.HardwareAddr, v bool) {
+	s.mu.Lock()
+	s.silent[mac.String()] = v
+	s.mu.Unlock()
+}
+
+func (s *Server) ignored(mac net.HardwareAddr) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.silent[mac.String()]
+}
+
+// Reserve fixes the address of a MAC.
+func (s *Server) Reserve(mac net.HardwareAddr, ip netip.Addr) {
+	s.mu.Lock()
+	s.leases[mac.String()] = ip
+	s.mu.Unlock()
+}
+
+// Lease returns (allocating if needed) the address of mac.
+func (s *Server) Lease(mac net.HardwareAddr) (netip.Addr, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ip, ok := s.leases[mac.String()]; ok {
+		return ip, nil
+	}
+	ip := s.next
+	for ; s.cfg.Subnet.Contains(ip); ip = ip.Next() {
+		if ip == s.cfg.ServerIP || s.taken(ip) {
+			continue
+		}
+		s.leases[mac.String()] = ip
+		s.next = ip.Next()
+		return ip, nil
+	}
+	return netip.Addr{}, fmt.Errorf("dhcp: address pool of %s exhausted", s.cfg.Subnet)
+}
+
+func (s *Server) taken(ip netip.Addr) bool {
+	for _, l := range s.leases {
+		if l == ip {
+			return true
+		}
+	}
+	return false
+}
+
+// ClientOf reads the identifying options of a request.
+func ClientOf(m *dhcpv4.DHCPv4) Client {
+	c := Client{MAC: m.ClientHWAddr, Arch: ArchNone, VendorClass: m.ClassIdentifier()}
+	if b := m.Options.Get(dhcpv4.OptionClientSystemArchitectureType); len(b) >= 2 {
+		c.Arch = int(binary.BigEndian.Uint16(b))
+	}
+	if b := m.Options.Get(dhcpv4.OptionUserClassInformation); len(b) > 0 {
+		// iPXE sends the bare string; RFC 3004 clients length-prefix it.
+		uc := string(b)
+		if int(b[0]) == len(b)-1 {
+			uc = string(b[1:])
+		}
+		c.UserClass = uc
+	}
+	c.IPXE = c.UserClass == "iPXE" || len(m.Options.Get(dhcpv4.GenericOptionCode(175))) > 0
+	return c
+}
+
+func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
+	if m.OpCode != dhcpv4.OpcodeBootRequest {
+		return
+	}
+	c := ClientOf(m)
+	mac := m.ClientHWAddr.String()
+	mt := m.MessageType()
+	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String()}
+	if s.ignored(m.ClientHWAddr) {
+		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: " + mt.String(), Detail: detail, Stage: stageFor(mt)})
+		return
+	}
+	ip, err := s.Lease(m.ClientHWAddr)
+	if err != nil {
+		s.emit(timeline.Event{Kind: "error", MAC: mac, Msg: err.Error()})
+		return
+	}
+	var reply dhcpv4.MessageType
+	switch mt {
+	case dhcpv4.MessageTypeDiscover:
+		s.emit(timeline.Event{Kind: "discover", MAC: mac, Stage: timeline.DHCP, Msg: c.String(), Detail: detail})
+		reply = dhcpv4.MessageTypeOffer
+	case dhcpv4.MessageTypeRequest:
+		want := m.RequestedIPAddress()
+		if want == nil || want.IsUnspecified() {
+			want = m.ClientIPAddr
+		}
+		if sid := m.ServerIdentifier(); sid != nil && !sid.Equal(net.IP(s.cfg.ServerIP.AsSlice())) {
+			return // the client chose another server
+		}
+		if w, ok := netip.AddrFromSlice(want.To4()); !ok || w != ip {
+			s.emit(timeline.Event{Kind: "nak", MAC: mac, Msg: fmt.Sprintf("requested %v, lease is %v", want, ip), Detail: detail})
+			s.send(conn, peer, m, dhcpv4.MessageTypeNak, ip, Boot{})
+			return
+		}
+		s.emit(timeline.Event{Kind: "request", MAC: mac, Stage: timeline.DHCP, Msg: c.String(), Detail: detail})
+		reply = dhcpv4.MessageTypeAck
+	default:
+		return
+	}
+	boot := s.cfg.Policy(c)
+	detail["ip"] = ip.String()
+	detail["bootfile"] = boot.File
+	if boot.Why != "" {
+		detail["why"] = boot.Why
+	}
+	if boot.RootPath != "" {
+		detail["rootpath"] = boot.RootPath
+	}
+	if err := s.send(conn, peer, m, reply, ip, boot); err != nil {
+		s.emit(timeline.Event{Kind: "error", MAC: mac, Msg: err.Error()})
+		return
+	}
+	kind := "offer"
+	if reply == dhcpv4.MessageTypeAck {
+		kind = "ack"
+	}
+	s.emit(timeline.Event{Kind: kind, MAC: mac, Msg: fmt.Sprintf("%s boot=%q", ip, boot.File), Detail: detail})
+}
+
+func stageFor(mt dhcpv4.MessageType) timeline.Stage {
+	if mt == dhcpv4.MessageTypeDiscover || mt == dhcpv4.MessageTypeRequest {
+		return timeline.DHCP
+	}
+	return timeline.None
+}
+
+func (s *Server) send(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4, mt dhcpv4.MessageType, ip netip.Addr, boot Boot) error {
+	server := net.IP(s.cfg.ServerIP.AsSlice())
+	mods := []dhcpv4.Modifier{
+		dhcpv4.WithMessageType(mt),
+		dhcpv4.WithOption(dhcpv4.OptServerIdentifier(server)),
+	}
+	if mt != dhcpv4.MessageTypeNak {
+		mods = append(mods,
+			dhcpv4.WithYourIP(net.IP(ip.AsSlice())),
+			dhcpv4.WithServerIP(server),
+			dhcpv4.WithNetmask(net.CIDRMask(s.cfg.Subnet.Bits(), 32)),
+			dhcpv4.WithLeaseTime(uint32(s.cfg.LeaseTime/time.Second)),
+			dhcpv4.WithOption(dhcpv4.OptRouter(server)),
+			dhcpv4.WithOption(dhcpv4.OptTFTPServerName(s.cfg.ServerIP.String())),
+		)
+		if boot.File != "" {
+			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptBootFileName(boot.File)))
+		}
+		if boot.RootPath != "" {
+			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptRootPath(boot.RootPath)))
+		}
+		if c := ClientOf(m); c.IPXE {
+			// Option 175, encapsulated 176 (no-pxedhcp) = 1: iPXE then does not
+			// wait ~3 s for ProxyDHCP offers.
+			mods = append(mods, dhcpv4.WithGeneric(dhcpv4.GenericOptionCode(175), []byte{176, 1, 1}))
+		}
+		if strings.HasPrefix(m.ClassIdentifier(), "PXEClient") {
+			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient")))
+		}
+	}
+	resp, err := dhcpv4.NewReplyFromRequest(m, mods...)
+	if err != nil {
+		return fmt.Errorf("dhcp: build reply: %w", err)
+	}
+	if boot.File != "" {
+		resp.BootFileName = boot.File
+	}
+	_, err = conn.WriteTo(resp.ToBytes(), peer)
+	return err
+}
+
+func (s *Server) emit(e timeline.Event) {
+	e.Source = "dhcp"
+	s.cfg.Timeline.Emit(e)
+}

@@ -1,0 +1,37 @@
+// Package failure names why a boot did not reach its marker. Every failed
+// boot ends in exactly one Reason, attributed to the stage where it showed,
+// so tests and reports can say what broke instead of "timed out".
+package failure
+
+// Reason is a classified cause of a failed boot.
+type Reason string
+
+const (
+	None           Reason = ""
+	NoDHCP         Reason = "no DHCP lease"
+	LoaderFetch    Reason = "boot file fetch failed"
+	LoaderError    Reason = "boot loader error"
+	FirmwareNoBoot Reason = "firmware found nothing to boot"
+	KernelPanic    Reason = "kernel panic"
+	RootMount      Reason = "cannot mount root"
+	ModuleLoad     Reason = "module load failed"
+	InitFailed     Reason = "init failed"
+	GuestStopped   Reason = "guest stopped before the marker"
+	QEMUFailed     Reason = "qemu failed"
+	Deadline       Reason = "deadline exceeded"
+	Setup          Reason = "lab setup failed"
+)
+
+// Who says whose fault a reason usually is, in the manner of LAVA's
+// infrastructure / job / test split: "lab" means the harness or host, "boot"
+// means the boot chain under test.
+func (r Reason) Who() string {
+	switch r {
+	case QEMUFailed, Setup:
+		return "lab"
+	case Deadline:
+		return "unknown"
+	default:
+		return "boot"
+	}
+}

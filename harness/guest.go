@@ -1,0 +1,477 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/harness/console"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+// Spec describes one guest to boot.
+type Spec struct {
+	Arch     string // amd64 or arm64
+	Firmware string // a qemu.Profiles firmware name
+	Name     string // guest name; default g1, g2, ...
+
+	Kernel string // kernel image; default: the cached Debian kernel
+	Initrd string // boot archive; default: the reference archive
+	Append string // added to the kernel command line
+
+	Faults  []Fault
+	Expect  string        // regexp for success; default: the reference marker
+	Memory  int           // MiB; default 1024
+	Timeout time.Duration // overall deadline for Wait; default 180s
+
+	// Artifacts is the folder for console.log, timeline.jsonl and
+	// network.pcapng; default: a folder inside the lab, removed with it.
+	Artifacts string
+	// OnStage is called (from the lab's goroutines) when the guest reaches
+	// a new stage; it must not block.
+	OnStage func(timeline.Event)
+}
+
+// Guest is a booted guest.
+type Guest struct {
+	Name    string
+	MAC     net.HardwareAddr
+	IP      string
+	Profile qemu.Profile
+	Accel   qemu.Accel
+	Dir     string // artifacts folder
+	Start   time.Time
+
+	lab     *Lab
+	spec    Spec
+	expect  *regexp.Regexp
+	proc    *qemu.Process
+	con     *console.Console
+	port    *netfab.Port
+	logFile *os.File
+	private string
+
+	mu      sync.Mutex
+	reached timeline.Stage
+	verdict *Verdict
+	decided chan struct{}
+	closed  bool
+}
+
+// Verdict is how a boot ended.
+type Verdict struct {
+	OK      bool
+	Reason  failure.Reason // empty when OK
+	Stage   timeline.Stage // where the failure showed; the furthest stage when OK
+	Line    string         // the console line that decided, if any
+	Detail  string         // further evidence (QEMU's stderr, the last network error)
+	Elapsed time.Duration
+	Tail    []string // last console lines
+}
+
+// Err is nil for a good boot, else an error describing the failure.
+func (v Verdict) Err() error {
+	if v.OK {
+		return nil
+	}
+	return &BootError{v}
+}
+
+// BootError is a failed boot as an error.
+type BootError struct{ V Verdict }
+
+func (e *BootError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s at stage %s after %.1fs", e.V.Reason, e.V.Stage, e.V.Elapsed.Seconds())
+	if e.V.Line != "" {
+		fmt.Fprintf(&b, ": %q", e.V.Line)
+	}
+	if e.V.Detail != "" {
+		fmt.Fprintf(&b, " (%s)", e.V.Detail)
+	}
+	return b.String()
+}
+
+// Boot starts a guest on the lab's network. The returned guest is running;
+// call Wait for its verdict and Close (or Lab.Close) to end it.
+func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
+	prof, err := qemu.Lookup(spec.Arch, spec.Firmware)
+	if err != nil {
+		return nil, err
+	}
+	var p plan
+	for _, f := range spec.Faults {
+		if f.Applies != nil && !f.Applies(prof) {
+			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
+		}
+		f.apply(&p)
+	}
+	if spec.Expect == "" {
+		spec.Expect = regexp.QuoteMeta(fixtures.Marker)
+	}
+	expect, err := regexp.Compile(spec.Expect)
+	if err != nil {
+		return nil, fmt.Errorf("expect: %w", err)
+	}
+	if spec.Timeout == 0 {
+		spec.Timeout = 180 * time.Second
+	}
+
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil, errors.New("lab is closed")
+	}
+	l.n++
+	n := l.n
+	l.mu.Unlock()
+	if spec.Name == "" {
+		spec.Name = fmt.Sprintf("g%d", n)
+	}
+	g := &Guest{
+		Name: spec.Name, Profile: prof, lab: l, spec: spec, expect: expect,
+		MAC:     net.HardwareAddr{0x52, 0x54, 0x00, 0x4e, 0x42, byte(n)},
+		decided: make(chan struct{}),
+	}
+	g.private = filepath.Join(l.work, "guest-"+g.Name)
+	g.Dir = spec.Artifacts
+	if g.Dir == "" {
+		g.Dir = filepath.Join(l.work, "artifacts-"+g.Name)
+	}
+	for _, d := range []string{g.private, g.Dir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("lab: %w", err)
+		}
+	}
+	ip, err := l.dhcp.Lease(g.MAC)
+	if err != nil {
+		return nil, err
+	}
+	g.IP = ip.String()
+	l.Timeline.Name(g.MAC.String(), g.Name)
+	l.Timeline.Name(g.IP, g.Name)
+	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
+
+	kernel, initrd, err := g.bootFiles(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	files, err := g.firmwareFiles(ctx)
+	if err != nil {
+		return nil, err
+	}
+
+	l.mu.Lock()
+	l.guests[g.MAC.String()] = g
+	l.mu.Unlock()
+	l.Timeline.Subscribe(g.observe)
+
+	if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
+		return nil, err
+	}
+	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
+		g.Close()
+		return nil, err
+	}
+	g.Accel = qemu.Probe(spec.Arch)
+	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, prof.Name(), g.Accel.Name, g.Accel.Why)
+	g.Start = time.Now()
+	if g.con, err = console.New(g.logFile, g.Start); err != nil {
+		g.Close()
+		return nil, err
+	}
+	cfg := qemu.Config{
+		Profile: prof, Accel: g.Accel, Memory: spec.Memory, MAC: g.MAC.String(), Files: files,
+		Kernel: kernel, Initrd: initrd, Append: g.cmdline(),
+		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"),
+	}
+	g.proc, err = qemu.Start(cfg, g.con.Tty(), g.port.QEMUFile())
+	if err != nil {
+		g.con.Tty().Close()
+		g.Close()
+		return nil, err
+	}
+	g.con.Started()
+	g.port.QEMUFile().Close()
+	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
+		Msg: prof.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
+	go g.monitor()
+	return g, nil
+}
+
+// cmdline is the kernel command line every chain passes.
+func (g *Guest) cmdline() string {
+	s := "console=" + qemu.Console(g.Profile.Arch) + " panic=-1"
+	if g.Profile.Arch == "amd64" {
+		s += " edd=off" // the real-mode EDD probe costs ~2 s under TCG
+	}
+	if g.spec.Append != "" {
+		s += " " + g.spec.Append
+	}
+	return s
+}
+
+// bootFiles prepares the kernel and archive, and the loader configs in the
+// served root, according to the plan.
+func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, err error) {
+	l := g.lab
+	kernel, initrd = g.spec.Kernel, g.spec.Initrd
+	if kernel == "" || initrd == "" {
+		k, err := l.cache.Kernel(ctx, g.Profile.Arch)
+		if err != nil {
+			return "", "", err
+		}
+		if kernel == "" {
+			kernel = k.Image
+		}
+		if initrd == "" {
+			initrd = filepath.Join(g.private, "initrd.img")
+			if _, err := fixtures.Reference(ctx, l.cache, k, initrd); err != nil {
+				return "", "", err
+			}
+		}
+	}
+	if g.Profile.Firmware == qemu.Direct {
+		return kernel, initrd, nil
+	}
+	dir := filepath.Join(l.srv, g.Name)
+	if !p.noKernel {
+		if err := place(kernel, filepath.Join(dir, "vmlinuz")); err != nil {
+			return "", "", fmt.Errorf("lab: %w", err)
+		}
+	}
+	if err := place(initrd, filepath.Join(dir, "initrd.img")); err != nil {
+		return "", "", fmt.Errorf("lab: %w", err)
+	}
+	b := bootcfg.Boot{Server: l.Server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline()}
+	switch g.Profile.Firmware {
+	case qemu.SeaBIOSIPXE, qemu.OVMFIPXE, qemu.OVMFPXE:
+		err = writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
+		if err == nil && g.Profile.Firmware == qemu.OVMFPXE {
+			var src string
+			if src, err = l.cache.Path(ctx, "amd64", images.IPXEEFI); err == nil {
+				err = place(src, filepath.Join(l.srv, "ipxe.efi"))
+			}
+		}
+	case qemu.UBoot:
+		mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
+		err = writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), []byte(bootcfg.PXELinux(b)))
+		if err == nil {
+			err = writeFile(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", bootcfg.UBootScript()))
+		}
+	case qemu.AAVMFGRUB:
+		err = writeFile(filepath.Join(dir, "grub", "grub.cfg"), []byte(bootcfg.GRUBConfig(b)))
+		if err == nil {
+			var mods string
+			if mods, err = l.cache.Path(ctx, "arm64", images.GRUBArm64); err == nil {
+				err = bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"))
+			}
+		}
+	}
+	if err != nil {
+		return "", "", fmt.Errorf("lab: %s boot files: %w", g.Profile.Firmware, err)
+	}
+	return kernel, initrd, nil
+}
+
+func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
+	var f qemu.Files
+	c := g.lab.cache
+	get := func(dst *string, arch string, file images.File) error {
+		p, err := c.Path(ctx, arch, file)
+		*dst = p
+		return err
+	}
+	var err error
+	switch g.Profile.Firmware {
+	case qemu.SeaBIOSIPXE:
+		err = get(&f.IPXEROM, "amd64", images.IPXEVirtioEFI)
+	case qemu.OVMFIPXE:
+		err = errors.Join(get(&f.IPXEROM, "amd64", images.IPXEVirtioEFI), get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
+	case qemu.OVMFPXE:
+		err = errors.Join(get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
+	case qemu.UBoot:
+		err = get(&f.UBoot, "arm64", images.UBoot)
+	case qemu.AAVMFGRUB:
+		err = get(&f.AAVMF, "arm64", images.AAVMF)
+	}
+	return f, err
+}
+
+// observe follows the guest's events on the lab timeline.
+func (g *Guest) observe(e timeline.Event) {
+	if e.Guest != g.Name || e.Stage == timeline.None {
+		return
+	}
+	g.mu.Lock()
+	advanced := e.Stage > g.reached
+	if advanced {
+		g.reached = e.Stage
+	}
+	g.mu.Unlock()
+	if advanced && g.spec.OnStage != nil {
+		g.spec.OnStage(e)
+	}
+}
+
+// Reached is the furthest stage so far.
+func (g *Guest) Reached() timeline.Stage {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.reached
+}
+
+// monitor reads console lines: stage markers go on the timeline, and the
+// first line that matches the marker or the failure table decides the boot.
+func (g *Guest) monitor() {
+	tl := g.lab.Timeline
+	for line := range g.con.Lines() {
+		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
+			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})
+		}
+		if g.expect.MatchString(line.Text) {
+			tl.Emit(timeline.Event{Source: "console", Kind: "marker", Guest: g.Name, Stage: timeline.Marker, Time: line.Time, Msg: line.Text})
+			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
+			continue
+		}
+		if p, ok := console.Classify(line.Text, g.Reached()); ok {
+			st := p.Stage
+			if st == timeline.None {
+				st = g.Reached()
+			}
+			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Time: line.Time, Msg: line.Text,
+				Detail: map[string]any{"reason": string(p.Reason), "by": p.Who, "stage": st.String()}})
+			g.decide(Verdict{Reason: p.Reason, Stage: st, Line: line.Text})
+		}
+	}
+	// The console ended: QEMU exited.
+	err := g.proc.ExitError()
+	tl.Emit(timeline.Event{Source: "qemu", Kind: "exit", Guest: g.Name, Msg: fmt.Sprint(err)})
+	if stderr := g.proc.Stderr(); err != nil && stderr != "" {
+		g.decide(Verdict{Reason: failure.QEMUFailed, Stage: g.Reached(), Detail: stderr})
+		return
+	}
+	g.decide(Verdict{Reason: failure.GuestStopped, Stage: g.Reached(), Detail: g.evidence()})
+}
+
+func (g *Guest) decide(v Verdict) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.verdict != nil {
+		return
+	}
+	v.Elapsed = time.Since(g.Start)
+	if v.Detail == "" && !v.OK {
+		g.mu.Unlock()
+		v.Detail = g.evidence()
+		g.mu.Lock()
+		if g.verdict != nil {
+			return
+		}
+	}
+	g.verdict = &v
+	close(g.decided)
+}
+
+// evidence is the guest's last telling network event, for a verdict's detail.
+func (g *Guest) evidence() string {
+	evs := g.lab.Timeline.Events(g.Name)
+	for i := len(evs) - 1; i >= 0; i-- {
+		e := evs[i]
+		switch e.Kind {
+		case "ignored", "not-found", "aborted", "refused", "error", "nak", "fired":
+			return fmt.Sprintf("last %s event: %s %s", e.Source, e.Kind, e.Msg)
+		}
+	}
+	return ""
+}
+
+// Wait returns the verdict: the first of the marker, a classified failure,
+// QEMU's exit, the spec's deadline or ctx's end. It never blocks past the
+// deadline.
+func (g *Guest) Wait(ctx context.Context) Verdict {
+	deadline := time.NewTimer(time.Until(g.Start.Add(g.spec.Timeout)))
+	defer deadline.Stop()
+	select {
+	case <-g.decided:
+	case <-deadline.C:
+		g.decide(Verdict{Reason: failure.Deadline, Stage: g.Reached(),
+			Detail: fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)})
+	case <-ctx.Done():
+		g.decide(Verdict{Reason: failure.Deadline, Stage: g.Reached(), Detail: "cancelled: " + ctx.Err().Error()})
+	}
+	g.mu.Lock()
+	v := *g.verdict
+	g.mu.Unlock()
+	if v.OK {
+		// The reference init powers off after the marker; give it a moment
+		// so the console and capture are complete.
+		select {
+		case <-g.proc.Exited():
+		case <-time.After(3 * time.Second):
+		}
+	}
+	v.Tail = g.con.Tail(20)
+	return v
+}
+
+// Spans are the guest's per-stage durations so far.
+func (g *Guest) Spans() []timeline.Span {
+	end := time.Now()
+	select {
+	case <-g.proc.Exited():
+	default:
+	}
+	return timeline.Spans(g.lab.Timeline.Events(g.Name), end)
+}
+
+// Process is the guest's QEMU.
+func (g *Guest) Process() *qemu.Process { return g.proc }
+
+// Close stops QEMU, flushes the console log and capture, writes
+// timeline.jsonl, and removes the guest's private files.
+func (g *Guest) Close() error {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return nil
+	}
+	g.closed = true
+	g.mu.Unlock()
+	if g.proc != nil {
+		g.proc.Stop()
+	}
+	if g.con != nil {
+		select {
+		case <-g.con.Done():
+		case <-time.After(2 * time.Second):
+		}
+		g.con.Close()
+	}
+	if g.port != nil {
+		g.port.Close()
+	}
+	if g.logFile != nil {
+		g.logFile.Close()
+	}
+	var err error
+	if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {
+		err = timeline.WriteJSONL(f, g.lab.Timeline.Events(g.Name))
+		f.Close()
+	}
+	os.RemoveAll(g.private)
+	return err
+}

@@ -1,0 +1,136 @@
+// Package httpboot is the lab's HTTP boot-file server: net/http with Range
+// requests over a gVisor TCP listener, serving one root folder through an
+// os.Root, so "..", absolute paths and symlinks leaving the root are refused.
+// Each request is an event with its status, bytes and duration.
+package httpboot
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Server is a running HTTP server.
+type Server struct {
+	root *os.Root
+	srv  *http.Server
+	ln   net.Listener
+	tl   *timeline.Timeline
+	done chan struct{}
+}
+
+// Start serves dir on addr:port of the stack.
+func Start(st *stack.Stack, addr net.IP, port int, dir string, tl *timeline.Timeline) (*Server, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("http: %w", err)
+	}
+	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: uint16(port)}, ipv4.ProtocolNumber)
+	if err != nil {
+		root.Close()
+		return nil, fmt.Errorf("http: listen :%d: %w", port, err)
+	}
+	s := &Server{root: root, ln: ln, tl: tl, done: make(chan struct{})}
+	s.srv = &http.Server{
+		Handler:           s.handler(http.FileServerFS(root.FS())),
+		ReadHeaderTimeout: 30 * time.Second,
+	}
+	go func() {
+		defer close(s.done)
+		s.srv.Serve(ln)
+	}()
+	return s, nil
+}
+
+// Close stops the server at once; transfers in flight are cut.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	<-s.done
+	s.root.Close()
+	return err
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	status int
+	n      atomic.Int64
+}
+
+func (w *countingWriter) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *countingWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.n.Add(int64(n))
+	return n, err
+}
+
+func (s *Server) handler(files http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		addr, _, _ := net.SplitHostPort(r.RemoteAddr)
+		detail := map[string]any{"method": r.Method, "path": r.URL.Path, "agent": r.UserAgent()}
+		if rg := r.Header.Get("Range"); rg != "" {
+			detail["range"] = rg
+		}
+		s.emit(timeline.Event{Addr: addr, Kind: "request", Stage: timeline.Loader, Msg: r.Method + " " + r.URL.Path, Detail: detail})
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			http.Error(w, "read-only server", http.StatusMethodNotAllowed)
+			return
+		}
+		// Refuse escapes outright rather than letting the path cleaner
+		// silently map "/../x" to "/x": the client asked for something
+		// outside the root, and the timeline should say so.
+		if err := checkPath(r.URL.Path); err != nil {
+			detail["error"] = err.Error()
+			s.emit(timeline.Event{Addr: addr, Kind: "refused", Msg: r.URL.Path, Detail: detail})
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		start := time.Now()
+		cw := &countingWriter{ResponseWriter: w}
+		files.ServeHTTP(cw, r)
+		d := time.Since(start)
+		detail["status"] = cw.status
+		detail["bytes"] = cw.n.Load()
+		detail["seconds"] = d.Seconds()
+		kind := "transfer"
+		if cw.status >= 400 {
+			kind = "not-found"
+			if cw.status != http.StatusNotFound {
+				kind = "error"
+			}
+		}
+		s.emit(timeline.Event{Addr: addr, Kind: kind, Msg: fmt.Sprintf("%s %d %d bytes in %.2fs", r.URL.Path, cw.status, cw.n.Load(), d.Seconds()), Detail: detail})
+	})
+}
+
+func checkPath(p string) error {
+	for _, part := range strings.Split(p, "/") {
+		if part == ".." {
+			return errors.New("path leaves the served root")
+		}
+	}
+	return nil
+}
+
+func (s *Server) emit(e timeline.Event) {
+	e.Source = "http"
+	s.tl.Emit(e)
+}

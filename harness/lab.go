@@ -1,0 +1,187 @@
+// Package harness is the lab: it composes one isolated boot network — the
+// user-space fabric, the boot services on its host stack, guests in QEMU and
+// their artifacts — and is the API that scenarios and the CLI use. Only the
+// lab wires services and guests together: a service knows its protocol, a
+// guest knows QEMU.
+package harness
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"nbh.dev/nbh/harness/dhcp"
+	"nbh.dev/nbh/harness/httpboot"
+	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/tftp"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+// Options configure a lab.
+type Options struct {
+	// Cache holds images; the default is images.Open("").
+	Cache *images.Cache
+	// Log receives progress lines (image downloads, acceleration choice);
+	// nil discards them.
+	Log io.Writer
+}
+
+// Lab is one isolated boot network with its services.
+type Lab struct {
+	Timeline *timeline.Timeline
+	Fabric   *netfab.Fabric
+
+	cache *images.Cache
+	log   io.Writer
+	work  string // private folder, removed on Close
+	srv   string // served root of TFTP and HTTP
+
+	dhcp *dhcp.Server
+	tftp *tftp.Server
+	http *httpboot.Server
+
+	mu     sync.Mutex
+	guests map[string]*Guest // by MAC
+	n      int
+	closed bool
+}
+
+// New starts a lab: fabric, DHCP, TFTP and HTTP on the fabric host.
+func New(opts Options) (l *Lab, err error) {
+	if opts.Cache == nil {
+		opts.Cache = images.Open("")
+	}
+	if opts.Log == nil {
+		opts.Log = io.Discard
+	}
+	opts.Cache.Log = opts.Log
+	work, err := os.MkdirTemp("", "nbh-lab-")
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}}
+	defer func() {
+		if err != nil {
+			l.Close()
+		}
+	}()
+	if err := os.MkdirAll(l.srv, 0o755); err != nil {
+		return nil, err
+	}
+	if l.Fabric, err = netfab.New(l.Timeline); err != nil {
+		return nil, err
+	}
+	host := net.IP(l.Fabric.HostIP.AsSlice())
+	if l.dhcp, err = dhcp.Start(dhcp.Config{
+		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
+		Policy: l.policy, Timeline: l.Timeline,
+	}); err != nil {
+		return nil, err
+	}
+	if l.tftp, err = tftp.Start(l.Fabric.Stack, host, l.srv, l.Timeline); err != nil {
+		return nil, err
+	}
+	if l.http, err = httpboot.Start(l.Fabric.Stack, host, 80, l.srv, l.Timeline); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// Server is the boot server's address as guests see it.
+func (l *Lab) Server() string { return l.Fabric.HostIP.String() }
+
+// Cache is the lab's image cache.
+func (l *Lab) Cache() *images.Cache { return l.cache }
+
+// policy decides boot files from what a DHCP client says it is.
+func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
+	l.mu.Lock()
+	g := l.guests[c.MAC.String()]
+	l.mu.Unlock()
+	if g == nil {
+		return dhcp.Boot{Why: "unknown client"}
+	}
+	server := l.Server()
+	switch {
+	case c.VendorClass == "nbh-init":
+		return dhcp.Boot{Why: "the reference init needs no boot file"}
+	case c.IPXE:
+		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s/boot.ipxe", server, g.Name), Why: "iPXE (user class / option 175): script URL"}
+	case strings.HasPrefix(c.VendorClass, "U-Boot"):
+		return dhcp.Boot{File: "boot.scr.uimg", Why: "U-Boot vendor class: boot script"}
+	case c.Arch == dhcp.ArchEFIx64 || c.Arch == dhcp.ArchEFIBC:
+		return dhcp.Boot{File: "ipxe.efi", Why: fmt.Sprintf("option 93 = %d (x86-64 UEFI): iPXE", c.Arch)}
+	case c.Arch == dhcp.ArchEFIArm64:
+		return dhcp.Boot{File: g.Name + "/grubnetaa64.efi", Why: "option 93 = 11 (arm64 UEFI): GRUB"}
+	}
+	return dhcp.Boot{Why: "no rule for " + c.String()}
+}
+
+// Close stops every guest and service and removes the lab's private files.
+func (l *Lab) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	var gs []*Guest
+	for _, g := range l.guests {
+		gs = append(gs, g)
+	}
+	l.mu.Unlock()
+	for _, g := range gs {
+		g.Close()
+	}
+	if l.http != nil {
+		l.http.Close()
+	}
+	if l.tftp != nil {
+		l.tftp.Close()
+	}
+	if l.dhcp != nil {
+		l.dhcp.Close()
+	}
+	if l.Fabric != nil {
+		l.Fabric.Close()
+	}
+	return os.RemoveAll(l.work)
+}
+
+// place puts a file into the served root: a hard link where possible (the
+// cache is never written through it), else a copy.
+func place(src, dst string) error {
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	os.Remove(dst)
+	if err := os.Link(src, dst); err == nil {
+		return nil
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+func writeFile(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(path, data, 0o644)
+}

@@ -1,0 +1,391 @@
+// Package netfab is the lab's user-space Ethernet: a switch whose ports are
+// QEMU "-netdev stream" sockets (one socketpair per guest NIC, passed to QEMU
+// as a file descriptor, so there are no socket paths and no start-order race),
+// and a gVisor network stack plugged into the same switch, where the boot
+// services listen. Every frame crossing a guest port is written to that
+// guest's pcapng capture, and packet fault rules can drop, delay or corrupt
+// frames; each firing is recorded on the timeline.
+package netfab
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Defaults for a lab network. Every lab has its own fabric, so every lab may
+// use the same addresses without seeing another.
+var (
+	DefaultSubnet = netip.MustParsePrefix("10.0.2.0/24")
+	DefaultHostIP = netip.MustParseAddr("10.0.2.2")
+	DefaultMTU    = 1500
+)
+
+// Fabric is one isolated Ethernet segment with a host stack on it.
+type Fabric struct {
+	Stack   *stack.Stack
+	HostMAC net.HardwareAddr
+	HostIP  netip.Addr
+	Subnet  netip.Prefix
+
+	tl     *timeline.Timeline
+	ep     *channel.Endpoint
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	ports []*Port
+	macs  map[string]*Port // learned source MACs
+	rules []*ruleState
+}
+
+// New starts a fabric with the host at DefaultHostIP.
+func New(tl *timeline.Timeline) (*Fabric, error) {
+	f := &Fabric{
+		HostMAC: net.HardwareAddr{0x02, 0x4e, 0x42, 0x48, 0x00, 0x02},
+		HostIP:  DefaultHostIP,
+		Subnet:  DefaultSubnet,
+		tl:      tl,
+		macs:    map[string]*Port{},
+	}
+	f.ctx, f.cancel = context.WithCancel(context.Background())
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+	})
+	// Large windows: boot files are tens of megabytes.
+	sack := tcpip.TCPSACKEnabled(true)
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: 8 << 20}
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv)
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: 8 << 20}
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd)
+
+	f.ep = channel.New(1024, uint32(DefaultMTU), tcpip.LinkAddress(f.HostMAC))
+	if err := s.CreateNIC(1, ethernet.New(f.ep)); err != nil {
+		return nil, fmt.Errorf("netfab: create NIC: %s", err)
+	}
+	addr := tcpip.AddrFrom4(f.HostIP.As4())
+	if err := s.AddProtocolAddress(1, tcpip.ProtocolAddress{
+		Protocol:          ipv4.ProtocolNumber,
+		AddressWithPrefix: tcpip.AddressWithPrefix{Address: addr, PrefixLen: f.Subnet.Bits()},
+	}, stack.AddressProperties{}); err != nil {
+		return nil, fmt.Errorf("netfab: add address: %s", err)
+	}
+	// 0/0 as well as the subnet, so replies to limited broadcast have a route.
+	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(f.Subnet), NIC: 1}, {Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: 1}})
+	f.Stack = s
+	f.wg.Add(1)
+	go f.hostLoop()
+	return f, nil
+}
+
+func header4Subnet(p netip.Prefix) tcpip.Subnet {
+	sn, _ := tcpip.NewSubnet(tcpip.AddrFrom4(p.Masked().Addr().As4()), tcpip.MaskFromBytes(net.CIDRMask(p.Bits(), 32)))
+	return sn
+}
+
+// AddRule installs a packet fault rule.
+func (f *Fabric) AddRule(r Rule) {
+	f.mu.Lock()
+	f.rules = append(f.rules, &ruleState{Rule: r})
+	f.mu.Unlock()
+}
+
+// Port is a guest NIC's socket on the switch.
+type Port struct {
+	Name string
+	MAC  net.HardwareAddr
+
+	f       *Fabric
+	conn    net.Conn
+	qemuEnd *os.File
+	wmu     sync.Mutex
+	pcap    *pcapng
+	pcapF   *os.File
+	closed  chan struct{}
+	once    sync.Once
+}
+
+// AddPort creates a port for a guest NIC with the given MAC; capture, if not
+// empty, is the path of the port's pcapng file.
+func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Port, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("netfab: socketpair: %w", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "netfab-"+name)
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		syscall.Close(fds[1])
+		return nil, fmt.Errorf("netfab: %w", err)
+	}
+	p := &Port{Name: name, MAC: mac, f: f, conn: conn, qemuEnd: os.NewFile(uintptr(fds[1]), "qemu-"+name), closed: make(chan struct{})}
+	if capture != "" {
+		pf, err := os.Create(capture)
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("netfab: capture: %w", err)
+		}
+		p.pcapF = pf
+		if p.pcap, err = newPcapng(&flushWriter{bw: bufio.NewWriterSize(pf, 64<<10)}); err != nil {
+			p.Close()
+			return nil, err
+		}
+	}
+	f.mu.Lock()
+	f.ports = append(f.ports, p)
+	f.macs[mac.String()] = p
+	f.mu.Unlock()
+	f.wg.Add(1)
+	go p.readLoop()
+	return p, nil
+}
+
+// QEMUFile is the socket end QEMU gets (as an inherited descriptor). The
+// caller closes it once QEMU has started.
+func (p *Port) QEMUFile() *os.File { return p.qemuEnd }
+
+// Close detaches the port and flushes its capture.
+func (p *Port) Close() {
+	p.once.Do(func() {
+		close(p.closed)
+		p.conn.Close()
+		p.qemuEnd.Close()
+		p.f.mu.Lock()
+		for i, q := range p.f.ports {
+			if q == p {
+				p.f.ports = append(p.f.ports[:i], p.f.ports[i+1:]...)
+				break
+			}
+		}
+		for k, q := range p.f.macs {
+			if q == p {
+				delete(p.f.macs, k)
+			}
+		}
+		p.f.mu.Unlock()
+		if p.pcap != nil {
+			p.pcap.mu.Lock()
+			if fw, ok := p.pcap.w.(*flushWriter); ok {
+				fw.bw.Flush()
+			}
+			p.pcap.mu.Unlock()
+		}
+		if p.pcapF != nil {
+			p.pcapF.Close()
+		}
+	})
+}
+
+// readLoop takes frames the guest sends: 4-byte big-endian length, then the
+// frame (QEMU's stream netdev framing).
+func (p *Port) readLoop() {
+	defer p.f.wg.Done()
+	r := bufio.NewReaderSize(p.conn, 256<<10)
+	var hdr [4]byte
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return
+		}
+		n := binary.BigEndian.Uint32(hdr[:])
+		if n == 0 || n > 65535 {
+			// Framing is lost; nothing sane can follow on this stream.
+			p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "bad-frame", Guest: p.Name, Msg: fmt.Sprintf("frame length %d from QEMU", n)})
+			return
+		}
+		frame := make([]byte, n)
+		if _, err := io.ReadFull(r, frame); err != nil {
+			return
+		}
+		if p.pcap != nil {
+			p.pcap.write(time.Now(), frame)
+		}
+		p.f.fromGuest(p, frame)
+	}
+}
+
+// deliver sends a frame to the guest, subject to fault rules.
+func (p *Port) deliver(frame []byte) {
+	fi, _ := parseFrame(frame)
+	frame, delay, ok := p.f.applyRules(p, ToGuest, frame, fi)
+	if !ok {
+		return
+	}
+	if delay > 0 {
+		time.AfterFunc(delay, func() { p.write(frame) })
+		return
+	}
+	p.write(frame)
+}
+
+func (p *Port) write(frame []byte) {
+	select {
+	case <-p.closed:
+		return
+	default:
+	}
+	b := make([]byte, 4+len(frame))
+	binary.BigEndian.PutUint32(b, uint32(len(frame)))
+	copy(b[4:], frame)
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	// A guest that stops reading must not stall the switch for long.
+	p.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	if _, err := p.conn.Write(b); err != nil {
+		return
+	}
+	if p.pcap != nil {
+		p.pcap.write(time.Now(), frame)
+	}
+}
+
+// fromGuest switches a frame a guest sent.
+func (f *Fabric) fromGuest(p *Port, frame []byte) {
+	fi, ok := parseFrame(frame)
+	if !ok {
+		return
+	}
+	frame, delay, ok := f.applyRules(p, FromGuest, frame, fi)
+	if !ok {
+		return
+	}
+	send := func() { f.forward(p, frame, fi) }
+	if delay > 0 {
+		time.AfterFunc(delay, send)
+		return
+	}
+	send()
+}
+
+func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
+	// IPv6 router solicitation: answer for the absent router.
+	if fi.etherType == 0x86dd && fi.proto == 58 && fi.icmpType == 133 {
+		if from != nil {
+			from.deliver(routerAdvert(f.HostMAC, fi.src))
+		}
+		return
+	}
+	f.mu.Lock()
+	if from != nil {
+		f.macs[fi.src.String()] = from
+	}
+	var targets []*Port
+	toHost := false
+	if isGroup(fi.dst) {
+		for _, q := range f.ports {
+			if q != from {
+				targets = append(targets, q)
+			}
+		}
+		toHost = from != nil
+	} else if q, ok := f.macs[fi.dst.String()]; ok && q != from {
+		targets = append(targets, q)
+	} else if string(fi.dst) == string(f.HostMAC) && from != nil {
+		toHost = true
+	}
+	f.mu.Unlock()
+	for _, q := range targets {
+		q.deliver(frame)
+	}
+	if toHost && fi.etherType != 0x86dd {
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
+		f.ep.InjectInbound(0, pkt)
+		pkt.DecRef()
+	}
+}
+
+// applyRules runs the fault rules on a frame crossing port p.
+func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byte, time.Duration, bool) {
+	f.mu.Lock()
+	rules := append([]*ruleState(nil), f.rules...)
+	f.mu.Unlock()
+	var delay time.Duration
+	for _, r := range rules {
+		fire, n := r.match(p.Name, dir, fi)
+		if !fire {
+			continue
+		}
+		// Record the first firing and then every power of two, so a rule
+		// that drops a whole stream does not flood the timeline.
+		if n&(n-1) == 0 {
+			f.tl.Emit(timeline.Event{Source: "fault", Kind: "fired", Guest: p.Name, Msg: r.Name,
+				Detail: map[string]any{"rule": r.Rule.String(), "count": n, "port": int(fi.dstPort)}})
+		}
+		switch r.Action {
+		case Drop:
+			return nil, 0, false
+		case Delay:
+			delay += r.Delay
+		case Corrupt:
+			frame = corrupt(frame, fi)
+		}
+	}
+	return frame, delay, true
+}
+
+// hostLoop switches frames the host stack sends.
+func (f *Fabric) hostLoop() {
+	defer f.wg.Done()
+	for {
+		pkt := f.ep.ReadContext(f.ctx)
+		if pkt == nil {
+			return
+		}
+		v := pkt.ToView()
+		frame := append([]byte(nil), v.AsSlice()...)
+		v.Release()
+		pkt.DecRef()
+		fi, ok := parseFrame(frame)
+		if ok {
+			f.forward(nil, frame, fi)
+		}
+	}
+}
+
+// Close stops the fabric: ports, host stack and loops.
+func (f *Fabric) Close() error {
+	f.mu.Lock()
+	ports := append([]*Port(nil), f.ports...)
+	f.mu.Unlock()
+	for _, p := range ports {
+		p.Close()
+	}
+	f.cancel()
+	f.ep.Close()
+	f.Stack.Close()
+	f.wg.Wait()
+	f.Stack.Wait()
+	return nil
+}
+
+// ErrClosed is returned by services whose fabric is gone.
+var ErrClosed = errors.New("fabric closed")
+
+type flushWriter struct{ bw *bufio.Writer }
+
+func (w *flushWriter) Write(b []byte) (int, error) { return w.bw.Write(b) }

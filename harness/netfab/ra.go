@@ -1,0 +1,70 @@
+package netfab
+
+import (
+	"encoding/binary"
+	"net"
+)
+
+// routerAdvert answers an IPv6 router solicitation with an advertisement that
+// offers no prefix and no default route. Boot loaders (iPXE waits ~13 s)
+// stop waiting for IPv6 autoconfiguration as soon as any router answers.
+func routerAdvert(hostMAC net.HardwareAddr, to net.HardwareAddr) []byte {
+	src := linkLocal(hostMAC)
+	dst := net.ParseIP("ff02::1").To16()
+	icmp := make([]byte, 16+8)
+	icmp[0] = 134 // router advertisement
+	icmp[4] = 64  // current hop limit
+	// flags, router lifetime, reachable time, retrans timer: all zero.
+	icmp[16] = 1 // option: source link-layer address
+	icmp[17] = 1 // length in units of 8 bytes
+	copy(icmp[18:], hostMAC)
+	binary.BigEndian.PutUint16(icmp[2:], icmpv6Checksum(src, dst, icmp))
+
+	f := make([]byte, 14+40+len(icmp))
+	copy(f[0:6], to)
+	copy(f[6:12], hostMAC)
+	binary.BigEndian.PutUint16(f[12:], 0x86dd)
+	ip := f[14:]
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(len(icmp)))
+	ip[6] = 58
+	ip[7] = 255
+	copy(ip[8:24], src)
+	copy(ip[24:40], dst)
+	copy(ip[40:], icmp)
+	return f
+}
+
+// linkLocal is the EUI-64 link-local address of mac.
+func linkLocal(mac net.HardwareAddr) net.IP {
+	ip := make(net.IP, 16)
+	ip[0], ip[1] = 0xfe, 0x80
+	ip[8] = mac[0] ^ 2
+	ip[9], ip[10] = mac[1], mac[2]
+	ip[11], ip[12] = 0xff, 0xfe
+	ip[13], ip[14], ip[15] = mac[3], mac[4], mac[5]
+	return ip
+}
+
+func icmpv6Checksum(src, dst net.IP, msg []byte) uint16 {
+	var sum uint32
+	add := func(b []byte) {
+		for i := 0; i+1 < len(b); i += 2 {
+			sum += uint32(binary.BigEndian.Uint16(b[i:]))
+		}
+		if len(b)%2 == 1 {
+			sum += uint32(b[len(b)-1]) << 8
+		}
+	}
+	add(src)
+	add(dst)
+	var ph [8]byte
+	binary.BigEndian.PutUint32(ph[0:], uint32(len(msg)))
+	ph[7] = 58
+	add(ph[:])
+	add(msg)
+	for sum > 0xffff {
+		sum = (sum >> 16) + (sum & 0xffff)
+	}
+	return ^uint16(sum)
+}

@@ -1,0 +1,206 @@
+package qemu
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+)
+
+// Process is a running QEMU.
+type Process struct {
+	Args []string
+	cmd  *exec.Cmd
+
+	stderr  bytes.Buffer
+	exited  chan struct{}
+	exitErr error
+
+	mu  sync.Mutex
+	mon *qmp.SocketMonitor
+}
+
+// Start runs QEMU for c with tty as its stdio (the serial console) and net as
+// the stream netdev's descriptor. QEMU is in its own process group and gets
+// SIGKILL if this process dies first, so it cannot outlive its run even when
+// the test binary is killed.
+func Start(c Config, tty *os.File, net *os.File) (*Process, error) {
+	bin, err := exec.LookPath(Binary(c.Arch))
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %s is not installed: %w", Binary(c.Arch), err)
+	}
+	c.NetFD = 3 // first of ExtraFiles
+	args, err := Args(c)
+	if err != nil {
+		return nil, err
+	}
+	p := &Process{Args: append([]string{bin}, args...), exited: make(chan struct{})}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdin, cmd.Stdout = tty, tty
+	cmd.Stderr = &lockedWriter{w: &p.stderr, mu: &p.mu}
+	cmd.ExtraFiles = []*os.File{net}
+	cmd.Dir = c.Dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("qemu: start: %w", err)
+	}
+	p.cmd = cmd
+	go func() {
+		p.exitErr = cmd.Wait()
+		close(p.exited)
+	}()
+	if err := p.connectQMP(c.QMP); err != nil {
+		p.Kill()
+		return nil, err
+	}
+	return p, nil
+}
+
+type lockedWriter struct {
+	w  *bytes.Buffer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+// connectQMP waits for QEMU's QMP socket, connects, and removes the socket's
+// path (the connection lives on; nothing is left on disk).
+func (p *Process) connectQMP(path string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case <-p.exited:
+			return fmt.Errorf("qemu exited at start: %s", p.Stderr())
+		default:
+		}
+		if _, err := os.Stat(path); err == nil {
+			mon, err := qmp.NewSocketMonitor("unix", path, 2*time.Second)
+			if err == nil {
+				if err = mon.Connect(); err == nil {
+					os.Remove(path)
+					p.mu.Lock()
+					p.mon = mon
+					p.mu.Unlock()
+					return nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("qemu: no QMP socket after 10s: %s", p.Stderr())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Exited is closed when QEMU has exited.
+func (p *Process) Exited() <-chan struct{} { return p.exited }
+
+// ExitError is QEMU's exit status once Exited is closed.
+func (p *Process) ExitError() error {
+	<-p.exited
+	return p.exitErr
+}
+
+// Stderr is what QEMU printed on standard error.
+func (p *Process) Stderr() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.TrimSpace(p.stderr.String())
+}
+
+// Run sends one QMP command and returns its "return" value.
+func (p *Process) Run(command string, args map[string]any) (json.RawMessage, error) {
+	p.mu.Lock()
+	mon := p.mon
+	p.mu.Unlock()
+	if mon == nil {
+		return nil, fmt.Errorf("qmp: not connected")
+	}
+	req := map[string]any{"execute": command}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, _ := json.Marshal(req)
+	out, err := mon.Run(b)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, err)
+	}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, err)
+	}
+	return resp.Return, nil
+}
+
+// Status is QEMU's run state ("running", "shutdown", ...).
+func (p *Process) Status() (string, error) {
+	out, err := p.Run("query-status", nil)
+	if err != nil {
+		return "", err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	err = json.Unmarshal(out, &st)
+	return st.Status, err
+}
+
+// SetLink sets the NIC's link up or down.
+func (p *Process) SetLink(up bool) error {
+	_, err := p.Run("set_link", map[string]any{"name": "n0", "up": up})
+	return err
+}
+
+// Stop ends QEMU: politely by QMP "quit", then by SIGKILL to its process
+// group. It returns once QEMU has exited.
+func (p *Process) Stop() {
+	select {
+	case <-p.exited:
+	default:
+		p.mu.Lock()
+		mon := p.mon
+		p.mu.Unlock()
+		if mon != nil {
+			done := make(chan struct{})
+			go func() {
+				mon.Run([]byte(`{"execute":"quit"}`))
+				close(done)
+			}()
+			select {
+			case <-p.exited:
+			case <-time.After(2 * time.Second):
+			}
+		}
+		p.Kill()
+	}
+	p.mu.Lock()
+	if p.mon != nil {
+		p.mon.Disconnect()
+		p.mon = nil
+	}
+	p.mu.Unlock()
+}
+
+// Kill ends QEMU at once and waits for it.
+func (p *Process) Kill() {
+	if p.cmd != nil && p.cmd.Process != nil {
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	}
+	<-p.exited
+}
+
+// Pid is QEMU's process ID.
+func (p *Process) Pid() int { return p.cmd.Process.Pid }

@@ -1,0 +1,199 @@
+// Package timeline is the lab's single record of what happened: every service,
+// console, fault and QEMU event, with its time. Reports, stage attribution and
+// assertions read the timeline; nothing parses logs twice.
+package timeline
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Stage is how far a boot got. Stages are ordered.
+type Stage int
+
+const (
+	None     Stage = iota
+	Firmware       // QEMU started, firmware running
+	DHCP           // the guest asked for an address
+	Loader         // a boot file (loader, script, config) was fetched
+	Kernel         // the kernel started
+	Init           // the archive's init runs
+	Root           // the init works on the root file system
+	Marker         // the expected marker was printed
+)
+
+var stageNames = []string{"none", "firmware", "dhcp", "loader", "kernel", "init", "root", "marker"}
+
+func (s Stage) String() string {
+	if s < 0 || int(s) >= len(stageNames) {
+		return fmt.Sprintf("stage(%d)", int(s))
+	}
+	return stageNames[s]
+}
+
+// MarshalText writes the stage by name in JSON.
+func (s Stage) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText reads a stage name.
+func (s *Stage) UnmarshalText(b []byte) error {
+	for i, n := range stageNames {
+		if n == string(b) {
+			*s = Stage(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown stage %q", b)
+}
+
+// Event is one observation.
+type Event struct {
+	Time   time.Time      `json:"time"`
+	Source string         `json:"source"`          // dhcp, tftp, http, console, fault, qemu, netfab
+	Kind   string         `json:"kind"`            // what happened, e.g. "offer", "transfer", "stage"
+	Guest  string         `json:"guest,omitempty"` // guest name, when the lab knows it
+	MAC    string         `json:"mac,omitempty"`   // guest NIC, for network events
+	Addr   string         `json:"addr,omitempty"`  // guest IP address, for network events
+	Stage  Stage          `json:"stage,omitempty"` // the stage this event starts, if any
+	Msg    string         `json:"msg,omitempty"`
+	Detail map[string]any `json:"detail,omitempty"`
+}
+
+// Timeline collects events; it is safe for concurrent use.
+type Timeline struct {
+	mu     sync.Mutex
+	events []Event
+	subs   []func(Event)
+	names  map[string]string // MAC or IP address -> guest name
+}
+
+// New returns an empty timeline.
+func New() *Timeline { return &Timeline{names: map[string]string{}} }
+
+// Name ties a guest NIC's MAC or IP address to its guest name, so network
+// events carry it.
+func (t *Timeline) Name(key, guest string) {
+	t.mu.Lock()
+	t.names[strings.ToLower(key)] = guest
+	t.mu.Unlock()
+}
+
+// Emit records e (stamping the time if unset) and tells subscribers.
+func (t *Timeline) Emit(e Event) {
+	if t == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now()
+	}
+	t.mu.Lock()
+	if e.Guest == "" && e.MAC != "" {
+		e.Guest = t.names[strings.ToLower(e.MAC)]
+	}
+	if e.Guest == "" && e.Addr != "" {
+		e.Guest = t.names[e.Addr]
+	}
+	t.events = append(t.events, e)
+	subs := slices.Clone(t.subs)
+	t.mu.Unlock()
+	for _, f := range subs {
+		f(e)
+	}
+}
+
+// Subscribe calls f for every later event, on the emitting goroutine: f must
+// not block.
+func (t *Timeline) Subscribe(f func(Event)) {
+	t.mu.Lock()
+	t.subs = append(t.subs, f)
+	t.mu.Unlock()
+}
+
+// Events returns the events of guest (and the lab-wide ones when guest is
+// empty: all of them).
+func (t *Timeline) Events(guest string) []Event {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []Event
+	for _, e := range t.events {
+		if guest == "" || e.Guest == guest {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// WriteJSONL writes events as one JSON object per line.
+func WriteJSONL(w io.Writer, events []Event) error {
+	enc := json.NewEncoder(w)
+	for _, e := range events {
+		if err := enc.Encode(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Span is the time spent in one stage.
+type Span struct {
+	Stage    Stage
+	Start    time.Time
+	Duration time.Duration // until the next stage started (or end)
+}
+
+// Spans derives per-stage durations from events: a stage starts with the
+// first event, in time order, that goes past every stage before it (DHCP
+// done by an init after the kernel started is not the DHCP stage). end
+// closes the last span.
+func Spans(events []Event, end time.Time) []Span {
+	evs := slices.Clone(events)
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].Time.Before(evs[j].Time) })
+	var spans []Span
+	cur := None
+	for _, e := range evs {
+		if e.Stage > cur {
+			cur = e.Stage
+			spans = append(spans, Span{Stage: e.Stage, Start: e.Time})
+		}
+	}
+	for i := range spans {
+		next := end
+		if i+1 < len(spans) {
+			next = spans[i+1].Start
+		}
+		if d := next.Sub(spans[i].Start); d > 0 {
+			spans[i].Duration = d
+		}
+	}
+	return spans
+}
+
+// Reached is the furthest stage among events.
+func Reached(events []Event) Stage {
+	s := None
+	for _, e := range events {
+		if e.Stage > s {
+			s = e.Stage
+		}
+	}
+	return s
+}
+
+// Table formats spans as an aligned table relative to start.
+func Table(spans []Span, start time.Time) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-9s %9s %9s\n", "stage", "at", "took")
+	for _, s := range spans {
+		took := fmt.Sprintf("%.2fs", s.Duration.Seconds())
+		if s.Stage == Marker {
+			took = "-"
+		}
+		fmt.Fprintf(&b, "%-9s %8.2fs %9s\n", s.Stage, s.Start.Sub(start).Seconds(), took)
+	}
+	return b.String()
+}

@@ -1,0 +1,409 @@
+// Package images fetches and caches what guests boot: Debian kernels and their
+// modules, busybox, firmware and boot loader binaries, per architecture.
+//
+// Everything comes from Debian's package archive through the ordinary apt
+// client, but with private state, list and cache folders inside the cache, so
+// the host's dpkg and apt configuration is never changed (arm64 packages are
+// fetched on an amd64 host this way). Each package is unpacked into its own
+// folder named by package, version and architecture; a folder counts only once
+// its ".complete" stamp (holding the .deb's SHA-256, checked against the
+// archive's index) is written, so a partial or corrupt entry is fetched again.
+// A lock file per architecture pins the versions resolved on the first run: a
+// second run is offline.
+package images
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Arches are the guest architectures nbh boots, in Debian's spelling.
+var Arches = []string{"amd64", "arm64"}
+
+// Cache is a folder of fetched packages.
+type Cache struct {
+	Dir string
+	// Log receives progress lines; nil means os.Stderr.
+	Log io.Writer
+}
+
+// DefaultDir is $NBH_CACHE, else .cache/ in the nbh module this process runs
+// from (tests run inside the module tree), else the user cache folder.
+func DefaultDir() string {
+	if d := os.Getenv("NBH_CACHE"); d != "" {
+		return d
+	}
+	if root := moduleRoot(); root != "" {
+		return filepath.Join(root, ".cache")
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "nbh")
+	}
+	return filepath.Join(os.TempDir(), "nbh-cache")
+}
+
+// moduleRoot finds the folder of nbh's go.mod above the working directory.
+func moduleRoot() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return ""
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && bytes.HasPrefix(b, []byte("module nbh.dev/nbh\n")) {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return ""
+		}
+		dir = parent
+	}
+}
+
+// Open returns the cache in dir (DefaultDir when empty).
+func Open(dir string) *Cache {
+	if dir == "" {
+		dir = DefaultDir()
+	}
+	return &Cache{Dir: dir}
+}
+
+func (c *Cache) logf(format string, args ...any) {
+	w := c.Log
+	if w == nil {
+		w = os.Stderr
+	}
+	fmt.Fprintf(w, "images: "+format+"\n", args...)
+}
+
+// pin is one resolved package in the lock file.
+type pin struct {
+	Version string `json:"version"`
+	SHA256  string `json:"sha256"`
+	Size    int64  `json:"size"`
+}
+
+// ErrMissingTool is returned when apt-get or dpkg-deb is not on PATH.
+var ErrMissingTool = errors.New("missing host tool")
+
+// Package returns the folder holding the unpacked contents of the Debian
+// package name for arch ("all" packages may be asked for with any arch),
+// fetching it on first use.
+func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) {
+	unlock, err := c.lock()
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+
+	lockPath := filepath.Join(c.Dir, "lock-"+arch+".json")
+	pins := map[string]pin{}
+	if b, err := os.ReadFile(lockPath); err == nil {
+		if err := json.Unmarshal(b, &pins); err != nil {
+			return "", fmt.Errorf("images: %s is corrupt (%v); delete it to resolve versions again", lockPath, err)
+		}
+	}
+	p, ok := pins[name]
+	if ok {
+		dir := c.pkgDir(name, p.Version, arch)
+		if stamp, err := os.ReadFile(filepath.Join(dir, ".complete")); err == nil && strings.TrimSpace(string(stamp)) == p.SHA256 {
+			return dir, nil
+		}
+	} else {
+		p, err = c.resolve(ctx, arch, name)
+		if err != nil {
+			return "", err
+		}
+		pins[name] = p
+		b, _ := json.MarshalIndent(pins, "", "  ")
+		if err := writeAtomic(lockPath, b); err != nil {
+			return "", err
+		}
+	}
+	dir := c.pkgDir(name, p.Version, arch)
+	if err := c.fetch(ctx, arch, name, p, dir); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+func (c *Cache) pkgDir(name, version, arch string) string {
+	return filepath.Join(c.Dir, "pkgs", name+"_"+strings.ReplaceAll(version, ":", "%3a")+"_"+arch)
+}
+
+// lock serialises cache writers across processes (parallel tests, CLI runs).
+func (c *Cache) lock() (func(), error) {
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("images: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(c.Dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("images: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("images: lock cache: %w", err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// aptArgs points apt at private folders under the cache for arch.
+func (c *Cache) aptArgs(arch string) ([]string, error) {
+	base := filepath.Join(c.Dir, "apt", arch)
+	for _, d := range []string{"lists/partial", "cache/archives/partial", "etc/preferences.d", "etc/apt.conf.d"} {
+		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
+			return nil, err
+		}
+	}
+	status := filepath.Join(base, "status")
+	if _, err := os.Stat(status); err != nil {
+		if err := os.WriteFile(status, nil, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	return []string{
+		"-o", "APT::Architecture=" + arch,
+		"-o", "APT::Architectures=" + arch,
+		"-o", "Dir::State=" + base,
+		"-o", "Dir::State::Lists=" + filepath.Join(base, "lists"),
+		"-o", "Dir::State::status=" + status,
+		"-o", "Dir::Cache=" + filepath.Join(base, "cache"),
+		"-o", "Dir::Etc::Preferences=" + filepath.Join(base, "etc/preferences"),
+		"-o", "Dir::Etc::PreferencesParts=" + filepath.Join(base, "etc/preferences.d"),
+		"-o", "Debug::NoLocking=1",
+		"-o", "APT::Sandbox::User=" + sandboxUser(),
+		"-q",
+	}, nil
+}
+
+// sandboxUser keeps apt from dropping to _apt, which cannot write into a cache
+// owned by the invoking user.
+func sandboxUser() string {
+	if os.Geteuid() == 0 {
+		return "root"
+	}
+	if u := os.Getenv("USER"); u != "" {
+		return u
+	}
+	return "nobody"
+}
+
+func (c *Cache) apt(ctx context.Context, dir, arch, tool string, args ...string) ([]byte, error) {
+	if _, err := exec.LookPath(tool); err != nil {
+		return nil, fmt.Errorf("images: %w: %s (a Debian or Ubuntu host is needed to fetch images)", ErrMissingTool, tool)
+	}
+	base, err := c.aptArgs(arch)
+	if err != nil {
+		return nil, fmt.Errorf("images: %w", err)
+	}
+	cmd := exec.CommandContext(ctx, tool, append(base, args...)...)
+	cmd.Dir = dir
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("images: %s %s: %v: %s", tool, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// update refreshes the private package lists of arch when they are missing.
+func (c *Cache) update(ctx context.Context, arch string) error {
+	lists := filepath.Join(c.Dir, "apt", arch, "lists")
+	if m, _ := filepath.Glob(filepath.Join(lists, "*Packages*")); len(m) > 0 {
+		return nil
+	}
+	c.logf("reading the package index for %s", arch)
+	_, err := c.apt(ctx, c.Dir, arch, "apt-get", "update")
+	return err
+}
+
+// resolve finds the version and checksum apt would fetch for name. A
+// meta-package whose only job is to depend on one versioned package
+// (linux-image-amd64) is followed to that package.
+func (c *Cache) resolve(ctx context.Context, arch, name string) (pin, error) {
+	if err := c.update(ctx, arch); err != nil {
+		return pin{}, err
+	}
+	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", name)
+	if err != nil {
+		return pin{}, err
+	}
+	f := parseStanza(out)
+	if f["SHA256"] == "" || f["Version"] == "" {
+		return pin{}, fmt.Errorf("images: apt-cache show %s (%s): no version or checksum", name, arch)
+	}
+	var size int64
+	fmt.Sscan(f["Size"], &size)
+	return pin{Version: f["Version"], SHA256: f["SHA256"], Size: size}, nil
+}
+
+// KernelPackage names the versioned kernel package that linux-image-ARCH
+// currently depends on (the pin is kept in the lock file too).
+func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) {
+	unlock, err := c.lock()
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	path := filepath.Join(c.Dir, "kernel-"+arch)
+	if b, err := os.ReadFile(path); err == nil && len(bytes.TrimSpace(b)) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	if err := c.update(ctx, arch); err != nil {
+		return "", err
+	}
+	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
+	if err != nil {
+		return "", err
+	}
+	dep := strings.TrimSpace(strings.SplitN(parseStanza(out)["Depends"], "(", 2)[0])
+	if !strings.HasPrefix(dep, "linux-image-") {
+		return "", fmt.Errorf("images: linux-image-%s depends on %q, not a kernel package", arch, dep)
+	}
+	return dep, writeAtomic(path, []byte(dep+"\n"))
+}
+
+func parseStanza(b []byte) map[string]string {
+	f := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" {
+			break
+		}
+		if k, v, ok := strings.Cut(line, ":"); ok && !strings.HasPrefix(line, " ") {
+			f[k] = strings.TrimSpace(v)
+		}
+	}
+	return f
+}
+
+// fetch downloads and unpacks one package into dir, replacing whatever was
+// there; the .complete stamp is written last.
+func (c *Cache) fetch(ctx context.Context, arch, name string, p pin, dir string) error {
+	if err := c.update(ctx, arch); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(c.Dir, ".fetch-")
+	if err != nil {
+		return fmt.Errorf("images: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	c.logf("downloading %s %s (%s, %.1f MB)", name, p.Version, arch, float64(p.Size)/1e6)
+	start := time.Now()
+	stop := c.progress(tmp, name, p.Size)
+	_, err = c.apt(ctx, tmp, arch, "apt-get", "download", name+"="+p.Version)
+	stop()
+	if err != nil {
+		return err
+	}
+	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
+	if len(debs) != 1 {
+		return fmt.Errorf("images: apt-get download %s left %d .deb files", name, len(debs))
+	}
+	sum, err := fileSHA256(debs[0])
+	if err != nil {
+		return err
+	}
+	if sum != p.SHA256 {
+		return fmt.Errorf("images: %s: checksum %s, index says %s", debs[0], sum, p.SHA256)
+	}
+	root := filepath.Join(tmp, "root")
+	if _, err := exec.LookPath("dpkg-deb"); err != nil {
+		return fmt.Errorf("images: %w: dpkg-deb", ErrMissingTool)
+	}
+	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", debs[0], root).CombinedOutput(); err != nil {
+		return fmt.Errorf("images: dpkg-deb -x %s: %v: %s", filepath.Base(debs[0]), err, out)
+	}
+	if err := os.WriteFile(filepath.Join(root, ".complete"), []byte(sum+"\n"), 0o644); err != nil {
+		return err
+	}
+	os.RemoveAll(dir)
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return err
+	}
+	if err := os.Rename(root, dir); err != nil {
+		return fmt.Errorf("images: %w", err)
+	}
+	c.logf("cached %s in %s (%.1fs)", name, dir, time.Since(start).Seconds())
+	return nil
+}
+
+// progress reports the growth of the download every few seconds.
+func (c *Cache) progress(dir, name string, size int64) func() {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(3 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				var n int64
+				filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+					if err == nil && fi.Mode().IsRegular() {
+						n += fi.Size()
+					}
+					return nil
+				})
+				if size > 0 {
+					c.logf("  %s: %.1f of %.1f MB", name, float64(n)/1e6, float64(size)/1e6)
+				}
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func writeAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// Pins lists the resolved packages of arch as "name version" lines.
+func (c *Cache) Pins(arch string) []string {
+	pins := map[string]pin{}
+	if b, err := os.ReadFile(filepath.Join(c.Dir, "lock-"+arch+".json")); err == nil {
+		json.Unmarshal(b, &pins)
+	}
+	var out []string
+	for n, p := range pins {
+		out = append(out, n+" "+p.Version)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,99 @@
+package images
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Kernel is an unpacked Debian kernel package.
+type Kernel struct {
+	Arch    string
+	Version string // uname -r, e.g. 6.1.0-56-amd64
+	Image   string // path of vmlinuz
+	Modules string // path of lib/modules/VERSION
+}
+
+// Kernel fetches the current Debian kernel for arch.
+func (c *Cache) Kernel(ctx context.Context, arch string) (*Kernel, error) {
+	pkg, err := c.KernelPackage(ctx, arch)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := c.Package(ctx, arch, pkg)
+	if err != nil {
+		return nil, err
+	}
+	version := strings.TrimPrefix(pkg, "linux-image-")
+	k := &Kernel{
+		Arch:    arch,
+		Version: version,
+		Image:   filepath.Join(dir, "boot", "vmlinuz-"+version),
+		Modules: filepath.Join(dir, "lib", "modules", version),
+	}
+	for _, p := range []string{k.Image, k.Modules} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("images: kernel package %s has no %s", pkg, p)
+		}
+	}
+	return k, nil
+}
+
+// File is one file inside a cached package.
+type File struct {
+	Package string
+	Path    string // inside the package
+}
+
+// Files the boot chains use. Architecture-independent packages ("all") are
+// fetched through the index of the guest architecture that needs them.
+var (
+	Busybox        = File{"busybox-static", "bin/busybox"}
+	OVMFCode       = File{"ovmf", "usr/share/OVMF/OVMF_CODE_4M.fd"}
+	OVMFVars       = File{"ovmf", "usr/share/OVMF/OVMF_VARS_4M.fd"}
+	IPXEEFI        = File{"ipxe", "usr/lib/ipxe/ipxe.efi"}
+	IPXEVirtioBIOS = File{"ipxe-qemu", "usr/lib/ipxe/qemu/pxe-virtio.rom"}
+	IPXEVirtioEFI  = File{"ipxe-qemu", "usr/lib/ipxe/qemu/efi-virtio.rom"}
+	AAVMF          = File{"qemu-efi-aarch64", "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	UBoot          = File{"u-boot-qemu", "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
+	GRUBArm64      = File{"grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"}
+)
+
+// Path fetches f's package for arch and returns the file's path.
+func (c *Cache) Path(ctx context.Context, arch string, f File) (string, error) {
+	dir, err := c.Package(ctx, arch, f.Package)
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, f.Path)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("images: package %s (%s) has no %s", f.Package, arch, f.Path)
+	}
+	return p, nil
+}
+
+// Chain files by architecture: everything a guest of that architecture may
+// need, for FetchAll.
+var archFiles = map[string][]File{
+	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI, IPXEVirtioBIOS, IPXEVirtioEFI},
+	"arm64": {Busybox, AAVMF, UBoot, GRUBArm64},
+}
+
+// FetchAll fetches everything guests of arch may boot.
+func FetchAll(ctx context.Context, c *Cache, arch string) error {
+	files, ok := archFiles[arch]
+	if !ok {
+		return fmt.Errorf("images: unknown architecture %q (amd64 or arm64)", arch)
+	}
+	if _, err := c.Kernel(ctx, arch); err != nil {
+		return err
+	}
+	for _, f := range files {
+		if _, err := c.Path(ctx, arch, f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
