@@ -297,11 +297,7 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	}
 	var err error
 	switch g.Profile.Firmware {
-	case qemu.SeaBIOSIPXE:
-		err = get(&f.IPXEROM, "amd64", images.IPXEVirtioEFI)
-	case qemu.OVMFIPXE:
-		err = errors.Join(get(&f.IPXEROM, "amd64", images.IPXEVirtioEFI), get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
-	case qemu.OVMFPXE:
+	case qemu.OVMFIPXE, qemu.OVMFPXE:
 		err = errors.Join(get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
 	case qemu.UBoot:
 		err = get(&f.UBoot, "arm64", images.UBoot)

@@ -48,14 +48,15 @@ type File struct {
 }
 
 // Files the boot chains use. Architecture-independent packages ("all") are
-// fetched through the index of the guest architecture that needs them.
+// fetched through the index of the guest architecture that needs them. The
+// NIC's iPXE option ROM is not among them: QEMU patches PCI IDs only into
+// its own default ROM (from the host's ipxe-qemu package), and firmware
+// rejects an explicit romfile= whose IDs do not match the device.
 var (
 	Busybox        = File{"busybox-static", "bin/busybox"}
 	OVMFCode       = File{"ovmf", "usr/share/OVMF/OVMF_CODE_4M.fd"}
 	OVMFVars       = File{"ovmf", "usr/share/OVMF/OVMF_VARS_4M.fd"}
 	IPXEEFI        = File{"ipxe", "usr/lib/ipxe/ipxe.efi"}
-	IPXEVirtioBIOS = File{"ipxe-qemu", "usr/lib/ipxe/qemu/pxe-virtio.rom"}
-	IPXEVirtioEFI  = File{"ipxe-qemu", "usr/lib/ipxe/qemu/efi-virtio.rom"}
 	AAVMF          = File{"qemu-efi-aarch64", "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
 	UBoot          = File{"u-boot-qemu", "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
 	GRUBArm64      = File{"grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"}
@@ -77,7 +78,7 @@ func (c *Cache) Path(ctx context.Context, arch string, f File) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI, IPXEVirtioBIOS, IPXEVirtioEFI},
+	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI},
 	"arm64": {Busybox, AAVMF, UBoot, GRUBArm64},
 }
 

@@ -286,7 +286,7 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 	// IPv6 router solicitation: answer for the absent router.
 	if fi.etherType == 0x86dd && fi.proto == 58 && fi.icmpType == 133 {
 		if from != nil {
-			from.deliver(routerAdvert(f.HostMAC, fi.src))
+			from.deliver(routerAdvert(f.HostMAC))
 		}
 		return
 	}

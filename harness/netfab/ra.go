@@ -7,21 +7,30 @@ import (
 
 // routerAdvert answers an IPv6 router solicitation with an advertisement that
 // offers no prefix and no default route. Boot loaders (iPXE waits ~13 s)
-// stop waiting for IPv6 autoconfiguration as soon as any router answers.
-func routerAdvert(hostMAC net.HardwareAddr, to net.HardwareAddr) []byte {
+// stop waiting for IPv6 autoconfiguration as soon as a router answers (iPXE
+// accepted it sent to all nodes with a prefix option; a bare unicast one was
+// ignored).
+func routerAdvert(hostMAC net.HardwareAddr) []byte {
 	src := linkLocal(hostMAC)
 	dst := net.ParseIP("ff02::1").To16()
-	icmp := make([]byte, 16+8)
+	icmp := make([]byte, 16+8+32)
 	icmp[0] = 134 // router advertisement
 	icmp[4] = 64  // current hop limit
 	// flags, router lifetime, reachable time, retrans timer: all zero.
 	icmp[16] = 1 // option: source link-layer address
 	icmp[17] = 1 // length in units of 8 bytes
 	copy(icmp[18:], hostMAC)
+	// Prefix information: an on-link ULA prefix, not for autoconfiguration.
+	pi := icmp[24:]
+	pi[0], pi[1], pi[2] = 3, 4, 64
+	pi[3] = 0x80 // on-link
+	binary.BigEndian.PutUint32(pi[4:], 3600)
+	binary.BigEndian.PutUint32(pi[8:], 3600)
+	copy(pi[16:], []byte{0xfd, 0x4e, 0x42, 0x48})
 	binary.BigEndian.PutUint16(icmp[2:], icmpv6Checksum(src, dst, icmp))
 
 	f := make([]byte, 14+40+len(icmp))
-	copy(f[0:6], to)
+	copy(f[0:6], []byte{0x33, 0x33, 0, 0, 0, 1})
 	copy(f[6:12], hostMAC)
 	binary.BigEndian.PutUint16(f[12:], 0x86dd)
 	ip := f[14:]

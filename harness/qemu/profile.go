@@ -82,7 +82,6 @@ type Files struct {
 	OVMFCode, OVMFVars string // x86_64 UEFI (VARS is copied per guest)
 	AAVMF              string // arm64 UEFI
 	UBoot              string // arm64 U-Boot
-	IPXEROM            string // x86_64 NIC option ROM
 }
 
 // Config describes one guest.
@@ -140,7 +139,10 @@ func Args(c Config) ([]string, error) {
 		a = append(a, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", c.Append)
 		nic += ",romfile="
 	case SeaBIOSIPXE:
-		nic += ",romfile=" + c.Files.IPXEROM + ",bootindex=1"
+		// QEMU's default ROM (package ipxe-qemu): QEMU patches the PCI IDs
+		// only into its default ROM, and firmware rejects an explicit
+		// romfile= whose IDs do not match the device.
+		nic += ",bootindex=1"
 	case OVMFIPXE, OVMFPXE:
 		vars := filepath.Join(c.Dir, "OVMF_VARS.fd")
 		if err := copyFile(c.Files.OVMFVars, vars); err != nil {
@@ -150,7 +152,7 @@ func Args(c Config) ([]string, error) {
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.OVMFCode,
 			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
 		if c.Firmware == OVMFIPXE {
-			nic += ",romfile=" + c.Files.IPXEROM + ",bootindex=1"
+			nic += ",bootindex=1" // QEMU's default iPXE ROM, as above
 		} else {
 			nic += ",romfile=,bootindex=1"
 		}
