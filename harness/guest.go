@@ -300,11 +300,38 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	case qemu.OVMFIPXE, qemu.OVMFPXE:
 		err = errors.Join(get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
 	case qemu.UBoot:
-		err = get(&f.UBoot, "arm64", images.UBoot)
+		if err = get(&f.UBoot, "arm64", images.UBoot); err == nil {
+			f.UBootEnv, err = g.ubootEnv(f.UBoot)
+		}
 	case qemu.AAVMFGRUB:
 		err = get(&f.AAVMF, "arm64", images.AAVMF)
 	}
 	return f, err
+}
+
+// ubootEnv writes the guest's U-Boot environment flash: the default
+// environment with its MAC address (U-Boot 2023.01 reads a virtio NIC's MAC
+// as its first byte six times over, 52:52:52:52:52:52, so DHCP leases and
+// pxelinux.cfg/01-MAC would miss) and no autoboot delay.
+func (g *Guest) ubootEnv(ubootBin string) (string, error) {
+	bin, err := os.ReadFile(ubootBin)
+	if err != nil {
+		return "", err
+	}
+	env, err := bootcfg.UBootEnv(bin, map[string]string{"ethaddr": g.MAC.String(), "bootdelay": "0"})
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(g.private, "uboot-env.fd")
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	if _, err := f.Write(env); err != nil {
+		return "", err
+	}
+	return path, f.Truncate(bootcfg.UBootFlashSize)
 }
 
 // observe follows the guest's events on the lab timeline.
@@ -334,7 +361,13 @@ func (g *Guest) Reached() timeline.Stage {
 // first line that matches the marker or the failure table decides the boot.
 func (g *Guest) monitor() {
 	tl := g.lab.Timeline
+	var recent []string
 	for line := range g.con.Lines() {
+		before := recent
+		recent = append(recent, line.Text)
+		if len(recent) > console.Context {
+			recent = recent[1:]
+		}
 		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
 			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})
 		}
@@ -343,7 +376,7 @@ func (g *Guest) monitor() {
 			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
 			continue
 		}
-		if p, ok := console.Classify(line.Text, g.Reached()); ok {
+		if p, ok := console.Classify(line.Text, g.Reached(), before); ok {
 			st := p.Stage
 			if st == timeline.None {
 				st = g.Reached()

@@ -60,7 +60,8 @@ func New(opts Options) (l *Lab, err error) {
 		opts.Log = io.Discard
 	}
 	opts.Cache.Log = opts.Log
-	work, err := os.MkdirTemp("", "nbh-lab-")
+	sweepStale()
+	work, err := os.MkdirTemp("", fmt.Sprintf("nbh-lab-%d-", os.Getpid()))
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
@@ -157,6 +158,12 @@ func (l *Lab) Close() error {
 // cache is never written through it), else a copy.
 func place(src, dst string) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	// Packages ship symlinks (ipxe.efi); link the file they point to, or
+	// the served root would hold a link leading out of it.
+	src, err := filepath.EvalSymlinks(src)
+	if err != nil {
 		return err
 	}
 	os.Remove(dst)

@@ -53,13 +53,13 @@ type File struct {
 // its own default ROM (from the host's ipxe-qemu package), and firmware
 // rejects an explicit romfile= whose IDs do not match the device.
 var (
-	Busybox        = File{"busybox-static", "bin/busybox"}
-	OVMFCode       = File{"ovmf", "usr/share/OVMF/OVMF_CODE_4M.fd"}
-	OVMFVars       = File{"ovmf", "usr/share/OVMF/OVMF_VARS_4M.fd"}
-	IPXEEFI        = File{"ipxe", "usr/lib/ipxe/ipxe.efi"}
-	AAVMF          = File{"qemu-efi-aarch64", "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
-	UBoot          = File{"u-boot-qemu", "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
-	GRUBArm64      = File{"grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"}
+	Busybox   = File{"busybox-static", "bin/busybox"}
+	OVMFCode  = File{"ovmf", "usr/share/OVMF/OVMF_CODE_4M.fd"}
+	OVMFVars  = File{"ovmf", "usr/share/OVMF/OVMF_VARS_4M.fd"}
+	IPXEEFI   = File{"ipxe", "usr/lib/ipxe/ipxe.efi"}
+	AAVMF     = File{"qemu-efi-aarch64", "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	UBoot     = File{"u-boot-qemu", "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
+	GRUBArm64 = File{"grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"}
 )
 
 // Path fetches f's package for arch and returns the file's path.

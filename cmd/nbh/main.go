@@ -20,6 +20,7 @@ const usage = `nbh — the netboot harness
 
 Usage:
   nbh boot   [flags]   boot one guest on the reference network-boot stack
+  nbh matrix [flags]   boot every chain, with and without faults; print a table
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
   nbh help [command]   show help
 
@@ -74,6 +75,8 @@ func run(args []string) int {
 		return bootCmd(ctx, args[1:])
 	case "images":
 		return imagesCmd(ctx, args[1:])
+	case "matrix":
+		return matrixCmd(ctx, args[1:])
 	case "help", "-h", "--help":
 		if len(args) > 1 {
 			return run([]string{args[1], "--help"})

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"os/exec"
+	"sort"
 	"strings"
 )
 
@@ -53,11 +54,12 @@ label nbh
 
 // UBootScript widens TFTP blocks and windows (one block per round trip
 // would make a 33 MB kernel take tens of seconds) and then boots the
-// pxelinux config for this NIC.
+// pxelinux config for this NIC. The window stays at 8: with 32, U-Boot
+// 2023.01's virtio-net (32 receive buffers) stopped receiving mid-transfer.
 func UBootScript() string {
 	return `echo nbh: U-Boot script
 setenv tftpblocksize 1468
-setenv tftpwindowsize 32
+setenv tftpwindowsize 8
 if pxe get; then
 	echo nbh: booting the pxelinux config
 	pxe boot
@@ -122,4 +124,65 @@ func GRUBImage(ctx context.Context, moduleDir, prefix, out string) error {
 		return fmt.Errorf("bootcfg: grub-mkimage: %v: %s", err, strings.TrimSpace(string(b)))
 	}
 	return nil
+}
+
+// UBootEnvSize is the environment size of U-Boot's qemu_arm64 build
+// (CONFIG_ENV_SIZE), stored at the start of the second flash bank.
+const UBootEnvSize = 0x40000
+
+// UBootFlashSize is the size of a QEMU virt flash bank.
+const UBootFlashSize = 64 << 20
+
+// UBootEnv builds a flash environment for U-Boot: the binary's own default
+// environment with set applied on top (an environment in flash replaces the
+// defaults whole, so they are carried over). It returns the environment
+// block: a CRC-32 followed by NUL-separated name=value pairs.
+func UBootEnv(ubootBin []byte, set map[string]string) ([]byte, error) {
+	start := bytes.Index(ubootBin, []byte("bootcmd=run distro_bootcmd\x00"))
+	if start < 0 {
+		return nil, fmt.Errorf("bootcfg: no default environment found in the U-Boot binary")
+	}
+	end := bytes.Index(ubootBin[start:], []byte{0, 0})
+	if end < 0 {
+		return nil, fmt.Errorf("bootcfg: unterminated default environment in the U-Boot binary")
+	}
+	var names []string
+	vals := map[string]string{}
+	for _, kv := range strings.Split(string(ubootBin[start:start+end]), "\x00") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			continue
+		}
+		if _, dup := vals[k]; !dup {
+			names = append(names, k)
+		}
+		vals[k] = v
+	}
+	for _, k := range sortedKeys(set) {
+		if _, ok := vals[k]; !ok {
+			names = append(names, k)
+		}
+		vals[k] = set[k]
+	}
+	data := make([]byte, UBootEnvSize-4)
+	off := 0
+	for _, k := range names {
+		kv := k + "=" + vals[k]
+		if off+len(kv)+2 > len(data) {
+			return nil, fmt.Errorf("bootcfg: U-Boot environment exceeds %d bytes", UBootEnvSize)
+		}
+		off += copy(data[off:], kv) + 1
+	}
+	env := make([]byte, 4, UBootEnvSize)
+	binary.LittleEndian.PutUint32(env, crc32.ChecksumIEEE(data))
+	return append(env, data...), nil
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }

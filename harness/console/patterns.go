@@ -17,10 +17,18 @@ type Pattern struct {
 	Stage  timeline.Stage
 	Before timeline.Stage
 	Who    string // what printed it, for the report
+	// Unless, when set, cancels the row if it matches one of the few lines
+	// before (a loader probing for optional files is not failing).
+	Unless *regexp.Regexp
 }
 
 func row(re string, r failure.Reason, st, before timeline.Stage, who string) Pattern {
 	return Pattern{Re: regexp.MustCompile(re), Reason: r, Stage: st, Before: before, Who: who}
+}
+
+func unless(p Pattern, re string) Pattern {
+	p.Unless = regexp.MustCompile(re)
+	return p
 }
 
 // Failures is the table of console lines that end a boot. Order matters: the
@@ -44,7 +52,8 @@ var Failures = []Pattern{
 	row(`Could not boot image:.*ipxe\.org/[0-9a-f]{8}`, failure.LoaderError, timeline.Loader, timeline.Kernel, "ipxe"),
 
 	// U-Boot.
-	row(`TFTP error: .*`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "u-boot"),
+	unless(row(`TFTP error: .*`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "u-boot"),
+		`Filename 'pxelinux\.cfg/`), // "pxe get" probes several names
 	row(`Retry time exceeded`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "u-boot"),
 	row(`(Bad Linux ARM64 Image magic|Wrong Image Format|ERROR: Did not find a cmdline Flattened Device Tree)`, failure.LoaderError, timeline.Loader, timeline.Kernel, "u-boot"),
 
@@ -71,16 +80,28 @@ var Stages = []struct {
 	{regexp.MustCompile(`nbh-init: mounting root|nbh-root:`), timeline.Root},
 }
 
+// Context is how many earlier lines Classify looks at for Unless.
+const Context = 4
+
 // Classify returns the first failure row matching line, given the stage
-// reached so far.
-func Classify(line string, reached timeline.Stage) (Pattern, bool) {
+// reached so far and the lines just before it.
+func Classify(line string, reached timeline.Stage, before []string) (Pattern, bool) {
+next:
 	for _, p := range Failures {
 		if p.Before != 0 && reached >= p.Before {
 			continue
 		}
-		if p.Re.MatchString(line) {
-			return p, true
+		if !p.Re.MatchString(line) {
+			continue
 		}
+		if p.Unless != nil {
+			for _, b := range before {
+				if p.Unless.MatchString(b) {
+					continue next
+				}
+			}
+		}
+		return p, true
 	}
 	return Pattern{}, false
 }

@@ -296,9 +296,9 @@ func (s *Server) send(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4, mt d
 			// wait ~3 s for ProxyDHCP offers.
 			mods = append(mods, dhcpv4.WithGeneric(dhcpv4.GenericOptionCode(175), []byte{176, 1, 1}))
 		}
-		if strings.HasPrefix(m.ClassIdentifier(), "PXEClient") {
-			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient")))
-		}
+		// No option 60 "PXEClient" in replies: UEFI firmware then expects
+		// PXE boot-server discovery (option 43, port 4011) and, finding
+		// none, rejects the offer (PXE-E16).
 	}
 	resp, err := dhcpv4.NewReplyFromRequest(m, mods...)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -84,7 +85,11 @@ func New(tl *timeline.Timeline) (*Fabric, error) {
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: 8 << 20}
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd)
 
-	f.ep = channel.New(1024, uint32(DefaultMTU), tcpip.LinkAddress(f.HostMAC))
+	// The ethernet wrapper subtracts its header from the channel's MTU:
+	// give it room for a full 1500-byte IP packet, or gVisor fragments
+	// every full-size UDP datagram (TFTP blocks of 1468), and UEFI's and
+	// U-Boot's TFTP clients do not reassemble.
+	f.ep = channel.New(1024, uint32(DefaultMTU+14), tcpip.LinkAddress(f.HostMAC))
 	if err := s.CreateNIC(1, ethernet.New(f.ep)); err != nil {
 		return nil, fmt.Errorf("netfab: create NIC: %s", err)
 	}
@@ -123,7 +128,8 @@ type Port struct {
 	f       *Fabric
 	conn    net.Conn
 	qemuEnd *os.File
-	wmu     sync.Mutex
+	out     chan []byte // frames to the guest, written by one goroutine
+	drops   atomic.Int64
 	pcap    *pcapng
 	pcapF   *os.File
 	closed  chan struct{}
@@ -144,7 +150,8 @@ func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Po
 		syscall.Close(fds[1])
 		return nil, fmt.Errorf("netfab: %w", err)
 	}
-	p := &Port{Name: name, MAC: mac, f: f, conn: conn, qemuEnd: os.NewFile(uintptr(fds[1]), "qemu-"+name), closed: make(chan struct{})}
+	p := &Port{Name: name, MAC: mac, f: f, conn: conn, qemuEnd: os.NewFile(uintptr(fds[1]), "qemu-"+name),
+		closed: make(chan struct{}), out: make(chan []byte, portQueue)}
 	if capture != "" {
 		pf, err := os.Create(capture)
 		if err != nil {
@@ -161,8 +168,9 @@ func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Po
 	f.ports = append(f.ports, p)
 	f.macs[mac.String()] = p
 	f.mu.Unlock()
-	f.wg.Add(1)
+	f.wg.Add(2)
 	go p.readLoop()
+	go p.writeLoop()
 	return p, nil
 }
 
@@ -243,24 +251,42 @@ func (p *Port) deliver(frame []byte) {
 	p.write(frame)
 }
 
+// portQueue bounds the frames waiting for a guest that is not reading (its
+// receive ring is full, or it is paused): beyond it frames are dropped
+// whole, as a switch would, and never cut in the middle, which would lose
+// the stream's framing for good.
+const portQueue = 4096
+
 func (p *Port) write(frame []byte) {
 	select {
 	case <-p.closed:
-		return
+	case p.out <- frame:
 	default:
+		if n := p.drops.Add(1); n&(n-1) == 0 {
+			p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "queue-full", Guest: p.Name,
+				Msg: fmt.Sprintf("guest not reading: %d frames dropped", n)})
+		}
 	}
-	b := make([]byte, 4+len(frame))
-	binary.BigEndian.PutUint32(b, uint32(len(frame)))
-	copy(b[4:], frame)
-	p.wmu.Lock()
-	defer p.wmu.Unlock()
-	// A guest that stops reading must not stall the switch for long.
-	p.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
-	if _, err := p.conn.Write(b); err != nil {
-		return
-	}
-	if p.pcap != nil {
-		p.pcap.write(time.Now(), frame)
+}
+
+// writeLoop writes queued frames to QEMU, each whole.
+func (p *Port) writeLoop() {
+	defer p.f.wg.Done()
+	buf := make([]byte, 0, 70000)
+	for {
+		select {
+		case <-p.closed:
+			return
+		case frame := <-p.out:
+			buf = binary.BigEndian.AppendUint32(buf[:0], uint32(len(frame)))
+			buf = append(buf, frame...)
+			if _, err := p.conn.Write(buf); err != nil {
+				return
+			}
+			if p.pcap != nil {
+				p.pcap.write(time.Now(), frame)
+			}
+		}
 	}
 }
 

@@ -82,6 +82,7 @@ type Files struct {
 	OVMFCode, OVMFVars string // x86_64 UEFI (VARS is copied per guest)
 	AAVMF              string // arm64 UEFI
 	UBoot              string // arm64 U-Boot
+	UBootEnv           string // its environment flash bank (per guest)
 }
 
 // Config describes one guest.
@@ -158,6 +159,9 @@ func Args(c Config) ([]string, error) {
 		}
 	case UBoot:
 		a = append(a, "-bios", c.Files.UBoot)
+		if c.Files.UBootEnv != "" {
+			a = append(a, "-drive", "if=pflash,format=raw,unit=1,file="+c.Files.UBootEnv)
+		}
 		nic += ",romfile="
 	case AAVMFGRUB:
 		a = append(a, "-bios", c.Files.AAVMF)

@@ -46,6 +46,10 @@ const (
 	retries       = 5
 )
 
+// errSizeQuery is a client ending the transfer right after the option
+// acknowledgement, as UEFI firmware does to learn a file's size.
+var errSizeQuery = errors.New("client ended the transfer after the option acknowledgement (size query)")
+
 // Request is a parsed read or write request.
 type Request struct {
 	Op       int
@@ -187,6 +191,11 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 	sent, err := x.run(oack)
 	d := time.Since(start)
 	detail := map[string]any{"client": client, "bytes": sent, "seconds": d.Seconds(), "blksize": x.blksize, "windowsize": x.window}
+	if errors.Is(err, errSizeQuery) {
+		// Firmware asks for tsize and then ends the transfer: a size probe.
+		s.emit(timeline.Event{Addr: addr, Kind: "size-query", Msg: fmt.Sprintf("%s (%d bytes)", req.Filename, x.size), Detail: detail})
+		return
+	}
 	if err != nil {
 		detail["error"] = err.Error()
 		s.emit(timeline.Event{Addr: addr, Kind: "aborted", Msg: req.Filename, Detail: detail})
@@ -254,7 +263,7 @@ func (x *xfer) run(oack []byte) (int64, error) {
 				continue
 			}
 			if op == opERROR {
-				return 0, errors.New("client refused the options")
+				return 0, errSizeQuery
 			}
 			acked = blk == 0
 		}

@@ -1,0 +1,35 @@
+# nbh — the netboot harness. See README.md.
+export NBH_CACHE ?= $(CURDIR)/.cache
+GO ?= go
+
+.PHONY: all setup matrix test unit vet bench build clean
+
+all: build
+
+# Install missing host packages (as root) and fetch the guest images.
+setup:
+	@scripts/setup
+
+build:
+	$(GO) build -o bin/nbh ./cmd/nbh
+
+# The main job: boot every chain, with and without faults, and print a table.
+matrix: setup build
+	bin/nbh matrix
+
+# The whole test suite: unit tests, then the scenarios that boot real guests.
+test: setup vet
+	$(GO) test -count=1 -timeout 35m ./...
+
+# Only the fast tests (no guests booted).
+unit: vet
+	$(GO) test -count=1 -short ./...
+
+vet:
+	$(GO) vet ./...
+
+bench: setup
+	$(GO) test -run '^$$' -bench Netboot -benchtime 1x -timeout 30m ./scenarios
+
+clean:
+	rm -rf bin

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+// cell is one boot of the matrix and how it ended.
+type cell struct {
+	chain  string
+	fault  string
+	expect failure.Reason
+	v      harness.Verdict
+	spans  []timeline.Span
+	err    error
+}
+
+func (c cell) pass() bool {
+	if c.err != nil {
+		return false
+	}
+	if c.fault == "" {
+		return c.v.OK
+	}
+	return !c.v.OK && c.v.Reason == c.expect
+}
+
+func matrixCmd(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("matrix", flag.ContinueOnError)
+	archs := fs.String("arch", os.Getenv("NBH_ARCH"), "comma-separated architectures (default: all; also $NBH_ARCH)")
+	fws := fs.String("firmware", os.Getenv("NBH_FIRMWARE"), "comma-separated firmware names (default: all; also $NBH_FIRMWARE)")
+	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
+	artifacts := fs.String("artifacts", "artifacts/matrix", "folder for each boot's console.log, timeline.jsonl and network.pcapng")
+	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
+	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nbh matrix [flags]\n\nBoots every chain to the reference marker and, with -faults, every chain\nwith every fault that applies, one at a time, and prints a table. A fault\nrow passes when the boot fails with the fault's expected reason. Exit\nstatus 0 when every row passes, 1 otherwise.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	os.Setenv("NBH_ARCH", *archs)
+	os.Setenv("NBH_FIRMWARE", *fws)
+	chains := harness.Chains()
+	if len(chains) == 0 {
+		fmt.Fprintf(os.Stderr, "nbh matrix: no chain matches --arch %q --firmware %q\n", *archs, *fws)
+		return exitUsage
+	}
+	type job struct {
+		spec  harness.Spec
+		fault string
+		want  failure.Reason
+	}
+	var jobs []job
+	for _, p := range chains {
+		jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware}})
+		if !*faults {
+			continue
+		}
+		for _, n := range harness.FaultNames() {
+			f := harness.Faults[n]
+			if f.Applies(p) {
+				jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Faults: []harness.Fault{f}}, fault: n, want: f.Expect})
+			}
+		}
+	}
+	c := images.Open(*cache)
+	var cells []cell
+	for i, j := range jobs {
+		if ctx.Err() != nil {
+			break
+		}
+		name := j.spec.Arch + "/" + j.spec.Firmware
+		label := name
+		if j.fault != "" {
+			label += " +" + j.fault
+		}
+		fmt.Fprintf(os.Stderr, "[%d/%d] %s ...", i+1, len(jobs), label)
+		j.spec.Timeout = *timeout
+		j.spec.Artifacts = filepath.Join(*artifacts, strings.ReplaceAll(label, "/", "-"))
+		j.spec.Artifacts = strings.ReplaceAll(j.spec.Artifacts, " +", "+")
+		res := cell{chain: name, fault: j.fault, expect: j.want}
+		res.v, res.spans, res.err = bootOnce(ctx, c, j.spec)
+		cells = append(cells, res)
+		status := "PASS"
+		if !res.pass() {
+			status = "FAIL"
+		}
+		fmt.Fprintf(os.Stderr, " %s (%.1fs)\n", status, res.v.Elapsed.Seconds())
+	}
+	return printMatrix(cells)
+}
+
+// bootOnce boots one guest in a lab of its own.
+func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec) (harness.Verdict, []timeline.Span, error) {
+	lab, err := harness.New(harness.Options{Cache: c})
+	if err != nil {
+		return harness.Verdict{}, nil, err
+	}
+	defer lab.Close()
+	if err := os.MkdirAll(spec.Artifacts, 0o755); err != nil {
+		return harness.Verdict{}, nil, err
+	}
+	g, err := lab.Boot(ctx, spec)
+	if err != nil {
+		return harness.Verdict{}, nil, err
+	}
+	v := g.Wait(ctx)
+	spans := g.Spans()
+	g.Close()
+	return v, spans, nil
+}
+
+func printMatrix(cells []cell) int {
+	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init}
+	fmt.Printf("\n%-19s %-15s %-5s %8s", "chain", "fault", "", "total")
+	for _, s := range stages {
+		fmt.Printf(" %8s", s)
+	}
+	fmt.Printf("  outcome\n")
+	failed := 0
+	for _, c := range cells {
+		fault := c.fault
+		if fault == "" {
+			fault = "-"
+		}
+		status := "PASS"
+		if !c.pass() {
+			status = "FAIL"
+			failed++
+		}
+		fmt.Printf("%-19s %-15s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
+		took := map[timeline.Stage]time.Duration{}
+		for _, sp := range c.spans {
+			took[sp.Stage] = sp.Duration
+		}
+		for _, s := range stages {
+			if d, ok := took[s]; ok {
+				fmt.Printf(" %7.2fs", d.Seconds())
+			} else {
+				fmt.Printf(" %8s", "-")
+			}
+		}
+		switch {
+		case c.err != nil:
+			fmt.Printf("  error: %v\n", c.err)
+		case c.v.OK:
+			fmt.Printf("  marker\n")
+		default:
+			out := fmt.Sprintf("%s at %s", c.v.Reason, c.v.Stage)
+			if c.fault != "" && !c.pass() {
+				out += fmt.Sprintf(" (expected %s)", c.expect)
+			}
+			fmt.Printf("  %s\n", out)
+		}
+	}
+	fmt.Printf("\n%d of %d passed\n", len(cells)-failed, len(cells))
+	if failed > 0 {
+		return exitFailed
+	}
+	return exitOK
+}

@@ -1,0 +1,134 @@
+// Package scenarios holds the go test scenarios that boot real firmware,
+// loaders and Debian kernels in QEMU against the lab. They are the only slow
+// tests; -short skips them. $NBH_ARCH and $NBH_FIRMWARE narrow the chains
+// (comma-separated), $NBH_ARTIFACTS keeps every guest's console.log,
+// timeline.jsonl and network.pcapng.
+package scenarios
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
+)
+
+func needGuests(t testing.TB) {
+	if testing.Short() {
+		t.Skip("boots guests in QEMU; skipped with -short")
+	}
+}
+
+// stagesOf lists the stages a boot went through, in order.
+func stagesOf(spans []timeline.Span) []timeline.Stage {
+	var out []timeline.Stage
+	for _, s := range spans {
+		out = append(out, s.Stage)
+	}
+	return out
+}
+
+// expectedStages is the path every boot of a chain takes to its marker.
+func expectedStages(p qemu.Profile) []timeline.Stage {
+	if p.Firmware == qemu.Direct {
+		return []timeline.Stage{timeline.Firmware, timeline.Kernel, timeline.Init, timeline.Marker}
+	}
+	return []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Marker}
+}
+
+func TestEveryChainReachesTheMarker(t *testing.T) {
+	needGuests(t)
+	for _, p := range harness.Chains() {
+		t.Run(p.Name(), func(t *testing.T) {
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Artifacts: harness.TestArtifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			// The init prints the address the lab's DHCP server leased.
+			assert.Check(t, is.Contains(v.Line, "addr="+g.IP+"/24"))
+			assert.DeepEqual(t, stagesOf(g.Spans()), expectedStages(p))
+			t.Logf("%s: marker after %.2fs\n%s", p.Name(), v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
+		})
+	}
+}
+
+// TestFailuresAreClassified boots chains with faults and checks each ends
+// in its classified reason at the right stage, before a generous deadline:
+// a failure must never be reported as a bare timeout.
+func TestFailuresAreClassified(t *testing.T) {
+	needGuests(t)
+	cases := []struct {
+		arch, firmware string
+		fault          string
+		append         string
+		want           failure.Reason
+		stage          timeline.Stage
+	}{
+		{"amd64", qemu.SeaBIOSIPXE, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"amd64", qemu.Direct, "no-dhcp", "", failure.NoDHCP, timeline.Init},
+		{"arm64", qemu.UBoot, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"amd64", qemu.SeaBIOSIPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"amd64", qemu.OVMFPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", qemu.UBoot, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", qemu.AAVMFGRUB, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		// busybox run as the archive's init prints its help and exits: the
+		// kernel panics ("Attempted to kill init").
+		{"amd64", qemu.SeaBIOSIPXE, "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
+		{"arm64", qemu.Direct, "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
+	}
+	for _, c := range cases {
+		name := c.arch + "/" + c.firmware + "/" + c.fault
+		if c.fault == "" {
+			name = c.arch + "/" + c.firmware + "/panic"
+		}
+		t.Run(name, func(t *testing.T) {
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("chain %s/%s not selected by NBH_ARCH/NBH_FIRMWARE", c.arch, c.firmware)
+			}
+			spec := harness.Spec{Arch: c.arch, Firmware: c.firmware, Append: c.append, Timeout: 90 * time.Second,
+				Artifacts: harness.TestArtifacts(t, "g1")}
+			if c.fault != "" {
+				f, err := harness.LookupFault(c.fault)
+				assert.NilError(t, err)
+				spec.Faults = []harness.Fault{f}
+			}
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), spec)
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, !v.OK, "booted despite the fault: %s", v.Line)
+			assert.Equal(t, v.Reason, c.want, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Equal(t, v.Stage, c.stage, "%v", v.Err())
+			t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
+		})
+	}
+}
+
+func selected(arch, firmware string) bool {
+	for _, p := range harness.Chains() {
+		if p.Arch == arch && p.Firmware == firmware {
+			return true
+		}
+	}
+	return false
+}
+
+// TestFaultRefusedWhereMeaningless: a fault that cannot apply to a chain is
+// an error at Boot, not a silently passing test.
+func TestFaultRefusedWhereMeaningless(t *testing.T) {
+	lab := harness.NewTestLab(t)
+	f, err := harness.LookupFault("missing-kernel")
+	assert.NilError(t, err)
+	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: qemu.Direct, Faults: []harness.Fault{f}})
+	assert.ErrorContains(t, err, "does not apply")
+	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "uboot"})
+	assert.ErrorContains(t, err, "not available for amd64")
+}
