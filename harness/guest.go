@@ -397,6 +397,9 @@ func (g *Guest) monitor() {
 }
 
 func (g *Guest) decide(v Verdict) {
+	if !v.OK {
+		v = g.refine(v)
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.verdict != nil {
@@ -413,6 +416,44 @@ func (g *Guest) decide(v Verdict) {
 	}
 	g.verdict = &v
 	close(g.decided)
+}
+
+// refine corrects a console-based verdict with what the network saw: a
+// loader that says "nothing to boot" when the DHCP server never answered it
+// failed for want of a lease; a loader error right after the server said
+// "not found" was a failed fetch. Consoles differ by firmware and version;
+// the timeline does not.
+func (g *Guest) refine(v Verdict) Verdict {
+	if v.Stage > timeline.Loader {
+		return v
+	}
+	switch v.Reason {
+	case failure.LoaderFetch, failure.LoaderError, failure.FirmwareNoBoot, failure.Deadline, failure.GuestStopped:
+	default:
+		return v
+	}
+	var asked, answered bool
+	var lastFetch *timeline.Event
+	for _, e := range g.lab.Timeline.Events(g.Name) {
+		switch {
+		case e.Source == "dhcp" && (e.Kind == "discover" || e.Kind == "ignored"):
+			asked = true
+		case e.Source == "dhcp" && e.Kind == "ack":
+			answered = true
+		case (e.Source == "tftp" || e.Source == "http") && (e.Kind == "transfer" || e.Kind == "not-found"):
+			lastFetch = &e
+		}
+	}
+	if asked && !answered {
+		v.Detail = strings.TrimSpace(v.Detail + " the DHCP server never acknowledged this guest")
+		v.Reason, v.Stage = failure.NoDHCP, timeline.DHCP
+		return v
+	}
+	if v.Reason == failure.LoaderError && lastFetch != nil && lastFetch.Kind == "not-found" {
+		v.Detail = strings.TrimSpace(v.Detail + fmt.Sprintf(" the server had no %s", lastFetch.Msg))
+		v.Reason = failure.LoaderFetch
+	}
+	return v
 }
 
 // evidence is the guest's last telling network event, for a verdict's detail.

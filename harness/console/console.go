@@ -116,13 +116,28 @@ func untilLineEnd(opts *expect.ExpectOpts) error {
 	return nil
 }
 
+// WrapWidth is the width at which firmware text consoles (SeaBIOS's serial
+// console, and the iPXE ROM writing through it) wrap lines: a line of
+// exactly this many characters is joined with the next, so an error message
+// and its error code stay on one line for the classifier.
+const WrapWidth = 80
+
 func (con *Console) read() {
 	defer close(con.done)
 	defer close(con.lines)
+	var held string // a line that filled the firmware console's width
 	for {
 		s, err := con.c.Expect(untilLineEnd, expect.WithTimeout(idle))
+		partial := err != nil
+		if s != "" && !partial && len(Clean(s)) == WrapWidth {
+			held += strings.TrimRight(s, "\r\n")
+			continue
+		}
+		if held != "" && (s != "" || partial) {
+			s, held = held+s, ""
+		}
 		if s != "" {
-			con.emit(s, err != nil)
+			con.emit(s, partial)
 		}
 		if err != nil && !isTimeout(err) {
 			return // QEMU closed the terminal: EOF or EIO
