@@ -66,9 +66,10 @@ type Guest struct {
 
 	mu      sync.Mutex
 	reached timeline.Stage
-	verdict *Verdict
-	decided chan struct{}
-	closed  bool
+	verdict   *Verdict
+	decided   chan struct{}
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // Verdict is how a boot ended.
@@ -512,15 +513,14 @@ func (g *Guest) Spans() []timeline.Span {
 func (g *Guest) Process() *qemu.Process { return g.proc }
 
 // Close stops QEMU, flushes the console log and capture, writes
-// timeline.jsonl, and removes the guest's private files.
+// timeline.jsonl, and removes the guest's private files. Concurrent calls
+// all return once that is done.
 func (g *Guest) Close() error {
-	g.mu.Lock()
-	if g.closed {
-		g.mu.Unlock()
-		return nil
-	}
-	g.closed = true
-	g.mu.Unlock()
+	g.closeOnce.Do(func() { g.closeErr = g.close() })
+	return g.closeErr
+}
+
+func (g *Guest) close() error {
 	if g.proc != nil {
 		g.proc.Stop()
 	}

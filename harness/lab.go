@@ -45,10 +45,12 @@ type Lab struct {
 	tftp *tftp.Server
 	http *httpboot.Server
 
-	mu     sync.Mutex
-	guests map[string]*Guest // by MAC
-	n      int
-	closed bool
+	mu        sync.Mutex
+	guests    map[string]*Guest // by MAC
+	n         int
+	closed    bool
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // New starts a lab: fabric, DHCP, TFTP and HTTP on the fabric host.
@@ -124,12 +126,15 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 }
 
 // Close stops every guest and service and removes the lab's private files.
+// Concurrent calls (a test's cleanup racing a signal handler) all return
+// once the lab is gone.
 func (l *Lab) Close() error {
+	l.closeOnce.Do(func() { l.closeErr = l.close() })
+	return l.closeErr
+}
+
+func (l *Lab) close() error {
 	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return nil
-	}
 	l.closed = true
 	var gs []*Guest
 	for _, g := range l.guests {

@@ -102,4 +102,3 @@ func (pr *Peer) Close() {
 func UDPAddr(ip netip.Addr, port int) *tcpip.FullAddress {
 	return &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(ip.As4()), Port: uint16(port)}
 }
-
