@@ -44,7 +44,7 @@ func Start(st *stack.Stack, addr net.IP, port int, dir string, tl *timeline.Time
 	}
 	s := &Server{root: root, ln: ln, tl: tl, done: make(chan struct{})}
 	s.srv = &http.Server{
-		Handler:           s.handler(http.FileServerFS(root.FS())),
+		Handler:           Handler(root, tl),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
 	go func() {
@@ -82,7 +82,11 @@ func (w *countingWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-func (s *Server) handler(files http.Handler) http.Handler {
+// Handler serves root read-only (GET and HEAD, with Range), recording every
+// request on tl.
+func Handler(root *os.Root, tl *timeline.Timeline) http.Handler {
+	s := &Server{tl: tl}
+	files := http.FileServerFS(root.FS())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		addr, _, _ := net.SplitHostPort(r.RemoteAddr)
 		detail := map[string]any{"method": r.Method, "path": r.URL.Path, "agent": r.UserAgent()}

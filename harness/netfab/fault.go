@@ -107,6 +107,9 @@ func (r *ruleState) match(port string, dir Dir, fi frameInfo) (fire bool, count 
 // receiver and only an integrity check can notice.
 func corrupt(frame []byte, fi frameInfo) []byte {
 	out := append([]byte(nil), frame...)
+	if len(out) == 0 {
+		return out
+	}
 	start := fi.l4 + 8
 	if fi.proto == 6 {
 		start = fi.l4 + 20

@@ -1,0 +1,137 @@
+package console
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	"gotest.tools/v3/poll"
+
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Lines as the firmware, loaders, kernel and init really print them.
+func TestClassify(t *testing.T) {
+	cases := []struct {
+		line    string
+		reached timeline.Stage
+		before  []string
+		want    failure.Reason
+	}{
+		{"nbh-init: FAIL dhcp: unable to receive an offer", timeline.Init, nil, failure.NoDHCP},
+		{"nbh-init: FAIL modules: insmod /lib/x.ko: exec format error", timeline.Init, nil, failure.ModuleLoad},
+		{"[    1.6] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000000", timeline.Kernel, nil, failure.KernelPanic},
+		{"[    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)", timeline.Kernel, nil, failure.RootMount},
+		{"http://10.0.2.2/g1/vmlinuz... No such file or directory (http://ipxe.org/2d0c613b)", timeline.Loader, nil, failure.LoaderFetch},
+		{"Configuring (net0 52:54:00:4e:42:01)...... No configuration methods succeeded (http://ipxe.org/040ee186)", timeline.DHCP, nil, failure.NoDHCP},
+		{"Could not boot image: Exec format error (http://ipxe.org/2e008081)", timeline.Loader, nil, failure.LoaderError},
+		{"TFTP error: 'file not found' (1)", timeline.Loader, []string{"Filename 'g1/vmlinuz'.", "Load address: 0x40400000", "Loading: *"}, failure.LoaderFetch},
+		{"Retry time exceeded; starting again", timeline.DHCP, nil, failure.NoDHCP},
+		{"error: file `/g1/vmlinuz' not found.", timeline.Loader, nil, failure.LoaderFetch},
+		{"error: you need to load the kernel first.", timeline.Loader, nil, failure.LoaderError},
+		{"  PXE-E16: No valid offer received.", timeline.DHCP, nil, failure.NoDHCP},
+		{"  PXE-E23: Client received TFTP error from server.", timeline.Loader, nil, failure.LoaderFetch},
+		{"No bootable device.", timeline.Firmware, nil, failure.FirmwareNoBoot},
+	}
+	for _, c := range cases {
+		p, ok := Classify(c.line, c.reached, c.before)
+		assert.Assert(t, ok, "not classified: %q", c.line)
+		assert.Equal(t, p.Reason, c.want, "%q", c.line)
+	}
+	// Not failures: normal output, a pxelinux probe, loader words after the
+	// kernel started.
+	for _, c := range []struct {
+		line    string
+		reached timeline.Stage
+		before  []string
+	}{
+		{"nbh-init: NBH-READY addr=10.0.2.15/24", timeline.Init, nil},
+		{"TFTP error: 'file not found' (1)", timeline.Loader, []string{"Filename 'pxelinux.cfg/01-52-54-00-4e-42-01'.", "Load address: 0x40300000", "Loading: *"}},
+		{"error: something a kernel driver said", timeline.Kernel, nil},
+		{"[    0.5] ACPI: PCI Interrupt Link [LNKA] enabled", timeline.Kernel, nil},
+	} {
+		p, ok := Classify(c.line, c.reached, c.before)
+		assert.Assert(t, !ok, "%q classified as %s", c.line, p.Reason)
+	}
+}
+
+func TestClean(t *testing.T) {
+	assert.Equal(t, Clean("\x1b[0m\x1b[30m\x1b[47mWelcome to GRUB!\r\n"), "Welcome to GRUB!")
+	assert.Equal(t, Clean("Loading... 10%\rLoading... 100%\r\n"), "Loading... 100%")
+	assert.Equal(t, Clean("a\x00b\x07c"), "abc")
+}
+
+// writer is the QEMU side of a console: a second descriptor on its terminal.
+func writer(t *testing.T, con *Console) *os.File {
+	fd, err := syscall.Dup(int(con.Tty().Fd()))
+	assert.NilError(t, err)
+	return os.NewFile(uintptr(fd), "tty")
+}
+
+// TestFloodAndHangup: a guest printing megabytes, much of it without a
+// newline, is read to the end, lines stay bounded, and the stream ends as
+// soon as the writer goes away (the console never waits on its own copy of
+// the terminal).
+func TestFloodAndHangup(t *testing.T) {
+	var log strings.Builder
+	con, err := New(&log, time.Now())
+	assert.NilError(t, err)
+	defer con.Close()
+	w := writer(t, con)
+	con.Started()
+	go func() {
+		long := strings.Repeat("x", 3<<20) // 3 MiB without a newline
+		for i := 0; i < 20000; i++ {
+			fmt.Fprintf(w, "line %d of the flood\n", i)
+		}
+		w.WriteString(long + "\n")
+		w.WriteString("the end\n")
+		w.Close()
+	}()
+	var n, last int
+	var sawEnd bool
+	for l := range con.Lines() {
+		n++
+		assert.Assert(t, len(l.Text) <= MaxLine)
+		if strings.HasPrefix(l.Text, "line ") {
+			var i int
+			fmt.Sscanf(l.Text, "line %d", &i)
+			last = i
+		}
+		sawEnd = sawEnd || l.Text == "the end"
+	}
+	assert.Equal(t, last, 19999)
+	assert.Assert(t, sawEnd)
+	assert.Assert(t, n > 20000+(3<<20)/MaxLine-2, "only %d lines", n)
+	poll.WaitOn(t, func(poll.LogT) poll.Result {
+		select {
+		case <-con.Done():
+			return poll.Success()
+		default:
+			return poll.Continue("console still open")
+		}
+	}, poll.WithTimeout(5*time.Second))
+}
+
+// TestWrappedFirmwareLinesAreJoined: SeaBIOS wraps at 80 columns, cutting
+// iPXE's error codes off their message.
+func TestWrappedFirmwareLinesAreJoined(t *testing.T) {
+	con, err := New(nil, time.Now())
+	assert.NilError(t, err)
+	defer con.Close()
+	w := writer(t, con)
+	con.Started()
+	msg := "http://10.0.2.2/g1/vmlinuz... No such file or directory (http://ipxe.org/2d0c613b)"
+	w.WriteString(msg[:80] + "\r\n" + msg[80:] + "\r\n")
+	w.Close()
+	var got []string
+	for l := range con.Lines() {
+		got = append(got, l.Text)
+	}
+	assert.DeepEqual(t, got, []string{msg})
+}

@@ -1,0 +1,119 @@
+package dhcp
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// recorder is a PacketConn that keeps what the server sends.
+type recorder struct {
+	mu   sync.Mutex
+	sent []*dhcpv4.DHCPv4
+	to   []net.Addr
+}
+
+func (r *recorder) WriteTo(b []byte, a net.Addr) (int, error) {
+	m, err := dhcpv4.FromBytes(b)
+	if err != nil {
+		return 0, err
+	}
+	r.mu.Lock()
+	r.sent, r.to = append(r.sent, m), append(r.to, a)
+	r.mu.Unlock()
+	return len(b), nil
+}
+func (r *recorder) ReadFrom([]byte) (int, net.Addr, error) { select {} }
+func (r *recorder) Close() error                         { return nil }
+func (r *recorder) LocalAddr() net.Addr                  { return &net.UDPAddr{Port: 67} }
+func (r *recorder) SetDeadline(time.Time) error          { return nil }
+func (r *recorder) SetReadDeadline(time.Time) error      { return nil }
+func (r *recorder) SetWriteDeadline(time.Time) error     { return nil }
+
+func newServer(policy Policy) (*Server, *timeline.Timeline) {
+	tl := timeline.New()
+	s := &Server{cfg: Config{ServerIP: netip.MustParseAddr("10.0.2.2"), Subnet: netip.MustParsePrefix("10.0.2.0/24"),
+		PoolStart: netip.MustParseAddr("10.0.2.15"), LeaseTime: time.Hour, Policy: policy, Timeline: tl},
+		leases: map[string]netip.Addr{}, silent: map[string]bool{}, next: netip.MustParseAddr("10.0.2.15")}
+	return s, tl
+}
+
+var mac = net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 1}
+
+func discover(t *testing.T, mods ...dhcpv4.Modifier) *dhcpv4.DHCPv4 {
+	m, err := dhcpv4.NewDiscovery(mac, mods...)
+	assert.NilError(t, err)
+	return m
+}
+
+func TestOfferCarriesPolicyDecision(t *testing.T) {
+	var seen Client
+	s, tl := newServer(func(c Client) Boot { seen = c; return Boot{File: "ipxe.efi", Why: "test"} })
+	r := &recorder{}
+	bcast := &net.UDPAddr{IP: net.IPv4bcast, Port: 68}
+	s.handle(r, bcast, discover(t,
+		dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient:Arch:00007:UNDI:003000")),
+		dhcpv4.WithGeneric(dhcpv4.OptionClientSystemArchitectureType, []byte{0, 7})))
+	assert.Equal(t, len(r.sent), 1)
+	offer := r.sent[0]
+	assert.Equal(t, offer.MessageType(), dhcpv4.MessageTypeOffer)
+	assert.Equal(t, offer.YourIPAddr.String(), "10.0.2.15")
+	assert.Equal(t, offer.BootFileName, "ipxe.efi")
+	assert.Equal(t, offer.ServerIdentifier().String(), "10.0.2.2")
+	// No "PXEClient" class in the reply: UEFI would then want PXE boot
+	// server options and reject the offer.
+	assert.Equal(t, offer.ClassIdentifier(), "")
+	assert.Equal(t, seen.Arch, ArchEFIx64)
+	assert.Equal(t, seen.IPXE, false)
+	kinds := []string{}
+	for _, e := range tl.Events("") {
+		kinds = append(kinds, e.Kind)
+	}
+	assert.DeepEqual(t, kinds, []string{"discover", "offer"})
+}
+
+func TestIPXEGetsNoProxyDHCPWait(t *testing.T) {
+	s, _ := newServer(func(c Client) Boot { return Boot{File: "http://10.0.2.2/boot.ipxe"} })
+	r := &recorder{}
+	s.handle(r, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, discover(t, dhcpv4.WithUserClass("iPXE", false)))
+	assert.Equal(t, len(r.sent), 1)
+	assert.DeepEqual(t, r.sent[0].Options.Get(dhcpv4.GenericOptionCode(175)), []byte{176, 1, 1})
+}
+
+func TestRequestAckNakAndSilence(t *testing.T) {
+	s, tl := newServer(nil)
+	s.cfg.Policy = func(Client) Boot { return Boot{} }
+	r := &recorder{}
+	peer := &net.UDPAddr{IP: net.IPv4bcast, Port: 68}
+	req := func(ip string) *dhcpv4.DHCPv4 {
+		m, err := dhcpv4.New(dhcpv4.WithHwAddr(mac), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+			dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.ParseIP(ip))))
+		assert.NilError(t, err)
+		return m
+	}
+	s.handle(r, peer, req("10.0.2.15"))
+	s.handle(r, peer, req("10.0.2.99"))
+	assert.Equal(t, r.sent[0].MessageType(), dhcpv4.MessageTypeAck)
+	assert.Equal(t, r.sent[1].MessageType(), dhcpv4.MessageTypeNak)
+	s.Ignore(mac, true)
+	s.handle(r, peer, discover(t))
+	assert.Equal(t, len(r.sent), 2, "an ignored client got an answer")
+	evs := tl.Events("")
+	assert.Equal(t, evs[len(evs)-1].Kind, "ignored")
+}
+
+func TestLeasesAreStableAndDistinct(t *testing.T) {
+	s, _ := newServer(nil)
+	a, _ := s.Lease(mac)
+	b, _ := s.Lease(net.HardwareAddr{2, 0, 0, 0, 0, 2})
+	a2, _ := s.Lease(mac)
+	assert.Equal(t, a, a2)
+	assert.Assert(t, a != b)
+}

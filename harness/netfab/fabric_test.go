@@ -1,0 +1,104 @@
+package netfab
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// TestRuleDropsNthAndRecords: a peer sends three datagrams to the host; a
+// rule drops the second; the host gets the other two, the timeline records
+// the firing, and the capture holds what crossed the port.
+func TestRuleDropsNthAndRecords(t *testing.T) {
+	tl := timeline.New()
+	f, err := New(tl)
+	assert.NilError(t, err)
+	defer f.Close()
+	f.AddRule(Rule{Name: "drop-2nd", Dir: FromGuest, Proto: "udp", Port: 9, Nth: 2, Action: Drop})
+	capture := filepath.Join(t.TempDir(), "c.pcapng")
+	port, err := f.AddPort("g1", net.HardwareAddr{2, 0, 0, 0, 0, 5}, capture)
+	assert.NilError(t, err)
+	peer, err := NewPeer(port, netip.MustParseAddr("10.0.2.40"))
+	assert.NilError(t, err)
+	defer peer.Close()
+
+	ln, err := gonet.DialUDP(f.Stack, &tcpip.FullAddress{NIC: 1, Port: 9}, nil, ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer ln.Close()
+	c, err := gonet.DialUDP(peer.Stack, UDPAddr(netip.MustParseAddr("10.0.2.40"), 0), UDPAddr(f.HostIP, 9), ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer c.Close()
+	for _, m := range []string{"one", "two", "three"} {
+		_, err := c.Write([]byte(m))
+		assert.NilError(t, err)
+		time.Sleep(20 * time.Millisecond) // keep them in order through ARP
+	}
+	var got []string
+	buf := make([]byte, 100)
+	for {
+		ln.SetReadDeadline(time.Now().Add(time.Second))
+		n, _, err := ln.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		got = append(got, string(buf[:n]))
+	}
+	assert.DeepEqual(t, got, []string{"one", "three"})
+	var fired []timeline.Event
+	for _, e := range tl.Events("g1") {
+		if e.Source == "fault" {
+			fired = append(fired, e)
+		}
+	}
+	assert.Equal(t, len(fired), 1)
+	assert.Equal(t, fired[0].Msg, "drop-2nd")
+
+	port.Close()
+	b, err := os.ReadFile(capture)
+	assert.NilError(t, err)
+	assert.Equal(t, binary.LittleEndian.Uint32(b), uint32(0x0A0D0D0A), "not a pcapng section header")
+	n := 0
+	for off := 28 + 20; off+12 <= len(b); {
+		typ, l := binary.LittleEndian.Uint32(b[off:]), binary.LittleEndian.Uint32(b[off+4:])
+		assert.Equal(t, typ, uint32(6))
+		assert.Equal(t, binary.LittleEndian.Uint32(b[off+int(l)-4:]), l, "block length trailer")
+		off += int(l)
+		n++
+	}
+	// ARP request and reply, three datagrams (the dropped one was sent).
+	assert.Assert(t, n >= 5, "only %d frames captured", n)
+}
+
+func TestRouterAdvertChecksum(t *testing.T) {
+	mac := net.HardwareAddr{2, 0x4e, 0x42, 0x48, 0, 2}
+	f := routerAdvert(mac)
+	ip := header.IPv6(f[14:])
+	icmp := header.ICMPv6(ip.Payload())
+	assert.Equal(t, icmp.Type(), header.ICMPv6RouterAdvert)
+	sum := header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: ip.SourceAddress(), Dst: ip.DestinationAddress()})
+	assert.Equal(t, icmp.Checksum(), sum, "gVisor computes another checksum")
+}
+
+func FuzzParseFrame(f *testing.F) {
+	f.Add(routerAdvert(net.HardwareAddr{2, 0, 0, 0, 0, 1}))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fi, ok := parseFrame(b)
+		if ok && fi.l4 > len(b) {
+			t.Fatalf("transport offset %d past frame of %d", fi.l4, len(b))
+		}
+		corrupt(append([]byte(nil), b...), fi) // must not panic either
+	})
+}

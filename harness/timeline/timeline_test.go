@@ -1,0 +1,49 @@
+package timeline
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+)
+
+func TestSpansFollowTimeNotStageNumbers(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	evs := []Event{
+		{Time: at(0), Stage: Firmware},
+		{Time: at(2), Stage: Kernel},
+		{Time: at(3.5), Stage: Init},
+		{Time: at(3.6), Stage: DHCP}, // the init's own DHCP: not the DHCP stage
+		{Time: at(4), Stage: Marker},
+	}
+	spans := Spans(evs, at(5))
+	var got []Stage
+	for _, s := range spans {
+		got = append(got, s.Stage)
+	}
+	assert.DeepEqual(t, got, []Stage{Firmware, Kernel, Init, Marker})
+	assert.Equal(t, spans[0].Duration, 2*time.Second)
+	assert.Equal(t, spans[2].Duration, 500*time.Millisecond)
+	assert.Equal(t, Reached(evs), Marker)
+	assert.Assert(t, strings.Contains(Table(spans, t0), "kernel        2.00s     1.50s"), Table(spans, t0))
+}
+
+func TestGuestNamesAndJSON(t *testing.T) {
+	tl := New()
+	tl.Name("52:54:00:4e:42:01", "g1")
+	tl.Name("10.0.2.15", "g1")
+	tl.Emit(Event{Source: "dhcp", Kind: "discover", MAC: "52:54:00:4E:42:01", Stage: DHCP})
+	tl.Emit(Event{Source: "http", Kind: "request", Addr: "10.0.2.15", Stage: Loader})
+	tl.Emit(Event{Source: "http", Kind: "request", Addr: "10.0.2.99"})
+	assert.Equal(t, len(tl.Events("g1")), 2)
+	var buf bytes.Buffer
+	assert.NilError(t, WriteJSONL(&buf, tl.Events("g1")))
+	var e Event
+	assert.NilError(t, json.Unmarshal(bytes.Split(buf.Bytes(), []byte("\n"))[1], &e))
+	assert.Equal(t, e.Stage, Loader)
+	assert.Equal(t, e.Guest, "g1")
+}
