@@ -64,8 +64,8 @@ type Guest struct {
 	logFile *os.File
 	private string
 
-	mu      sync.Mutex
-	reached timeline.Stage
+	mu        sync.Mutex
+	reached   timeline.Stage
 	verdict   *Verdict
 	decided   chan struct{}
 	closeOnce sync.Once

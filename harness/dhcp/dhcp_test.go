@@ -31,11 +31,11 @@ func (r *recorder) WriteTo(b []byte, a net.Addr) (int, error) {
 	return len(b), nil
 }
 func (r *recorder) ReadFrom([]byte) (int, net.Addr, error) { select {} }
-func (r *recorder) Close() error                         { return nil }
-func (r *recorder) LocalAddr() net.Addr                  { return &net.UDPAddr{Port: 67} }
-func (r *recorder) SetDeadline(time.Time) error          { return nil }
-func (r *recorder) SetReadDeadline(time.Time) error      { return nil }
-func (r *recorder) SetWriteDeadline(time.Time) error     { return nil }
+func (r *recorder) Close() error                           { return nil }
+func (r *recorder) LocalAddr() net.Addr                    { return &net.UDPAddr{Port: 67} }
+func (r *recorder) SetDeadline(time.Time) error            { return nil }
+func (r *recorder) SetReadDeadline(time.Time) error        { return nil }
+func (r *recorder) SetWriteDeadline(time.Time) error       { return nil }
 
 func newServer(policy Policy) (*Server, *timeline.Timeline) {
 	tl := timeline.New()
