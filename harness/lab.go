@@ -115,6 +115,14 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 		return dhcp.Boot{Why: "the reference init needs no boot file"}
 	case c.IPXE:
 		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s/boot.ipxe", server, g.Name), Why: "iPXE (user class / option 175): script URL"}
+	case strings.HasPrefix(c.VendorClass, "HTTPClient") && (c.Arch == 16 || c.Arch == 19):
+		// UEFI HTTP boot (option 93 = 16 x86-64, 19 arm64): a URL to the
+		// same loader the PXE path would chainload.
+		file := "ipxe.efi"
+		if c.Arch == 19 {
+			file = g.Name + "/grubnetaa64.efi"
+		}
+		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s", server, file), Why: fmt.Sprintf("HTTPClient, option 93 = %d: UEFI HTTP boot", c.Arch)}
 	case strings.HasPrefix(c.VendorClass, "U-Boot"):
 		return dhcp.Boot{File: "boot.scr.uimg", Why: "U-Boot vendor class: boot script"}
 	case c.Arch == dhcp.ArchEFIx64 || c.Arch == dhcp.ArchEFIBC:

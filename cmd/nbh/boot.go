@@ -4,12 +4,15 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 )
@@ -37,6 +40,14 @@ func bootCmd(ctx context.Context, args []string) int {
 	}
 	if *firmware == "" {
 		*firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*arch]
+	}
+	if _, err := qemu.Lookup(*arch, *firmware); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+		return exitUsage
+	}
+	if _, err := regexp.Compile(*expect); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
+		return exitUsage
 	}
 	spec := harness.Spec{Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout}
 	for _, name := range faults {
@@ -86,26 +97,24 @@ func bootCmd(ctx context.Context, args []string) int {
 			say("  [%6.2fs] %-8s %s: %s\n", time.Since(start).Seconds(), e.Stage, e.Source, msg)
 		}
 	}
-	lab, err := harness.New(harness.Options{Cache: images.Open(*cache), Log: os.Stderr})
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "nbh boot: lab: %v\n", err)
-		return exitSetup
-	}
-	defer lab.Close()
 	start = time.Now()
 	say("nbh: booting %s/%s\n", *arch, *firmware)
-	g, err := lab.Boot(ctx, spec)
+	var labLog io.Writer = os.Stderr
+	if *quiet {
+		labLog = nil
+	}
+	v, spans, qemuStart, err := bootOnce(ctx, images.Open(*cache), spec, labLog)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+		if !keep {
+			os.RemoveAll(dir)
+		}
 		if ctx.Err() != nil {
 			return exitStopped
 		}
 		return exitSetup
 	}
-	v := g.Wait(ctx)
-	spans := g.Spans()
-	g.Close()
-	fmt.Printf("\n%s", timeline.Table(spans, g.Start))
+	fmt.Printf("\n%s", timeline.Table(spans, qemuStart))
 	if v.OK {
 		fmt.Printf("\nOK: %s/%s reached the marker in %.2fs\n  %s\n", *arch, *firmware, v.Elapsed.Seconds(), v.Line)
 		if keep {

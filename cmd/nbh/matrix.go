@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -91,7 +92,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 		j.spec.Artifacts = filepath.Join(*artifacts, strings.ReplaceAll(label, "/", "-"))
 		j.spec.Artifacts = strings.ReplaceAll(j.spec.Artifacts, " +", "+")
 		res := cell{chain: name, fault: j.fault, expect: j.want}
-		res.v, res.spans, res.err = bootOnce(ctx, c, j.spec)
+		res.v, res.spans, _, res.err = bootOnce(ctx, c, j.spec, nil)
 		cells = append(cells, res)
 		status := "PASS"
 		if !res.pass() {
@@ -102,24 +103,26 @@ func matrixCmd(ctx context.Context, args []string) int {
 	return printMatrix(cells)
 }
 
-// bootOnce boots one guest in a lab of its own.
-func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec) (harness.Verdict, []timeline.Span, error) {
-	lab, err := harness.New(harness.Options{Cache: c})
+// bootOnce boots one guest in a lab of its own and returns its verdict, its
+// stage spans and the time QEMU started. log (may be nil) gets the lab's
+// progress lines.
+func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec, log io.Writer) (harness.Verdict, []timeline.Span, time.Time, error) {
+	lab, err := harness.New(harness.Options{Cache: c, Log: log})
 	if err != nil {
-		return harness.Verdict{}, nil, err
+		return harness.Verdict{}, nil, time.Time{}, fmt.Errorf("lab: %w", err)
 	}
 	defer lab.Close()
 	if err := os.MkdirAll(spec.Artifacts, 0o755); err != nil {
-		return harness.Verdict{}, nil, err
+		return harness.Verdict{}, nil, time.Time{}, err
 	}
 	g, err := lab.Boot(ctx, spec)
 	if err != nil {
-		return harness.Verdict{}, nil, err
+		return harness.Verdict{}, nil, time.Time{}, err
 	}
 	v := g.Wait(ctx)
 	spans := g.Spans()
 	g.Close()
-	return v, spans, nil
+	return v, spans, g.Start, nil
 }
 
 func printMatrix(cells []cell) int {

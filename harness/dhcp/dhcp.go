@@ -298,7 +298,11 @@ func (s *Server) send(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4, mt d
 		}
 		// No option 60 "PXEClient" in replies: UEFI firmware then expects
 		// PXE boot-server discovery (option 43, port 4011) and, finding
-		// none, rejects the offer (PXE-E16).
+		// none, rejects the offer (PXE-E16). UEFI HTTP boot clients, on the
+		// other hand, take only offers that say "HTTPClient" back.
+		if strings.HasPrefix(m.ClassIdentifier(), "HTTPClient") {
+			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient")))
+		}
 	}
 	resp, err := dhcpv4.NewReplyFromRequest(m, mods...)
 	if err != nil {

@@ -117,3 +117,12 @@ func TestLeasesAreStableAndDistinct(t *testing.T) {
 	assert.Equal(t, a, a2)
 	assert.Assert(t, a != b)
 }
+
+func TestHTTPClientGetsItsClassBack(t *testing.T) {
+	s, _ := newServer(func(c Client) Boot { return Boot{File: "http://10.0.2.2/ipxe.efi"} })
+	r := &recorder{}
+	s.handle(r, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, discover(t,
+		dhcpv4.WithOption(dhcpv4.OptClassIdentifier("HTTPClient:Arch:00016:UNDI:003001"))))
+	assert.Equal(t, r.sent[0].ClassIdentifier(), "HTTPClient")
+	assert.Equal(t, r.sent[0].BootFileName, "http://10.0.2.2/ipxe.efi")
+}
