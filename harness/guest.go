@@ -32,10 +32,13 @@ type Spec struct {
 	Initrd string // boot archive; default: the reference archive
 	Append string // added to the kernel command line
 
-	Faults  []Fault
-	Expect  string        // regexp for success; default: the reference marker
-	Memory  int           // MiB; default 1024
-	Timeout time.Duration // overall deadline for Wait; default 180s
+	Faults []Fault
+	// KeepPrompts leaves firmware prompts to run out their timeouts instead
+	// of answering them (see console.Responders).
+	KeepPrompts bool
+	Expect      string        // regexp for success; default: the reference marker
+	Memory      int           // MiB; default 1024
+	Timeout     time.Duration // overall deadline for Wait; default 180s
 
 	// Artifacts is the folder for console.log, timeline.jsonl and
 	// network.pcapng; default: a folder inside the lab, removed with it.
@@ -368,6 +371,11 @@ func (g *Guest) monitor() {
 		recent = append(recent, line.Text)
 		if len(recent) > console.Context {
 			recent = recent[1:]
+		}
+		if r, ok := console.Respond(line.Text); ok && !g.spec.KeepPrompts {
+			if err := g.con.Send(r.Send); err == nil {
+				tl.Emit(timeline.Event{Source: "console", Kind: "responded", Guest: g.Name, Time: line.Time, Msg: r.Why})
+			}
 		}
 		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
 			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})

@@ -28,7 +28,7 @@ import (
 const MaxLine = 4096
 
 // idle is how long a partial line (a prompt) may wait before it is handed on.
-const idle = 300 * time.Millisecond
+const idle = 100 * time.Millisecond
 
 // Line is one console line.
 type Line struct {

@@ -115,3 +115,29 @@ func StageOf(line string) timeline.Stage {
 	}
 	return timeline.None
 }
+
+// Responder types keys when a console line matches: firmware prompts that
+// only wait for a key are answered at once instead of sitting out their
+// timeout. Spec.KeepPrompts turns responders off, for timing the firmware
+// exactly as shipped.
+type Responder struct {
+	Re   *regexp.Regexp
+	Send string
+	Why  string
+}
+
+// Responders are the prompts answered by default.
+var Responders = []Responder{
+	// iPXE waits 2 s for Ctrl-B; any other key ends the wait at once.
+	{regexp.MustCompile(`Press Ctrl-B for the iPXE command line`), "\r", "skip iPXE's 2 s Ctrl-B prompt"},
+}
+
+// Respond returns the responder for line, if any.
+func Respond(line string) (Responder, bool) {
+	for _, r := range Responders {
+		if r.Re.MatchString(line) {
+			return r, true
+		}
+	}
+	return Responder{}, false
+}
