@@ -29,6 +29,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the result")
+	keepPrompts := fs.Bool("keep-prompts", false, "let firmware prompts (iPXE's 2 s Ctrl-B wait) run out instead of answering them")
 	var faults multiFlag
 	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
@@ -49,7 +50,7 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
 		return exitUsage
 	}
-	spec := harness.Spec{Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout}
+	spec := harness.Spec{Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts}
 	for _, name := range faults {
 		f, err := harness.LookupFault(name)
 		if err != nil {
