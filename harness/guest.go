@@ -39,6 +39,9 @@ type Spec struct {
 	Expect      string        // regexp for success; default: the reference marker
 	Memory      int           // MiB; default 1024
 	Timeout     time.Duration // overall deadline for Wait; default 180s
+	// StageTimeouts bound how long a boot may stay in one stage without
+	// reaching the next; entries override DefaultStageTimeouts.
+	StageTimeouts map[timeline.Stage]time.Duration
 
 	// Artifacts is the folder for console.log, timeline.jsonl and
 	// network.pcapng; default: a folder inside the lab, removed with it.
@@ -46,6 +49,19 @@ type Spec struct {
 	// OnStage is called (from the lab's goroutines) when the guest reaches
 	// a new stage; it must not block.
 	OnStage func(timeline.Event)
+}
+
+// DefaultStageTimeouts are the per-stage deadlines. A stage that runs past
+// its deadline ends the boot with the stage named, well before the overall
+// deadline: a UEFI PXE client with no DHCP answer would otherwise retry for
+// a minute and then try IPv6 for another.
+var DefaultStageTimeouts = map[timeline.Stage]time.Duration{
+	timeline.Firmware: 60 * time.Second,
+	timeline.DHCP:     30 * time.Second,
+	timeline.Loader:   90 * time.Second,
+	timeline.Kernel:   60 * time.Second,
+	timeline.Init:     60 * time.Second,
+	timeline.Root:     60 * time.Second,
 }
 
 // Guest is a booted guest.
@@ -69,6 +85,7 @@ type Guest struct {
 
 	mu        sync.Mutex
 	reached   timeline.Stage
+	since     time.Time // when reached was reached
 	verdict   *Verdict
 	decided   chan struct{}
 	closeOnce sync.Once
@@ -213,6 +230,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: prof.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
+	go g.watch()
 	return g, nil
 }
 
@@ -346,11 +364,42 @@ func (g *Guest) observe(e timeline.Event) {
 	g.mu.Lock()
 	advanced := e.Stage > g.reached
 	if advanced {
-		g.reached = e.Stage
+		g.reached, g.since = e.Stage, e.Time
 	}
 	g.mu.Unlock()
 	if advanced && g.spec.OnStage != nil {
 		g.spec.OnStage(e)
+	}
+}
+
+// watch ends the boot when it stays in one stage past that stage's deadline.
+func (g *Guest) watch() {
+	limits := map[timeline.Stage]time.Duration{}
+	for st, d := range DefaultStageTimeouts {
+		limits[st] = d
+	}
+	for st, d := range g.spec.StageTimeouts {
+		limits[st] = d
+	}
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.decided:
+			return
+		case <-t.C:
+		}
+		g.mu.Lock()
+		st, since := g.reached, g.since
+		g.mu.Unlock()
+		if since.IsZero() {
+			since = g.Start
+		}
+		if d, ok := limits[st]; ok && d > 0 && time.Since(since) > d {
+			g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
+			g.decide(Verdict{Reason: failure.Deadline, Stage: st, Detail: fmt.Sprintf("no progress past stage %s for %s", st, d)})
+			return
+		}
 	}
 }
 
@@ -454,15 +503,22 @@ func (g *Guest) refine(v Verdict) Verdict {
 		}
 	}
 	if asked && !answered {
-		v.Detail = strings.TrimSpace(v.Detail + " the DHCP server never acknowledged this guest")
+		v.Detail = joinDetail(v.Detail, "the DHCP server never acknowledged this guest")
 		v.Reason, v.Stage = failure.NoDHCP, timeline.DHCP
 		return v
 	}
 	if v.Reason == failure.LoaderError && lastFetch != nil && lastFetch.Kind == "not-found" {
-		v.Detail = strings.TrimSpace(v.Detail + fmt.Sprintf(" the server had no %s", lastFetch.Msg))
+		v.Detail = joinDetail(v.Detail, "the server had no "+lastFetch.Msg)
 		v.Reason = failure.LoaderFetch
 	}
 	return v
+}
+
+func joinDetail(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
 }
 
 // evidence is the guest's last telling network event, for a verdict's detail.
@@ -490,7 +546,7 @@ func (g *Guest) Wait(ctx context.Context) Verdict {
 		g.decide(Verdict{Reason: failure.Deadline, Stage: g.Reached(),
 			Detail: fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)})
 	case <-ctx.Done():
-		g.decide(Verdict{Reason: failure.Deadline, Stage: g.Reached(), Detail: "cancelled: " + ctx.Err().Error()})
+		g.decide(Verdict{Reason: failure.Interrupted, Stage: g.Reached(), Detail: ctx.Err().Error()})
 	}
 	g.mu.Lock()
 	v := *g.verdict

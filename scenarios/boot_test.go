@@ -75,6 +75,10 @@ func TestFailuresAreClassified(t *testing.T) {
 		{"amd64", qemu.SeaBIOSIPXE, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
 		{"amd64", qemu.Direct, "no-dhcp", "", failure.NoDHCP, timeline.Init},
 		{"arm64", qemu.UBoot, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		// UEFI PXE retries DHCP for a minute, then tries IPv6: the DHCP
+		// stage deadline (30 s) ends it, and the network says why.
+		{"amd64", qemu.OVMFPXE, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"arm64", qemu.AAVMFGRUB, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
 		{"amd64", qemu.SeaBIOSIPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"amd64", qemu.OVMFPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", qemu.UBoot, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},

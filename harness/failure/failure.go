@@ -19,6 +19,7 @@ const (
 	GuestStopped   Reason = "guest stopped before the marker"
 	QEMUFailed     Reason = "qemu failed"
 	Deadline       Reason = "deadline exceeded"
+	Interrupted    Reason = "interrupted"
 	Setup          Reason = "lab setup failed"
 )
 
@@ -27,7 +28,7 @@ const (
 // means the boot chain under test.
 func (r Reason) Who() string {
 	switch r {
-	case QEMUFailed, Setup:
+	case QEMUFailed, Setup, Interrupted:
 		return "lab"
 	case Deadline:
 		return "unknown"
