@@ -16,8 +16,8 @@ type Fault struct {
 	Where  string // fabric, service, archive, guest
 	Help   string
 	Expect failure.Reason
-	// Applies reports whether the fault makes sense for a chain.
-	Applies func(p qemu.Profile) bool
+	// Applies reports whether the fault makes sense for a chain and root.
+	Applies func(p qemu.Profile, root string) bool
 	apply   func(*plan)
 }
 
@@ -25,11 +25,14 @@ type Fault struct {
 type plan struct {
 	dhcpSilent bool
 	noKernel   bool
+	nfsPath    string // the export path the guest is told to mount
 }
 
-func always(qemu.Profile) bool { return true }
+func always(qemu.Profile, string) bool { return true }
 
-func notDirect(p qemu.Profile) bool { return p.Firmware != qemu.Direct }
+func notDirect(p qemu.Profile, _ string) bool { return p.Firmware != qemu.Direct }
+
+func nfsRoot(_ qemu.Profile, root string) bool { return root == RootNFS }
 
 // Faults are the known faults, by name.
 var Faults = map[string]Fault{
@@ -42,6 +45,11 @@ var Faults = map[string]Fault{
 		Name: "missing-kernel", Where: "service", Expect: failure.LoaderFetch, Applies: notDirect,
 		Help:  "the boot server has no kernel for the guest: the loader's fetch fails",
 		apply: func(p *plan) { p.noKernel = true },
+	},
+	"nfs-wrong-export": {
+		Name: "nfs-wrong-export", Where: "guest", Expect: failure.RootMount, Applies: nfsRoot,
+		Help:  "the guest is told to mount an export the NFS server does not have",
+		apply: func(p *plan) { p.nfsPath = "/nbh/no-such-export" },
 	},
 }
 

@@ -28,6 +28,10 @@ type Spec struct {
 	Firmware string // a qemu.Profiles firmware name
 	Name     string // guest name; default g1, g2, ...
 
+	// Root is the root file system: RootNone (the archive only, the
+	// default) or RootNFS (the lab's NFS export of the reference root).
+	Root string
+
 	Kernel string // kernel image; default: the cached Debian kernel
 	Initrd string // boot archive; default: the reference archive
 	Append string // added to the kernel command line
@@ -64,6 +68,16 @@ var DefaultStageTimeouts = map[timeline.Stage]time.Duration{
 	timeline.Root:     60 * time.Second,
 }
 
+// Roots a guest can boot.
+const (
+	RootNone = ""
+	RootNFS  = "nfs"
+)
+
+// NFSExport is the lab's NFS export of the reference root; each guest gets
+// its own writable copy behind the same path.
+const NFSExport = "/nbh/root"
+
 // Guest is a booted guest.
 type Guest struct {
 	Name    string
@@ -76,6 +90,7 @@ type Guest struct {
 
 	lab     *Lab
 	spec    Spec
+	plan    plan
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -135,13 +150,24 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	}
 	var p plan
 	for _, f := range spec.Faults {
-		if f.Applies != nil && !f.Applies(prof) {
+		if f.Applies != nil && !f.Applies(prof, spec.Root) {
 			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
 		}
 		f.apply(&p)
 	}
+	switch spec.Root {
+	case RootNone, RootNFS:
+	default:
+		return nil, fmt.Errorf("root %q: want %q or %q", spec.Root, RootNone, RootNFS)
+	}
 	if spec.Expect == "" {
 		spec.Expect = regexp.QuoteMeta(fixtures.Marker)
+		if spec.Root != RootNone {
+			spec.Expect = regexp.QuoteMeta(fixtures.RootMarker)
+		}
+	}
+	if p.nfsPath == "" {
+		p.nfsPath = NFSExport
 	}
 	expect, err := regexp.Compile(spec.Expect)
 	if err != nil {
@@ -186,6 +212,14 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.Timeline.Name(g.IP, g.Name)
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
 
+	if spec.Root == RootNFS {
+		dir := filepath.Join(g.private, "root")
+		if err := fixtures.BuildRoot(ctx, l.cache, prof.Arch, dir); err != nil {
+			return nil, err
+		}
+		l.nfs.Export(NFSExport, g.IP, dir)
+	}
+	g.plan = p
 	kernel, initrd, err := g.bootFiles(ctx, p)
 	if err != nil {
 		return nil, err
@@ -239,6 +273,9 @@ func (g *Guest) cmdline() string {
 	s := "console=" + qemu.Console(g.Profile.Arch) + " panic=-1"
 	if g.Profile.Arch == "amd64" {
 		s += " edd=off" // the real-mode EDD probe costs ~2 s under TCG
+	}
+	if g.spec.Root == RootNFS && !strings.Contains(" "+g.spec.Append, " root=") {
+		s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
 	}
 	if g.spec.Append != "" {
 		s += " " + g.spec.Append

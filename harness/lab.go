@@ -17,6 +17,7 @@ import (
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
 	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/nfs"
 	"nbh.dev/nbh/harness/tftp"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -44,6 +45,7 @@ type Lab struct {
 	dhcp *dhcp.Server
 	tftp *tftp.Server
 	http *httpboot.Server
+	nfs  *nfs.Server
 
 	mu        sync.Mutex
 	guests    map[string]*Guest // by MAC
@@ -92,6 +94,9 @@ func New(opts Options) (l *Lab, err error) {
 	if l.http, err = httpboot.Start(l.Fabric.Stack, host, 80, l.srv, l.Timeline); err != nil {
 		return nil, err
 	}
+	if l.nfs, err = nfs.Start(l.Fabric.Stack, host, l.Timeline); err != nil {
+		return nil, err
+	}
 	return l, nil
 }
 
@@ -112,7 +117,12 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	server := l.Server()
 	switch {
 	case c.VendorClass == "nbh-init":
-		return dhcp.Boot{Why: "the reference init needs no boot file"}
+		b := dhcp.Boot{Why: "the reference init needs no boot file"}
+		if g.spec.Root == RootNFS {
+			b.RootPath = server + ":" + g.plan.nfsPath
+			b.Why += "; root path for its NFS root"
+		}
+		return b
 	case c.IPXE:
 		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s/boot.ipxe", server, g.Name), Why: "iPXE (user class / option 175): script URL"}
 	case strings.HasPrefix(c.VendorClass, "HTTPClient") && (c.Arch == 16 || c.Arch == 19):
@@ -151,6 +161,9 @@ func (l *Lab) close() error {
 	l.mu.Unlock()
 	for _, g := range gs {
 		g.Close()
+	}
+	if l.nfs != nil {
+		l.nfs.Close()
 	}
 	if l.http != nil {
 		l.http.Close()

@@ -24,6 +24,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
 	initrd := fs.String("initrd", "", "boot archive (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
+	root := fs.String("root", "none", "root file system: none (the archive only) or nfs (the lab's NFS export; marker NBH-ROOT-READY)")
 	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
 	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
 	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
@@ -50,7 +51,15 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
 		return exitUsage
 	}
-	spec := harness.Spec{Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts}
+	switch *root {
+	case "none":
+		*root = harness.RootNone
+	case harness.RootNFS:
+	default:
+		fmt.Fprintf(os.Stderr, "nbh boot: --root %q: want none or nfs\n", *root)
+		return exitUsage
+	}
+	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts}
 	for _, name := range faults {
 		f, err := harness.LookupFault(name)
 		if err != nil {

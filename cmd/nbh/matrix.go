@@ -71,7 +71,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 		}
 		for _, n := range harness.FaultNames() {
 			f := harness.Faults[n]
-			if f.Applies(p) {
+			if f.Applies(p, "") {
 				jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Faults: []harness.Fault{f}}, fault: n, want: f.Expect})
 			}
 		}

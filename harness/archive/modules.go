@@ -10,7 +10,8 @@ import (
 	"strings"
 )
 
-// ModuleList is where the init finds the modules to load, in order.
+// ModuleList is where the init finds the modules to load at start, in order;
+// lists for later needs (ModuleList + ".nfs") sit beside it.
 const ModuleList = "etc/nbh/modules"
 
 // Module is one kernel module file.
@@ -137,16 +138,16 @@ func (idx *ModuleIndex) Closure(wanted []string) ([]Module, error) {
 }
 
 // AddModules copies modules into the archive under lib/modules/VERSION and
-// writes the load list the init follows.
-func (b *Builder) AddModules(idx *ModuleIndex, version string, mods []Module) error {
-	var list strings.Builder
+// writes the load list the init follows to list.
+func (b *Builder) AddModules(idx *ModuleIndex, version string, mods []Module, list string) error {
+	var names strings.Builder
 	for _, m := range mods {
 		dst := filepath.ToSlash(filepath.Join("lib/modules", version, m.Path))
 		if err := b.Copy(dst, filepath.Join(idx.Dir, m.Path)); err != nil {
 			return err
 		}
-		list.WriteString("/" + dst + "\n")
+		names.WriteString("/" + dst + "\n")
 	}
 	b.Kernel = version
-	return b.File(ModuleList, []byte(list.String()), 0o644)
+	return b.File(list, []byte(names.String()), 0o644)
 }

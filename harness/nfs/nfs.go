@@ -1,0 +1,193 @@
+// Package nfs is the lab's NFSv3 server (github.com/willscott/go-nfs, MOUNT
+// and NFS on one TCP port) on the fabric host stack. One export path serves
+// every guest of a lab, each from its own writable copy of the root, chosen
+// by the client's address: one test never changes another's root, or the
+// fixtures. Files are reached through go-billy's bound OS filesystem, so
+// symlinks are resolved inside the export and never lead out of it; file
+// handles are opaque and a forged one is answered as stale.
+package nfs
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	securejoin "github.com/cyphar/filepath-securejoin"
+	billy "github.com/go-git/go-billy/v5"
+	"github.com/go-git/go-billy/v5/osfs"
+	gonfs "github.com/willscott/go-nfs"
+	"github.com/willscott/go-nfs/helpers"
+	"github.com/willscott/go-nfs/helpers/memfs"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Port is where MOUNT and NFS listen (both, on TCP).
+const Port = 2049
+
+// Server is a running NFS server.
+type Server struct {
+	tl   *timeline.Timeline
+	ln   net.Listener
+	done chan struct{}
+
+	mu      sync.Mutex
+	exports map[string]map[string]billy.Filesystem // export path -> client IP -> root
+}
+
+var quietOnce sync.Once
+
+// Start listens on addr:2049 of the stack.
+func Start(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Server, error) {
+	// go-nfs logs to stderr through a process-wide logger; the Linux client
+	// probing for NFS_ACL (program 100227), which is not served, is routine,
+	// not an error worth a line in every test. $LOG_LEVEL still applies.
+	quietOnce.Do(func() {
+		if os.Getenv("LOG_LEVEL") == "" {
+			gonfs.Log.SetLevel(gonfs.FatalLevel)
+		}
+	})
+	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: Port}, ipv4.ProtocolNumber)
+	if err != nil {
+		return nil, fmt.Errorf("nfs: listen :%d: %w", Port, err)
+	}
+	return Serve(ln, tl), nil
+}
+
+// Serve serves NFS and MOUNT on ln (the lab uses the fabric host's port
+// 2049; unit tests use loopback).
+func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
+	s := &Server{tl: tl, ln: ln, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
+	h := helpers.NewCachingHandler(&handler{s: s}, 4096)
+	srv := &gonfs.Server{Handler: h, Context: context.Background()}
+	go func() {
+		defer close(s.done)
+		srv.Serve(ln)
+	}()
+	return s
+}
+
+// Close stops the server.
+func (s *Server) Close() error {
+	err := s.ln.Close()
+	<-s.done
+	return err
+}
+
+// Export serves dir as path to the client at ip.
+func (s *Server) Export(path, ip, dir string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.exports[path] == nil {
+		s.exports[path] = map[string]billy.Filesystem{}
+	}
+	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: dir}
+}
+
+func (s *Server) lookup(path, ip string) (billy.Filesystem, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	byIP, ok := s.exports[path]
+	if !ok {
+		return nil, false
+	}
+	fs, ok := byIP[ip]
+	return fs, ok
+}
+
+func (s *Server) emit(e timeline.Event) {
+	e.Source = "nfs"
+	s.tl.Emit(e)
+}
+
+// refused is the empty file system behind a refused mount.
+var refused = memfs.New()
+
+// handler answers MOUNT by export path and client address.
+type handler struct{ s *Server }
+
+func (h *handler) Mount(ctx context.Context, conn net.Conn, req gonfs.MountRequest) (gonfs.MountStatus, billy.Filesystem, []gonfs.AuthFlavor) {
+	ip, _, _ := net.SplitHostPort(conn.RemoteAddr().String())
+	path := "/" + strings.Trim(filepath.Clean("/"+string(req.Dirpath)), "/")
+	fs, ok := h.s.lookup(path, ip)
+	if !ok {
+		h.s.emit(timeline.Event{Kind: "mount-refused", Addr: ip, Msg: path, Detail: map[string]any{"asked": string(req.Dirpath), "error": "no such export for this client"}})
+		// go-nfs v0.0.4 asks for a handle of the returned file system even
+		// when refusing, and a nil one panics the server: hand it an
+		// empty one (the handle is not sent).
+		return gonfs.MountStatusErrNoEnt, refused, nil
+	}
+	h.s.emit(timeline.Event{Kind: "mount", Addr: ip, Stage: timeline.Root, Msg: path})
+	return gonfs.MountStatusOk, fs, []gonfs.AuthFlavor{gonfs.AuthFlavorNull}
+}
+
+func (h *handler) Change(fs billy.Filesystem) billy.Change {
+	c, _ := fs.(billy.Change)
+	return c
+}
+
+func (h *handler) FSStat(ctx context.Context, fs billy.Filesystem, st *gonfs.FSStat) error {
+	st.TotalSize, st.FreeSize, st.AvailableSize = 1<<34, 1<<33, 1<<33
+	st.TotalFiles, st.FreeFiles, st.AvailableFiles = 1<<20, 1<<19, 1<<19
+	return nil
+}
+
+// The caching handler wrapped around this one supplies file handles.
+func (h *handler) ToHandle(billy.Filesystem, []string) []byte { return nil }
+func (h *handler) FromHandle([]byte) (billy.Filesystem, []string, error) {
+	return nil, nil, os.ErrNotExist
+}
+func (h *handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil }
+func (h *handler) HandleLimit() int                                { return 4096 }
+
+// changeFS adds attribute changes (chmod, chown, utimes) to the bound OS
+// filesystem, resolving paths inside root the same way it does.
+type changeFS struct {
+	billy.Filesystem
+	root string
+}
+
+func (c *changeFS) real(name string) (string, error) {
+	return securejoin.SecureJoin(c.root, name)
+}
+
+func (c *changeFS) Chmod(name string, mode os.FileMode) error {
+	p, err := c.real(name)
+	if err != nil {
+		return err
+	}
+	return os.Chmod(p, mode)
+}
+
+func (c *changeFS) Lchown(name string, uid, gid int) error {
+	p, err := c.real(filepath.Dir(name))
+	if err != nil {
+		return err
+	}
+	return os.Lchown(filepath.Join(p, filepath.Base(name)), uid, gid)
+}
+
+func (c *changeFS) Chown(name string, uid, gid int) error {
+	p, err := c.real(name)
+	if err != nil {
+		return err
+	}
+	return os.Chown(p, uid, gid)
+}
+
+func (c *changeFS) Chtimes(name string, atime, mtime time.Time) error {
+	p, err := c.real(name)
+	if err != nil {
+		return err
+	}
+	return os.Chtimes(p, atime, mtime)
+}

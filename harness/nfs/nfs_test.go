@@ -1,0 +1,84 @@
+package nfs
+
+import (
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"gotest.tools/v3/assert"
+	nfsc "github.com/willscott/go-nfs-client/nfs"
+	"github.com/willscott/go-nfs-client/nfs/rpc"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// serve exports a small tree to 127.0.0.1 and returns a mounted client.
+func serve(t *testing.T) (*nfsc.Target, string, *timeline.Timeline, *nfsc.Mount) {
+	base := t.TempDir()
+	root := filepath.Join(base, "root")
+	outside := filepath.Join(base, "outside")
+	for _, d := range []string{root, outside, filepath.Join(root, "sub")} {
+		assert.NilError(t, os.MkdirAll(d, 0o755))
+	}
+	assert.NilError(t, os.WriteFile(filepath.Join(outside, "secret"), []byte("secret"), 0o644))
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "file"), []byte("inside"), 0o644))
+	assert.NilError(t, os.Symlink(outside, filepath.Join(root, "out-abs")))
+	assert.NilError(t, os.Symlink("../outside", filepath.Join(root, "out-rel")))
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	tl := timeline.New()
+	s := Serve(ln, tl)
+	t.Cleanup(func() { s.Close() })
+	s.Export("/nbh/root", "127.0.0.1", root)
+
+	c, err := rpc.DialTCP("tcp", ln.Addr().String(), false)
+	assert.NilError(t, err)
+	m := &nfsc.Mount{Client: c}
+	_, err = m.Mount("/nbh/nope", rpc.AuthNull)
+	assert.Assert(t, err != nil, "mounted an export that does not exist")
+	target, err := m.Mount("/nbh/root", rpc.AuthNull)
+	assert.NilError(t, err)
+	t.Cleanup(func() { m.Unmount() })
+	return target, root, tl, m
+}
+
+func read(t *testing.T, target *nfsc.Target, p string) (string, error) {
+	f, err := target.Open(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	return string(b), err
+}
+
+func TestReadWriteInsideTheExport(t *testing.T) {
+	target, root, tl, _ := serve(t)
+	got, err := read(t, target, "/file")
+	assert.NilError(t, err)
+	assert.Equal(t, got, "inside")
+	_, err = target.Create("/sub/new", 0o644)
+	assert.NilError(t, err)
+	_, err = os.Stat(filepath.Join(root, "sub/new"))
+	assert.NilError(t, err)
+	var kinds []string
+	for _, e := range tl.Events("") {
+		kinds = append(kinds, e.Kind)
+	}
+	assert.DeepEqual(t, kinds, []string{"mount-refused", "mount"})
+}
+
+// TestConfinedToExport: neither "..", nor symlinks resolved by the server,
+// nor a forged file handle reach outside the export.
+func TestConfinedToExport(t *testing.T) {
+	target, _, _, _ := serve(t)
+	for _, p := range []string{"/../outside/secret", "/sub/../../outside/secret", "/out-abs/secret", "/out-rel/secret"} {
+		got, err := read(t, target, p)
+		assert.Assert(t, err != nil || got != "secret", "%s escaped the export: %q", p, got)
+	}
+	_, err := target.GetAttr([]byte("0123456789abcdef0123456789abcdef"))
+	assert.Assert(t, err != nil, "a forged handle was accepted")
+}

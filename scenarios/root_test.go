@@ -1,0 +1,90 @@
+package scenarios
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// TestNFSRootOnEveryChain boots every chain onto the lab's NFS root: the
+// root's own init reports / as the NFS export, mounted over TCP.
+func TestNFSRootOnEveryChain(t *testing.T) {
+	needGuests(t)
+	for _, p := range harness.Chains() {
+		t.Run(p.Name(), func(t *testing.T) {
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: harness.RootNFS,
+				Artifacts: harness.TestArtifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Check(t, is.Contains(v.Line, "fstype=nfs source="+lab.Server()+":"+harness.NFSExport))
+			assert.Check(t, is.Contains(v.Line, "proto=tcp"))
+			assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
+			stages := stagesOf(g.Spans())
+			assert.Check(t, is.DeepEqual(stages[len(stages)-3:], []timeline.Stage{timeline.Init, timeline.Root, timeline.Marker}))
+			var mounts int
+			for _, e := range lab.Timeline.Events("g1") {
+				if e.Source == "nfs" && e.Kind == "mount" {
+					mounts++
+				}
+			}
+			assert.Check(t, mounts == 1, "%d NFS mounts on the timeline", mounts)
+		})
+	}
+}
+
+// TestTwoGuestsShareOneExport boots two guests at once from the same export
+// path; each writes into its own copy of the root.
+func TestTwoGuestsShareOneExport(t *testing.T) {
+	needGuests(t)
+	if !selected("arm64", "direct") {
+		t.Skip("arm64/direct not selected")
+	}
+	lab := harness.NewTestLab(t)
+	var wg sync.WaitGroup
+	verdicts := make([]harness.Verdict, 2)
+	for i := range verdicts {
+		g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootNFS,
+			Artifacts: harness.TestArtifacts(t, "g"+string(rune('1'+i)))})
+		assert.NilError(t, err)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			verdicts[i] = g.Wait(context.Background())
+		}()
+	}
+	wg.Wait()
+	for i, v := range verdicts {
+		assert.Assert(t, v.OK, "guest %d: %v", i+1, v.Err())
+		assert.Check(t, is.Contains(v.Line, "source="+lab.Server()+":"+harness.NFSExport))
+		// Each guest counted its boot in its own copy of the root.
+		assert.Check(t, is.Contains(v.Line, "boots=1 "))
+	}
+}
+
+func TestWrongExportIsARootFailure(t *testing.T) {
+	needGuests(t)
+	if !selected("amd64", "direct") {
+		t.Skip("amd64/direct not selected")
+	}
+	f, err := harness.LookupFault("nfs-wrong-export")
+	assert.NilError(t, err)
+	lab := harness.NewTestLab(t)
+	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct", Root: harness.RootNFS,
+		Faults: []harness.Fault{f}, Timeout: 90 * time.Second, Artifacts: harness.TestArtifacts(t, "g1")})
+	assert.NilError(t, err)
+	v := g.Wait(context.Background())
+	assert.Equal(t, v.Reason, failure.RootMount, "%v", v.Err())
+	assert.Equal(t, v.Stage, timeline.Root)
+	t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
+}
