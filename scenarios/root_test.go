@@ -88,3 +88,29 @@ func TestWrongExportIsARootFailure(t *testing.T) {
 	assert.Equal(t, v.Stage, timeline.Root)
 	t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
 }
+
+// TestRootSpellings boots the NFS root as users write it on the kernel
+// command line: Debian's nfsroot= (also "auto", from DHCP option 17),
+// dracut's root=nfs:, and root=dhcp.
+func TestRootSpellings(t *testing.T) {
+	needGuests(t)
+	if !selected("arm64", "direct") {
+		t.Skip("arm64/direct not selected")
+	}
+	for _, append := range []string{
+		"root=/dev/nfs nfsroot=10.0.2.2:/nbh/root,vers=3,tcp ip=dhcp",
+		"root=/dev/nfs nfsroot=auto ip=dhcp",
+		"root=/dev/nfs ip=dhcp",
+		"root=nfs:10.0.2.2:/nbh/root:vers=3,tcp",
+		"root=dhcp",
+	} {
+		t.Run(append, func(t *testing.T) {
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootNFS, Append: append})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Check(t, is.Contains(v.Line, "fstype=nfs source=10.0.2.2:/nbh/root"))
+		})
+	}
+}

@@ -41,11 +41,12 @@ func matrixCmd(ctx context.Context, args []string) int {
 	archs := fs.String("arch", os.Getenv("NBH_ARCH"), "comma-separated architectures (default: all; also $NBH_ARCH)")
 	fws := fs.String("firmware", os.Getenv("NBH_FIRMWARE"), "comma-separated firmware names (default: all; also $NBH_FIRMWARE)")
 	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
+	roots := fs.String("roots", "none,nfs", "comma-separated roots to boot each chain with: none, nfs")
 	artifacts := fs.String("artifacts", "artifacts/matrix", "folder for each boot's console.log, timeline.jsonl and network.pcapng")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh matrix [flags]\n\nBoots every chain to the reference marker and, with -faults, every chain\nwith every fault that applies, one at a time, and prints a table. A fault\nrow passes when the boot fails with the fault's expected reason. Exit\nstatus 0 when every row passes, 1 otherwise.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: nbh matrix [flags]\n\nBoots every chain, with each root of -roots, to its marker and, with\n-faults, with every fault that applies, one at a time, and prints a table. A fault\nrow passes when the boot fails with the fault's expected reason. Exit\nstatus 0 when every row passes, 1 otherwise.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parse(fs, args); !ok {
@@ -63,16 +64,32 @@ func matrixCmd(ctx context.Context, args []string) int {
 		fault string
 		want  failure.Reason
 	}
+	var rootList []string
+	for _, r := range strings.Split(*roots, ",") {
+		switch r = strings.TrimSpace(r); r {
+		case "none":
+			rootList = append(rootList, harness.RootNone)
+		case harness.RootNFS:
+			rootList = append(rootList, r)
+		default:
+			fmt.Fprintf(os.Stderr, "nbh matrix: --roots: unknown root %q (none, nfs)\n", r)
+			return exitUsage
+		}
+	}
 	var jobs []job
 	for _, p := range chains {
-		jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware}})
-		if !*faults {
-			continue
-		}
-		for _, n := range harness.FaultNames() {
-			f := harness.Faults[n]
-			if f.Applies(p, "") {
-				jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Faults: []harness.Fault{f}}, fault: n, want: f.Expect})
+		for _, root := range rootList {
+			jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root}})
+			if !*faults {
+				continue
+			}
+			for _, n := range harness.FaultNames() {
+				f := harness.Faults[n]
+				// Faults of the boot path run once, with no root; root
+				// faults with their root.
+				if f.Applies(p, root) && (root == harness.RootNone || !f.Applies(p, harness.RootNone)) {
+					jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root, Faults: []harness.Fault{f}}, fault: n, want: f.Expect})
+				}
 			}
 		}
 	}
@@ -83,14 +100,16 @@ func matrixCmd(ctx context.Context, args []string) int {
 			break
 		}
 		name := j.spec.Arch + "/" + j.spec.Firmware
+		if j.spec.Root != harness.RootNone {
+			name += " root=" + j.spec.Root
+		}
 		label := name
 		if j.fault != "" {
 			label += " +" + j.fault
 		}
 		fmt.Fprintf(os.Stderr, "[%d/%d] %s ...", i+1, len(jobs), label)
 		j.spec.Timeout = *timeout
-		j.spec.Artifacts = filepath.Join(*artifacts, strings.ReplaceAll(label, "/", "-"))
-		j.spec.Artifacts = strings.ReplaceAll(j.spec.Artifacts, " +", "+")
+		j.spec.Artifacts = filepath.Join(*artifacts, strings.NewReplacer("/", "-", " +", "+", " ", "-", "=", "-").Replace(label))
 		res := cell{chain: name, fault: j.fault, expect: j.want}
 		res.v, res.spans, _, res.err = bootOnce(ctx, c, j.spec, nil)
 		cells = append(cells, res)
@@ -126,8 +145,8 @@ func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec, log io.Wr
 }
 
 func printMatrix(cells []cell) int {
-	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init}
-	fmt.Printf("\n%-19s %-15s %-5s %8s", "chain", "fault", "", "total")
+	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Root}
+	fmt.Printf("\n%-28s %-17s %-5s %8s", "chain", "fault", "", "total")
 	for _, s := range stages {
 		fmt.Printf(" %8s", s)
 	}
@@ -143,7 +162,7 @@ func printMatrix(cells []cell) int {
 			status = "FAIL"
 			failed++
 		}
-		fmt.Printf("%-19s %-15s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
+		fmt.Printf("%-28s %-17s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
 		took := map[timeline.Stage]time.Duration{}
 		for _, sp := range c.spans {
 			took[sp.Stage] = sp.Duration

@@ -7,9 +7,9 @@ import (
 	"path/filepath"
 	"testing"
 
-	"gotest.tools/v3/assert"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
+	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness/timeline"
 )
