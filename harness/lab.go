@@ -46,6 +46,7 @@ type Lab struct {
 	tftp *tftp.Server
 	http *httpboot.Server
 	nfs  *nfs.Server
+	pmap *nfs.Portmapper
 
 	mu        sync.Mutex
 	guests    map[string]*Guest // by MAC
@@ -95,6 +96,9 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, err
 	}
 	if l.nfs, err = nfs.Start(l.Fabric.Stack, host, l.Timeline); err != nil {
+		return nil, err
+	}
+	if l.pmap, err = nfs.StartPortmapper(l.Fabric.Stack, host, l.Timeline); err != nil {
 		return nil, err
 	}
 	return l, nil
@@ -161,6 +165,9 @@ func (l *Lab) close() error {
 	l.mu.Unlock()
 	for _, g := range gs {
 		g.Close()
+	}
+	if l.pmap != nil {
+		l.pmap.Close()
 	}
 	if l.nfs != nil {
 		l.nfs.Close()

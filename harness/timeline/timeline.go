@@ -131,6 +131,7 @@ func (t *Timeline) Events(guest string) []Event {
 // WriteJSONL writes events as one JSON object per line.
 func WriteJSONL(w io.Writer, events []Event) error {
 	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
 	for _, e := range events {
 		if err := enc.Encode(e); err != nil {
 			return err

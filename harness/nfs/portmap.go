@@ -1,0 +1,325 @@
+package nfs
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// The RPC portmapper (program 100000 version 2, RFC 1833): NULL, GETPORT and
+// DUMP on TCP and UDP port 111, so clients that do not pin ports (klibc's
+// nfsmount, mount.nfs) find MOUNT and NFS.
+
+const (
+	PortmapPort = 111
+
+	progPortmap = 100000
+	progNFS     = 100003
+	progMount   = 100005
+
+	ipprotoTCP = 6
+	ipprotoUDP = 17
+)
+
+// Mapping is one registered service.
+type Mapping struct{ Prog, Vers, Prot, Port uint32 }
+
+// Mappings are what the lab's portmapper advertises: MOUNT and NFS share
+// TCP port 2049 (go-nfs serves both there); nothing is offered over UDP
+// but the portmapper itself.
+var Mappings = []Mapping{
+	{progPortmap, 2, ipprotoTCP, PortmapPort},
+	{progPortmap, 2, ipprotoUDP, PortmapPort},
+	{progNFS, 3, ipprotoTCP, Port},
+	{progMount, 1, ipprotoTCP, Port},
+	{progMount, 3, ipprotoTCP, Port},
+}
+
+// Portmapper is a running portmapper.
+type Portmapper struct {
+	tl  *timeline.Timeline
+	tcp net.Listener
+	udp net.PacketConn
+	wg  sync.WaitGroup
+}
+
+// StartPortmapper listens on TCP and UDP port 111 of the stack.
+func StartPortmapper(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Portmapper, error) {
+	a := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: PortmapPort}
+	ln, err := gonet.ListenTCP(st, a, ipv4.ProtocolNumber)
+	if err != nil {
+		return nil, fmt.Errorf("portmap: listen tcp :111: %w", err)
+	}
+	pc, err := gonet.DialUDP(st, &a, nil, ipv4.ProtocolNumber)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("portmap: listen udp :111: %w", err)
+	}
+	return ServePortmapper(ln, pc, tl), nil
+}
+
+// ServePortmapper serves on the given listeners (either may be nil).
+func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) *Portmapper {
+	p := &Portmapper{tl: tl, tcp: ln, udp: pc}
+	if ln != nil {
+		p.wg.Add(1)
+		go p.serveTCP()
+	}
+	if pc != nil {
+		p.wg.Add(1)
+		go p.serveUDP()
+	}
+	return p
+}
+
+// Close stops the portmapper.
+func (p *Portmapper) Close() error {
+	if p.tcp != nil {
+		p.tcp.Close()
+	}
+	if p.udp != nil {
+		p.udp.Close()
+	}
+	p.wg.Wait()
+	return nil
+}
+
+func (p *Portmapper) serveUDP() {
+	defer p.wg.Done()
+	buf := make([]byte, 9000)
+	for {
+		n, from, err := p.udp.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		if reply := p.handle(buf[:n], addrOf(from)); reply != nil {
+			p.udp.WriteTo(reply, from)
+		}
+	}
+}
+
+func (p *Portmapper) serveTCP() {
+	defer p.wg.Done()
+	for {
+		c, err := p.tcp.Accept()
+		if err != nil {
+			return
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				msg, err := readRecord(r)
+				if err != nil {
+					return
+				}
+				reply := p.handle(msg, addrOf(c.RemoteAddr()))
+				if reply == nil {
+					return
+				}
+				hdr := binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(reply)))
+				if _, err := c.Write(append(hdr, reply...)); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+func addrOf(a net.Addr) string {
+	h, _, _ := net.SplitHostPort(a.String())
+	return h
+}
+
+// maxRecord bounds an RPC record over TCP; portmapper calls are tiny.
+const maxRecord = 64 << 10
+
+// readRecord reads one RPC record (RFC 5531 record marking: fragments of a
+// 31-bit length, the last one flagged).
+func readRecord(r io.Reader) ([]byte, error) {
+	var msg []byte
+	for {
+		var h [4]byte
+		if _, err := io.ReadFull(r, h[:]); err != nil {
+			return nil, err
+		}
+		v := binary.BigEndian.Uint32(h[:])
+		n := int(v & 0x7fffffff)
+		if len(msg)+n > maxRecord {
+			return nil, errors.New("rpc record too large")
+		}
+		frag := make([]byte, n)
+		if _, err := io.ReadFull(r, frag); err != nil {
+			return nil, err
+		}
+		msg = append(msg, frag...)
+		if v&0x80000000 != 0 {
+			return msg, nil
+		}
+	}
+}
+
+// Call is a parsed RPC call header.
+type Call struct {
+	XID, Prog, Vers, Proc uint32
+	Args                  []byte
+}
+
+// ParseCall parses an ONC RPC v2 call (RFC 5531), skipping the credential
+// and verifier.
+func ParseCall(b []byte) (*Call, error) {
+	d := &xdr{b: b}
+	c := &Call{XID: d.u32()}
+	if mt := d.u32(); mt != 0 {
+		return nil, errors.New("not a call")
+	}
+	if v := d.u32(); v != 2 {
+		return c, errRPCVersion
+	}
+	c.Prog, c.Vers, c.Proc = d.u32(), d.u32(), d.u32()
+	for i := 0; i < 2; i++ { // credential, verifier
+		d.u32()
+		d.opaque(400)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	c.Args = d.b[d.off:]
+	return c, nil
+}
+
+var errRPCVersion = errors.New("rpc version is not 2")
+
+type xdr struct {
+	b   []byte
+	off int
+	err error
+}
+
+func (d *xdr) u32() uint32 {
+	if d.err != nil || d.off+4 > len(d.b) {
+		d.err = errors.New("short rpc message")
+		return 0
+	}
+	v := binary.BigEndian.Uint32(d.b[d.off:])
+	d.off += 4
+	return v
+}
+
+func (d *xdr) opaque(max int) []byte {
+	n := int(d.u32())
+	if d.err != nil {
+		return nil
+	}
+	if n > max || d.off+n > len(d.b) {
+		d.err = errors.New("bad opaque length in rpc message")
+		return nil
+	}
+	v := d.b[d.off : d.off+n]
+	d.off += (n + 3) &^ 3
+	if d.off > len(d.b) {
+		d.off = len(d.b)
+	}
+	return v
+}
+
+// Accept states of a reply.
+const (
+	success      = 0
+	progUnavail  = 1
+	progMismatch = 2
+	procUnavail  = 3
+	garbageArgs  = 4
+)
+
+func acceptedReply(xid, stat uint32, body []byte) []byte {
+	r := binary.BigEndian.AppendUint32(nil, xid)
+	r = binary.BigEndian.AppendUint32(r, 1) // reply
+	r = binary.BigEndian.AppendUint32(r, 0) // accepted
+	r = binary.BigEndian.AppendUint32(r, 0) // verifier: AUTH_NONE
+	r = binary.BigEndian.AppendUint32(r, 0)
+	r = binary.BigEndian.AppendUint32(r, stat)
+	return append(r, body...)
+}
+
+// handle answers one call; nil means drop it (not even a header parsed).
+func (p *Portmapper) handle(msg []byte, from string) []byte {
+	c, err := ParseCall(msg)
+	if errors.Is(err, errRPCVersion) {
+		r := binary.BigEndian.AppendUint32(nil, c.XID)
+		r = binary.BigEndian.AppendUint32(r, 1) // reply
+		r = binary.BigEndian.AppendUint32(r, 1) // denied
+		r = binary.BigEndian.AppendUint32(r, 0) // RPC_MISMATCH
+		r = binary.BigEndian.AppendUint32(r, 2)
+		return binary.BigEndian.AppendUint32(r, 2)
+	}
+	if err != nil {
+		p.emit(timeline.Event{Kind: "error", Addr: from, Msg: err.Error()})
+		return nil
+	}
+	if c.Prog != progPortmap {
+		return acceptedReply(c.XID, progUnavail, nil)
+	}
+	if c.Vers != 2 {
+		return acceptedReply(c.XID, progMismatch, []byte{0, 0, 0, 2, 0, 0, 0, 2})
+	}
+	switch c.Proc {
+	case 0: // NULL
+		return acceptedReply(c.XID, success, nil)
+	case 3: // GETPORT
+		d := &xdr{b: c.Args}
+		m := Mapping{Prog: d.u32(), Vers: d.u32(), Prot: d.u32()}
+		if d.err != nil {
+			return acceptedReply(c.XID, garbageArgs, nil)
+		}
+		var port uint32
+		for _, reg := range Mappings {
+			if reg.Prog == m.Prog && reg.Vers == m.Vers && reg.Prot == m.Prot {
+				port = reg.Port
+			}
+		}
+		p.emit(timeline.Event{Kind: "getport", Addr: from, Stage: timeline.Root,
+			Msg: fmt.Sprintf("program %d v%d %s -> %d", m.Prog, m.Vers, protName(m.Prot), port)})
+		return acceptedReply(c.XID, success, binary.BigEndian.AppendUint32(nil, port))
+	case 4: // DUMP
+		var body []byte
+		for _, m := range Mappings {
+			body = binary.BigEndian.AppendUint32(body, 1)
+			for _, v := range []uint32{m.Prog, m.Vers, m.Prot, m.Port} {
+				body = binary.BigEndian.AppendUint32(body, v)
+			}
+		}
+		body = binary.BigEndian.AppendUint32(body, 0)
+		p.emit(timeline.Event{Kind: "dump", Addr: from})
+		return acceptedReply(c.XID, success, body)
+	}
+	return acceptedReply(c.XID, procUnavail, nil)
+}
+
+func protName(p uint32) string {
+	switch p {
+	case ipprotoTCP:
+		return "tcp"
+	case ipprotoUDP:
+		return "udp"
+	}
+	return fmt.Sprint(p)
+}
+
+func (p *Portmapper) emit(e timeline.Event) {
+	e.Source = "portmap"
+	p.tl.Emit(e)
+}

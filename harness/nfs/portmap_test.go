@@ -1,0 +1,97 @@
+package nfs
+
+import (
+	"bufio"
+	"encoding/binary"
+	"net"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+func call(xid, prog, vers, proc uint32, args ...uint32) []byte {
+	var b []byte
+	for _, v := range []uint32{xid, 0, 2, prog, vers, proc, 0, 0, 0, 0} {
+		b = binary.BigEndian.AppendUint32(b, v)
+	}
+	for _, v := range args {
+		b = binary.BigEndian.AppendUint32(b, v)
+	}
+	return b
+}
+
+// reply returns accept_stat and the body of an accepted reply.
+func reply(t *testing.T, b []byte, xid uint32) (uint32, []byte) {
+	assert.Assert(t, len(b) >= 24, "short reply %x", b)
+	be := binary.BigEndian
+	assert.Equal(t, be.Uint32(b), xid)
+	assert.Equal(t, be.Uint32(b[4:]), uint32(1))
+	assert.Equal(t, be.Uint32(b[8:]), uint32(0), "denied")
+	return be.Uint32(b[20:]), b[24:]
+}
+
+func TestPortmapperTCPAndUDP(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	tl := timeline.New()
+	p := ServePortmapper(ln, pc, tl)
+	defer p.Close()
+
+	// TCP: GETPORT MOUNT v3 tcp, in two record fragments.
+	c, err := net.Dial("tcp", ln.Addr().String())
+	assert.NilError(t, err)
+	defer c.Close()
+	msg := call(7, progPortmap, 2, 3, progMount, 3, ipprotoTCP, 0)
+	first, second := msg[:10], msg[10:]
+	c.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(first))), first...))
+	c.Write(append(binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(second))), second...))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	rec, err := readRecord(bufio.NewReader(c))
+	assert.NilError(t, err)
+	stat, body := reply(t, rec, 7)
+	assert.Equal(t, stat, uint32(success))
+	assert.Equal(t, binary.BigEndian.Uint32(body), uint32(Port))
+
+	// UDP: NFS over UDP is not offered (port 0); DUMP lists every mapping.
+	u, err := net.Dial("udp", pc.LocalAddr().String())
+	assert.NilError(t, err)
+	defer u.Close()
+	u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 2000)
+	u.Write(call(8, progPortmap, 2, 3, progNFS, 3, ipprotoUDP, 0))
+	n, err := u.Read(buf)
+	assert.NilError(t, err)
+	stat, body = reply(t, buf[:n], 8)
+	assert.Equal(t, stat, uint32(success))
+	assert.Equal(t, binary.BigEndian.Uint32(body), uint32(0))
+	u.Write(call(9, progPortmap, 2, 4))
+	n, err = u.Read(buf)
+	assert.NilError(t, err)
+	_, body = reply(t, buf[:n], 9)
+	assert.Equal(t, len(body), len(Mappings)*20+4)
+
+	// Wrong program and procedure are answered, not dropped.
+	u.Write(call(10, 123456, 1, 0))
+	n, _ = u.Read(buf)
+	stat, _ = reply(t, buf[:n], 10)
+	assert.Equal(t, stat, uint32(progUnavail))
+	u.Write(call(11, progPortmap, 2, 9))
+	n, _ = u.Read(buf)
+	stat, _ = reply(t, buf[:n], 11)
+	assert.Equal(t, stat, uint32(procUnavail))
+}
+
+func FuzzPortmapper(f *testing.F) {
+	f.Add(call(1, progPortmap, 2, 3, progMount, 3, ipprotoTCP, 0))
+	f.Add(call(2, progPortmap, 2, 4))
+	f.Add([]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff})
+	p := &Portmapper{tl: timeline.New()}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p.handle(b, "fuzz") // must not panic
+	})
+}
