@@ -36,6 +36,11 @@ type Spec struct {
 	Initrd string // boot archive; default: the reference archive
 	Append string // added to the kernel command line
 
+	// ArchiveFiles and RootFiles add host files to the reference archive
+	// and to the guest's copy of the reference root (guest path -> host path).
+	ArchiveFiles map[string]string
+	RootFiles    map[string]string
+
 	Faults []Fault
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
 	// of answering them (see console.Responders).
@@ -214,7 +219,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 
 	if spec.Root == RootNFS {
 		dir := filepath.Join(g.private, "root")
-		if err := fixtures.BuildRoot(ctx, l.cache, prof.Arch, dir); err != nil {
+		if err := fixtures.BuildRoot(ctx, l.cache, prof.Arch, dir, spec.RootFiles); err != nil {
 			return nil, err
 		}
 		l.nfs.Export(NFSExport, g.IP, dir)
@@ -298,7 +303,7 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 		}
 		if initrd == "" {
 			initrd = filepath.Join(g.private, "initrd.img")
-			if _, err := fixtures.Reference(ctx, l.cache, k, initrd); err != nil {
+			if _, err := fixtures.Reference(ctx, l.cache, k, initrd, g.spec.ArchiveFiles); err != nil {
 				return "", "", err
 			}
 		}

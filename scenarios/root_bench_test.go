@@ -1,0 +1,91 @@
+package scenarios
+
+import (
+	"context"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/qemu"
+)
+
+var readLine = regexp.MustCompile(`nbh-read: (\d+) bytes.* copied, ([0-9.]+) seconds`)
+
+// benchFile writes a 64 MiB file: a random 16 KiB block over and over, so
+// the boot archive that carries it stays small while every page differs
+// within the block.
+func benchFile(b *testing.B) string {
+	block := make([]byte, 16<<10)
+	rand.Read(block)
+	p := filepath.Join(b.TempDir(), "bench.bin")
+	f, err := os.Create(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; i < (64<<20)/len(block); i++ {
+		f.Write(block)
+	}
+	if err := f.Close(); err != nil {
+		b.Fatal(err)
+	}
+	return p
+}
+
+// BenchmarkRoot reads a 64 MiB file sequentially in the guest: from the
+// boot archive in RAM (the baseline) and from the NFS root, and reports
+// MB/s and the NFS/RAM ratio measured in the same run.
+//
+//	go test -run '^$' -bench Root -benchtime 1x ./scenarios
+func BenchmarkRoot(b *testing.B) {
+	file := benchFile(b)
+	arch := "amd64"
+	if !selected(arch, qemu.Direct) {
+		arch = "arm64"
+	}
+	var ram float64
+	for _, c := range []struct {
+		name string
+		spec harness.Spec
+	}{
+		{"ram", harness.Spec{ArchiveFiles: map[string]string{"/bench.bin": file}}},
+		{"nfs", harness.Spec{Root: harness.RootNFS, RootFiles: map[string]string{"/bench.bin": file}}},
+	} {
+		b.Run(arch+"/"+c.name, func(b *testing.B) {
+			var mbps float64
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				lab := harness.NewTestLab(b)
+				spec := c.spec
+				spec.Arch, spec.Firmware = arch, qemu.Direct
+				spec.Append = "nbh.readtest=/bench.bin"
+				spec.Expect = readLine.String()
+				b.StartTimer()
+				g, err := lab.Boot(context.Background(), spec)
+				if err != nil {
+					b.Fatal(err)
+				}
+				v := g.Wait(context.Background())
+				b.StopTimer()
+				if !v.OK {
+					b.Fatalf("%v", v.Err())
+				}
+				m := readLine.FindStringSubmatch(v.Line)
+				n, _ := strconv.ParseFloat(m[1], 64)
+				secs, _ := strconv.ParseFloat(m[2], 64)
+				mbps += n / (1 << 20) / secs
+				lab.Close()
+			}
+			mbps /= float64(b.N)
+			b.ReportMetric(mbps, "MB/s")
+			if c.name == "ram" {
+				ram = mbps
+			} else if ram > 0 {
+				b.ReportMetric(mbps/ram, "x-ram")
+			}
+		})
+	}
+}
