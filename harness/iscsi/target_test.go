@@ -1,0 +1,265 @@
+package iscsi
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/md5"
+	"encoding/binary"
+	"encoding/hex"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// initiator is a minimal in-process iSCSI initiator for unit tests; the
+// scenarios use the Linux kernel's.
+type initiator struct {
+	t      *testing.T
+	c      net.Conn
+	r      *bufio.Reader
+	itt    uint32
+	cmdSN  uint32
+	maxRec int
+}
+
+func dial(t *testing.T, addr string) *initiator {
+	c, err := net.Dial("tcp", addr)
+	assert.NilError(t, err)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return &initiator{t: t, c: c, r: bufio.NewReader(c), cmdSN: 1, maxRec: 8192}
+}
+
+func (in *initiator) roundTrip(p *PDU) *PDU {
+	_, err := in.c.Write(p.Bytes())
+	assert.NilError(in.t, err)
+	r, err := ReadPDU(in.r)
+	assert.NilError(in.t, err)
+	return r
+}
+
+func (in *initiator) loginPDU(csg, nsg int, transit bool, kv ...string) *PDU {
+	var pairs [][2]string
+	for i := 0; i+1 < len(kv); i += 2 {
+		pairs = append(pairs, [2]string{kv[i], kv[i+1]})
+	}
+	p := &PDU{Data: EncodeText(pairs)}
+	p.BHS[0] = opLoginReq | flagImmediate
+	p.BHS[1] = byte(csg<<2 | nsg)
+	if transit {
+		p.BHS[1] |= 0x80
+	}
+	copy(p.BHS[8:14], []byte{0x40, 0, 0, 1, 0, 0})
+	in.itt++
+	p.put32(16, in.itt)
+	p.put32(24, in.cmdSN)
+	return p
+}
+
+func status(p *PDU) uint16 { return uint16(p.BHS[36])<<8 | uint16(p.BHS[37]) }
+
+func text(p *PDU) map[string]string {
+	kv, _ := ParseText(p.Data)
+	m := map[string]string{}
+	for _, k := range kv {
+		m[k[0]] = k[1]
+	}
+	return m
+}
+
+// login runs security (None or CHAP) and operational stages.
+func (in *initiator) login(target string, chap *CHAP) uint16 {
+	names := []string{"InitiatorName", "iqn.2026-11.dev.nbh:test", "TargetName", target, "SessionType", "Normal"}
+	if chap == nil {
+		r := in.roundTrip(in.loginPDU(0, 1, true, append(names, "AuthMethod", "None")...))
+		if status(r) != 0 {
+			return status(r)
+		}
+	} else {
+		r := in.roundTrip(in.loginPDU(0, 1, false, append(names, "AuthMethod", "CHAP,None")...))
+		if status(r) != 0 {
+			return status(r)
+		}
+		assert.Equal(in.t, text(r)["AuthMethod"], "CHAP")
+		r = in.roundTrip(in.loginPDU(0, 1, false, "CHAP_A", "5"))
+		m := text(r)
+		id, _ := strconv.Atoi(m["CHAP_I"])
+		ch, _ := hex.DecodeString(strings.TrimPrefix(m["CHAP_C"], "0x"))
+		h := md5.New()
+		h.Write([]byte{byte(id)})
+		h.Write([]byte(chap.Secret))
+		h.Write(ch)
+		r = in.roundTrip(in.loginPDU(0, 1, true, "CHAP_N", chap.User, "CHAP_R", "0x"+hex.EncodeToString(h.Sum(nil))))
+		if status(r) != 0 {
+			return status(r)
+		}
+	}
+	r := in.roundTrip(in.loginPDU(1, 3, true, "HeaderDigest", "None", "DataDigest", "None",
+		"MaxRecvDataSegmentLength", "8192", "MaxBurstLength", "16384", "FirstBurstLength", "4096",
+		"ImmediateData", "Yes", "InitialR2T", "Yes", "Frobnicate", "Yes"))
+	if status(r) == 0 {
+		assert.Equal(in.t, r.BHS[1]&0x83, byte(0x83), "no transit to full feature phase")
+		assert.Assert(in.t, binary.BigEndian.Uint16(r.BHS[14:]) != 0, "no TSIH")
+		assert.Equal(in.t, text(r)["MaxBurstLength"], "16384")
+	}
+	return status(r)
+}
+
+func (in *initiator) cmd(cdb []byte, read int, write []byte) (status byte, data []byte, sense []byte) {
+	p := &PDU{}
+	p.BHS[0] = opSCSICmd
+	p.BHS[1] = flagFinal
+	if read > 0 {
+		p.BHS[1] |= 0x40
+		p.put32(20, uint32(read))
+	}
+	if write != nil {
+		p.BHS[1] |= 0x20
+		p.put32(20, uint32(len(write)))
+		p.Data = write[:min(len(write), 4096)] // immediate data, up to FirstBurstLength
+	}
+	in.itt++
+	p.put32(16, in.itt)
+	p.put32(24, in.cmdSN)
+	in.cmdSN++
+	copy(p.BHS[32:], cdb)
+	_, err := in.c.Write(p.Bytes())
+	assert.NilError(in.t, err)
+	for {
+		r, err := ReadPDU(in.r)
+		assert.NilError(in.t, err)
+		switch r.Opcode() {
+		case opDataIn:
+			data = append(data, r.Data...)
+			if r.Flags()&0x01 != 0 {
+				return r.BHS[3], data, nil
+			}
+		case opR2T:
+			off, n := int(r.u32(40)), int(r.u32(44))
+			for sent := 0; sent < n; {
+				chunk := min(n-sent, 8192)
+				d := &PDU{Data: write[off+sent : off+sent+chunk]}
+				d.BHS[0] = opDataOut
+				if sent+chunk == n {
+					d.BHS[1] = flagFinal
+				}
+				d.put32(16, in.itt)
+				d.put32(20, r.u32(20))
+				d.put32(40, uint32(off+sent))
+				in.c.Write(d.Bytes())
+				sent += chunk
+			}
+		case opSCSIResp:
+			if len(r.Data) > 2 {
+				sense = r.Data[2:]
+			}
+			return r.BHS[3], data, sense
+		default:
+			in.t.Fatalf("unexpected opcode %#x", r.Opcode())
+		}
+	}
+}
+
+func newTarget(t *testing.T) (*Server, string, string) {
+	img := filepath.Join(t.TempDir(), "lun.img")
+	assert.NilError(t, os.WriteFile(img, make([]byte, 1<<20), 0o644))
+	lun, err := OpenLUN(img, "serial0001")
+	assert.NilError(t, err)
+	t.Cleanup(func() { lun.Close() })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	s := Serve(ln, "127.0.0.1", timeline.New())
+	t.Cleanup(func() { s.Close() })
+	s.Export("iqn.2026-11.dev.nbh:root", "127.0.0.1", lun, nil)
+	s.Export("iqn.2026-11.dev.nbh:secret", "127.0.0.1", lun, &CHAP{User: "u", Secret: "s3cret-s3cret"})
+	return s, ln.Addr().String(), img
+}
+
+func TestLoginAndSCSI(t *testing.T) {
+	_, addr, img := newTarget(t)
+	in := dial(t, addr)
+	assert.Equal(t, in.login("iqn.2026-11.dev.nbh:root", nil), uint16(0))
+
+	st, inq, _ := in.cmd([]byte{0x12, 0, 0, 0, 255, 0}, 255, nil)
+	assert.Equal(t, st, byte(statusGood))
+	assert.Equal(t, string(inq[8:16]), "NBH     ")
+	_, vpd, _ := in.cmd([]byte{0x12, 1, 0x83, 0, 255, 0}, 255, nil)
+	assert.Assert(t, bytes.Contains(vpd, []byte("serial0001")))
+	_, capa, _ := in.cmd([]byte{0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 8, nil)
+	assert.Equal(t, binary.BigEndian.Uint32(capa), uint32(2047))
+	assert.Equal(t, binary.BigEndian.Uint32(capa[4:]), uint32(512))
+
+	// A 40 KiB write: immediate data, then R2Ts in 16 KiB bursts.
+	data := bytes.Repeat([]byte("nbh!"), 10240)
+	st, _, _ = in.cmd([]byte{0x2a, 0, 0, 0, 0, 8, 0, 0, 80, 0}, 0, data)
+	assert.Equal(t, st, byte(statusGood))
+	st, back, _ := in.cmd([]byte{0x28, 0, 0, 0, 0, 8, 0, 0, 80, 0}, len(data), nil)
+	assert.Equal(t, st, byte(statusGood))
+	assert.Assert(t, bytes.Equal(back, data))
+	disk, _ := os.ReadFile(img)
+	assert.Assert(t, bytes.Equal(disk[8*512:8*512+len(data)], data))
+
+	// Past the end, and an unknown opcode: CHECK CONDITION, ILLEGAL REQUEST.
+	st, _, sense := in.cmd([]byte{0x28, 0, 0, 0, 0x08, 0, 0, 0, 1, 0}, 512, nil)
+	assert.Equal(t, st, byte(statusCheckCondition))
+	assert.Equal(t, sense[2], byte(senseIllegalRequest))
+	assert.Equal(t, sense[12], byte(0x21))
+	st, _, sense = in.cmd([]byte{0xee}, 0, nil)
+	assert.Equal(t, st, byte(statusCheckCondition))
+	assert.Equal(t, sense[12], byte(0x20))
+
+	// NOP-Out is echoed; logout is answered.
+	nop := &PDU{Data: []byte("ping")}
+	nop.BHS[0], nop.BHS[1] = opNOPOut|flagImmediate, flagFinal
+	nop.put32(16, 77)
+	nop.put32(20, 0xffffffff)
+	r := in.roundTrip(nop)
+	assert.Equal(t, r.Opcode(), byte(opNOPIn))
+	assert.Equal(t, string(r.Data), "ping")
+	lo := &PDU{}
+	lo.BHS[0], lo.BHS[1] = opLogoutReq|flagImmediate, flagFinal
+	r = in.roundTrip(lo)
+	assert.Equal(t, r.Opcode(), byte(opLogoutResp))
+}
+
+func TestLoginFailures(t *testing.T) {
+	_, addr, _ := newTarget(t)
+	assert.Equal(t, dial(t, addr).login("iqn.2026-11.dev.nbh:nope", nil), uint16(loginNotFound))
+	assert.Equal(t, dial(t, addr).login("iqn.2026-11.dev.nbh:secret", nil), uint16(loginAuthFailed))
+	assert.Equal(t, dial(t, addr).login("iqn.2026-11.dev.nbh:secret", &CHAP{User: "u", Secret: "wrong-secret"}), uint16(loginAuthFailed))
+	assert.Equal(t, dial(t, addr).login("iqn.2026-11.dev.nbh:secret", &CHAP{User: "u", Secret: "s3cret-s3cret"}), uint16(0))
+}
+
+func TestDiscovery(t *testing.T) {
+	_, addr, _ := newTarget(t)
+	in := dial(t, addr)
+	r := in.roundTrip(in.loginPDU(0, 3, true, "InitiatorName", "iqn.x", "SessionType", "Discovery", "AuthMethod", "None"))
+	assert.Equal(t, status(r), uint16(0))
+	tp := &PDU{Data: EncodeText([][2]string{{"SendTargets", "All"}})}
+	tp.BHS[0], tp.BHS[1] = opTextReq, flagFinal
+	tp.put32(16, 9)
+	tp.put32(20, 0xffffffff)
+	r = in.roundTrip(tp)
+	assert.Assert(t, strings.Contains(string(r.Data), "TargetName=iqn.2026-11.dev.nbh:root"))
+	assert.Assert(t, strings.Contains(string(r.Data), "TargetAddress=127.0.0.1:3260,1"))
+}
+
+func FuzzReadPDU(f *testing.F) {
+	p := &PDU{Data: []byte("InitiatorName=x\x00")}
+	p.BHS[0] = opLoginReq
+	f.Add(p.Bytes())
+	f.Fuzz(func(t *testing.T, b []byte) {
+		q, err := ReadPDU(bytes.NewReader(b))
+		if err == nil {
+			ParseText(q.Data)
+		}
+	})
+}
