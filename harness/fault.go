@@ -26,6 +26,7 @@ type plan struct {
 	dhcpSilent bool
 	noKernel   bool
 	nfsPath    string // the export path the guest is told to mount
+	iqn        string // the iSCSI target the guest is told to log in to
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -33,6 +34,8 @@ func always(qemu.Profile, string) bool { return true }
 func notDirect(p qemu.Profile, _ string) bool { return p.Firmware != qemu.Direct }
 
 func nfsRoot(_ qemu.Profile, root string) bool { return root == RootNFS }
+
+func iscsiRoot(_ qemu.Profile, root string) bool { return root == RootISCSI }
 
 // Faults are the known faults, by name.
 var Faults = map[string]Fault{
@@ -50,6 +53,11 @@ var Faults = map[string]Fault{
 		Name: "nfs-wrong-export", Where: "guest", Expect: failure.RootMount, Applies: nfsRoot,
 		Help:  "the guest is told to mount an export the NFS server does not have",
 		apply: func(p *plan) { p.nfsPath = "/nbh/no-such-export" },
+	},
+	"iscsi-wrong-iqn": {
+		Name: "iscsi-wrong-iqn", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
+		Help:  "the guest is told to log in to an iSCSI target the server does not have",
+		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
 	},
 }
 

@@ -16,6 +16,7 @@ import (
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/console"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
@@ -29,7 +30,8 @@ type Spec struct {
 	Name     string // guest name; default g1, g2, ...
 
 	// Root is the root file system: RootNone (the archive only, the
-	// default) or RootNFS (the lab's NFS export of the reference root).
+	// default), RootNFS (the lab's NFS export of the reference root) or
+	// RootISCSI (the reference root as an ext4 LUN of the lab's target).
 	Root string
 
 	Kernel string // kernel image; default: the cached Debian kernel
@@ -75,9 +77,19 @@ var DefaultStageTimeouts = map[timeline.Stage]time.Duration{
 
 // Roots a guest can boot.
 const (
-	RootNone = ""
-	RootNFS  = "nfs"
+	RootNone  = ""
+	RootNFS   = "nfs"
+	RootISCSI = "iscsi"
 )
+
+// ISCSITarget is the lab's iSCSI target name for the reference root; each
+// guest gets its own copy of the LUN behind it.
+const ISCSITarget = "iqn.2026-11.dev.nbh:root"
+
+// iscsiRoot is the guest's root in dracut's netroot= spelling.
+func (g *Guest) iscsiRoot() string {
+	return fmt.Sprintf("iscsi:%s::%d:0:%s", g.lab.Server(), iscsi.Port, g.plan.iqn)
+}
 
 // NFSExport is the lab's NFS export of the reference root; each guest gets
 // its own writable copy behind the same path.
@@ -96,6 +108,7 @@ type Guest struct {
 	lab     *Lab
 	spec    Spec
 	plan    plan
+	lun     *iscsi.LUN
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -110,6 +123,7 @@ type Guest struct {
 	decided   chan struct{}
 	closeOnce sync.Once
 	closeErr  error
+	isClosed  bool
 }
 
 // Verdict is how a boot ended.
@@ -161,9 +175,9 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 		f.apply(&p)
 	}
 	switch spec.Root {
-	case RootNone, RootNFS:
+	case RootNone, RootNFS, RootISCSI:
 	default:
-		return nil, fmt.Errorf("root %q: want %q or %q", spec.Root, RootNone, RootNFS)
+		return nil, fmt.Errorf("root %q: want none, %q or %q", spec.Root, RootNFS, RootISCSI)
 	}
 	if spec.Expect == "" {
 		spec.Expect = regexp.QuoteMeta(fixtures.Marker)
@@ -173,6 +187,9 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	}
 	if p.nfsPath == "" {
 		p.nfsPath = NFSExport
+	}
+	if p.iqn == "" {
+		p.iqn = ISCSITarget
 	}
 	expect, err := regexp.Compile(spec.Expect)
 	if err != nil {
@@ -193,9 +210,19 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	if spec.Name == "" {
 		spec.Name = fmt.Sprintf("g%d", n)
 	}
+	mac := net.HardwareAddr{0x52, 0x54, 0x00, 0x4e, 0x42, byte(n)}
+	l.mu.Lock()
+	if old := l.byName[spec.Name]; old != nil {
+		if !old.closed() {
+			l.mu.Unlock()
+			return nil, fmt.Errorf("guest %s is still running; close it before booting it again", spec.Name)
+		}
+		mac = old.MAC // the same machine, rebooted
+	}
+	l.mu.Unlock()
 	g := &Guest{
 		Name: spec.Name, Profile: prof, lab: l, spec: spec, expect: expect,
-		MAC:     net.HardwareAddr{0x52, 0x54, 0x00, 0x4e, 0x42, byte(n)},
+		MAC:     mac,
 		decided: make(chan struct{}),
 	}
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
@@ -217,12 +244,8 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.Timeline.Name(g.IP, g.Name)
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
 
-	if spec.Root == RootNFS {
-		dir := filepath.Join(g.private, "root")
-		if err := fixtures.BuildRoot(ctx, l.cache, prof.Arch, dir, spec.RootFiles); err != nil {
-			return nil, err
-		}
-		l.nfs.Export(NFSExport, g.IP, dir)
+	if err := g.prepareRoot(ctx); err != nil {
+		return nil, err
 	}
 	g.plan = p
 	kernel, initrd, err := g.bootFiles(ctx, p)
@@ -236,6 +259,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 
 	l.mu.Lock()
 	l.guests[g.MAC.String()] = g
+	l.byName[g.Name] = g
 	l.mu.Unlock()
 	l.Timeline.Subscribe(g.observe)
 
@@ -273,14 +297,67 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	return g, nil
 }
 
+// prepareRoot builds the guest's root, once per guest name in the lab: a
+// guest booted again under the same name gets the same root back, as a
+// machine rebooting would, with whatever it wrote.
+func (g *Guest) prepareRoot(ctx context.Context) error {
+	l := g.lab
+	base := filepath.Join(l.work, "roots", g.Name)
+	switch g.spec.Root {
+	case RootNFS:
+		if _, err := os.Stat(base); err != nil {
+			tmp := base + ".tmp"
+			os.RemoveAll(tmp)
+			if err := fixtures.BuildRoot(ctx, l.cache, g.Profile.Arch, tmp, g.spec.RootFiles); err != nil {
+				return err
+			}
+			if err := os.Rename(tmp, base); err != nil {
+				return err
+			}
+		}
+		l.nfs.Export(NFSExport, g.IP, base)
+	case RootISCSI:
+		img := base + ".img"
+		if _, err := os.Stat(img); err != nil {
+			size := int64(64 << 20)
+			for _, src := range g.spec.RootFiles {
+				if fi, err := os.Stat(src); err == nil {
+					size += fi.Size() + fi.Size()/8
+				}
+			}
+			if err := os.MkdirAll(filepath.Dir(img), 0o755); err != nil {
+				return err
+			}
+			if err := fixtures.BuildRootImage(ctx, l.cache, g.Profile.Arch, img+".tmp", size, g.spec.RootFiles); err != nil {
+				return err
+			}
+			if err := os.Rename(img+".tmp", img); err != nil {
+				return err
+			}
+		}
+		lun, err := iscsi.OpenLUN(img, g.Name)
+		if err != nil {
+			return err
+		}
+		g.lun = lun
+		l.iscsi.Export(ISCSITarget, g.IP, lun, nil)
+	}
+	return nil
+}
+
 // cmdline is the kernel command line every chain passes.
 func (g *Guest) cmdline() string {
 	s := "console=" + qemu.Console(g.Profile.Arch) + " panic=-1"
 	if g.Profile.Arch == "amd64" {
 		s += " edd=off" // the real-mode EDD probe costs ~2 s under TCG
 	}
-	if g.spec.Root == RootNFS && !strings.Contains(" "+g.spec.Append, " root=") {
-		s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
+	if !strings.Contains(" "+g.spec.Append, " root=") && !strings.Contains(" "+g.spec.Append, " netroot=") {
+		switch g.spec.Root {
+		case RootNFS:
+			s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
+		case RootISCSI:
+			s += " root=/dev/sda netroot=" + g.iscsiRoot()
+		}
 	}
 	if g.spec.Append != "" {
 		s += " " + g.spec.Append
@@ -626,7 +703,19 @@ func (g *Guest) Close() error {
 	return g.closeErr
 }
 
+// closed reports whether Close has finished.
+func (g *Guest) closed() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.isClosed
+}
+
 func (g *Guest) close() error {
+	defer func() {
+		g.mu.Lock()
+		g.isClosed = true
+		g.mu.Unlock()
+	}()
 	if g.proc != nil {
 		g.proc.Stop()
 	}
@@ -647,6 +736,9 @@ func (g *Guest) close() error {
 	if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {
 		err = timeline.WriteJSONL(f, g.lab.Timeline.Events(g.Name))
 		f.Close()
+	}
+	if g.lun != nil {
+		g.lun.Close()
 	}
 	os.RemoveAll(g.private)
 	return err

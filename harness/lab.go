@@ -14,8 +14,13 @@ import (
 	"strings"
 	"sync"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
+	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/nfs"
 	"nbh.dev/nbh/harness/tftp"
@@ -42,14 +47,16 @@ type Lab struct {
 	work  string // private folder, removed on Close
 	srv   string // served root of TFTP and HTTP
 
-	dhcp *dhcp.Server
-	tftp *tftp.Server
-	http *httpboot.Server
-	nfs  *nfs.Server
-	pmap *nfs.Portmapper
+	dhcp  *dhcp.Server
+	tftp  *tftp.Server
+	http  *httpboot.Server
+	nfs   *nfs.Server
+	pmap  *nfs.Portmapper
+	iscsi *iscsi.Server
 
 	mu        sync.Mutex
 	guests    map[string]*Guest // by MAC
+	byName    map[string]*Guest // the latest guest of each name
 	n         int
 	closed    bool
 	closeOnce sync.Once
@@ -70,7 +77,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}}
+	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}}
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -101,6 +108,11 @@ func New(opts Options) (l *Lab, err error) {
 	if l.pmap, err = nfs.StartPortmapper(l.Fabric.Stack, host, l.Timeline); err != nil {
 		return nil, err
 	}
+	iln, err := gonet.ListenTCP(l.Fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(host.To4()), Port: iscsi.Port}, ipv4.ProtocolNumber)
+	if err != nil {
+		return nil, fmt.Errorf("lab: iscsi: %w", err)
+	}
+	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
 	return l, nil
 }
 
@@ -122,9 +134,13 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	switch {
 	case c.VendorClass == "nbh-init":
 		b := dhcp.Boot{Why: "the reference init needs no boot file"}
-		if g.spec.Root == RootNFS {
+		switch g.spec.Root {
+		case RootNFS:
 			b.RootPath = server + ":" + g.plan.nfsPath
 			b.Why += "; root path for its NFS root"
+		case RootISCSI:
+			b.RootPath = g.iscsiRoot()
+			b.Why += "; root path for its iSCSI root"
 		}
 		return b
 	case c.IPXE:
@@ -162,9 +178,15 @@ func (l *Lab) close() error {
 	for _, g := range l.guests {
 		gs = append(gs, g)
 	}
+	for _, g := range l.byName {
+		gs = append(gs, g) // a rebooted guest's earlier self (Close is idempotent)
+	}
 	l.mu.Unlock()
 	for _, g := range gs {
 		g.Close()
+	}
+	if l.iscsi != nil {
+		l.iscsi.Close()
 	}
 	if l.pmap != nil {
 		l.pmap.Close()

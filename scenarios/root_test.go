@@ -2,6 +2,7 @@ package scenarios
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -15,31 +16,55 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 )
 
-// TestNFSRootOnEveryChain boots every chain onto the lab's NFS root: the
-// root's own init reports / as the NFS export, mounted over TCP.
-func TestNFSRootOnEveryChain(t *testing.T) {
+// TestNetworkRootOnEveryChain boots every chain onto each network root: the
+// root's own init reports how / is mounted, and the root's service logged
+// the guest in.
+func TestNetworkRootOnEveryChain(t *testing.T) {
 	needGuests(t)
-	for _, p := range harness.Chains() {
-		t.Run(p.Name(), func(t *testing.T) {
-			lab := harness.NewTestLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: harness.RootNFS,
-				Artifacts: harness.TestArtifacts(t, "g1")})
-			assert.NilError(t, err)
-			v := g.Wait(context.Background())
-			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
-			assert.Check(t, is.Contains(v.Line, "fstype=nfs source="+lab.Server()+":"+harness.NFSExport))
-			assert.Check(t, is.Contains(v.Line, "proto=tcp"))
-			assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
-			stages := stagesOf(g.Spans())
-			assert.Check(t, is.DeepEqual(stages[len(stages)-3:], []timeline.Stage{timeline.Init, timeline.Root, timeline.Marker}))
-			var mounts int
-			for _, e := range lab.Timeline.Events("g1") {
-				if e.Source == "nfs" && e.Kind == "mount" {
-					mounts++
+	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
+		for _, p := range harness.Chains() {
+			t.Run(root+"/"+p.Name(), func(t *testing.T) {
+				lab := harness.NewTestLab(t)
+				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root,
+					Artifacts: harness.TestArtifacts(t, "g1")})
+				assert.NilError(t, err)
+				v := g.Wait(context.Background())
+				assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+				assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
+				want, event := "fstype=nfs source="+lab.Server()+":"+harness.NFSExport, "mount"
+				if root == harness.RootISCSI {
+					want, event = "fstype=ext4 source=/dev/sda", "login"
 				}
-			}
-			assert.Check(t, mounts == 1, "%d NFS mounts on the timeline", mounts)
-		})
+				assert.Check(t, is.Contains(v.Line, want))
+				stages := stagesOf(g.Spans())
+				assert.Check(t, is.DeepEqual(stages[len(stages)-3:], []timeline.Stage{timeline.Init, timeline.Root, timeline.Marker}))
+				var n int
+				for _, e := range lab.Timeline.Events("g1") {
+					if (e.Source == "nfs" || e.Source == "iscsi") && e.Kind == event {
+						n++
+					}
+				}
+				assert.Check(t, n == 1, "%d %s events on the timeline", n, event)
+			})
+		}
+	}
+}
+
+// TestISCSIWriteSurvivesReboot boots a guest twice under the same name: the
+// second boot finds what the first wrote on its iSCSI disk.
+func TestISCSIWriteSurvivesReboot(t *testing.T) {
+	needGuests(t)
+	if !selected("arm64", "direct") {
+		t.Skip("arm64/direct not selected")
+	}
+	lab := harness.NewTestLab(t)
+	for boot := 1; boot <= 2; boot++ {
+		g, err := lab.Boot(context.Background(), harness.Spec{Name: "box", Arch: "arm64", Firmware: "direct", Root: harness.RootISCSI})
+		assert.NilError(t, err)
+		v := g.Wait(context.Background())
+		assert.Assert(t, v.OK, "boot %d: %v", boot, v.Err())
+		assert.Check(t, is.Contains(v.Line, fmt.Sprintf("boots=%d ", boot)))
+		assert.NilError(t, g.Close())
 	}
 }
 
@@ -72,21 +97,30 @@ func TestTwoGuestsShareOneExport(t *testing.T) {
 	}
 }
 
-func TestWrongExportIsARootFailure(t *testing.T) {
+// TestWrongRootIsARootFailure: a wrong NFS export path and a wrong iSCSI
+// target name each end as "cannot mount root" at the root stage.
+func TestWrongRootIsARootFailure(t *testing.T) {
 	needGuests(t)
 	if !selected("amd64", "direct") {
 		t.Skip("amd64/direct not selected")
 	}
-	f, err := harness.LookupFault("nfs-wrong-export")
-	assert.NilError(t, err)
-	lab := harness.NewTestLab(t)
-	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct", Root: harness.RootNFS,
-		Faults: []harness.Fault{f}, Timeout: 90 * time.Second, Artifacts: harness.TestArtifacts(t, "g1")})
-	assert.NilError(t, err)
-	v := g.Wait(context.Background())
-	assert.Equal(t, v.Reason, failure.RootMount, "%v", v.Err())
-	assert.Equal(t, v.Stage, timeline.Root)
-	t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
+	for _, c := range []struct{ root, fault string }{
+		{harness.RootNFS, "nfs-wrong-export"},
+		{harness.RootISCSI, "iscsi-wrong-iqn"},
+	} {
+		t.Run(c.fault, func(t *testing.T) {
+			f, err := harness.LookupFault(c.fault)
+			assert.NilError(t, err)
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct", Root: c.root,
+				Faults: []harness.Fault{f}, Timeout: 90 * time.Second, Artifacts: harness.TestArtifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Equal(t, v.Reason, failure.RootMount, "%v", v.Err())
+			assert.Equal(t, v.Stage, timeline.Root)
+			t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
+		})
+	}
 }
 
 // TestRootSpellings boots the NFS root as users write it on the kernel

@@ -24,7 +24,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
 	initrd := fs.String("initrd", "", "boot archive (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
-	root := fs.String("root", "none", "root file system: none (the archive only) or nfs (the lab's NFS export; marker NBH-ROOT-READY)")
+	root := fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export) or iscsi (an ext4 LUN of the lab's target); with a root the marker is NBH-ROOT-READY")
 	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
 	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
 	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
@@ -54,9 +54,9 @@ func bootCmd(ctx context.Context, args []string) int {
 	switch *root {
 	case "none":
 		*root = harness.RootNone
-	case harness.RootNFS:
+	case harness.RootNFS, harness.RootISCSI:
 	default:
-		fmt.Fprintf(os.Stderr, "nbh boot: --root %q: want none or nfs\n", *root)
+		fmt.Fprintf(os.Stderr, "nbh boot: --root %q: want none, nfs or iscsi\n", *root)
 		return exitUsage
 	}
 	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts}

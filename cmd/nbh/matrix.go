@@ -41,7 +41,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	archs := fs.String("arch", os.Getenv("NBH_ARCH"), "comma-separated architectures (default: all; also $NBH_ARCH)")
 	fws := fs.String("firmware", os.Getenv("NBH_FIRMWARE"), "comma-separated firmware names (default: all; also $NBH_FIRMWARE)")
 	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
-	roots := fs.String("roots", "none,nfs", "comma-separated roots to boot each chain with: none, nfs")
+	roots := fs.String("roots", "none,nfs,iscsi", "comma-separated roots to boot each chain with: none, nfs, iscsi")
 	artifacts := fs.String("artifacts", "artifacts/matrix", "folder for each boot's console.log, timeline.jsonl and network.pcapng")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
@@ -69,10 +69,10 @@ func matrixCmd(ctx context.Context, args []string) int {
 		switch r = strings.TrimSpace(r); r {
 		case "none":
 			rootList = append(rootList, harness.RootNone)
-		case harness.RootNFS:
+		case harness.RootNFS, harness.RootISCSI:
 			rootList = append(rootList, r)
 		default:
-			fmt.Fprintf(os.Stderr, "nbh matrix: --roots: unknown root %q (none, nfs)\n", r)
+			fmt.Fprintf(os.Stderr, "nbh matrix: --roots: unknown root %q (none, nfs, iscsi)\n", r)
 			return exitUsage
 		}
 	}
