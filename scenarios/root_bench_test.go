@@ -36,8 +36,8 @@ func benchFile(b *testing.B) string {
 }
 
 // BenchmarkRoot reads a 64 MiB file sequentially in the guest: from the
-// boot archive in RAM (the baseline) and from the NFS root, and reports
-// MB/s and the NFS/RAM ratio measured in the same run.
+// boot archive in RAM (the baseline), from the NFS root and from the iSCSI
+// root, and reports MB/s and the ratio to RAM measured in the same run.
 //
 //	go test -run '^$' -bench Root -benchtime 1x ./scenarios
 func BenchmarkRoot(b *testing.B) {
@@ -53,6 +53,7 @@ func BenchmarkRoot(b *testing.B) {
 	}{
 		{"ram", harness.Spec{ArchiveFiles: map[string]string{"/bench.bin": file}}},
 		{"nfs", harness.Spec{Root: harness.RootNFS, RootFiles: map[string]string{"/bench.bin": file}}},
+		{"iscsi", harness.Spec{Root: harness.RootISCSI, RootFiles: map[string]string{"/bench.bin": file}}},
 	} {
 		b.Run(arch+"/"+c.name, func(b *testing.B) {
 			var mbps float64
