@@ -27,6 +27,7 @@ type plan struct {
 	noKernel   bool
 	nfsPath    string // the export path the guest is told to mount
 	iqn        string // the iSCSI target the guest is told to log in to
+	badCHAP    bool   // the target requires CHAP; the guest has the wrong secret
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -58,6 +59,11 @@ var Faults = map[string]Fault{
 		Name: "iscsi-wrong-iqn", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
 		Help:  "the guest is told to log in to an iSCSI target the server does not have",
 		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
+	},
+	"iscsi-bad-chap": {
+		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
+		Help:  "the iSCSI target requires CHAP and the guest answers with the wrong secret",
+		apply: func(p *plan) { p.badCHAP = true },
 	},
 }
 

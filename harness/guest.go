@@ -2,6 +2,8 @@ package harness
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -33,6 +35,10 @@ type Spec struct {
 	// default), RootNFS (the lab's NFS export of the reference root) or
 	// RootISCSI (the reference root as an ext4 LUN of the lab's target).
 	Root string
+
+	// CHAP makes the iSCSI target require one-way CHAP from this guest;
+	// the guest is told its credentials on the kernel command line.
+	CHAP bool
 
 	Kernel string // kernel image; default: the cached Debian kernel
 	Initrd string // boot archive; default: the reference archive
@@ -88,7 +94,15 @@ const ISCSITarget = "iqn.2026-11.dev.nbh:root"
 
 // iscsiRoot is the guest's root in dracut's netroot= spelling.
 func (g *Guest) iscsiRoot() string {
-	return fmt.Sprintf("iscsi:%s::%d:0:%s", g.lab.Server(), iscsi.Port, g.plan.iqn)
+	creds := ""
+	if g.chap != nil {
+		secret := g.chap.Secret
+		if g.plan.badCHAP {
+			secret = "not-" + secret
+		}
+		creds = g.chap.User + ":" + secret + "@"
+	}
+	return fmt.Sprintf("iscsi:%s%s::%d:0:%s", creds, g.lab.Server(), iscsi.Port, g.plan.iqn)
 }
 
 // NFSExport is the lab's NFS export of the reference root; each guest gets
@@ -109,6 +123,7 @@ type Guest struct {
 	spec    Spec
 	plan    plan
 	lun     *iscsi.LUN
+	chap    *iscsi.CHAP
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -244,10 +259,10 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.Timeline.Name(g.IP, g.Name)
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
 
+	g.plan = p
 	if err := g.prepareRoot(ctx); err != nil {
 		return nil, err
 	}
-	g.plan = p
 	kernel, initrd, err := g.bootFiles(ctx, p)
 	if err != nil {
 		return nil, err
@@ -340,7 +355,14 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 			return err
 		}
 		g.lun = lun
-		l.iscsi.Export(ISCSITarget, g.IP, lun, nil)
+		var chap *iscsi.CHAP
+		if g.spec.CHAP || g.plan.badCHAP {
+			secret := make([]byte, 8)
+			rand.Read(secret)
+			chap = &iscsi.CHAP{User: "nbh-" + g.Name, Secret: hex.EncodeToString(secret)}
+			g.chap = chap
+		}
+		l.iscsi.Export(ISCSITarget, g.IP, lun, chap)
 	}
 	return nil
 }
@@ -646,7 +668,7 @@ func (g *Guest) evidence() string {
 	for i := len(evs) - 1; i >= 0; i-- {
 		e := evs[i]
 		switch e.Kind {
-		case "ignored", "not-found", "aborted", "refused", "error", "nak", "fired":
+		case "ignored", "not-found", "aborted", "refused", "error", "nak", "fired", "login-failed", "mount-refused":
 			return fmt.Sprintf("last %s event: %s %s", e.Source, e.Kind, e.Msg)
 		}
 	}

@@ -107,6 +107,7 @@ func TestWrongRootIsARootFailure(t *testing.T) {
 	for _, c := range []struct{ root, fault string }{
 		{harness.RootNFS, "nfs-wrong-export"},
 		{harness.RootISCSI, "iscsi-wrong-iqn"},
+		{harness.RootISCSI, "iscsi-bad-chap"},
 	} {
 		t.Run(c.fault, func(t *testing.T) {
 			f, err := harness.LookupFault(c.fault)
@@ -147,4 +148,25 @@ func TestRootSpellings(t *testing.T) {
 			assert.Check(t, is.Contains(v.Line, "fstype=nfs source=10.0.2.2:/nbh/root"))
 		})
 	}
+}
+
+// TestISCSIWithCHAP: a target that requires CHAP lets the guest in with the
+// right secret.
+func TestISCSIWithCHAP(t *testing.T) {
+	needGuests(t)
+	if !selected("arm64", "direct") {
+		t.Skip("arm64/direct not selected")
+	}
+	lab := harness.NewTestLab(t)
+	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootISCSI, CHAP: true})
+	assert.NilError(t, err)
+	v := g.Wait(context.Background())
+	assert.Assert(t, v.OK, "%v", v.Err())
+	var chap bool
+	for _, e := range lab.Timeline.Events("g1") {
+		if e.Source == "iscsi" && e.Kind == "login" {
+			chap, _ = e.Detail["chap"].(bool)
+		}
+	}
+	assert.Assert(t, chap, "the login did not use CHAP")
 }
