@@ -13,7 +13,7 @@ setup:
 build:
 	$(GO) build -o bin/nbh ./cmd/nbh
 
-# The main job: boot every chain, with and without faults, and print a table.
+# The main job: boot every chain x root, with and without faults; print a table.
 matrix: setup build
 	bin/nbh matrix
 
