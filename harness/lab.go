@@ -26,6 +26,7 @@ import (
 	"nbh.dev/nbh/harness/tftp"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Options configure a lab.
@@ -225,20 +226,7 @@ func place(src, dst string) error {
 	if err := os.Link(src, dst); err == nil {
 		return nil
 	}
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.Create(dst)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
+	return fsutil.CopyFile(src, dst)
 }
 
 func writeFile(path string, data []byte) error {

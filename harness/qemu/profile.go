@@ -6,10 +6,11 @@ package qemu
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Firmware names, as the CLI and scenario tables spell them.
@@ -146,8 +147,8 @@ func Args(c Config) ([]string, error) {
 		nic += ",bootindex=1"
 	case OVMFIPXE, OVMFPXE:
 		vars := filepath.Join(c.Dir, "OVMF_VARS.fd")
-		if err := copyFile(c.Files.OVMFVars, vars); err != nil {
-			return nil, err
+		if err := fsutil.CopyFile(c.Files.OVMFVars, vars); err != nil {
+			return nil, fmt.Errorf("qemu: %w", err)
 		}
 		a = append(a,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.OVMFCode,
@@ -172,12 +173,4 @@ func Args(c Config) ([]string, error) {
 	// An entropy source, so the guest's RNG is ready at once.
 	a = append(a, "-device", nic, "-device", "virtio-rng-pci")
 	return a, nil
-}
-
-func copyFile(src, dst string) error {
-	b, err := os.ReadFile(src)
-	if err != nil {
-		return fmt.Errorf("qemu: %w", err)
-	}
-	return os.WriteFile(dst, b, 0o644)
 }
