@@ -52,6 +52,10 @@ type Portmapper struct {
 	tcp net.Listener
 	udp net.PacketConn
 	wg  sync.WaitGroup
+
+	mu     sync.Mutex
+	conns  map[net.Conn]bool
+	closed bool
 }
 
 // StartPortmapper listens on TCP and UDP port 111 of the stack.
@@ -71,7 +75,7 @@ func StartPortmapper(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Port
 
 // ServePortmapper serves on the given listeners (either may be nil).
 func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) *Portmapper {
-	p := &Portmapper{tl: tl, tcp: ln, udp: pc}
+	p := &Portmapper{tl: tl, tcp: ln, udp: pc, conns: map[net.Conn]bool{}}
 	if ln != nil {
 		p.wg.Add(1)
 		go p.serveTCP()
@@ -83,8 +87,15 @@ func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) 
 	return p
 }
 
-// Close stops the portmapper.
+// Close stops the portmapper, cutting the connections clients left open (a
+// guest that powered off never closes its own).
 func (p *Portmapper) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
 	if p.tcp != nil {
 		p.tcp.Close()
 	}
@@ -116,10 +127,23 @@ func (p *Portmapper) serveTCP() {
 		if err != nil {
 			return
 		}
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			c.Close()
+			return
+		}
+		p.conns[c] = true
+		p.mu.Unlock()
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			defer c.Close()
+			defer func() {
+				c.Close()
+				p.mu.Lock()
+				delete(p.conns, c)
+				p.mu.Unlock()
+			}()
 			r := bufio.NewReader(c)
 			for {
 				msg, err := readRecord(r)

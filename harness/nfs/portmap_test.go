@@ -95,3 +95,26 @@ func FuzzPortmapper(f *testing.F) {
 		p.handle(b, "fuzz") // must not panic
 	})
 }
+
+// TestCloseWithAClientConnected: a client that never hangs up (a guest that
+// powered off) does not keep Close waiting.
+func TestCloseWithAClientConnected(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	p := ServePortmapper(ln, nil, timeline.New())
+	c, err := net.Dial("tcp", ln.Addr().String())
+	assert.NilError(t, err)
+	defer c.Close()
+	c.Write([]byte{0, 0}) // half a record marker: the server waits for more
+	time.Sleep(50 * time.Millisecond)
+	done := make(chan struct{})
+	go func() {
+		p.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close waited on a connected client")
+	}
+}
