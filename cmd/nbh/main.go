@@ -20,7 +20,7 @@ const usage = `nbh — the netboot harness
 
 Usage:
   nbh boot   [flags]   boot one guest on the reference network-boot stack
-  nbh matrix [flags]   boot every chain, with and without faults; print a table
+  nbh matrix [flags]   boot every chain x root, with and without faults; print a table
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
   nbh help [command]   show help
 
