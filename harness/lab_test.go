@@ -1,0 +1,69 @@
+package harness
+
+import (
+	"net"
+	"strings"
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/dhcp"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+// TestBootFilePolicy: what each kind of DHCP client is told to boot.
+func TestBootFilePolicy(t *testing.T) {
+	lab, err := New(Options{Cache: images.Open(t.TempDir())})
+	assert.NilError(t, err)
+	defer lab.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 1}
+	g := &Guest{Name: "g1", MAC: mac, lab: lab, spec: Spec{Root: RootNFS}, plan: plan{nfsPath: NFSExport, iqn: ISCSITarget}}
+	lab.guests[mac.String()] = g
+	cases := []struct {
+		c    dhcp.Client
+		file string
+		root string
+	}{
+		{dhcp.Client{MAC: mac, Arch: 0, UserClass: "iPXE", IPXE: true}, "http://10.0.2.2/g1/boot.ipxe", ""},
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchUBootA64, VendorClass: "U-Boot.armv8"}, "boot.scr.uimg", ""},
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIx64, VendorClass: "PXEClient:Arch:00007:UNDI:003000"}, "ipxe.efi", ""},
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}, "g1/grubnetaa64.efi", ""},
+		{dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "http://10.0.2.2/ipxe.efi", ""},
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "nbh-init"}, "", "10.0.2.2:/nbh/root"},
+		{dhcp.Client{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, Arch: dhcp.ArchEFIx64}, "", ""}, // not a guest of this lab
+	}
+	for _, c := range cases {
+		b := lab.policy(c.c)
+		assert.Equal(t, b.File, c.file, "%s", c.c)
+		assert.Equal(t, b.RootPath, c.root, "%s", c.c)
+		assert.Assert(t, b.Why != "", "no reason given for %s", c.c)
+	}
+	g.spec.Root = RootISCSI
+	assert.Equal(t, lab.policy(cases[5].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
+}
+
+// TestRefineByNetworkEvidence: console wording differs per firmware; the
+// timeline decides.
+func TestRefineByNetworkEvidence(t *testing.T) {
+	tl := timeline.New()
+	g := &Guest{Name: "g1", lab: &Lab{Timeline: tl}}
+	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Msg: "no-dhcp fault: DISCOVER"})
+	v := g.refine(Verdict{Reason: failure.FirmwareNoBoot, Stage: timeline.Firmware, Line: "Nothing to boot"})
+	assert.Equal(t, v.Reason, failure.NoDHCP)
+	assert.Equal(t, v.Stage, timeline.DHCP)
+
+	tl = timeline.New()
+	g.lab.Timeline = tl
+	tl.Emit(timeline.Event{Source: "dhcp", Kind: "discover", Guest: "g1"})
+	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ack", Guest: "g1"})
+	tl.Emit(timeline.Event{Source: "http", Kind: "not-found", Guest: "g1", Msg: "/g1/vmlinuz 404"})
+	v = g.refine(Verdict{Reason: failure.LoaderError, Stage: timeline.Loader, Line: "error: you need to load the kernel first."})
+	assert.Equal(t, v.Reason, failure.LoaderFetch)
+	assert.Assert(t, strings.Contains(v.Detail, "/g1/vmlinuz"), v.Detail)
+
+	// Past the loader, the console's word stands.
+	v = g.refine(Verdict{Reason: failure.KernelPanic, Stage: timeline.Kernel})
+	assert.Equal(t, v.Reason, failure.KernelPanic)
+}
