@@ -26,6 +26,10 @@ var (
 	errLBARange      = checkCondition{senseIllegalRequest, 0x21, 0x00}
 )
 
+// maxPendingWrites bounds the writes a session may leave waiting for their
+// data (each holds a buffer of up to 64 MiB): a connection over it is cut.
+const maxPendingWrites = 16
+
 // scsi runs a SCSI Command PDU.
 func (sc *session) scsi(p *PDU) error {
 	cdb := append([]byte(nil), p.BHS[32:48]...)
@@ -34,6 +38,9 @@ func (sc *session) scsi(p *PDU) error {
 	if write {
 		if expected > 64<<20 {
 			return sc.respond(p.ITT(), statusCheckCondition, errInvalidField, 0, 0)
+		}
+		if len(sc.tasks) >= maxPendingWrites {
+			return fmt.Errorf("more than %d writes waiting for data", maxPendingWrites)
 		}
 		t := &task{itt: p.ITT(), cdb: cdb, buf: make([]byte, expected)}
 		t.got = copy(t.buf, p.Data)

@@ -6,6 +6,7 @@ import (
 	"crypto/md5"
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -261,5 +262,48 @@ func FuzzReadPDU(f *testing.F) {
 		if err == nil {
 			ParseText(q.Data)
 		}
+	})
+}
+
+// FuzzSession feeds a whole connection's worth of bytes to a target
+// session (after a good login, so full-feature PDUs are reached): whatever
+// arrives, the target answers or hangs up, and never panics.
+func FuzzSession(f *testing.F) {
+	cmd := &PDU{}
+	cmd.BHS[0], cmd.BHS[1] = opSCSICmd, flagFinal|0x40
+	cmd.put32(20, 512)
+	copy(cmd.BHS[32:], []byte{0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0})
+	f.Add(cmd.Bytes())
+	w := &PDU{Data: []byte("abcd")}
+	w.BHS[0], w.BHS[1] = opSCSICmd, flagFinal|0x20
+	w.put32(20, 1024)
+	copy(w.BHS[32:], []byte{0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0})
+	f.Add(w.Bytes())
+	img := filepath.Join(f.TempDir(), "lun.img")
+	os.WriteFile(img, make([]byte, 64<<10), 0o644)
+	lun, err := OpenLUN(img, "fuzz")
+	if err != nil {
+		f.Fatal(err)
+	}
+	s := &Server{tl: timeline.New(), exports: map[string]map[string]export{"iqn.t": {"pipe": {lun: lun}}}, conns: map[net.Conn]bool{}}
+	login := func() []byte {
+		p := &PDU{Data: EncodeText([][2]string{{"InitiatorName", "iqn.i"}, {"TargetName", "iqn.t"}, {"AuthMethod", "None"}})}
+		p.BHS[0], p.BHS[1] = opLoginReq|flagImmediate, 0x80|0x03
+		return p.Bytes()
+	}()
+	f.Fuzz(func(t *testing.T, b []byte) {
+		client, server := net.Pipe()
+		sc := &session{s: s, c: server, w: bufio.NewWriter(server), ip: "pipe", maxSend: 8192, maxBurst: 262144, firstBurst: 65536, tasks: map[uint32]*task{}}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			sc.run()
+			server.Close()
+		}()
+		go io.Copy(io.Discard, client)
+		client.Write(login)
+		client.Write(b)
+		client.Close()
+		<-done
 	})
 }
