@@ -126,3 +126,18 @@ func TestHTTPClientGetsItsClassBack(t *testing.T) {
 	assert.Equal(t, r.sent[0].ClassIdentifier(), "HTTPClient")
 	assert.Equal(t, r.sent[0].BootFileName, "http://10.0.2.2/ipxe.efi")
 }
+
+// FuzzHandle: any packet that parses as DHCP is answered or ignored,
+// never a panic.
+func FuzzHandle(f *testing.F) {
+	d, _ := dhcpv4.NewDiscovery(mac, dhcpv4.WithUserClass("iPXE", false))
+	f.Add(d.ToBytes())
+	s, _ := newServer(func(c Client) Boot { return Boot{File: "x", RootPath: "10.0.2.2:/r"} })
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := dhcpv4.FromBytes(b)
+		if err != nil {
+			return
+		}
+		s.handle(&recorder{}, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, m)
+	})
+}
