@@ -146,7 +146,7 @@ func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec, log io.Wr
 
 func printMatrix(cells []cell) int {
 	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Root}
-	fmt.Printf("\n%-28s %-17s %-5s %8s", "chain", "fault", "", "total")
+	fmt.Printf("\n%-30s %-17s %-5s %8s", "chain", "fault", "", "total")
 	for _, s := range stages {
 		fmt.Printf(" %8s", s)
 	}
@@ -162,7 +162,7 @@ func printMatrix(cells []cell) int {
 			status = "FAIL"
 			failed++
 		}
-		fmt.Printf("%-28s %-17s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
+		fmt.Printf("%-30s %-17s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
 		took := map[timeline.Stage]time.Duration{}
 		for _, sp := range c.spans {
 			took[sp.Stage] = sp.Duration
