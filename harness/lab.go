@@ -62,6 +62,7 @@ type Lab struct {
 	closed    bool
 	closeOnce sync.Once
 	closeErr  error
+	forwards  []net.Listener
 }
 
 // New starts a lab: fabric, DHCP, TFTP and HTTP on the fabric host.
@@ -164,6 +165,43 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	return dhcp.Boot{Why: "no rule for " + c.String()}
 }
 
+// Forward makes port on the boot server's address a TCP relay to the host
+// address to, so guests can reach a server running outside the lab (Debian's
+// tgt on loopback, for a comparison). It ends with the lab.
+func (l *Lab) Forward(port int, to string) error {
+	host := tcpip.AddrFrom4(l.Fabric.HostIP.As4())
+	ln, err := gonet.ListenTCP(l.Fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: host, Port: uint16(port)}, ipv4.ProtocolNumber)
+	if err != nil {
+		return fmt.Errorf("lab: forward :%d: %w", port, err)
+	}
+	l.mu.Lock()
+	l.forwards = append(l.forwards, ln)
+	l.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d, err := net.Dial("tcp", to)
+			if err != nil {
+				l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "forward-failed", Msg: err.Error()})
+				c.Close()
+				continue
+			}
+			go func() {
+				io.Copy(d, c)
+				d.Close()
+			}()
+			go func() {
+				io.Copy(c, d)
+				c.Close()
+			}()
+		}
+	}()
+	return nil
+}
+
 // Close stops every guest and service and removes the lab's private files.
 // Concurrent calls (a test's cleanup racing a signal handler) all return
 // once the lab is gone.
@@ -185,6 +223,9 @@ func (l *Lab) close() error {
 	l.mu.Unlock()
 	for _, g := range gs {
 		g.Close()
+	}
+	for _, ln := range l.forwards {
+		ln.Close()
 	}
 	if l.iscsi != nil {
 		l.iscsi.Close()

@@ -36,8 +36,10 @@ func benchFile(b *testing.B) string {
 }
 
 // BenchmarkRoot reads a 64 MiB file sequentially in the guest: from the
-// boot archive in RAM (the baseline), from the NFS root and from the iSCSI
-// root, and reports MB/s and the ratio to RAM measured in the same run.
+// boot archive in RAM (the baseline), from the NFS root, from the iSCSI root
+// and, where Debian's tgt is installed, from the same root served by tgt;
+// it reports MB/s, the ratio to RAM and ours against tgt, all measured in
+// the same run.
 //
 //	go test -run '^$' -bench Root -benchtime 1x ./scenarios
 func BenchmarkRoot(b *testing.B) {
@@ -46,7 +48,7 @@ func BenchmarkRoot(b *testing.B) {
 	if !selected(arch, qemu.Direct) {
 		arch = "arm64"
 	}
-	var ram float64
+	var ram, ours float64
 	for _, c := range []struct {
 		name string
 		spec harness.Spec
@@ -54,15 +56,28 @@ func BenchmarkRoot(b *testing.B) {
 		{"ram", harness.Spec{ArchiveFiles: map[string]string{"/bench.bin": file}}},
 		{"nfs", harness.Spec{Root: harness.RootNFS, RootFiles: map[string]string{"/bench.bin": file}}},
 		{"iscsi", harness.Spec{Root: harness.RootISCSI, RootFiles: map[string]string{"/bench.bin": file}}},
+		// The same root from Debian's tgt, reached through a relay on the
+		// lab's port 3261 (skipped where tgt is not installed).
+		{"iscsi-tgt", harness.Spec{Root: harness.RootISCSI}},
 	} {
 		b.Run(arch+"/"+c.name, func(b *testing.B) {
 			var mbps float64
+			var portal string
+			if c.name == "iscsi-tgt" {
+				portal = startTGT(b, arch, map[string]string{"/bench.bin": file})
+			}
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				lab := harness.NewTestLab(b)
 				spec := c.spec
 				spec.Arch, spec.Firmware = arch, qemu.Direct
 				spec.Append = "nbh.readtest=/bench.bin"
+				if portal != "" {
+					if err := lab.Forward(3261, portal); err != nil {
+						b.Fatal(err)
+					}
+					spec.Append += " netroot=iscsi:" + lab.Server() + "::3261:1:" + tgtIQN
+				}
 				spec.Expect = readLine.String()
 				b.StartTimer()
 				g, err := lab.Boot(context.Background(), spec)
@@ -82,10 +97,16 @@ func BenchmarkRoot(b *testing.B) {
 			}
 			mbps /= float64(b.N)
 			b.ReportMetric(mbps, "MB/s")
-			if c.name == "ram" {
+			switch {
+			case c.name == "ram":
 				ram = mbps
-			} else if ram > 0 {
+			case ram > 0:
 				b.ReportMetric(mbps/ram, "x-ram")
+			}
+			if c.name == "iscsi" {
+				ours = mbps
+			} else if c.name == "iscsi-tgt" && mbps > 0 {
+				b.ReportMetric(ours/mbps, "ours-x-tgt")
 			}
 		})
 	}
