@@ -105,7 +105,7 @@ func BenchmarkRoot(b *testing.B) {
 			}
 			if c.name == "iscsi" {
 				ours = mbps
-			} else if c.name == "iscsi-tgt" && mbps > 0 {
+			} else if c.name == "iscsi-tgt" && mbps > 0 && ours > 0 {
 				b.ReportMetric(ours/mbps, "ours-x-tgt")
 			}
 		})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -43,6 +44,10 @@ func startTGT(b *testing.B, arch string, extra map[string]string) string {
 	b.Cleanup(func() {
 		tgtd.Process.Kill()
 		tgtd.Wait()
+		// tgtd keeps its management socket under /var/run/tgtd.
+		for _, f := range []string{"socket." + ctl, "socket." + ctl + ".lock"} {
+			os.Remove(filepath.Join("/var/run/tgtd", f))
+		}
 	})
 	adm := func(args ...string) {
 		var err error
