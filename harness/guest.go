@@ -592,12 +592,15 @@ func (g *Guest) monitor() {
 		g.decide(Verdict{Reason: failure.QEMUFailed, Stage: g.Reached(), Detail: stderr})
 		return
 	}
-	g.decide(Verdict{Reason: failure.GuestStopped, Stage: g.Reached(), Detail: g.evidence()})
+	g.decide(Verdict{Reason: failure.GuestStopped, Stage: g.Reached()})
 }
 
 func (g *Guest) decide(v Verdict) {
 	if !v.OK {
 		v = g.refine(v)
+		if v.Detail == "" {
+			v.Detail = g.evidence()
+		}
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -605,14 +608,6 @@ func (g *Guest) decide(v Verdict) {
 		return
 	}
 	v.Elapsed = time.Since(g.Start)
-	if v.Detail == "" && !v.OK {
-		g.mu.Unlock()
-		v.Detail = g.evidence()
-		g.mu.Lock()
-		if g.verdict != nil {
-			return
-		}
-	}
 	g.verdict = &v
 	close(g.decided)
 }
@@ -706,12 +701,7 @@ func (g *Guest) Wait(ctx context.Context) Verdict {
 
 // Spans are the guest's per-stage durations so far.
 func (g *Guest) Spans() []timeline.Span {
-	end := time.Now()
-	select {
-	case <-g.proc.Exited():
-	default:
-	}
-	return timeline.Spans(g.lab.Timeline.Events(g.Name), end)
+	return timeline.Spans(g.lab.Timeline.Events(g.Name), time.Now())
 }
 
 // Process is the guest's QEMU.

@@ -49,10 +49,7 @@ type Lab struct {
 	srv   string // served root of TFTP and HTTP
 
 	dhcp  *dhcp.Server
-	tftp  *tftp.Server
-	http  *httpboot.Server
 	nfs   *nfs.Server
-	pmap  *nfs.Portmapper
 	iscsi *iscsi.Server
 
 	mu        sync.Mutex
@@ -62,7 +59,7 @@ type Lab struct {
 	closed    bool
 	closeOnce sync.Once
 	closeErr  error
-	forwards  []net.Listener
+	closers   []io.Closer // what New and Forward started, in order
 }
 
 // New starts a lab: fabric, DHCP, TFTP and HTTP on the fabric host.
@@ -91,6 +88,7 @@ func New(opts Options) (l *Lab, err error) {
 	if l.Fabric, err = netfab.New(l.Timeline); err != nil {
 		return nil, err
 	}
+	l.closers = append(l.closers, l.Fabric)
 	host := net.IP(l.Fabric.HostIP.AsSlice())
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
 		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
@@ -98,23 +96,32 @@ func New(opts Options) (l *Lab, err error) {
 	}); err != nil {
 		return nil, err
 	}
-	if l.tftp, err = tftp.Start(l.Fabric.Stack, host, l.srv, l.Timeline); err != nil {
+	l.closers = append(l.closers, l.dhcp)
+	tftpd, err := tftp.Start(l.Fabric.Stack, host, l.srv, l.Timeline)
+	if err != nil {
 		return nil, err
 	}
-	if l.http, err = httpboot.Start(l.Fabric.Stack, host, 80, l.srv, l.Timeline); err != nil {
+	l.closers = append(l.closers, tftpd)
+	httpd, err := httpboot.Start(l.Fabric.Stack, host, 80, l.srv, l.Timeline)
+	if err != nil {
 		return nil, err
 	}
+	l.closers = append(l.closers, httpd)
 	if l.nfs, err = nfs.Start(l.Fabric.Stack, host, l.Timeline); err != nil {
 		return nil, err
 	}
-	if l.pmap, err = nfs.StartPortmapper(l.Fabric.Stack, host, l.Timeline); err != nil {
+	l.closers = append(l.closers, l.nfs)
+	pmap, err := nfs.StartPortmapper(l.Fabric.Stack, host, l.Timeline)
+	if err != nil {
 		return nil, err
 	}
+	l.closers = append(l.closers, pmap)
 	iln, err := gonet.ListenTCP(l.Fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(host.To4()), Port: iscsi.Port}, ipv4.ProtocolNumber)
 	if err != nil {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)
 	}
 	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
+	l.closers = append(l.closers, l.iscsi)
 	return l, nil
 }
 
@@ -175,7 +182,7 @@ func (l *Lab) Forward(port int, to string) error {
 		return fmt.Errorf("lab: forward :%d: %w", port, err)
 	}
 	l.mu.Lock()
-	l.forwards = append(l.forwards, ln)
+	l.closers = append(l.closers, ln)
 	l.mu.Unlock()
 	go func() {
 		for {
@@ -224,29 +231,9 @@ func (l *Lab) close() error {
 	for _, g := range gs {
 		g.Close()
 	}
-	for _, ln := range l.forwards {
-		ln.Close()
-	}
-	if l.iscsi != nil {
-		l.iscsi.Close()
-	}
-	if l.pmap != nil {
-		l.pmap.Close()
-	}
-	if l.nfs != nil {
-		l.nfs.Close()
-	}
-	if l.http != nil {
-		l.http.Close()
-	}
-	if l.tftp != nil {
-		l.tftp.Close()
-	}
-	if l.dhcp != nil {
-		l.dhcp.Close()
-	}
-	if l.Fabric != nil {
-		l.Fabric.Close()
+	// Services stop in the reverse of their start, the fabric last.
+	for i := len(l.closers) - 1; i >= 0; i-- {
+		l.closers[i].Close()
 	}
 	return os.RemoveAll(l.work)
 }

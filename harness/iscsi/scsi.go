@@ -37,7 +37,7 @@ func (sc *session) scsi(p *PDU) error {
 	write := p.Flags()&0x20 != 0
 	if write {
 		if expected > 64<<20 {
-			return sc.respond(p.ITT(), statusCheckCondition, errInvalidField, 0, 0)
+			return sc.respond(p.ITT(), statusCheckCondition, errInvalidField, 0)
 		}
 		if len(sc.tasks) >= maxPendingWrites {
 			return fmt.Errorf("more than %d writes waiting for data", maxPendingWrites)
@@ -58,13 +58,13 @@ func (sc *session) scsi(p *PDU) error {
 		if !ok {
 			cc = checkCondition{senseMediumError, 0x11, 0x00} // unrecovered read error
 		}
-		return sc.respond(p.ITT(), statusCheckCondition, cc, 0, 0)
+		return sc.respond(p.ITT(), statusCheckCondition, cc, 0)
 	}
 	if len(data) > expected {
 		data = data[:expected]
 	}
 	if len(data) == 0 {
-		return sc.respond(p.ITT(), statusGood, nil, expected, 0)
+		return sc.respond(p.ITT(), statusGood, nil, expected)
 	}
 	return sc.dataIn(p.ITT(), data, expected)
 }
@@ -113,9 +113,9 @@ func (sc *session) finishWrite(t *task) error {
 		if !ok {
 			cc = checkCondition{senseMediumError, 0x0c, 0x00} // write error
 		}
-		return sc.respond(t.itt, statusCheckCondition, cc, 0, 0)
+		return sc.respond(t.itt, statusCheckCondition, cc, 0)
 	}
-	return sc.respond(t.itt, statusGood, nil, 0, 0)
+	return sc.respond(t.itt, statusGood, nil, 0)
 }
 
 // dataIn sends read data in PDUs no larger than the initiator accepts, the
@@ -153,7 +153,7 @@ func (sc *session) dataIn(itt uint32, data []byte, expected int) error {
 }
 
 // respond sends a SCSI Response, with sense data on CHECK CONDITION.
-func (sc *session) respond(itt uint32, status byte, cc error, residual, _ int) error {
+func (sc *session) respond(itt uint32, status byte, cc error, residual int) error {
 	p := &PDU{}
 	p.BHS[0], p.BHS[1], p.BHS[3] = opSCSIResp, flagFinal, status
 	if residual > 0 {

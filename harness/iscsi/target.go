@@ -16,6 +16,7 @@ import (
 	"sync"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/connset"
 )
 
 // Port is the iSCSI well-known port.
@@ -32,22 +33,18 @@ type export struct {
 
 // Server is a running target.
 type Server struct {
-	tl   *timeline.Timeline
-	ln   net.Listener
-	addr string // portal address, for SendTargets
-	wg   sync.WaitGroup
+	tl    *timeline.Timeline
+	addr  string // portal address, for SendTargets
+	conns connset.Set
 
 	mu      sync.Mutex
 	exports map[string]map[string]export // IQN -> client IP -> export
-	conns   map[net.Conn]bool
-	closed  bool
 }
 
 // Serve serves iSCSI on ln; portal is the address SendTargets reports.
 func Serve(ln net.Listener, portal string, tl *timeline.Timeline) *Server {
-	s := &Server{tl: tl, ln: ln, addr: portal, exports: map[string]map[string]export{}, conns: map[net.Conn]bool{}}
-	s.wg.Add(1)
-	go s.accept()
+	s := &Server{tl: tl, addr: portal, exports: map[string]map[string]export{}}
+	s.conns.Serve(ln, s.serve)
 	return s
 }
 
@@ -62,46 +59,15 @@ func (s *Server) Export(iqn, ip string, lun *LUN, chap *CHAP) {
 }
 
 // Close stops the target and every session.
-func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	for c := range s.conns {
-		c.Close()
-	}
-	s.mu.Unlock()
-	err := s.ln.Close()
-	s.wg.Wait()
-	return err
-}
+func (s *Server) Close() error { return s.conns.Close() }
 
-func (s *Server) accept() {
-	defer s.wg.Done()
-	for {
-		c, err := s.ln.Accept()
-		if err != nil {
-			return
-		}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			c.Close()
-			return
-		}
-		s.conns[c] = true
-		s.mu.Unlock()
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			sc := &session{s: s, c: c, w: bufio.NewWriterSize(c, 256<<10), ip: hostOf(c.RemoteAddr()),
-				maxSend: 8192, maxBurst: 262144, firstBurst: 65536, tasks: map[uint32]*task{}}
-			err := sc.run()
-			c.Close()
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.mu.Unlock()
-			sc.finish(err)
-		}()
-	}
+// serve runs one connection's session.
+func (s *Server) serve(c net.Conn) {
+	sc := &session{s: s, c: c, w: bufio.NewWriterSize(c, 256<<10), ip: hostOf(c.RemoteAddr()),
+		maxSend: 8192, maxBurst: 262144, firstBurst: 65536, tasks: map[uint32]*task{}}
+	err := sc.run()
+	c.Close()
+	sc.finish(err)
 }
 
 func hostOf(a net.Addr) string {

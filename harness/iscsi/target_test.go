@@ -285,7 +285,7 @@ func FuzzSession(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	s := &Server{tl: timeline.New(), exports: map[string]map[string]export{"iqn.t": {"pipe": {lun: lun}}}, conns: map[net.Conn]bool{}}
+	s := &Server{tl: timeline.New(), exports: map[string]map[string]export{"iqn.t": {"pipe": {lun: lun}}}}
 	login := func() []byte {
 		p := &PDU{Data: EncodeText([][2]string{{"InitiatorName", "iqn.i"}, {"TargetName", "iqn.t"}, {"AuthMethod", "None"}})}
 		p.BHS[0], p.BHS[1] = opLoginReq|flagImmediate, 0x80|0x03

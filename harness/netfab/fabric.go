@@ -11,7 +11,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -408,9 +407,6 @@ func (f *Fabric) Close() error {
 	f.Stack.Wait()
 	return nil
 }
-
-// ErrClosed is returned by services whose fabric is gone.
-var ErrClosed = errors.New("fabric closed")
 
 type flushWriter struct{ bw *bufio.Writer }
 

@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/connset"
 )
 
 // The RPC portmapper (program 100000 version 2, RFC 1833): NULL, GETPORT and
@@ -48,14 +49,10 @@ var Mappings = []Mapping{
 
 // Portmapper is a running portmapper.
 type Portmapper struct {
-	tl  *timeline.Timeline
-	tcp net.Listener
-	udp net.PacketConn
-	wg  sync.WaitGroup
-
-	mu     sync.Mutex
-	conns  map[net.Conn]bool
-	closed bool
+	tl    *timeline.Timeline
+	udp   net.PacketConn
+	conns connset.Set    // TCP
+	wg    sync.WaitGroup // UDP
 }
 
 // StartPortmapper listens on TCP and UDP port 111 of the stack.
@@ -75,10 +72,9 @@ func StartPortmapper(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Port
 
 // ServePortmapper serves on the given listeners (either may be nil).
 func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) *Portmapper {
-	p := &Portmapper{tl: tl, tcp: ln, udp: pc, conns: map[net.Conn]bool{}}
+	p := &Portmapper{tl: tl, udp: pc}
 	if ln != nil {
-		p.wg.Add(1)
-		go p.serveTCP()
+		p.conns.Serve(ln, p.serveTCP)
 	}
 	if pc != nil {
 		p.wg.Add(1)
@@ -90,15 +86,7 @@ func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) 
 // Close stops the portmapper, cutting the connections clients left open (a
 // guest that powered off never closes its own).
 func (p *Portmapper) Close() error {
-	p.mu.Lock()
-	p.closed = true
-	for c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
-	if p.tcp != nil {
-		p.tcp.Close()
-	}
+	p.conns.Close()
 	if p.udp != nil {
 		p.udp.Close()
 	}
@@ -120,46 +108,22 @@ func (p *Portmapper) serveUDP() {
 	}
 }
 
-func (p *Portmapper) serveTCP() {
-	defer p.wg.Done()
+// serveTCP answers the calls of one TCP connection.
+func (p *Portmapper) serveTCP(c net.Conn) {
+	r := bufio.NewReader(c)
 	for {
-		c, err := p.tcp.Accept()
+		msg, err := readRecord(r)
 		if err != nil {
 			return
 		}
-		p.mu.Lock()
-		if p.closed {
-			p.mu.Unlock()
-			c.Close()
+		reply := p.handle(msg, addrOf(c.RemoteAddr()))
+		if reply == nil {
 			return
 		}
-		p.conns[c] = true
-		p.mu.Unlock()
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			defer func() {
-				c.Close()
-				p.mu.Lock()
-				delete(p.conns, c)
-				p.mu.Unlock()
-			}()
-			r := bufio.NewReader(c)
-			for {
-				msg, err := readRecord(r)
-				if err != nil {
-					return
-				}
-				reply := p.handle(msg, addrOf(c.RemoteAddr()))
-				if reply == nil {
-					return
-				}
-				hdr := binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(reply)))
-				if _, err := c.Write(append(hdr, reply...)); err != nil {
-					return
-				}
-			}
-		}()
+		hdr := binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(reply)))
+		if _, err := c.Write(append(hdr, reply...)); err != nil {
+			return
+		}
 	}
 }
 

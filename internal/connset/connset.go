@@ -1,0 +1,74 @@
+// Package connset serves a listener's connections, each on its own
+// goroutine, and on Close cuts those still open: a guest that powered off
+// never closes its own, and a server must not wait on it for ever.
+package connset
+
+import (
+	"net"
+	"sync"
+)
+
+// Set is the connections of one listener. The zero value is ready to use.
+type Set struct {
+	ln     net.Listener
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  map[net.Conn]bool
+	closed bool
+}
+
+// Serve accepts from ln until it fails, running handle on each connection
+// in a goroutine of its own and closing the connection after.
+func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
+	s.mu.Lock()
+	s.ln = ln
+	if s.conns == nil {
+		s.conns = map[net.Conn]bool{}
+	}
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				c.Close()
+				return
+			}
+			s.conns[c] = true
+			s.wg.Add(1)
+			s.mu.Unlock()
+			go func() {
+				defer s.wg.Done()
+				handle(c)
+				c.Close()
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+			}()
+		}
+	}()
+}
+
+// Close cuts every open connection, closes the listener and waits for the
+// handlers to return.
+func (s *Set) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for c := range s.conns {
+		c.Close()
+	}
+	ln := s.ln
+	s.mu.Unlock()
+	var err error
+	if ln != nil {
+		err = ln.Close()
+	}
+	s.wg.Wait()
+	return err
+}
