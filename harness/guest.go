@@ -378,7 +378,9 @@ func (g *Guest) cmdline() string {
 		case RootNFS:
 			s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
 		case RootISCSI:
-			s += " root=/dev/sda netroot=" + g.iscsiRoot()
+			// ip=dhcp is for stock initramfs images (dracut brings the
+			// network up only when told); the reference init ignores it.
+			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
 		}
 	}
 	if g.spec.Append != "" {
@@ -745,9 +747,12 @@ func (g *Guest) close() error {
 		g.logFile.Close()
 	}
 	var err error
-	if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {
-		err = timeline.WriteJSONL(f, g.lab.Timeline.Events(g.Name))
-		f.Close()
+	// A guest that never booted has no folder; "" would mean the working directory.
+	if g.Dir != "" {
+		if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {
+			err = timeline.WriteJSONL(f, g.lab.Timeline.Events(g.Name))
+			f.Close()
+		}
 	}
 	if g.lun != nil {
 		g.lun.Close()

@@ -140,16 +140,21 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 		return dhcp.Boot{Why: "unknown client"}
 	}
 	server := l.Server()
+	// The guest's root, for DHCP option 17. Only operating-system clients
+	// get it: iPXE would try to hook a SAN device from a root path before
+	// running its script.
+	var rootPath string
+	switch g.spec.Root {
+	case RootNFS:
+		rootPath = server + ":" + g.plan.nfsPath
+	case RootISCSI:
+		rootPath = g.iscsiRoot()
+	}
 	switch {
 	case c.VendorClass == "nbh-init":
-		b := dhcp.Boot{Why: "the reference init needs no boot file"}
-		switch g.spec.Root {
-		case RootNFS:
-			b.RootPath = server + ":" + g.plan.nfsPath
-			b.Why += "; root path for its NFS root"
-		case RootISCSI:
-			b.RootPath = g.iscsiRoot()
-			b.Why += "; root path for its iSCSI root"
+		b := dhcp.Boot{Why: "the reference init needs no boot file", RootPath: rootPath}
+		if rootPath != "" {
+			b.Why += "; root path for its " + g.spec.Root + " root"
 		}
 		return b
 	case c.IPXE:
@@ -168,6 +173,11 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 		return dhcp.Boot{File: "ipxe.efi", Why: fmt.Sprintf("option 93 = %d (x86-64 UEFI): iPXE", c.Arch)}
 	case c.Arch == dhcp.ArchEFIArm64:
 		return dhcp.Boot{File: g.Name + "/grubnetaa64.efi", Why: "option 93 = 11 (arm64 UEFI): GRUB"}
+	}
+	if rootPath != "" {
+		// An initramfs's own client (klibc ipconfig, dhclient): the root
+		// path serves nfsroot=auto, root=dhcp and netroot=dhcp.
+		return dhcp.Boot{Why: "an operating system's DHCP client (" + c.String() + "): root path for its " + g.spec.Root + " root", RootPath: rootPath}
 	}
 	return dhcp.Boot{Why: "no rule for " + c.String()}
 }

@@ -32,7 +32,9 @@ func TestBootFilePolicy(t *testing.T) {
 		{dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}, "g1/grubnetaa64.efi", ""},
 		{dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "http://10.0.2.2/ipxe.efi", ""},
 		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "nbh-init"}, "", "10.0.2.2:/nbh/root"},
-		{dhcp.Client{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, Arch: dhcp.ArchEFIx64}, "", ""}, // not a guest of this lab
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "Linux ipconfig"}, "", "10.0.2.2:/nbh/root"}, // initramfs-tools
+		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone}, "", "10.0.2.2:/nbh/root"},                                // dracut's dhclient
+		{dhcp.Client{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, Arch: dhcp.ArchEFIx64}, "", ""},                 // not a guest of this lab
 	}
 	for _, c := range cases {
 		b := lab.policy(c.c)
@@ -42,6 +44,9 @@ func TestBootFilePolicy(t *testing.T) {
 	}
 	g.spec.Root = RootISCSI
 	assert.Equal(t, lab.policy(cases[5].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
+	assert.Equal(t, lab.policy(cases[7].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
+	g.spec.Root = RootNone
+	assert.Equal(t, lab.policy(cases[7].c).RootPath, "", "a guest without a root gets no root path")
 }
 
 // TestRefineByNetworkEvidence: console wording differs per firmware; the

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/images/stock"
 )
 
 func bootCmd(ctx context.Context, args []string) int {
@@ -22,7 +24,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	arch := fs.String("arch", "amd64", "guest architecture: amd64 or arm64")
 	firmware := fs.String("firmware", "", "boot chain firmware (default: seabios-ipxe for amd64, uboot for arm64)")
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
-	initrd := fs.String("initrd", "", "boot archive (default: the reference archive)")
+	initrd := fs.String("initrd", "", "boot archive: a file, or stock:initramfs-tools / stock:dracut for one made by that generator for the cached kernel (built once, cached; amd64 hosts build amd64 ones) (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
 	root := fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export) or iscsi (an ext4 LUN of the lab's target); with a root the marker is NBH-ROOT-READY")
 	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
@@ -68,8 +70,9 @@ func bootCmd(ctx context.Context, args []string) int {
 		}
 		spec.Faults = append(spec.Faults, f)
 	}
+	stockTool, isStock := strings.CutPrefix(*initrd, "stock:")
 	for _, p := range []string{*kernel, *initrd} {
-		if p == "" {
+		if p == "" || (isStock && p == *initrd) {
 			continue
 		}
 		if _, err := os.Stat(p); err != nil {
@@ -90,6 +93,27 @@ func bootCmd(ctx context.Context, args []string) int {
 		return exitSetup
 	}
 	spec.Artifacts = dir
+	if isStock {
+		var progress io.Writer = os.Stderr
+		if *quiet {
+			progress = nil
+		}
+		a, err := stock.Build(ctx, images.Open(*cache), stockTool, *arch, progress)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: --initrd %s: %v\n", *initrd, err)
+			if !keep {
+				os.RemoveAll(dir)
+			}
+			switch {
+			case ctx.Err() != nil:
+				return exitStopped
+			case errors.Is(err, stock.ErrUnknownTool), errors.Is(err, stock.ErrForeignArch):
+				return exitUsage
+			}
+			return exitSetup
+		}
+		spec.Initrd = a.Path
+	}
 
 	var out sync.Mutex
 	say := func(format string, a ...any) {
@@ -152,6 +176,7 @@ func imagesCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("images", flag.ContinueOnError)
 	arch := fs.String("arch", "all", "amd64, arm64 or all")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	withStock := fs.Bool("stock", false, "also build the stock initramfs images (initramfs-tools, dracut) for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware and loaders. A second run is offline.\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -172,6 +197,21 @@ func imagesCmd(ctx context.Context, args []string) int {
 		fmt.Printf("%s:\n", a)
 		for _, p := range c.Pins(a) {
 			fmt.Printf("  %s\n", p)
+		}
+	}
+	if *withStock {
+		for _, a := range arches {
+			for _, tool := range stock.Tools() {
+				ar, err := stock.Build(ctx, c, tool, a, os.Stderr)
+				if errors.Is(err, stock.ErrForeignArch) && *arch == "all" {
+					continue
+				}
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "nbh images: %v\n", err)
+					return exitSetup
+				}
+				fmt.Printf("stock %s (%s): %s\n", tool, a, ar.Path)
+			}
 		}
 	}
 	fmt.Printf("cache: %s\n", c.Dir)

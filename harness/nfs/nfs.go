@@ -71,7 +71,7 @@ func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 	srv := &gonfs.Server{Handler: h, Context: context.Background()}
 	go func() {
 		defer close(s.done)
-		srv.Serve(ln)
+		srv.Serve(gateListener{Listener: ln, emit: s.emit})
 	}()
 	return s
 }

@@ -37,13 +37,13 @@ const (
 type Mapping struct{ Prog, Vers, Prot, Port uint32 }
 
 // Mappings are what the lab's portmapper advertises: MOUNT and NFS share
-// TCP port 2049 (go-nfs serves both there); nothing is offered over UDP
-// but the portmapper itself.
+// TCP port 2049 (go-nfs serves both there), version 3 only (go-nfs answers
+// MOUNT in the version 3 format; other versions get PROG_MISMATCH); nothing
+// is offered over UDP but the portmapper itself.
 var Mappings = []Mapping{
 	{progPortmap, 2, ipprotoTCP, PortmapPort},
 	{progPortmap, 2, ipprotoUDP, PortmapPort},
 	{progNFS, 3, ipprotoTCP, Port},
-	{progMount, 1, ipprotoTCP, Port},
 	{progMount, 3, ipprotoTCP, Port},
 }
 
@@ -112,7 +112,7 @@ func (p *Portmapper) serveUDP() {
 func (p *Portmapper) serveTCP(c net.Conn) {
 	r := bufio.NewReader(c)
 	for {
-		msg, err := readRecord(r)
+		msg, err := readRecord(r, maxRecord)
 		if err != nil {
 			return
 		}
@@ -135,9 +135,9 @@ func addrOf(a net.Addr) string {
 // maxRecord bounds an RPC record over TCP; portmapper calls are tiny.
 const maxRecord = 64 << 10
 
-// readRecord reads one RPC record (RFC 5531 record marking: fragments of a
-// 31-bit length, the last one flagged).
-func readRecord(r io.Reader) ([]byte, error) {
+// readRecord reads one RPC record of at most max bytes (RFC 5531 record
+// marking: fragments of a 31-bit length, the last one flagged).
+func readRecord(r io.Reader, max int) ([]byte, error) {
 	var msg []byte
 	for {
 		var h [4]byte
@@ -146,7 +146,7 @@ func readRecord(r io.Reader) ([]byte, error) {
 		}
 		v := binary.BigEndian.Uint32(h[:])
 		n := int(v & 0x7fffffff)
-		if len(msg)+n > maxRecord {
+		if len(msg)+n > max {
 			return nil, errors.New("rpc record too large")
 		}
 		frag := make([]byte, n)

@@ -51,7 +51,7 @@ func TestPortmapperTCPAndUDP(t *testing.T) {
 	c.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(first))), first...))
 	c.Write(append(binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(second))), second...))
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	rec, err := readRecord(bufio.NewReader(c))
+	rec, err := readRecord(bufio.NewReader(c), maxRecord)
 	assert.NilError(t, err)
 	stat, body := reply(t, rec, 7)
 	assert.Equal(t, stat, uint32(success))
