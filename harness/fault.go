@@ -28,6 +28,16 @@ type plan struct {
 	nfsPath    string // the export path the guest is told to mount
 	iqn        string // the iSCSI target the guest is told to log in to
 	badCHAP    bool   // the target requires CHAP; the guest has the wrong secret
+
+	// The reference archive.
+	noRefresh     bool // the boot server does not rebuild a stale archive
+	editConfig    bool // the root's configuration changes after the build
+	skew          bool // the modules are recorded for another kernel
+	missingModule bool // the root's driver module is left out
+	truncate      bool // the archive download breaks off halfway
+	corrupt       bool // one bit of the archive flips in transit
+	swap          bool // the archive is rebuilt while it downloads
+	warn          bool // the init boots on from a stale archive
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -37,6 +47,10 @@ func notDirect(p qemu.Profile, _ string) bool { return p.Firmware != qemu.Direct
 func nfsRoot(_ qemu.Profile, root string) bool { return root == RootNFS }
 
 func iscsiRoot(_ qemu.Profile, root string) bool { return root == RootISCSI }
+
+func anyRoot(_ qemu.Profile, root string) bool { return root != RootNone }
+
+func nfsNotDirect(p qemu.Profile, root string) bool { return root == RootNFS && notDirect(p, root) }
 
 // Faults are the known faults, by name.
 var Faults = map[string]Fault{
@@ -59,6 +73,41 @@ var Faults = map[string]Fault{
 		Name: "iscsi-wrong-iqn", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
 		Help:  "the guest is told to log in to an iSCSI target the server does not have",
 		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
+	},
+	"stale-config": {
+		Name: "stale-config", Where: "archive", Expect: failure.StaleArchive, Applies: nfsRoot,
+		Help:  "the root's configuration changes after the archive is built, and the boot server does not rebuild it",
+		apply: func(p *plan) { p.editConfig, p.noRefresh = true, true },
+	},
+	"config-changed": {
+		Name: "config-changed", Where: "archive", Expect: failure.None, Applies: nfsRoot,
+		Help:  "the root's configuration changes after the archive is built; the boot server rebuilds it before the fetch (the good path: a fresh boot)",
+		apply: func(p *plan) { p.editConfig = true },
+	},
+	"module-skew": {
+		Name: "module-skew", Where: "archive", Expect: failure.StaleArchive, Applies: always,
+		Help:  "the archive's modules belong to another kernel version than the one booted",
+		apply: func(p *plan) { p.skew = true },
+	},
+	"missing-module": {
+		Name: "missing-module", Where: "archive", Expect: failure.MissingModule, Applies: anyRoot,
+		Help:  "the driver module the root needs (nfsv3, iscsi_tcp) is not in the archive, nor on the boot server",
+		apply: func(p *plan) { p.missingModule = true },
+	},
+	"truncated-archive": {
+		Name: "truncated-archive", Where: "archive", Expect: failure.LoaderFetch, Applies: notDirect,
+		Help:  "the archive download breaks off halfway (HTTP drops the connection, TFTP sends an error)",
+		apply: func(p *plan) { p.truncate = true },
+	},
+	"corrupt-archive": {
+		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: notDirect,
+		Help:  "one bit of the archive flips in transit; the kernel's unpacker finds it",
+		apply: func(p *plan) { p.corrupt = true },
+	},
+	"archive-swap": {
+		Name: "archive-swap", Where: "archive", Expect: failure.None, Applies: nfsNotDirect,
+		Help:  "the root changes and the archive is rebuilt while the guest downloads it: the guest still gets the whole old archive, says it is stale and boots on",
+		apply: func(p *plan) { p.swap, p.warn = true, true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,

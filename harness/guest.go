@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/archive"
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/console"
 	"nbh.dev/nbh/harness/failure"
@@ -48,6 +49,16 @@ type Spec struct {
 	// and to the guest's copy of the reference root (guest path -> host path).
 	ArchiveFiles map[string]string
 	RootFiles    map[string]string
+
+	// NoArchiveRefresh stops the boot server from rebuilding the reference
+	// archive when a file it carries a copy of changes on the guest's NFS
+	// root (rebuilding is the default; see keeper).
+	NoArchiveRefresh bool
+	// OnStale is what the reference init does with a stale archive: "stop"
+	// (the default: fail with "stale boot archive") or "warn" (boot on).
+	OnStale string
+	// Compression of the reference archive: "gzip" (default) or "zstd".
+	Compression string
 
 	Faults []Fault
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
@@ -124,6 +135,8 @@ type Guest struct {
 	plan    plan
 	lun     *iscsi.LUN
 	chap    *iscsi.CHAP
+	keeper  *keeper  // the reference archive; nil for another archive
+	rootFS  *os.Root // the guest's root tree on the host, for lookups (NFS)
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -187,7 +200,20 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 		if f.Applies != nil && !f.Applies(prof, spec.Root) {
 			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
 		}
+		if f.Where == "archive" && spec.Initrd != "" {
+			return nil, fmt.Errorf("fault %s changes the reference archive; this boot uses %s", f.Name, spec.Initrd)
+		}
 		f.apply(&p)
+	}
+	switch spec.OnStale {
+	case "", "stop", "warn":
+	default:
+		return nil, fmt.Errorf("on-stale %q: want stop or warn", spec.OnStale)
+	}
+	switch spec.Compression {
+	case "", "gzip", "zstd":
+	default:
+		return nil, fmt.Errorf("compression %q: want gzip or zstd", spec.Compression)
 	}
 	switch spec.Root {
 	case RootNone, RootNFS, RootISCSI:
@@ -331,6 +357,11 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 			}
 		}
 		l.nfs.Export(NFSExport, g.IP, base)
+		root, err := os.OpenRoot(base)
+		if err != nil {
+			return err
+		}
+		g.rootFS = root
 	case RootISCSI:
 		img := base + ".img"
 		if _, err := os.Stat(img); err != nil {
@@ -383,10 +414,71 @@ func (g *Guest) cmdline() string {
 			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
 		}
 	}
+	if g.keeper != nil {
+		// The reference init asks the boot server for files its archive
+		// lacks, and stops on a stale archive unless told to warn.
+		s += fmt.Sprintf(" nbh.files=http://%s/%s/files", g.lab.Server(), g.Name)
+		if g.plan.warn || g.spec.OnStale == "warn" {
+			s += " nbh.archive=warn"
+		}
+	}
 	if g.spec.Append != "" {
 		s += " " + g.spec.Append
 	}
 	return s
+}
+
+// skewedKernel names a kernel version the archive's modules are recorded for
+// in the module-skew fault: the same release with another ABI number.
+func skewedKernel(v string) string {
+	if i := strings.Index(v, "-"); i > 0 {
+		return v[:i] + "-0-nbh-skew"
+	}
+	return v + "-nbh-skew"
+}
+
+// rootDriver is the module a root cannot be mounted without.
+var rootDriver = map[string]string{RootNFS: "nfsv3", RootISCSI: "iscsi_tcp"}
+
+// referenceArchive builds the guest's reference archive and the keeper that
+// serves it, and returns its path. A network (NFS) root's archive carries a
+// copy of the root's editable configuration, which the keeper keeps current;
+// a local (iSCSI) root's carries none: the init reads it from the root.
+func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, p plan) (string, error) {
+	opts := fixtures.Options{Extra: g.spec.ArchiveFiles, Compression: g.spec.Compression}
+	if g.spec.Root == RootNFS {
+		opts.Root = filepath.Join(g.lab.work, "roots", g.Name)
+		opts.Tracked = []archive.Tracked{{Path: fixtures.ConfigPath, Editable: true}}
+	}
+	if p.skew {
+		opts.Kernel = skewedKernel(k.Version)
+	}
+	if p.missingModule {
+		opts.OmitModules = []string{rootDriver[g.spec.Root]}
+	}
+	kp := &keeper{g: g, k: k, opts: opts, refresh: !g.spec.NoArchiveRefresh && !p.noRefresh}
+	if g.Profile.Firmware != qemu.Direct {
+		kp.served = filepath.Join(g.lab.srv, g.Name, "initrd.img")
+	}
+	kp.mu.Lock()
+	err := kp.build(ctx, "build", "boot of "+g.Name)
+	kp.mu.Unlock()
+	if err != nil {
+		return "", err
+	}
+	if p.editConfig {
+		if err := kp.edit("site=changed-after-the-archive-was-built"); err != nil {
+			return "", err
+		}
+	}
+	g.keeper = kp
+	if kp.served == "" {
+		// QEMU loads the archive itself: this is the fetch.
+		if err := kp.fresh(ctx); err != nil {
+			return "", err
+		}
+	}
+	return kp.path(), nil
 }
 
 // bootFiles prepares the kernel and archive, and the loader configs in the
@@ -403,8 +495,7 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			kernel = k.Image
 		}
 		if initrd == "" {
-			initrd = filepath.Join(g.private, "initrd.img")
-			if _, err := fixtures.Reference(ctx, l.cache, k, initrd, g.spec.ArchiveFiles); err != nil {
+			if initrd, err = g.referenceArchive(ctx, k, p); err != nil {
 				return "", "", err
 			}
 		}
@@ -418,8 +509,10 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			return "", "", fmt.Errorf("lab: %w", err)
 		}
 	}
-	if err := place(initrd, filepath.Join(dir, "initrd.img")); err != nil {
-		return "", "", fmt.Errorf("lab: %w", err)
+	if g.keeper == nil {
+		if err := place(initrd, filepath.Join(dir, "initrd.img")); err != nil {
+			return "", "", fmt.Errorf("lab: %w", err)
+		}
 	}
 	b := bootcfg.Boot{Server: l.Server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline()}
 	switch g.Profile.Firmware {
@@ -706,6 +799,13 @@ func (g *Guest) Spans() []timeline.Span {
 	return timeline.Spans(g.lab.Timeline.Events(g.Name), time.Now())
 }
 
+// Console is the guest's serial console so far, as in console.log: one line
+// per console line, after its time since QEMU started.
+func (g *Guest) Console() string {
+	b, _ := os.ReadFile(filepath.Join(g.Dir, "console.log"))
+	return string(b)
+}
+
 // Process is the guest's QEMU.
 func (g *Guest) Process() *qemu.Process { return g.proc }
 
@@ -756,6 +856,9 @@ func (g *Guest) close() error {
 	}
 	if g.lun != nil {
 		g.lun.Close()
+	}
+	if g.rootFS != nil {
+		g.rootFS.Close()
 	}
 	os.RemoveAll(g.private)
 	return err

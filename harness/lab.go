@@ -6,8 +6,10 @@
 package harness
 
 import (
+	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
+	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
 	"nbh.dev/nbh/harness/iscsi"
@@ -47,6 +50,7 @@ type Lab struct {
 	log   io.Writer
 	work  string // private folder, removed on Close
 	srv   string // served root of TFTP and HTTP
+	files bootfile.Opener
 
 	dhcp  *dhcp.Server
 	nfs   *nfs.Server
@@ -97,12 +101,18 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, err
 	}
 	l.closers = append(l.closers, l.dhcp)
-	tftpd, err := tftp.Start(l.Fabric.Stack, host, l.srv, l.Timeline)
+	srvRoot, err := os.OpenRoot(l.srv)
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	l.closers = append(l.closers, srvRoot)
+	l.files = bootfile.Root(srvRoot)
+	tftpd, err := tftp.Start(l.Fabric.Stack, host, l.open, l.Timeline)
 	if err != nil {
 		return nil, err
 	}
 	l.closers = append(l.closers, tftpd)
-	httpd, err := httpboot.Start(l.Fabric.Stack, host, 80, l.srv, l.Timeline)
+	httpd, err := httpboot.Start(l.Fabric.Stack, host, 80, l.open, l.Timeline)
 	if err != nil {
 		return nil, err
 	}
@@ -123,6 +133,37 @@ func New(opts Options) (l *Lab, err error) {
 	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
 	l.closers = append(l.closers, l.iscsi)
 	return l, nil
+}
+
+// open is what TFTP and HTTP serve: the served root, where a guest's
+// reference archive is kept current before each fetch and damaged or swapped
+// in flight as its faults say, and GUEST/files/PATH, the guest's own root
+// tree, which the reference init asks for files its archive lacks.
+func (l *Lab) open(name, addr string) (*bootfile.File, error) {
+	guest, rest, _ := strings.Cut(strings.TrimLeft(name, "/"), "/")
+	l.mu.Lock()
+	g := l.byName[guest]
+	l.mu.Unlock()
+	if g == nil {
+		return l.files(name, addr)
+	}
+	if p, ok := strings.CutPrefix(rest, "files/"); ok {
+		if g.rootFS == nil {
+			return nil, fmt.Errorf("%s has no root tree on the boot server: %w", guest, fs.ErrNotExist)
+		}
+		return bootfile.Root(g.rootFS)(p, addr)
+	}
+	if rest != "initrd.img" || g.keeper == nil || g.keeper.served == "" {
+		return l.files(name, addr)
+	}
+	if err := g.keeper.fresh(context.Background()); err != nil {
+		l.Timeline.Emit(timeline.Event{Source: "archive", Kind: "error", Guest: g.Name, Msg: "refresh before fetch: " + err.Error()})
+	}
+	f, err := l.files(name, addr)
+	if err != nil {
+		return nil, err
+	}
+	return g.keeper.serve(f), nil
 }
 
 // Server is the boot server's address as guests see it.
@@ -249,7 +290,9 @@ func (l *Lab) close() error {
 }
 
 // place puts a file into the served root: a hard link where possible (the
-// cache is never written through it), else a copy.
+// cache is never written through it), else a copy. The new file replaces
+// dst in one rename: a fetch that already opened dst keeps reading the old
+// file whole, and the next one gets the new file whole.
 func place(src, dst string) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
@@ -260,11 +303,15 @@ func place(src, dst string) error {
 	if err != nil {
 		return err
 	}
-	os.Remove(dst)
-	if err := os.Link(src, dst); err == nil {
-		return nil
+	tmp := dst + ".new"
+	os.Remove(tmp)
+	if err := os.Link(src, tmp); err != nil {
+		if err := fsutil.CopyFile(src, tmp); err != nil {
+			os.Remove(tmp)
+			return err
+		}
 	}
-	return fsutil.CopyFile(src, dst)
+	return os.Rename(tmp, dst)
 }
 
 func writeFile(path string, data []byte) error {

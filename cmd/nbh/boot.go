@@ -33,6 +33,9 @@ func bootCmd(ctx context.Context, args []string) int {
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the result")
 	keepPrompts := fs.Bool("keep-prompts", false, "let firmware prompts (iPXE's 2 s Ctrl-B wait) run out instead of answering them")
+	refresh := fs.String("archive-refresh", "on", "on: the boot server rebuilds the reference archive when a file it copies changes on the guest's NFS root; off: it serves the archive as built")
+	onStale := fs.String("on-stale", "stop", "what the reference init does with a stale archive: stop (fail with \"stale boot archive\") or warn (boot on)")
+	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	var faults multiFlag
 	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
@@ -61,7 +64,20 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --root %q: want none, nfs or iscsi\n", *root)
 		return exitUsage
 	}
-	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts}
+	if *refresh != "on" && *refresh != "off" {
+		fmt.Fprintf(os.Stderr, "nbh boot: --archive-refresh %q: want on or off\n", *refresh)
+		return exitUsage
+	}
+	if *onStale != "stop" && *onStale != "warn" {
+		fmt.Fprintf(os.Stderr, "nbh boot: --on-stale %q: want stop or warn\n", *onStale)
+		return exitUsage
+	}
+	if *compression != "gzip" && *compression != "zstd" {
+		fmt.Fprintf(os.Stderr, "nbh boot: --compression %q: want gzip or zstd\n", *compression)
+		return exitUsage
+	}
+	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts,
+		NoArchiveRefresh: *refresh == "off", OnStale: *onStale, Compression: *compression}
 	for _, name := range faults {
 		f, err := harness.LookupFault(name)
 		if err != nil {

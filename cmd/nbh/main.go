@@ -43,7 +43,11 @@ func faultsHelp() string {
 	var b strings.Builder
 	for _, n := range harness.FaultNames() {
 		f := harness.Faults[n]
-		fmt.Fprintf(&b, "  %-15s %s (expected: %s)\n", n, f.Help, f.Expect)
+		expect := string(f.Expect)
+		if expect == "" {
+			expect = "boots"
+		}
+		fmt.Fprintf(&b, "  %-17s %s (expected: %s)\n", n, f.Help, expect)
 	}
 	return b.String()
 }

@@ -1,45 +1,48 @@
 // Package archive builds boot archives (initramfs): cpio "newc" streams,
-// gzip-compressed, reproducible (entries sorted, fixed mtimes and owners, so
-// the same inputs give byte-identical output), with a manifest inside listing
-// every file with its size and SHA-256.
+// gzip- or zstd-compressed, reproducible (entries sorted, fixed mtimes and
+// owners, so the same inputs give byte-identical output), with a manifest
+// inside listing every file with its size, SHA-256 and source — for copies of
+// the root file system's files, the root path, so a freshness check can tell
+// when the archive has gone stale (package manifest). Build makes an archive
+// from a declared Spec through a content-addressed cache.
 package archive
 
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"sort"
 	"strings"
 
 	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+
+	"nbh.dev/nbh/harness/archive/manifest"
 )
 
 // ManifestPath is where the manifest lives inside an archive.
-const ManifestPath = "etc/nbh/manifest.json"
+const ManifestPath = manifest.Path
 
-// Manifest describes an archive's files.
-type Manifest struct {
-	Kernel string          `json:"kernel,omitempty"` // kernel version the modules belong to
-	Files  []ManifestEntry `json:"files"`
-}
+// Manifest describes an archive's files (see package manifest).
+type Manifest = manifest.Manifest
 
-// ManifestEntry is one regular file of an archive.
-type ManifestEntry struct {
-	Path   string `json:"path"`
-	Size   int64  `json:"size"`
-	SHA256 string `json:"sha256"`
-	Source string `json:"source,omitempty"` // where it came from (host path or root-relative path)
-}
+// Compressions a builder writes.
+const (
+	Gzip = "gzip"
+	Zstd = "zstd"
+)
 
 type entry struct {
-	mode   uint32    // full st_mode
-	rdev   [2]uint32 // device major, minor
-	data   []byte    // regular files; symlink target
-	source string
+	mode     uint32    // full st_mode
+	rdev     [2]uint32 // device major, minor
+	data     []byte    // regular files; symlink target
+	source   string
+	editable bool
+	secret   bool
 }
 
 // Builder collects entries; parents are created as needed.
@@ -47,6 +50,8 @@ type Builder struct {
 	entries map[string]*entry
 	// Kernel is recorded in the manifest.
 	Kernel string
+	// Compression is Gzip (the default) or Zstd.
+	Compression string
 }
 
 // New returns an empty builder.
@@ -101,6 +106,45 @@ func (b *Builder) file(p string, data []byte, perm os.FileMode, source string) e
 	return nil
 }
 
+// FromRoot adds the root file system's file rootPath, read from root (the
+// root tree on the host; symlinks cannot lead outside it), at the same path
+// in the archive. The manifest records it as a copy of rootPath, which the
+// freshness check compares; editable marks configuration.
+func (b *Builder) FromRoot(root *os.Root, rootPath string, editable bool) error {
+	rel := strings.TrimPrefix(path.Clean("/"+rootPath), "/")
+	data, err := root.ReadFile(rel)
+	if err != nil {
+		return fmt.Errorf("archive: root file %s: %w", rootPath, err)
+	}
+	fi, err := root.Stat(rel)
+	if err != nil {
+		return fmt.Errorf("archive: %w", err)
+	}
+	if err := b.file(rel, data, fi.Mode(), manifest.RootPrefix+"/"+rel); err != nil {
+		return err
+	}
+	b.entries[rel].editable = editable
+	return nil
+}
+
+// Secret adds a file whose contents are never shown: the manifest marks it
+// secret and reports print no more than a short hash of it.
+func (b *Builder) Secret(p string, data []byte) error {
+	if err := b.file(p, data, 0o600, ""); err != nil {
+		return err
+	}
+	c, _ := clean(p)
+	b.entries[c].secret = true
+	return nil
+}
+
+// Remove drops an entry (fault injection: a file the archive should carry).
+func (b *Builder) Remove(p string) {
+	if c, err := clean(p); err == nil {
+		delete(b.entries, c)
+	}
+}
+
 // Copy adds the host file src at p, keeping its permission bits.
 func (b *Builder) Copy(p, src string) error {
 	data, err := os.ReadFile(src)
@@ -139,16 +183,24 @@ func (b *Builder) CharDev(p string, perm os.FileMode, major, minor uint32) error
 
 // Manifest lists the regular files added so far.
 func (b *Builder) Manifest() Manifest {
-	m := Manifest{Kernel: b.Kernel, Files: []ManifestEntry{}}
+	m := Manifest{Kernel: b.Kernel, Compression: b.compression(), Files: []manifest.Entry{}}
 	for _, p := range b.sorted() {
 		e := b.entries[p]
 		if e.mode&0o170000 != sIFREG || p == ManifestPath {
 			continue
 		}
 		sum := sha256.Sum256(e.data)
-		m.Files = append(m.Files, ManifestEntry{Path: "/" + p, Size: int64(len(e.data)), SHA256: hex.EncodeToString(sum[:]), Source: e.source})
+		m.Files = append(m.Files, manifest.Entry{Path: "/" + p, Size: int64(len(e.data)), SHA256: hex.EncodeToString(sum[:]),
+			Source: e.source, Editable: e.editable, Secret: e.secret})
 	}
 	return m
+}
+
+func (b *Builder) compression() string {
+	if b.Compression == "" {
+		return Gzip
+	}
+	return b.Compression
 }
 
 func (b *Builder) sorted() []string {
@@ -162,11 +214,7 @@ func (b *Builder) sorted() []string {
 
 // WriteCPIO writes the uncompressed newc stream, manifest included.
 func (b *Builder) WriteCPIO(w io.Writer) error {
-	m, err := json.MarshalIndent(b.Manifest(), "", " ")
-	if err != nil {
-		return err
-	}
-	if err := b.File(ManifestPath, append(m, '\n'), 0o644); err != nil {
+	if err := b.File(ManifestPath, b.Manifest().Marshal(), 0o644); err != nil {
 		return err
 	}
 	cw := &cpioWriter{w: w}
@@ -194,14 +242,42 @@ func (b *Builder) WriteGzip(w io.Writer) error {
 	return zw.Close()
 }
 
-// WriteFile writes the gzip-compressed archive to path atomically.
+// WriteZstd writes the zstd-compressed archive (one frame, with a content
+// checksum the kernel verifies while unpacking).
+func (b *Builder) WriteZstd(w io.Writer) error {
+	zw, err := zstd.NewWriter(w, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderConcurrency(1),
+		zstd.WithWindowSize(8<<20), zstd.WithEncoderCRC(true))
+	if err != nil {
+		return err
+	}
+	if err := b.WriteCPIO(zw); err != nil {
+		zw.Close()
+		return err
+	}
+	return zw.Close()
+}
+
+// Encode writes the archive compressed as b.Compression says.
+func (b *Builder) Encode(w io.Writer) error {
+	switch b.compression() {
+	case Gzip:
+		return b.WriteGzip(w)
+	case Zstd:
+		return b.WriteZstd(w)
+	}
+	return fmt.Errorf("archive: compression %q: want %s or %s", b.Compression, Gzip, Zstd)
+}
+
+// WriteFile writes the compressed archive to path atomically: a reader of
+// path sees the whole old archive or the whole new one.
 func (b *Builder) WriteFile(path string) error {
-	tmp := path + ".tmp"
-	f, err := os.Create(tmp)
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
 	if err != nil {
 		return fmt.Errorf("archive: %w", err)
 	}
-	if err := b.WriteGzip(f); err != nil {
+	tmp := f.Name()
+	f.Chmod(0o644)
+	if err := b.Encode(f); err != nil {
 		f.Close()
 		os.Remove(tmp)
 		return fmt.Errorf("archive: %w", err)

@@ -37,6 +37,10 @@ func TestClassify(t *testing.T) {
 		{"  PXE-E16: No valid offer received.", timeline.DHCP, nil, failure.NoDHCP},
 		{"  PXE-E23: Client received TFTP error from server.", timeline.Loader, nil, failure.LoaderFetch},
 		{"No bootable device.", timeline.Firmware, nil, failure.FirmwareNoBoot},
+		{"nbh-init: FAIL archive: stale boot archive: 1 file(s) changed on the root since the archive was built: /etc/nbh/boot.conf (nbh.archive=warn boots on)", timeline.Root, nil, failure.StaleArchive},
+		{"nbh-init: FAIL archive: stale boot archive: modules for kernel 6.1.0-0-nbh-skew, running 6.1.0-56-amd64 (nbh.archive=warn boots on)", timeline.Init, nil, failure.StaleArchive},
+		{"nbh-init: FAIL missing-module: /lib/modules/6.1.0-56-amd64/kernel/fs/nfs/nfsv3.ko is not in the archive, nor on the boot server (404 Not Found)", timeline.Root, nil, failure.MissingModule},
+		{"[    2.1] Initramfs unpacking failed: crc error", timeline.Kernel, nil, failure.CorruptArchive},
 	}
 	for _, c := range cases {
 		p, ok := Classify(c.line, c.reached, c.before)

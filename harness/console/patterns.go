@@ -38,13 +38,17 @@ var Failures = []Pattern{
 	row(`nbh-init: FAIL dhcp:`, failure.NoDHCP, timeline.Init, 0, "init"),
 	row(`nbh-init: FAIL modules:`, failure.ModuleLoad, timeline.Init, 0, "init"),
 	row(`nbh-init: FAIL root:`, failure.RootMount, timeline.Root, 0, "init"),
+	row(`nbh-init: FAIL archive-integrity:`, failure.CorruptArchive, timeline.Init, 0, "init"),
+	row(`nbh-init: FAIL missing-module:`, failure.MissingModule, timeline.Root, 0, "init"),
+	row(`nbh-init: FAIL archive: stale boot archive: modules for kernel`, failure.StaleArchive, timeline.Init, 0, "init"),
+	row(`nbh-init: FAIL archive:`, failure.StaleArchive, timeline.Root, 0, "init"),
 	row(`nbh-init: FAIL (\S+):`, failure.InitFailed, timeline.Init, 0, "init"),
 
 	// Kernel.
 	row(`VFS: Unable to mount root fs`, failure.RootMount, timeline.Root, 0, "kernel"),
 	row(`Kernel panic - not syncing`, failure.KernelPanic, timeline.Kernel, 0, "kernel"),
 	row(`(Unknown symbol \S+|disagrees about version of symbol)`, failure.ModuleLoad, timeline.Init, 0, "kernel"),
-	row(`Initramfs unpacking failed`, failure.LoaderFetch, timeline.Kernel, 0, "kernel"),
+	row(`Initramfs unpacking failed`, failure.CorruptArchive, timeline.Kernel, 0, "kernel"),
 
 	// iPXE: error messages end in an ipxe.org error URL.
 	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),

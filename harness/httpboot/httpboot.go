@@ -9,7 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
+	"path"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -19,32 +19,27 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
 )
 
 // Server is a running HTTP server.
 type Server struct {
-	root *os.Root
 	srv  *http.Server
 	ln   net.Listener
 	tl   *timeline.Timeline
 	done chan struct{}
 }
 
-// Start serves dir on addr:port of the stack.
-func Start(st *stack.Stack, addr net.IP, port int, dir string, tl *timeline.Timeline) (*Server, error) {
-	root, err := os.OpenRoot(dir)
-	if err != nil {
-		return nil, fmt.Errorf("http: %w", err)
-	}
+// Start serves what open opens on addr:port of the stack.
+func Start(st *stack.Stack, addr net.IP, port int, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
 	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: uint16(port)}, ipv4.ProtocolNumber)
 	if err != nil {
-		root.Close()
 		return nil, fmt.Errorf("http: listen :%d: %w", port, err)
 	}
-	s := &Server{root: root, ln: ln, tl: tl, done: make(chan struct{})}
+	s := &Server{ln: ln, tl: tl, done: make(chan struct{})}
 	s.srv = &http.Server{
-		Handler:           Handler(root, tl),
+		Handler:           Handler(open, tl),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
 	go func() {
@@ -58,7 +53,6 @@ func Start(st *stack.Stack, addr net.IP, port int, dir string, tl *timeline.Time
 func (s *Server) Close() error {
 	err := s.srv.Close()
 	<-s.done
-	s.root.Close()
 	return err
 }
 
@@ -82,11 +76,10 @@ func (w *countingWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Handler serves root read-only (GET and HEAD, with Range), recording every
-// request on tl.
-func Handler(root *os.Root, tl *timeline.Timeline) http.Handler {
+// Handler serves what open opens, read-only (GET and HEAD, with Range),
+// recording every request on tl.
+func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 	s := &Server{tl: tl}
-	files := http.FileServerFS(root.FS())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		addr, _, _ := net.SplitHostPort(r.RemoteAddr)
 		detail := map[string]any{"method": r.Method, "path": r.URL.Path, "agent": r.UserAgent()}
@@ -109,7 +102,20 @@ func Handler(root *os.Root, tl *timeline.Timeline) http.Handler {
 		}
 		start := time.Now()
 		cw := &countingWriter{ResponseWriter: w}
-		files.ServeHTTP(cw, r)
+		if f, err := open(r.URL.Path, addr); err != nil {
+			status := http.StatusForbidden
+			if bootfile.IsNotExist(err) {
+				status = http.StatusNotFound
+			}
+			detail["error"] = err.Error()
+			http.Error(cw, http.StatusText(status), status)
+		} else {
+			// A reader that ends early (a transfer cut short) leaves the
+			// response short of its Content-Length; net/http then drops
+			// the connection, as a broken transfer would.
+			http.ServeContent(cw, r, path.Base(r.URL.Path), f.ModTime, f)
+			f.Close()
+		}
 		d := time.Since(start)
 		detail["status"] = cw.status
 		detail["bytes"] = cw.n.Load()

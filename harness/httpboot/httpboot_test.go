@@ -10,6 +10,7 @@ import (
 
 	"gotest.tools/v3/assert"
 
+	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -25,7 +26,7 @@ func serve(t *testing.T) (*httptest.Server, string, *timeline.Timeline) {
 	assert.NilError(t, err)
 	t.Cleanup(func() { r.Close() })
 	tl := timeline.New()
-	srv := httptest.NewServer(Handler(r, tl))
+	srv := httptest.NewServer(Handler(bootfile.Root(r), tl))
 	t.Cleanup(srv.Close)
 	return srv, root, tl
 }

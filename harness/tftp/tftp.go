@@ -25,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -36,6 +37,7 @@ const (
 	opERROR = 5
 	opOACK  = 6
 
+	errUndefined  = 0
 	errNotFound   = 1
 	errAccess     = 2
 	errIllegal    = 4
@@ -49,6 +51,10 @@ const (
 // errSizeQuery is a client ending the transfer right after the option
 // acknowledgement, as UEFI firmware does to learn a file's size.
 var errSizeQuery = errors.New("client ended the transfer after the option acknowledgement (size query)")
+
+// errRead is a failure to read the served file mid-transfer; the client is
+// told with an ERROR packet instead of being left to time out.
+var errRead = errors.New("reading the file failed")
 
 // Request is a parsed read or write request.
 type Request struct {
@@ -87,7 +93,7 @@ func ParseRequest(b []byte) (*Request, error) {
 
 // Server serves one root folder on UDP port 69 of a gVisor stack.
 type Server struct {
-	root  *os.Root
+	open  bootfile.Opener
 	tl    *timeline.Timeline
 	st    *stack.Stack
 	addr  tcpip.Address
@@ -96,19 +102,14 @@ type Server struct {
 	close chan struct{}
 }
 
-// Start serves dir on addr:69.
-func Start(st *stack.Stack, addr net.IP, dir string, tl *timeline.Timeline) (*Server, error) {
-	root, err := os.OpenRoot(dir)
-	if err != nil {
-		return nil, fmt.Errorf("tftp: %w", err)
-	}
+// Start serves what open opens on addr:69.
+func Start(st *stack.Stack, addr net.IP, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
 	a := tcpip.AddrFrom4Slice(addr.To4())
 	conn, err := gonet.DialUDP(st, &tcpip.FullAddress{NIC: 1, Addr: a, Port: 69}, nil, ipv4.ProtocolNumber)
 	if err != nil {
-		root.Close()
 		return nil, fmt.Errorf("tftp: listen :69: %w", err)
 	}
-	s := &Server{root: root, tl: tl, st: st, addr: a, conn: conn, close: make(chan struct{})}
+	s := &Server{open: open, tl: tl, st: st, addr: a, conn: conn, close: make(chan struct{})}
 	s.wg.Add(1)
 	go s.serve()
 	return s, nil
@@ -119,7 +120,7 @@ func (s *Server) Close() error {
 	close(s.close)
 	s.conn.Close()
 	s.wg.Wait()
-	return s.root.Close()
+	return nil
 }
 
 func (s *Server) serve() {
@@ -167,13 +168,7 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 	}
 	name := strings.TrimLeft(strings.ReplaceAll(req.Filename, "\\", "/"), "/")
 	s.emit(timeline.Event{Addr: addr, Kind: "request", Stage: timeline.Loader, Msg: req.Filename, Detail: map[string]any{"client": client, "options": req.Options}})
-	f, err := s.root.Open(name)
-	if err == nil {
-		if fi, serr := f.Stat(); serr != nil || !fi.Mode().IsRegular() {
-			f.Close()
-			err = fmt.Errorf("%s is not a regular file", name)
-		}
-	}
+	f, err := s.open(name, addr)
 	if err != nil {
 		code, msg := errNotFound, "file not found"
 		if !errors.Is(err, os.ErrNotExist) {
@@ -184,9 +179,8 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 		return
 	}
 	defer f.Close()
-	fi, _ := f.Stat()
 	start := time.Now()
-	x := &xfer{conn: conn, f: f, size: fi.Size(), blksize: 512, window: 1, timeout: time.Second}
+	x := &xfer{conn: conn, f: f, size: f.Size(), blksize: 512, window: 1, timeout: time.Second}
 	oack := x.negotiate(req.Options)
 	sent, err := x.run(oack)
 	d := time.Since(start)
@@ -197,6 +191,9 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 		return
 	}
 	if err != nil {
+		if errors.Is(err, errRead) {
+			sendError(conn, errUndefined, "transfer interrupted")
+		}
 		detail["error"] = err.Error()
 		s.emit(timeline.Event{Addr: addr, Kind: "aborted", Msg: req.Filename, Detail: detail})
 		return
@@ -282,7 +279,7 @@ func (x *xfer) run(oack []byte) (int64, error) {
 			off := (b - 1) * int64(x.blksize)
 			n, err := x.f.ReadAt(data[4:], off)
 			if err != nil && err != io.EOF {
-				return acked * int64(x.blksize), err
+				return acked * int64(x.blksize), fmt.Errorf("%w at byte %d: %v", errRead, off, err)
 			}
 			binary.BigEndian.PutUint16(data[0:], opDATA)
 			binary.BigEndian.PutUint16(data[2:], uint16(b))

@@ -17,6 +17,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
+	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/timeline"
 )
@@ -65,7 +66,10 @@ func newClient(t *testing.T) (*client, *Server, string) {
 	t.Cleanup(func() { fab.Close() })
 	root := filepath.Join(t.TempDir(), "root")
 	assert.NilError(t, os.Mkdir(root, 0o755))
-	srv, err := Start(fab.Stack, net.IP(fab.HostIP.AsSlice()), root, tl)
+	r, err := os.OpenRoot(root)
+	assert.NilError(t, err)
+	t.Cleanup(func() { r.Close() })
+	srv, err := Start(fab.Stack, net.IP(fab.HostIP.AsSlice()), bootfile.Root(r), tl)
 	assert.NilError(t, err)
 	t.Cleanup(func() { srv.Close() })
 	port, err := fab.AddPort("peer", net.HardwareAddr{2, 0, 0, 0, 0, 9}, "")

@@ -106,15 +106,38 @@ type Archive struct {
 	Path               string // the archive
 	Packages           string // the generator's package versions, one per line
 	Log                string // the full build log
+	// Seconds is how long the generator itself ran (inside the chroot,
+	// without making the chroot).
+	Seconds float64
+}
+
+// Options vary a build.
+type Options struct {
+	// Modules, when set, makes initramfs-tools include exactly these
+	// modules (MODULES=list) instead of its netboot set: for comparing its
+	// build with the reference archive's.
+	Modules []string
 }
 
 // Build returns the archive tool makes for the cached kernel of arch,
 // building it on first use (about a minute; progress goes to log, nil for
 // none). Parallel callers, in this process or others, build it once.
 func Build(ctx context.Context, c *images.Cache, tool, arch string, log io.Writer) (*Archive, error) {
+	return BuildWith(ctx, c, tool, arch, Options{}, log)
+}
+
+// BuildWith is Build with options.
+func BuildWith(ctx context.Context, c *images.Cache, tool, arch string, o Options, log io.Writer) (*Archive, error) {
 	r, ok := recipes[tool]
 	if !ok {
 		return nil, fmt.Errorf("stock: %w %q (have %s)", ErrUnknownTool, tool, strings.Join(Tools(), ", "))
+	}
+	if len(o.Modules) > 0 {
+		if tool != InitramfsTools {
+			return nil, fmt.Errorf("stock: a module list is only for %s", InitramfsTools)
+		}
+		r.configure = `sed -i -e 's/^MODULES=.*/MODULES=list/' "$1/etc/initramfs-tools/initramfs.conf"` +
+			fmt.Sprintf(` && printf '%%s\n' %s >> "$1/etc/initramfs-tools/modules"`, strings.Join(o.Modules, " "))
 	}
 	if host := hostArch(); arch != host {
 		return nil, fmt.Errorf("stock: %s archive for %s: %w: the generator runs inside an %s chroot, which on this %s host would need qemu-user emulation registered with the kernel's binfmt_misc (a host-wide change nbh does not make)", tool, arch, ErrForeignArch, arch, host)
@@ -143,6 +166,7 @@ func Build(ctx context.Context, c *images.Cache, tool, arch string, log io.Write
 	}
 	defer unlock()
 	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
+		a.Seconds = readSeconds(filepath.Join(dir, "seconds"))
 		return a, nil
 	}
 	if _, err := exec.LookPath("mmdebstrap"); err != nil {
@@ -164,7 +188,8 @@ func Build(ctx context.Context, c *images.Cache, tool, arch string, log io.Write
 		hooks = append(hooks, r.configure)
 	}
 	hooks = append(hooks,
-		fmt.Sprintf(`KVER=%s; export KVER; chroot "$1" depmod "$KVER" && chroot "$1" sh -c %s`, quote(k.Version), quote(r.make)),
+		fmt.Sprintf(`KVER=%s; export KVER; chroot "$1" depmod "$KVER" && t0=$(date +%%s.%%N) && chroot "$1" sh -c %s && t1=$(date +%%s.%%N) && echo "$t0 $t1" > %s`,
+			quote(k.Version), quote(r.make), quote(filepath.Join(tmp, "seconds"))),
 		fmt.Sprintf(`chroot "$1" dpkg-query -W -f '${Package} ${Version}\n' %s > %s`, strings.Join(r.versions, " "), quote(filepath.Join(tmp, "packages.txt"))),
 		"copy-out /tmp/initrd.img "+tmp,
 	)
@@ -229,9 +254,24 @@ func Build(ctx context.Context, c *images.Cache, tool, arch string, log io.Write
 	if err := os.Rename(tmp, dir); err != nil {
 		return nil, fmt.Errorf("stock: %w", err)
 	}
+	a.Seconds = readSeconds(filepath.Join(dir, "seconds"))
 	fi, _ := os.Stat(a.Path)
 	fmt.Fprintf(log, "stock: %s archive for %s built in %.0fs: %s (%.1f MB)\n", tool, k.Version, time.Since(start).Seconds(), a.Path, float64(fi.Size())/1e6)
 	return a, nil
+}
+
+// readSeconds reads the generator's start and end times, as date +%s.%N
+// wrote them.
+func readSeconds(p string) float64 {
+	var t0, t1 float64
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return 0
+	}
+	if _, err := fmt.Sscan(string(b), &t0, &t1); err != nil {
+		return 0
+	}
+	return t1 - t0
 }
 
 // hostArch is the host's Debian architecture.

@@ -1,0 +1,157 @@
+package archive
+
+import (
+	"bytes"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/archive/manifest"
+)
+
+// rootTree is a small root file system with one editable file, one that is
+// not, and a symlink leading out of it.
+func rootTree(t *testing.T) string {
+	base := t.TempDir()
+	root := filepath.Join(base, "root")
+	assert.NilError(t, os.MkdirAll(filepath.Join(root, "etc/nbh"), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/nbh/boot.conf"), []byte("greeting=hello\n"), 0o644))
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("g1\n"), 0o644))
+	assert.NilError(t, os.WriteFile(filepath.Join(base, "outside"), []byte("secret\n"), 0o644))
+	assert.NilError(t, os.Symlink("../../outside", filepath.Join(root, "etc/escape")))
+	return root
+}
+
+func testSpec(t *testing.T, root string) Spec {
+	initBin := filepath.Join(t.TempDir(), "init")
+	assert.NilError(t, os.WriteFile(initBin, []byte("#!/bin/sh\n"), 0o755))
+	return Spec{
+		Kernel:  "6.1.0-test",
+		Init:    initBin,
+		Dirs:    []string{"proc", "sys"},
+		Devices: []Device{{"dev/console", 0o600, 5, 1}},
+		Links:   map[string]string{"bin/sh": "busybox"},
+		Root:    root,
+		Tracked: []Tracked{{"/etc/nbh/boot.conf", true}, {"/etc/hostname", false}},
+		Secrets: map[string][]byte{"etc/nbh/esp.key": []byte("0123456789abcdef")},
+	}
+}
+
+// TestBuildIsContentAddressed: the same spec and inputs reuse the cached
+// archive; a changed input (a tracked file on the root) builds a new one.
+func TestBuildIsContentAddressed(t *testing.T) {
+	root := rootTree(t)
+	cache := t.TempDir()
+	spec := testSpec(t, root)
+	a, err := Build(spec, cache)
+	assert.NilError(t, err)
+	assert.Assert(t, !a.Cached)
+	b, err := Build(spec, cache)
+	assert.NilError(t, err)
+	assert.Assert(t, b.Cached)
+	assert.Equal(t, a.Path, b.Path)
+
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/nbh/boot.conf"), []byte("greeting=changed\n"), 0o644))
+	c, err := Build(spec, cache)
+	assert.NilError(t, err)
+	assert.Assert(t, !c.Cached)
+	assert.Assert(t, c.Path != a.Path)
+
+	spec.Compression = Zstd
+	d, err := Build(spec, cache)
+	assert.NilError(t, err)
+	assert.Assert(t, strings.HasSuffix(d.Path, ".cpio.zst"), d.Path)
+	assert.Equal(t, d.Manifest.Compression, Zstd)
+
+	spec.Compression = "lz4"
+	_, err = Build(spec, cache)
+	assert.ErrorContains(t, err, "compression")
+}
+
+// TestManifestRecordsSources: tracked files keep their root path and
+// editability; secrets are marked; the manifest inside the archive is the
+// one Build returns.
+func TestManifestRecordsSources(t *testing.T) {
+	root := rootTree(t)
+	spec := testSpec(t, root)
+	spec.Compression = Zstd
+	r, err := Build(spec, t.TempDir())
+	assert.NilError(t, err)
+	conf, ok := r.Manifest.Lookup("/etc/nbh/boot.conf")
+	assert.Assert(t, ok)
+	assert.Equal(t, conf.RootPath(), "/etc/nbh/boot.conf")
+	assert.Assert(t, conf.Editable)
+	host, _ := r.Manifest.Lookup("etc/hostname")
+	assert.Assert(t, !host.Editable && host.RootPath() == "/etc/hostname")
+	key, _ := r.Manifest.Lookup("/etc/nbh/esp.key")
+	assert.Assert(t, key.Secret)
+	assert.Equal(t, r.Manifest.Kernel, "6.1.0-test")
+
+	// Unpack with the system's cpio after zstd: the manifest inside
+	// matches, and every file matches its entry.
+	f, err := os.Open(r.Path)
+	assert.NilError(t, err)
+	defer f.Close()
+	zr, err := zstd.NewReader(f)
+	assert.NilError(t, err)
+	raw, err := io.ReadAll(zr)
+	assert.NilError(t, err)
+	dir := t.TempDir()
+	x := exec.Command("cpio", "-id", "--no-absolute-filenames", "--nonmatching", "dev/*")
+	x.Dir = dir
+	x.Stdin = bytes.NewReader(raw)
+	out, err := x.CombinedOutput()
+	assert.NilError(t, err, "%s", out)
+	mb, err := os.ReadFile(filepath.Join(dir, ManifestPath))
+	assert.NilError(t, err)
+	inside, err := manifest.Parse(mb)
+	assert.NilError(t, err)
+	assert.DeepEqual(t, inside, r.Manifest)
+	drift, err := manifest.Check(inside, os.DirFS(dir))
+	assert.NilError(t, err)
+	assert.Equal(t, len(drift), 0, "the archive is not fresh against its own contents: %v", drift)
+}
+
+// TestCheckFindsDrift: a changed file and a removed one both drift, with
+// both hashes; untouched files do not.
+func TestCheckFindsDrift(t *testing.T) {
+	root := rootTree(t)
+	r, err := Build(testSpec(t, root), t.TempDir())
+	assert.NilError(t, err)
+	rt, err := os.OpenRoot(root)
+	assert.NilError(t, err)
+	defer rt.Close()
+	drift, err := manifest.Check(r.Manifest, rt.FS())
+	assert.NilError(t, err)
+	assert.Equal(t, len(drift), 0)
+
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/nbh/boot.conf"), []byte("greeting=changed\n"), 0o644))
+	assert.NilError(t, os.Remove(filepath.Join(root, "etc/hostname")))
+	drift, err = manifest.Check(r.Manifest, rt.FS())
+	assert.NilError(t, err)
+	assert.Equal(t, len(drift), 2)
+	assert.Equal(t, drift[0].Root, "/etc/hostname")
+	assert.Equal(t, drift[0].Now, "")
+	assert.Assert(t, strings.Contains(drift[0].String(), "root=missing"), drift[0].String())
+	assert.Equal(t, drift[1].Root, "/etc/nbh/boot.conf")
+	assert.Assert(t, drift[1].Now != "" && drift[1].Now != drift[1].Archive)
+}
+
+// TestTrackedFileCannotEscapeTheRoot: a tracked path that is a symlink out
+// of the root tree is refused, not copied.
+func TestTrackedFileCannotEscapeTheRoot(t *testing.T) {
+	root := rootTree(t)
+	spec := testSpec(t, root)
+	spec.Tracked = append(spec.Tracked, Tracked{Path: "/etc/escape"})
+	_, err := Build(spec, t.TempDir())
+	assert.ErrorContains(t, err, "/etc/escape")
+	spec.Tracked = []Tracked{{Path: "/../outside"}}
+	_, err = Build(spec, t.TempDir())
+	assert.Assert(t, err != nil, "a path above the root was read")
+}
