@@ -38,6 +38,8 @@ type plan struct {
 	corrupt       bool // one bit of the archive flips in transit
 	swap          bool // the archive is rebuilt while it downloads
 	warn          bool // the init boots on from a stale archive
+	sign          bool // the loader verifies signatures (Spec.Signed)
+	tamper        bool // the signed archive changes after signing
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -47,6 +49,9 @@ func notDirect(p qemu.Profile, _ string) bool { return p.Firmware != qemu.Direct
 func nfsRoot(_ qemu.Profile, root string) bool { return root == RootNFS }
 
 func iscsiRoot(_ qemu.Profile, root string) bool { return root == RootISCSI }
+
+// canVerify: the chains whose loader checks signatures of what it loads.
+func canVerify(p qemu.Profile, _ string) bool { return p.Firmware == qemu.AAVMFGRUB }
 
 func anyRoot(_ qemu.Profile, root string) bool { return root != RootNone }
 
@@ -108,6 +113,11 @@ var Faults = map[string]Fault{
 		Name: "archive-swap", Where: "archive", Expect: failure.None, Applies: nfsNotDirect,
 		Help:  "the root changes and the archive is rebuilt while the guest downloads it: the guest still gets the whole old archive, says it is stale and boots on",
 		apply: func(p *plan) { p.swap, p.warn = true, true },
+	},
+	"tampered-archive": {
+		Name: "tampered-archive", Where: "archive", Expect: failure.BadSignature, Applies: canVerify,
+		Help:  "the loader verifies signatures (as --signed) and the archive changes after the harness signed it",
+		apply: func(p *plan) { p.sign, p.tamper = true, true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,

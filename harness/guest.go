@@ -22,6 +22,7 @@ import (
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 )
@@ -59,6 +60,11 @@ type Spec struct {
 	OnStale string
 	// Compression of the reference archive: "gzip" (default) or "zstd".
 	Compression string
+	// Signed makes the loader verify what it loads: the lab signs the
+	// kernel, the archive and the loader's config with its own key and
+	// builds the key into the loader, which refuses anything unsigned or
+	// changed. Only GRUB (aavmf-grub) can; see README.
+	Signed bool
 
 	Faults []Fault
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
@@ -214,6 +220,12 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	case "", "gzip", "zstd":
 	default:
 		return nil, fmt.Errorf("compression %q: want gzip or zstd", spec.Compression)
+	}
+	if spec.Signed {
+		p.sign = true
+	}
+	if p.sign && !canVerify(prof, spec.Root) {
+		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only arm64/aavmf-grub (GRUB with an embedded key) can", prof.Name())
 	}
 	switch spec.Root {
 	case RootNone, RootNFS, RootISCSI:
@@ -531,11 +543,27 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			err = writeFile(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", bootcfg.UBootScript()))
 		}
 	case qemu.AAVMFGRUB:
-		err = writeFile(filepath.Join(dir, "grub", "grub.cfg"), []byte(bootcfg.GRUBConfig(b)))
+		cfg := filepath.Join(dir, "grub", "grub.cfg")
+		err = writeFile(cfg, []byte(bootcfg.GRUBConfig(b)))
+		var pubkey string
+		if err == nil && p.sign {
+			var key *sign.Key
+			if key, err = l.signingKey(ctx); err == nil {
+				pubkey = key.Public
+				for _, f := range []string{cfg, filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")} {
+					if _, serr := os.Stat(f); serr != nil {
+						continue // missing-kernel: nothing to sign
+					}
+					if err = key.Sign(ctx, f); err != nil {
+						break
+					}
+				}
+			}
+		}
 		if err == nil {
 			var mods string
 			if mods, err = l.cache.Path(ctx, "arm64", images.GRUBArm64); err == nil {
-				err = bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"))
+				err = bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"), pubkey)
 			}
 		}
 	}

@@ -47,6 +47,15 @@ func (kp *keeper) build(ctx context.Context, kind, cause string) error {
 		if err := place(res.Path, kp.served); err != nil {
 			return fmt.Errorf("lab: serve the archive: %w", err)
 		}
+		if kp.g.plan.sign {
+			key, err := kp.g.lab.signingKey(ctx)
+			if err != nil {
+				return err
+			}
+			if err := key.Sign(ctx, kp.served); err != nil {
+				return err
+			}
+		}
 	}
 	kp.cur = res
 	fi, _ := os.Stat(res.Path)
@@ -128,6 +137,9 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 	switch {
 	case p.truncate:
 		return bootfile.Wrap(f, bootfile.Truncated(f, f.Size()/2))
+	case p.tamper:
+		// Changed after signing: the signature no longer matches.
+		return bootfile.Wrap(f, bootfile.BitFlip(f, f.Size()/2))
 	case p.corrupt:
 		// Near the end: in the modules, after /init, so the damage is
 		// the unpacker's or the init's integrity check's to find, not a

@@ -26,6 +26,7 @@ import (
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/nfs"
+	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/harness/tftp"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -55,6 +56,10 @@ type Lab struct {
 	dhcp  *dhcp.Server
 	nfs   *nfs.Server
 	iscsi *iscsi.Server
+
+	keyOnce sync.Once
+	key     *sign.Key // the lab's signing key, made on first use
+	keyErr  error
 
 	mu        sync.Mutex
 	guests    map[string]*Guest // by MAC
@@ -164,6 +169,20 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return nil, err
 	}
 	return g.keeper.serve(f), nil
+}
+
+// signingKey is the lab's signing key, made on first use and stopped (its
+// gpg-agent) when the lab closes.
+func (l *Lab) signingKey(ctx context.Context) (*sign.Key, error) {
+	l.keyOnce.Do(func() {
+		l.key, l.keyErr = sign.NewKey(ctx, filepath.Join(l.work, "gpg"))
+		if l.keyErr == nil {
+			l.mu.Lock()
+			l.closers = append(l.closers, l.key)
+			l.mu.Unlock()
+		}
+	})
+	return l.key, l.keyErr
 }
 
 // Server is the boot server's address as guests see it.

@@ -133,11 +133,59 @@ func TestArchiveFreshAndZstd(t *testing.T) {
 	}
 }
 
+// hasEvent reports an event of source (any, when "") and kind whose message
+// contains msg.
 func hasEvent(events []timeline.Event, source, kind, msg string) bool {
 	for _, e := range events {
-		if e.Source == source && e.Kind == kind && strings.Contains(e.Msg, msg) {
+		if (source == "" || e.Source == source) && e.Kind == kind && strings.Contains(e.Msg, msg) {
 			return true
 		}
 	}
 	return false
+}
+
+// TestSignedArchive: GRUB with the lab's key built in and signatures
+// enforced boots what the lab signed — also an archive the boot server
+// rebuilt (and re-signed) because the root changed — and refuses an archive
+// changed after signing, classified at the loader.
+func TestSignedArchive(t *testing.T) {
+	needGuests(t)
+	if !selected("arm64", "aavmf-grub") {
+		t.Skip("arm64/aavmf-grub not selected")
+	}
+	cases := []struct {
+		fault string
+		want  failure.Reason
+	}{
+		{"config-changed", failure.None},
+		{"tampered-archive", failure.BadSignature},
+	}
+	for _, c := range cases {
+		t.Run(c.fault, func(t *testing.T) {
+			f, err := harness.LookupFault(c.fault)
+			assert.NilError(t, err)
+			lab := harness.NewTestLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "aavmf-grub", Root: harness.RootNFS, Signed: true,
+				Faults: []harness.Fault{f}, Artifacts: harness.TestArtifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			events := lab.Timeline.Events("g1")
+			for _, sig := range []string{"/g1/grub/grub.cfg.sig", "/g1/vmlinuz.sig", "/g1/initrd.img.sig"} {
+				assert.Check(t, hasEvent(events, "", "transfer", sig), "GRUB did not fetch %s", sig)
+			}
+			if c.want == failure.None {
+				assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+				assert.Check(t, hasEvent(events, "archive", "rebuild", "/etc/nbh/boot.conf"))
+				return
+			}
+			assert.Assert(t, !v.OK, "GRUB booted a tampered archive")
+			assert.Equal(t, v.Reason, c.want, "%v", v.Err())
+			assert.Equal(t, v.Stage, timeline.Loader)
+			assert.Check(t, is.Contains(v.Line, "bad signature"))
+		})
+	}
+	// Loaders that cannot verify are refused, not silently unverified.
+	lab := harness.NewTestLab(t)
+	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "uboot", Signed: true})
+	assert.ErrorContains(t, err, "cannot verify signatures")
 }

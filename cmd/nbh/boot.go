@@ -36,6 +36,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	refresh := fs.String("archive-refresh", "on", "on: the boot server rebuilds the reference archive when a file it copies changes on the guest's NFS root; off: it serves the archive as built")
 	onStale := fs.String("on-stale", "stop", "what the reference init does with a stale archive: stop (fail with \"stale boot archive\") or warn (boot on)")
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
+	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
 	var faults multiFlag
 	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
@@ -48,7 +49,8 @@ func bootCmd(ctx context.Context, args []string) int {
 	if *firmware == "" {
 		*firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*arch]
 	}
-	if _, err := qemu.Lookup(*arch, *firmware); err != nil {
+	prof, err := qemu.Lookup(*arch, *firmware)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		return exitUsage
 	}
@@ -56,6 +58,7 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
 		return exitUsage
 	}
+	rootName := *root
 	switch *root {
 	case "none":
 		*root = harness.RootNone
@@ -72,16 +75,24 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --on-stale %q: want stop or warn\n", *onStale)
 		return exitUsage
 	}
+	if *signed && prof.Firmware != qemu.AAVMFGRUB {
+		fmt.Fprintf(os.Stderr, "nbh boot: --signed: %s's loader cannot verify signatures; only arm64/aavmf-grub can (see README)\n", prof.Name())
+		return exitUsage
+	}
 	if *compression != "gzip" && *compression != "zstd" {
 		fmt.Fprintf(os.Stderr, "nbh boot: --compression %q: want gzip or zstd\n", *compression)
 		return exitUsage
 	}
 	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts,
-		NoArchiveRefresh: *refresh == "off", OnStale: *onStale, Compression: *compression}
+		NoArchiveRefresh: *refresh == "off", OnStale: *onStale, Compression: *compression, Signed: *signed}
 	for _, name := range faults {
 		f, err := harness.LookupFault(name)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			return exitUsage
+		}
+		if f.Applies != nil && !f.Applies(prof, spec.Root) {
+			fmt.Fprintf(os.Stderr, "nbh boot: fault %s does not apply to %s with --root %s\n", name, prof.Name(), rootName)
 			return exitUsage
 		}
 		spec.Faults = append(spec.Faults, f)

@@ -65,7 +65,7 @@ func BenchmarkArchive(b *testing.B) {
 		}
 		mods := append(append(append([]string(nil), fixtures.NetModules...), fixtures.NFSModules...), fixtures.ISCSIModules...)
 		for b.Loop() {
-			a, err := stock.BuildWith(ctx, c, stock.InitramfsTools, "amd64", stock.Options{Modules: mods}, nil)
+			a, err := stock.BuildWith(ctx, c, stock.InitramfsTools, "amd64", stock.Options{Modules: mods, Rebuild: true}, nil)
 			if err != nil {
 				b.Skip(err)
 			}

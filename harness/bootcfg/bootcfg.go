@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"os"
 	"os/exec"
 	"sort"
 	"strings"
@@ -111,15 +112,33 @@ echo "nbh: GRUB boot failed"
 // GRUBModules are built into the netboot image.
 var GRUBModules = []string{"tftp", "http", "net", "efinet", "linux", "normal", "configfile", "echo", "gzio", "test", "boot", "halt", "reboot"}
 
+// GRUBVerifyModules are added to a netboot image that verifies signatures:
+// OpenPGP, RSA and SHA-256.
+var GRUBVerifyModules = []string{"pgp", "gcry_rsa", "gcry_sha256"}
+
 // GRUBImage runs grub-mkimage to build an arm64-efi netboot image whose
 // prefix is prefix (e.g. "(tftp)/g1/grub"): GRUB then reads grub.cfg from
-// there, from the server the firmware's DHCP named.
-func GRUBImage(ctx context.Context, moduleDir, prefix, out string) error {
+// there, from the server the firmware's DHCP named. With pubkey (a binary
+// OpenPGP public key), the key is built in and an embedded early config sets
+// check_signatures=enforce: GRUB then loads no file — grub.cfg, kernel,
+// archive — without a valid FILE.sig by that key.
+func GRUBImage(ctx context.Context, moduleDir, prefix, out, pubkey string) error {
 	tool, err := exec.LookPath("grub-mkimage")
 	if err != nil {
 		return fmt.Errorf("bootcfg: grub-mkimage is not installed (Debian package grub-common): %w", err)
 	}
-	args := append([]string{"-O", "arm64-efi", "-d", moduleDir, "-p", prefix, "-o", out}, GRUBModules...)
+	args := []string{"-O", "arm64-efi", "-d", moduleDir, "-p", prefix, "-o", out}
+	mods := GRUBModules
+	if pubkey != "" {
+		early := out + ".early.cfg"
+		if err := os.WriteFile(early, []byte("set check_signatures=enforce\nexport check_signatures\n"), 0o644); err != nil {
+			return fmt.Errorf("bootcfg: %w", err)
+		}
+		defer os.Remove(early)
+		args = append(args, "--pubkey", pubkey, "-c", early)
+		mods = append(append([]string(nil), mods...), GRUBVerifyModules...)
+	}
+	args = append(args, mods...)
 	if b, err := exec.CommandContext(ctx, tool, args...).CombinedOutput(); err != nil {
 		return fmt.Errorf("bootcfg: grub-mkimage: %v: %s", err, strings.TrimSpace(string(b)))
 	}

@@ -62,6 +62,7 @@ var Failures = []Pattern{
 	row(`(Bad Linux ARM64 Image magic|Wrong Image Format|ERROR: Did not find a cmdline Flattened Device Tree)`, failure.LoaderError, timeline.Loader, timeline.Kernel, "u-boot"),
 
 	// GRUB.
+	row(`error: (bad signature|verification requested but nobody cares|public key .* not found)`, failure.BadSignature, timeline.Loader, timeline.Kernel, "grub"),
 	row(`error: (file .* not found|.*couldn't find|.*timeout|.*connection refused|.*unresolvable|.*404)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "grub"),
 	row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
 

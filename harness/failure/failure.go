@@ -18,6 +18,7 @@ const (
 	MissingModule  Reason = "missing module"
 	StaleArchive   Reason = "stale boot archive"
 	CorruptArchive Reason = "corrupt boot archive"
+	BadSignature   Reason = "signature verification failed"
 	InitFailed     Reason = "init failed"
 	GuestStopped   Reason = "guest stopped before the marker"
 	QEMUFailed     Reason = "qemu failed"

@@ -117,6 +117,9 @@ type Options struct {
 	// modules (MODULES=list) instead of its netboot set: for comparing its
 	// build with the reference archive's.
 	Modules []string
+	// Rebuild builds again even when the cache has the archive (for
+	// timing the generator in this run).
+	Rebuild bool
 }
 
 // Build returns the archive tool makes for the cached kernel of arch,
@@ -165,7 +168,7 @@ func BuildWith(ctx context.Context, c *images.Cache, tool, arch string, o Option
 		return nil, err
 	}
 	defer unlock()
-	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil {
+	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil && !o.Rebuild {
 		a.Seconds = readSeconds(filepath.Join(dir, "seconds"))
 		return a, nil
 	}
