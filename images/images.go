@@ -16,8 +16,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,8 +25,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Arches are the guest architectures nbh boots, in Debian's spelling.
@@ -131,7 +130,7 @@ func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) 
 		}
 		pins[name] = p
 		b, _ := json.MarshalIndent(pins, "", "  ")
-		if err := writeAtomic(lockPath, b); err != nil {
+		if err := fsutil.WriteAtomic(lockPath, b); err != nil {
 			return "", err
 		}
 	}
@@ -148,18 +147,11 @@ func (c *Cache) pkgDir(name, version, arch string) string {
 
 // lock serialises cache writers across processes (parallel tests, CLI runs).
 func (c *Cache) lock() (func(), error) {
-	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("images: %w", err)
-	}
-	f, err := os.OpenFile(filepath.Join(c.Dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err := fsutil.LockDir(c.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("images: %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("images: lock cache: %w", err)
-	}
-	return func() { f.Close() }, nil
+	return unlock, nil
 }
 
 // aptArgs points apt at private folders under the cache for arch.
@@ -276,7 +268,7 @@ func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) 
 	if !strings.HasPrefix(dep, "linux-image-") {
 		return "", fmt.Errorf("images: linux-image-%s depends on %q, not a kernel package", arch, dep)
 	}
-	return dep, writeAtomic(path, []byte(dep+"\n"))
+	return dep, fsutil.WriteAtomic(path, []byte(dep+"\n"))
 }
 
 func parseStanza(b []byte) map[string]string {
@@ -318,7 +310,7 @@ func (c *Cache) fetch(ctx context.Context, arch, name string, p pin, dir string)
 	if len(debs) != 1 {
 		return fmt.Errorf("images: apt-get download %s left %d .deb files", name, len(debs))
 	}
-	sum, err := fileSHA256(debs[0])
+	sum, err := fsutil.SHA256File(debs[0])
 	if err != nil {
 		return err
 	}
@@ -371,27 +363,6 @@ func (c *Cache) progress(dir, name string, size int64) func() {
 		}
 	}()
 	return func() { close(done) }
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-func writeAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // Pins lists the resolved packages of arch as "name version" lines.

@@ -11,6 +11,7 @@ import (
 	"sort"
 
 	"nbh.dev/nbh/harness/archive/manifest"
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Spec declares an archive: what goes in, from where. The same Spec with the
@@ -109,8 +110,8 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 		return nil, err
 	}
 	r.Manifest = b.Manifest()
-	if err := writeAtomic(mpath, r.Manifest.Marshal()); err != nil {
-		return nil, err
+	if err := fsutil.WriteAtomic(mpath, r.Manifest.Marshal()); err != nil {
+		return nil, fmt.Errorf("archive: %w", err)
 	}
 	return r, nil
 }
@@ -270,19 +271,4 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(keys)
 	return keys
-}
-
-func writeAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("archive: %w", err)
-	}
-	_, werr := f.Write(data)
-	cerr := f.Close()
-	if werr != nil || cerr != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("archive: write %s: %v %v", path, werr, cerr)
-	}
-	os.Chmod(f.Name(), 0o644)
-	return os.Rename(f.Name(), path)
 }

@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // The generators.
@@ -163,9 +164,9 @@ func BuildWith(ctx context.Context, c *images.Cache, tool, arch string, o Option
 	a := &Archive{Tool: tool, Arch: arch, Kernel: k.Version,
 		Path: filepath.Join(dir, "initrd.img"), Packages: filepath.Join(dir, "packages.txt"), Log: filepath.Join(dir, "build.log")}
 
-	unlock, err := lock(filepath.Join(c.Dir, "stock"))
+	unlock, err := fsutil.LockDir(filepath.Join(c.Dir, "stock"))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("stock: %w", err)
 	}
 	defer unlock()
 	if _, err := os.Stat(filepath.Join(dir, ".complete")); err == nil && !o.Rebuild {
@@ -327,22 +328,6 @@ func hasEntries(b []byte) bool {
 		}
 	}
 	return false
-}
-
-// lock serialises builds across processes.
-func lock(dir string) (func(), error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("stock: %w", err)
-	}
-	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("stock: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("stock: lock: %w", err)
-	}
-	return func() { f.Close() }, nil
 }
 
 // quote makes s one word for sh.

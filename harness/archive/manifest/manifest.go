@@ -5,17 +5,15 @@
 package manifest
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"os"
 	"path"
 	"sort"
 	"strings"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Path is where the manifest lives inside an archive.
@@ -92,6 +90,7 @@ func Parse(b []byte) (Manifest, error) {
 
 // Marshal writes a manifest, entries sorted by path.
 func (m Manifest) Marshal() []byte {
+	m.Files = append([]Entry(nil), m.Files...) // sort a copy, not the caller's
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
 	b, _ := json.MarshalIndent(m, "", " ")
 	return append(b, '\n')
@@ -150,23 +149,8 @@ func Hash(fsys fs.FS, p string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	return fsutil.SHA256(f)
 }
 
 // HashFile is the hex SHA-256 of a host file.
-func HashFile(p string) (string, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
+func HashFile(p string) (string, error) { return fsutil.SHA256File(p) }

@@ -1,0 +1,106 @@
+package ipsec
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+)
+
+// tcpPacket is an IPv4 TCP packet from 10.0.2.15:40000 to 10.0.2.2:dport.
+func tcpPacket(dport uint16, payload []byte) []byte {
+	p := make([]byte, 20+20+len(payload))
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	p[8], p[9] = 64, ProtoTCP
+	copy(p[12:], []byte{10, 0, 2, 15})
+	copy(p[16:], []byte{10, 0, 2, 2})
+	binary.BigEndian.PutUint16(p[20:], 40000)
+	binary.BigEndian.PutUint16(p[22:], dport)
+	copy(p[40:], payload)
+	fixHeader(p, 20)
+	return p
+}
+
+func checksumOK(p []byte) bool {
+	var sum uint32
+	for i := 0; i < int(p[0]&0xf)*4; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(p[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return sum == 0xffff
+}
+
+// TestTransportMode: Encap hides the TCP header and data, keeps the IP
+// header valid, and Decap restores the packet exactly.
+func TestTransportMode(t *testing.T) {
+	out, in := pair(t, 32)
+	secret := []byte("NFS READ reply: root file system contents")
+	pkt := tcpPacket(2049, secret)
+	esp, err := Encap(out, pkt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if esp[9] != ProtoESP || !checksumOK(esp) || int(binary.BigEndian.Uint16(esp[2:])) != len(esp) {
+		t.Fatalf("bad outer header %x", esp[:20])
+	}
+	if bytes.Contains(esp, secret) {
+		t.Fatal("the payload is visible in the ESP packet")
+	}
+	if proto, _, _, _ := Ports(esp); proto != ProtoESP {
+		t.Fatalf("Ports of ESP: proto %d", proto)
+	}
+	back, err := Decap(in, esp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(back, pkt) {
+		t.Fatalf("decap:\n got %x\nwant %x", back, pkt)
+	}
+	frag := tcpPacket(2049, secret)
+	frag[6] = 0x20 // more fragments
+	if _, err := Encap(out, frag); !errors.Is(err, ErrFragment) {
+		t.Fatalf("fragment: %v", err)
+	}
+	if _, err := Decap(in, pkt); err == nil {
+		t.Fatal("decapsulated a clear packet")
+	}
+}
+
+// TestRequiredPolicy: the root's services are protect-only, the boot path
+// is clear, the rest is dropped; counters follow.
+func TestRequiredPolicy(t *testing.T) {
+	p := Required()
+	cases := []struct {
+		proto    uint8
+		src, dst uint16
+		want     Action
+	}{
+		{ProtoTCP, 40000, 2049, Protect},
+		{ProtoTCP, 2049, 40000, Protect}, // the reply
+		{ProtoTCP, 40001, 3260, Protect},
+		{ProtoUDP, 700, 111, Protect},
+		{ProtoUDP, 68, 67, Bypass},
+		{ProtoUDP, 1024, 69, Bypass},
+		{ProtoUDP, 50123, 1024, Bypass}, // a TFTP transfer port
+		{ProtoTCP, 40002, 80, Bypass},
+		{ProtoICMP, 0, 0, Bypass},
+		{ProtoTCP, 40003, 22, Discard},
+	}
+	for _, c := range cases {
+		if got, _ := p.Decide(c.proto, c.src, c.dst); got != c.want {
+			t.Errorf("%d %d->%d: %v, want %v", c.proto, c.src, c.dst, got, c.want)
+		}
+	}
+	_, i := p.Decide(ProtoTCP, 40000, 2049)
+	p.Dropped(i)
+	cs := p.Counters()
+	if cs[2].Rule != "tcp/2049 protect" || cs[2].Packets != 3 || cs[2].Dropped != 1 {
+		t.Fatalf("counters %+v", cs[2])
+	}
+	if last := cs[len(cs)-1]; last.Rule != "default discard" || last.Packets != 1 {
+		t.Fatalf("default counters %+v", last)
+	}
+}
