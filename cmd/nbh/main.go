@@ -22,6 +22,7 @@ Usage:
   nbh boot   [flags]   boot one guest on the reference network-boot stack
   nbh matrix [flags]   boot every chain x root, with and without faults; print a table
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
+                       (--stock: also build the initramfs-tools and dracut archives)
   nbh help [command]   show help
 
 Boot chains (--arch / --firmware):
