@@ -56,10 +56,39 @@ type Fabric struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu    sync.Mutex
-	ports []*Port
-	macs  map[string]*Port // learned source MACs
-	rules []*ruleState
+	mu     sync.Mutex
+	ports  []*Port
+	macs   map[string]*Port // learned source MACs
+	rules  []*ruleState
+	filter HostFilter
+}
+
+// HostFilter sees every IPv4 packet between the guests and the host stack
+// (toHost: a guest sent it) and returns the packet to pass on — itself, a
+// rewritten one — or nil to drop it. It is where the host stack gets IPsec.
+type HostFilter func(toHost bool, ip []byte) []byte
+
+// SetHostFilter installs f (nil removes it).
+func (f *Fabric) SetHostFilter(h HostFilter) {
+	f.mu.Lock()
+	f.filter = h
+	f.mu.Unlock()
+}
+
+// filtered runs the host filter on an Ethernet frame carrying IPv4, and
+// returns the frame to pass on, or nil.
+func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
+	f.mu.Lock()
+	h := f.filter
+	f.mu.Unlock()
+	if h == nil || fi.etherType != 0x0800 || len(frame) < 14 {
+		return frame
+	}
+	ip := h(toHost, frame[14:])
+	if ip == nil {
+		return nil
+	}
+	return append(append(make([]byte, 0, 14+len(ip)), frame[:14]...), ip...)
 }
 
 // New starts a fabric with the host at DefaultHostIP.
@@ -338,6 +367,9 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 		q.deliver(frame)
 	}
 	if toHost && fi.etherType != 0x86dd {
+		if frame = f.filtered(true, frame, fi); frame == nil {
+			return
+		}
 		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
 		f.ep.InjectInbound(0, pkt)
 		pkt.DecRef()
@@ -386,7 +418,13 @@ func (f *Fabric) hostLoop() {
 		v.Release()
 		pkt.DecRef()
 		fi, ok := parseFrame(frame)
-		if ok {
+		if !ok {
+			continue
+		}
+		if frame = f.filtered(false, frame, fi); frame == nil {
+			continue
+		}
+		if fi, ok = parseFrame(frame); ok {
 			f.forward(nil, frame, fi)
 		}
 	}

@@ -1,11 +1,13 @@
 package netfab
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,4 +103,59 @@ func FuzzParseFrame(f *testing.F) {
 		}
 		corrupt(append([]byte(nil), b...), fi) // must not panic either
 	})
+}
+
+// TestHostFilter: the filter sees IPv4 both ways between a guest and the
+// host stack and can drop what it refuses; ARP never reaches it.
+func TestHostFilter(t *testing.T) {
+	f, err := New(timeline.New())
+	assert.NilError(t, err)
+	defer f.Close()
+	var toHost, fromHost atomic.Int32
+	f.SetHostFilter(func(in bool, ip []byte) []byte {
+		assert.Check(t, ip[0]>>4 == 4, "not IPv4: %x", ip[:1])
+		if !in {
+			fromHost.Add(1)
+			return ip
+		}
+		toHost.Add(1)
+		if bytes.Contains(ip, []byte("refuse")) {
+			return nil
+		}
+		return ip
+	})
+	port, err := f.AddPort("g1", net.HardwareAddr{2, 0, 0, 0, 0, 6}, "")
+	assert.NilError(t, err)
+	peer, err := NewPeer(port, netip.MustParseAddr("10.0.2.41"))
+	assert.NilError(t, err)
+	defer peer.Close()
+	ln, err := gonet.DialUDP(f.Stack, &tcpip.FullAddress{NIC: 1, Port: 9}, nil, ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer ln.Close()
+	c, err := gonet.DialUDP(peer.Stack, UDPAddr(netip.MustParseAddr("10.0.2.41"), 0), UDPAddr(f.HostIP, 9), ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer c.Close()
+	for _, m := range []string{"pass", "refuse", "pass again"} {
+		_, err := c.Write([]byte(m))
+		assert.NilError(t, err)
+		time.Sleep(20 * time.Millisecond)
+	}
+	var got []string
+	buf := make([]byte, 100)
+	for {
+		ln.SetReadDeadline(time.Now().Add(time.Second))
+		n, from, err := ln.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		got = append(got, string(buf[:n]))
+		ln.WriteTo([]byte("echo"), from) // back through the filter
+	}
+	assert.DeepEqual(t, got, []string{"pass", "pass again"})
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := c.Read(buf)
+	assert.NilError(t, err)
+	assert.Equal(t, string(buf[:n]), "echo")
+	assert.Equal(t, toHost.Load(), int32(3))
+	assert.Assert(t, fromHost.Load() >= 1)
 }
