@@ -9,6 +9,8 @@ import (
 	"path"
 	"path/filepath"
 	"sort"
+	"strings"
+	"time"
 
 	"nbh.dev/nbh/harness/archive/manifest"
 	"nbh.dev/nbh/internal/fsutil"
@@ -95,6 +97,8 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 		if b, err := os.ReadFile(mpath); err == nil {
 			if m, err := manifest.Parse(b); err == nil {
 				r.Manifest, r.Cached = m, true
+				now := time.Now()
+				os.Chtimes(r.Path, now, now) // recently used: pruned last
 				return r, nil
 			}
 		}
@@ -113,7 +117,38 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 	if err := fsutil.WriteAtomic(mpath, r.Manifest.Marshal()); err != nil {
 		return nil, fmt.Errorf("archive: %w", err)
 	}
+	prune(cacheDir, KeepArchives, r.Path)
 	return r, nil
+}
+
+// KeepArchives is how many archives a build cache keeps: the least recently
+// used beyond it are removed after each new build.
+var KeepArchives = 48
+
+// prune removes the least recently used archives (and their manifests)
+// beyond keep, never keep's own newest one. An archive a guest is still
+// being served survives: the lab serves a link or a copy of it.
+func prune(dir string, keep int, newest string) {
+	paths, _ := filepath.Glob(filepath.Join(dir, "*.cpio.*"))
+	if len(paths) <= keep {
+		return
+	}
+	type aged struct {
+		path string
+		t    time.Time
+	}
+	var all []aged
+	for _, p := range paths {
+		if fi, err := os.Stat(p); err == nil && p != newest {
+			all = append(all, aged{p, fi.ModTime()})
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].t.After(all[j].t) })
+	for _, a := range all[min(len(all), keep-1):] {
+		os.Remove(a.path)
+		key := strings.TrimSuffix(filepath.Base(a.path), filepath.Ext(a.path))
+		os.Remove(filepath.Join(dir, strings.TrimSuffix(key, ".cpio")+".manifest.json"))
+	}
 }
 
 // builder adds everything spec declares.

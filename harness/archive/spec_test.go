@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"gotest.tools/v3/assert"
@@ -154,4 +155,38 @@ func TestTrackedFileCannotEscapeTheRoot(t *testing.T) {
 	spec.Tracked = []Tracked{{Path: "/../outside"}}
 	_, err = Build(spec, t.TempDir())
 	assert.Assert(t, err != nil, "a path above the root was read")
+}
+
+// TestPrune: the cache keeps the most recently used archives; a reused one
+// counts as used.
+func TestPrune(t *testing.T) {
+	defer func(k int) { KeepArchives = k }(KeepArchives)
+	KeepArchives = 2
+	cache := t.TempDir()
+	root := rootTree(t)
+	spec := testSpec(t, root)
+	var paths []string
+	for i := range 2 {
+		spec.Secrets = map[string][]byte{"k": {byte(i)}}
+		r, err := Build(spec, cache)
+		assert.NilError(t, err)
+		paths = append(paths, r.Path)
+		time.Sleep(10 * time.Millisecond) // distinct modification times
+	}
+	// Reuse the first: it is now more recent than the second.
+	spec.Secrets = map[string][]byte{"k": {0}}
+	r, err := Build(spec, cache)
+	assert.NilError(t, err)
+	assert.Assert(t, r.Cached)
+	time.Sleep(10 * time.Millisecond)
+	spec.Secrets = map[string][]byte{"k": {3}}
+	_, err = Build(spec, cache)
+	assert.NilError(t, err)
+	exists := func(p string) bool { _, err := os.Stat(p); return err == nil }
+	assert.Assert(t, exists(paths[0]), "the recently reused archive was pruned")
+	assert.Assert(t, !exists(paths[1]), "the least recently used archive survived")
+	manifests, _ := filepath.Glob(filepath.Join(cache, "*.manifest.json"))
+	archives, _ := filepath.Glob(filepath.Join(cache, "*.cpio.*"))
+	assert.Equal(t, len(archives), 2)
+	assert.Equal(t, len(manifests), 2)
 }
