@@ -83,12 +83,7 @@ func (kp *keeper) drift() ([]manifest.Drift, error) {
 	if kp.opts.Root == "" {
 		return nil, nil
 	}
-	root, err := os.OpenRoot(kp.opts.Root)
-	if err != nil {
-		return nil, err
-	}
-	defer root.Close()
-	return manifest.Check(kp.cur.Manifest, root.FS())
+	return manifest.Check(kp.cur.Manifest, kp.g.rootFS.FS())
 }
 
 // fresh makes sure the archive about to be fetched matches the root, when
@@ -112,11 +107,7 @@ func (kp *keeper) fresh(ctx context.Context) error {
 
 // edit changes the guest's root configuration, as an administrator would.
 func (kp *keeper) edit(line string) error {
-	root, err := os.OpenRoot(kp.opts.Root)
-	if err != nil {
-		return err
-	}
-	defer root.Close()
+	root := kp.g.rootFS // the guest's root tree, opened with it
 	p := strings.TrimPrefix(fixtures.ConfigPath, "/")
 	old, err := root.ReadFile(p)
 	if err != nil {

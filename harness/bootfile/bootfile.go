@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"strings"
 	"time"
@@ -109,6 +108,3 @@ func (f bitFlip) ReadAt(b []byte, off int64) (int, error) {
 	}
 	return n, err
 }
-
-// IsNotExist reports whether err means there is no such file.
-func IsNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }

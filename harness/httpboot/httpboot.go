@@ -7,6 +7,7 @@ package httpboot
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"path"
@@ -104,7 +105,7 @@ func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 		cw := &countingWriter{ResponseWriter: w}
 		if f, err := open(r.URL.Path, addr); err != nil {
 			status := http.StatusForbidden
-			if bootfile.IsNotExist(err) {
+			if errors.Is(err, fs.ErrNotExist) {
 				status = http.StatusNotFound
 			}
 			detail["error"] = err.Error()
