@@ -18,7 +18,9 @@ type Fault struct {
 	Expect failure.Reason
 	// Applies reports whether the fault makes sense for a chain and root.
 	Applies func(p qemu.Profile, root string) bool
-	apply   func(*plan)
+	// IPsec faults need a network that requires ESP (Options.IPsec).
+	IPsec bool
+	apply func(*plan)
 }
 
 // plan is what Boot is about to do; faults edit it.
@@ -40,6 +42,12 @@ type plan struct {
 	warn          bool // the init boots on from a stale archive
 	sign          bool // the loader verifies signatures (Spec.Signed)
 	tamper        bool // the signed archive changes after signing
+
+	// ESP (an IPsec-required network).
+	espNoKeys   bool // the archive carries no keys
+	espWrongKey bool // the archive's keys differ from the lab's
+	espWrongSPI bool // the archive's SPIs are not the lab's
+	espReplay   bool // the guest's ESP packets are replayed
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -118,6 +126,26 @@ var Faults = map[string]Fault{
 		Name: "tampered-archive", Where: "archive", Expect: failure.BadSignature, Applies: canVerify,
 		Help:  "the loader verifies signatures (as --signed) and the archive changes after the harness signed it",
 		apply: func(p *plan) { p.sign, p.tamper = true, true },
+	},
+	"ipsec-no-keys": {
+		Name: "ipsec-no-keys", Where: "archive", Expect: failure.ESPRequired, Applies: anyRoot, IPsec: true,
+		Help:  "the archive carries no ESP keys: the init mounts the root in clear, and the network drops it",
+		apply: func(p *plan) { p.espNoKeys = true },
+	},
+	"ipsec-wrong-key": {
+		Name: "ipsec-wrong-key", Where: "archive", Expect: failure.ESPAuth, Applies: anyRoot, IPsec: true,
+		Help:  "the archive's ESP keys are not the lab's: every ESP packet fails authentication",
+		apply: func(p *plan) { p.espWrongKey = true },
+	},
+	"ipsec-wrong-spi": {
+		Name: "ipsec-wrong-spi", Where: "archive", Expect: failure.ESPNoSA, Applies: anyRoot, IPsec: true,
+		Help:  "the archive's ESP SPIs are not the lab's: the lab has no SA for the guest's ESP",
+		apply: func(p *plan) { p.espWrongSPI = true },
+	},
+	"esp-replay": {
+		Name: "esp-replay", Where: "fabric", Expect: failure.None, Applies: anyRoot, IPsec: true,
+		Help:  "every ESP packet the guest sends arrives twice: the replay window drops the copies and the boot goes on",
+		apply: func(p *plan) { p.espReplay = true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -141,8 +142,10 @@ type Guest struct {
 	plan    plan
 	lun     *iscsi.LUN
 	chap    *iscsi.CHAP
-	keeper  *keeper  // the reference archive; nil for another archive
-	rootFS  *os.Root // the guest's root tree on the host, for lookups (NFS)
+	keeper  *keeper    // the reference archive; nil for another archive
+	rootFS  *os.Root   // the guest's root tree on the host, for lookups (NFS)
+	espAddr netip.Addr // the address its SAs are for (an IPsec network)
+	espConf []byte     // the ESP keys its archive carries
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -205,6 +208,9 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	for _, f := range spec.Faults {
 		if f.Applies != nil && !f.Applies(prof, spec.Root) {
 			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
+		}
+		if f.IPsec && l.esp == nil {
+			return nil, fmt.Errorf("fault %s needs a network that requires IPsec (--ipsec required)", f.Name)
 		}
 		if f.Where == "archive" && spec.Initrd != "" {
 			return nil, fmt.Errorf("fault %s changes the reference archive; this boot uses %s", f.Name, spec.Initrd)
@@ -298,6 +304,14 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
 
 	g.plan = p
+	if l.esp != nil {
+		if g.espConf, err = g.espKeys(); err != nil {
+			return nil, err
+		}
+		if p.espReplay {
+			l.Fabric.AddRule(netfab.Rule{Name: "esp-replay", Guest: g.Name, Dir: netfab.FromGuest, Proto: "esp", Action: netfab.Replay, Delay: 20 * time.Millisecond})
+		}
+	}
 	if err := g.prepareRoot(ctx); err != nil {
 		return nil, err
 	}
@@ -458,6 +472,16 @@ var rootDriver = map[string]string{RootNFS: "nfsv3", RootISCSI: "iscsi_tcp"}
 // a local (iSCSI) root's carries none: the init reads it from the root.
 func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, p plan) (string, error) {
 	opts := fixtures.Options{Extra: g.spec.ArchiveFiles, Compression: g.spec.Compression}
+	if g.lab.esp != nil {
+		// The ESP modules always; the keys unless a fault leaves them out.
+		// An archive with keys is built in the lab's own cache, which goes
+		// with the lab: keys are never kept.
+		opts.ESP = true
+		if g.espConf != nil {
+			opts.Secrets = map[string][]byte{ESPConfPath: g.espConf}
+			opts.CacheDir = filepath.Join(g.lab.work, "archives")
+		}
+	}
 	if g.spec.Root == RootNFS {
 		opts.Root = filepath.Join(g.lab.work, "roots", g.Name)
 		opts.Tracked = []archive.Tracked{{Path: fixtures.ConfigPath, Editable: true}}
@@ -881,6 +905,7 @@ func (g *Guest) close() error {
 		g.logFile.Close()
 	}
 	var err error
+	g.espSummary()
 	// A guest that never booted has no folder; "" would mean the working directory.
 	if g.Dir != "" {
 		if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {

@@ -23,6 +23,7 @@ import (
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
+	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/nfs"
@@ -40,6 +41,16 @@ type Options struct {
 	// Log receives progress lines (image downloads, acceleration choice);
 	// nil discards them.
 	Log io.Writer
+	// IPsec, if set, makes the network IPsec-required with this policy
+	// (ipsec.Required() is the usual one): the lab's ESP gateway sits
+	// between the guests and the boot services, every guest gets its own
+	// SAs, and the reference archive carries its keys.
+	IPsec *ipsec.Policy
+	// ESPKeyBits is the AES key size of the guests' SAs: 128 (default) or
+	// 256.
+	ESPKeyBits int
+	// MTU is the network's path MTU (default 1500); see netfab.Config.
+	MTU int
 }
 
 // Lab is one isolated boot network with its services.
@@ -56,6 +67,9 @@ type Lab struct {
 	dhcp  *dhcp.Server
 	nfs   *nfs.Server
 	iscsi *iscsi.Server
+
+	esp     *ipsec.Gateway // nil on a clear network
+	espBits int
 
 	keyOnce sync.Once
 	key     *sign.Key // the lab's signing key, made on first use
@@ -94,14 +108,14 @@ func New(opts Options) (l *Lab, err error) {
 	if err := os.MkdirAll(l.srv, 0o755); err != nil {
 		return nil, err
 	}
-	if l.Fabric, err = netfab.New(l.Timeline); err != nil {
+	if l.Fabric, err = netfab.New(l.Timeline, netfab.Config{MTU: opts.MTU}); err != nil {
 		return nil, err
 	}
 	l.closers = append(l.closers, l.Fabric)
 	host := net.IP(l.Fabric.HostIP.AsSlice())
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
 		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
-		Policy: l.policy, Timeline: l.Timeline,
+		Policy: l.policy, Timeline: l.Timeline, MTU: opts.MTU,
 	}); err != nil {
 		return nil, err
 	}
@@ -116,6 +130,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, err
 	}
+	tftpd.FitMTU(l.Fabric.MTU())
 	l.closers = append(l.closers, tftpd)
 	httpd, err := httpboot.Start(l.Fabric.Stack, host, 80, l.open, l.Timeline)
 	if err != nil {
@@ -137,6 +152,11 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
 	l.closers = append(l.closers, l.iscsi)
+	if opts.IPsec != nil {
+		if err := l.startIPsec(opts.IPsec, opts.ESPKeyBits); err != nil {
+			return nil, err
+		}
+	}
 	return l, nil
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -37,6 +38,8 @@ func bootCmd(ctx context.Context, args []string) int {
 	onStale := fs.String("on-stale", "stop", "what the reference init does with a stale archive: stop (fail with \"stale boot archive\") or warn (boot on)")
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
+	ipsecMode := fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)")
+	mtu := fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit")
 	var faults multiFlag
 	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
@@ -83,6 +86,22 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --compression %q: want gzip or zstd\n", *compression)
 		return exitUsage
 	}
+	opts := harness.Options{Cache: images.Open(*cache)}
+	switch *ipsecMode {
+	case "off":
+	case "required":
+		opts.IPsec = ipsec.Required()
+	default:
+		fmt.Fprintf(os.Stderr, "nbh boot: --ipsec %q: want off or required\n", *ipsecMode)
+		return exitUsage
+	}
+	if *mtu < 576 || *mtu > 9000 {
+		fmt.Fprintf(os.Stderr, "nbh boot: --mtu %d: want 576..9000\n", *mtu)
+		return exitUsage
+	}
+	if *mtu != 1500 {
+		opts.MTU = *mtu
+	}
 	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts,
 		NoArchiveRefresh: *refresh == "off", OnStale: *onStale, Compression: *compression, Signed: *signed}
 	for _, name := range faults {
@@ -93,6 +112,10 @@ func bootCmd(ctx context.Context, args []string) int {
 		}
 		if f.Applies != nil && !f.Applies(prof, spec.Root) {
 			fmt.Fprintf(os.Stderr, "nbh boot: fault %s does not apply to %s with --root %s\n", name, prof.Name(), rootName)
+			return exitUsage
+		}
+		if f.IPsec && opts.IPsec == nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: fault %s needs --ipsec required\n", name)
 			return exitUsage
 		}
 		spec.Faults = append(spec.Faults, f)
@@ -160,11 +183,11 @@ func bootCmd(ctx context.Context, args []string) int {
 	}
 	start = time.Now()
 	say("nbh: booting %s/%s\n", *arch, *firmware)
-	var labLog io.Writer = os.Stderr
+	opts.Log = os.Stderr
 	if *quiet {
-		labLog = nil
+		opts.Log = nil
 	}
-	v, spans, qemuStart, err := bootOnce(ctx, images.Open(*cache), spec, labLog)
+	v, spans, qemuStart, err := bootOnce(ctx, opts, spec)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		if !keep {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 )
@@ -47,6 +47,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	artifacts := fs.String("artifacts", "artifacts/matrix", "folder for each boot's console.log, timeline.jsonl and network.pcapng")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	ipsecMode := fs.String("ipsec", "off", "network: off (clear), required (ESP required for the root's services: rows with a network root, and the IPsec faults) or both")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbh matrix [flags]\n\nBoots every chain, with each root of -roots, to its marker and, with\n-faults, with every fault that applies, one at a time, and prints a\ntable. A fault row passes when the boot fails with the fault's expected reason\n(or, for a fault the lab is expected to absorb, reaches its marker). Exit\nstatus 0 when every row passes, 1 otherwise.\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -63,8 +64,21 @@ func matrixCmd(ctx context.Context, args []string) int {
 	}
 	type job struct {
 		spec  harness.Spec
+		ipsec bool
 		fault string
 		want  failure.Reason
+	}
+	var nets []bool // ipsec off, required
+	switch *ipsecMode {
+	case "off":
+		nets = []bool{false}
+	case "required":
+		nets = []bool{true}
+	case "both":
+		nets = []bool{false, true}
+	default:
+		fmt.Fprintf(os.Stderr, "nbh matrix: --ipsec %q: want off, required or both\n", *ipsecMode)
+		return exitUsage
 	}
 	var rootList []string
 	for _, r := range strings.Split(*roots, ",") {
@@ -79,18 +93,27 @@ func matrixCmd(ctx context.Context, args []string) int {
 		}
 	}
 	var jobs []job
-	for _, p := range chains {
-		for _, root := range rootList {
-			jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root}})
-			if !*faults {
-				continue
-			}
-			for _, n := range harness.FaultNames() {
-				f := harness.Faults[n]
-				// Faults of the boot path run once, with no root; root
-				// faults with their root.
-				if f.Applies(p, root) && (root == harness.RootNone || !f.Applies(p, harness.RootNone)) {
-					jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root, Faults: []harness.Fault{f}}, fault: n, want: f.Expect})
+	for _, esp := range nets {
+		for _, p := range chains {
+			for _, root := range rootList {
+				if esp && root == harness.RootNone {
+					continue // nothing is protected before a root
+				}
+				jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root}, ipsec: esp})
+				if !*faults {
+					continue
+				}
+				for _, n := range harness.FaultNames() {
+					f := harness.Faults[n]
+					// Faults of the boot path run once, with no root (on
+					// the clear network); root faults with their root;
+					// IPsec faults on the IPsec network only.
+					if f.IPsec != esp || !f.Applies(p, root) {
+						continue
+					}
+					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
+						jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root, Faults: []harness.Fault{f}}, ipsec: esp, fault: n, want: f.Expect})
+					}
 				}
 			}
 		}
@@ -105,6 +128,9 @@ func matrixCmd(ctx context.Context, args []string) int {
 		if j.spec.Root != harness.RootNone {
 			name += " root=" + j.spec.Root
 		}
+		if j.ipsec {
+			name += " ipsec"
+		}
 		label := name
 		if j.fault != "" {
 			label += " +" + j.fault
@@ -113,7 +139,11 @@ func matrixCmd(ctx context.Context, args []string) int {
 		j.spec.Timeout = *timeout
 		j.spec.Artifacts = filepath.Join(*artifacts, strings.NewReplacer("/", "-", " +", "+", " ", "-", "=", "-").Replace(label))
 		res := cell{chain: name, fault: j.fault, expect: j.want}
-		res.v, res.spans, _, res.err = bootOnce(ctx, c, j.spec, nil)
+		opts := harness.Options{Cache: c}
+		if j.ipsec {
+			opts.IPsec = ipsec.Required()
+		}
+		res.v, res.spans, _, res.err = bootOnce(ctx, opts, j.spec)
 		cells = append(cells, res)
 		status := "PASS"
 		if !res.pass() {
@@ -127,8 +157,8 @@ func matrixCmd(ctx context.Context, args []string) int {
 // bootOnce boots one guest in a lab of its own and returns its verdict, its
 // stage spans and the time QEMU started. log (may be nil) gets the lab's
 // progress lines.
-func bootOnce(ctx context.Context, c *images.Cache, spec harness.Spec, log io.Writer) (harness.Verdict, []timeline.Span, time.Time, error) {
-	lab, err := harness.New(harness.Options{Cache: c, Log: log})
+func bootOnce(ctx context.Context, opts harness.Options, spec harness.Spec) (harness.Verdict, []timeline.Span, time.Time, error) {
+	lab, err := harness.New(opts)
 	if err != nil {
 		return harness.Verdict{}, nil, time.Time{}, fmt.Errorf("lab: %w", err)
 	}

@@ -78,6 +78,8 @@ type Config struct {
 	LeaseTime time.Duration
 	Policy    Policy
 	Timeline  *timeline.Timeline
+	// MTU, if set, is offered as the interface MTU (option 26).
+	MTU int
 }
 
 // Server is a running DHCP server.
@@ -290,6 +292,9 @@ func (s *Server) send(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4, mt d
 		}
 		if boot.RootPath != "" {
 			mods = append(mods, dhcpv4.WithOption(dhcpv4.OptRootPath(boot.RootPath)))
+		}
+		if s.cfg.MTU > 0 {
+			mods = append(mods, dhcpv4.WithGeneric(dhcpv4.OptionInterfaceMTU, []byte{byte(s.cfg.MTU >> 8), byte(s.cfg.MTU)}))
 		}
 		if c := ClientOf(m); c.IPXE {
 			// Option 175, encapsulated 176 (no-pxedhcp) = 1: iPXE then does not

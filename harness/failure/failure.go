@@ -19,12 +19,17 @@ const (
 	StaleArchive   Reason = "stale boot archive"
 	CorruptArchive Reason = "corrupt boot archive"
 	BadSignature   Reason = "signature verification failed"
-	InitFailed     Reason = "init failed"
-	GuestStopped   Reason = "guest stopped before the marker"
-	QEMUFailed     Reason = "qemu failed"
-	Deadline       Reason = "deadline exceeded"
-	Interrupted    Reason = "interrupted"
-	Setup          Reason = "lab setup failed"
+	// The IPsec network's reasons, from the lab's ESP gateway.
+	ESPRequired   Reason = "root unreachable: ESP required"
+	ESPAuth       Reason = "ESP authentication failed"
+	ESPNoSA       Reason = "ESP SA mismatch (unknown SPI)"
+	LoaderNoIPsec Reason = "boot loader cannot do IPsec"
+	InitFailed    Reason = "init failed"
+	GuestStopped  Reason = "guest stopped before the marker"
+	QEMUFailed    Reason = "qemu failed"
+	Deadline      Reason = "deadline exceeded"
+	Interrupted   Reason = "interrupted"
+	Setup         Reason = "lab setup failed"
 )
 
 // Who says whose fault a reason usually is, in the manner of LAVA's

@@ -14,10 +14,15 @@ import (
 type Gateway struct {
 	Policy *Policy
 	// Report, if set, hears what the gateway refused (kind: esp-auth,
-	// esp-replay, esp-unknown-spi, esp-malformed, policy-drop, no-sa),
-	// the guest's address, and a message. Repeats are reported on the
-	// first occurrence and then every power of two.
-	Report func(kind, addr, msg string)
+	// esp-replay, esp-unknown-spi, esp-malformed, esp-required — clear
+	// traffic a protect rule refused —, policy-drop, no-sa), the guest's
+	// address, how many times so far, and a message. Repeats are reported
+	// on the first occurrence and then every power of two.
+	Report func(kind string, addr netip.Addr, n uint64, msg string)
+	// MSS, if set, is the largest TCP segment protected connections may
+	// carry: the SYNs the gateway opens or protects are clamped to it
+	// (see ClampMSS and MaxMSS).
+	MSS uint16
 
 	mu      sync.Mutex
 	peers   map[netip.Addr]*Peer
@@ -50,6 +55,31 @@ func (g *Gateway) AddPeer(p *Peer) {
 	}
 }
 
+// PeerCounters are one guest's SA counters.
+type PeerCounters struct {
+	Addr          netip.Addr
+	InSPI, OutSPI uint32
+	In, Out       Counters
+}
+
+// Counters returns every peer's SA counters.
+func (g *Gateway) Counters() []PeerCounters {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []PeerCounters
+	for _, p := range g.peers {
+		c := PeerCounters{Addr: p.Addr}
+		if p.In != nil {
+			c.InSPI, c.In = p.In.SPI, p.In.Counters()
+		}
+		if p.Out != nil {
+			c.OutSPI, c.Out = p.Out.SPI, p.Out.Counters()
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
 // Peer returns the guest's SAs, if any.
 func (g *Gateway) Peer(addr netip.Addr) *Peer {
 	g.mu.Lock()
@@ -68,7 +98,7 @@ func (g *Gateway) report(kind string, addr netip.Addr, format string, args ...an
 		if n > 1 {
 			msg += fmt.Sprintf(" (%d times)", n)
 		}
-		g.Report(kind, addr.String(), msg)
+		g.Report(kind, addr, n, msg)
 	}
 }
 
@@ -115,13 +145,16 @@ func (g *Gateway) Inbound(pkt []byte) []byte {
 			g.report("policy-drop", from, "%s under ESP from %s: the policy discards it", describe(iproto, isport, idport), from)
 			return nil
 		}
+		if g.MSS != 0 {
+			ClampMSS(inner, g.MSS)
+		}
 		return inner
 	}
 	a, i := g.Policy.Decide(proto, sport, dport)
 	switch a {
 	case Protect:
 		g.Policy.Dropped(i)
-		g.report("policy-drop", from, "clear %s from %s dropped: the policy requires ESP", describe(proto, sport, dport), from)
+		g.report("esp-required", from, "clear %s from %s dropped: the policy requires ESP", describe(proto, sport, dport), from)
 		return nil
 	case Discard:
 		g.Policy.Dropped(i)
@@ -153,6 +186,9 @@ func (g *Gateway) Outbound(pkt []byte) []byte {
 		g.Policy.Dropped(i)
 		g.report("no-sa", to, "%s to %s needs ESP and the guest has no SA", describe(proto, sport, dport), to)
 		return nil
+	}
+	if g.MSS != 0 {
+		ClampMSS(pkt, g.MSS) // the filter's own copy: changed in place
 	}
 	esp, err := Encap(peer.Out, pkt)
 	if err != nil {

@@ -20,7 +20,7 @@ func newPeers(t *testing.T) (*Gateway, guestSide, *[]string) {
 	guestIn, _ := NewSA(0x200, km2)
 	gw := NewGateway(Required())
 	var reports []string
-	gw.Report = func(kind, addr, msg string) { reports = append(reports, kind+": "+msg) }
+	gw.Report = func(kind string, addr netip.Addr, n uint64, msg string) { reports = append(reports, kind+": "+msg) }
 	gw.AddPeer(&Peer{Addr: netip.MustParseAddr("10.0.2.15"), In: gIn, Out: gOut})
 	return gw, guestSide{out: guestOut, in: guestIn}, &reports
 }
@@ -84,7 +84,7 @@ func TestGatewayProtectsTheRoot(t *testing.T) {
 		t.Fatal("ESP with an unknown SPI was accepted")
 	}
 	all := strings.Join(*reports, "\n")
-	for _, want := range []string{"policy-drop: clear tcp 40000->2049", "esp-replay", "esp-auth", "esp-unknown-spi"} {
+	for _, want := range []string{"esp-required: clear tcp 40000->2049", "esp-replay", "esp-auth", "esp-unknown-spi"} {
 		if !strings.Contains(all, want) {
 			t.Errorf("no %q report in:\n%s", want, all)
 		}

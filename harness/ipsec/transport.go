@@ -98,3 +98,70 @@ func fixHeader(pkt []byte, ihl int) {
 	}
 	binary.BigEndian.PutUint16(pkt[10:], ^uint16(sum))
 }
+
+// ClampMSS lowers the maximum segment size a TCP SYN offers to max, fixing
+// the TCP checksum, and reports whether it changed the packet. ESP makes
+// every protected packet longer; a peer that offers the MSS of a clear
+// 1500-byte path (Linux offers its device's, not its ESP path's) would get
+// segments whose ESP packets no longer fit, so a gateway clamps the SYNs it
+// passes, as a router does for a tunnel.
+func ClampMSS(pkt []byte, max uint16) bool {
+	ihl, err := ipv4(pkt)
+	if err != nil || pkt[9] != ProtoTCP || len(pkt) < ihl+20 {
+		return false
+	}
+	tcp := pkt[ihl:int(binary.BigEndian.Uint16(pkt[2:]))]
+	if tcp[13]&0x02 == 0 { // not a SYN
+		return false
+	}
+	off := int(tcp[12]>>4) * 4
+	if off < 20 || off > len(tcp) {
+		return false
+	}
+	opts := tcp[20:off]
+	for i := 0; i < len(opts); {
+		switch opts[i] {
+		case 0: // end of options
+			return false
+		case 1: // no-op
+			i++
+			continue
+		}
+		if i+1 >= len(opts) || opts[i+1] < 2 || i+int(opts[i+1]) > len(opts) {
+			return false
+		}
+		if opts[i] == 2 && opts[i+1] == 4 {
+			old := binary.BigEndian.Uint16(opts[i+2:])
+			if old <= max {
+				return false
+			}
+			binary.BigEndian.PutUint16(opts[i+2:], max)
+			// RFC 1624: HC' = ~(~HC + ~m + m'). Options before the MSS
+			// need not keep it 16-bit aligned; at an odd offset its
+			// bytes fall in the other lanes of the sum.
+			sum := uint32(^binary.BigEndian.Uint16(tcp[16:]))
+			even := (20+i+2)%2 == 0
+			sum += lane(^old, even) + lane(max, even)
+			for sum > 0xffff {
+				sum = sum>>16 + sum&0xffff
+			}
+			binary.BigEndian.PutUint16(tcp[16:], ^uint16(sum))
+			return true
+		}
+		i += int(opts[i+1])
+	}
+	return false
+}
+
+// lane places a 16-bit word at an even or odd byte offset of the
+// one's-complement sum (an odd offset swaps its bytes).
+func lane(v uint16, even bool) uint32 {
+	if even {
+		return uint32(v)
+	}
+	return uint32(v>>8 | v<<8)
+}
+
+// MaxMSS is the largest TCP segment whose ESP-protected IPv4 packet fits an
+// MTU: IPv4 and TCP headers, then ESP's worst case.
+func MaxMSS(mtu int) uint16 { return uint16(mtu - 20 - 20 - Overhead) }

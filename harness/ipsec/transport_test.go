@@ -104,3 +104,78 @@ func TestRequiredPolicy(t *testing.T) {
 		t.Fatalf("default counters %+v", last)
 	}
 }
+
+// tcpChecksum computes a TCP segment's checksum over the IPv4 pseudo-header.
+func tcpChecksum(pkt []byte) uint16 {
+	ihl := int(pkt[0]&0x0f) * 4
+	seg := append([]byte(nil), pkt[ihl:]...)
+	seg[16], seg[17] = 0, 0
+	var sum uint32
+	add := func(b []byte) {
+		for i := 0; i+1 < len(b); i += 2 {
+			sum += uint32(binary.BigEndian.Uint16(b[i:]))
+		}
+		if len(b)%2 == 1 {
+			sum += uint32(b[len(b)-1]) << 8
+		}
+	}
+	add(pkt[12:20])
+	sum += ProtoTCP + uint32(len(seg))
+	add(seg)
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
+}
+
+func synWith(opts []byte) []byte {
+	tcp := make([]byte, 20+len(opts))
+	binary.BigEndian.PutUint16(tcp[0:], 40000)
+	binary.BigEndian.PutUint16(tcp[2:], 2049)
+	tcp[12] = byte((20+len(opts))/4) << 4
+	tcp[13] = 0x02
+	copy(tcp[20:], opts)
+	pkt := append([]byte{0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, ProtoTCP, 0, 0, 10, 0, 2, 15, 10, 0, 2, 2}, tcp...)
+	fixHeader(pkt, 20)
+	binary.BigEndian.PutUint16(pkt[20+16:], tcpChecksum(pkt))
+	return pkt
+}
+
+// TestClampMSS lowers the MSS option wherever it sits (aligned or not) and
+// leaves a correct checksum; small MSS values and non-SYNs are untouched.
+func TestClampMSS(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		opts []byte
+		at   int
+	}{
+		{"aligned", []byte{2, 4, 0x05, 0xb4, 1, 1, 4, 2}, 2},
+		{"after-one-nop", []byte{1, 2, 4, 0x05, 0xb4, 1, 1, 0}, 3},
+		{"after-sack-permitted", []byte{4, 2, 2, 4, 0x05, 0xb4, 0, 0}, 4},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pkt := synWith(c.opts)
+			if !ClampMSS(pkt, 1423) {
+				t.Fatal("not clamped")
+			}
+			if got := binary.BigEndian.Uint16(pkt[40+c.at:]); got != 1423 {
+				t.Fatalf("MSS %d, want 1423", got)
+			}
+			if got, want := binary.BigEndian.Uint16(pkt[36:]), tcpChecksum(pkt); got != want {
+				t.Fatalf("checksum %#x, want %#x", got, want)
+			}
+			if ClampMSS(pkt, 1460) {
+				t.Fatal("raised an MSS")
+			}
+		})
+	}
+	ack := synWith([]byte{2, 4, 0x05, 0xb4})
+	ack[33] = 0x10
+	if ClampMSS(ack, 1000) {
+		t.Fatal("clamped a segment that is not a SYN")
+	}
+	for _, bad := range [][]byte{{2, 9, 0, 0}, {2}, {3, 0, 0, 0}} {
+		pkt := synWith(append(bad, make([]byte, (4-len(bad)%4)%4)...))
+		ClampMSS(pkt, 1000) // must not panic
+	}
+}

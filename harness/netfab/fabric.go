@@ -51,6 +51,7 @@ type Fabric struct {
 	Subnet  netip.Prefix
 
 	tl     *timeline.Timeline
+	mtu    int
 	ep     *channel.Endpoint
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -91,13 +92,29 @@ func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
 	return append(append(make([]byte, 0, 14+len(ip)), frame[:14]...), ip...)
 }
 
+// Config varies a fabric.
+type Config struct {
+	// MTU is the largest IP packet the segment carries (default
+	// DefaultMTU): the host stack sends no larger (its TCP offers MTU-40 as
+	// its MSS), and larger frames, either way, are dropped at the guest's
+	// port and recorded, as a smaller link on the path would drop them.
+	MTU int
+}
+
 // New starts a fabric with the host at DefaultHostIP.
-func New(tl *timeline.Timeline) (*Fabric, error) {
+func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
+	if c.MTU == 0 {
+		c.MTU = DefaultMTU
+	}
+	if c.MTU < 576 || c.MTU > 9000 {
+		return nil, fmt.Errorf("netfab: MTU %d: want 576..9000", c.MTU)
+	}
 	f := &Fabric{
 		HostMAC: net.HardwareAddr{0x02, 0x4e, 0x42, 0x48, 0x00, 0x02},
 		HostIP:  DefaultHostIP,
 		Subnet:  DefaultSubnet,
 		tl:      tl,
+		mtu:     c.MTU,
 		macs:    map[string]*Port{},
 	}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
@@ -117,7 +134,7 @@ func New(tl *timeline.Timeline) (*Fabric, error) {
 	// give it room for a full 1500-byte IP packet, or gVisor fragments
 	// every full-size UDP datagram (TFTP blocks of 1468), and UEFI's and
 	// U-Boot's TFTP clients do not reassemble.
-	f.ep = channel.New(1024, uint32(DefaultMTU+14), tcpip.LinkAddress(f.HostMAC))
+	f.ep = channel.New(1024, uint32(f.mtu+14), tcpip.LinkAddress(f.HostMAC))
 	if err := s.CreateNIC(1, ethernet.New(f.ep)); err != nil {
 		return nil, fmt.Errorf("netfab: create NIC: %s", err)
 	}
@@ -141,6 +158,22 @@ func header4Subnet(p netip.Prefix) tcpip.Subnet {
 	return sn
 }
 
+// MTU is the segment's MTU.
+func (f *Fabric) MTU() int { return f.mtu }
+
+// oversize drops a frame larger than the segment's MTU, and says so on the
+// timeline (the first time and then every power of two per port).
+func (p *Port) oversize(frame []byte, dir Dir) bool {
+	if len(frame) <= p.f.mtu+14 {
+		return false
+	}
+	if n := p.bigDrops.Add(1); n&(n-1) == 0 {
+		p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "oversize", Guest: p.Name,
+			Msg: fmt.Sprintf("%s frame of %d bytes dropped: the path MTU is %d (%d dropped)", dir, len(frame), p.f.mtu, n)})
+	}
+	return true
+}
+
 // AddRule installs a packet fault rule.
 func (f *Fabric) AddRule(r Rule) {
 	f.mu.Lock()
@@ -153,15 +186,16 @@ type Port struct {
 	Name string
 	MAC  net.HardwareAddr
 
-	f       *Fabric
-	conn    net.Conn
-	qemuEnd *os.File
-	out     chan []byte // frames to the guest, written by one goroutine
-	drops   atomic.Int64
-	pcap    *pcapng
-	pcapF   *os.File
-	closed  chan struct{}
-	once    sync.Once
+	f        *Fabric
+	conn     net.Conn
+	qemuEnd  *os.File
+	out      chan []byte // frames to the guest, written by one goroutine
+	drops    atomic.Int64
+	bigDrops atomic.Int64
+	pcap     *pcapng
+	pcapF    *os.File
+	closed   chan struct{}
+	once     sync.Once
 }
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
@@ -267,6 +301,9 @@ func (p *Port) readLoop() {
 
 // deliver sends a frame to the guest, subject to fault rules.
 func (p *Port) deliver(frame []byte) {
+	if p.oversize(frame, ToGuest) {
+		return
+	}
 	fi, _ := parseFrame(frame)
 	frame, delay, ok := p.f.applyRules(p, ToGuest, frame, fi)
 	if !ok {
@@ -321,7 +358,7 @@ func (p *Port) writeLoop() {
 // fromGuest switches a frame a guest sent.
 func (f *Fabric) fromGuest(p *Port, frame []byte) {
 	fi, ok := parseFrame(frame)
-	if !ok {
+	if !ok || p.oversize(frame, FromGuest) {
 		return
 	}
 	frame, delay, ok := f.applyRules(p, FromGuest, frame, fi)
@@ -382,6 +419,7 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 	rules := append([]*ruleState(nil), f.rules...)
 	f.mu.Unlock()
 	var delay time.Duration
+	var replays []time.Duration
 	for _, r := range rules {
 		fire, n := r.match(p.Name, dir, fi)
 		if !fire {
@@ -400,6 +438,16 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 			delay += r.Delay
 		case Corrupt:
 			frame = corrupt(frame, fi)
+		case Replay:
+			replays = append(replays, r.Delay)
+		}
+	}
+	for _, d := range replays {
+		dup := append([]byte(nil), frame...)
+		if dir == ToGuest {
+			time.AfterFunc(delay+d, func() { p.write(dup) })
+		} else {
+			time.AfterFunc(delay+d, func() { f.forward(p, dup, fi) })
 		}
 	}
 	return frame, delay, true

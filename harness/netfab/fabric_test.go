@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -25,7 +26,7 @@ import (
 // the firing, and the capture holds what crossed the port.
 func TestRuleDropsNthAndRecords(t *testing.T) {
 	tl := timeline.New()
-	f, err := New(tl)
+	f, err := New(tl, Config{})
 	assert.NilError(t, err)
 	defer f.Close()
 	f.AddRule(Rule{Name: "drop-2nd", Dir: FromGuest, Proto: "udp", Port: 9, Nth: 2, Action: Drop})
@@ -108,7 +109,7 @@ func FuzzParseFrame(f *testing.F) {
 // TestHostFilter: the filter sees IPv4 both ways between a guest and the
 // host stack and can drop what it refuses; ARP never reaches it.
 func TestHostFilter(t *testing.T) {
-	f, err := New(timeline.New())
+	f, err := New(timeline.New(), Config{})
 	assert.NilError(t, err)
 	defer f.Close()
 	var toHost, fromHost atomic.Int32
@@ -158,4 +159,50 @@ func TestHostFilter(t *testing.T) {
 	assert.Equal(t, string(buf[:n]), "echo")
 	assert.Equal(t, toHost.Load(), int32(3))
 	assert.Assert(t, fromHost.Load() >= 1)
+}
+
+// TestMTUAndReplay: a frame over the segment's MTU is dropped at the port
+// and recorded; a replay rule delivers a frame and then its copy.
+func TestMTUAndReplay(t *testing.T) {
+	tl := timeline.New()
+	f, err := New(tl, Config{MTU: 1000})
+	assert.NilError(t, err)
+	defer f.Close()
+	_, err = New(tl, Config{MTU: 100})
+	assert.ErrorContains(t, err, "MTU 100")
+	port, err := f.AddPort("g1", net.HardwareAddr{2, 0, 0, 0, 0, 7}, "")
+	assert.NilError(t, err)
+	peer, err := NewPeer(port, netip.MustParseAddr("10.0.2.42"))
+	assert.NilError(t, err)
+	defer peer.Close()
+	f.AddRule(Rule{Name: "replay", Dir: FromGuest, Proto: "udp", Port: 9, Action: Replay, Delay: 10 * time.Millisecond})
+	ln, err := gonet.DialUDP(f.Stack, &tcpip.FullAddress{NIC: 1, Port: 9}, nil, ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer ln.Close()
+	c, err := gonet.DialUDP(peer.Stack, UDPAddr(netip.MustParseAddr("10.0.2.42"), 0), UDPAddr(f.HostIP, 9), ipv4.ProtocolNumber)
+	assert.NilError(t, err)
+	defer c.Close()
+	for _, n := range []int{1200, 900} {
+		_, err := c.Write(bytes.Repeat([]byte{'x'}, n))
+		assert.NilError(t, err)
+	}
+	var got []int
+	buf := make([]byte, 2000)
+	for {
+		ln.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		n, _, err := ln.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		got = append(got, n)
+	}
+	assert.DeepEqual(t, got, []int{900, 900})
+	var oversize []string
+	for _, e := range tl.Events("g1") {
+		if e.Kind == "oversize" {
+			oversize = append(oversize, e.Msg)
+		}
+	}
+	assert.Equal(t, len(oversize), 1, "%v", oversize)
+	assert.Check(t, strings.Contains(oversize[0], "1242 bytes"), oversize[0])
 }

@@ -26,9 +26,10 @@ const (
 	Drop Action = iota
 	Delay
 	Corrupt // flip one byte of the transport payload (or of the frame's tail)
+	Replay  // pass the frame, and send a copy of it again Delay later
 )
 
-func (a Action) String() string { return [...]string{"drop", "delay", "corrupt"}[a] }
+func (a Action) String() string { return [...]string{"drop", "delay", "corrupt", "replay"}[a] }
 
 // Rule is a packet fault: frames crossing a guest port in Dir that match
 // Proto and Port are dropped, delayed or corrupted. Nth > 0 limits the rule to
@@ -37,7 +38,7 @@ type Rule struct {
 	Name   string
 	Guest  string // port name; empty means every guest
 	Dir    Dir
-	Proto  string // "tcp", "udp" or "" for any IP protocol
+	Proto  string // "tcp", "udp", "esp" or "" for any IP protocol
 	Port   int    // source or destination port; 0 for any
 	Nth    int
 	Action Action
@@ -56,7 +57,7 @@ func (r Rule) String() string {
 	if r.Nth > 0 {
 		fmt.Fprintf(&b, " packet #%d", r.Nth)
 	}
-	if r.Action == Delay {
+	if r.Action == Delay || r.Action == Replay {
 		fmt.Fprintf(&b, " by %s", r.Delay)
 	}
 	return b.String()
@@ -87,6 +88,10 @@ func (r *ruleState) match(port string, dir Dir, fi frameInfo) (fire bool, count 
 		}
 	case "udp":
 		if fi.proto != 17 {
+			return false, 0
+		}
+	case "esp":
+		if fi.proto != 50 {
 			return false, 0
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -100,7 +101,14 @@ type Server struct {
 	conn  *gonet.UDPConn
 	wg    sync.WaitGroup
 	close chan struct{}
+	// maxBlk is the largest block size the server agrees to.
+	maxBlk atomic.Int32
 }
+
+// FitMTU makes the server agree to no block larger than a datagram of mtu
+// bytes can carry whole: firmware TFTP clients do not reassemble fragments,
+// and the fabric drops frames over its MTU.
+func (s *Server) FitMTU(mtu int) { s.maxBlk.Store(int32(mtu - 20 - 8 - 4)) }
 
 // Start serves what open opens on addr:69.
 func Start(st *stack.Stack, addr net.IP, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
@@ -110,6 +118,7 @@ func Start(st *stack.Stack, addr net.IP, open bootfile.Opener, tl *timeline.Time
 		return nil, fmt.Errorf("tftp: listen :69: %w", err)
 	}
 	s := &Server{open: open, tl: tl, st: st, addr: a, conn: conn, close: make(chan struct{})}
+	s.maxBlk.Store(maxBlksize)
 	s.wg.Add(1)
 	go s.serve()
 	return s, nil
@@ -180,7 +189,7 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 	}
 	defer f.Close()
 	start := time.Now()
-	x := &xfer{conn: conn, f: f, size: f.Size(), blksize: 512, window: 1, timeout: time.Second}
+	x := &xfer{conn: conn, f: f, size: f.Size(), blksize: 512, maxBlk: int(s.maxBlk.Load()), window: 1, timeout: time.Second}
 	oack := x.negotiate(req.Options)
 	sent, err := x.run(oack)
 	d := time.Since(start)
@@ -211,6 +220,7 @@ type xfer struct {
 	f       io.ReaderAt
 	size    int64
 	blksize int
+	maxBlk  int
 	window  int
 	timeout time.Duration
 }
@@ -222,7 +232,7 @@ func (x *xfer) negotiate(opts map[string]string) []byte {
 	add := func(k, v string) { ack = append(append(append(append(ack, k...), 0), v...), 0) }
 	if v, ok := opts["blksize"]; ok {
 		if n, err := strconv.Atoi(v); err == nil && n >= 8 {
-			x.blksize = min(n, maxBlksize)
+			x.blksize = min(n, x.maxBlk)
 			add("blksize", strconv.Itoa(x.blksize))
 		}
 	}

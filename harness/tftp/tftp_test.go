@@ -61,7 +61,7 @@ type client struct {
 
 func newClient(t *testing.T) (*client, *Server, string) {
 	tl := timeline.New()
-	fab, err := netfab.New(tl)
+	fab, err := netfab.New(tl, netfab.Config{})
 	assert.NilError(t, err)
 	t.Cleanup(func() { fab.Close() })
 	root := filepath.Join(t.TempDir(), "root")
