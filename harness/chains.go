@@ -45,8 +45,16 @@ func envList(name string) map[string]bool {
 // before the test binary dies.
 func NewTestLab(t testing.TB) *Lab {
 	t.Helper()
+	return NewTestLabWith(t, Options{})
+}
+
+// NewTestLabWith is NewTestLab with options (an IPsec-required network, a
+// smaller MTU); the log always goes to the test's.
+func NewTestLabWith(t testing.TB, opts Options) *Lab {
+	t.Helper()
 	cleanupOnSignal()
-	l, err := New(Options{Log: testLog{t}})
+	opts.Log = testLog{t}
+	l, err := New(opts)
 	if err != nil {
 		t.Fatalf("lab: %v", err)
 	}

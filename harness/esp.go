@@ -147,7 +147,13 @@ func (l *Lab) espReport(kind string, addr netip.Addr, n uint64, msg string) {
 // open on an SA that never opened a packet (wrong key, wrong SPI). A single
 // bad packet on a working SA (a corrupted frame) decides nothing.
 func (g *Guest) espFailure(kind string, n uint64, msg string) {
+	// Past the loader, only the root's traffic is protected: whatever the
+	// console said last (an iSCSI login comes before "mounting root"), it
+	// is the root that cannot be reached.
 	st := g.Reached()
+	if st > timeline.Loader {
+		st = max(st, timeline.Root)
+	}
 	v := Verdict{Stage: st, Detail: msg}
 	switch kind {
 	case "esp-required":
@@ -155,7 +161,7 @@ func (g *Guest) espFailure(kind string, n uint64, msg string) {
 			v.Reason = failure.LoaderNoIPsec
 			v.Detail += "; the network requires ESP for this service, and a boot loader has no ESP: only the kernel, once the archive's init has set up its SAs, can reach the root"
 		} else {
-			v.Reason, v.Stage = failure.ESPRequired, max(st, timeline.Root)
+			v.Reason = failure.ESPRequired
 			v.Detail += "; nothing in the guest set up ESP (no keys in the archive?)"
 		}
 	case "esp-auth", "esp-unknown-spi":

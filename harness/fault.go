@@ -48,6 +48,7 @@ type plan struct {
 	espWrongKey bool // the archive's keys differ from the lab's
 	espWrongSPI bool // the archive's SPIs are not the lab's
 	espReplay   bool // the guest's ESP packets are replayed
+	loaderNFS   bool // the loader reads the boot files from the NFS root
 }
 
 func always(qemu.Profile, string) bool { return true }
@@ -60,6 +61,12 @@ func iscsiRoot(_ qemu.Profile, root string) bool { return root == RootISCSI }
 
 // canVerify: the chains whose loader checks signatures of what it loads.
 func canVerify(p qemu.Profile, _ string) bool { return p.Firmware == qemu.AAVMFGRUB }
+
+// loaderHasNFS: the chains whose loader can read files over NFS (iPXE,
+// U-Boot; not GRUB), with an NFS root to read them from.
+func loaderHasNFS(p qemu.Profile, root string) bool {
+	return root == RootNFS && p.Firmware != qemu.Direct && p.Firmware != qemu.AAVMFGRUB
+}
 
 func anyRoot(_ qemu.Profile, root string) bool { return root != RootNone }
 
@@ -146,6 +153,11 @@ var Faults = map[string]Fault{
 		Name: "esp-replay", Where: "fabric", Expect: failure.None, Applies: anyRoot, IPsec: true,
 		Help:  "every ESP packet the guest sends arrives twice: the replay window drops the copies and the boot goes on",
 		apply: func(p *plan) { p.espReplay = true },
+	},
+	"loader-nfs": {
+		Name: "loader-nfs", Where: "loader", Expect: failure.LoaderNoIPsec, Applies: loaderHasNFS, IPsec: true,
+		Help:  "the loader is told to read kernel and archive from the NFS root itself (iPXE nfs://, U-Boot's nfs command), which the network protects: no loader can do ESP",
+		apply: func(p *plan) { p.loaderNFS = true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,

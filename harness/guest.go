@@ -26,6 +26,7 @@ import (
 	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Spec describes one guest to boot.
@@ -551,6 +552,10 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 		}
 	}
 	b := bootcfg.Boot{Server: l.Server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline()}
+	if p.loaderNFS {
+		// Where a system that keeps its boot files on its root has them.
+		b.NFS, b.Kernel, b.Initrd = p.nfsPath, "boot/vmlinuz", "boot/initrd.img"
+	}
 	switch g.Profile.Firmware {
 	case qemu.SeaBIOSIPXE, qemu.OVMFIPXE, qemu.OVMFPXE:
 		err = writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
@@ -564,7 +569,13 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 		mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
 		err = writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), []byte(bootcfg.PXELinux(b)))
 		if err == nil {
-			err = writeFile(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", bootcfg.UBootScript()))
+			l.mu.Lock()
+			if p.loaderNFS {
+				l.ubootNFS[g.MAC.String()] = b
+			}
+			script := bootcfg.UBootScript(l.ubootNFS)
+			err = fsutil.WriteAtomic(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", script))
+			l.mu.Unlock()
 		}
 	case qemu.AAVMFGRUB:
 		cfg := filepath.Join(dir, "grub", "grub.cfg")

@@ -20,6 +20,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
+	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
@@ -71,6 +72,8 @@ type Lab struct {
 	esp     *ipsec.Gateway // nil on a clear network
 	espBits int
 
+	ubootNFS map[string]bootcfg.Boot // U-Boot guests (by MAC) that boot over NFS
+
 	keyOnce sync.Once
 	key     *sign.Key // the lab's signing key, made on first use
 	keyErr  error
@@ -99,7 +102,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}}
+	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}}
 	defer func() {
 		if err != nil {
 			l.Close()

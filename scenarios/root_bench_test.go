@@ -15,24 +15,29 @@ import (
 
 var readLine = regexp.MustCompile(`nbh-read: (\d+) bytes.* copied, ([0-9.]+) seconds`)
 
-// benchFile writes a 64 MiB file: a random 16 KiB block over and over, so
-// the boot archive that carries it stays small while every page differs
-// within the block.
+// benchFile writes a 64 MiB file (see repeatFile).
 func benchFile(b *testing.B) string {
+	p := filepath.Join(b.TempDir(), "bench.bin")
+	writeRandomFile(b, p, 64<<20)
+	return p
+}
+
+// writeRandomFile writes size bytes to path: a random 16 KiB block over and
+// over, so a boot archive that carries it stays small while every page
+// differs within the block.
+func writeRandomFile(tb testing.TB, path string, size int) {
 	block := make([]byte, 16<<10)
 	rand.Read(block)
-	p := filepath.Join(b.TempDir(), "bench.bin")
-	f, err := os.Create(p)
+	f, err := os.Create(path)
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	for i := 0; i < (64<<20)/len(block); i++ {
+	for i := 0; i < size/len(block); i++ {
 		f.Write(block)
 	}
 	if err := f.Close(); err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	return p
 }
 
 // BenchmarkRoot reads a 64 MiB file sequentially in the guest: from the

@@ -23,21 +23,30 @@ type Boot struct {
 	Kernel  string // path on the server, e.g. g1/vmlinuz
 	Initrd  string
 	Cmdline string
+	// NFS, if set, makes the loader read Kernel and Initrd from this NFS
+	// export of the server (the root file system itself) instead of over
+	// HTTP or TFTP: iPXE with nfs:// URLs, U-Boot with its nfs command.
+	NFS string
 }
 
-// IPXEScript fetches kernel and archive over HTTP. initrd= on the command line
-// lets an EFI-stub kernel find the archive iPXE registered under that name.
+// IPXEScript fetches kernel and archive over HTTP (or NFS). initrd= on the
+// command line lets an EFI-stub kernel find the archive iPXE registered under
+// that name.
 func IPXEScript(b Boot) string {
+	scheme, base := "http", b.Server
+	if b.NFS != "" {
+		scheme, base = "nfs", b.Server+b.NFS
+	}
 	return fmt.Sprintf(`#!ipxe
 echo nbh: iPXE script for ${net0/mac} at ${net0/ip}
-kernel http://%[1]s/%[2]s initrd=initrd.img %[4]s || goto failed
-initrd --name initrd.img http://%[1]s/%[3]s || goto failed
+kernel %[5]s://%[1]s/%[2]s initrd=initrd.img %[4]s || goto failed
+initrd --name initrd.img %[5]s://%[1]s/%[3]s || goto failed
 echo nbh: booting kernel
 boot || goto failed
 :failed
 echo nbh: iPXE boot failed
 exit 1
-`, b.Server, b.Kernel, b.Initrd, b.Cmdline)
+`, base, b.Kernel, b.Initrd, b.Cmdline, scheme)
 }
 
 // PXELinux is a pxelinux-style config, as U-Boot's "pxe" command reads it.
@@ -57,16 +66,41 @@ label nbh
 // would make a 33 MB kernel take tens of seconds) and then boots the
 // pxelinux config for this NIC. The window stays at 8: with 32, U-Boot
 // 2023.01's virtio-net (32 receive buffers) stopped receiving mid-transfer.
-func UBootScript() string {
-	return `echo nbh: U-Boot script
+//
+// nfs lists the machines (by MAC address) whose boot files come from an
+// NFS export instead (Boot.NFS): the script is the same file for every
+// U-Boot guest of a lab, so each of those gets a branch of its own.
+func UBootScript(nfs map[string]Boot) string {
+	var b strings.Builder
+	b.WriteString(`echo nbh: U-Boot script
 setenv tftpblocksize 1468
 setenv tftpwindowsize 8
-if pxe get; then
+`)
+	macs := make([]string, 0, len(nfs))
+	for mac := range nfs {
+		macs = append(macs, mac)
+	}
+	sort.Strings(macs)
+	for _, mac := range macs {
+		n := nfs[mac]
+		fmt.Fprintf(&b, `if test "${ethaddr}" = "%[1]s"; then
+	echo nbh: reading the boot files over NFS from %[2]s:%[3]s
+	if nfs ${kernel_addr_r} %[2]s:%[3]s/%[4]s && nfs ${ramdisk_addr_r} %[2]s:%[3]s/%[5]s; then
+		setenv bootargs "%[6]s"
+		booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+	fi
+	echo nbh: U-Boot boot failed
+	exit
+fi
+`, mac, n.Server, n.NFS, n.Kernel, n.Initrd, n.Cmdline)
+	}
+	b.WriteString(`if pxe get; then
 	echo nbh: booting the pxelinux config
 	pxe boot
 fi
 echo nbh: U-Boot boot failed
-`
+`)
+	return b.String()
 }
 
 // UBootImage wraps a script in a legacy U-Boot image header (type script,

@@ -101,3 +101,38 @@ func TestGatewayProtectsTheRoot(t *testing.T) {
 		t.Fatal("protected traffic left for a guest without an SA")
 	}
 }
+
+// TestGatewayClampsMSS: a protected SYN is clamped both ways (the guest's
+// opened one and the host's before sealing); a clear HTTP SYN is not.
+func TestGatewayClampsMSS(t *testing.T) {
+	gw, guest, _ := newPeers(t)
+	gw.MSS = MaxMSS(1500)
+	syn := synWith([]byte{2, 4, 0x05, 0xb4}) // 40000 -> 2049, MSS 1460
+	esp, err := Encap(guest.out, syn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := gw.Inbound(esp)
+	if got := binary.BigEndian.Uint16(in[42:]); got != MaxMSS(1500) {
+		t.Fatalf("inbound SYN MSS %d, want %d", got, MaxMSS(1500))
+	}
+	if tcpChecksum(in) != binary.BigEndian.Uint16(in[36:]) {
+		t.Fatal("bad checksum after clamping")
+	}
+	out := gw.Outbound(reply(synWith([]byte{2, 4, 0x05, 0xb4})))
+	back, err := Decap(guest.in, out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := binary.BigEndian.Uint16(back[42:]); got != MaxMSS(1500) {
+		t.Fatalf("outbound SYN MSS %d", got)
+	}
+	http := synWith([]byte{2, 4, 0x05, 0xb4})
+	binary.BigEndian.PutUint16(http[22:], 80)
+	if got := gw.Inbound(http); binary.BigEndian.Uint16(got[42:]) != 1460 {
+		t.Fatal("a clear SYN was clamped")
+	}
+	if len(out) > 20+20+4+Overhead {
+		t.Fatalf("ESP of a bare SYN is %d bytes", len(out))
+	}
+}

@@ -82,6 +82,19 @@ func TestRuleDropsNthAndRecords(t *testing.T) {
 	}
 	// ARP request and reply, three datagrams (the dropped one was sent).
 	assert.Assert(t, n >= 5, "only %d frames captured", n)
+	frames, err := ReadCapture(capture)
+	assert.NilError(t, err)
+	assert.Equal(t, len(frames), n)
+	var one int
+	for _, f := range frames {
+		if bytes.HasSuffix(f.Data, []byte("one")) {
+			one++
+		}
+	}
+	assert.Equal(t, one, 1, "the datagram \"one\" in the capture")
+	os.WriteFile(capture, b[:len(b)-3], 0o644)
+	_, err = ReadCapture(capture)
+	assert.ErrorContains(t, err, "bad block")
 }
 
 func TestRouterAdvertChecksum(t *testing.T) {

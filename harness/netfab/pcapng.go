@@ -2,7 +2,9 @@ package netfab
 
 import (
 	"encoding/binary"
+	"fmt"
 	"io"
+	"os"
 	"sync"
 	"time"
 )
@@ -56,4 +58,37 @@ func (p *pcapng) write(t time.Time, frame []byte) {
 	p.mu.Lock()
 	p.w.Write(b)
 	p.mu.Unlock()
+}
+
+// Frame is one captured frame.
+type Frame struct {
+	Time time.Time
+	Data []byte
+}
+
+// ReadCapture reads a capture this package wrote (a guest's network.pcapng),
+// so tests can assert on what a guest sent and got.
+func ReadCapture(path string) ([]Frame, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	le := binary.LittleEndian
+	var out []Frame
+	for off := 0; off+12 <= len(b); {
+		typ, n := le.Uint32(b[off:]), int(le.Uint32(b[off+4:]))
+		if n < 12 || off+n > len(b) {
+			return out, fmt.Errorf("netfab: %s: bad block at offset %d", path, off)
+		}
+		if typ == 6 && n >= 32 {
+			caplen := int(le.Uint32(b[off+20:]))
+			if 28+caplen > n {
+				return out, fmt.Errorf("netfab: %s: bad packet block at offset %d", path, off)
+			}
+			us := uint64(le.Uint32(b[off+12:]))<<32 | uint64(le.Uint32(b[off+16:]))
+			out = append(out, Frame{Time: time.UnixMicro(int64(us)), Data: b[off+28 : off+28+caplen]})
+		}
+		off += n
+	}
+	return out, nil
 }
