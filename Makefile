@@ -15,7 +15,7 @@ build:
 
 # The main job: boot every chain x root, with and without faults; print a table.
 matrix: setup build
-	bin/nbh matrix
+	bin/nbh matrix --ipsec both
 
 # The whole test suite: unit tests, then the scenarios that boot real guests.
 test: setup vet

@@ -21,6 +21,7 @@ const usage = `nbh — the netboot harness
 Usage:
   nbh boot   [flags]   boot one guest on the reference network-boot stack
   nbh matrix [flags]   boot every chain x root, with and without faults; print a table
+                       (--ipsec required|both: also on a network that requires ESP)
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
                        (--stock: also build the initramfs-tools and dracut archives)
   nbh help [command]   show help
@@ -47,6 +48,9 @@ func faultsHelp() string {
 		expect := string(f.Expect)
 		if expect == "" {
 			expect = "boots"
+		}
+		if f.IPsec {
+			expect += "; needs --ipsec required"
 		}
 		fmt.Fprintf(&b, "  %-17s %s (expected: %s)\n", n, f.Help, expect)
 	}

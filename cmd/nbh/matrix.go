@@ -93,6 +93,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 		}
 	}
 	var jobs []job
+	once := map[string]bool{}
 	for _, esp := range nets {
 		for _, p := range chains {
 			for _, root := range rootList {
@@ -110,6 +111,15 @@ func matrixCmd(ctx context.Context, args []string) int {
 					// IPsec faults on the IPsec network only.
 					if f.IPsec != esp || !f.Applies(p, root) {
 						continue
+					}
+					if esp {
+						// The IPsec faults once per chain, with the first
+						// network root they apply to.
+						key := p.Name() + " " + n
+						if once[key] {
+							continue
+						}
+						once[key] = true
 					}
 					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
 						jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root, Faults: []harness.Fault{f}}, ipsec: esp, fault: n, want: f.Expect})
