@@ -44,9 +44,6 @@ func (l *Lab) startIPsec(p *ipsec.Policy, keyBits int) error {
 	return nil
 }
 
-// IPsec reports whether the lab's network requires ESP.
-func (l *Lab) IPsec() bool { return l.esp != nil }
-
 // ESP is the lab's ESP gateway (nil when the network is clear), for its
 // counters.
 func (l *Lab) ESP() *ipsec.Gateway { return l.esp }

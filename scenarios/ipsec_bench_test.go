@@ -1,9 +1,7 @@
 package scenarios
 
 import (
-	"context"
 	"crypto/rand"
-	"strconv"
 	"testing"
 	"time"
 
@@ -36,26 +34,8 @@ func BenchmarkIPsec(b *testing.B) {
 		b.Run(arch+"/"+c.name, func(b *testing.B) {
 			var mbps float64
 			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				lab := harness.NewTestLabWith(b, c.opts)
-				spec := harness.Spec{Arch: arch, Firmware: qemu.Direct, Root: harness.RootNFS,
-					RootFiles: map[string]string{"/bench.bin": file}, Append: "nbh.readtest=/bench.bin",
-					Expect: readLine.String(), Timeout: 5 * time.Minute}
-				b.StartTimer()
-				g, err := lab.Boot(context.Background(), spec)
-				if err != nil {
-					b.Fatal(err)
-				}
-				v := g.Wait(context.Background())
-				b.StopTimer()
-				if !v.OK {
-					b.Fatalf("%v", v.Err())
-				}
-				m := readLine.FindStringSubmatch(v.Line)
-				n, _ := strconv.ParseFloat(m[1], 64)
-				secs, _ := strconv.ParseFloat(m[2], 64)
-				mbps += n / (1 << 20) / secs
-				lab.Close()
+				mbps += readMBps(b, c.opts, harness.Spec{Arch: arch, Firmware: qemu.Direct, Root: harness.RootNFS,
+					RootFiles: map[string]string{"/bench.bin": file}, Timeout: 5 * time.Minute}, nil)
 			}
 			mbps /= float64(b.N)
 			b.ReportMetric(mbps, "MB/s")

@@ -72,33 +72,16 @@ func BenchmarkRoot(b *testing.B) {
 				portal = startTGT(b, arch, map[string]string{"/bench.bin": file})
 			}
 			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				lab := harness.NewTestLab(b)
 				spec := c.spec
 				spec.Arch, spec.Firmware = arch, qemu.Direct
-				spec.Append = "nbh.readtest=/bench.bin"
-				if portal != "" {
-					if err := lab.Forward(3261, portal); err != nil {
-						b.Fatal(err)
+				mbps += readMBps(b, harness.Options{}, spec, func(lab *harness.Lab, spec *harness.Spec) {
+					if portal != "" {
+						if err := lab.Forward(3261, portal); err != nil {
+							b.Fatal(err)
+						}
+						spec.Append += " netroot=iscsi:" + lab.Server() + "::3261:1:" + tgtIQN
 					}
-					spec.Append += " netroot=iscsi:" + lab.Server() + "::3261:1:" + tgtIQN
-				}
-				spec.Expect = readLine.String()
-				b.StartTimer()
-				g, err := lab.Boot(context.Background(), spec)
-				if err != nil {
-					b.Fatal(err)
-				}
-				v := g.Wait(context.Background())
-				b.StopTimer()
-				if !v.OK {
-					b.Fatalf("%v", v.Err())
-				}
-				m := readLine.FindStringSubmatch(v.Line)
-				n, _ := strconv.ParseFloat(m[1], 64)
-				secs, _ := strconv.ParseFloat(m[2], 64)
-				mbps += n / (1 << 20) / secs
-				lab.Close()
+				})
 			}
 			mbps /= float64(b.N)
 			b.ReportMetric(mbps, "MB/s")
@@ -115,4 +98,32 @@ func BenchmarkRoot(b *testing.B) {
 			}
 		})
 	}
+}
+
+// readMBps boots one guest that reads /bench.bin (nbh.readtest) and returns
+// the MB/s it reports; only the boot is timed. prepare, if set, adjusts the
+// lab and the spec first.
+func readMBps(b *testing.B, opts harness.Options, spec harness.Spec, prepare func(*harness.Lab, *harness.Spec)) float64 {
+	b.StopTimer()
+	lab := harness.NewTestLabWith(b, opts)
+	defer lab.Close()
+	spec.Append += " nbh.readtest=/bench.bin"
+	spec.Expect = readLine.String()
+	if prepare != nil {
+		prepare(lab, &spec)
+	}
+	b.StartTimer()
+	g, err := lab.Boot(context.Background(), spec)
+	if err != nil {
+		b.Fatal(err)
+	}
+	v := g.Wait(context.Background())
+	b.StopTimer()
+	if !v.OK {
+		b.Fatalf("%v", v.Err())
+	}
+	m := readLine.FindStringSubmatch(v.Line)
+	n, _ := strconv.ParseFloat(m[1], 64)
+	secs, _ := strconv.ParseFloat(m[2], 64)
+	return n / (1 << 20) / secs
 }

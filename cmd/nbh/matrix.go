@@ -188,7 +188,11 @@ func bootOnce(ctx context.Context, opts harness.Options, spec harness.Spec) (har
 
 func printMatrix(cells []cell) int {
 	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Root}
-	fmt.Printf("\n%-30s %-17s %-5s %8s", "chain", "fault", "", "total")
+	w := len("chain")
+	for _, c := range cells {
+		w = max(w, len(c.chain))
+	}
+	fmt.Printf("\n%-*s %-17s %-5s %8s", w, "chain", "fault", "", "total")
 	for _, s := range stages {
 		fmt.Printf(" %8s", s)
 	}
@@ -204,7 +208,7 @@ func printMatrix(cells []cell) int {
 			status = "FAIL"
 			failed++
 		}
-		fmt.Printf("%-30s %-17s %-5s %7.2fs", c.chain, fault, status, c.v.Elapsed.Seconds())
+		fmt.Printf("%-*s %-17s %-5s %7.2fs", w, c.chain, fault, status, c.v.Elapsed.Seconds())
 		took := map[timeline.Stage]time.Duration{}
 		for _, sp := range c.spans {
 			took[sp.Stage] = sp.Duration
