@@ -54,17 +54,14 @@ func (l *Lab) ESP() *ipsec.Gateway { return l.esp }
 // wrong key or SPI with the others.
 func (g *Guest) espKeys() ([]byte, error) {
 	klen := g.lab.espBits/8 + 4 // key and RFC 4106 salt
-	var in, out [2]uint32
 	keys := make([]byte, 2*klen)
 	rand.Read(keys)
-	for i := range in {
-		in[i], out[i] = randomSPI(), randomSPI()
-	}
-	saIn, err := ipsec.NewSA(in[0], keys[:klen])
+	inSPI, outSPI := randomSPI(), randomSPI()
+	saIn, err := ipsec.NewSA(inSPI, keys[:klen])
 	if err != nil {
 		return nil, err
 	}
-	saOut, err := ipsec.NewSA(out[0], keys[klen:])
+	saOut, err := ipsec.NewSA(outSPI, keys[klen:])
 	if err != nil {
 		return nil, err
 	}
@@ -78,7 +75,7 @@ func (g *Guest) espKeys() ([]byte, error) {
 		return nil, nil
 	}
 	// The guest's view: it sends on the gateway's inbound SA.
-	sendSPI, recvSPI := in[0], out[0]
+	sendSPI, recvSPI := inSPI, outSPI
 	sendKey := append([]byte(nil), keys[:klen]...)
 	recvKey := append([]byte(nil), keys[klen:]...)
 	if g.plan.espWrongKey {
@@ -86,7 +83,7 @@ func (g *Guest) espKeys() ([]byte, error) {
 		recvKey[0] ^= 0x80
 	}
 	if g.plan.espWrongSPI {
-		sendSPI, recvSPI = in[1], out[1]
+		sendSPI, recvSPI = randomSPI(), randomSPI()
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# ESP keys of guest %s: secret, never print this file.\n", g.Name)
@@ -97,11 +94,7 @@ func (g *Guest) espKeys() ([]byte, error) {
 		if r.Action != ipsec.Protect {
 			continue
 		}
-		proto := map[uint8]string{0: "any", ipsec.ProtoTCP: "tcp", ipsec.ProtoUDP: "udp", ipsec.ProtoICMP: "icmp"}[r.Proto]
-		if proto == "" {
-			proto = fmt.Sprint(r.Proto)
-		}
-		fmt.Fprintf(&b, "protect %s %d\n", proto, r.Port)
+		fmt.Fprintf(&b, "protect %s %d\n", ipsec.ProtoName(r.Proto), r.Port)
 	}
 	return []byte(b.String()), nil
 }

@@ -14,6 +14,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/ipsec"
+	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -95,8 +96,8 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --ipsec %q: want off or required\n", *ipsecMode)
 		return exitUsage
 	}
-	if *mtu < 576 || *mtu > 9000 {
-		fmt.Fprintf(os.Stderr, "nbh boot: --mtu %d: want 576..9000\n", *mtu)
+	if err := netfab.CheckMTU(*mtu); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh boot: --mtu: %v\n", err)
 		return exitUsage
 	}
 	if *mtu != 1500 {

@@ -55,31 +55,6 @@ func (g *Gateway) AddPeer(p *Peer) {
 	}
 }
 
-// PeerCounters are one guest's SA counters.
-type PeerCounters struct {
-	Addr          netip.Addr
-	InSPI, OutSPI uint32
-	In, Out       Counters
-}
-
-// Counters returns every peer's SA counters.
-func (g *Gateway) Counters() []PeerCounters {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	var out []PeerCounters
-	for _, p := range g.peers {
-		c := PeerCounters{Addr: p.Addr}
-		if p.In != nil {
-			c.InSPI, c.In = p.In.SPI, p.In.Counters()
-		}
-		if p.Out != nil {
-			c.OutSPI, c.Out = p.Out.SPI, p.Out.Counters()
-		}
-		out = append(out, c)
-	}
-	return out
-}
-
 // Peer returns the guest's SAs, if any.
 func (g *Gateway) Peer(addr netip.Addr) *Peer {
 	g.mu.Lock()
@@ -199,12 +174,11 @@ func (g *Gateway) Outbound(pkt []byte) []byte {
 }
 
 func describe(proto uint8, sport, dport uint16) string {
-	name := map[uint8]string{ProtoTCP: "tcp", ProtoUDP: "udp", ProtoICMP: "icmp"}[proto]
-	if name == "" {
-		return fmt.Sprintf("protocol %d", proto)
+	switch proto {
+	case ProtoTCP, ProtoUDP:
+		return fmt.Sprintf("%s %d->%d", ProtoName(proto), sport, dport)
+	case ProtoICMP:
+		return ProtoName(proto)
 	}
-	if proto == ProtoICMP {
-		return name
-	}
-	return fmt.Sprintf("%s %d->%d", name, sport, dport)
+	return fmt.Sprintf("protocol %d", proto)
 }

@@ -35,11 +35,17 @@ type Rule struct {
 	Action Action
 }
 
-func (r Rule) String() string {
-	proto := map[uint8]string{0: "any", ProtoICMP: "icmp", ProtoTCP: "tcp", ProtoUDP: "udp"}[r.Proto]
-	if proto == "" {
-		proto = fmt.Sprint(r.Proto)
+// ProtoName names an IP protocol as rules and reports spell it: "any" (0),
+// icmp, tcp, udp, else its number.
+func ProtoName(proto uint8) string {
+	if name, ok := map[uint8]string{0: "any", ProtoICMP: "icmp", ProtoTCP: "tcp", ProtoUDP: "udp"}[proto]; ok {
+		return name
 	}
+	return fmt.Sprint(proto)
+}
+
+func (r Rule) String() string {
+	proto := ProtoName(r.Proto)
 	port := "*"
 	if r.Port != 0 {
 		port = fmt.Sprint(r.Port)

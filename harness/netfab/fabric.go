@@ -92,6 +92,15 @@ func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
 	return append(append(make([]byte, 0, 14+len(ip)), frame[:14]...), ip...)
 }
 
+// CheckMTU says whether a fabric can have this MTU: IPv4's minimum
+// datagram (576) up to jumbo frames (9000).
+func CheckMTU(mtu int) error {
+	if mtu < 576 || mtu > 9000 {
+		return fmt.Errorf("MTU %d: want 576..9000", mtu)
+	}
+	return nil
+}
+
 // Config varies a fabric.
 type Config struct {
 	// MTU is the largest IP packet the segment carries (default
@@ -106,8 +115,8 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	if c.MTU == 0 {
 		c.MTU = DefaultMTU
 	}
-	if c.MTU < 576 || c.MTU > 9000 {
-		return nil, fmt.Errorf("netfab: MTU %d: want 576..9000", c.MTU)
+	if err := CheckMTU(c.MTU); err != nil {
+		return nil, fmt.Errorf("netfab: %w", err)
 	}
 	f := &Fabric{
 		HostMAC: net.HardwareAddr{0x02, 0x4e, 0x42, 0x48, 0x00, 0x02},
