@@ -317,24 +317,38 @@ func (c *Cache) fetch(ctx context.Context, arch, name string, p pin, dir string)
 	if sum != p.SHA256 {
 		return fmt.Errorf("images: %s: checksum %s, index says %s", debs[0], sum, p.SHA256)
 	}
-	root := filepath.Join(tmp, "root")
+	if err := unpack(ctx, debs[0], sum, dir); err != nil {
+		return err
+	}
+	c.logf("cached %s in %s (%.1fs)", name, dir, time.Since(start).Seconds())
+	return nil
+}
+
+// unpack extracts deb into dir (replacing it) and writes the .complete
+// stamp holding sum, last, so a half-unpacked folder never counts.
+func unpack(ctx context.Context, deb, sum, dir string) error {
 	if _, err := exec.LookPath("dpkg-deb"); err != nil {
 		return fmt.Errorf("images: %w: dpkg-deb", ErrMissingTool)
 	}
-	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", debs[0], root).CombinedOutput(); err != nil {
-		return fmt.Errorf("images: dpkg-deb -x %s: %v: %s", filepath.Base(debs[0]), err, out)
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), ".unpack-")
+	if err != nil {
+		return fmt.Errorf("images: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	root := filepath.Join(tmp, "root")
+	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", deb, root).CombinedOutput(); err != nil {
+		return fmt.Errorf("images: dpkg-deb -x %s: %v: %s", filepath.Base(deb), err, out)
 	}
 	if err := os.WriteFile(filepath.Join(root, ".complete"), []byte(sum+"\n"), 0o644); err != nil {
 		return err
 	}
 	os.RemoveAll(dir)
-	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return err
-	}
 	if err := os.Rename(root, dir); err != nil {
 		return fmt.Errorf("images: %w", err)
 	}
-	c.logf("cached %s in %s (%.1fs)", name, dir, time.Since(start).Seconds())
 	return nil
 }
 

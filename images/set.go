@@ -2,9 +2,8 @@ package images
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 )
 
@@ -27,16 +26,12 @@ func (c *Cache) Kernel(ctx context.Context, arch string) (*Kernel, error) {
 		return nil, err
 	}
 	version := strings.TrimPrefix(pkg, "linux-image-")
-	k := &Kernel{
-		Arch:    arch,
-		Version: version,
-		Image:   filepath.Join(dir, "boot", "vmlinuz-"+version),
-		Modules: filepath.Join(dir, "lib", "modules", version),
+	k := &Kernel{Arch: arch, Version: version}
+	if k.Image, err = fileIn(dir, arch, pkg, "boot/vmlinuz-"+version); err != nil {
+		return nil, err
 	}
-	for _, p := range []string{k.Image, k.Modules} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("images: kernel package %s has no %s", pkg, p)
-		}
+	if k.Modules, err = fileIn(dir, arch, pkg, "lib/modules/"+version); err != nil {
+		return nil, err
 	}
 	return k, nil
 }
@@ -68,9 +63,18 @@ func (c *Cache) Path(ctx context.Context, arch string, f File) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	p := filepath.Join(dir, f.Path)
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("images: package %s (%s) has no %s", f.Package, arch, f.Path)
+	return fileIn(dir, arch, f.Package, f.Path)
+}
+
+// fileIn is the real path of rel inside the package unpacked at dir (links
+// followed inside the package, never on the host).
+func fileIn(dir, arch, pkg, rel string) (string, error) {
+	p, err := resolveIn(dir, rel)
+	if errors.Is(err, errOutside) {
+		return "", fmt.Errorf("images: package %s (%s): %w", pkg, arch, err)
+	}
+	if err != nil {
+		return "", fmt.Errorf("images: package %s (%s) has no %s (%v)", pkg, arch, rel, err)
 	}
 	return p, nil
 }
