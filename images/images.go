@@ -8,22 +8,20 @@
 // folder named by package, version and architecture; a folder counts only once
 // its ".complete" stamp (holding the .deb's SHA-256, checked against the
 // archive's index) is written, so a partial or corrupt entry is fetched again.
-// A lock file per architecture pins the versions resolved on the first run: a
-// second run is offline.
+// Versions are pinned in the repository (pins-ARCH.json, compiled in): every
+// machine fetches the same bytes, and a second run is offline.
 package images
 
 import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -38,6 +36,12 @@ type Cache struct {
 	Dir string
 	// Log receives progress lines; nil means os.Stderr.
 	Log io.Writer
+	// PinsOverride replaces the compiled-in pins for an architecture
+	// (nbh images --update fetches the pins it just resolved).
+	PinsOverride map[string]PinSet
+	// sourceList replaces the host's apt sources (tests use a local
+	// archive).
+	sourceList string
 }
 
 // DefaultDir is $NBH_CACHE, else .cache/ in the nbh module this process runs
@@ -90,51 +94,34 @@ func (c *Cache) logf(format string, args ...any) {
 	fmt.Fprintf(w, "images: "+format+"\n", args...)
 }
 
-// pin is one resolved package in the lock file.
-type pin struct {
-	Version string `json:"version"`
-	SHA256  string `json:"sha256"`
-	Size    int64  `json:"size"`
-}
+// ErrPinGone is returned when the package archive no longer has a pinned
+// version.
+var ErrPinGone = errors.New("pin not served")
 
 // ErrMissingTool is returned when apt-get or dpkg-deb is not on PATH.
 var ErrMissingTool = errors.New("missing host tool")
 
 // Package returns the folder holding the unpacked contents of the Debian
-// package name for arch ("all" packages may be asked for with any arch),
-// fetching it on first use.
+// package name for arch ("all" packages may be asked for with any arch) at
+// its pinned version, fetching it on first use.
 func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) {
+	set, err := c.pins(arch)
+	if err != nil {
+		return "", err
+	}
+	p, ok := set.Packages[name]
+	if !ok {
+		return "", fmt.Errorf("images: package %s (%s) is not pinned in images/%s; run nbh images --update", name, arch, PinsFile(arch))
+	}
 	unlock, err := c.lock()
 	if err != nil {
 		return "", err
 	}
 	defer unlock()
-
-	lockPath := filepath.Join(c.Dir, "lock-"+arch+".json")
-	pins := map[string]pin{}
-	if b, err := os.ReadFile(lockPath); err == nil {
-		if err := json.Unmarshal(b, &pins); err != nil {
-			return "", fmt.Errorf("images: %s is corrupt (%v); delete it to resolve versions again", lockPath, err)
-		}
-	}
-	p, ok := pins[name]
-	if ok {
-		dir := c.pkgDir(name, p.Version, arch)
-		if stamp, err := os.ReadFile(filepath.Join(dir, ".complete")); err == nil && strings.TrimSpace(string(stamp)) == p.SHA256 {
-			return dir, nil
-		}
-	} else {
-		p, err = c.resolve(ctx, arch, name)
-		if err != nil {
-			return "", err
-		}
-		pins[name] = p
-		b, _ := json.MarshalIndent(pins, "", "  ")
-		if err := fsutil.WriteAtomic(lockPath, b); err != nil {
-			return "", err
-		}
-	}
 	dir := c.pkgDir(name, p.Version, arch)
+	if stamp, err := os.ReadFile(filepath.Join(dir, ".complete")); err == nil && strings.TrimSpace(string(stamp)) == p.SHA256 {
+		return dir, nil
+	}
 	if err := c.fetch(ctx, arch, name, p, dir); err != nil {
 		return "", err
 	}
@@ -168,19 +155,23 @@ func (c *Cache) aptArgs(arch string) ([]string, error) {
 			return nil, err
 		}
 	}
-	return []string{
-		"-o", "APT::Architecture=" + arch,
-		"-o", "APT::Architectures=" + arch,
-		"-o", "Dir::State=" + base,
-		"-o", "Dir::State::Lists=" + filepath.Join(base, "lists"),
-		"-o", "Dir::State::status=" + status,
-		"-o", "Dir::Cache=" + filepath.Join(base, "cache"),
-		"-o", "Dir::Etc::Preferences=" + filepath.Join(base, "etc/preferences"),
-		"-o", "Dir::Etc::PreferencesParts=" + filepath.Join(base, "etc/preferences.d"),
+	var sources []string
+	if c.sourceList != "" {
+		sources = []string{"-o", "Dir::Etc::SourceList=" + c.sourceList, "-o", "Dir::Etc::SourceParts=/nonexistent"}
+	}
+	return append(sources,
+		"-o", "APT::Architecture="+arch,
+		"-o", "APT::Architectures="+arch,
+		"-o", "Dir::State="+base,
+		"-o", "Dir::State::Lists="+filepath.Join(base, "lists"),
+		"-o", "Dir::State::status="+status,
+		"-o", "Dir::Cache="+filepath.Join(base, "cache"),
+		"-o", "Dir::Etc::Preferences="+filepath.Join(base, "etc/preferences"),
+		"-o", "Dir::Etc::PreferencesParts="+filepath.Join(base, "etc/preferences.d"),
 		"-o", "Debug::NoLocking=1",
-		"-o", "APT::Sandbox::User=" + sandboxUser(),
+		"-o", "APT::Sandbox::User="+sandboxUser(),
 		"-q",
-	}, nil
+	), nil
 }
 
 // sandboxUser keeps apt from dropping to _apt, which cannot write into a cache
@@ -214,10 +205,11 @@ func (c *Cache) apt(ctx context.Context, dir, arch, tool string, args ...string)
 	return out, nil
 }
 
-// update refreshes the private package lists of arch when they are missing.
-func (c *Cache) update(ctx context.Context, arch string) error {
+// update refreshes the private package lists of arch when they are missing
+// (or always, with force).
+func (c *Cache) update(ctx context.Context, arch string, force bool) error {
 	lists := filepath.Join(c.Dir, "apt", arch, "lists")
-	if m, _ := filepath.Glob(filepath.Join(lists, "*Packages*")); len(m) > 0 {
+	if m, _ := filepath.Glob(filepath.Join(lists, "*Packages*")); len(m) > 0 && !force {
 		return nil
 	}
 	c.logf("reading the package index for %s", arch)
@@ -228,38 +220,32 @@ func (c *Cache) update(ctx context.Context, arch string) error {
 // resolve finds the version and checksum apt would fetch for name. A
 // meta-package whose only job is to depend on one versioned package
 // (linux-image-amd64) is followed to that package.
-func (c *Cache) resolve(ctx context.Context, arch, name string) (pin, error) {
-	if err := c.update(ctx, arch); err != nil {
-		return pin{}, err
-	}
+func (c *Cache) resolve(ctx context.Context, arch, name string) (Pin, error) {
 	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", name)
 	if err != nil {
-		return pin{}, err
+		return Pin{}, err
 	}
 	f := parseStanza(out)
 	if f["SHA256"] == "" || f["Version"] == "" {
-		return pin{}, fmt.Errorf("images: apt-cache show %s (%s): no version or checksum", name, arch)
+		return Pin{}, fmt.Errorf("images: apt-cache show %s (%s): no version or checksum", name, arch)
 	}
 	var size int64
 	fmt.Sscan(f["Size"], &size)
-	return pin{Version: f["Version"], SHA256: f["SHA256"], Size: size}, nil
+	return Pin{Version: f["Version"], SHA256: f["SHA256"], Size: size}, nil
 }
 
-// KernelPackage names the versioned kernel package that linux-image-ARCH
-// currently depends on (the pin is kept in the lock file too).
+// KernelPackage names the pinned versioned kernel package of arch.
 func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) {
-	unlock, err := c.lock()
+	s, err := c.pins(arch)
 	if err != nil {
 		return "", err
 	}
-	defer unlock()
-	path := filepath.Join(c.Dir, "kernel-"+arch)
-	if b, err := os.ReadFile(path); err == nil && len(bytes.TrimSpace(b)) > 0 {
-		return strings.TrimSpace(string(b)), nil
-	}
-	if err := c.update(ctx, arch); err != nil {
-		return "", err
-	}
+	return s.Kernel, nil
+}
+
+// kernelDependency names the versioned kernel package linux-image-ARCH
+// depends on in the (fresh) package lists.
+func (c *Cache) kernelDependency(ctx context.Context, arch string) (string, error) {
 	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
 	if err != nil {
 		return "", err
@@ -268,7 +254,7 @@ func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) 
 	if !strings.HasPrefix(dep, "linux-image-") {
 		return "", fmt.Errorf("images: linux-image-%s depends on %q, not a kernel package", arch, dep)
 	}
-	return dep, fsutil.WriteAtomic(path, []byte(dep+"\n"))
+	return dep, nil
 }
 
 func parseStanza(b []byte) map[string]string {
@@ -289,8 +275,8 @@ func parseStanza(b []byte) map[string]string {
 
 // fetch downloads and unpacks one package into dir, replacing whatever was
 // there; the .complete stamp is written last.
-func (c *Cache) fetch(ctx context.Context, arch, name string, p pin, dir string) error {
-	if err := c.update(ctx, arch); err != nil {
+func (c *Cache) fetch(ctx context.Context, arch, name string, p Pin, dir string) error {
+	if err := c.update(ctx, arch, false); err != nil {
 		return err
 	}
 	tmp, err := os.MkdirTemp(c.Dir, ".fetch-")
@@ -302,6 +288,17 @@ func (c *Cache) fetch(ctx context.Context, arch, name string, p pin, dir string)
 	start := time.Now()
 	stop := c.progress(tmp, name, p.Size)
 	_, err = c.apt(ctx, tmp, arch, "apt-get", "download", name+"="+p.Version)
+	if err != nil && ctx.Err() == nil {
+		// The private lists may be older than the pins: read the index
+		// again once before deciding the archive lacks the version.
+		if err = c.update(ctx, arch, true); err == nil {
+			_, err = c.apt(ctx, tmp, arch, "apt-get", "download", name+"="+p.Version)
+		}
+		if err != nil && ctx.Err() == nil && !c.served(ctx, arch, name, p.Version) {
+			err = fmt.Errorf("images: pinned package %s %s (%s) is no longer served by the package archive; "+
+				"run nbh images --update to pin the current versions (%w)", name, p.Version, arch, ErrPinGone)
+		}
+	}
 	stop()
 	if err != nil {
 		return err
@@ -352,6 +349,12 @@ func unpack(ctx context.Context, deb, sum, dir string) error {
 	return nil
 }
 
+// served reports whether the package lists know name at version.
+func (c *Cache) served(ctx context.Context, arch, name, version string) bool {
+	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", name+"="+version)
+	return err == nil && parseStanza(out)["Version"] == version
+}
+
 // progress reports the growth of the download every few seconds.
 func (c *Cache) progress(dir, name string, size int64) func() {
 	done := make(chan struct{})
@@ -377,18 +380,4 @@ func (c *Cache) progress(dir, name string, size int64) func() {
 		}
 	}()
 	return func() { close(done) }
-}
-
-// Pins lists the resolved packages of arch as "name version" lines.
-func (c *Cache) Pins(arch string) []string {
-	pins := map[string]pin{}
-	if b, err := os.ReadFile(filepath.Join(c.Dir, "lock-"+arch+".json")); err == nil {
-		json.Unmarshal(b, &pins)
-	}
-	var out []string
-	for n, p := range pins {
-		out = append(out, n+" "+p.Version)
-	}
-	sort.Strings(out)
-	return out
 }

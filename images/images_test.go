@@ -2,8 +2,8 @@ package images
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,9 +18,7 @@ import (
 // fakeEntry makes a cache that pins pkg and holds its unpacked folder.
 func fakeEntry(t *testing.T, stamp string) (*Cache, string) {
 	c := &Cache{Dir: t.TempDir(), Log: os.Stderr}
-	pins := map[string]pin{"busybox-static": {Version: "1:1.0-1", SHA256: "abc123", Size: 10}}
-	b, _ := json.Marshal(pins)
-	assert.NilError(t, os.WriteFile(filepath.Join(c.Dir, "lock-amd64.json"), b, 0o644))
+	c.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"busybox-static": {Version: "1:1.0-1", SHA256: "abc123", Size: 10}}}}
 	dir := c.pkgDir("busybox-static", "1:1.0-1", "amd64")
 	assert.NilError(t, os.MkdirAll(filepath.Join(dir, "bin"), 0o755))
 	assert.NilError(t, os.WriteFile(filepath.Join(dir, "bin/busybox"), []byte("bb"), 0o755))
@@ -96,8 +94,7 @@ func TestPackageLinksResolveInsideThePackage(t *testing.T) {
 	sum, err := fsutil.SHA256File(deb)
 	assert.NilError(t, err)
 	c := &Cache{Dir: t.TempDir(), Log: os.Stderr}
-	b, _ := json.Marshal(map[string]pin{"linktest": {Version: "1.0-1", SHA256: sum}})
-	assert.NilError(t, os.WriteFile(filepath.Join(c.Dir, "lock-amd64.json"), b, 0o644))
+	c.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "1.0-1", SHA256: sum}}}}
 	dir := c.pkgDir("linktest", "1.0-1", "amd64")
 	assert.NilError(t, unpack(context.Background(), deb, sum, dir))
 	t.Setenv("PATH", t.TempDir()+":"+os.Getenv("PATH")) // offline: a complete entry needs no apt
@@ -124,4 +121,79 @@ func TestPackageLinksResolveInsideThePackage(t *testing.T) {
 		_, err := c.Path(context.Background(), "amd64", File{"linktest", rel})
 		assert.ErrorContains(t, err, want, rel)
 	}
+}
+
+// The committed pins name every package the chains need, with a version and
+// a checksum, and the kernel they name is pinned itself.
+func TestCommittedPinsAreComplete(t *testing.T) {
+	for _, arch := range Arches {
+		s, err := Pinned(arch)
+		assert.NilError(t, err)
+		assert.Equal(t, s.Arch, arch)
+		assert.Assert(t, strings.HasPrefix(s.Kernel, "linux-image-"), s.Kernel)
+		names := []string{s.Kernel}
+		for _, f := range archFiles[arch] {
+			names = append(names, f.Package)
+		}
+		for _, n := range names {
+			p, ok := s.Packages[n]
+			assert.Assert(t, ok, "%s: %s is not pinned", arch, n)
+			assert.Assert(t, p.Version != "" && len(p.SHA256) == 64 && p.Size > 0, "%s: %s: %+v", arch, n, p)
+		}
+	}
+}
+
+// A package nothing pinned is a clear error, not a silent resolve.
+func TestUnpinnedPackage(t *testing.T) {
+	c, _ := fakeEntry(t, "abc123")
+	_, err := c.Path(context.Background(), "amd64", File{"not-a-pinned-package", "x"})
+	assert.ErrorContains(t, err, "not-a-pinned-package (amd64) is not pinned in images/pins-amd64.json")
+}
+
+// localArchive serves deb from a flat apt archive in a folder (file: URI),
+// indexed as name at version; it returns a sources.list for it.
+func localArchive(t *testing.T, deb, name, version string) string {
+	t.Helper()
+	dir := t.TempDir()
+	data, err := os.ReadFile(deb)
+	assert.NilError(t, err)
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, "p.deb"), data, 0o644))
+	sum, err := fsutil.SHA256File(deb)
+	assert.NilError(t, err)
+	idx := fmt.Sprintf("Package: %s\nVersion: %s\nArchitecture: all\nFilename: ./p.deb\nSize: %d\nSHA256: %s\nDescription: test\n\n", name, version, len(data), sum)
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, "Packages"), []byte(idx), 0o644))
+	list := filepath.Join(t.TempDir(), "sources.list")
+	assert.NilError(t, os.WriteFile(list, []byte("deb [trusted=yes] file:"+dir+" ./\n"), 0o644))
+	return list
+}
+
+// A pinned package is fetched through apt, checked and unpacked; a pin the
+// archive no longer serves is an error naming the package and version.
+func TestFetchPinnedAndPinGone(t *testing.T) {
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		t.Skip("apt-get not installed")
+	}
+	deb := debWithLinks(t)
+	sum, err := fsutil.SHA256File(deb)
+	assert.NilError(t, err)
+	var log strings.Builder
+	c := &Cache{Dir: t.TempDir(), Log: &log, sourceList: localArchive(t, deb, "linktest", "1.0-1")}
+	c.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "1.0-1", SHA256: sum}}}}
+	p, err := c.Path(context.Background(), "amd64", File{"linktest", "usr/lib/ipxe/ipxe.efi"})
+	assert.NilError(t, err, log.String())
+	got, _ := os.ReadFile(p)
+	assert.Equal(t, string(got), "package efi")
+
+	c2 := &Cache{Dir: t.TempDir(), Log: &log, sourceList: c.sourceList}
+	c2.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "0.9-1", SHA256: sum}}}}
+	_, err = c2.Path(context.Background(), "amd64", File{"linktest", "usr/lib/ipxe/ipxe.efi"})
+	assert.Assert(t, errors.Is(err, ErrPinGone), "%v", err)
+	assert.ErrorContains(t, err, "pinned package linktest 0.9-1 (amd64) is no longer served")
+
+	// Resolving pins what the archive serves now.
+	c3 := &Cache{Dir: t.TempDir(), Log: &log, sourceList: c.sourceList}
+	assert.NilError(t, c3.update(context.Background(), "amd64", true))
+	pin, err := c3.resolve(context.Background(), "amd64", "linktest")
+	assert.NilError(t, err)
+	assert.DeepEqual(t, pin, Pin{Version: "1.0-1", SHA256: sum, Size: pin.Size})
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -223,13 +224,49 @@ func bootCmd(ctx context.Context, args []string) int {
 	return exitFailed
 }
 
+// updatePins re-resolves the pins of arches, rewrites the source tree's pins
+// files, and makes c use them (this binary still has the old ones compiled
+// in).
+func updatePins(ctx context.Context, c *images.Cache, arches []string) int {
+	dir := images.SourceDir()
+	if dir == "" {
+		fmt.Fprintln(os.Stderr, "nbh images --update: run it inside the nbh source tree (it rewrites images/pins-ARCH.json)")
+		return exitUsage
+	}
+	c.PinsOverride = map[string]images.PinSet{}
+	for _, a := range arches {
+		s, err := c.Resolve(ctx, a)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh images: %v\n", err)
+			return exitSetup
+		}
+		old, _ := images.Pinned(a)
+		changed := 0
+		for n, p := range s.Packages {
+			if o, ok := old.Packages[n]; !ok || o != p {
+				fmt.Printf("%s: %s %s -> %s\n", a, n, old.Packages[n].Version, p.Version)
+				changed++
+			}
+		}
+		if err := images.WritePins(dir, s); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh images: %v\n", err)
+			return exitSetup
+		}
+		fmt.Printf("%s: %d of %d pins changed; wrote %s\n", a, changed, len(s.Packages), filepath.Join(dir, images.PinsFile(a)))
+		c.PinsOverride[a] = s
+	}
+	fmt.Println("rebuild nbh (make build) to compile the new pins in")
+	return exitOK
+}
+
 func imagesCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("images", flag.ContinueOnError)
 	arch := fs.String("arch", "all", "amd64, arm64 or all")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	withStock := fs.Bool("stock", false, "also build the stock initramfs images (initramfs-tools, dracut) for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
+	update := fs.Bool("update", false, "resolve every package again from the package archive and rewrite the pins (images/pins-ARCH.json in the source tree), then fetch them")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware and loaders. A second run is offline.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware and loaders, at the versions pinned in\nimages/pins-ARCH.json. A second run is offline.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parse(fs, args); !ok {
@@ -240,6 +277,11 @@ func imagesCmd(ctx context.Context, args []string) int {
 		arches = []string{*arch}
 	}
 	c := images.Open(*cache)
+	if *update {
+		if code := updatePins(ctx, c, arches); code != exitOK {
+			return code
+		}
+	}
 	for _, a := range arches {
 		if err := images.FetchAll(ctx, c, a); err != nil {
 			fmt.Fprintf(os.Stderr, "nbh images: %v\n", err)
