@@ -10,12 +10,18 @@ all: build
 setup:
 	@scripts/setup
 
-build:
-	$(GO) build -o bin/nbh ./cmd/nbh
+VERSION := $(shell git describe --always --dirty 2>/dev/null || echo devel)
 
-# The main job: boot every chain x root, with and without faults; print a table.
+build:
+	$(GO) build -ldflags "-X nbh.dev/nbh/internal/version.Version=$(VERSION)" -o bin/nbh ./cmd/nbh
+
+# The main job: boot every chain x root, with and without faults, on a clear
+# and an IPsec network; print a table and write the reports (JUnit, JSON,
+# HTML, and each row's artifacts) into out/report.
+REPORT ?= out/report
 matrix: setup build
-	bin/nbh matrix --ipsec both
+	rm -rf $(REPORT)
+	bin/nbh matrix --ipsec both --report $(REPORT)
 
 # The whole test suite: unit tests, then the scenarios that boot real guests.
 test: setup vet

@@ -16,19 +16,24 @@ import (
 // Chains lists the boot chains to run, narrowed by $NBH_ARCH and
 // $NBH_FIRMWARE (comma-separated lists), so CI can shard the matrix.
 func Chains() []qemu.Profile {
-	arches := envList("NBH_ARCH")
-	fws := envList("NBH_FIRMWARE")
+	return SelectChains(os.Getenv("NBH_ARCH"), os.Getenv("NBH_FIRMWARE"))
+}
+
+// SelectChains lists the chains whose architecture is in arches and whose
+// firmware is in fws (comma-separated; empty or "all": any).
+func SelectChains(arches, fws string) []qemu.Profile {
+	archSet, fwSet := list(arches), list(fws)
 	var out []qemu.Profile
 	for _, p := range qemu.Profiles {
-		if (arches == nil || arches[p.Arch]) && (fws == nil || fws[p.Firmware]) {
+		if (archSet == nil || archSet[p.Arch]) && (fwSet == nil || fwSet[p.Firmware]) {
 			out = append(out, p)
 		}
 	}
 	return out
 }
 
-func envList(name string) map[string]bool {
-	v := strings.TrimSpace(os.Getenv(name))
+func list(v string) map[string]bool {
+	v = strings.TrimSpace(v)
 	if v == "" || v == "all" {
 		return nil
 	}

@@ -20,6 +20,7 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/images/stock"
+	"nbh.dev/nbh/matrix"
 )
 
 func bootCmd(ctx context.Context, args []string) int {
@@ -189,7 +190,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	if *quiet {
 		opts.Log = nil
 	}
-	v, spans, qemuStart, err := bootOnce(ctx, opts, spec)
+	v, spans, qemuStart, err := matrix.Boot(ctx, opts, spec)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		if !keep {

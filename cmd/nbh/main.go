@@ -20,8 +20,11 @@ const usage = `nbh — the netboot harness
 
 Usage:
   nbh boot   [flags]   boot one guest on the reference network-boot stack
-  nbh matrix [flags]   boot every chain x root, with and without faults; print a table
-                       (--ipsec required|both: also on a network that requires ESP)
+  nbh matrix [flags]   boot every chain x root, with and without faults, -j at a time;
+                       print a table (--ipsec required|both: also on a network that
+                       requires ESP; --junit, --json, --html or --report DIR: reports;
+                       --shard I/N: one CI shard)
+  nbh report [flags] JSON...  merge matrix JSON reports (CI shards); render HTML, JUnit
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
                        (--stock: also build the initramfs-tools and dracut archives)
   nbh help [command]   show help
@@ -86,6 +89,8 @@ func run(args []string) int {
 		return imagesCmd(ctx, args[1:])
 	case "matrix":
 		return matrixCmd(ctx, args[1:])
+	case "report":
+		return reportCmd(args[1:])
 	case "help", "-h", "--help":
 		if len(args) > 1 {
 			return run([]string{args[1], "--help"})

@@ -10,33 +10,11 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
-	"nbh.dev/nbh/harness/failure"
-	"nbh.dev/nbh/harness/ipsec"
-	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/sched"
+	"nbh.dev/nbh/matrix"
+	"nbh.dev/nbh/report"
 )
-
-// cell is one boot of the matrix and how it ended.
-type cell struct {
-	chain  string
-	fault  string
-	expect failure.Reason
-	v      harness.Verdict
-	spans  []timeline.Span
-	err    error
-}
-
-func (c cell) pass() bool {
-	if c.err != nil {
-		return false
-	}
-	if c.fault == "" || c.expect == failure.None {
-		// No fault, or one the lab is expected to absorb (config-changed,
-		// archive-swap): the boot must succeed.
-		return c.v.OK
-	}
-	return !c.v.OK && c.v.Reason == c.expect
-}
 
 func matrixCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("matrix", flag.ContinueOnError)
@@ -44,153 +22,245 @@ func matrixCmd(ctx context.Context, args []string) int {
 	fws := fs.String("firmware", os.Getenv("NBH_FIRMWARE"), "comma-separated firmware names (default: all; also $NBH_FIRMWARE)")
 	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
 	roots := fs.String("roots", "none,nfs,iscsi", "comma-separated roots to boot each chain with: none, nfs, iscsi")
-	artifacts := fs.String("artifacts", "artifacts/matrix", "folder for each boot's console.log, timeline.jsonl and network.pcapng")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	ipsecMode := fs.String("ipsec", "off", "network: off (clear), required (ESP required for the root's services: rows with a network root, and the IPsec faults) or both")
+	jobs := fs.Int("j", 0, "rows booted at once (default: $NBH_JOBS, else one per core, plus one under TCG)")
+	shard := fs.String("shard", "", "run only shard I/N of the rows (balanced by expected time; every shard computes the same split)")
+	list := fs.Bool("list", false, "print the rows (of the shard) with their expected seconds and exit")
+	reportDir := fs.String("report", "", "write junit.xml, matrix.json, html/ and artifacts/ into this folder (the other flags override parts)")
+	junit := fs.String("junit", "", "write a JUnit XML file: a testcase per row, a failure per failed row")
+	jsonOut := fs.String("json", "", "write the JSON report (rows, spans, verdicts, evidence, artifacts, versions)")
+	html := fs.String("html", "", "write the HTML report into this folder (index.html, console pages)")
+	artifacts := fs.String("artifacts", "", "folder for each row's console.log, timeline.jsonl and network.pcapng (default: REPORT/artifacts, else artifacts/matrix)")
+	keep := fs.String("keep-artifacts", "all", "whose artifacts to keep: all, or failed (CI uploads those)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh matrix [flags]\n\nBoots every chain, with each root of -roots, to its marker and, with\n-faults, with every fault that applies, one at a time, and prints a\ntable. A fault row passes when the boot fails with the fault's expected reason\n(or, for a fault the lab is expected to absorb, reaches its marker). Exit\nstatus 0 when every row passes, 1 otherwise.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), `Usage: nbh matrix [flags]
+
+Boots every chain, with each root of -roots, to its marker and, with
+-faults, with every fault that applies, and prints a table. Rows run -j at
+a time, longest first, each in a lab of its own, with a progress line per
+finished row. A fault row passes when the boot fails with the fault's
+expected reason (or, for a fault the lab is expected to absorb, reaches its
+marker). Exit status 0 when every row passes, 1 otherwise, 2 for bad usage.
+
+Reports: --junit, --json and --html (or --report DIR for all three);
+"nbh report" renders and merges JSON reports (CI shards) later.
+
+Flags:
+`)
 		fs.PrintDefaults()
 	}
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	os.Setenv("NBH_ARCH", *archs)
-	os.Setenv("NBH_FIRMWARE", *fws)
-	chains := harness.Chains()
+	chains := harness.SelectChains(*archs, *fws)
 	if len(chains) == 0 {
 		fmt.Fprintf(os.Stderr, "nbh matrix: no chain matches --arch %q --firmware %q\n", *archs, *fws)
 		return exitUsage
 	}
-	type job struct {
-		spec  harness.Spec
-		ipsec bool
-		fault string
-		want  failure.Reason
-	}
-	var nets []bool // ipsec off, required
+	sel := matrix.Select{Chains: chains, Faults: *faults}
 	switch *ipsecMode {
 	case "off":
-		nets = []bool{false}
+		sel.Nets = []bool{false}
 	case "required":
-		nets = []bool{true}
+		sel.Nets = []bool{true}
 	case "both":
-		nets = []bool{false, true}
+		sel.Nets = []bool{false, true}
 	default:
 		fmt.Fprintf(os.Stderr, "nbh matrix: --ipsec %q: want off, required or both\n", *ipsecMode)
 		return exitUsage
 	}
-	var rootList []string
 	for _, r := range strings.Split(*roots, ",") {
 		switch r = strings.TrimSpace(r); r {
 		case "none":
-			rootList = append(rootList, harness.RootNone)
+			sel.Roots = append(sel.Roots, harness.RootNone)
 		case harness.RootNFS, harness.RootISCSI:
-			rootList = append(rootList, r)
+			sel.Roots = append(sel.Roots, r)
 		default:
 			fmt.Fprintf(os.Stderr, "nbh matrix: --roots: unknown root %q (none, nfs, iscsi)\n", r)
 			return exitUsage
 		}
 	}
-	var jobs []job
-	once := map[string]bool{}
-	for _, esp := range nets {
-		for _, p := range chains {
-			for _, root := range rootList {
-				if esp && root == harness.RootNone {
-					continue // nothing is protected before a root
-				}
-				jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root}, ipsec: esp})
-				if !*faults {
-					continue
-				}
-				for _, n := range harness.FaultNames() {
-					f := harness.Faults[n]
-					// Faults of the boot path run once, with no root (on
-					// the clear network); root faults with their root;
-					// IPsec faults on the IPsec network only.
-					if f.IPsec != esp || !f.Applies(p, root) {
-						continue
-					}
-					if esp {
-						// The IPsec faults once per chain, with the first
-						// network root they apply to.
-						key := p.Name() + " " + n
-						if once[key] {
-							continue
-						}
-						once[key] = true
-					}
-					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
-						jobs = append(jobs, job{spec: harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root, Faults: []harness.Fault{f}}, ipsec: esp, fault: n, want: f.Expect})
-					}
-				}
+	if *keep != "all" && *keep != "failed" {
+		fmt.Fprintf(os.Stderr, "nbh matrix: --keep-artifacts %q: want all or failed\n", *keep)
+		return exitUsage
+	}
+	if *jobs < 0 {
+		fmt.Fprintf(os.Stderr, "nbh matrix: -j %d: want 1 or more\n", *jobs)
+		return exitUsage
+	}
+	rows := matrix.Rows(sel)
+	if *shard != "" {
+		i, n, err := matrix.ParseShard(*shard)
+		if err == nil {
+			rows, err = matrix.Shard(rows, i, n)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
+			return exitUsage
+		}
+	}
+	if *list {
+		total := 0.0
+		for _, r := range matrix.LongestFirst(rows) {
+			fmt.Printf("%5.0fs  %s\n", matrix.Estimate(r), r.Label())
+			total += matrix.Estimate(r)
+		}
+		fmt.Printf("%d rows, %.0f s expected serially\n", len(rows), total)
+		return exitOK
+	}
+	if *reportDir != "" {
+		set := func(p *string, name string) {
+			if *p == "" {
+				*p = filepath.Join(*reportDir, name)
+			}
+		}
+		set(junit, "junit.xml")
+		set(jsonOut, "matrix.json")
+		set(html, "html")
+		set(artifacts, "artifacts")
+	}
+	if *artifacts == "" {
+		*artifacts = filepath.Join("artifacts", "matrix")
+	}
+	n := *jobs
+	if n == 0 {
+		n = sched.DefaultJobs()
+	}
+	c := images.Open(*cache)
+	fmt.Fprintf(os.Stderr, "nbh matrix: %d rows, %d at a time (expected about %s)\n", len(rows), n, expectedWall(rows, n))
+	start := time.Now()
+	results := matrix.Run(ctx, rows, matrix.Config{
+		Jobs: n, Timeout: *timeout, Artifacts: *artifacts, KeepPassed: *keep == "all",
+		Cache: c, Progress: os.Stderr,
+	})
+	wall := time.Since(start)
+	code := printMatrix(results, len(rows))
+	fmt.Printf("wall time %s with -j %d\n", wall.Round(time.Second), n)
+
+	host, _ := os.Hostname()
+	base := "."
+	if *jsonOut != "" {
+		base = filepath.Dir(*jsonOut)
+	}
+	rep := matrix.Record(results, report.Run{Host: host, Shard: *shard, Jobs: n, WallSeconds: wall.Seconds()}, c, base)
+	if err := writeReports(rep, base, *junit, *jsonOut, *html); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
+		return exitSetup
+	}
+	if *reportDir != "" {
+		fmt.Printf("report: %s (open %s)\n", *reportDir, filepath.Join(*html, "index.html"))
+	}
+	if ctx.Err() != nil {
+		return exitStopped
+	}
+	return code
+}
+
+// writeReports writes whichever of the three renderings are asked for. rep's
+// artifact paths are relative to base.
+func writeReports(rep *report.Report, base, junit, jsonOut, html string) error {
+	if jsonOut != "" {
+		if err := rep.WriteJSON(jsonOut); err != nil {
+			return err
+		}
+		fmt.Printf("json: %s\n", jsonOut)
+	}
+	// The renderers take artifact paths relative to the current folder.
+	cur := *rep
+	cur.Rows = append([]report.Row(nil), rep.Rows...)
+	for i := range cur.Rows {
+		a := &cur.Rows[i].Artifacts
+		for _, p := range []*string{&a.Console, &a.Timeline, &a.Network} {
+			if *p != "" && !filepath.IsAbs(*p) {
+				*p = filepath.Join(base, *p)
 			}
 		}
 	}
-	c := images.Open(*cache)
-	var cells []cell
-	for i, j := range jobs {
-		if ctx.Err() != nil {
-			break
+	if junit != "" {
+		if err := cur.WriteJUnit(junit); err != nil {
+			return err
 		}
-		name := j.spec.Arch + "/" + j.spec.Firmware
-		if j.spec.Root != harness.RootNone {
-			name += " root=" + j.spec.Root
-		}
-		if j.ipsec {
-			name += " ipsec"
-		}
-		label := name
-		if j.fault != "" {
-			label += " +" + j.fault
-		}
-		fmt.Fprintf(os.Stderr, "[%d/%d] %s ...", i+1, len(jobs), label)
-		j.spec.Timeout = *timeout
-		j.spec.Artifacts = filepath.Join(*artifacts, strings.NewReplacer("/", "-", " +", "+", " ", "-", "=", "-").Replace(label))
-		res := cell{chain: name, fault: j.fault, expect: j.want}
-		opts := harness.Options{Cache: c}
-		if j.ipsec {
-			opts.IPsec = ipsec.Required()
-		}
-		res.v, res.spans, _, res.err = bootOnce(ctx, opts, j.spec)
-		cells = append(cells, res)
-		status := "PASS"
-		if !res.pass() {
-			status = "FAIL"
-		}
-		fmt.Fprintf(os.Stderr, " %s (%.1fs)\n", status, res.v.Elapsed.Seconds())
+		fmt.Printf("junit: %s\n", junit)
 	}
-	return printMatrix(cells)
+	if html != "" {
+		if err := cur.WriteHTML(html); err != nil {
+			return err
+		}
+		fmt.Printf("html: %s\n", filepath.Join(html, "index.html"))
+	}
+	return nil
 }
 
-// bootOnce boots one guest in a lab of its own and returns its verdict, its
-// stage spans and the time QEMU started. log (may be nil) gets the lab's
-// progress lines.
-func bootOnce(ctx context.Context, opts harness.Options, spec harness.Spec) (harness.Verdict, []timeline.Span, time.Time, error) {
-	lab, err := harness.New(opts)
-	if err != nil {
-		return harness.Verdict{}, nil, time.Time{}, fmt.Errorf("lab: %w", err)
+// expectedWall is the rows' expected time spread over n workers.
+func expectedWall(rows []matrix.Row, n int) string {
+	total := 0.0
+	for _, r := range rows {
+		total += matrix.Estimate(r)
 	}
-	defer lab.Close()
-	if err := os.MkdirAll(spec.Artifacts, 0o755); err != nil {
-		return harness.Verdict{}, nil, time.Time{}, err
-	}
-	g, err := lab.Boot(ctx, spec)
-	if err != nil {
-		return harness.Verdict{}, nil, time.Time{}, err
-	}
-	v := g.Wait(ctx)
-	spans := g.Spans()
-	g.Close()
-	return v, spans, g.Start, nil
+	return (time.Duration(total/float64(max(n, 1))) * time.Second).Round(time.Second).String()
 }
 
-func printMatrix(cells []cell) int {
-	stages := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Root}
+// reportCmd renders (and merges) JSON reports.
+func reportCmd(args []string) int {
+	fs := flag.NewFlagSet("report", flag.ContinueOnError)
+	html := fs.String("html", "", "write the HTML report into this folder")
+	junit := fs.String("junit", "", "write a JUnit XML file")
+	jsonOut := fs.String("json", "", "write the merged JSON report")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: nbh report [flags] REPORT.json...\n\nMerges the JSON reports of nbh matrix runs (CI shards) and renders them:\nHTML, JUnit, or one merged JSON. Exit status 0 when every row passed, 1\nwhen one failed, 2 for bad usage or an unreadable report.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if fs.NArg() == 0 || (*html == "" && *junit == "" && *jsonOut == "") {
+		fs.Usage()
+		return exitUsage
+	}
+	var reps []*report.Report
+	for _, p := range fs.Args() {
+		r, err := report.ReadJSON(p)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
+			return exitUsage
+		}
+		reps = append(reps, r)
+	}
+	merged, err := report.Merge(reps...)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
+		return exitUsage
+	}
+	// ReadJSON made artifact paths relative to here; a merged JSON stores
+	// them relative to its own folder.
+	if *jsonOut != "" {
+		out := *merged
+		out.Rows = append([]report.Row(nil), merged.Rows...)
+		out.Rebase(filepath.Dir(*jsonOut))
+		if err := out.WriteJSON(*jsonOut); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
+			return exitSetup
+		}
+		fmt.Printf("json: %s\n", *jsonOut)
+	}
+	if err := writeReports(merged, ".", *junit, "", *html); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
+		return exitSetup
+	}
+	fmt.Printf("%d of %d rows passed\n", len(merged.Rows)-merged.Failed(), len(merged.Rows))
+	if merged.Failed() > 0 {
+		return exitFailed
+	}
+	return exitOK
+}
+
+func printMatrix(results []matrix.Result, planned int) int {
+	stages := []string{"firmware", "dhcp", "loader", "kernel", "init", "root"}
 	w := len("chain")
-	for _, c := range cells {
-		w = max(w, len(c.chain))
+	for _, r := range results {
+		w = max(w, len(r.Row.Chain())+len(" root=iscsi ipsec"))
 	}
 	fmt.Printf("\n%-*s %-17s %-5s %8s", w, "chain", "fault", "", "total")
 	for _, s := range stages {
@@ -198,20 +268,22 @@ func printMatrix(cells []cell) int {
 	}
 	fmt.Printf("  outcome\n")
 	failed := 0
-	for _, c := range cells {
-		fault := c.fault
+	for _, res := range results {
+		row := res.Row
+		name := strings.TrimSuffix(row.Label(), " +"+row.Fault)
+		fault := row.Fault
 		if fault == "" {
 			fault = "-"
 		}
 		status := "PASS"
-		if !c.pass() {
+		if !res.Pass() {
 			status = "FAIL"
 			failed++
 		}
-		fmt.Printf("%-*s %-17s %-5s %7.2fs", w, c.chain, fault, status, c.v.Elapsed.Seconds())
-		took := map[timeline.Stage]time.Duration{}
-		for _, sp := range c.spans {
-			took[sp.Stage] = sp.Duration
+		fmt.Printf("%-*s %-17s %-5s %7.2fs", w, name, fault, status, res.Verdict.Elapsed.Seconds())
+		took := map[string]time.Duration{}
+		for _, sp := range res.Spans {
+			took[sp.Stage.String()] = sp.Duration
 		}
 		for _, s := range stages {
 			if d, ok := took[s]; ok {
@@ -220,20 +292,26 @@ func printMatrix(cells []cell) int {
 				fmt.Printf(" %8s", "-")
 			}
 		}
+		v := res.Verdict
 		switch {
-		case c.err != nil:
-			fmt.Printf("  error: %v\n", c.err)
-		case c.v.OK:
+		case res.Err != nil:
+			fmt.Printf("  error: %v\n", res.Err)
+		case v.OK:
 			fmt.Printf("  marker\n")
 		default:
-			out := fmt.Sprintf("%s at %s", c.v.Reason, c.v.Stage)
-			if c.fault != "" && !c.pass() {
-				out += fmt.Sprintf(" (expected %s)", c.expect)
+			out := fmt.Sprintf("%s at %s", v.Reason, v.Stage)
+			if row.Fault != "" && !res.Pass() {
+				out += fmt.Sprintf(" (expected %s)", row.Expect)
 			}
 			fmt.Printf("  %s\n", out)
 		}
 	}
-	fmt.Printf("\n%d of %d passed\n", len(cells)-failed, len(cells))
+	fmt.Printf("\n%d of %d passed", len(results)-failed, len(results))
+	if len(results) < planned {
+		fmt.Printf(" (%d not run: stopped)", planned-len(results))
+		failed++
+	}
+	fmt.Println()
 	if failed > 0 {
 		return exitFailed
 	}

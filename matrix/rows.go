@@ -1,0 +1,209 @@
+// Package matrix is the scenario matrix: the rows (chain x root x network x
+// fault), how they split into CI shards, and a bounded pool that boots them,
+// longest first, each in a lab of its own.
+package matrix
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/qemu"
+)
+
+// Row is one boot of the matrix and what it must show.
+type Row struct {
+	Arch, Firmware string
+	Root           string // harness.RootNone, RootNFS, RootISCSI
+	IPsec          bool   // on a network that requires ESP for the root's services
+	Fault          string // "" for none
+	// Expect is the fault's expected reason; failure.None means the boot
+	// must reach its marker.
+	Expect failure.Reason
+}
+
+// Chain is "ARCH/FIRMWARE".
+func (r Row) Chain() string { return r.Arch + "/" + r.Firmware }
+
+// RootName is "none", "nfs" or "iscsi".
+func (r Row) RootName() string {
+	if r.Root == harness.RootNone {
+		return "none"
+	}
+	return r.Root
+}
+
+// Network is "clear" or "ipsec".
+func (r Row) Network() string {
+	if r.IPsec {
+		return "ipsec"
+	}
+	return "clear"
+}
+
+// Label is how progress lines and the table name the row.
+func (r Row) Label() string {
+	s := r.Chain()
+	if r.Root != harness.RootNone {
+		s += " root=" + r.Root
+	}
+	if r.IPsec {
+		s += " ipsec"
+	}
+	if r.Fault != "" {
+		s += " +" + r.Fault
+	}
+	return s
+}
+
+// ID is the row's name as a file name: unique within a matrix, stable.
+func (r Row) ID() string {
+	return strings.NewReplacer("/", "-", " +", "+", " ", "-", "=", "-").Replace(r.Label())
+}
+
+// Spec is the boot the row runs.
+func (r Row) Spec() harness.Spec {
+	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root}
+	if r.Fault != "" {
+		s.Faults = []harness.Fault{harness.Faults[r.Fault]}
+	}
+	return s
+}
+
+// Pass reports whether a verdict is what the row expects: the marker, or a
+// failure with the fault's reason.
+func (r Row) Pass(v harness.Verdict) bool {
+	if r.Fault == "" || r.Expect == failure.None {
+		// No fault, or one the lab is expected to absorb (config-changed,
+		// archive-swap): the boot must succeed.
+		return v.OK
+	}
+	return !v.OK && v.Reason == r.Expect
+}
+
+// Select narrows what Rows generates.
+type Select struct {
+	Chains []qemu.Profile
+	Roots  []string // harness.RootNone, RootNFS, RootISCSI
+	Nets   []bool   // false: clear, true: IPsec required
+	Faults bool     // also each applicable fault
+}
+
+// Rows lists the matrix in a stable order: per network, per chain, per
+// root, the clean boot then its faults.
+func Rows(sel Select) []Row {
+	var rows []Row
+	once := map[string]bool{}
+	for _, esp := range sel.Nets {
+		for _, p := range sel.Chains {
+			for _, root := range sel.Roots {
+				if esp && root == harness.RootNone {
+					continue // nothing is protected before a root
+				}
+				rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp})
+				if !sel.Faults {
+					continue
+				}
+				for _, n := range harness.FaultNames() {
+					f := harness.Faults[n]
+					// Faults of the boot path run once, with no root (on
+					// the clear network); root faults with their root;
+					// IPsec faults on the IPsec network only, once per
+					// chain, with the first network root they apply to.
+					if f.IPsec != esp || !f.Applies(p, root) {
+						continue
+					}
+					if esp {
+						key := p.Name() + " " + n
+						if once[key] {
+							continue
+						}
+						once[key] = true
+					}
+					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp, Fault: n, Expect: f.Expect})
+					}
+				}
+			}
+		}
+	}
+	return rows
+}
+
+// Estimate is a row's expected wall time in seconds under TCG on a 2-core
+// machine, measured from full matrix runs (rounded): what shards are
+// balanced by and what runs first. It depends only on the row, so every
+// shard of a CI run computes the same split.
+func Estimate(r Row) float64 {
+	base := map[string]float64{
+		"direct": 7, "seabios-ipxe": 9, "ovmf-ipxe": 14, "ovmf-pxe": 17,
+		"uboot": 7, "aavmf-grub": 24,
+	}[r.Firmware]
+	if base == 0 {
+		base = 15
+	}
+	if r.Root != harness.RootNone {
+		base += 4
+	}
+	if r.IPsec {
+		base += 2
+	}
+	switch r.Fault {
+	case "no-dhcp":
+		base = 20
+	case "truncated-archive":
+		if r.Firmware == "aavmf-grub" {
+			base = 50
+		}
+	}
+	return base
+}
+
+// Shard returns the rows of shard i of n (1-based): the rows, longest
+// first, each to the shard with the least expected time so far (ties to
+// the lowest shard). Every shard computes the same split.
+func Shard(rows []Row, i, n int) ([]Row, error) {
+	if n < 1 || i < 1 || i > n {
+		return nil, fmt.Errorf("shard %d/%d: want 1 <= I <= N", i, n)
+	}
+	order := LongestFirst(rows)
+	load := make([]float64, n)
+	var out []Row
+	for _, r := range order {
+		best := 0
+		for s := 1; s < n; s++ {
+			if load[s] < load[best] {
+				best = s
+			}
+		}
+		load[best] += Estimate(r)
+		if best == i-1 {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+// ParseShard reads "I/N".
+func ParseShard(s string) (i, n int, err error) {
+	if _, err := fmt.Sscanf(s, "%d/%d", &i, &n); err != nil || n < 1 || i < 1 || i > n {
+		return 0, 0, fmt.Errorf("--shard %q: want I/N with 1 <= I <= N", s)
+	}
+	return i, n, nil
+}
+
+// LongestFirst orders rows by expected time, longest first (ties by label):
+// a pool that starts the long rows first ends closest to together.
+func LongestFirst(rows []Row) []Row {
+	out := append([]Row(nil), rows...)
+	sort.SliceStable(out, func(a, b int) bool {
+		ea, eb := Estimate(out[a]), Estimate(out[b])
+		if ea != eb {
+			return ea > eb
+		}
+		return out[a].Label() < out[b].Label()
+	})
+	return out
+}

@@ -1,0 +1,173 @@
+package matrix
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/ipsec"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/sched"
+)
+
+// Result is how one row ended.
+type Result struct {
+	Row     Row
+	Verdict harness.Verdict
+	Spans   []timeline.Span
+	Err     error  // the lab could not be set up or the guest not started
+	Dir     string // the row's artifacts (console.log, timeline.jsonl, network.pcapng); "" when removed
+	Start   time.Time
+	Wall    time.Duration // the whole row: lab set-up, boot, clean-up
+}
+
+// Pass reports whether the row showed what it expects.
+func (r Result) Pass() bool { return r.Err == nil && r.Row.Pass(r.Verdict) }
+
+// Config is how Run boots the rows.
+type Config struct {
+	Jobs      int           // rows at once; 0: sched.DefaultJobs()
+	Timeout   time.Duration // per boot; 0: the harness default
+	Artifacts string        // each row's artifacts go to Artifacts/<row ID>
+	// KeepPassed keeps the artifacts of rows that passed too (CI keeps
+	// only the failed rows').
+	KeepPassed bool
+	Cache      *images.Cache
+	Progress   io.Writer // a line per finished row; nil: none
+	// OnResult, if set, is called (serially) with each result as it ends.
+	OnResult func(Result)
+}
+
+// Run boots rows, Jobs at a time, longest first, and returns their results
+// in the order of rows. A cancelled ctx stops starting rows; rows already
+// booting end with ctx's error as their verdict and are returned.
+func Run(ctx context.Context, rows []Row, cfg Config) []Result {
+	jobs := cfg.Jobs
+	if jobs <= 0 {
+		jobs = sched.DefaultJobs()
+	}
+	index := map[string]int{}
+	for i, r := range rows {
+		index[r.ID()] = i
+	}
+	results := make([]Result, len(rows))
+	done := make([]bool, len(rows))
+	order := LongestFirst(rows)
+
+	var mu sync.Mutex
+	finished := 0
+	var spentEst, spentReal float64
+	totalEst := 0.0
+	for _, r := range rows {
+		totalEst += Estimate(r)
+	}
+	start := time.Now()
+
+	work := make(chan Row)
+	var wg sync.WaitGroup
+	for w := 0; w < jobs; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range work {
+				res := runRow(ctx, r, cfg)
+				mu.Lock()
+				i := index[r.ID()]
+				results[i], done[i] = res, true
+				finished++
+				spentEst += Estimate(r)
+				spentReal += res.Wall.Seconds()
+				if cfg.Progress != nil {
+					status := "PASS"
+					if !res.Pass() {
+						status = "FAIL"
+					}
+					elapsed := time.Since(start)
+					eta := "?"
+					if spentEst > 0 {
+						// Remaining expected time, scaled by how the
+						// estimates compared with this machine so far,
+						// spread over the workers.
+						left := (totalEst - spentEst) * (spentReal / spentEst) / float64(jobs)
+						eta = (time.Duration(left) * time.Second).Round(time.Second).String()
+					}
+					fmt.Fprintf(cfg.Progress, "[%d/%d] %s %s (%.1fs)  elapsed %s, ETA %s\n",
+						finished, len(rows), status, r.Label(), res.Verdict.Elapsed.Seconds(),
+						elapsed.Round(time.Second), eta)
+				}
+				if cfg.OnResult != nil {
+					cfg.OnResult(res)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+feed:
+	for _, r := range order {
+		select {
+		case work <- r:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	var out []Result
+	for i, ok := range done {
+		if ok {
+			out = append(out, results[i])
+		}
+	}
+	return out
+}
+
+// runRow boots one row in a lab of its own.
+func runRow(ctx context.Context, r Row, cfg Config) Result {
+	res := Result{Row: r, Start: time.Now()}
+	defer func() { res.Wall = time.Since(res.Start) }()
+	spec := r.Spec()
+	spec.Timeout = cfg.Timeout
+	res.Dir = filepath.Join(cfg.Artifacts, r.ID())
+	spec.Artifacts = res.Dir
+	os.RemoveAll(res.Dir) // a previous run's files would mislead
+	opts := harness.Options{Cache: cfg.Cache}
+	if r.IPsec {
+		opts.IPsec = ipsec.Required()
+	}
+	res.Verdict, res.Spans, _, res.Err = Boot(ctx, opts, spec)
+	if res.Pass() && !cfg.KeepPassed {
+		os.RemoveAll(res.Dir)
+		res.Dir = ""
+	}
+	res.Wall = time.Since(res.Start)
+	return res
+}
+
+// Boot boots one guest in a lab of its own and returns its verdict, its
+// stage spans and the time QEMU started.
+func Boot(ctx context.Context, opts harness.Options, spec harness.Spec) (harness.Verdict, []timeline.Span, time.Time, error) {
+	lab, err := harness.New(opts)
+	if err != nil {
+		return harness.Verdict{}, nil, time.Time{}, fmt.Errorf("lab: %w", err)
+	}
+	defer lab.Close()
+	if spec.Artifacts != "" {
+		if err := os.MkdirAll(spec.Artifacts, 0o755); err != nil {
+			return harness.Verdict{}, nil, time.Time{}, err
+		}
+	}
+	g, err := lab.Boot(ctx, spec)
+	if err != nil {
+		return harness.Verdict{}, nil, time.Time{}, err
+	}
+	v := g.Wait(ctx)
+	spans := g.Spans()
+	g.Close()
+	return v, spans, g.Start, nil
+}
