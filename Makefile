@@ -25,7 +25,7 @@ matrix: setup build
 
 # The whole test suite: unit tests, then the scenarios that boot real guests.
 test: setup vet
-	$(GO) test -count=1 -timeout 35m ./...
+	$(GO) test -count=1 -parallel 16 -timeout 35m ./...
 
 # Only the fast tests (no guests booted).
 unit: vet

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"nbh.dev/nbh/fixtures"
@@ -162,6 +163,8 @@ type Guest struct {
 	closeOnce sync.Once
 	closeErr  error
 	isClosed  bool
+	// dhcpIgnored counts the DHCP messages the no-dhcp fault ignored.
+	dhcpIgnored atomic.Int32
 }
 
 // Verdict is how a boot ended.
@@ -330,6 +333,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.byName[g.Name] = g
 	l.mu.Unlock()
 	l.Timeline.Subscribe(g.observe)
+	l.Timeline.Subscribe(g.conclude)
 
 	if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"errors"
 	"context"
 	"fmt"
 	"io"
@@ -127,7 +128,12 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 	p := kp.g.plan
 	switch {
 	case p.truncate:
-		return bootfile.Wrap(f, bootfile.Truncated(f, f.Size()/2))
+		at, size := f.Size()/2, f.Size()
+		return bootfile.Wrap(f, &cutOnRead{r: bootfile.Truncated(f, at), cut: func() {
+			kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name, Stage: timeline.Loader,
+				Msg:    fmt.Sprintf("truncated-archive: the archive broke off at %d of %d bytes", at, size),
+				Detail: map[string]any{"fault": "truncated-archive", "at": at, "size": size}})
+		}})
 	case p.tamper:
 		// Changed after signing: the signature no longer matches.
 		return bootfile.Wrap(f, bootfile.BitFlip(f, f.Size()/2))
@@ -152,6 +158,21 @@ func (kp *keeper) swap() {
 	if err := kp.fresh(context.Background()); err != nil {
 		kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
 	}
+}
+
+// cutOnRead reports, once, that a truncated download broke off.
+type cutOnRead struct {
+	r    io.ReaderAt
+	once sync.Once
+	cut  func()
+}
+
+func (c *cutOnRead) ReadAt(b []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(b, off)
+	if errors.Is(err, bootfile.ErrCut) {
+		c.once.Do(c.cut)
+	}
+	return n, err
 }
 
 // swapOnRead runs swap once, synchronously, when the download first reads

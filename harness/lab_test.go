@@ -4,6 +4,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"gotest.tools/v3/assert"
 
@@ -71,4 +72,43 @@ func TestRefineByNetworkEvidence(t *testing.T) {
 	// Past the loader, the console's word stands.
 	v = g.refine(Verdict{Reason: failure.KernelPanic, Stage: timeline.Kernel})
 	assert.Equal(t, v.Reason, failure.KernelPanic)
+}
+
+// TestConclusiveEvidenceEndsTheBoot: a silent DHCP server settles the boot
+// on the guest's third ignored message (not the first two); a broken-off
+// archive settles it after the grace period unless the guest's own report
+// comes first.
+func TestConclusiveEvidenceEndsTheBoot(t *testing.T) {
+	newGuest := func() (*Guest, *timeline.Timeline) {
+		tl := timeline.New()
+		g := &Guest{Name: "g1", lab: &Lab{Timeline: tl}, decided: make(chan struct{}), Start: time.Now()}
+		tl.Subscribe(g.conclude)
+		return g, tl
+	}
+	g, tl := newGuest()
+	for i := 0; i < conclusiveIgnored-1; i++ {
+		tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Stage: timeline.DHCP})
+	}
+	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g2", Stage: timeline.DHCP}) // another guest's
+	select {
+	case <-g.decided:
+		t.Fatal("decided before the client retried enough")
+	case <-time.After(200 * time.Millisecond):
+	}
+	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Stage: timeline.DHCP})
+	select {
+	case <-g.decided:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not decided on the third ignored message")
+	}
+	assert.Equal(t, g.verdict.Reason, failure.NoDHCP)
+	assert.Equal(t, g.verdict.Stage, timeline.DHCP)
+	assert.Assert(t, strings.Contains(g.verdict.Detail, "ignored 3 DHCP messages"), g.verdict.Detail)
+
+	// The loader reports the broken download itself within the grace: its
+	// word stands.
+	g, tl = newGuest()
+	tl.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: "g1", Msg: "truncated-archive: cut", Detail: map[string]any{"fault": "truncated-archive"}})
+	g.decide(Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader, Line: "Input/output error"})
+	assert.Equal(t, g.verdict.Line, "Input/output error")
 }

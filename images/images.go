@@ -188,7 +188,7 @@ func sandboxUser() string {
 
 func (c *Cache) apt(ctx context.Context, dir, arch, tool string, args ...string) ([]byte, error) {
 	if _, err := exec.LookPath(tool); err != nil {
-		return nil, fmt.Errorf("images: %w: %s (a Debian or Ubuntu host is needed to fetch images)", ErrMissingTool, tool)
+		return nil, fmt.Errorf("images: %w: %s (a Debian 12 host is needed to fetch images)", ErrMissingTool, tool)
 	}
 	base, err := c.aptArgs(arch)
 	if err != nil {

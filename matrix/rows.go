@@ -152,10 +152,15 @@ func Estimate(r Row) float64 {
 	}
 	switch r.Fault {
 	case "no-dhcp":
-		base = 20
+		// Ends on the third ignored DHCP message: EDK2 retries after
+		// 4 and 8 s, the others within seconds.
+		base = 8
+		if r.Firmware == "ovmf-pxe" || r.Firmware == "aavmf-grub" {
+			base = 20
+		}
 	case "truncated-archive":
 		if r.Firmware == "aavmf-grub" {
-			base = 50
+			base = 32 // the kernel over GRUB's HTTP, then 5 s of grace
 		}
 	}
 	return base

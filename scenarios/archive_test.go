@@ -19,6 +19,7 @@ import (
 // its reason at the stage where it shows.
 func TestArchiveLifecycle(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	cases := []struct {
 		fault   string
 		root    string
@@ -45,6 +46,7 @@ func TestArchiveLifecycle(t *testing.T) {
 				root = "none"
 			}
 			t.Run(chain[0]+"/"+c.fault+"/"+root, func(t *testing.T) {
+				guestTest(t)
 				if !selected(chain[0], chain[1]) {
 					t.Skipf("%s/%s not selected", chain[0], chain[1])
 				}
@@ -109,8 +111,10 @@ func TestArchiveLifecycle(t *testing.T) {
 // archive is checked and found fresh; a local root's carries no copies.
 func TestArchiveFreshAndZstd(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
 		t.Run(root, func(t *testing.T) {
+			guestTest(t)
 			if !selected("arm64", "direct") {
 				t.Skip("arm64/direct not selected")
 			}
@@ -150,6 +154,7 @@ func hasEvent(events []timeline.Event, source, kind, msg string) bool {
 // changed after signing, classified at the loader.
 func TestSignedArchive(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	if !selected("arm64", "aavmf-grub") {
 		t.Skip("arm64/aavmf-grub not selected")
 	}
@@ -162,6 +167,7 @@ func TestSignedArchive(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.fault, func(t *testing.T) {
+			guestTest(t)
 			f, err := harness.LookupFault(c.fault)
 			assert.NilError(t, err)
 			lab := harness.NewTestLab(t)

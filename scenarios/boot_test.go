@@ -18,12 +18,30 @@ import (
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/sched"
 )
 
 func needGuests(t testing.TB) {
 	if testing.Short() {
 		t.Skip("boots guests in QEMU; skipped with -short")
 	}
+}
+
+// guestTest marks a test that boots guests: skipped with -short, run in
+// parallel with the others while it holds one of the shared scheduler's
+// slots (sched.DefaultJobs, the same bound nbh matrix -j uses; $NBH_JOBS
+// sets it), so the test binary never boots more guests than the machine
+// carries. The Makefile runs go test with a high -parallel: the slots are
+// the bound.
+func guestTest(t *testing.T) {
+	t.Helper()
+	needGuests(t)
+	t.Parallel()
+	release, err := sched.Shared().Acquire(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(release)
 }
 
 // stagesOf lists the stages a boot went through, in order.
@@ -45,8 +63,10 @@ func expectedStages(p qemu.Profile) []timeline.Stage {
 
 func TestEveryChainReachesTheMarker(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	for _, p := range harness.Chains() {
 		t.Run(p.Name(), func(t *testing.T) {
+			guestTest(t)
 			lab := harness.NewTestLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Artifacts: harness.TestArtifacts(t, "g1")})
 			assert.NilError(t, err)
@@ -65,6 +85,7 @@ func TestEveryChainReachesTheMarker(t *testing.T) {
 // a failure must never be reported as a bare timeout.
 func TestFailuresAreClassified(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	cases := []struct {
 		arch, firmware string
 		fault          string
@@ -94,6 +115,7 @@ func TestFailuresAreClassified(t *testing.T) {
 			name = c.arch + "/" + c.firmware + "/panic"
 		}
 		t.Run(name, func(t *testing.T) {
+			guestTest(t)
 			if !selected(c.arch, c.firmware) {
 				t.Skipf("chain %s/%s not selected by NBH_ARCH/NBH_FIRMWARE", c.arch, c.firmware)
 			}

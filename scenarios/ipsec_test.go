@@ -73,6 +73,7 @@ func netipOf(t *testing.T, ip string) netip.Addr {
 // amd64 uses AES-128 keys, arm64 AES-256.
 func TestIPsecRoot(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	for _, c := range ipsecChains {
 		if !selected(c.arch, c.firmware) {
 			continue
@@ -80,6 +81,7 @@ func TestIPsecRoot(t *testing.T) {
 		bits := map[string]int{"amd64": 128, "arm64": 256}[c.arch]
 		for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
 			t.Run(c.arch+"/"+c.firmware+"/"+root, func(t *testing.T) {
+				guestTest(t)
 				lab := harness.NewTestLabWith(t, harness.Options{IPsec: ipsec.Required(), ESPKeyBits: bits})
 				dir := harness.TestArtifacts(t, "g1")
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: root, Artifacts: dir})
@@ -112,6 +114,7 @@ func TestIPsecRoot(t *testing.T) {
 // and a replay that it absorbs.
 func TestIPsecFaults(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	for _, c := range ipsecChains {
 		if !selected(c.arch, c.firmware) {
 			continue
@@ -133,6 +136,7 @@ func TestIPsecFaults(t *testing.T) {
 		}
 		for _, tc := range cases {
 			t.Run(c.arch+"/"+c.firmware+"/"+tc.fault+"/"+tc.root, func(t *testing.T) {
+				guestTest(t)
 				lab := harness.NewTestLabWith(t, harness.Options{IPsec: ipsec.Required()})
 				f, err := harness.LookupFault(tc.fault)
 				assert.NilError(t, err)
@@ -164,7 +168,7 @@ func TestIPsecFaults(t *testing.T) {
 // 16 MiB read from the NFS root through ESP completes; the fabric drops
 // any larger frame, so one that slipped through would break the boot.
 func TestIPsecPathMTU(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	if !selected("arm64", "uboot") {
 		t.Skip("arm64/uboot not selected")
 	}

@@ -96,9 +96,11 @@ func buildNBH(t *testing.T) string {
 // SIGINT and SIGTERM: QEMU must be gone, and no lab folder or socket left.
 func TestInterruptedCLILeavesNothing(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	bin := buildNBH(t)
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 		t.Run(sig.String(), func(t *testing.T) {
+			guestTest(t)
 			tmp := t.TempDir()
 			cmd := exec.Command(bin, "boot", "--arch", "amd64", "--firmware", "direct", "--artifacts", filepath.Join(t.TempDir(), "art"))
 			startUntilQEMU(t, cmd, tmp)
@@ -115,7 +117,7 @@ func TestInterruptedCLILeavesNothing(t *testing.T) {
 // (parent-death signal), and the lab folder it could not remove is swept by
 // the next lab.
 func TestKilledCLILeavesNoQEMU(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	bin := buildNBH(t)
 	tmp := t.TempDir()
 	cmd := exec.Command(bin, "boot", "--arch", "amd64", "--firmware", "direct", "--artifacts", filepath.Join(t.TempDir(), "art"))
@@ -138,7 +140,7 @@ func TestKilledCLILeavesNoQEMU(t *testing.T) {
 // TestInterruptedTestBinaryLeavesNothing runs a scenario in a child test
 // binary and interrupts it mid-boot, as Ctrl-C on "go test" does.
 func TestInterruptedTestBinaryLeavesNothing(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	tmp := t.TempDir()
 	cmd := exec.Command(os.Args[0], "-test.run", "^TestHelperBootForever$", "-test.v")
 	cmd.Env = append(cmd.Env, "NBH_HELPER_BOOT=1")

@@ -13,7 +13,7 @@ import (
 // TestQMP drives a running guest's QEMU over QMP: status, link down and up,
 // and quit, after which the guest's verdict says it stopped.
 func TestQMP(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	lab := harness.NewTestLab(t)
 	// busybox's shell as init: the guest waits at its prompt.
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: qemu.Direct,

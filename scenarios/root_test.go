@@ -21,9 +21,11 @@ import (
 // the guest in.
 func TestNetworkRootOnEveryChain(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
 		for _, p := range harness.Chains() {
 			t.Run(root+"/"+p.Name(), func(t *testing.T) {
+				guestTest(t)
 				lab := harness.NewTestLab(t)
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root,
 					Artifacts: harness.TestArtifacts(t, "g1")})
@@ -53,7 +55,7 @@ func TestNetworkRootOnEveryChain(t *testing.T) {
 // TestISCSIWriteSurvivesReboot boots a guest twice under the same name: the
 // second boot finds what the first wrote on its iSCSI disk.
 func TestISCSIWriteSurvivesReboot(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
@@ -71,7 +73,7 @@ func TestISCSIWriteSurvivesReboot(t *testing.T) {
 // TestTwoGuestsShareOneExport boots two guests at once from the same export
 // path; each writes into its own copy of the root.
 func TestTwoGuestsShareOneExport(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
@@ -101,6 +103,7 @@ func TestTwoGuestsShareOneExport(t *testing.T) {
 // target name each end as "cannot mount root" at the root stage.
 func TestWrongRootIsARootFailure(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	if !selected("amd64", "direct") {
 		t.Skip("amd64/direct not selected")
 	}
@@ -110,6 +113,7 @@ func TestWrongRootIsARootFailure(t *testing.T) {
 		{harness.RootISCSI, "iscsi-bad-chap"},
 	} {
 		t.Run(c.fault, func(t *testing.T) {
+			guestTest(t)
 			f, err := harness.LookupFault(c.fault)
 			assert.NilError(t, err)
 			lab := harness.NewTestLab(t)
@@ -129,6 +133,7 @@ func TestWrongRootIsARootFailure(t *testing.T) {
 // dracut's root=nfs:, and root=dhcp.
 func TestRootSpellings(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
@@ -140,6 +145,7 @@ func TestRootSpellings(t *testing.T) {
 		"root=dhcp",
 	} {
 		t.Run(append, func(t *testing.T) {
+			guestTest(t)
 			lab := harness.NewTestLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootNFS, Append: append})
 			assert.NilError(t, err)
@@ -153,7 +159,7 @@ func TestRootSpellings(t *testing.T) {
 // TestISCSIWithCHAP: a target that requires CHAP lets the guest in with the
 // right secret.
 func TestISCSIWithCHAP(t *testing.T) {
-	needGuests(t)
+	guestTest(t)
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}

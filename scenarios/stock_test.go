@@ -20,6 +20,7 @@ import (
 // (klibc nfsmount, mount.nfs) and iSCSI initiator (iscsistart) against ours.
 func TestStockInitramfs(t *testing.T) {
 	needGuests(t)
+	t.Parallel()
 	cases := []struct {
 		name, tool, root, append string
 		chap                     bool
@@ -39,6 +40,7 @@ func TestStockInitramfs(t *testing.T) {
 	for _, arch := range images.Arches {
 		for _, c := range cases {
 			t.Run(arch+"/"+c.name, func(t *testing.T) {
+				guestTest(t)
 				firmware := map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[arch]
 				if !selected(arch, firmware) {
 					t.Skipf("%s/%s not selected", arch, firmware)

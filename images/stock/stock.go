@@ -292,7 +292,7 @@ func hostArch() string {
 func hostSources() (suite string, files []string, err error) {
 	b, err := os.ReadFile("/etc/os-release")
 	if err != nil {
-		return "", nil, fmt.Errorf("stock: %w (a Debian or Ubuntu host is needed)", err)
+		return "", nil, fmt.Errorf("stock: %w (a Debian host is needed)", err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "VERSION_CODENAME="); ok {

@@ -1,0 +1,68 @@
+package matrix
+
+import (
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/qemu"
+)
+
+func fullRows() []Row {
+	return Rows(Select{Chains: qemu.Profiles, Roots: []string{harness.RootNone, harness.RootNFS, harness.RootISCSI}, Nets: []bool{false, true}, Faults: true})
+}
+
+func TestRowIDsAreUnique(t *testing.T) {
+	rows := fullRows()
+	assert.Assert(t, len(rows) > 100, "only %d rows", len(rows))
+	seen := map[string]bool{}
+	for _, r := range rows {
+		assert.Assert(t, !seen[r.ID()], "duplicate row %s", r.ID())
+		seen[r.ID()] = true
+		assert.Assert(t, Estimate(r) > 0, r.Label())
+	}
+}
+
+// Shards cover every row exactly once, the same way each time, and no
+// shard expects much more time than another.
+func TestShardsPartitionAndBalance(t *testing.T) {
+	rows := fullRows()
+	for _, n := range []int{1, 2, 3, 4, 7} {
+		seen := map[string]int{}
+		var loads []float64
+		for i := 1; i <= n; i++ {
+			a, err := Shard(rows, i, n)
+			assert.NilError(t, err)
+			b, _ := Shard(rows, i, n)
+			assert.DeepEqual(t, a, b)
+			load := 0.0
+			for _, r := range a {
+				seen[r.ID()]++
+				load += Estimate(r)
+			}
+			loads = append(loads, load)
+		}
+		assert.Equal(t, len(seen), len(rows), "n=%d", n)
+		for id, c := range seen {
+			assert.Equal(t, c, 1, "n=%d: %s in %d shards", n, id, c)
+		}
+		lo, hi := loads[0], loads[0]
+		for _, l := range loads {
+			lo, hi = min(lo, l), max(hi, l)
+		}
+		longest := Estimate(LongestFirst(rows)[0])
+		assert.Assert(t, hi-lo <= longest, "n=%d: shard loads %v differ by more than the longest row (%.0fs)", n, loads, longest)
+	}
+	for _, bad := range []string{"0/4", "5/4", "1/0", "x", "1-4"} {
+		_, _, err := ParseShard(bad)
+		assert.Assert(t, err != nil, bad)
+	}
+}
+
+func TestLongestFirst(t *testing.T) {
+	rows := LongestFirst(fullRows())
+	for i := 1; i < len(rows); i++ {
+		assert.Assert(t, Estimate(rows[i-1]) >= Estimate(rows[i]))
+	}
+}
