@@ -4,6 +4,7 @@ package reporttest
 
 import (
 	"context"
+	"encoding/xml"
 	"fmt"
 	"net/url"
 	"os"
@@ -105,4 +106,37 @@ func hasClass(class, want string) bool {
 		}
 	}
 	return false
+}
+
+// JUnitCounts reads a JUnit file's totals: testcases and failures.
+func JUnitCounts(path string) (tests, failures int, err error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	var doc struct {
+		Tests    int `xml:"tests,attr"`
+		Failures int `xml:"failures,attr"`
+		Suites   []struct {
+			Cases []struct {
+				Failure *struct{} `xml:"failure"`
+			} `xml:"testcase"`
+		} `xml:"testsuite"`
+	}
+	if err := xml.Unmarshal(b, &doc); err != nil {
+		return 0, 0, fmt.Errorf("%s: %w", path, err)
+	}
+	// The totals must agree with the testcases they count.
+	for _, s := range doc.Suites {
+		for _, c := range s.Cases {
+			tests++
+			if c.Failure != nil {
+				failures++
+			}
+		}
+	}
+	if tests != doc.Tests || failures != doc.Failures {
+		return 0, 0, fmt.Errorf("%s: totals say %d tests, %d failures; the testcases %d, %d", path, doc.Tests, doc.Failures, tests, failures)
+	}
+	return tests, failures, nil
 }
