@@ -24,9 +24,11 @@ Usage:
                        print a table (--ipsec required|both: also on a network that
                        requires ESP; --junit, --json, --html or --report DIR: reports;
                        --shard I/N: one CI shard)
-  nbh report [flags] JSON...  merge matrix JSON reports (CI shards); render HTML, JUnit
-  nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders
-                       (--stock: also build the initramfs-tools and dracut archives)
+  nbh report [flags] JSON...
+                       merge matrix JSON reports (CI shards); render HTML, JUnit
+  nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders at the
+                       pinned versions (--update: pin the current ones; --stock: also
+                       build the initramfs-tools and dracut archives)
   nbh help [command]   show help
 
 Boot chains (--arch / --firmware):
