@@ -133,37 +133,46 @@ func Rows(sel Select) []Row {
 }
 
 // Estimate is a row's expected wall time in seconds under TCG on a 2-core
-// machine, measured from full matrix runs (rounded): what shards are
-// balanced by and what runs first. It depends only on the row, so every
-// shard of a CI run computes the same split.
+// machine, one row at a time, from a full serial matrix run (151 rows,
+// 1957 s, rounded): what shards are balanced by and what runs first. It
+// depends only on the row, so every shard of a CI run computes the same
+// split.
 func Estimate(r Row) float64 {
-	base := map[string]float64{
-		"direct": 7, "seabios-ipxe": 9, "ovmf-ipxe": 14, "ovmf-pxe": 17,
-		"uboot": 7, "aavmf-grub": 24,
-	}[r.Firmware]
-	if base == 0 {
+	base, ok := map[string]float64{
+		"amd64/direct": 7, "arm64/direct": 4, "amd64/seabios-ipxe": 7, "amd64/ovmf-ipxe": 11.5,
+		"amd64/ovmf-pxe": 15.5, "arm64/uboot": 5, "arm64/aavmf-grub": 28,
+	}[r.Chain()]
+	if !ok {
 		base = 15
 	}
 	if r.Root != harness.RootNone {
-		base += 4
+		base += 1.5
 	}
 	if r.IPsec {
-		base += 2
+		base += 1.5
 	}
+	// Faults that end at the loader end early, by how long the chain takes
+	// to get there.
+	loaderEnd := map[string]float64{"seabios-ipxe": 1, "ovmf-ipxe": 4.5, "ovmf-pxe": 9, "uboot": 1, "aavmf-grub": 10}[r.Firmware]
 	switch r.Fault {
-	case "no-dhcp":
-		// Ends on the third ignored DHCP message: EDK2 retries after
-		// 4 and 8 s, the others within seconds.
-		base = 8
-		if r.Firmware == "ovmf-pxe" || r.Firmware == "aavmf-grub" {
-			base = 20
-		}
+	case "missing-kernel", "loader-nfs":
+		base = loaderEnd
 	case "truncated-archive":
+		base = loaderEnd
 		if r.Firmware == "aavmf-grub" {
 			base = 32 // the kernel over GRUB's HTTP, then 5 s of grace
 		}
+	case "no-dhcp":
+		// Ends on the third ignored DHCP message: EDK2 retries after
+		// 4 and 8 s, the others within seconds.
+		base = 6
+		if r.Firmware == "ovmf-pxe" || r.Firmware == "aavmf-grub" {
+			base = 18
+		}
+	case "ipsec-wrong-key", "ipsec-wrong-spi", "esp-replay":
+		base += 3
 	}
-	return base
+	return max(base, 1)
 }
 
 // Shard returns the rows of shard i of n (1-based): the rows, longest

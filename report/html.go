@@ -132,12 +132,15 @@ type bar struct {
 	Color                 string
 }
 
+// bars draws a row's stages. Each stage's deadline is in its tooltip; the
+// stage the boot ended in also has its deadline drawn, the one that could
+// have ended it (every stage's tick at once only clutters the row).
 func bars(row Row, scale float64) []bar {
 	var out []bar
-	for _, sp := range row.Spans {
+	for i, sp := range row.Spans {
 		b := bar{Stage: sp.Stage, X: sp.StartSeconds * scale, W: max(sp.Seconds*scale, 1),
 			Seconds: sp.Seconds, DeadlineSecs: sp.DeadlineSeconds, Color: stageColor[sp.Stage]}
-		if sp.DeadlineSeconds > 0 {
+		if sp.DeadlineSeconds > 0 && i == len(row.Spans)-1 {
 			b.Deadline = (sp.StartSeconds + sp.DeadlineSeconds) * scale
 		}
 		b.Failed = !row.Verdict.OK && sp.Stage == row.Verdict.Stage
@@ -280,7 +283,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em;margin:0 0 .3em}
 .totals{font-size:1.1em;margin:.3em 0 1em}
 td.pass,span.pass{color:#1b7a3a;font-weight:bold}td.fail,span.fail{color:#b3261e;font-weight:bold}
-td.links{white-space:nowrap;font-size:.9em}
+td.links,td.chain{white-space:nowrap}td.links{font-size:.9em}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #e4e4e4;vertical-align:top}
 tr.row.fail{background:#fdecea}
@@ -306,12 +309,12 @@ a{color:#1a57a8}
 <h2>Boots</h2>
 <div class="filters" id="filters">{{range .Filters}}<label>{{.Name}} <select data-filter="{{.Name}}"><option value="">all</option>{{range .Values}}<option>{{.}}</option>{{end}}</select></label>{{end}} <span id="shown"></span></div>
 <table id="rows">
-<thead><tr><th></th><th>chain</th><th>root</th><th>network</th><th>fault</th><th>expected</th><th>outcome</th><th>time</th><th>stages (to scale; | deadline)</th><th>artifacts</th></tr></thead>
+<thead><tr><th></th><th>chain</th><th>root</th><th>network</th><th>fault</th><th>expected</th><th>outcome</th><th>time</th><th>stages (to scale; dashed: the last stage's deadline)</th><th>artifacts</th></tr></thead>
 <tbody>{{range .Rows}}
 <tr class="row {{if .Pass}}pass{{else}}fail{{end}}" id="row-{{.ID}}" data-arch="{{.Arch}}" data-chain="{{.Chain}}" data-root="{{.Root}}" data-network="{{.Network}}" data-outcome="{{if .Pass}}pass{{else}}fail{{end}}">
 <td class="{{if .Pass}}pass{{else}}fail{{end}}">{{if .Pass}}PASS{{else}}FAIL{{end}}</td>
-<td>{{.Chain}}</td><td>{{.Root}}</td><td>{{.Network}}</td><td>{{or .Fault "-"}}</td><td>{{.Expect}}</td><td>{{.Outcome}}</td><td>{{secs .Verdict.ElapsedSeconds}}</td>
-<td><svg width="440" height="18" role="img" aria-label="stages of {{.ID}}">{{range .Bars}}<rect class="stage{{if .Failed}} failed-stage{{end}}" x="{{px .X}}" y="3" width="{{px .W}}" height="12" fill="{{.Color}}"{{if .Failed}} stroke="#b3261e" stroke-width="2"{{end}}><title>{{.Stage}} {{secs .Seconds}}{{if .DeadlineSecs}} (deadline {{secs .DeadlineSecs}}){{end}}{{if .Failed}}: failed here{{end}}</title></rect>{{if and .Deadline (le .Deadline 440.0)}}<line x1="{{px .Deadline}}" x2="{{px .Deadline}}" y1="0" y2="18" stroke="#333" stroke-width="1"><title>{{.Stage}} deadline {{secs .DeadlineSecs}}</title></line>{{end}}{{end}}</svg></td>
+<td class="chain">{{.Chain}}</td><td>{{.Root}}</td><td>{{.Network}}</td><td>{{or .Fault "-"}}</td><td>{{.Expect}}</td><td>{{.Outcome}}</td><td>{{secs .Verdict.ElapsedSeconds}}</td>
+<td><svg width="440" height="18" role="img" aria-label="stages of {{.ID}}">{{range .Bars}}<rect class="stage{{if .Failed}} failed-stage{{end}}" x="{{px .X}}" y="3" width="{{px .W}}" height="12" fill="{{.Color}}"{{if .Failed}} stroke="#b3261e" stroke-width="2"{{end}}><title>{{.Stage}} {{secs .Seconds}}{{if .DeadlineSecs}} (deadline {{secs .DeadlineSecs}}){{end}}{{if .Failed}}: failed here{{end}}</title></rect>{{if and .Deadline (le .Deadline 440.0)}}<line class="deadline" x1="{{px .Deadline}}" x2="{{px .Deadline}}" y1="0" y2="18" stroke="{{if .Failed}}#b3261e{{else}}#555{{end}}" stroke-width="1.5" stroke-dasharray="3,2"><title>{{.Stage}} deadline {{secs .DeadlineSecs}}</title></line>{{end}}{{end}}</svg></td>
 <td class="links">{{if .ConsolePage}}<a class="console" href="{{.ConsolePage}}{{if .Verdict.ConsoleLine}}#L{{.Verdict.ConsoleLine}}{{end}}">console</a> {{end}}{{if .Artifacts.Console}}<a href="{{.Artifacts.Console}}" title="console.log">log</a> {{end}}{{if .Artifacts.Timeline}}<a href="{{.Artifacts.Timeline}}" title="timeline.jsonl">timeline</a> {{end}}{{if .Artifacts.Network}}<a href="{{.Artifacts.Network}}" title="network.pcapng">pcap</a>{{end}}</td>
 </tr>{{if not .Pass}}
 <tr class="detail" data-for="row-{{.ID}}"><td></td><td colspan="9">

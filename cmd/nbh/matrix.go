@@ -212,15 +212,16 @@ func reportCmd(args []string) int {
 		fmt.Fprintf(fs.Output(), "Usage: nbh report [flags] REPORT.json...\n\nMerges the JSON reports of nbh matrix runs (CI shards) and renders them:\nHTML, JUnit, or one merged JSON. Exit status 0 when every row passed, 1\nwhen one failed, 2 for bad usage or an unreadable report.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	if code, ok := parse(fs, args); !ok {
+	files, code, ok := parseWithFiles(fs, args)
+	if !ok {
 		return code
 	}
-	if fs.NArg() == 0 || (*html == "" && *junit == "" && *jsonOut == "") {
+	if len(files) == 0 || (*html == "" && *junit == "" && *jsonOut == "") {
 		fs.Usage()
 		return exitUsage
 	}
 	var reps []*report.Report
-	for _, p := range fs.Args() {
+	for _, p := range files {
 		r, err := report.ReadJSON(p)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
