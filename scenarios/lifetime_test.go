@@ -117,7 +117,10 @@ func TestInterruptedCLILeavesNothing(t *testing.T) {
 // (parent-death signal), and the lab folder it could not remove is swept by
 // the next lab.
 func TestKilledCLILeavesNoQEMU(t *testing.T) {
-	guestTest(t)
+	// Not parallel: it points TMPDIR, for the whole process, at the folder
+	// the killed CLI left, so the next lab sweeps it. Sequential tests run
+	// before the parallel ones start.
+	needGuests(t)
 	bin := buildNBH(t)
 	tmp := t.TempDir()
 	cmd := exec.Command(bin, "boot", "--arch", "amd64", "--firmware", "direct", "--artifacts", filepath.Join(t.TempDir(), "art"))
