@@ -34,7 +34,7 @@ func (r Result) Pass() bool { return r.Err == nil && r.Row.Pass(r.Verdict) }
 type Config struct {
 	Jobs      int           // rows at once; 0: sched.DefaultJobs()
 	Timeout   time.Duration // per boot; 0: the harness default
-	Artifacts string        // each row's artifacts go to Artifacts/<row ID>
+	Artifacts string        // each row's artifacts go to Artifacts/<row ID>; "": not kept
 	// KeepPassed keeps the artifacts of rows that passed too (CI keeps
 	// only the failed rows').
 	KeepPassed bool
@@ -133,15 +133,17 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 	defer func() { res.Wall = time.Since(res.Start) }()
 	spec := r.Spec()
 	spec.Timeout = cfg.Timeout
-	res.Dir = filepath.Join(cfg.Artifacts, r.ID())
-	spec.Artifacts = res.Dir
-	os.RemoveAll(res.Dir) // a previous run's files would mislead
+	if cfg.Artifacts != "" {
+		res.Dir = filepath.Join(cfg.Artifacts, r.ID())
+		spec.Artifacts = res.Dir
+		os.RemoveAll(res.Dir) // a previous run's files would mislead
+	} // else the lab keeps them in its own folder, removed with it
 	opts := harness.Options{Cache: cfg.Cache}
 	if r.IPsec {
 		opts.IPsec = ipsec.Required()
 	}
 	res.Verdict, res.Spans, _, res.Err = Boot(ctx, opts, spec)
-	if res.Pass() && !cfg.KeepPassed {
+	if res.Pass() && !cfg.KeepPassed && res.Dir != "" {
 		os.RemoveAll(res.Dir)
 		res.Dir = ""
 	}
