@@ -22,10 +22,10 @@ func TestRow2Report(t *testing.T) {
 	assert.NilError(t, os.WriteFile(filepath.Join(dir, "console.log"), []byte(log), 0o644))
 	t0 := time.Now()
 	res := Result{
-		Row: Row{Arch: "arm64", Firmware: "uboot", Fault: "missing-kernel", Expect: failure.LoaderFetch},
+		Row:     Row{Arch: "arm64", Firmware: "uboot", Fault: "missing-kernel", Expect: failure.LoaderFetch},
 		Verdict: harness.Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader, Line: "TFTP error: 'File not found' (1)", Elapsed: 2300 * time.Millisecond},
-		Spans: []timeline.Span{{Stage: timeline.Firmware, Start: t0, Duration: time.Second}, {Stage: timeline.Loader, Start: t0.Add(time.Second), Duration: 1300 * time.Millisecond}},
-		Dir:   dir,
+		Spans:   []timeline.Span{{Stage: timeline.Firmware, Start: t0, Duration: time.Second}, {Stage: timeline.Loader, Start: t0.Add(time.Second), Duration: 1300 * time.Millisecond}},
+		Dir:     dir,
 	}
 	row := Row2Report(res, base)
 	assert.Equal(t, row.ID, "arm64-uboot+missing-kernel")
