@@ -1,8 +1,8 @@
 package harness
 
 import (
-	"errors"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
