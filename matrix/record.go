@@ -81,10 +81,7 @@ func Row2Report(res Result, base string) report.Row {
 			if _, err := os.Stat(p); err != nil {
 				return ""
 			}
-			if r, err := relTo(base, p); err == nil {
-				return r
-			}
-			return p
+			return report.RelativeTo(base, p)
 		}
 		out.Artifacts = report.Artifacts{Console: rel("console.log"), Timeline: rel("timeline.jsonl"), Network: rel("network.pcapng")}
 		if v.Line != "" {
@@ -92,18 +89,6 @@ func Row2Report(res Result, base string) report.Row {
 		}
 	}
 	return out
-}
-
-func relTo(base, p string) (string, error) {
-	ab, err := filepath.Abs(base)
-	if err != nil {
-		return "", err
-	}
-	ap, err := filepath.Abs(p)
-	if err != nil {
-		return "", err
-	}
-	return filepath.Rel(ab, ap)
 }
 
 // consoleLine finds the line number of the deciding line in console.log

@@ -130,7 +130,6 @@ feed:
 // runRow boots one row in a lab of its own.
 func runRow(ctx context.Context, r Row, cfg Config) Result {
 	res := Result{Row: r, Start: time.Now()}
-	defer func() { res.Wall = time.Since(res.Start) }()
 	spec := r.Spec()
 	spec.Timeout = cfg.Timeout
 	if cfg.Artifacts != "" {

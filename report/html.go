@@ -57,7 +57,7 @@ func (r *Report) WriteHTML(dir string) error {
 	for _, row := range rep.Rows {
 		rv := rowView{Row: row, ConsolePage: consolePage[row.ID]}
 		// Links only to files that are there.
-		for _, p := range []*string{&rv.Artifacts.Console, &rv.Artifacts.Timeline, &rv.Artifacts.Network} {
+		for _, p := range rv.Artifacts.paths() {
 			if *p != "" {
 				if _, err := os.Stat(filepath.Join(dir, *p)); err != nil {
 					*p = ""

@@ -127,37 +127,49 @@ func ReadJSON(path string) (*Report, error) {
 	if r.Format != Format {
 		return nil, fmt.Errorf("%s: report format %d, this nbh reads %d", path, r.Format, Format)
 	}
-	base := filepath.Dir(path)
+	r.Resolve(filepath.Dir(path))
+	return &r, nil
+}
+
+// paths are the artifact paths of a row, to rewrite in place.
+func (a *Artifacts) paths() []*string { return []*string{&a.Console, &a.Timeline, &a.Network} }
+
+// Resolve makes artifact paths stored relative to base (the folder of the
+// JSON file) relative to the current folder; Rebase is its inverse.
+func (r *Report) Resolve(base string) {
 	for i := range r.Rows {
-		a := &r.Rows[i].Artifacts
-		for _, p := range []*string{&a.Console, &a.Timeline, &a.Network} {
+		for _, p := range r.Rows[i].Artifacts.paths() {
 			if *p != "" && !filepath.IsAbs(*p) {
 				*p = filepath.Join(base, *p)
 			}
 		}
 	}
-	return &r, nil
 }
 
 // Rebase makes every artifact path relative to dir (where a file that links
 // to them is written); paths are taken relative to the current folder.
 func (r *Report) Rebase(dir string) {
 	for i := range r.Rows {
-		a := &r.Rows[i].Artifacts
-		for _, p := range []*string{&a.Console, &a.Timeline, &a.Network} {
-			if *p == "" {
-				continue
-			}
-			abs, err := filepath.Abs(*p)
-			if err != nil {
-				continue
-			}
-			absDir, _ := filepath.Abs(dir)
-			if rel, err := filepath.Rel(absDir, abs); err == nil {
-				*p = rel
+		for _, p := range r.Rows[i].Artifacts.paths() {
+			if *p != "" {
+				*p = RelativeTo(dir, *p)
 			}
 		}
 	}
+}
+
+// RelativeTo is path p as seen from folder dir (p itself when it cannot be
+// made relative).
+func RelativeTo(dir, p string) string {
+	absDir, err1 := filepath.Abs(dir)
+	abs, err2 := filepath.Abs(p)
+	if err1 != nil || err2 != nil {
+		return p
+	}
+	if rel, err := filepath.Rel(absDir, abs); err == nil {
+		return rel
+	}
+	return p
 }
 
 // Merge combines reports (the shards of one CI run) into one: rows in

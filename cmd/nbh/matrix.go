@@ -170,14 +170,7 @@ func writeReports(rep *report.Report, base, junit, jsonOut, html string) error {
 	// The renderers take artifact paths relative to the current folder.
 	cur := *rep
 	cur.Rows = append([]report.Row(nil), rep.Rows...)
-	for i := range cur.Rows {
-		a := &cur.Rows[i].Artifacts
-		for _, p := range []*string{&a.Console, &a.Timeline, &a.Network} {
-			if *p != "" && !filepath.IsAbs(*p) {
-				*p = filepath.Join(base, *p)
-			}
-		}
-	}
+	cur.Resolve(base)
 	if junit != "" {
 		if err := cur.WriteJUnit(junit); err != nil {
 			return err
@@ -258,7 +251,7 @@ func reportCmd(args []string) int {
 }
 
 func printMatrix(results []matrix.Result, planned int) int {
-	stages := []string{"firmware", "dhcp", "loader", "kernel", "init", "root"}
+	stages := report.Stages
 	w := len("chain")
 	for _, r := range results {
 		w = max(w, len(r.Row.Chain())+len(" root=iscsi ipsec"))
