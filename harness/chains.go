@@ -2,13 +2,10 @@ package harness
 
 import (
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
-	"testing"
 
 	"nbh.dev/nbh/harness/qemu"
 )
@@ -42,86 +39,6 @@ func list(v string) map[string]bool {
 		m[strings.TrimSpace(s)] = true
 	}
 	return m
-}
-
-// NewTestLab starts a lab whose guests and services end with the test.
-// Artifacts go to $NBH_ARTIFACTS/<test name>/<guest> when that is set, else
-// into the test's temporary folder. SIGINT and SIGTERM stop every open lab
-// before the test binary dies.
-func NewTestLab(t testing.TB) *Lab {
-	t.Helper()
-	return NewTestLabWith(t, Options{})
-}
-
-// NewTestLabWith is NewTestLab with options (an IPsec-required network, a
-// smaller MTU); the log always goes to the test's.
-func NewTestLabWith(t testing.TB, opts Options) *Lab {
-	t.Helper()
-	cleanupOnSignal()
-	opts.Log = testLog{t}
-	l, err := New(opts)
-	if err != nil {
-		t.Fatalf("lab: %v", err)
-	}
-	track(l, true)
-	t.Cleanup(func() {
-		track(l, false)
-		l.Close()
-	})
-	return l
-}
-
-// TestArtifacts is the artifacts folder for a guest of the current test.
-func TestArtifacts(t testing.TB, guest string) string {
-	if d := os.Getenv("NBH_ARTIFACTS"); d != "" {
-		return filepath.Join(d, strings.ReplaceAll(t.Name(), "/", "_"), guest)
-	}
-	return filepath.Join(t.TempDir(), guest)
-}
-
-type testLog struct{ t testing.TB }
-
-func (w testLog) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(b), "\n"))
-	return len(b), nil
-}
-
-var (
-	openMu   sync.Mutex
-	openLabs = map[*Lab]bool{}
-	sigOnce  sync.Once
-)
-
-func track(l *Lab, open bool) {
-	openMu.Lock()
-	defer openMu.Unlock()
-	if open {
-		openLabs[l] = true
-	} else {
-		delete(openLabs, l)
-	}
-}
-
-// cleanupOnSignal makes SIGINT/SIGTERM close open labs (QEMU stopped, temp
-// folders removed) and then end the process with the signal's usual status.
-func cleanupOnSignal() {
-	sigOnce.Do(func() {
-		c := make(chan os.Signal, 1)
-		signal.Notify(c, os.Interrupt, syscall.SIGTERM)
-		go func() {
-			s := <-c
-			openMu.Lock()
-			labs := make([]*Lab, 0, len(openLabs))
-			for l := range openLabs {
-				labs = append(labs, l)
-			}
-			openMu.Unlock()
-			for _, l := range labs {
-				l.Close()
-			}
-			os.Exit(128 + int(s.(syscall.Signal)))
-		}()
-	})
 }
 
 // pidAlive reports whether a process exists.

@@ -1,10 +1,10 @@
 package harness
 
 import (
-	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 
@@ -55,8 +55,8 @@ func (l *Lab) ESP() *ipsec.Gateway { return l.esp }
 func (g *Guest) espKeys() ([]byte, error) {
 	klen := g.lab.espBits/8 + 4 // key and RFC 4106 salt
 	keys := make([]byte, 2*klen)
-	rand.Read(keys)
-	inSPI, outSPI := randomSPI(), randomSPI()
+	io.ReadFull(g.rand, keys)
+	inSPI, outSPI := randomSPI(g.rand), randomSPI(g.rand)
 	saIn, err := ipsec.NewSA(inSPI, keys[:klen])
 	if err != nil {
 		return nil, err
@@ -83,7 +83,7 @@ func (g *Guest) espKeys() ([]byte, error) {
 		recvKey[0] ^= 0x80
 	}
 	if g.plan.espWrongSPI {
-		sendSPI, recvSPI = randomSPI(), randomSPI()
+		sendSPI, recvSPI = randomSPI(g.rand), randomSPI(g.rand)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# ESP keys of guest %s: secret, never print this file.\n", g.Name)
@@ -100,10 +100,10 @@ func (g *Guest) espKeys() ([]byte, error) {
 }
 
 // randomSPI is a random SPI outside the reserved 0..255.
-func randomSPI() uint32 {
+func randomSPI(r io.Reader) uint32 {
 	var b [4]byte
 	for {
-		rand.Read(b[:])
+		io.ReadFull(r, b[:])
 		if v := binary.BigEndian.Uint32(b[:]); v > 255 {
 			return v
 		}

@@ -2,10 +2,10 @@ package harness
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -35,6 +35,10 @@ type Spec struct {
 	Arch     string // amd64 or arm64
 	Firmware string // a qemu.Profiles firmware name
 	Name     string // guest name; default g1, g2, ...
+	// MAC and IP pin the guest's Ethernet and leased address (a replay
+	// gets the recorded guest's); default: the lab assigns them in boot
+	// order.
+	MAC, IP string
 
 	// Root is the root file system: RootNone (the archive only, the
 	// default), RootNFS (the lab's NFS export of the reference root) or
@@ -45,7 +49,7 @@ type Spec struct {
 	// the guest is told its credentials on the kernel command line.
 	CHAP bool
 
-	Kernel string // kernel image; default: the cached Debian kernel
+	Kernel string // kernel image; default: the cached Debian kernel (a relative path is from the working directory)
 	Initrd string // boot archive; default: the reference archive
 	Append string // added to the kernel command line
 
@@ -154,10 +158,13 @@ type Guest struct {
 	port    *netfab.Port
 	logFile *os.File
 	private string
+	n       int       // its place in the lab's boot order
+	rand    io.Reader // the guest's random choices, from the lab's seed
 
 	mu        sync.Mutex
 	reached   timeline.Stage
 	since     time.Time // when reached was reached
+	waiting   *waiting  // what the boot waits for, if a console line said so
 	verdict   *Verdict
 	decided   chan struct{}
 	closeOnce sync.Once
@@ -261,6 +268,22 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	if spec.Timeout == 0 {
 		spec.Timeout = 180 * time.Second
 	}
+	// QEMU runs in the guest's private folder: paths become absolute here.
+	if err := absPaths(&spec); err != nil {
+		return nil, err
+	}
+	var wantMAC net.HardwareAddr
+	if spec.MAC != "" {
+		if wantMAC, err = net.ParseMAC(spec.MAC); err != nil || len(wantMAC) != 6 {
+			return nil, fmt.Errorf("spec: MAC %q: want an Ethernet address like 52:54:00:12:34:56", spec.MAC)
+		}
+	}
+	var wantIP netip.Addr
+	if spec.IP != "" {
+		if wantIP, err = netip.ParseAddr(spec.IP); err != nil {
+			return nil, fmt.Errorf("spec: IP: %w", err)
+		}
+	}
 
 	l.mu.Lock()
 	if l.closed {
@@ -282,10 +305,19 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 		}
 		mac = old.MAC // the same machine, rebooted
 	}
+	if wantMAC != nil {
+		mac = wantMAC
+	}
+	for _, other := range l.guests {
+		if other.MAC.String() == mac.String() && other.Name != spec.Name {
+			l.mu.Unlock()
+			return nil, fmt.Errorf("spec: MAC %s is guest %s's", mac, other.Name)
+		}
+	}
 	l.mu.Unlock()
 	g := &Guest{
 		Name: spec.Name, Profile: prof, lab: l, spec: spec, expect: expect,
-		MAC:     mac,
+		MAC: mac, n: n,
 		decided: make(chan struct{}),
 	}
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
@@ -296,6 +328,12 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	for _, d := range []string{g.private, g.Dir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("lab: %w", err)
+		}
+	}
+	g.rand = guestRand(l.opts.Seed, g.Name, g.MAC)
+	if wantIP.IsValid() {
+		if err := l.dhcp.Reserve(g.MAC, wantIP); err != nil {
+			return nil, err
 		}
 	}
 	ip, err := l.dhcp.Lease(g.MAC)
@@ -420,7 +458,7 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 		var chap *iscsi.CHAP
 		if g.spec.CHAP || g.plan.badCHAP {
 			secret := make([]byte, 8)
-			rand.Read(secret)
+			io.ReadFull(g.rand, secret)
 			chap = &iscsi.CHAP{User: "nbh-" + g.Name, Secret: hex.EncodeToString(secret)}
 			g.chap = chap
 		}
@@ -674,6 +712,7 @@ func (g *Guest) observe(e timeline.Event) {
 	advanced := e.Stage > g.reached
 	if advanced {
 		g.reached, g.since = e.Stage, e.Time
+		g.waiting = nil // the boot moved on
 	}
 	g.mu.Unlock()
 	if advanced && g.spec.OnStage != nil {
@@ -738,6 +777,7 @@ func (g *Guest) monitor() {
 		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
 			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})
 		}
+		g.noteWait(line)
 		if g.expect.MatchString(line.Text) {
 			tl.Emit(timeline.Event{Source: "console", Kind: "marker", Guest: g.Name, Stage: timeline.Marker, Time: line.Time, Msg: line.Text})
 			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
@@ -786,6 +826,20 @@ func (g *Guest) decide(v Verdict) {
 // "not found" was a failed fetch. Consoles differ by firmware and version;
 // the timeline does not.
 func (g *Guest) refine(v Verdict) Verdict {
+	if v.Reason == failure.Deadline {
+		g.mu.Lock()
+		w := g.waiting
+		g.mu.Unlock()
+		if w != nil {
+			if w.Stage != timeline.None {
+				v.Stage = w.Stage
+			}
+			v.Reason, v.Line = w.Reason, w.line
+			v.Detail = joinDetail(fmt.Sprintf("%s was still at this after %.0fs, at the deadline", w.Who, time.Since(w.since).Seconds()), v.Detail)
+			v.Detail = joinDetail(v.Detail, g.evidence())
+			return v
+		}
+	}
 	if v.Stage > timeline.Loader {
 		return v
 	}
@@ -816,6 +870,31 @@ func (g *Guest) refine(v Verdict) Verdict {
 		v.Reason = failure.LoaderFetch
 	}
 	return v
+}
+
+// waiting is a wait the console announced (console.Waits).
+type waiting struct {
+	console.Wait
+	line  string
+	since time.Time
+}
+
+// noteWait follows the console's waits: a line that starts one, a later
+// line that ends it.
+func (g *Guest) noteWait(line console.Line) {
+	w, starts := console.Waiting(line.Text)
+	g.mu.Lock()
+	if cur := g.waiting; cur != nil && cur.Until != nil && cur.Until.MatchString(line.Text) {
+		g.waiting = nil
+	}
+	if starts {
+		g.waiting = &waiting{Wait: w, line: line.Text, since: line.Time}
+	}
+	g.mu.Unlock()
+	if starts {
+		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Time: line.Time, Msg: line.Text,
+			Detail: map[string]any{"for": string(w.Reason), "by": w.Who}})
+	}
 }
 
 func joinDetail(a, b string) string {
@@ -881,6 +960,32 @@ func (g *Guest) Console() string {
 
 // Process is the guest's QEMU.
 func (g *Guest) Process() *qemu.Process { return g.proc }
+
+// Spec is the guest's spec as Boot completed it: its name, MAC and address,
+// marker, deadline and absolute paths filled in.
+func (g *Guest) Spec() Spec {
+	s := g.spec
+	s.MAC, s.IP = g.MAC.String(), g.IP
+	return s
+}
+
+// Argv is the QEMU command line the guest runs (nil before it started).
+func (g *Guest) Argv() []string {
+	if g.proc == nil {
+		return nil
+	}
+	return append([]string(nil), g.proc.Args...)
+}
+
+// Verdict is the guest's verdict, once decided.
+func (g *Guest) Verdict() (Verdict, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.verdict == nil {
+		return Verdict{}, false
+	}
+	return *g.verdict, true
+}
 
 // Close stops QEMU, flushes the console log and capture, writes
 // timeline.jsonl, and removes the guest's private files. Concurrent calls

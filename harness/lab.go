@@ -7,12 +7,14 @@ package harness
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 
@@ -52,6 +54,12 @@ type Options struct {
 	ESPKeyBits int
 	// MTU is the network's path MTU (default 1500); see netfab.Config.
 	MTU int
+	// Seed decides every random choice the lab makes for its guests (ESP
+	// SPIs and keys, CHAP secrets), so that a replay of a recorded boot
+	// (a repro bundle) makes the same ones; "" picks a fresh one. MACs and
+	// addresses follow from the order guests boot in. The seed derives
+	// secrets: it is one.
+	Seed string
 }
 
 // Lab is one isolated boot network with its services.
@@ -71,6 +79,7 @@ type Lab struct {
 
 	esp     *ipsec.Gateway // nil on a clear network
 	espBits int
+	opts    Options // as New completed them (Seed, ESPKeyBits)
 
 	ubootNFS map[string]bootcfg.Boot // U-Boot guests (by MAC) that boot over NFS
 
@@ -97,12 +106,15 @@ func New(opts Options) (l *Lab, err error) {
 		opts.Log = io.Discard
 	}
 	opts.Cache.Log = opts.Log
+	if opts.Seed == "" {
+		opts.Seed = rand.Text()
+	}
 	sweepStale()
 	work, err := os.MkdirTemp("", fmt.Sprintf("nbh-lab-%d-", os.Getpid()))
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}}
+	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -208,6 +220,14 @@ func (l *Lab) signingKey(ctx context.Context) (*sign.Key, error) {
 	return l.key, l.keyErr
 }
 
+// Options are the lab's options as New completed them: with the Seed it
+// chose, so a replay can pass them back.
+func (l *Lab) Options() Options {
+	o := l.opts
+	o.ESPKeyBits = l.espBits
+	return o
+}
+
 // Server is the boot server's address as guests see it.
 func (l *Lab) Server() string { return l.Fabric.HostIP.String() }
 
@@ -263,6 +283,27 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 		return dhcp.Boot{Why: "an operating system's DHCP client (" + c.String() + "): root path for its " + g.spec.Root + " root", RootPath: rootPath}
 	}
 	return dhcp.Boot{Why: "no rule for " + c.String()}
+}
+
+// Guests are every guest booted in the lab so far, in boot order (a guest
+// booted again under its name appears once per boot).
+func (l *Lab) Guests() []*Guest {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	seen := map[*Guest]bool{}
+	var out []*Guest
+	for _, g := range l.byName {
+		seen[g] = true
+		out = append(out, g)
+	}
+	for _, g := range l.guests {
+		if !seen[g] {
+			seen[g] = true
+			out = append(out, g)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].n < out[j].n })
+	return out
 }
 
 // Forward makes port on the boot server's address a TCP relay to the host

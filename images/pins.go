@@ -70,6 +70,27 @@ func (c *Cache) pins(arch string) (PinSet, error) {
 	return Pinned(arch)
 }
 
+// PinSet is the pin set the cache fetches for arch: PinsOverride's, else
+// the compiled-in one.
+func (c *Cache) PinSet(arch string) (PinSet, error) { return c.pins(arch) }
+
+// ReadPins reads a pins file (WritePins's format), as a repro bundle
+// carries one.
+func ReadPins(path string) (PinSet, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return PinSet{}, fmt.Errorf("images: %w", err)
+	}
+	var s PinSet
+	if err := json.Unmarshal(b, &s); err != nil {
+		return PinSet{}, fmt.Errorf("images: %s: %w", path, err)
+	}
+	if s.Arch == "" || len(s.Packages) == 0 {
+		return PinSet{}, fmt.Errorf("images: %s: no architecture or no packages", path)
+	}
+	return s, nil
+}
+
 // Pins lists the pinned packages of arch as "name version" lines.
 func (c *Cache) Pins(arch string) []string {
 	s, err := c.pins(arch)

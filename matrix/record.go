@@ -3,7 +3,6 @@ package matrix
 import (
 	"bufio"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -31,7 +30,7 @@ func Record(results []Result, run report.Run, cache *images.Cache, base string) 
 		r.Rows = append(r.Rows, Row2Report(res, base))
 	}
 	for a := range arches {
-		r.QEMU[a] = qemuVersion(a)
+		r.QEMU[a] = qemu.Version(a)
 		acc := qemu.Probe(a)
 		r.Accel[a] = acc.Name + ": " + acc.Why
 		if cache != nil {
@@ -118,14 +117,4 @@ func consoleLine(path, line string) int {
 		}
 	}
 	return contains
-}
-
-// qemuVersion is the first line of `qemu-system-X --version`.
-func qemuVersion(arch string) string {
-	out, err := exec.Command(qemu.Binary(arch), "--version").Output()
-	if err != nil {
-		return "unknown (" + err.Error() + ")"
-	}
-	line, _, _ := strings.Cut(string(out), "\n")
-	return strings.TrimSpace(line)
 }

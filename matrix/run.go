@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -151,7 +152,8 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 }
 
 // Boot boots one guest in a lab of its own and returns its verdict, its
-// stage spans and the time QEMU started.
+// stage spans and the time QEMU started. The artifacts folder, if the spec
+// names one, becomes a repro bundle of the boot.
 func Boot(ctx context.Context, opts harness.Options, spec harness.Spec) (harness.Verdict, []timeline.Span, time.Time, error) {
 	lab, err := harness.New(opts)
 	if err != nil {
@@ -170,5 +172,11 @@ func Boot(ctx context.Context, opts harness.Options, spec harness.Spec) (harness
 	v := g.Wait(ctx)
 	spans := g.Spans()
 	g.Close()
+	if v.Reason != failure.Interrupted && spec.Artifacts != "" {
+		// The artifacts folder is a repro bundle (nbh repro).
+		if err := g.WriteBundle(spec.Artifacts, v); err != nil && opts.Log != nil {
+			fmt.Fprintf(opts.Log, "lab: %s: no repro bundle: %v\n", g.Name, err)
+		}
+	}
 	return v, spans, g.Start, nil
 }

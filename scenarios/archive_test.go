@@ -10,6 +10,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -52,9 +53,9 @@ func TestArchiveLifecycle(t *testing.T) {
 				}
 				f, err := harness.LookupFault(c.fault)
 				assert.NilError(t, err)
-				lab := harness.NewTestLab(t)
+				lab := nbhtest.NewLab(t)
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: chain[0], Firmware: chain[1], Root: c.root,
-					Faults: []harness.Fault{f}, Artifacts: harness.TestArtifacts(t, "g1")})
+					Faults: []harness.Fault{f}, Artifacts: nbhtest.Artifacts(t, "g1")})
 				assert.NilError(t, err)
 				v := g.Wait(context.Background())
 				tail := strings.Join(v.Tail, "\n")
@@ -118,7 +119,7 @@ func TestArchiveFreshAndZstd(t *testing.T) {
 			if !selected("arm64", "direct") {
 				t.Skip("arm64/direct not selected")
 			}
-			lab := harness.NewTestLab(t)
+			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: root, Compression: "zstd"})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
@@ -170,9 +171,9 @@ func TestSignedArchive(t *testing.T) {
 			guestTest(t)
 			f, err := harness.LookupFault(c.fault)
 			assert.NilError(t, err)
-			lab := harness.NewTestLab(t)
+			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "aavmf-grub", Root: harness.RootNFS, Signed: true,
-				Faults: []harness.Fault{f}, Artifacts: harness.TestArtifacts(t, "g1")})
+				Faults: []harness.Fault{f}, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			events := lab.Timeline.Events("g1")
@@ -191,7 +192,7 @@ func TestSignedArchive(t *testing.T) {
 		})
 	}
 	// Loaders that cannot verify are refused, not silently unverified.
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "uboot", Signed: true})
 	assert.ErrorContains(t, err, "cannot verify signatures")
 }

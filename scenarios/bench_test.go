@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 )
 
@@ -33,7 +34,7 @@ func BenchmarkNetboot(b *testing.B) {
 			var total float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
-				lab := harness.NewTestLab(b)
+				lab := nbhtest.NewLab(b)
 				b.StartTimer()
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware})
 				if err != nil {

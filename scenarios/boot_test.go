@@ -16,6 +16,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/sched"
@@ -67,8 +68,8 @@ func TestEveryChainReachesTheMarker(t *testing.T) {
 	for _, p := range harness.Chains() {
 		t.Run(p.Name(), func(t *testing.T) {
 			guestTest(t)
-			lab := harness.NewTestLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Artifacts: harness.TestArtifacts(t, "g1")})
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -120,13 +121,13 @@ func TestFailuresAreClassified(t *testing.T) {
 				t.Skipf("chain %s/%s not selected by NBH_ARCH/NBH_FIRMWARE", c.arch, c.firmware)
 			}
 			spec := harness.Spec{Arch: c.arch, Firmware: c.firmware, Append: c.append, Timeout: 90 * time.Second,
-				Artifacts: harness.TestArtifacts(t, "g1")}
+				Artifacts: nbhtest.Artifacts(t, "g1")}
 			if c.fault != "" {
 				f, err := harness.LookupFault(c.fault)
 				assert.NilError(t, err)
 				spec.Faults = []harness.Fault{f}
 			}
-			lab := harness.NewTestLab(t)
+			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), spec)
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
@@ -150,7 +151,7 @@ func selected(arch, firmware string) bool {
 // TestFaultRefusedWhereMeaningless: a fault that cannot apply to a chain is
 // an error at Boot, not a silently passing test.
 func TestFaultRefusedWhereMeaningless(t *testing.T) {
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	f, err := harness.LookupFault("missing-kernel")
 	assert.NilError(t, err)
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: qemu.Direct, Faults: []harness.Fault{f}})

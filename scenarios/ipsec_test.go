@@ -15,6 +15,7 @@ import (
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/timeline"
 )
@@ -82,8 +83,8 @@ func TestIPsecRoot(t *testing.T) {
 		for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
 			t.Run(c.arch+"/"+c.firmware+"/"+root, func(t *testing.T) {
 				guestTest(t)
-				lab := harness.NewTestLabWith(t, harness.Options{IPsec: ipsec.Required(), ESPKeyBits: bits})
-				dir := harness.TestArtifacts(t, "g1")
+				lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required(), ESPKeyBits: bits})
+				dir := nbhtest.Artifacts(t, "g1")
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: root, Artifacts: dir})
 				assert.NilError(t, err)
 				v := g.Wait(context.Background())
@@ -137,13 +138,13 @@ func TestIPsecFaults(t *testing.T) {
 		for _, tc := range cases {
 			t.Run(c.arch+"/"+c.firmware+"/"+tc.fault+"/"+tc.root, func(t *testing.T) {
 				guestTest(t)
-				lab := harness.NewTestLabWith(t, harness.Options{IPsec: ipsec.Required()})
+				lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required()})
 				f, err := harness.LookupFault(tc.fault)
 				assert.NilError(t, err)
 				// A boot that cannot reach its root must be told so well
 				// within a minute: a hang ends in "deadline exceeded".
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: tc.root,
-					Faults: []harness.Fault{f}, Timeout: 60 * time.Second, Artifacts: harness.TestArtifacts(t, "g1")})
+					Faults: []harness.Fault{f}, Timeout: 60 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
 				assert.NilError(t, err)
 				v := g.Wait(context.Background())
 				peer := lab.ESP().Peer(netipOf(t, g.IP))
@@ -172,10 +173,10 @@ func TestIPsecPathMTU(t *testing.T) {
 	if !selected("arm64", "uboot") {
 		t.Skip("arm64/uboot not selected")
 	}
-	lab := harness.NewTestLabWith(t, harness.Options{IPsec: ipsec.Required(), MTU: 1400})
+	lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required(), MTU: 1400})
 	file := filepath.Join(t.TempDir(), "big.bin")
 	writeRandomFile(t, file, 16<<20)
-	dir := harness.TestArtifacts(t, "g1")
+	dir := nbhtest.Artifacts(t, "g1")
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "uboot", Root: harness.RootNFS,
 		RootFiles: map[string]string{"/big.bin": file}, Append: "nbh.readtest=/big.bin", Expect: readLine.String(), Artifacts: dir})
 	assert.NilError(t, err)

@@ -16,6 +16,7 @@ import (
 	"gotest.tools/v3/poll"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 )
 
@@ -159,7 +160,7 @@ func TestHelperBootForever(t *testing.T) {
 	if os.Getenv("NBH_HELPER_BOOT") == "" {
 		t.Skip("helper for TestInterruptedTestBinaryLeavesNothing")
 	}
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	// A shell as init waits on the console for ever: the guest never ends
 	// by itself.
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: qemu.Direct, Append: "rdinit=/bin/sh",

@@ -7,6 +7,7 @@ import (
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 )
 
@@ -14,10 +15,10 @@ import (
 // and quit, after which the guest's verdict says it stopped.
 func TestQMP(t *testing.T) {
 	guestTest(t)
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	// busybox's shell as init: the guest waits at its prompt.
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: qemu.Direct,
-		Append: "rdinit=/bin/sh", Expect: `/ # `, Artifacts: harness.TestArtifacts(t, "g1")})
+		Append: "rdinit=/bin/sh", Expect: `/ # `, Artifacts: nbhtest.Artifacts(t, "g1")})
 	assert.NilError(t, err)
 	v := g.Wait(context.Background())
 	assert.Assert(t, v.OK, "%v", v.Err())

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 )
 
@@ -105,7 +106,7 @@ func BenchmarkRoot(b *testing.B) {
 // lab and the spec first.
 func readMBps(b *testing.B, opts harness.Options, spec harness.Spec, prepare func(*harness.Lab, *harness.Spec)) float64 {
 	b.StopTimer()
-	lab := harness.NewTestLabWith(b, opts)
+	lab := nbhtest.NewLabWith(b, opts)
 	defer lab.Close()
 	spec.Append += " nbh.readtest=/bench.bin"
 	spec.Expect = readLine.String()

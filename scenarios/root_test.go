@@ -13,6 +13,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -26,9 +27,9 @@ func TestNetworkRootOnEveryChain(t *testing.T) {
 		for _, p := range harness.Chains() {
 			t.Run(root+"/"+p.Name(), func(t *testing.T) {
 				guestTest(t)
-				lab := harness.NewTestLab(t)
+				lab := nbhtest.NewLab(t)
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root,
-					Artifacts: harness.TestArtifacts(t, "g1")})
+					Artifacts: nbhtest.Artifacts(t, "g1")})
 				assert.NilError(t, err)
 				v := g.Wait(context.Background())
 				assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -59,7 +60,7 @@ func TestISCSIWriteSurvivesReboot(t *testing.T) {
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	for boot := 1; boot <= 2; boot++ {
 		g, err := lab.Boot(context.Background(), harness.Spec{Name: "box", Arch: "arm64", Firmware: "direct", Root: harness.RootISCSI})
 		assert.NilError(t, err)
@@ -77,12 +78,12 @@ func TestTwoGuestsShareOneExport(t *testing.T) {
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	var wg sync.WaitGroup
 	verdicts := make([]harness.Verdict, 2)
 	for i := range verdicts {
 		g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootNFS,
-			Artifacts: harness.TestArtifacts(t, "g"+string(rune('1'+i)))})
+			Artifacts: nbhtest.Artifacts(t, "g"+string(rune('1'+i)))})
 		assert.NilError(t, err)
 		wg.Add(1)
 		go func() {
@@ -116,9 +117,9 @@ func TestWrongRootIsARootFailure(t *testing.T) {
 			guestTest(t)
 			f, err := harness.LookupFault(c.fault)
 			assert.NilError(t, err)
-			lab := harness.NewTestLab(t)
+			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct", Root: c.root,
-				Faults: []harness.Fault{f}, Timeout: 90 * time.Second, Artifacts: harness.TestArtifacts(t, "g1")})
+				Faults: []harness.Fault{f}, Timeout: 90 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			assert.Equal(t, v.Reason, failure.RootMount, "%v", v.Err())
@@ -146,7 +147,7 @@ func TestRootSpellings(t *testing.T) {
 	} {
 		t.Run(append, func(t *testing.T) {
 			guestTest(t)
-			lab := harness.NewTestLab(t)
+			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootNFS, Append: append})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
@@ -163,7 +164,7 @@ func TestISCSIWithCHAP(t *testing.T) {
 	if !selected("arm64", "direct") {
 		t.Skip("arm64/direct not selected")
 	}
-	lab := harness.NewTestLab(t)
+	lab := nbhtest.NewLab(t)
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "direct", Root: harness.RootISCSI, CHAP: true})
 	assert.NilError(t, err)
 	v := g.Wait(context.Background())

@@ -10,6 +10,10 @@ import (
 	is "gotest.tools/v3/assert/cmp"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/nbhtest"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/images/stock"
 )
@@ -45,14 +49,14 @@ func TestStockInitramfs(t *testing.T) {
 				if !selected(arch, firmware) {
 					t.Skipf("%s/%s not selected", arch, firmware)
 				}
-				lab := harness.NewTestLab(t)
+				lab := nbhtest.NewLab(t)
 				a, err := stock.Build(context.Background(), lab.Cache(), c.tool, arch, testLog{t})
 				if errors.Is(err, stock.ErrForeignArch) {
 					t.Skip(err)
 				}
 				assert.NilError(t, err)
 				g, err := lab.Boot(context.Background(), harness.Spec{Arch: arch, Firmware: firmware, Root: c.root,
-					Initrd: a.Path, Append: c.append, CHAP: c.chap, Artifacts: harness.TestArtifacts(t, "g1")})
+					Initrd: a.Path, Append: c.append, CHAP: c.chap, Artifacts: nbhtest.Artifacts(t, "g1")})
 				assert.NilError(t, err)
 				v := g.Wait(context.Background())
 				assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -87,4 +91,58 @@ type testLog struct{ t *testing.T }
 func (l testLog) Write(b []byte) (int, error) {
 	l.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
+}
+
+// TestStockFailuresAreClassified boots stock archives that cannot finish
+// and checks each ends in the reason and stage its own messages show, with
+// the line that decided it — not a bare deadline in the kernel stage.
+func TestStockFailuresAreClassified(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	cases := []struct {
+		name, tool, root, append, fault string
+		want                            failure.Reason
+		stage                           timeline.Stage
+		line                            string
+	}{
+		// Its network driver kept from loading: initramfs-tools waits
+		// 180 s for a network device; the root stage's deadline ends it.
+		{"initramfs-tools/no-network-driver", stock.InitramfsTools, harness.RootNFS, "modprobe.blacklist=virtio_net", "",
+			failure.NoNetDevice, timeline.Root, "Waiting up to 180 secs for any network device"},
+		// klibc nfsmount retries a refused mount until the root stage's
+		// deadline; the refusal is the evidence.
+		{"initramfs-tools/nfs-wrong-export", stock.InitramfsTools, harness.RootNFS, "", "nfs-wrong-export",
+			failure.RootMount, timeline.Root, "mount call failed - server replied: No such file or directory"},
+		{"dracut/no-root-disk", stock.Dracut, harness.RootNone, "root=/dev/sdz rd.retry=6", "",
+			failure.RootMount, timeline.Root, "Could not boot"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			guestTest(t)
+			if !selected("amd64", qemu.Direct) {
+				t.Skip("amd64/direct not selected")
+			}
+			lab := nbhtest.NewLab(t)
+			a, err := stock.Build(context.Background(), lab.Cache(), c.tool, "amd64", testLog{t})
+			if errors.Is(err, stock.ErrForeignArch) {
+				t.Skip(err)
+			}
+			assert.NilError(t, err)
+			spec := harness.Spec{Arch: "amd64", Firmware: qemu.Direct, Root: c.root,
+				Initrd: a.Path, Append: c.append, Artifacts: nbhtest.Artifacts(t, "g1")}
+			if c.fault != "" {
+				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
+			}
+			g, err := lab.Boot(context.Background(), spec)
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, !v.OK, "booted: %s", v.Line)
+			assert.Equal(t, v.Reason, c.want, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Equal(t, v.Stage, c.stage, "%v", v.Err())
+			assert.Check(t, is.Contains(v.Line, c.line), "%v", v.Err())
+			// The init stage began at the kernel's "Run /init".
+			assert.Check(t, is.Contains(stagesOf(g.Spans()), timeline.Init), "%v", stagesOf(g.Spans()))
+			t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
+		})
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/bundle"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
@@ -42,11 +43,12 @@ func bootCmd(ctx context.Context, args []string) int {
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
 	ipsecMode := fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)")
+	pack := fs.Bool("pack", false, "when the boot fails, also pack its repro bundle (the artifacts folder) into FOLDER"+bundle.Ext+" for a bug report")
 	mtu := fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit")
 	var faults multiFlag
 	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh boot [flags]\n\nBoots one guest on the reference stack and waits for its marker, a\nclassified failure or the deadline. Exit status: 0 marker seen, 1 boot failed\n(the reason is printed), 2 bad usage, 3 the lab could not be set up.\n\nBoot chains:\n%s\nFaults:\n%s\nFlags:\n", chainsHelp(), faultsHelp())
+		fmt.Fprintf(fs.Output(), "Usage: nbh boot [flags]\n\nBoots one guest on the reference stack and waits for its marker, a\nclassified failure or the deadline. Exit status: 0 marker seen, 1 boot failed\n(the reason is printed), 2 bad usage, 3 the lab could not be set up.\nThe artifacts folder of a failed boot is a repro bundle: nbh repro replays it.\n\nBoot chains:\n%s\nFaults:\n%s\nFlags:\n", chainsHelp(), faultsHelp())
 		fs.PrintDefaults()
 	}
 	if code, ok := parse(fs, args); !ok {
@@ -176,13 +178,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	}
 	var start time.Time
 	if !*quiet {
-		spec.OnStage = func(e timeline.Event) {
-			msg := e.Msg
-			if len(msg) > 90 {
-				msg = msg[:87] + "..."
-			}
-			say("  [%6.2fs] %-8s %s: %s\n", time.Since(start).Seconds(), e.Stage, e.Source, msg)
-		}
+		spec.OnStage = liveStage(&start)
 	}
 	start = time.Now()
 	say("nbh: booting %s/%s\n", *arch, *firmware)
@@ -221,6 +217,16 @@ func bootCmd(ctx context.Context, args []string) int {
 	fmt.Printf("artifacts: %s\n", dir)
 	if ctx.Err() != nil {
 		return exitStopped
+	}
+	if isBundle(dir) {
+		if *pack {
+			if err := bundle.Pack(dir, filepath.Clean(dir)+bundle.Ext); err != nil {
+				fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			} else {
+				dir = filepath.Clean(dir) + bundle.Ext
+			}
+		}
+		fmt.Printf("reproduce: nbh repro %s\n", dir)
 	}
 	return exitFailed
 }

@@ -1,5 +1,6 @@
 // Command nbh is the netboot harness's command line: boot one guest on the
-// reference stack, run the scenario matrix, or fetch images.
+// reference stack, run the scenario matrix, replay a failed boot from its
+// repro bundle, or fetch images.
 package main
 
 import (
@@ -24,6 +25,10 @@ Usage:
                        print a table (--ipsec required|both: also on a network that
                        requires ESP; --junit, --json, --html or --report DIR: reports;
                        --shard I/N: one CI shard)
+  nbh repro  [flags] BUNDLE
+                       replay a failed boot from its repro bundle (the artifacts
+                       folder a failed boot leaves); --count N for flakes
+  nbh bundle pack DIR  pack a bundle folder into one .tar.zst for a bug report
   nbh report [flags] JSON...
                        merge matrix JSON reports (CI shards); render HTML, JUnit
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders at the
@@ -93,6 +98,10 @@ func run(args []string) int {
 		return matrixCmd(ctx, args[1:])
 	case "report":
 		return reportCmd(args[1:])
+	case "repro":
+		return reproCmd(ctx, args[1:])
+	case "bundle":
+		return bundleCmd(args[1:])
 	case "help", "-h", "--help":
 		if len(args) > 1 {
 			return run([]string{args[1], "--help"})

@@ -300,6 +300,11 @@ func printMatrix(results []matrix.Result, planned int) int {
 			fmt.Printf("  %s\n", out)
 		}
 	}
+	for _, res := range results {
+		if !res.Pass() && res.Dir != "" && isBundle(res.Dir) {
+			fmt.Printf("%s: reproduce: nbh repro %s\n", res.Row.Label(), res.Dir)
+		}
+	}
 	fmt.Printf("\n%d of %d passed", len(results)-failed, len(results))
 	if len(results) < planned {
 		fmt.Printf(" (%d not run: stopped)", planned-len(results))

@@ -41,6 +41,13 @@ func TestClassify(t *testing.T) {
 		{"nbh-init: FAIL archive: stale boot archive: modules for kernel 6.1.0-0-nbh-skew, running 6.1.0-56-amd64 (nbh.archive=warn boots on)", timeline.Init, nil, failure.StaleArchive},
 		{"nbh-init: FAIL missing-module: /lib/modules/6.1.0-56-amd64/kernel/fs/nfs/nfsv3.ko is not in the archive, nor on the boot server (404 Not Found)", timeline.Root, nil, failure.MissingModule},
 		{"[    2.1] Initramfs unpacking failed: crc error", timeline.Kernel, nil, failure.CorruptArchive},
+		// Debian's initramfs-tools and dracut giving up.
+		{"Gave up waiting for root file system device.  Common problems:", timeline.Root, nil, failure.RootMount},
+		{"ALERT!  /dev/sda does not exist.  Dropping to a shell!", timeline.Root, nil, failure.RootMount},
+		{"ipconfig: no devices to configure", timeline.Root, nil, failure.NoNetDevice},
+		{"[  190.1] dracut Warning: Could not boot.", timeline.Init, nil, failure.RootMount},
+		{"Warning: /dev/sda does not exist", timeline.Init, nil, failure.RootMount},
+		{"Entering emergency mode. Exit the shell to continue.", timeline.Init, nil, failure.InitFailed},
 	}
 	for _, c := range cases {
 		p, ok := Classify(c.line, c.reached, c.before)
@@ -61,6 +68,36 @@ func TestClassify(t *testing.T) {
 	} {
 		p, ok := Classify(c.line, c.reached, c.before)
 		assert.Assert(t, !ok, "%q classified as %s", c.line, p.Reason)
+	}
+}
+
+// A wait holds until a later line ends it; "... done." on the wait's own
+// line means it never started.
+func TestWaits(t *testing.T) {
+	w, ok := Waiting("Begin: Waiting up to 180 secs for any network device to become available ... [    6.2] input: ImExPS/2 Generic Explorer Mouse")
+	assert.Assert(t, ok)
+	assert.Equal(t, w.Reason, failure.NoNetDevice)
+	assert.Assert(t, w.Until.MatchString("done."))
+	assert.Assert(t, w.Until.MatchString("Begin: Retrying nfs mount ... "))
+	assert.Assert(t, !w.Until.MatchString("[    7.0] virtio_net virtio0 enp0s2: renamed from eth0"))
+	_, ok = Waiting("Begin: Waiting up to 180 secs for any network device to become available ... done.")
+	assert.Assert(t, !ok, "a wait that ended on its own line")
+	w, ok = Waiting("mount call failed - server replied: No such file or directory.")
+	assert.Assert(t, ok)
+	assert.Equal(t, w.Reason, failure.RootMount)
+	_, ok = Waiting("nbh-init: NBH-READY addr=10.0.2.15/24")
+	assert.Assert(t, !ok)
+}
+
+func TestStages(t *testing.T) {
+	for line, want := range map[string]timeline.Stage{
+		"[    3.451829] Run /init as init process":                             timeline.Init,
+		"nbh-init: started":                                                    timeline.Init,
+		"Begin: Mounting root file system ... Begin: Running /scripts/nfs-top": timeline.Root,
+		"[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists)":    timeline.Kernel,
+		"[    3.5] Run /bin/busybox as init process":                           timeline.None,
+	} {
+		assert.Equal(t, StageOf(line), want, "%q", line)
 	}
 }
 

@@ -50,6 +50,15 @@ var Failures = []Pattern{
 	row(`(Unknown symbol \S+|disagrees about version of symbol)`, failure.ModuleLoad, timeline.Init, 0, "kernel"),
 	row(`Initramfs unpacking failed`, failure.CorruptArchive, timeline.Kernel, 0, "kernel"),
 
+	// Debian's initramfs-tools and dracut: their give-ups.
+	row(`Gave up waiting for root (file system )?device`, failure.RootMount, timeline.Root, 0, "initramfs-tools"),
+	row(`ALERT!\s+\S+ does not exist\.\s+Dropping to a shell`, failure.RootMount, timeline.Root, 0, "initramfs-tools"),
+	row(`No init found\. Try passing init= bootarg|Target filesystem doesn't have requested \S+`, failure.InitFailed, timeline.Root, 0, "initramfs-tools"),
+	row(`ipconfig: no devices to configure`, failure.NoNetDevice, timeline.None, 0, "initramfs-tools"),
+	row(`Warning: /dev/\S+ does not exist|Warning: Could not boot\.`, failure.RootMount, timeline.Root, 0, "dracut"),
+	row(`dracut: FATAL: |Entering emergency mode\.`, failure.InitFailed, timeline.None, 0, "dracut"),
+	row(`Dropping to a shell!`, failure.InitFailed, timeline.None, 0, "initramfs-tools"),
+
 	// iPXE: error messages end in an ipxe.org error URL.
 	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),
 	row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
@@ -75,14 +84,59 @@ var Failures = []Pattern{
 	row(`No bootable device`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Kernel, "seabios"),
 }
 
-// Stages are console lines that start a stage.
+// Waits are console lines that say the boot waits for something that may
+// never come (initramfs-tools waits 180 s for a network device). A wait
+// ends at a later line matching Until (the step's "done.", the next step);
+// a boot whose stage deadline runs out while it waits failed for the
+// wait's Reason, with the wait's line as the evidence, rather than "deadline
+// exceeded". Reason's stage is Stage, or None: the stage reached.
+var Waits = []Wait{
+	{row(`Waiting up to \d+ secs for any network device`, failure.NoNetDevice, timeline.None, 0, "initramfs-tools"), initramfsStep},
+	{row(`Begin: Waiting for root file system`, failure.RootMount, timeline.Root, 0, "initramfs-tools"), initramfsStep},
+	// A refused NFS mount that the init retries until it gives up.
+	{row(`mount call failed - server replied: `, failure.RootMount, timeline.Root, 0, "klibc nfsmount"), nil},
+	{row(`mount\.nfs: mounting \S+ failed, reason given by server: `, failure.RootMount, timeline.Root, 0, "mount.nfs"), nil},
+	{row(`Warning: dracut-initqueue: timeout, still waiting for following initqueue hooks`, failure.InitFailed, timeline.None, 0, "dracut"), nil},
+	{row(`Warning: dracut-initqueue: starting timeout scripts`, failure.InitFailed, timeline.None, 0, "dracut"), nil},
+}
+
+// initramfsStep ends an initramfs-tools wait: "done." (log_end_msg) or the
+// next "Begin:" step. log_begin_msg ends without a newline, so a wait's
+// "done." shares its line unless a kernel message came in between.
+var initramfsStep = regexp.MustCompile(`(^|\s)done\.|Begin: `)
+
+// Wait is one row of Waits.
+type Wait struct {
+	Pattern
+	Until *regexp.Regexp
+}
+
+// Waiting returns the wait a console line starts, if any.
+func Waiting(line string) (Wait, bool) {
+	for _, w := range Waits {
+		if w.Re.MatchString(line) && !(w.Until != nil && endsOnSameLine(w, line)) {
+			return w, true
+		}
+	}
+	return Wait{}, false
+}
+
+// endsOnSameLine: "Begin: Waiting ... done." waited and got it.
+func endsOnSameLine(w Wait, line string) bool {
+	loc := w.Re.FindStringIndex(line)
+	return loc != nil && w.Until.MatchString(line[loc[1]:])
+}
+
+// Stages are console lines that start a stage. The init stage starts at the
+// kernel's "Run /init as init process", whoever made the archive; the
+// reference init and initramfs-tools also say when they start on the root.
 var Stages = []struct {
 	Re    *regexp.Regexp
 	Stage timeline.Stage
 }{
 	{regexp.MustCompile(`Linux version \d|Booting Linux on physical CPU|EFI stub: Booting Linux Kernel`), timeline.Kernel},
-	{regexp.MustCompile(`nbh-init: started`), timeline.Init},
-	{regexp.MustCompile(`nbh-init: mounting root|nbh-root:`), timeline.Root},
+	{regexp.MustCompile(`Run /init as init process|nbh-init: started`), timeline.Init},
+	{regexp.MustCompile(`nbh-init: mounting root|nbh-root:|Begin: Mounting root file system`), timeline.Root},
 }
 
 // Context is how many earlier lines Classify looks at for Unless.

@@ -152,13 +152,6 @@ func (s *Server) ignored(mac net.HardwareAddr) bool {
 	return s.silent[mac.String()]
 }
 
-// Reserve fixes the address of a MAC.
-func (s *Server) Reserve(mac net.HardwareAddr, ip netip.Addr) {
-	s.mu.Lock()
-	s.leases[mac.String()] = ip
-	s.mu.Unlock()
-}
-
 // Lease returns (allocating if needed) the address of mac.
 func (s *Server) Lease(mac net.HardwareAddr) (netip.Addr, error) {
 	s.mu.Lock()
@@ -176,6 +169,36 @@ func (s *Server) Lease(mac net.HardwareAddr) (netip.Addr, error) {
 		return ip, nil
 	}
 	return netip.Addr{}, fmt.Errorf("dhcp: address pool of %s exhausted", s.cfg.Subnet)
+}
+
+// Reserve leases ip to mac: a replay of a recorded boot gets the address
+// the recorded guest had. It fails when ip is outside the pool's subnet,
+// the server's own, or another MAC's.
+func (s *Server) Reserve(mac net.HardwareAddr, ip netip.Addr) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ip == s.cfg.ServerIP || !s.cfg.Subnet.Contains(ip) || ip == s.cfg.Subnet.Masked().Addr() || isBroadcast(s.cfg.Subnet, ip) {
+		return fmt.Errorf("dhcp: %s is not a client address in %s", ip, s.cfg.Subnet)
+	}
+	if cur, ok := s.leases[mac.String()]; ok && cur == ip {
+		return nil
+	}
+	if s.taken(ip) {
+		return fmt.Errorf("dhcp: %s is leased to another guest", ip)
+	}
+	s.leases[mac.String()] = ip
+	return nil
+}
+
+// isBroadcast reports whether ip is the subnet's broadcast address.
+func isBroadcast(subnet netip.Prefix, ip netip.Addr) bool {
+	if !ip.Is4() {
+		return false
+	}
+	a := ip.As4()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	host := uint32(1)<<(32-subnet.Bits()) - 1
+	return v&host == host
 }
 
 func (s *Server) taken(ip netip.Addr) bool {

@@ -141,3 +141,21 @@ func FuzzHandle(f *testing.F) {
 		s.handle(&recorder{}, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, m)
 	})
 }
+
+func TestReserveGivesTheRecordedAddress(t *testing.T) {
+	s, _ := newServer(nil)
+	other := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 2}
+	assert.NilError(t, s.Reserve(mac, netip.MustParseAddr("10.0.2.17")))
+	ip, err := s.Lease(mac)
+	assert.NilError(t, err)
+	assert.Equal(t, ip.String(), "10.0.2.17")
+	assert.NilError(t, s.Reserve(mac, netip.MustParseAddr("10.0.2.17")), "the same reservation again")
+	// The pool skips a reserved address.
+	s.next = netip.MustParseAddr("10.0.2.17")
+	ip, err = s.Lease(other)
+	assert.NilError(t, err)
+	assert.Equal(t, ip.String(), "10.0.2.18")
+	for _, bad := range []string{"10.0.2.18", "10.0.2.2", "10.0.2.0", "10.0.2.255", "10.0.3.5"} {
+		assert.Check(t, s.Reserve(net.HardwareAddr{2, 0, 0, 0, 0, 9}, netip.MustParseAddr(bad)) != nil, "reserved %s", bad)
+	}
+}

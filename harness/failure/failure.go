@@ -14,6 +14,7 @@ const (
 	FirmwareNoBoot Reason = "firmware found nothing to boot"
 	KernelPanic    Reason = "kernel panic"
 	RootMount      Reason = "cannot mount root"
+	NoNetDevice    Reason = "no network device"
 	ModuleLoad     Reason = "module load failed"
 	MissingModule  Reason = "missing module"
 	StaleArchive   Reason = "stale boot archive"

@@ -204,3 +204,14 @@ func (p *Process) Kill() {
 
 // Pid is QEMU's process ID.
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
+
+// Version is the first line of `qemu-system-X --version` for guests of
+// arch, for reports and bundles.
+func Version(arch string) string {
+	out, err := exec.Command(Binary(arch), "--version").Output()
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line)
+}

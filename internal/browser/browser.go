@@ -28,14 +28,29 @@ func Binary() string {
 
 // DumpDOM loads url in headless Chromium (a throwaway profile, no network
 // but the page's own files) and returns the serialised DOM after load.
+// Chromium that crashes (a segmentation fault under a loaded machine was
+// seen once in a few hundred runs) is started again, twice at most: the
+// page is not what crashed it.
 func DumpDOM(ctx context.Context, url string) (string, error) {
+	var err error
+	for try := 0; try < 3; try++ {
+		var dom string
+		var crashed bool
+		if dom, crashed, err = dumpDOM(ctx, url); err == nil || !crashed || ctx.Err() != nil {
+			return dom, err
+		}
+	}
+	return "", err
+}
+
+func dumpDOM(ctx context.Context, url string) (dom string, crashed bool, err error) {
 	bin := Binary()
 	if bin == "" {
-		return "", ErrNoChromium
+		return "", false, ErrNoChromium
 	}
 	profile, err := os.MkdirTemp("", "nbh-chromium-")
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
 	defer os.RemoveAll(profile)
 	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
@@ -58,7 +73,11 @@ func DumpDOM(ctx context.Context, url string) (string, error) {
 		if len(tail) > 2000 {
 			tail = tail[len(tail)-2000:]
 		}
-		return "", fmt.Errorf("chromium %s: %v: %s", url, err, tail)
+		if cmd.ProcessState != nil && ctx.Err() == nil {
+			ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus)
+			crashed = ok && ws.Signaled()
+		}
+		return "", crashed, fmt.Errorf("chromium %s: %v: %s", url, err, tail)
 	}
-	return out.String(), nil
+	return out.String(), false, nil
 }

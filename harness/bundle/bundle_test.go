@@ -1,0 +1,103 @@
+package bundle
+
+import (
+	"archive/tar"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
+)
+
+func sample(t *testing.T) string {
+	dir := filepath.Join(t.TempDir(), "g1-bundle")
+	assert.NilError(t, os.MkdirAll(filepath.Join(dir, FilesDir), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, FilesDir, "kernel"), []byte("kernel bytes"), 0o644))
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, "console.log"), []byte("[   0.1] hello\n"), 0o644))
+	b := &Bundle{Lab: Lab{Seed: "S", MTU: 1400, IPsec: &Policy{Default: "discard", Rules: []Rule{{6, 2049, "protect"}}}},
+		Spec: Spec{Arch: "arm64", Firmware: "uboot", Name: "g1", MAC: "52:54:00:4e:42:01", IP: "10.0.2.15",
+			Kernel: "files/kernel", Faults: []string{"missing-kernel"}, Timeout: 90}}
+	assert.NilError(t, Write(dir, b, Verdict{Reason: "boot file fetch failed", Stage: "loader", Spans: []Span{{"firmware", 0, 1.5}}}))
+	return dir
+}
+
+func TestWriteReadPackUnpack(t *testing.T) {
+	dir := sample(t)
+	b, v, err := Read(dir)
+	assert.NilError(t, err)
+	assert.Equal(t, b.Spec.Firmware, "uboot")
+	assert.Equal(t, b.Lab.IPsec.Rules[0].Port, uint16(2049))
+	assert.Equal(t, v.Outcome(), "boot file fetch failed at loader")
+	k, err := b.Path(b.Spec.Kernel)
+	assert.NilError(t, err)
+	assert.Equal(t, k, filepath.Join(dir, "files", "kernel"))
+
+	packed := filepath.Join(t.TempDir(), "b"+Ext)
+	assert.NilError(t, Pack(dir, packed))
+	b2, v2, done, err := Open(packed)
+	assert.NilError(t, err)
+	assert.Equal(t, filepath.Base(b2.Dir), "g1-bundle")
+	assert.DeepEqual(t, v2, v)
+	data, err := os.ReadFile(filepath.Join(b2.Dir, "files", "kernel"))
+	assert.NilError(t, err)
+	assert.Equal(t, string(data), "kernel bytes")
+	done()
+	_, err = os.Stat(b2.Dir)
+	assert.Assert(t, os.IsNotExist(err), "the unpacked bundle is still there")
+}
+
+func TestReadRefusesBadBundles(t *testing.T) {
+	dir := sample(t)
+	b, _, err := Read(dir)
+	assert.NilError(t, err)
+	for _, rel := range []string{"../spec.json", "/etc/hostname", "files"} {
+		_, err := b.Path(rel)
+		assert.Assert(t, errors.Is(err, ErrBad), "path %q: %v", rel, err)
+	}
+	assert.NilError(t, os.Symlink("/etc/hostname", filepath.Join(dir, "files", "link")))
+	_, err = b.Path("files/link")
+	assert.Assert(t, errors.Is(err, ErrBad), "a link out of the bundle: %v", err)
+
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, SpecFile), []byte(`{"format": 2}`), 0o644))
+	_, _, err = Read(dir)
+	assert.Assert(t, errors.Is(err, ErrBad))
+	assert.Check(t, is.ErrorContains(err, "format 2"))
+	_, _, err = Read(t.TempDir())
+	assert.Assert(t, errors.Is(err, ErrBad))
+}
+
+// A packed bundle comes from a bug report: entries that climb out, links
+// and devices, or more than one folder fail the unpack and leave nothing.
+func TestUnpackRefusesHostileArchives(t *testing.T) {
+	cases := map[string][]tar.Header{
+		"climbs out":  {{Name: "b/", Typeflag: tar.TypeDir, Mode: 0o755}, {Name: "b/../../x", Typeflag: tar.TypeReg, Mode: 0o644}},
+		"absolute":    {{Name: "/tmp/x", Typeflag: tar.TypeReg, Mode: 0o644}},
+		"symlink":     {{Name: "b/spec.json", Typeflag: tar.TypeSymlink, Linkname: "/etc/passwd"}},
+		"device":      {{Name: "b/null", Typeflag: tar.TypeChar, Devmajor: 1, Devminor: 3}},
+		"two folders": {{Name: "a/x", Typeflag: tar.TypeReg, Mode: 0o644}, {Name: "b/y", Typeflag: tar.TypeReg, Mode: 0o644}},
+	}
+	for name, entries := range cases {
+		t.Run(name, func(t *testing.T) {
+			file := filepath.Join(t.TempDir(), "x"+Ext)
+			f, err := os.Create(file)
+			assert.NilError(t, err)
+			zw, err := zstd.NewWriter(f)
+			assert.NilError(t, err)
+			tw := tar.NewWriter(zw)
+			for _, h := range entries {
+				assert.NilError(t, tw.WriteHeader(&h))
+			}
+			assert.NilError(t, tw.Close())
+			assert.NilError(t, zw.Close())
+			assert.NilError(t, f.Close())
+			parent := t.TempDir()
+			_, err = Unpack(file, parent)
+			assert.Assert(t, errors.Is(err, ErrBad), "%v", err)
+			left, _ := os.ReadDir(parent)
+			assert.Equal(t, len(left), 0, "unpack left %v", left)
+		})
+	}
+}

@@ -1,0 +1,188 @@
+package bundle
+
+import (
+	"archive/tar"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// Ext is the packed bundle's file name extension.
+const Ext = ".tar.zst"
+
+// Pack writes the bundle folder dir as one .tar.zst file at out: the folder's
+// regular files under its base name, for attaching to a bug report.
+func Pack(dir, out string) (err error) {
+	f, err := os.Create(out)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(out)
+		}
+	}()
+	zw, err := zstd.NewWriter(f)
+	if err != nil {
+		return err
+	}
+	tw := tar.NewWriter(zw)
+	top := filepath.Base(filepath.Clean(dir))
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if !info.IsDir() && !info.Mode().IsRegular() {
+			return nil // sockets, links: not part of a bundle
+		}
+		h, err := tar.FileInfoHeader(info, "")
+		if err != nil {
+			return err
+		}
+		h.Name = filepath.ToSlash(filepath.Join(top, rel))
+		if info.IsDir() {
+			h.Name += "/"
+		}
+		h.Uid, h.Gid, h.Uname, h.Gname = 0, 0, "", ""
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		if info.IsDir() {
+			return nil
+		}
+		src, err := os.Open(path)
+		if err != nil {
+			return err
+		}
+		defer src.Close()
+		_, err = io.Copy(tw, src)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("bundle: pack %s: %w", dir, err)
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return zw.Close()
+}
+
+// Unpack extracts a packed bundle into a new folder under parent and
+// returns the bundle's folder. Only folders and regular files are taken;
+// an entry that would land outside the new folder fails the whole unpack
+// (a packed bundle is untrusted input).
+func Unpack(file, parent string) (string, error) {
+	f, err := os.Open(file)
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrBad, err)
+	}
+	defer f.Close()
+	zr, err := zstd.NewReader(f)
+	if err != nil {
+		return "", fmt.Errorf("%w: %s: %v", ErrBad, file, err)
+	}
+	defer zr.Close()
+	dest, err := os.MkdirTemp(parent, "nbh-bundle-")
+	if err != nil {
+		return "", err
+	}
+	root, err := os.OpenRoot(dest)
+	if err != nil {
+		os.RemoveAll(dest)
+		return "", err
+	}
+	defer root.Close()
+	top := ""
+	tr := tar.NewReader(zr)
+	fail := func(err error) (string, error) {
+		os.RemoveAll(dest)
+		return "", fmt.Errorf("%w: %s: %v", ErrBad, file, err)
+	}
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fail(err)
+		}
+		name := filepath.FromSlash(strings.TrimSuffix(h.Name, "/"))
+		if !filepath.IsLocal(name) {
+			return fail(fmt.Errorf("entry %q leaves the bundle", h.Name))
+		}
+		first, _, _ := strings.Cut(filepath.ToSlash(name), "/")
+		if top == "" {
+			top = first
+		} else if first != top {
+			return fail(fmt.Errorf("entries under %q and %q: a bundle is one folder", top, first))
+		}
+		switch h.Typeflag {
+		case tar.TypeDir:
+			if err := root.MkdirAll(name, 0o755); err != nil {
+				return fail(err)
+			}
+		case tar.TypeReg:
+			if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+				return fail(err)
+			}
+			w, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				return fail(err)
+			}
+			_, err = io.Copy(w, tr)
+			if cerr := w.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fail(err)
+			}
+		default:
+			return fail(fmt.Errorf("entry %q is not a file or folder", h.Name))
+		}
+	}
+	if top == "" {
+		return fail(errors.New("empty"))
+	}
+	return filepath.Join(dest, top), nil
+}
+
+// Open reads a bundle folder or a packed bundle. A packed one is unpacked
+// into a temporary folder that done removes; done is never nil.
+func Open(path string) (b *Bundle, v Verdict, done func(), err error) {
+	done = func() {}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, v, done, fmt.Errorf("%w: %v", ErrBad, err)
+	}
+	dir := path
+	if !fi.IsDir() {
+		if dir, err = Unpack(path, ""); err != nil {
+			return nil, v, done, err
+		}
+		tmp := filepath.Dir(dir)
+		done = func() { os.RemoveAll(tmp) }
+	}
+	b, v, err = Read(dir)
+	if err != nil {
+		done()
+		return nil, v, func() {}, err
+	}
+	return b, v, done, nil
+}

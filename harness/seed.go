@@ -1,0 +1,55 @@
+package harness
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"io"
+	mathrand "math/rand/v2"
+	"net"
+	"path/filepath"
+)
+
+// guestRand is the source of a guest's random choices (ESP SPIs and keys,
+// CHAP secrets): a ChaCha8 stream keyed by the lab's seed, the guest's name
+// and MAC, so a replay with the same seed, name and MAC makes the same
+// choices whatever else the lab booted before. Keys from it are as secret as
+// the seed, which bundles mark as a secret.
+func guestRand(seed, name string, mac net.HardwareAddr) io.Reader {
+	key := sha256.Sum256(fmt.Appendf(nil, "nbh guest\x00%s\x00%s\x00%s", seed, name, mac))
+	return mathrand.NewChaCha8(key)
+}
+
+// absPaths makes the spec's host paths absolute: QEMU and the archive
+// builder run in other folders than the caller.
+func absPaths(spec *Spec) error {
+	abs := func(p *string) error {
+		if *p == "" {
+			return nil
+		}
+		a, err := filepath.Abs(*p)
+		if err != nil {
+			return fmt.Errorf("spec: %w", err)
+		}
+		*p = a
+		return nil
+	}
+	for _, p := range []*string{&spec.Kernel, &spec.Initrd, &spec.Artifacts} {
+		if err := abs(p); err != nil {
+			return err
+		}
+	}
+	for _, m := range []*map[string]string{&spec.ArchiveFiles, &spec.RootFiles} {
+		if *m == nil {
+			continue
+		}
+		c := make(map[string]string, len(*m))
+		for k, v := range *m {
+			if err := abs(&v); err != nil {
+				return err
+			}
+			c[k] = v
+		}
+		*m = c
+	}
+	return nil
+}

@@ -1,0 +1,55 @@
+package harness
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/bundle"
+	"nbh.dev/nbh/harness/ipsec"
+)
+
+func draw(r io.Reader) []byte {
+	b := make([]byte, 32)
+	io.ReadFull(r, b)
+	return b
+}
+
+// A replay makes the same random choices: same seed, name and MAC, same
+// bytes; any of them different, other bytes.
+func TestGuestRandFollowsTheSeed(t *testing.T) {
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 1}
+	other := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 2}
+	a := draw(guestRand("seed", "g1", mac))
+	assert.DeepEqual(t, a, draw(guestRand("seed", "g1", mac)))
+	for _, b := range [][]byte{draw(guestRand("seed2", "g1", mac)), draw(guestRand("seed", "g2", mac)), draw(guestRand("seed", "g1", other))} {
+		assert.Assert(t, !bytes.Equal(a, b))
+	}
+}
+
+func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
+	good := bundle.Bundle{Spec: bundle.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Faults: []string{"no-dhcp"}, StageTimeouts: map[string]float64{"dhcp": 5}},
+		Lab: bundle.Lab{Seed: "s", IPsec: &bundle.Policy{Default: "discard", Rules: []bundle.Rule{{Proto: 6, Port: 2049, Action: "protect"}}}}}
+	opts, spec, err := FromBundle(&good)
+	assert.NilError(t, err)
+	assert.Equal(t, opts.Seed, "s")
+	assert.Equal(t, opts.IPsec.Rules[0], ipsec.Rule{Proto: 6, Port: 2049, Action: ipsec.Protect})
+	assert.Equal(t, spec.Faults[0].Name, "no-dhcp")
+	assert.Equal(t, len(spec.StageTimeouts), 1)
+	for name, edit := range map[string]func(*bundle.Bundle){
+		"unknown chain":  func(b *bundle.Bundle) { b.Spec.Firmware = "coreboot" },
+		"unknown fault":  func(b *bundle.Bundle) { b.Spec.Faults = []string{"gremlins"} },
+		"unknown stage":  func(b *bundle.Bundle) { b.Spec.StageTimeouts = map[string]float64{"bios": 1} },
+		"unknown action": func(b *bundle.Bundle) { b.Lab.IPsec = &bundle.Policy{Default: "maybe"} },
+		"kernel outside": func(b *bundle.Bundle) { b.Spec.Kernel = "../../vmlinuz" },
+	} {
+		b := good
+		b.Spec.Faults = append([]string(nil), good.Spec.Faults...)
+		edit(&b)
+		_, _, err := FromBundle(&b)
+		assert.ErrorIs(t, err, bundle.ErrBad, name)
+	}
+}
