@@ -90,6 +90,9 @@ type Spec struct {
 	// OnStage is called (from the lab's goroutines) when the guest reaches
 	// a new stage; it must not block.
 	OnStage func(timeline.Event)
+	// OnEvent is called with each of the guest's timeline events as it
+	// happens (and the lab-wide ones); it must not block.
+	OnEvent func(timeline.Event)
 }
 
 // DefaultStageTimeouts are the per-stage deadlines. A stage that runs past
@@ -372,6 +375,13 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	l.mu.Unlock()
 	l.Timeline.Subscribe(g.observe)
 	l.Timeline.Subscribe(g.conclude)
+	if spec.OnEvent != nil {
+		l.Timeline.Subscribe(func(e timeline.Event) {
+			if e.Guest == g.Name || e.Guest == "" {
+				spec.OnEvent(e)
+			}
+		})
+	}
 
 	if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
 		return nil, err
@@ -957,6 +967,13 @@ func (g *Guest) Console() string {
 	b, _ := os.ReadFile(filepath.Join(g.Dir, "console.log"))
 	return string(b)
 }
+
+// Attach connects a terminal to the guest's serial console: the raw stream
+// goes to w as it arrives (nil detaches), and Type sends keys.
+func (g *Guest) Attach(w io.Writer) { g.con.Mirror(w) }
+
+// Type sends keys to the guest's serial console.
+func (g *Guest) Type(s string) error { return g.con.Send(s) }
 
 // Process is the guest's QEMU.
 func (g *Guest) Process() *qemu.Process { return g.proc }

@@ -155,6 +155,12 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 // stage spans and the time QEMU started. The artifacts folder, if the spec
 // names one, becomes a repro bundle of the boot.
 func Boot(ctx context.Context, opts harness.Options, spec harness.Spec) (harness.Verdict, []timeline.Span, time.Time, error) {
+	return BootWith(ctx, opts, spec, func(g *harness.Guest) harness.Verdict { return g.Wait(ctx) })
+}
+
+// BootWith is Boot with the wait for the verdict in the caller's hands (an
+// interactive session waits for its user).
+func BootWith(ctx context.Context, opts harness.Options, spec harness.Spec, wait func(*harness.Guest) harness.Verdict) (harness.Verdict, []timeline.Span, time.Time, error) {
 	lab, err := harness.New(opts)
 	if err != nil {
 		return harness.Verdict{}, nil, time.Time{}, fmt.Errorf("lab: %w", err)
@@ -169,7 +175,7 @@ func Boot(ctx context.Context, opts harness.Options, spec harness.Spec) (harness
 	if err != nil {
 		return harness.Verdict{}, nil, time.Time{}, err
 	}
-	v := g.Wait(ctx)
+	v := wait(g)
 	spans := g.Spans()
 	g.Close()
 	if v.Reason != failure.Interrupted && spec.Artifacts != "" {

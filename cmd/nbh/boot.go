@@ -15,6 +15,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
@@ -43,6 +44,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
 	ipsecMode := fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)")
+	interactive := fs.Bool("interactive", false, "the terminal becomes the guest's serial console (raw mode; Ctrl-] q quits, Ctrl-] d detaches); timeline events show on stderr; the lab keeps serving after the verdict until you quit; the reference init gives a shell when the boot fails (nbh.shell=1 in --append: also after the marker)")
 	pack := fs.Bool("pack", false, "when the boot fails, also pack its repro bundle (the artifacts folder) into FOLDER"+bundle.Ext+" for a bug report")
 	mtu := fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit")
 	var faults multiFlag
@@ -186,7 +188,11 @@ func bootCmd(ctx context.Context, args []string) int {
 	if *quiet {
 		opts.Log = nil
 	}
-	v, spans, qemuStart, err := matrix.Boot(ctx, opts, spec)
+	boot := matrix.Boot
+	if *interactive {
+		boot = interactiveBoot
+	}
+	v, spans, qemuStart, err := boot(ctx, opts, spec)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		if !keep {
@@ -215,7 +221,7 @@ func bootCmd(ctx context.Context, args []string) int {
 		}
 	}
 	fmt.Printf("artifacts: %s\n", dir)
-	if ctx.Err() != nil {
+	if ctx.Err() != nil || v.Reason == failure.Interrupted {
 		return exitStopped
 	}
 	if isBundle(dir) {

@@ -47,16 +47,36 @@ type Console struct {
 
 	mu   sync.Mutex
 	tail []string
+
+	mirror mirror
+}
+
+// mirror is where the raw console stream is copied as it arrives, rune by
+// rune (an interactive session); nowhere until Mirror is called.
+type mirror struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (m *mirror) Write(b []byte) (int, error) {
+	m.mu.Lock()
+	w := m.w
+	m.mu.Unlock()
+	if w != nil {
+		w.Write(b) // a slow or gone terminal must not stop the console
+	}
+	return len(b), nil
 }
 
 // New opens a console; log (may be nil) receives the timestamped transcript.
 // Lines arrive on Lines() until the guest side closes.
 func New(log io.Writer, start time.Time) (*Console, error) {
-	c, err := expect.NewConsole()
+	con := &Console{start: start, log: log, lines: make(chan Line, 1024), done: make(chan struct{})}
+	c, err := expect.NewConsole(expect.WithStdout(&con.mirror))
 	if err != nil {
 		return nil, fmt.Errorf("console: %w", err)
 	}
-	con := &Console{c: c, start: start, log: log, lines: make(chan Line, 1024), done: make(chan struct{})}
+	con.c = c
 	return con, nil
 }
 
@@ -80,6 +100,14 @@ func (con *Console) Done() <-chan struct{} { return con.done }
 func (con *Console) Send(s string) error {
 	_, err := con.c.Send(s)
 	return err
+}
+
+// Mirror copies the raw console stream to w from now on, as it arrives (nil
+// stops it): an interactive session's terminal.
+func (con *Console) Mirror(w io.Writer) {
+	con.mirror.mu.Lock()
+	con.mirror.w = w
+	con.mirror.mu.Unlock()
 }
 
 // Close releases the terminal.
