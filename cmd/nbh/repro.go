@@ -12,6 +12,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/matrix"
@@ -30,6 +31,7 @@ func reproCmd(ctx context.Context, args []string) int {
 	artifacts := fs.String("artifacts", "", "keep each replay's artifacts (a bundle of the replay) in DIR/run-N (default: a temporary folder, kept only for a replay that came out differently)")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the comparison")
+	interactive := fs.Bool("interactive", false, "the terminal becomes the replayed guest's serial console, as with nbh boot --interactive (Ctrl-] q quits)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh repro [flags] BUNDLE
 
@@ -55,6 +57,10 @@ Flags:
 	}
 	if *count < 1 {
 		fmt.Fprintln(os.Stderr, "nbh repro: --count: want 1 or more")
+		return exitUsage
+	}
+	if *interactive && *count > 1 {
+		fmt.Fprintln(os.Stderr, "nbh repro: --interactive replays once; drop --count")
 		return exitUsage
 	}
 	b, recorded, done, err := bundle.Open(files[0])
@@ -103,7 +109,11 @@ Flags:
 		if !*quiet && *count == 1 {
 			spec.OnStage = liveStage(&start)
 		}
-		v, spans, qemuStart, err := matrix.Boot(ctx, opts, spec)
+		boot := matrix.Boot
+		if *interactive {
+			boot = interactiveBoot
+		}
+		v, spans, qemuStart, err := boot(ctx, opts, spec)
 		if err != nil {
 			os.RemoveAll(dir)
 			fmt.Fprintf(os.Stderr, "nbh repro: %v\n", err)
@@ -115,7 +125,8 @@ Flags:
 			}
 			return exitSetup
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || v.Reason == failure.Interrupted {
+			fmt.Printf("replay %d interrupted before its verdict\n", i)
 			os.RemoveAll(dir)
 			return exitStopped
 		}
