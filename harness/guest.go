@@ -74,6 +74,11 @@ type Spec struct {
 	Signed bool
 
 	Faults []Fault
+	// AnyLoader makes the boot server ready for any firmware of the arch:
+	// the loader files of every chain, DHCP answering by what the client
+	// says it is. For a guest whose QEMU the lab does not start (Provision).
+	AnyLoader bool
+
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
 	// of answering them (see console.Responders).
 	KeepPrompts bool
@@ -161,6 +166,9 @@ type Guest struct {
 	port    *netfab.Port
 	logFile *os.File
 	private string
+	files   qemu.Files // firmware images
+	kernel  string     // for a direct boot
+	initrd  string
 	n       int       // its place in the lab's boot order
 	rand    io.Reader // the guest's random choices, from the lab's seed
 
@@ -214,6 +222,30 @@ func (e *BootError) Error() string {
 // Boot starts a guest on the lab's network. The returned guest is running;
 // call Wait for its verdict and Close (or Lab.Close) to end it.
 func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
+	g, err := l.provision(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := g.start(); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+// Provision makes everything a guest boots from — its address, boot files,
+// root, keys and faults — without starting QEMU: for a QEMU the user starts
+// (nbh serve), which joins through Listen's socket with spec.MAC, with the
+// command line QEMUArgs gives. Such a guest has a timeline, stages and
+// artifacts, but no console and so no verdict.
+func (l *Lab) Provision(ctx context.Context, spec Spec) (*Guest, error) {
+	if spec.Firmware == qemu.Direct {
+		return nil, fmt.Errorf("spec: a direct boot has no network boot to serve; pick a chain with firmware")
+	}
+	return l.provision(ctx, spec)
+}
+
+// provision is Boot up to QEMU.
+func (l *Lab) provision(ctx context.Context, spec Spec) (*Guest, error) {
 	prof, err := qemu.Lookup(spec.Arch, spec.Firmware)
 	if err != nil {
 		return nil, err
@@ -364,10 +396,10 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	if err != nil {
 		return nil, err
 	}
-	files, err := g.firmwareFiles(ctx)
-	if err != nil {
+	if g.files, err = g.firmwareFiles(ctx); err != nil {
 		return nil, err
 	}
+	g.kernel, g.initrd = kernel, initrd
 
 	l.mu.Lock()
 	l.guests[g.MAC.String()] = g
@@ -383,38 +415,63 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 		})
 	}
 
+	g.Accel = qemu.Probe(spec.Arch)
+	return g, nil
+}
+
+// start runs the provisioned guest's QEMU on a port of the fabric, with the
+// console, the monitor of its lines and the stage deadlines.
+func (g *Guest) start() error {
+	l := g.lab
+	var err error
 	if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
-		return nil, err
+		g.Close()
+		return err
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
-		return nil, err
+		return err
 	}
-	g.Accel = qemu.Probe(spec.Arch)
-	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, prof.Name(), g.Accel.Name, g.Accel.Why)
+	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, g.Profile.Name(), g.Accel.Name, g.Accel.Why)
 	g.Start = time.Now()
 	if g.con, err = console.New(g.logFile, g.Start); err != nil {
 		g.Close()
-		return nil, err
+		return err
 	}
-	cfg := qemu.Config{
-		Profile: prof, Accel: g.Accel, Memory: spec.Memory, MAC: g.MAC.String(), Files: files,
-		Kernel: kernel, Initrd: initrd, Append: g.cmdline(),
-		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"),
-	}
-	g.proc, err = qemu.Start(cfg, g.con.Tty(), g.port.QEMUFile())
+	g.proc, err = qemu.Start(g.qemuConfig(""), g.con.Tty(), g.port.QEMUFile())
 	if err != nil {
 		g.con.Tty().Close()
 		g.Close()
-		return nil, err
+		return err
 	}
 	g.con.Started()
 	g.port.QEMUFile().Close()
 	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
-		Msg: prof.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
+		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
 	go g.watch()
-	return g, nil
+	return nil
+}
+
+// qemuConfig is how QEMU runs the guest: on an inherited socket (socket
+// ""), or joining the lab through the unix socket at socket.
+func (g *Guest) qemuConfig(socket string) qemu.Config {
+	return qemu.Config{
+		Profile: g.Profile, Accel: g.Accel, Memory: g.spec.Memory, MAC: g.MAC.String(), Files: g.files,
+		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
+		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
+	}
+}
+
+// QEMUArgs is the command line (binary first) of a QEMU outside the lab
+// that boots the provisioned guest, joining the lab through the unix socket
+// Listen made at socket. Its console and monitor are on its own terminal.
+func (g *Guest) QEMUArgs(socket string) ([]string, error) {
+	args, err := qemu.Args(g.qemuConfig(socket))
+	if err != nil {
+		return nil, err
+	}
+	return append([]string{qemu.Binary(g.Profile.Arch)}, args...), nil
 }
 
 // prepareRoot builds the guest's root, once per guest name in the lab: a
@@ -608,10 +665,31 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 		// Where a system that keeps its boot files on its root has them.
 		b.NFS, b.Kernel, b.Initrd = p.nfsPath, "boot/vmlinuz", "boot/initrd.img"
 	}
-	switch g.Profile.Firmware {
+	firmwares := []string{g.Profile.Firmware}
+	if g.spec.AnyLoader {
+		firmwares = nil
+		for _, c := range qemu.Profiles {
+			if c.Arch == g.Profile.Arch && c.Firmware != qemu.Direct {
+				firmwares = append(firmwares, c.Firmware)
+			}
+		}
+	}
+	for _, fw := range firmwares {
+		if err = g.loaderFiles(ctx, fw, dir, b, p); err != nil {
+			return "", "", fmt.Errorf("lab: %s boot files: %w", fw, err)
+		}
+	}
+	return kernel, initrd, nil
+}
+
+// loaderFiles writes what firmware fw's loader reads: its script or config,
+// and the loader image where the lab makes one.
+func (g *Guest) loaderFiles(ctx context.Context, fw, dir string, b bootcfg.Boot, p plan) (err error) {
+	l := g.lab
+	switch fw {
 	case qemu.SeaBIOSIPXE, qemu.OVMFIPXE, qemu.OVMFPXE:
 		err = writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
-		if err == nil && g.Profile.Firmware == qemu.OVMFPXE {
+		if err == nil && fw == qemu.OVMFPXE {
 			var src string
 			if src, err = l.cache.Path(ctx, "amd64", images.IPXEEFI); err == nil {
 				err = place(src, filepath.Join(l.srv, "ipxe.efi"))
@@ -660,10 +738,7 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			}
 		}
 	}
-	if err != nil {
-		return "", "", fmt.Errorf("lab: %s boot files: %w", g.Profile.Firmware, err)
-	}
-	return kernel, initrd, nil
+	return err
 }
 
 func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {

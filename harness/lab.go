@@ -255,6 +255,7 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	}
 	switch {
 	case c.VendorClass == "nbh-init":
+		l.initStarted(g)
 		b := dhcp.Boot{Why: "the reference init needs no boot file", RootPath: rootPath}
 		if rootPath != "" {
 			b.Why += "; root path for its " + g.spec.Root + " root"

@@ -29,6 +29,8 @@ Usage:
                        replay a failed boot from its repro bundle (the artifacts
                        folder a failed boot leaves); --count N for flakes
   nbh bundle pack DIR  pack a bundle folder into one .tar.zst for a bug report
+  nbh serve  [flags]   the boot network without a guest: your own QEMU joins it
+                       through a unix socket; prints the QEMU command line
   nbh report [flags] JSON...
                        merge matrix JSON reports (CI shards); render HTML, JUnit
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders at the
@@ -100,6 +102,8 @@ func run(args []string) int {
 		return reportCmd(args[1:])
 	case "repro":
 		return reproCmd(ctx, args[1:])
+	case "serve":
+		return serveCmd(ctx, args[1:])
 	case "bundle":
 		return bundleCmd(args[1:])
 	case "help", "-h", "--help":

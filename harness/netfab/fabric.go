@@ -57,11 +57,13 @@ type Fabric struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu     sync.Mutex
-	ports  []*Port
-	macs   map[string]*Port // learned source MACs
-	rules  []*ruleState
-	filter HostFilter
+	mu        sync.Mutex
+	ports     []*Port
+	joining   []*Port // joined through Listen, MAC not yet known
+	listeners []io.Closer
+	macs      map[string]*Port // learned source MACs
+	rules     []*ruleState
+	filter    HostFilter
 }
 
 // HostFilter sees every IPv4 packet between the guests and the host stack
@@ -205,6 +207,8 @@ type Port struct {
 	pcapF    *os.File
 	closed   chan struct{}
 	once     sync.Once
+	learn    Learn // set until a port that joined through Listen is named
+	joined   bool  // joined through Listen: its QEMU leaving ends it
 }
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
@@ -223,26 +227,110 @@ func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Po
 	}
 	p := &Port{Name: name, MAC: mac, f: f, conn: conn, qemuEnd: os.NewFile(uintptr(fds[1]), "qemu-"+name),
 		closed: make(chan struct{}), out: make(chan []byte, portQueue)}
-	if capture != "" {
-		pf, err := os.Create(capture)
-		if err != nil {
-			p.Close()
-			return nil, fmt.Errorf("netfab: capture: %w", err)
-		}
-		p.pcapF = pf
-		if p.pcap, err = newPcapng(&flushWriter{bw: bufio.NewWriterSize(pf, 64<<10)}); err != nil {
-			p.Close()
-			return nil, err
-		}
+	if err := p.capture(capture); err != nil {
+		p.Close()
+		return nil, err
 	}
-	f.mu.Lock()
-	f.ports = append(f.ports, p)
-	f.macs[mac.String()] = p
-	f.mu.Unlock()
+	f.plug(p)
 	f.wg.Add(2)
 	go p.readLoop()
 	go p.writeLoop()
 	return p, nil
+}
+
+// capture starts the port's pcapng file at path ("": none).
+func (p *Port) capture(path string) error {
+	if path == "" {
+		return nil
+	}
+	pf, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("netfab: capture: %w", err)
+	}
+	p.pcapF = pf
+	if p.pcap, err = newPcapng(&flushWriter{bw: bufio.NewWriterSize(pf, 64<<10)}); err != nil {
+		return err
+	}
+	return nil
+}
+
+// plug puts a named port on the switch.
+func (f *Fabric) plug(p *Port) {
+	f.mu.Lock()
+	f.ports = append(f.ports, p)
+	f.macs[p.MAC.String()] = p
+	f.mu.Unlock()
+}
+
+// Learn names a port that joined through Listen, from the source MAC of its
+// first frame: the port's name and capture path, or an error to refuse it.
+type Learn func(mac net.HardwareAddr) (name, capture string, err error)
+
+// Listen lets QEMUs started outside the lab join the segment through a unix
+// socket at path (-netdev stream,addr.type=unix,addr.path=PATH): each
+// connection becomes a port once its first frame names its MAC (learn). QEMU
+// 7.2 connects once and never again, so the socket must exist first. Close
+// the returned closer to stop accepting and remove the socket; the ports
+// stay until they or the fabric close.
+func (f *Fabric) Listen(path string, learn Learn) (io.Closer, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("netfab: %w", err)
+	}
+	ln.SetUnlinkOnClose(true)
+	f.mu.Lock()
+	f.listeners = append(f.listeners, ln)
+	f.mu.Unlock()
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p := &Port{f: f, conn: conn, closed: make(chan struct{}), out: make(chan []byte, portQueue), learn: learn, joined: true}
+			f.mu.Lock()
+			f.joining = append(f.joining, p)
+			f.mu.Unlock()
+			f.wg.Add(2)
+			go p.readLoop()
+			go p.writeLoop()
+		}
+	}()
+	return ln, nil
+}
+
+// learnFrom names a joining port from its first frame; false refuses it.
+func (p *Port) learnFrom(frame []byte) bool {
+	if len(frame) < 14 {
+		return false
+	}
+	mac := net.HardwareAddr(append([]byte(nil), frame[6:12]...))
+	name, capture, err := p.learn(mac)
+	p.f.mu.Lock()
+	for i, q := range p.f.joining {
+		if q == p {
+			p.f.joining = append(p.f.joining[:i], p.f.joining[i+1:]...)
+			break
+		}
+	}
+	_, taken := p.f.macs[mac.String()]
+	p.f.mu.Unlock()
+	if err == nil && taken {
+		err = fmt.Errorf("%s is already on the segment", mac)
+	}
+	if err == nil {
+		err = p.capture(capture)
+	}
+	if err != nil {
+		p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "refused", MAC: mac.String(), Msg: "a QEMU that joined through the socket: " + err.Error()})
+		return false
+	}
+	p.Name, p.MAC, p.learn = name, mac, nil
+	p.f.plug(p)
+	p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "joined", Guest: name, MAC: mac.String(), Msg: "a QEMU joined through the socket"})
+	return true
 }
 
 // QEMUFile is the socket end QEMU gets (as an inherited descriptor). The
@@ -254,8 +342,16 @@ func (p *Port) Close() {
 	p.once.Do(func() {
 		close(p.closed)
 		p.conn.Close()
-		p.qemuEnd.Close()
+		if p.qemuEnd != nil {
+			p.qemuEnd.Close()
+		}
 		p.f.mu.Lock()
+		for i, q := range p.f.joining {
+			if q == p {
+				p.f.joining = append(p.f.joining[:i], p.f.joining[i+1:]...)
+				break
+			}
+		}
 		for i, q := range p.f.ports {
 			if q == p {
 				p.f.ports = append(p.f.ports[:i], p.f.ports[i+1:]...)
@@ -285,6 +381,10 @@ func (p *Port) Close() {
 // frame (QEMU's stream netdev framing).
 func (p *Port) readLoop() {
 	defer p.f.wg.Done()
+	if p.joined {
+		// The MAC is free for the machine's next QEMU.
+		defer p.Close()
+	}
 	r := bufio.NewReaderSize(p.conn, 256<<10)
 	var hdr [4]byte
 	for {
@@ -299,6 +399,10 @@ func (p *Port) readLoop() {
 		}
 		frame := make([]byte, n)
 		if _, err := io.ReadFull(r, frame); err != nil {
+			return
+		}
+		if p.learn != nil && !p.learnFrom(frame) {
+			p.Close()
 			return
 		}
 		if p.pcap != nil {
@@ -490,8 +594,12 @@ func (f *Fabric) hostLoop() {
 // Close stops the fabric: ports, host stack and loops.
 func (f *Fabric) Close() error {
 	f.mu.Lock()
-	ports := append([]*Port(nil), f.ports...)
+	ports := append(append([]*Port(nil), f.ports...), f.joining...)
+	lns := f.listeners
 	f.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
 	for _, p := range ports {
 		p.Close()
 	}

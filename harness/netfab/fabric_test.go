@@ -219,3 +219,73 @@ func TestMTUAndReplay(t *testing.T) {
 	assert.Equal(t, len(oversize), 1, "%v", oversize)
 	assert.Check(t, strings.Contains(oversize[0], "1242 bytes"), oversize[0])
 }
+
+// A QEMU that joins through the socket is a port once its first frame names
+// its MAC: the host answers it, its capture starts, a second QEMU with the
+// same MAC is refused, and closing removes the socket.
+func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
+	tl := timeline.New()
+	f, err := New(tl, Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "net.sock")
+	var learned atomic.Int32
+	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, error) {
+		learned.Add(1)
+		return "g1", filepath.Join(dir, "g1.pcapng"), nil
+	})
+	assert.NilError(t, err)
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	join := func() net.Conn {
+		c, err := net.Dial("unix", sock)
+		assert.NilError(t, err)
+		req := arpRequestFrame(mac, netip.MustParseAddr("10.0.2.40"), f.HostIP)
+		_, err = c.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(req))), req...))
+		assert.NilError(t, err)
+		return c
+	}
+	c := join()
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hdr [4]byte
+	_, err = c.Read(hdr[:])
+	assert.NilError(t, err, "no ARP reply from the host")
+	assert.Equal(t, learned.Load(), int32(1))
+	_, err = os.Stat(filepath.Join(dir, "g1.pcapng"))
+	assert.NilError(t, err)
+
+	c2 := join()
+	defer c2.Close()
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c2.Read(hdr[:])
+	assert.Assert(t, err != nil, "a second port with the same MAC was let in")
+	var kinds []string
+	for _, e := range tl.Events("") {
+		if e.Source == "netfab" {
+			kinds = append(kinds, e.Kind)
+		}
+	}
+	assert.DeepEqual(t, kinds, []string{"joined", "refused"})
+
+	assert.NilError(t, ln.Close())
+	_, err = os.Stat(sock)
+	assert.Assert(t, os.IsNotExist(err), "the socket is still there")
+}
+
+// arpRequestFrame asks, from mac, who has the address to.
+func arpRequestFrame(mac net.HardwareAddr, from, to netip.Addr) []byte {
+	f := make([]byte, 42)
+	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:12], mac)
+	binary.BigEndian.PutUint16(f[12:], 0x0806)
+	binary.BigEndian.PutUint16(f[14:], 1)      // Ethernet
+	binary.BigEndian.PutUint16(f[16:], 0x0800) // IPv4
+	f[18], f[19] = 6, 4
+	binary.BigEndian.PutUint16(f[20:], 1) // request
+	copy(f[22:28], mac)
+	a, b := from.As4(), to.As4()
+	copy(f[28:32], a[:])
+	copy(f[38:42], b[:])
+	return f
+}

@@ -101,6 +101,11 @@ type Config struct {
 	QMP string
 	// NetFD is the descriptor number QEMU inherits for the stream netdev.
 	NetFD int
+	// NetSocket, instead, is the path of a lab's unix socket the stream
+	// netdev connects to (a QEMU the user starts: nbh serve). Such a QEMU
+	// gets the console and its monitor on the user's terminal (Ctrl-A x
+	// quits) and no QMP socket.
+	NetSocket string
 }
 
 // Args builds the QEMU arguments (without the binary).
@@ -109,17 +114,20 @@ func Args(c Config) ([]string, error) {
 	if mem == 0 {
 		mem = 1024
 	}
-	a := []string{
-		"-nodefaults", "-no-user-config",
-		"-m", fmt.Sprint(mem),
-		// Serial on stdio (the console's terminal); no monitor there, no
-		// display. -nographic makes SeaBIOS mirror its and the iPXE ROM's
-		// text to the serial port.
-		"-nographic", "-monitor", "none",
-		"-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
-		"-no-reboot",
-		"-qmp", "unix:" + c.QMP + ",server=on,wait=off",
-		"-netdev", fmt.Sprintf("stream,id=n0,addr.type=fd,addr.str=%d", c.NetFD),
+	// Serial on stdio (the console's terminal); no display. -nographic
+	// makes SeaBIOS mirror its and the iPXE ROM's text to the serial port.
+	a := []string{"-nodefaults", "-no-user-config", "-m", fmt.Sprint(mem), "-nographic"}
+	if c.NetSocket != "" {
+		// A QEMU the user runs: console and monitor on their terminal.
+		a = append(a, "-serial", "mon:stdio", "-no-reboot",
+			"-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path="+c.NetSocket)
+	} else {
+		// No monitor on the console's terminal; QMP on a socket.
+		a = append(a, "-monitor", "none",
+			"-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+			"-no-reboot",
+			"-qmp", "unix:"+c.QMP+",server=on,wait=off",
+			"-netdev", fmt.Sprintf("stream,id=n0,addr.type=fd,addr.str=%d", c.NetFD))
 	}
 	a = append(a, c.Accel.Args(c.Arch)...)
 	nic := "virtio-net-pci,netdev=n0,mac=" + c.MAC

@@ -1,0 +1,209 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/ipsec"
+	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+)
+
+func serveCmd(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	arch := fs.String("arch", "amd64", "architecture of the guests: amd64 or arm64")
+	firmware := fs.String("firmware", "", "the chain whose QEMU command line to print (default: seabios-ipxe for amd64, uboot for arm64); guests with other firmware are served too")
+	root := fs.String("root", "none", "root file system the guests boot onto: none, nfs or iscsi")
+	appendArgs := fs.String("append", "", "extra kernel command line arguments")
+	ipsecMode := fs.String("ipsec", "off", "off, or required: the root's services only under ESP (see nbh boot --help)")
+	mtu := fs.Int("mtu", 1500, "the network's path MTU")
+	guests := fs.Int("guests", 1, "how many QEMU command lines to print (one MAC each)")
+	netdevOnly := fs.Bool("netdev-only", false, "print only the -netdev/-device part, for a QEMU with firmware of your own")
+	dir := fs.String("dir", "", "folder for the socket and the guests' artifacts (default: a new temporary folder, kept)")
+	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	var faults multiFlag
+	fs.Var(&faults, "fault", "inject a fault into every guest (repeatable): "+strings.Join(harness.FaultNames(), ", "))
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: nbh serve [flags]
+
+Runs the lab's boot network without a guest: DHCP, TFTP, HTTP, NFS with its
+portmapper, iSCSI, the archive keeper, the ESP gateway (--ipsec required) and
+any faults, on a fabric your own QEMU joins through a unix socket
+(-netdev stream,addr.type=unix,addr.path=DIR/net.sock). It prints the QEMU
+command line of each of --guests machines for the chosen chain (or only its
+network part: --netdev-only); a machine it has never seen is served too, by
+what its firmware says it is (DHCP option 93, vendor class). Each guest's
+stages show as they happen; its timeline.jsonl and network.pcapng go to
+DIR/artifacts/GUEST. QEMU 7.2 connects once and never again: start it after
+nbh serve says it is ready. Ctrl-C stops everything.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if *firmware == "" {
+		*firmware = map[string]string{"amd64": qemu.SeaBIOSIPXE, "arm64": qemu.UBoot}[*arch]
+	}
+	prof, err := qemu.Lookup(*arch, *firmware)
+	if err == nil && prof.Firmware == qemu.Direct {
+		err = fmt.Errorf("--firmware direct has no network boot to serve")
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+		return exitUsage
+	}
+	rootName := *root
+	if *root == "none" {
+		*root = harness.RootNone
+	} else if *root != harness.RootNFS && *root != harness.RootISCSI {
+		fmt.Fprintf(os.Stderr, "nbh serve: --root %q: want none, nfs or iscsi\n", *root)
+		return exitUsage
+	}
+	if *guests < 0 || *guests > 200 {
+		fmt.Fprintln(os.Stderr, "nbh serve: --guests: want 0 to 200")
+		return exitUsage
+	}
+	opts := harness.Options{Cache: images.Open(*cache), Log: os.Stderr}
+	switch *ipsecMode {
+	case "off":
+	case "required":
+		opts.IPsec = ipsec.Required()
+	default:
+		fmt.Fprintf(os.Stderr, "nbh serve: --ipsec %q: want off or required\n", *ipsecMode)
+		return exitUsage
+	}
+	if err := netfab.CheckMTU(*mtu); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: --mtu: %v\n", err)
+		return exitUsage
+	}
+	if *mtu != 1500 {
+		opts.MTU = *mtu
+	}
+	template := harness.Spec{Arch: *arch, Firmware: *firmware, Root: *root, Append: *appendArgs}
+	for _, name := range faults {
+		f, err := harness.LookupFault(name)
+		if err == nil && f.Applies != nil && !f.Applies(prof, *root) {
+			err = fmt.Errorf("fault %s does not apply to %s with this root", name, prof.Name())
+		}
+		if err == nil && f.IPsec && opts.IPsec == nil {
+			err = fmt.Errorf("fault %s needs --ipsec required", name)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+			return exitUsage
+		}
+		template.Faults = append(template.Faults, f)
+	}
+	if *dir == "" {
+		if *dir, err = os.MkdirTemp("", "nbh-serve-"); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+			return exitSetup
+		}
+	} else if err := os.MkdirAll(*dir, 0o755); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+		return exitSetup
+	}
+	if *dir, err = filepath.Abs(*dir); err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+		return exitSetup
+	}
+	sock := filepath.Join(*dir, "net.sock")
+	artifacts := filepath.Join(*dir, "artifacts")
+
+	var out sync.Mutex
+	start := time.Now()
+	template.OnStage = func(e timeline.Event) {
+		msg := e.Msg
+		if len(msg) > 80 {
+			msg = msg[:77] + "..."
+		}
+		out.Lock()
+		fmt.Fprintf(os.Stderr, "  [%7.2fs] %-9s %-8s %s: %s\n", time.Since(start).Seconds(), e.Guest, e.Stage, e.Source, msg)
+		out.Unlock()
+	}
+	template.OnEvent = func(e timeline.Event) {
+		if e.Source == "netfab" && (e.Kind == "joined" || e.Kind == "refused") {
+			out.Lock()
+			fmt.Fprintf(os.Stderr, "  [%7.2fs] %-9s %s %s: %s\n", time.Since(start).Seconds(), e.Guest, e.Kind, e.MAC, e.Msg)
+			out.Unlock()
+		}
+	}
+	template.Artifacts = artifacts
+
+	lab, err := harness.New(opts)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+		return exitSetup
+	}
+	defer lab.Close()
+	var printed []*harness.Guest
+	for i := 1; i <= *guests; i++ {
+		spec := template
+		spec.Name = fmt.Sprintf("g%d", i)
+		spec.Artifacts = filepath.Join(artifacts, spec.Name)
+		g, err := lab.Provision(ctx, spec)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+			return exitSetup
+		}
+		printed = append(printed, g)
+	}
+	ln, err := lab.Listen(ctx, sock, template)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+		return exitSetup
+	}
+	defer ln.Close()
+
+	fmt.Printf("nbh serve: %s, root %s, network %s; socket %s\n", prof.Name(), rootName, *ipsecMode, sock)
+	for _, g := range printed {
+		if *netdevOnly {
+			fmt.Printf("%s (%s): -netdev stream,id=n0,server=off,addr.type=unix,addr.path=%s -device virtio-net-pci,netdev=n0,mac=%s\n", g.Name, g.IP, sock, g.MAC)
+			continue
+		}
+		argv, err := g.QEMUArgs(sock)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
+			return exitSetup
+		}
+		fmt.Printf("%s (%s, %s):\n  %s\n", g.Name, g.MAC, g.IP, shellJoin(argv))
+	}
+	fmt.Printf("nbh serve: ready: start QEMU now (it connects once: this nbh serve must stay up); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
+	<-ctx.Done()
+	fmt.Fprintf(os.Stderr, "\nnbh serve: stopping\n")
+	ln.Close()
+	guestsSeen := lab.Guests()
+	lab.Close()
+	for _, g := range guestsSeen {
+		fmt.Printf("%s: reached %s; artifacts %s\n", g.Name, g.Reached(), g.Dir)
+	}
+	return exitOK
+}
+
+var plainArg = regexp.MustCompile(`^[A-Za-z0-9_./:=,@%+-]+$`)
+
+// shellJoin is argv as a line a POSIX shell reads back the same.
+func shellJoin(argv []string) string {
+	q := make([]string, len(argv))
+	for i, a := range argv {
+		if plainArg.MatchString(a) {
+			q[i] = a
+		} else {
+			q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+	}
+	return strings.Join(q, " ")
+}

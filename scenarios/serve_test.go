@@ -1,0 +1,137 @@
+package scenarios
+
+import (
+	"bufio"
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
+	"gotest.tools/v3/poll"
+)
+
+// syncBuffer is a buffer two goroutines share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// shellSplit reads back a line nbh printed with shellJoin.
+func shellSplit(line string) []string {
+	var out []string
+	for _, m := range regexp.MustCompile(`'((?:[^']|'\\'')*)'|(\S+)`).FindAllStringSubmatch(line, -1) {
+		if m[2] != "" {
+			out = append(out, m[2])
+		} else {
+			out = append(out, strings.ReplaceAll(m[1], `'\''`, "'"))
+		}
+	}
+	return out
+}
+
+// TestServeWithOwnQEMU is nbh serve as a user runs it: serve first, then a
+// QEMU started from the command line it printed — or with a MAC it has
+// never seen — reaches the marker over the lab's network; the stages show
+// on serve's output as they happen; Ctrl-C leaves no process or socket.
+func TestServeWithOwnQEMU(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	bin := buildNBH(t)
+	for _, c := range []struct {
+		name, arch, firmware, mac, guest string
+	}{
+		{"arm64/uboot", "arm64", "uboot", "", "g1"},
+		// A machine serve never printed a line for: a lease and boot
+		// files by what its firmware says it is.
+		{"amd64/never-seen-mac", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cc", "g-aabbcc"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			guestTest(t)
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("%s/%s not selected", c.arch, c.firmware)
+			}
+			tmp := t.TempDir()
+			dir := filepath.Join(t.TempDir(), "serve")
+			serve := exec.Command(bin, "serve", "--arch", c.arch, "--firmware", c.firmware, "--dir", dir)
+			serve.Env = append(os.Environ(), "TMPDIR="+tmp)
+			var serveErr syncBuffer
+			serve.Stderr = &serveErr
+			stdout, err := serve.StdoutPipe()
+			assert.NilError(t, err)
+			assert.NilError(t, serve.Start())
+			defer serve.Process.Kill()
+			var qemuLine string
+			var serveOut strings.Builder
+			sc := bufio.NewScanner(stdout)
+			sc.Buffer(make([]byte, 64<<10), 1<<20)
+			for sc.Scan() {
+				serveOut.WriteString(sc.Text() + "\n")
+				if l := strings.TrimSpace(sc.Text()); strings.HasPrefix(l, "qemu-system-") {
+					qemuLine = l
+				}
+				if strings.HasPrefix(sc.Text(), "nbh serve: ready") {
+					break
+				}
+			}
+			assert.Assert(t, qemuLine != "", "serve printed no QEMU command:\n%s\n%s", serveOut.String(), serveErr.String())
+			go func() {
+				for sc.Scan() {
+				}
+			}()
+			argv := shellSplit(qemuLine)
+			if c.mac != "" {
+				for i, a := range argv {
+					argv[i] = regexp.MustCompile(`mac=[0-9a-f:]+`).ReplaceAllString(a, "mac="+c.mac)
+				}
+			}
+			q := exec.Command(argv[0], argv[1:]...)
+			var console syncBuffer
+			q.Stdout, q.Stderr = &console, &console
+			assert.NilError(t, q.Start())
+			defer q.Process.Kill()
+			poll.WaitOn(t, func(poll.LogT) poll.Result {
+				if strings.Contains(console.String(), "NBH-READY") {
+					return poll.Success()
+				}
+				return poll.Continue("no marker yet")
+			}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
+			assert.Check(t, is.Contains(console.String(), "nbh-init: NBH-READY addr=10.0.2."))
+			waitExit(t, q) // the init powers the machine off
+
+			for _, stage := range []string{"dhcp", "loader", "init"} {
+				assert.Check(t, is.Regexp(`\] `+c.guest+`\s+`+stage+` `, serveErr.String()), "serve did not show stage %s", stage)
+			}
+			assert.NilError(t, serve.Process.Signal(syscall.SIGINT))
+			waitExit(t, serve)
+			assert.Equal(t, serve.ProcessState.ExitCode(), 0, serveErr.String())
+			_, err = os.Stat(filepath.Join(dir, "net.sock"))
+			assert.Check(t, os.IsNotExist(err), "the socket is left")
+			for _, f := range []string{"timeline.jsonl", "network.pcapng"} {
+				_, err := os.Stat(filepath.Join(dir, "artifacts", c.guest, f))
+				assert.Check(t, err == nil, "no %s for %s", f, c.guest)
+			}
+			assert.Check(t, is.Len(processesUsing(tmp), 0), "left running")
+			assert.Check(t, is.Len(leftovers(tmp), 0), "left behind")
+		})
+	}
+}
