@@ -972,19 +972,24 @@ func (g *Guest) noteWait(line console.Line) {
 	if cur := g.waiting; cur != nil && cur.Until != nil && cur.Until.MatchString(line.Text) {
 		g.waiting = nil
 	}
+	again := false
 	if starts {
-		g.waiting = &waiting{Wait: w, line: line.Text, since: line.Time}
+		since := line.Time
+		if cur := g.waiting; cur != nil && cur.Re == w.Re {
+			since, again = cur.since, true // the same wait again: a retry loop
+		}
+		g.waiting = &waiting{Wait: w, line: line.Text, since: since}
 	}
 	g.mu.Unlock()
-	if starts {
+	if starts && !again {
 		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"for": string(w.Reason), "by": w.Who}})
 	}
 }
 
 func joinDetail(a, b string) string {
-	if a == "" {
-		return b
+	if a == "" || b == "" {
+		return a + b
 	}
 	return a + "; " + b
 }

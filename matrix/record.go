@@ -83,6 +83,9 @@ func Row2Report(res Result, base string) report.Row {
 			return report.RelativeTo(base, p)
 		}
 		out.Artifacts = report.Artifacts{Console: rel("console.log"), Timeline: rel("timeline.jsonl"), Network: rel("network.pcapng")}
+		if rel("spec.json") != "" {
+			out.Artifacts.Bundle = report.RelativeTo(base, res.Dir)
+		}
 		if v.Line != "" {
 			out.Verdict.ConsoleLine = consoleLine(filepath.Join(res.Dir, "console.log"), v.Line)
 		}

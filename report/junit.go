@@ -103,6 +103,9 @@ func (r *Report) WriteJUnit(path string) error {
 			if row.Verdict.Detail != "" {
 				body += "\ndetail: " + row.Verdict.Detail
 			}
+			if row.Artifacts.Bundle != "" {
+				body += "\nreproduce: nbh repro " + row.Artifacts.Bundle
+			}
 			c.Failure = &junitProblem{Message: msg, Type: row.Verdict.Reason, Body: body}
 			s.Failures++
 			out.Failures++

@@ -88,6 +88,9 @@ type Artifacts struct {
 	Console  string `json:"console,omitempty"`
 	Timeline string `json:"timeline,omitempty"`
 	Network  string `json:"network,omitempty"`
+	// Bundle is the row's repro bundle (its artifacts folder, when it
+	// holds one): nbh repro BUNDLE replays the boot.
+	Bundle string `json:"bundle,omitempty"`
 }
 
 // Failed counts the rows that did not pass.
@@ -132,7 +135,9 @@ func ReadJSON(path string) (*Report, error) {
 }
 
 // paths are the artifact paths of a row, to rewrite in place.
-func (a *Artifacts) paths() []*string { return []*string{&a.Console, &a.Timeline, &a.Network} }
+func (a *Artifacts) paths() []*string {
+	return []*string{&a.Console, &a.Timeline, &a.Network, &a.Bundle}
+}
 
 // Resolve makes artifact paths stored relative to base (the folder of the
 // JSON file) relative to the current folder; Rebase is its inverse.

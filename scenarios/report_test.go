@@ -71,6 +71,10 @@ func TestMatrixReports(t *testing.T) {
 	failed := back.Rows[2]
 	assert.Assert(t, failed.Verdict.ConsoleLine > 0, "the deciding line %q was not found in console.log", failed.Verdict.Line)
 	assert.Assert(t, len(back.Pins["arm64"]) > 0 && strings.HasPrefix(back.QEMU["arm64"], "QEMU"), "versions missing: %+v %+v", back.Pins, back.QEMU)
+	// The failed row's folder is a repro bundle, and the report says so.
+	assert.Equal(t, failed.Artifacts.Bundle, results[2].Dir)
+	_, err = os.Stat(filepath.Join(failed.Artifacts.Bundle, "spec.json"))
+	assert.NilError(t, err)
 
 	junit := filepath.Join(dir, "junit.xml")
 	assert.NilError(t, back.WriteJUnit(junit))
@@ -78,6 +82,9 @@ func TestMatrixReports(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, tests, 3)
 	assert.Equal(t, failures, 1)
+	xml, err := os.ReadFile(junit)
+	assert.NilError(t, err)
+	assert.Assert(t, strings.Contains(string(xml), "reproduce: nbh repro "), "the JUnit failure does not say how to reproduce")
 
 	html := filepath.Join(dir, "html")
 	assert.NilError(t, back.WriteHTML(html))

@@ -13,11 +13,8 @@ import (
 	"sync"
 	"time"
 
-	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
 	"nbh.dev/nbh/harness/failure"
-	"nbh.dev/nbh/harness/ipsec"
-	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -27,28 +24,21 @@ import (
 
 func bootCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
-	arch := fs.String("arch", "amd64", "guest architecture: amd64 or arm64")
-	firmware := fs.String("firmware", "", "boot chain firmware (default: seabios-ipxe for amd64, uboot for arm64)")
+	lab := addLabFlags(fs, "boot chain firmware (default: seabios-ipxe for amd64, uboot for arm64)")
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
 	initrd := fs.String("initrd", "", "boot archive: a file, or stock:initramfs-tools / stock:dracut for one made by that generator for the cached kernel (built once, cached; amd64 hosts build amd64 ones) (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
-	root := fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export) or iscsi (an ext4 LUN of the lab's target); with a root the marker is NBH-ROOT-READY")
 	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
 	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
 	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the result")
 	keepPrompts := fs.Bool("keep-prompts", false, "let firmware prompts (iPXE's 2 s Ctrl-B wait) run out instead of answering them")
 	refresh := fs.String("archive-refresh", "on", "on: the boot server rebuilds the reference archive when a file it copies changes on the guest's NFS root; off: it serves the archive as built")
 	onStale := fs.String("on-stale", "stop", "what the reference init does with a stale archive: stop (fail with \"stale boot archive\") or warn (boot on)")
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
-	ipsecMode := fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)")
 	interactive := fs.Bool("interactive", false, "the terminal becomes the guest's serial console (raw mode; Ctrl-] q quits, Ctrl-] d detaches); timeline events show on stderr; the lab keeps serving after the verdict until you quit; the reference init gives a shell when the boot fails (nbh.shell=1 in --append: also after the marker)")
 	pack := fs.Bool("pack", false, "when the boot fails, also pack its repro bundle (the artifacts folder) into FOLDER"+bundle.Ext+" for a bug report")
-	mtu := fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit")
-	var faults multiFlag
-	fs.Var(&faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbh boot [flags]\n\nBoots one guest on the reference stack and waits for its marker, a\nclassified failure or the deadline. Exit status: 0 marker seen, 1 boot failed\n(the reason is printed), 2 bad usage, 3 the lab could not be set up.\nThe artifacts folder of a failed boot is a repro bundle: nbh repro replays it.\n\nBoot chains:\n%s\nFaults:\n%s\nFlags:\n", chainsHelp(), faultsHelp())
 		fs.PrintDefaults()
@@ -56,25 +46,14 @@ func bootCmd(ctx context.Context, args []string) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	if *firmware == "" {
-		*firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*arch]
-	}
-	prof, err := qemu.Lookup(*arch, *firmware)
+	prof, opts, spec, err := lab.resolve()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		return exitUsage
 	}
+	arch, firmware, cache := lab.arch, lab.firmware, lab.cache
 	if _, err := regexp.Compile(*expect); err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
-		return exitUsage
-	}
-	rootName := *root
-	switch *root {
-	case "none":
-		*root = harness.RootNone
-	case harness.RootNFS, harness.RootISCSI:
-	default:
-		fmt.Fprintf(os.Stderr, "nbh boot: --root %q: want none, nfs or iscsi\n", *root)
 		return exitUsage
 	}
 	if *refresh != "on" && *refresh != "off" {
@@ -93,40 +72,8 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --compression %q: want gzip or zstd\n", *compression)
 		return exitUsage
 	}
-	opts := harness.Options{Cache: images.Open(*cache)}
-	switch *ipsecMode {
-	case "off":
-	case "required":
-		opts.IPsec = ipsec.Required()
-	default:
-		fmt.Fprintf(os.Stderr, "nbh boot: --ipsec %q: want off or required\n", *ipsecMode)
-		return exitUsage
-	}
-	if err := netfab.CheckMTU(*mtu); err != nil {
-		fmt.Fprintf(os.Stderr, "nbh boot: --mtu: %v\n", err)
-		return exitUsage
-	}
-	if *mtu != 1500 {
-		opts.MTU = *mtu
-	}
-	spec := harness.Spec{Root: *root, Arch: *arch, Firmware: *firmware, Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, Expect: *expect, Timeout: *timeout, KeepPrompts: *keepPrompts,
-		NoArchiveRefresh: *refresh == "off", OnStale: *onStale, Compression: *compression, Signed: *signed}
-	for _, name := range faults {
-		f, err := harness.LookupFault(name)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
-			return exitUsage
-		}
-		if f.Applies != nil && !f.Applies(prof, spec.Root) {
-			fmt.Fprintf(os.Stderr, "nbh boot: fault %s does not apply to %s with --root %s\n", name, prof.Name(), rootName)
-			return exitUsage
-		}
-		if f.IPsec && opts.IPsec == nil {
-			fmt.Fprintf(os.Stderr, "nbh boot: fault %s needs --ipsec required\n", name)
-			return exitUsage
-		}
-		spec.Faults = append(spec.Faults, f)
-	}
+	spec.Kernel, spec.Initrd, spec.Append, spec.Expect, spec.Timeout, spec.KeepPrompts = *kernel, *initrd, *appendArgs, *expect, *timeout, *keepPrompts
+	spec.NoArchiveRefresh, spec.OnStale, spec.Compression, spec.Signed = *refresh == "off", *onStale, *compression, *signed
 	stockTool, isStock := strings.CutPrefix(*initrd, "stock:")
 	for _, p := range []string{*kernel, *initrd} {
 		if p == "" || (isStock && p == *initrd) {

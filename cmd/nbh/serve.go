@@ -12,27 +12,17 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
-	"nbh.dev/nbh/harness/ipsec"
-	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
-	"nbh.dev/nbh/images"
 )
 
 func serveCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	arch := fs.String("arch", "amd64", "architecture of the guests: amd64 or arm64")
-	firmware := fs.String("firmware", "", "the chain whose QEMU command line to print (default: seabios-ipxe for amd64, uboot for arm64); guests with other firmware are served too")
-	root := fs.String("root", "none", "root file system the guests boot onto: none, nfs or iscsi")
+	lab := addLabFlags(fs, "the chain whose QEMU command line to print (default: seabios-ipxe for amd64, uboot for arm64); guests with other firmware are served too")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
-	ipsecMode := fs.String("ipsec", "off", "off, or required: the root's services only under ESP (see nbh boot --help)")
-	mtu := fs.Int("mtu", 1500, "the network's path MTU")
 	guests := fs.Int("guests", 1, "how many QEMU command lines to print (one MAC each)")
 	netdevOnly := fs.Bool("netdev-only", false, "print only the -netdev/-device part, for a QEMU with firmware of your own")
 	dir := fs.String("dir", "", "folder for the socket and the guests' artifacts (default: a new temporary folder, kept)")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
-	var faults multiFlag
-	fs.Var(&faults, "fault", "inject a fault into every guest (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh serve [flags]
 
@@ -54,59 +44,19 @@ Flags:
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	if *firmware == "" {
-		*firmware = map[string]string{"amd64": qemu.SeaBIOSIPXE, "arm64": qemu.UBoot}[*arch]
-	}
-	prof, err := qemu.Lookup(*arch, *firmware)
+	prof, opts, template, err := lab.resolve()
 	if err == nil && prof.Firmware == qemu.Direct {
 		err = fmt.Errorf("--firmware direct has no network boot to serve")
+	}
+	if err == nil && (*guests < 0 || *guests > 200) {
+		err = fmt.Errorf("--guests: want 0 to 200")
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitUsage
 	}
-	rootName := *root
-	if *root == "none" {
-		*root = harness.RootNone
-	} else if *root != harness.RootNFS && *root != harness.RootISCSI {
-		fmt.Fprintf(os.Stderr, "nbh serve: --root %q: want none, nfs or iscsi\n", *root)
-		return exitUsage
-	}
-	if *guests < 0 || *guests > 200 {
-		fmt.Fprintln(os.Stderr, "nbh serve: --guests: want 0 to 200")
-		return exitUsage
-	}
-	opts := harness.Options{Cache: images.Open(*cache), Log: os.Stderr}
-	switch *ipsecMode {
-	case "off":
-	case "required":
-		opts.IPsec = ipsec.Required()
-	default:
-		fmt.Fprintf(os.Stderr, "nbh serve: --ipsec %q: want off or required\n", *ipsecMode)
-		return exitUsage
-	}
-	if err := netfab.CheckMTU(*mtu); err != nil {
-		fmt.Fprintf(os.Stderr, "nbh serve: --mtu: %v\n", err)
-		return exitUsage
-	}
-	if *mtu != 1500 {
-		opts.MTU = *mtu
-	}
-	template := harness.Spec{Arch: *arch, Firmware: *firmware, Root: *root, Append: *appendArgs}
-	for _, name := range faults {
-		f, err := harness.LookupFault(name)
-		if err == nil && f.Applies != nil && !f.Applies(prof, *root) {
-			err = fmt.Errorf("fault %s does not apply to %s with this root", name, prof.Name())
-		}
-		if err == nil && f.IPsec && opts.IPsec == nil {
-			err = fmt.Errorf("fault %s needs --ipsec required", name)
-		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
-			return exitUsage
-		}
-		template.Faults = append(template.Faults, f)
-	}
+	opts.Log = os.Stderr
+	template.Append = *appendArgs
 	if *dir == "" {
 		if *dir, err = os.MkdirTemp("", "nbh-serve-"); err != nil {
 			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
@@ -143,32 +93,32 @@ Flags:
 	}
 	template.Artifacts = artifacts
 
-	lab, err := harness.New(opts)
+	l, err := harness.New(opts)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitSetup
 	}
-	defer lab.Close()
+	defer l.Close()
 	var printed []*harness.Guest
 	for i := 1; i <= *guests; i++ {
 		spec := template
 		spec.Name = fmt.Sprintf("g%d", i)
 		spec.Artifacts = filepath.Join(artifacts, spec.Name)
-		g, err := lab.Provision(ctx, spec)
+		g, err := l.Provision(ctx, spec)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 			return exitSetup
 		}
 		printed = append(printed, g)
 	}
-	ln, err := lab.Listen(ctx, sock, template)
+	ln, err := l.Listen(ctx, sock, template)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitSetup
 	}
 	defer ln.Close()
 
-	fmt.Printf("nbh serve: %s, root %s, network %s; socket %s\n", prof.Name(), rootName, *ipsecMode, sock)
+	fmt.Printf("nbh serve: %s, root %s, network %s; socket %s\n", prof.Name(), *lab.root, *lab.ipsec, sock)
 	for _, g := range printed {
 		if *netdevOnly {
 			fmt.Printf("%s (%s): -netdev stream,id=n0,server=off,addr.type=unix,addr.path=%s -device virtio-net-pci,netdev=n0,mac=%s\n", g.Name, g.IP, sock, g.MAC)
@@ -185,8 +135,8 @@ Flags:
 	<-ctx.Done()
 	fmt.Fprintf(os.Stderr, "\nnbh serve: stopping\n")
 	ln.Close()
-	guestsSeen := lab.Guests()
-	lab.Close()
+	guestsSeen := l.Guests()
+	l.Close()
 	for _, g := range guestsSeen {
 		fmt.Printf("%s: reached %s; artifacts %s\n", g.Name, g.Reached(), g.Dir)
 	}

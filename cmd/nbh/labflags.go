@@ -1,0 +1,83 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"strings"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/ipsec"
+	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/images"
+)
+
+// labFlags are the flags nbh boot and nbh serve share: the chain, the root,
+// the network and the faults.
+type labFlags struct {
+	arch, firmware, root, ipsec, cache *string
+	mtu                                *int
+	faults                             multiFlag
+}
+
+func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
+	f := &labFlags{
+		arch:     fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
+		firmware: fs.String("firmware", "", firmwareHelp),
+		root:     fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export) or iscsi (an ext4 LUN of the lab's target); with a root the marker is NBH-ROOT-READY"),
+		ipsec:    fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)"),
+		mtu:      fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),
+		cache:    fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
+	}
+	fs.Var(&f.faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
+	return f
+}
+
+// resolve checks the flags and returns the chain, the lab's options and a
+// spec with the chain, root and faults filled in. Its errors are usage
+// errors, worded as flags.
+func (f *labFlags) resolve() (qemu.Profile, harness.Options, harness.Spec, error) {
+	if *f.firmware == "" {
+		*f.firmware = map[string]string{"amd64": qemu.SeaBIOSIPXE, "arm64": qemu.UBoot}[*f.arch]
+	}
+	prof, err := qemu.Lookup(*f.arch, *f.firmware)
+	if err != nil {
+		return prof, harness.Options{}, harness.Spec{}, err
+	}
+	spec := harness.Spec{Arch: *f.arch, Firmware: *f.firmware}
+	switch *f.root {
+	case "none":
+	case harness.RootNFS, harness.RootISCSI:
+		spec.Root = *f.root
+	default:
+		return prof, harness.Options{}, spec, fmt.Errorf("--root %q: want none, nfs or iscsi", *f.root)
+	}
+	opts := harness.Options{Cache: images.Open(*f.cache)}
+	switch *f.ipsec {
+	case "off":
+	case "required":
+		opts.IPsec = ipsec.Required()
+	default:
+		return prof, opts, spec, fmt.Errorf("--ipsec %q: want off or required", *f.ipsec)
+	}
+	if err := netfab.CheckMTU(*f.mtu); err != nil {
+		return prof, opts, spec, fmt.Errorf("--mtu: %v", err)
+	}
+	if *f.mtu != 1500 {
+		opts.MTU = *f.mtu
+	}
+	for _, name := range f.faults {
+		ft, err := harness.LookupFault(name)
+		if err != nil {
+			return prof, opts, spec, err
+		}
+		if ft.Applies != nil && !ft.Applies(prof, spec.Root) {
+			return prof, opts, spec, fmt.Errorf("fault %s does not apply to %s with --root %s", name, prof.Name(), *f.root)
+		}
+		if ft.IPsec && opts.IPsec == nil {
+			return prof, opts, spec, fmt.Errorf("fault %s needs --ipsec required", name)
+		}
+		spec.Faults = append(spec.Faults, ft)
+	}
+	return prof, opts, spec, nil
+}
