@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/term"
+
 	"nbh.dev/nbh/harness/bundle"
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/qemu"
@@ -49,6 +51,10 @@ func bootCmd(ctx context.Context, args []string) int {
 	prof, opts, spec, err := lab.resolve()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+		return exitUsage
+	}
+	if *interactive && !term.IsTerminal(int(os.Stdin.Fd())) {
+		fmt.Fprintln(os.Stderr, "nbh boot: --interactive needs a terminal on standard input")
 		return exitUsage
 	}
 	arch, firmware, cache := lab.arch, lab.firmware, lab.cache

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/term"
+
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
 	"nbh.dev/nbh/harness/failure"
@@ -57,6 +59,10 @@ Flags:
 	}
 	if *count < 1 {
 		fmt.Fprintln(os.Stderr, "nbh repro: --count: want 1 or more")
+		return exitUsage
+	}
+	if *interactive && !term.IsTerminal(int(os.Stdin.Fd())) {
+		fmt.Fprintln(os.Stderr, "nbh repro: --interactive needs a terminal on standard input")
 		return exitUsage
 	}
 	if *interactive && *count > 1 {
