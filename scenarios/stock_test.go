@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"gotest.tools/v3/assert"
 	is "gotest.tools/v3/assert/cmp"
@@ -128,8 +129,10 @@ func TestStockFailuresAreClassified(t *testing.T) {
 				t.Skip(err)
 			}
 			assert.NilError(t, err)
+			// A shorter root stage: the waits are there within seconds.
 			spec := harness.Spec{Arch: "amd64", Firmware: qemu.Direct, Root: c.root,
-				Initrd: a.Path, Append: c.append, Artifacts: nbhtest.Artifacts(t, "g1")}
+				Initrd: a.Path, Append: c.append, Artifacts: nbhtest.Artifacts(t, "g1"),
+				StageTimeouts: map[timeline.Stage]time.Duration{timeline.Root: 20 * time.Second}}
 			if c.fault != "" {
 				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
 			}

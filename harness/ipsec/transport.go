@@ -110,8 +110,10 @@ func ClampMSS(pkt []byte, max uint16) bool {
 	if err != nil || pkt[9] != ProtoTCP || len(pkt) < ihl+20 {
 		return false
 	}
+	// The TCP header by the IP total length, which a lying packet may set
+	// shorter than the headers it carries.
 	tcp := pkt[ihl:int(binary.BigEndian.Uint16(pkt[2:]))]
-	if tcp[13]&0x02 == 0 { // not a SYN
+	if len(tcp) < 20 || tcp[13]&0x02 == 0 { // cut short, or not a SYN
 		return false
 	}
 	off := int(tcp[12]>>4) * 4

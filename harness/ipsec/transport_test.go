@@ -179,3 +179,19 @@ func TestClampMSS(t *testing.T) {
 		ClampMSS(pkt, 1000) // must not panic
 	}
 }
+
+// A SYN whose IP total length is shorter than its headers (a lying guest)
+// is left alone, without harm.
+func TestClampMSSRefusesShortTotalLength(t *testing.T) {
+	for _, total := range []int{20, 21, 32, 39} {
+		pkt := synWith([]byte{2, 4, 0x05, 0xb4})
+		binary.BigEndian.PutUint16(pkt[2:], uint16(total))
+		before := append([]byte(nil), pkt...)
+		if ClampMSS(pkt, 1000) {
+			t.Fatalf("total length %d: clamped", total)
+		}
+		if !bytes.Equal(pkt, before) {
+			t.Fatalf("total length %d: the packet changed", total)
+		}
+	}
+}

@@ -184,6 +184,16 @@ func (sc *session) run() error {
 }
 
 func (sc *session) handle(p *PDU) error {
+	if sc.discovery {
+		// RFC 7143 4.3: a discovery session carries Text, Logout and NOP
+		// only; it has no LUN for SCSI, data or task management.
+		switch p.Opcode() {
+		case opNOPOut, opTextReq, opLogoutReq:
+		default:
+			sc.s.emit(timeline.Event{Kind: "refused", Addr: sc.ip, Msg: fmt.Sprintf("opcode %#x on a discovery session", p.Opcode())})
+			return sc.reject(p)
+		}
+	}
 	switch p.Opcode() {
 	case opNOPOut:
 		sc.command(p)
@@ -222,7 +232,12 @@ func (sc *session) handle(p *PDU) error {
 		sc.loggedOut = true
 		return sc.send(r)
 	}
-	// Anything else: reject it, naming the header back.
+	return sc.reject(p)
+}
+
+// reject answers a PDU the session cannot take with a Reject (protocol
+// error) naming its header back.
+func (sc *session) reject(p *PDU) error {
 	r := &PDU{Data: append([]byte(nil), p.BHS[:]...)}
 	r.BHS[0], r.BHS[1], r.BHS[2] = opReject, flagFinal, 0x04 // protocol error
 	r.put32(16, 0xffffffff)

@@ -253,6 +253,29 @@ func TestDiscovery(t *testing.T) {
 	assert.Assert(t, strings.Contains(string(r.Data), "TargetAddress=127.0.0.1:3260,1"))
 }
 
+// A discovery session has no LUN: a SCSI command or task management there
+// is rejected, and the session (and the target) go on.
+func TestDiscoverySessionRefusesSCSI(t *testing.T) {
+	_, addr, _ := newTarget(t)
+	in := dial(t, addr)
+	r := in.roundTrip(in.loginPDU(0, 3, true, "InitiatorName", "iqn.x", "SessionType", "Discovery", "AuthMethod", "None"))
+	assert.Equal(t, status(r), uint16(0))
+	for _, op := range []byte{opSCSICmd, opTMFReq, opDataOut} {
+		p := &PDU{}
+		p.BHS[0], p.BHS[1] = op, flagFinal
+		p.put32(16, 7)
+		p.BHS[32] = 0x12 // INQUIRY, for the SCSI command
+		r = in.roundTrip(p)
+		assert.Equal(t, r.Opcode(), byte(opReject), "opcode %#x", op)
+	}
+	tp := &PDU{Data: EncodeText([][2]string{{"SendTargets", "All"}})}
+	tp.BHS[0], tp.BHS[1] = opTextReq, flagFinal
+	tp.put32(16, 9)
+	tp.put32(20, 0xffffffff)
+	r = in.roundTrip(tp)
+	assert.Assert(t, strings.Contains(string(r.Data), "TargetName="), "the session did not go on")
+}
+
 func FuzzReadPDU(f *testing.F) {
 	p := &PDU{Data: []byte("InitiatorName=x\x00")}
 	p.BHS[0] = opLoginReq
