@@ -23,6 +23,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/guard"
 )
 
 // Client architecture types (RFC 4578 option 93, IANA registry).
@@ -229,6 +230,9 @@ func ClientOf(m *dhcpv4.DHCPv4) Client {
 }
 
 func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
+	defer guard.Recover("a DHCP message from "+peer.String(), func(what string, v any, stack []byte) {
+		s.emit(timeline.Event{Kind: "panic", MAC: m.ClientHWAddr.String(), Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
+	})
 	if m.OpCode != dhcpv4.OpcodeBootRequest {
 		return
 	}

@@ -16,6 +16,7 @@ import (
 	"sync"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/guard"
 	"nbh.dev/nbh/internal/connset"
 )
 
@@ -44,6 +45,9 @@ type Server struct {
 // Serve serves iSCSI on ln; portal is the address SendTargets reports.
 func Serve(ln net.Listener, portal string, tl *timeline.Timeline) *Server {
 	s := &Server{tl: tl, addr: portal, exports: map[string]map[string]export{}}
+	s.conns.Report = func(what string, v any, stack []byte) {
+		s.emit(timeline.Event{Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
+	}
 	s.conns.Serve(ln, s.serve)
 	return s
 }

@@ -33,6 +33,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/guard"
 )
 
 // Defaults for a lab network. Every lab has its own fabric, so every lab may
@@ -408,7 +409,7 @@ func (p *Port) readLoop() {
 		if p.pcap != nil {
 			p.pcap.write(time.Now(), frame)
 		}
-		p.f.fromGuest(p, frame)
+		guard.Run("a frame from "+p.Name, p.f.panicked, func() { p.f.fromGuest(p, frame) })
 	}
 }
 
@@ -578,17 +579,25 @@ func (f *Fabric) hostLoop() {
 		frame := append([]byte(nil), v.AsSlice()...)
 		v.Release()
 		pkt.DecRef()
-		fi, ok := parseFrame(frame)
-		if !ok {
-			continue
-		}
-		if frame = f.filtered(false, frame, fi); frame == nil {
-			continue
-		}
-		if fi, ok = parseFrame(frame); ok {
-			f.forward(nil, frame, fi)
-		}
+		guard.Run("a frame from the host stack", f.panicked, func() {
+			fi, ok := parseFrame(frame)
+			if !ok {
+				return
+			}
+			if frame = f.filtered(false, frame, fi); frame == nil {
+				return
+			}
+			if fi, ok = parseFrame(frame); ok {
+				f.forward(nil, frame, fi)
+			}
+		})
 	}
+}
+
+// panicked reports a frame whose switching panicked (in a fault rule, the
+// host filter): the frame is dropped, the fabric goes on.
+func (f *Fabric) panicked(what string, v any, stack []byte) {
+	f.tl.Emit(timeline.Event{Source: "netfab", Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
 }
 
 // Close stops the fabric: ports, host stack and loops.

@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/guard"
 	"nbh.dev/nbh/internal/connset"
 )
 
@@ -73,6 +74,9 @@ func StartPortmapper(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Port
 // ServePortmapper serves on the given listeners (either may be nil).
 func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) *Portmapper {
 	p := &Portmapper{tl: tl, udp: pc}
+	p.conns.Report = func(what string, v any, stack []byte) {
+		p.emit(timeline.Event{Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
+	}
 	if ln != nil {
 		p.conns.Serve(ln, p.serveTCP)
 	}
@@ -102,7 +106,9 @@ func (p *Portmapper) serveUDP() {
 		if err != nil {
 			return
 		}
-		if reply := p.handle(buf[:n], addrOf(from)); reply != nil {
+		var reply []byte
+		guard.Run("a UDP call from "+from.String(), p.conns.Report, func() { reply = p.handle(buf[:n], addrOf(from)) })
+		if reply != nil {
 			p.udp.WriteTo(reply, from)
 		}
 	}

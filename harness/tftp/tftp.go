@@ -28,6 +28,7 @@ import (
 
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/guard"
 )
 
 const (
@@ -145,6 +146,9 @@ func (s *Server) serve() {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			defer guard.Recover("a TFTP request from "+udp.String(), func(what string, v any, stack []byte) {
+				s.emit(timeline.Event{Addr: udp.IP.String(), Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
+			})
 			s.transfer(pkt, udp)
 		}()
 	}

@@ -6,10 +6,16 @@ package connset
 import (
 	"net"
 	"sync"
+
+	"nbh.dev/nbh/internal/guard"
 )
 
 // Set is the connections of one listener. The zero value is ready to use.
 type Set struct {
+	// Report hears a handler that panicked (guard.Recover): the
+	// connection is closed and the others go on.
+	Report guard.Report
+
 	ln     net.Listener
 	wg     sync.WaitGroup
 	mu     sync.Mutex
@@ -45,7 +51,7 @@ func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
 			s.mu.Unlock()
 			go func() {
 				defer s.wg.Done()
-				handle(c)
+				guard.Run("connection from "+c.RemoteAddr().String(), s.Report, func() { handle(c) })
 				c.Close()
 				s.mu.Lock()
 				delete(s.conns, c)
