@@ -16,8 +16,8 @@ import (
 	"sync"
 
 	"nbh.dev/nbh/harness/timeline"
-	"nbh.dev/nbh/internal/guard"
 	"nbh.dev/nbh/internal/connset"
+	"nbh.dev/nbh/internal/guard"
 )
 
 // Port is the iSCSI well-known port.

@@ -15,8 +15,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
-	"nbh.dev/nbh/internal/guard"
 	"nbh.dev/nbh/internal/connset"
+	"nbh.dev/nbh/internal/guard"
 )
 
 // The RPC portmapper (program 100000 version 2, RFC 1833): NULL, GETPORT and
