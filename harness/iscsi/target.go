@@ -3,6 +3,7 @@ package iscsi
 import (
 	"bufio"
 	"crypto/md5"
+	"crypto/subtle"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -223,7 +224,7 @@ func (sc *session) handle(p *PDU) error {
 	case opTMFReq:
 		sc.command(p)
 		r := &PDU{}
-		r.BHS[0], r.BHS[1], r.BHS[2] = opTMFResp, flagFinal, 0 // function complete
+		r.BHS[0], r.BHS[1], r.BHS[2] = opTMFResp, flagFinal, sc.taskManagement(p)
 		r.put32(16, p.ITT())
 		sc.stamp(r, true)
 		return sc.send(r)
@@ -237,6 +238,45 @@ func (sc *session) handle(p *PDU) error {
 		return sc.send(r)
 	}
 	return sc.reject(p)
+}
+
+// taskManagement carries out a task management function and returns its
+// response code (RFC 7143 11.5, 11.6). Commands run to completion before
+// the next PDU is read, so the only tasks that can still be aborted are
+// writes waiting for their data.
+func (sc *session) taskManagement(p *PDU) byte {
+	const (
+		complete        = 0
+		noSuchTask      = 1
+		notSupported    = 5
+		abortTask       = 1
+		abortTaskSet    = 2
+		clearACA        = 3
+		clearTaskSet    = 4
+		lunReset        = 5
+		targetWarmReset = 6
+	)
+	fn := p.BHS[1] & 0x7f
+	var code byte
+	switch fn {
+	case abortTask:
+		code = noSuchTask
+		for ttt, t := range sc.tasks {
+			if t.itt == p.u32(20) {
+				delete(sc.tasks, ttt)
+				code = complete
+			}
+		}
+	case abortTaskSet, clearTaskSet, lunReset, targetWarmReset:
+		clear(sc.tasks)
+		code = complete
+	case clearACA:
+		code = complete // no ACA is ever established
+	default:
+		code = notSupported // cold reset, task reassignment
+	}
+	sc.s.emit(timeline.Event{Kind: "task-management", Addr: sc.ip, Msg: fmt.Sprintf("function %d: response %d", fn, code)})
+	return code
 }
 
 // reject answers a PDU the session cannot take with a Reject (protocol
@@ -437,7 +477,8 @@ func chapOK(user, resp, wantUser, secret string, id byte, challenge []byte) bool
 	h.Write([]byte{id})
 	h.Write([]byte(secret))
 	h.Write(challenge)
-	return string(h.Sum(nil)) == string(got)
+	// In constant time: how much of a guess matched must not show.
+	return subtle.ConstantTimeCompare(h.Sum(nil), got) == 1
 }
 
 func (sc *session) loginFail(p *PDU, status uint16, why string) error {
@@ -479,16 +520,18 @@ func (sc *session) negotiate(keys map[string]string, replied map[string]bool) []
 			sc.maxSend = num(k, 8192)
 			out = append(out, [2]string{k, "262144"})
 		case "MaxBurstLength":
-			sc.maxBurst = min(num(k, 262144), 1<<20)
+			sc.maxBurst = max(512, min(num(k, 262144), 1<<20)) // RFC 7143: 512 and up
 			out = append(out, [2]string{k, strconv.Itoa(sc.maxBurst)})
 		case "FirstBurstLength":
-			sc.firstBurst = min(num(k, 65536), 1<<20)
+			sc.firstBurst = max(512, min(num(k, 65536), 1<<20))
 			out = append(out, [2]string{k, strconv.Itoa(sc.firstBurst)})
 		case "InitialR2T":
 			out = append(out, [2]string{k, "Yes"})
 		case "ImmediateData":
+			// A boolean "and" (RFC 7143 13.11): the result is No unless
+			// both say Yes.
 			sc.immediateData = v == "Yes"
-			out = append(out, [2]string{k, "Yes"})
+			out = append(out, [2]string{k, map[bool]string{true: "Yes", false: "No"}[sc.immediateData]})
 		case "MaxOutstandingR2T", "MaxConnections":
 			out = append(out, [2]string{k, "1"})
 		case "DataPDUInOrder", "DataSequenceInOrder":

@@ -330,3 +330,64 @@ func FuzzSession(f *testing.F) {
 		<-done
 	})
 }
+
+// Negotiation answers what RFC 7143 says: ImmediateData is a boolean "and"
+// (No when the initiator offers No), and burst lengths stay in range
+// whatever the initiator offers.
+func TestNegotiation(t *testing.T) {
+	for _, c := range []struct {
+		offer, want string
+		immediate   bool
+	}{{"Yes", "Yes", true}, {"No", "No", false}, {"Maybe", "No", false}} {
+		sc := &session{}
+		out := sc.negotiate(map[string]string{"ImmediateData": c.offer}, map[string]bool{})
+		assert.DeepEqual(t, out, [][2]string{{"ImmediateData", c.want}})
+		assert.Equal(t, sc.immediateData, c.immediate)
+	}
+	sc := &session{}
+	sc.negotiate(map[string]string{"MaxBurstLength": "-5", "FirstBurstLength": "99999999"}, map[string]bool{})
+	assert.Equal(t, sc.maxBurst, 512)
+	assert.Equal(t, sc.firstBurst, 1<<20)
+}
+
+// Task management does what it says: ABORT TASK of a write waiting for its
+// data ends that write (its data is then refused), of a finished command
+// says "task does not exist"; a LUN reset is function complete.
+func TestTaskManagementAborts(t *testing.T) {
+	_, addr, _ := newTarget(t)
+	in := dial(t, addr)
+	assert.Equal(t, in.login("iqn.2026-11.dev.nbh:root", nil), uint16(0))
+	// A 40 KiB write without its data: the target asks for it (R2T).
+	w := &PDU{}
+	w.BHS[0], w.BHS[1] = opSCSICmd, flagFinal|0x20
+	w.put32(16, 500)
+	w.put32(20, 40960)
+	w.put32(24, in.cmdSN)
+	in.cmdSN++
+	copy(w.BHS[32:], []byte{0x2a, 0, 0, 0, 0, 8, 0, 0, 80, 0})
+	r := in.roundTrip(w)
+	assert.Equal(t, r.Opcode(), byte(opR2T))
+	ttt := r.u32(20)
+	tmf := func(fn byte, ref uint32) byte {
+		p := &PDU{}
+		p.BHS[0], p.BHS[1] = opTMFReq|flagImmediate, 0x80|fn
+		p.put32(16, 600+uint32(fn))
+		p.put32(20, ref)
+		p.put32(24, in.cmdSN)
+		r := in.roundTrip(p)
+		assert.Equal(t, r.Opcode(), byte(opTMFResp))
+		return r.BHS[2]
+	}
+	assert.Equal(t, tmf(1, 500), byte(0), "abort of the waiting write")
+	assert.Equal(t, tmf(1, 500), byte(1), "abort of a task that no longer exists")
+	assert.Equal(t, tmf(5, 0), byte(0), "LUN reset")
+	assert.Equal(t, tmf(8, 0), byte(5), "task reassignment is not supported")
+	// The aborted write's data is refused: the session ends.
+	d := &PDU{Data: make([]byte, 512)}
+	d.BHS[0], d.BHS[1] = opDataOut, flagFinal
+	d.put32(16, 500)
+	d.put32(20, ttt)
+	in.c.Write(d.Bytes())
+	_, err := ReadPDU(in.r)
+	assert.Assert(t, err != nil, "data for an aborted write was taken")
+}
