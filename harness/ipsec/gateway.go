@@ -85,9 +85,21 @@ func dstOf(pkt []byte) netip.Addr { return netip.AddrFrom4([4]byte(pkt[16:20])) 
 func (g *Gateway) Inbound(pkt []byte) []byte {
 	proto, sport, dport, err := Ports(pkt)
 	if err != nil {
-		return pkt // not IPv4 the gateway can read: the stack judges it
+		// What the gateway cannot read, it cannot judge: it goes no
+		// further than a policy that discards it would let it.
+		if len(pkt) >= 20 {
+			g.report("malformed", srcOf(pkt), "a packet the gateway cannot read was dropped: %v", err)
+		}
+		return nil
 	}
 	from := srcOf(pkt)
+	if _, err := ipv4(pkt); errors.Is(err, ErrFragment) && proto != ProtoESP {
+		// A fragment carries no ports (or only the first does): it could
+		// pass a rule meant for another port. The lab's path MTU makes
+		// whole datagrams, so a fragment is dropped.
+		g.report("fragment", from, "IP fragment (%s) dropped: the policy needs the ports", ProtoName(proto))
+		return nil
+	}
 	if proto == ProtoESP {
 		if _, err := ipv4(pkt); errors.Is(err, ErrFragment) {
 			g.report("esp-malformed", from, "ESP fragment dropped (transport-mode ESP needs whole datagrams)")
@@ -115,7 +127,7 @@ func (g *Gateway) Inbound(pkt []byte) []byte {
 			return nil
 		}
 		iproto, isport, idport, _ := Ports(inner)
-		if a, i := g.Policy.Decide(iproto, isport, idport); a == Discard {
+		if a, i := g.Policy.Decide(iproto, idport); a == Discard {
 			g.Policy.Dropped(i)
 			g.report("policy-drop", from, "%s under ESP from %s: the policy discards it", describe(iproto, isport, idport), from)
 			return nil
@@ -125,7 +137,7 @@ func (g *Gateway) Inbound(pkt []byte) []byte {
 		}
 		return inner
 	}
-	a, i := g.Policy.Decide(proto, sport, dport)
+	a, i := g.Policy.Decide(proto, dport)
 	switch a {
 	case Protect:
 		g.Policy.Dropped(i)
@@ -147,7 +159,7 @@ func (g *Gateway) Outbound(pkt []byte) []byte {
 		return pkt
 	}
 	to := dstOf(pkt)
-	a, i := g.Policy.Decide(proto, sport, dport)
+	a, i := g.Policy.Decide(proto, sport)
 	switch a {
 	case Bypass:
 		return pkt

@@ -36,6 +36,33 @@ func reply(p []byte) []byte {
 	return r
 }
 
+// A guest cannot pass the policy by choosing its source port: from port 80
+// (HTTP bypasses) or 67 to the host's port 22, it is dropped; a fragment,
+// whose ports cannot be read, is dropped too.
+func TestGatewayJudgesByTheHostPort(t *testing.T) {
+	gw, _, reports := newPeers(t)
+	for _, sport := range []uint16{80, 67, 2049} {
+		p := tcpPacket(22, []byte("ssh"))
+		binary.BigEndian.PutUint16(p[20:], sport)
+		if gw.Inbound(p) != nil {
+			t.Fatalf("from port %d to port 22: passed", sport)
+		}
+	}
+	frag := tcpPacket(80, []byte("GET"))
+	binary.BigEndian.PutUint16(frag[6:], 0x2000) // more fragments
+	fixHeader(frag, 20)
+	if gw.Inbound(frag) != nil {
+		t.Fatal("a fragment passed")
+	}
+	if gw.Inbound(tcpPacket(80, []byte("GET"))) == nil {
+		t.Fatal("HTTP to port 80 dropped")
+	}
+	got := strings.Join(*reports, "\n")
+	if !strings.Contains(got, "policy-drop: tcp 80->22") || !strings.Contains(got, "fragment: ") {
+		t.Fatalf("reports:\n%s", got)
+	}
+}
+
 // TestGatewayProtectsTheRoot: NFS under ESP flows both ways; clear NFS is
 // dropped and reported; HTTP passes in clear; a wrong key and a replay are
 // refused with their own reports.

@@ -26,9 +26,10 @@ const (
 	ProtoUDP  = 17
 )
 
-// Rule selects traffic by protocol (0: any) and port (0: any; a packet
-// matches when either its source or its destination port is Port, so one
-// rule covers both directions of a service).
+// Rule selects traffic by protocol (0: any) and the host's port (0: any):
+// the destination port of what a guest sends to the host, the source port
+// of what the host sends back, so one rule covers both directions of a
+// service, and a guest cannot pass a rule by choosing its own source port.
 type Rule struct {
 	Proto  uint8
 	Port   uint16
@@ -53,11 +54,11 @@ func (r Rule) String() string {
 	return fmt.Sprintf("%s/%s %s", proto, port, r.Action)
 }
 
-func (r Rule) matches(proto uint8, src, dst uint16) bool {
+func (r Rule) matches(proto uint8, hostPort uint16) bool {
 	if r.Proto != 0 && r.Proto != proto {
 		return false
 	}
-	return r.Port == 0 || r.Port == src || r.Port == dst
+	return r.Port == 0 || r.Port == hostPort
 }
 
 // Policy is an ordered security policy table: the first matching rule
@@ -95,14 +96,16 @@ func Required() *Policy {
 	}, Default: Discard}
 }
 
-// Decide returns the action for a packet (by protocol and ports) and the
-// index of the rule that decided, and counts it. The caller reports drops
-// with Dropped: clear traffic a protect rule refuses, or a discard.
-func (p *Policy) Decide(proto uint8, src, dst uint16) (Action, int) {
+// Decide returns the action for a packet (by protocol and the host's port:
+// the destination port of a packet to the host, the source port of one
+// from it) and the index of the rule that decided, and counts it. The
+// caller reports drops with Dropped: clear traffic a protect rule refuses,
+// or a discard.
+func (p *Policy) Decide(proto uint8, hostPort uint16) (Action, int) {
 	i := len(p.Rules)
 	a := p.Default
 	for j, r := range p.Rules {
-		if r.matches(proto, src, dst) {
+		if r.matches(proto, hostPort) {
 			i, a = j, r.Action
 			break
 		}
