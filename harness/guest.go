@@ -331,7 +331,10 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (*Guest, error) {
 	if spec.Name == "" {
 		spec.Name = fmt.Sprintf("g%d", n)
 	}
-	mac := net.HardwareAddr{0x52, 0x54, 0x00, 0x4e, 0x42, byte(n)}
+	mac, err := guestMAC(n)
+	if err != nil {
+		return nil, err
+	}
 	l.mu.Lock()
 	if old := l.byName[spec.Name]; old != nil {
 		if !old.closed() {

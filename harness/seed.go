@@ -19,6 +19,16 @@ func guestRand(seed, name string, mac net.HardwareAddr) io.Reader {
 	return mathrand.NewChaCha8(key)
 }
 
+// guestMAC is the MAC of the lab's n-th guest: 52:54:00:4e:42:NN for the
+// first 255, then on into the fifth byte, so a lab never hands out one MAC
+// twice (a byte(n) wrapped after 256 guests).
+func guestMAC(n int) (net.HardwareAddr, error) {
+	if n < 1 || n > 0xbdff {
+		return nil, fmt.Errorf("lab: guest %d: out of MAC addresses", n)
+	}
+	return net.HardwareAddr{0x52, 0x54, 0x00, 0x4e, 0x42 + byte(n>>8), byte(n)}, nil
+}
+
 // absPaths makes the spec's host paths absolute: QEMU and the archive
 // builder run in other folders than the caller.
 func absPaths(spec *Spec) error {

@@ -53,3 +53,19 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 		assert.ErrorIs(t, err, bundle.ErrBad, name)
 	}
 }
+
+func TestGuestMACsNeverRepeat(t *testing.T) {
+	seen := map[string]int{}
+	for n := 1; n <= 0xbdff; n++ {
+		mac, err := guestMAC(n)
+		assert.NilError(t, err)
+		if m, dup := seen[mac.String()]; dup {
+			t.Fatalf("guests %d and %d share %s", m, n, mac)
+		}
+		seen[mac.String()] = n
+	}
+	first, _ := guestMAC(1)
+	assert.Equal(t, first.String(), "52:54:00:4e:42:01")
+	_, err := guestMAC(0xbe00)
+	assert.ErrorContains(t, err, "out of MAC addresses")
+}
