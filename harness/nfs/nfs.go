@@ -37,7 +37,7 @@ const Port = 2049
 // Server is a running NFS server.
 type Server struct {
 	tl   *timeline.Timeline
-	ln   net.Listener
+	ln   *gateListener
 	done chan struct{}
 
 	mu      sync.Mutex
@@ -66,19 +66,20 @@ func Start(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Server, error)
 // Serve serves NFS and MOUNT on ln (the lab uses the fabric host's port
 // 2049; unit tests use loopback).
 func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
-	s := &Server{tl: tl, ln: ln, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
+	s := &Server{tl: tl, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
+	s.ln = &gateListener{Listener: ln, emit: s.emit}
 	h := helpers.NewCachingHandler(&handler{s: s}, 4096)
 	srv := &gonfs.Server{Handler: h, Context: context.Background()}
 	go func() {
 		defer close(s.done)
-		srv.Serve(gateListener{Listener: ln, emit: s.emit})
+		srv.Serve(s.ln)
 	}()
 	return s
 }
 
-// Close stops the server.
+// Close stops the server and cuts the connections still open.
 func (s *Server) Close() error {
-	err := s.ln.Close()
+	err := s.ln.closeAll()
 	<-s.done
 	return err
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
@@ -81,4 +82,26 @@ func TestConfinedToExport(t *testing.T) {
 	}
 	_, err := target.GetAttr([]byte("0123456789abcdef0123456789abcdef"))
 	assert.Assert(t, err != nil, "a forged handle was accepted")
+}
+
+// Close cuts the connections clients left open (a guest that powered off
+// never closes its own): the client sees its connection end.
+func TestCloseCutsOpenConnections(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	s := Serve(ln, timeline.New())
+	c, err := net.Dial("tcp", ln.Addr().String())
+	assert.NilError(t, err)
+	defer c.Close()
+	time.Sleep(100 * time.Millisecond) // accepted
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close hangs")
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	assert.Assert(t, err != nil && !os.IsTimeout(err), "the connection is still open: %v", err)
 }

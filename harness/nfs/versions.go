@@ -26,6 +26,7 @@ type versionGate struct {
 	emit func(timeline.Event)
 
 	pending []byte // the rest of a passed call, for go-nfs's reads
+	done    func() // forgets the connection (gateListener)
 
 	mu     sync.Mutex // writes: go-nfs's replies and the gate's own
 	out    recordTracker
@@ -155,12 +156,58 @@ func (t *recordTracker) atBoundary() bool { return !t.mid }
 type gateListener struct {
 	net.Listener
 	emit func(timeline.Event)
+
+	mu     sync.Mutex
+	conns  map[*versionGate]bool // open, for closeAll
+	closed bool
 }
 
-func (l gateListener) Accept() (net.Conn, error) {
+func (l *gateListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	return newVersionGate(c, l.emit), nil
+	g := newVersionGate(c, l.emit)
+	g.done = func() {
+		l.mu.Lock()
+		delete(l.conns, g)
+		l.mu.Unlock()
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		c.Close()
+		return nil, net.ErrClosed
+	}
+	if l.conns == nil {
+		l.conns = map[*versionGate]bool{}
+	}
+	l.conns[g] = true
+	return g, nil
+}
+
+// closeAll stops accepting and cuts the connections still open: go-nfs
+// serves each until its client closes it, and a guest that powered off
+// never does.
+func (l *gateListener) closeAll() error {
+	l.mu.Lock()
+	l.closed = true
+	conns := make([]*versionGate, 0, len(l.conns))
+	for g := range l.conns {
+		conns = append(conns, g)
+	}
+	l.mu.Unlock()
+	err := l.Listener.Close()
+	for _, g := range conns {
+		g.Conn.Close()
+	}
+	return err
+}
+
+// Close closes the connection and forgets it.
+func (g *versionGate) Close() error {
+	if g.done != nil {
+		g.done()
+	}
+	return g.Conn.Close()
 }
