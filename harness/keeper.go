@@ -155,7 +155,7 @@ func (kp *keeper) swap() {
 		kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
 		return
 	}
-	if err := kp.fresh(context.Background()); err != nil {
+	if err := kp.fresh(kp.g.lab.ctx); err != nil {
 		kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
 	}
 }

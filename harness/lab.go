@@ -80,6 +80,10 @@ type Lab struct {
 	esp     *ipsec.Gateway // nil on a clear network
 	espBits int
 	opts    Options // as New completed them (Seed, ESPKeyBits)
+	// ctx is the lab's lifetime: work the services start for a guest
+	// (an archive rebuilt before a fetch) ends when the lab closes.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	ubootNFS map[string]bootcfg.Boot // U-Boot guests (by MAC) that boot over NFS
 
@@ -115,6 +119,7 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
 	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -196,7 +201,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	if rest != "initrd.img" || g.keeper == nil || g.keeper.served == "" {
 		return l.files(name, addr)
 	}
-	if err := g.keeper.fresh(context.Background()); err != nil {
+	if err := g.keeper.fresh(l.ctx); err != nil {
 		l.Timeline.Emit(timeline.Event{Source: "archive", Kind: "error", Guest: g.Name, Msg: "refresh before fetch: " + err.Error()})
 	}
 	f, err := l.files(name, addr)
@@ -353,6 +358,7 @@ func (l *Lab) Close() error {
 }
 
 func (l *Lab) close() error {
+	l.cancel()
 	l.mu.Lock()
 	l.closed = true
 	var gs []*Guest

@@ -365,15 +365,22 @@ func (p *Port) Close() {
 			}
 		}
 		p.f.mu.Unlock()
+		var capErr error
 		if p.pcap != nil {
 			p.pcap.mu.Lock()
-			if fw, ok := p.pcap.w.(*flushWriter); ok {
-				fw.bw.Flush()
+			if fw, ok := p.pcap.w.(*flushWriter); ok && p.pcap.err == nil {
+				p.pcap.err = fw.bw.Flush()
 			}
+			capErr = p.pcap.err
 			p.pcap.mu.Unlock()
 		}
 		if p.pcapF != nil {
-			p.pcapF.Close()
+			if err := p.pcapF.Close(); capErr == nil {
+				capErr = err
+			}
+		}
+		if capErr != nil {
+			p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "capture-error", Guest: p.Name, Msg: "network.pcapng is incomplete: " + capErr.Error()})
 		}
 	})
 }

@@ -12,8 +12,9 @@ import (
 // pcapng writes Ethernet frames as a pcapng stream (one section, one
 // interface, enhanced packet blocks with microsecond timestamps).
 type pcapng struct {
-	mu sync.Mutex
-	w  io.Writer
+	mu  sync.Mutex
+	w   io.Writer
+	err error // the first write error
 }
 
 func newPcapng(w io.Writer) (*pcapng, error) {
@@ -56,7 +57,11 @@ func (p *pcapng) write(t time.Time, frame []byte) {
 	copy(b[28:], frame)
 	le.PutUint32(b[total-4:], uint32(total))
 	p.mu.Lock()
-	p.w.Write(b)
+	if p.err == nil {
+		// The first failure (a full disk) is kept and reported when the
+		// port closes: the capture is incomplete from there.
+		_, p.err = p.w.Write(b)
+	}
 	p.mu.Unlock()
 }
 

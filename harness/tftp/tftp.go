@@ -162,9 +162,15 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 		return
 	}
 	defer conn.Close()
+	// The server closing cuts the transfer; the watcher ends with it.
+	finished := make(chan struct{})
+	defer close(finished)
 	go func() {
-		<-s.close
-		conn.Close()
+		select {
+		case <-s.close:
+			conn.Close()
+		case <-finished:
+		}
 	}()
 	client := peer.String()
 	addr := peer.IP.String()
