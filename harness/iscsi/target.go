@@ -3,8 +3,8 @@ package iscsi
 import (
 	"bufio"
 	"crypto/md5"
-	"crypto/subtle"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
