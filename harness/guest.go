@@ -495,7 +495,9 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 				return err
 			}
 		}
-		l.nfs.Export(NFSExport, g.IP, base)
+		if err := l.nfs.Export(NFSExport, g.IP, base); err != nil {
+			return err
+		}
 		root, err := os.OpenRoot(base)
 		if err != nil {
 			return err

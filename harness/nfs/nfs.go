@@ -17,7 +17,6 @@ import (
 	"sync"
 	"time"
 
-	securejoin "github.com/cyphar/filepath-securejoin"
 	billy "github.com/go-git/go-billy/v5"
 	"github.com/go-git/go-billy/v5/osfs"
 	gonfs "github.com/willscott/go-nfs"
@@ -81,17 +80,34 @@ func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 func (s *Server) Close() error {
 	err := s.ln.closeAll()
 	<-s.done
+	s.mu.Lock()
+	for _, byIP := range s.exports {
+		for _, fs := range byIP {
+			if c, ok := fs.(*changeFS); ok {
+				c.root.Close()
+			}
+		}
+	}
+	s.mu.Unlock()
 	return err
 }
 
 // Export serves dir as path to the client at ip.
-func (s *Server) Export(path, ip, dir string) {
+func (s *Server) Export(path, ip, dir string) error {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return fmt.Errorf("nfs: export %s: %w", path, err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.exports[path] == nil {
 		s.exports[path] = map[string]billy.Filesystem{}
 	}
-	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: dir}
+	if old, ok := s.exports[path][ip].(*changeFS); ok {
+		old.root.Close()
+	}
+	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: root}
+	return nil
 }
 
 func (s *Server) lookup(path, ip string) (billy.Filesystem, bool) {
@@ -151,44 +167,36 @@ func (h *handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil 
 func (h *handler) HandleLimit() int                                { return 4096 }
 
 // changeFS adds attribute changes (chmod, chown, utimes) to the bound OS
-// filesystem, resolving paths inside root the same way it does.
+// filesystem through an os.Root: each change resolves its path and acts on
+// it in one step inside the export, so a guest that swaps a component for
+// a symlink between a lookup and the change cannot reach outside (a
+// resolve-then-os.Chmod would follow the new link, as root in CI).
 type changeFS struct {
 	billy.Filesystem
-	root string
+	root *os.Root
 }
 
-func (c *changeFS) real(name string) (string, error) {
-	return securejoin.SecureJoin(c.root, name)
+// inRoot is a client path as a name relative to the export's root.
+func inRoot(name string) string {
+	rel := strings.TrimLeft(filepath.Clean("/"+name), "/")
+	if rel == "" {
+		return "."
+	}
+	return rel
 }
 
 func (c *changeFS) Chmod(name string, mode os.FileMode) error {
-	p, err := c.real(name)
-	if err != nil {
-		return err
-	}
-	return os.Chmod(p, mode)
+	return c.root.Chmod(inRoot(name), mode)
 }
 
 func (c *changeFS) Lchown(name string, uid, gid int) error {
-	p, err := c.real(filepath.Dir(name))
-	if err != nil {
-		return err
-	}
-	return os.Lchown(filepath.Join(p, filepath.Base(name)), uid, gid)
+	return c.root.Lchown(inRoot(name), uid, gid)
 }
 
 func (c *changeFS) Chown(name string, uid, gid int) error {
-	p, err := c.real(name)
-	if err != nil {
-		return err
-	}
-	return os.Chown(p, uid, gid)
+	return c.root.Chown(inRoot(name), uid, gid)
 }
 
 func (c *changeFS) Chtimes(name string, atime, mtime time.Time) error {
-	p, err := c.real(name)
-	if err != nil {
-		return err
-	}
-	return os.Chtimes(p, atime, mtime)
+	return c.root.Chtimes(inRoot(name), atime, mtime)
 }

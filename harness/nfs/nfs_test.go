@@ -105,3 +105,40 @@ func TestCloseCutsOpenConnections(t *testing.T) {
 	_, err = c.Read(make([]byte, 1))
 	assert.Assert(t, err != nil && !os.IsTimeout(err), "the connection is still open: %v", err)
 }
+
+// Attribute changes act inside the export only: through a symlink that
+// leads out (as a guest would swap one in between a lookup and a SETATTR)
+// they fail and the file outside keeps its mode and times.
+func TestAttributeChangesStayInside(t *testing.T) {
+	base := t.TempDir()
+	root, outside := filepath.Join(base, "root"), filepath.Join(base, "outside")
+	assert.NilError(t, os.MkdirAll(root, 0o755))
+	assert.NilError(t, os.MkdirAll(outside, 0o755))
+	secret := filepath.Join(outside, "secret")
+	assert.NilError(t, os.WriteFile(secret, []byte("x"), 0o600))
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "mine"), []byte("y"), 0o644))
+	assert.NilError(t, os.Symlink(secret, filepath.Join(root, "link-abs")))
+	assert.NilError(t, os.Symlink("../outside/secret", filepath.Join(root, "link-rel")))
+	assert.NilError(t, os.Symlink("../outside", filepath.Join(root, "dir-link")))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	s := Serve(ln, timeline.New())
+	defer s.Close()
+	assert.NilError(t, s.Export("/nbh/root", "127.0.0.1", root))
+	fs, ok := s.lookup("/nbh/root", "127.0.0.1")
+	assert.Assert(t, ok)
+	c := fs.(*changeFS)
+	past := time.Unix(1000, 0)
+	for _, name := range []string{"/link-abs", "link-rel", "/dir-link/secret", "/../outside/secret"} {
+		assert.Check(t, c.Chmod(name, 0o777) != nil, "chmod %s", name)
+		assert.Check(t, c.Chtimes(name, past, past) != nil, "chtimes %s", name)
+	}
+	fi, err := os.Stat(secret)
+	assert.NilError(t, err)
+	assert.Equal(t, fi.Mode().Perm(), os.FileMode(0o600))
+	assert.Assert(t, !fi.ModTime().Equal(past))
+	assert.NilError(t, c.Chmod("/mine", 0o600))
+	fi, err = os.Stat(filepath.Join(root, "mine"))
+	assert.NilError(t, err)
+	assert.Equal(t, fi.Mode().Perm(), os.FileMode(0o600))
+}
