@@ -70,7 +70,8 @@ func (g *Guest) espKeys() ([]byte, error) {
 		return nil, err
 	}
 	g.espAddr = addr
-	g.lab.esp.AddPeer(&ipsec.Peer{Addr: addr, In: saIn, Out: saOut})
+	g.espPeer = &ipsec.Peer{Addr: addr, In: saIn, Out: saOut}
+	g.lab.esp.AddPeer(g.espPeer)
 	if g.plan.espNoKeys {
 		return nil, nil
 	}

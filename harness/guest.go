@@ -21,6 +21,7 @@ import (
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/console"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
@@ -156,10 +157,11 @@ type Guest struct {
 	plan    plan
 	lun     *iscsi.LUN
 	chap    *iscsi.CHAP
-	keeper  *keeper    // the reference archive; nil for another archive
-	rootFS  *os.Root   // the guest's root tree on the host, for lookups (NFS)
-	espAddr netip.Addr // the address its SAs are for (an IPsec network)
-	espConf []byte     // the ESP keys its archive carries
+	keeper  *keeper     // the reference archive; nil for another archive
+	rootFS  *os.Root    // the guest's root tree on the host, for lookups (NFS)
+	espAddr netip.Addr  // the address its SAs are for (an IPsec network)
+	espConf []byte      // the ESP keys its archive carries
+	espPeer *ipsec.Peer // its SAs in the lab's gateway
 	expect  *regexp.Regexp
 	proc    *qemu.Process
 	con     *console.Console
@@ -245,7 +247,15 @@ func (l *Lab) Provision(ctx context.Context, spec Spec) (*Guest, error) {
 }
 
 // provision is Boot up to QEMU.
-func (l *Lab) provision(ctx context.Context, spec Spec) (*Guest, error) {
+func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
+	// A failure part-way gives back what was already set up: a guest not
+	// registered yet is not one Lab.Close would find.
+	var made *Guest
+	defer func() {
+		if err != nil && made != nil {
+			made.release()
+		}
+	}()
 	prof, err := qemu.Lookup(spec.Arch, spec.Firmware)
 	if err != nil {
 		return nil, err
@@ -358,6 +368,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (*Guest, error) {
 		MAC: mac, n: n,
 		decided: make(chan struct{}),
 	}
+	made = g
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
 	g.Dir = spec.Artifacts
 	if g.Dir == "" {
@@ -1135,12 +1146,34 @@ func (g *Guest) close() error {
 			f.Close()
 		}
 	}
+	g.release()
+	return err
+}
+
+// release gives back what the lab holds for the guest: its exports, SAs
+// and fault rules, its LUN and root handles, and its private files. A guest
+// booted again under its name provisions them anew.
+func (g *Guest) release() {
+	l := g.lab
+	switch g.spec.Root {
+	case RootNFS:
+		l.nfs.Unexport(NFSExport, g.IP)
+	case RootISCSI:
+		if g.lun != nil {
+			l.iscsi.Unexport(ISCSITarget, g.IP, g.lun)
+		}
+	}
+	if g.espPeer != nil {
+		l.esp.RemovePeer(g.espPeer)
+	}
+	l.Fabric.RemoveRules(g.Name)
 	if g.lun != nil {
 		g.lun.Close()
 	}
 	if g.rootFS != nil {
 		g.rootFS.Close()
 	}
-	os.RemoveAll(g.private)
-	return err
+	if g.private != "" {
+		os.RemoveAll(g.private)
+	}
 }

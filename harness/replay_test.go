@@ -3,6 +3,9 @@ package harness
 import (
 	"bytes"
 	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"gotest.tools/v3/assert"
@@ -34,4 +37,23 @@ func TestReplayMakesTheSameSecrets(t *testing.T) {
 	assert.Equal(t, chap1, chap2)
 	assert.Assert(t, !bytes.Equal(esp1, esp3))
 	assert.Assert(t, chap1 != chap3)
+}
+
+// A boot that fails after provisioning began gives back what it set up:
+// the export, the SAs, the private folder (the guest was never registered,
+// so Lab.Close would not find them).
+func TestFailedProvisionLeavesNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a root from the image cache; skipped with -short")
+	}
+	l, err := New(Options{IPsec: ipsec.Required()})
+	assert.NilError(t, err)
+	defer l.Close()
+	_, err = l.Provision(context.Background(), Spec{Arch: "amd64", Firmware: "seabios-ipxe", Root: RootNFS,
+		Name: "g1", Kernel: "/nonexistent/vmlinuz", Initrd: "/nonexistent/initrd"})
+	assert.ErrorContains(t, err, "nonexistent")
+	assert.Assert(t, !l.nfs.Exported(NFSExport, "10.0.2.15"), "the NFS export outlived the failed boot")
+	assert.Assert(t, l.esp.Peer(netip.MustParseAddr("10.0.2.15")) == nil, "the SAs outlived the failed boot")
+	_, err = os.Stat(filepath.Join(l.work, "guest-g1"))
+	assert.Assert(t, os.IsNotExist(err), "the private folder outlived the failed boot")
 }

@@ -55,6 +55,20 @@ func (g *Gateway) AddPeer(p *Peer) {
 	}
 }
 
+// RemovePeer uninstalls p's SAs, if they are still the ones for its
+// address.
+func (g *Gateway) RemovePeer(p *Peer) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.peers[p.Addr] != p {
+		return
+	}
+	delete(g.peers, p.Addr)
+	if p.In != nil && g.bySPI[p.In.SPI] == p {
+		delete(g.bySPI, p.In.SPI)
+	}
+}
+
 // Peer returns the guest's SAs, if any.
 func (g *Gateway) Peer(addr netip.Addr) *Peer {
 	g.mu.Lock()

@@ -53,6 +53,16 @@ func Serve(ln net.Listener, portal string, tl *timeline.Timeline) *Server {
 	return s
 }
 
+// Unexport withdraws target iqn from the client at ip, if lun is still
+// what it serves there.
+func (s *Server) Unexport(iqn, ip string, lun *LUN) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.exports[iqn][ip]; ok && e.lun == lun {
+		delete(s.exports[iqn], ip)
+	}
+}
+
 // Export makes lun the target iqn for the client at ip, behind chap if set.
 func (s *Server) Export(iqn, ip string, lun *LUN, chap *CHAP) {
 	s.mu.Lock()

@@ -186,6 +186,20 @@ func (p *Port) oversize(frame []byte, dir Dir) bool {
 	return true
 }
 
+// RemoveRules uninstalls the fault rules of guest.
+func (f *Fabric) RemoveRules(guest string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	kept := f.rules[:0]
+	for _, r := range f.rules {
+		if r.Guest != guest {
+			kept = append(kept, r)
+		}
+	}
+	clear(f.rules[len(kept):])
+	f.rules = kept
+}
+
 // AddRule installs a packet fault rule.
 func (f *Fabric) AddRule(r Rule) {
 	f.mu.Lock()

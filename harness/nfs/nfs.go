@@ -92,6 +92,16 @@ func (s *Server) Close() error {
 	return err
 }
 
+// Unexport withdraws path from the client at ip.
+func (s *Server) Unexport(path, ip string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.exports[path][ip].(*changeFS); ok {
+		c.root.Close()
+		delete(s.exports[path], ip)
+	}
+}
+
 // Export serves dir as path to the client at ip.
 func (s *Server) Export(path, ip, dir string) error {
 	root, err := os.OpenRoot(dir)
@@ -108,6 +118,12 @@ func (s *Server) Export(path, ip, dir string) error {
 	}
 	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: root}
 	return nil
+}
+
+// Exported reports whether path is exported to the client at ip.
+func (s *Server) Exported(path, ip string) bool {
+	_, ok := s.lookup(path, ip)
+	return ok
 }
 
 func (s *Server) lookup(path, ip string) (billy.Filesystem, bool) {
