@@ -188,7 +188,18 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	guest, rest, _ := strings.Cut(strings.TrimLeft(name, "/"), "/")
 	l.mu.Lock()
 	g := l.byName[guest]
+	owner := g
+	if mac, ok := strings.CutPrefix(strings.TrimLeft(name, "/"), "pxelinux.cfg/01-"); ok {
+		owner = l.guests[strings.ReplaceAll(mac, "-", ":")]
+	}
 	l.mu.Unlock()
+	// A guest's boot files (its loader config with its command line, its
+	// archive with its keys, its root tree) go to that guest only.
+	if owner != nil && addr != owner.IP {
+		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
+			Msg: fmt.Sprintf("%s asked for %s, which belongs to %s (%s)", addr, name, owner.Name, owner.IP)})
+		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
+	}
 	if g == nil {
 		return l.files(name, addr)
 	}

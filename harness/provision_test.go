@@ -3,9 +3,11 @@ package harness
 import (
 	"bytes"
 	"context"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"gotest.tools/v3/assert"
@@ -56,4 +58,41 @@ func TestFailedProvisionLeavesNothing(t *testing.T) {
 	assert.Assert(t, l.esp.Peer(netip.MustParseAddr("10.0.2.15")) == nil, "the SAs outlived the failed boot")
 	_, err = os.Stat(filepath.Join(l.work, "guest-g1"))
 	assert.Assert(t, os.IsNotExist(err), "the private folder outlived the failed boot")
+}
+
+// A guest's boot files are served to that guest only: another guest asking
+// for its loader script, archive or root files is refused (and recorded).
+func TestBootFilesOnlyToTheirGuest(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds boot archives from the image cache; skipped with -short")
+	}
+	l, err := New(Options{})
+	assert.NilError(t, err)
+	defer l.Close()
+	var gs []*Guest
+	for _, name := range []string{"g1", "g2"} {
+		g, err := l.Provision(context.Background(), Spec{Arch: "arm64", Firmware: "uboot", Root: RootNFS, Name: name})
+		assert.NilError(t, err)
+		gs = append(gs, g)
+	}
+	g1, g2 := gs[0], gs[1]
+	mac1 := strings.ReplaceAll(g1.MAC.String(), ":", "-")
+	for _, name := range []string{"g1/vmlinuz", "g1/initrd.img", "g1/files/etc/nbh/boot.conf", "pxelinux.cfg/01-" + mac1} {
+		f, err := l.open(name, g1.IP)
+		assert.NilError(t, err, "%s to its own guest", name)
+		f.Close()
+		_, err = l.open(name, g2.IP)
+		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
+	}
+	refused := 0
+	for _, e := range l.Timeline.Events("") {
+		if e.Kind == "refused" {
+			refused++
+		}
+	}
+	assert.Equal(t, refused, 4)
+	// What every guest needs stays shared.
+	f, err := l.open("boot.scr.uimg", g2.IP)
+	assert.NilError(t, err)
+	f.Close()
 }
