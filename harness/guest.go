@@ -442,6 +442,9 @@ func (g *Guest) start() error {
 		g.Close()
 		return err
 	}
+	if ip, err := netip.ParseAddr(g.IP); err == nil {
+		g.port.Bind(ip) // it speaks from its lease only
+	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
 		return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"strings"
 
@@ -21,7 +22,7 @@ import (
 // answers a new machine. template.Artifacts, if set, is the folder the
 // guests' artifacts go under, one folder per guest.
 func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer, error) {
-	return l.Fabric.Listen(path, func(mac net.HardwareAddr) (string, string, error) {
+	return l.Fabric.Listen(path, func(mac net.HardwareAddr) (string, string, netip.Addr, error) {
 		l.mu.Lock()
 		g := l.guests[mac.String()]
 		l.mu.Unlock()
@@ -36,13 +37,14 @@ func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer
 			}
 			var err error
 			if g, err = l.Provision(ctx, spec); err != nil {
-				return "", "", fmt.Errorf("provisioning a new guest for %s: %w", mac, err)
+				return "", "", netip.Addr{}, fmt.Errorf("provisioning a new guest for %s: %w", mac, err)
 			}
 		}
 		if g.proc != nil {
-			return "", "", fmt.Errorf("%s is guest %s's, whose QEMU the lab runs", mac, g.Name)
+			return "", "", netip.Addr{}, fmt.Errorf("%s is guest %s's, whose QEMU the lab runs", mac, g.Name)
 		}
-		return g.Name, filepath.Join(g.Dir, "network.pcapng"), nil
+		ip, _ := netip.ParseAddr(g.IP)
+		return g.Name, filepath.Join(g.Dir, "network.pcapng"), ip, nil
 	})
 }
 

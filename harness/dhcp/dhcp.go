@@ -172,6 +172,14 @@ func (s *Server) Lease(mac net.HardwareAddr) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("dhcp: address pool of %s exhausted", s.cfg.Subnet)
 }
 
+// leaseOf is mac's lease, if it has one.
+func (s *Server) leaseOf(mac net.HardwareAddr) (netip.Addr, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ip, ok := s.leases[mac.String()]
+	return ip, ok
+}
+
 // Reserve leases ip to mac: a replay of a recorded boot gets the address
 // the recorded guest had. It fails when ip is outside the pool's subnet,
 // the server's own, or another MAC's.
@@ -244,9 +252,11 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: " + mt.String(), Detail: detail, Stage: stageFor(mt)})
 		return
 	}
-	ip, err := s.Lease(m.ClientHWAddr)
-	if err != nil {
-		s.emit(timeline.Event{Kind: "error", MAC: mac, Msg: err.Error()})
+	// Only machines the lab leased an address to get one: a guest making
+	// up MACs cannot drain the pool for the next (DHCP starvation).
+	ip, ok := s.leaseOf(m.ClientHWAddr)
+	if !ok {
+		s.emit(timeline.Event{Kind: "refused", MAC: mac, Msg: "a MAC the lab has no guest for: " + mt.String(), Detail: detail})
 		return
 	}
 	var reply dhcpv4.MessageType

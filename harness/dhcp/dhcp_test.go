@@ -37,11 +37,14 @@ func (r *recorder) SetDeadline(time.Time) error            { return nil }
 func (r *recorder) SetReadDeadline(time.Time) error        { return nil }
 func (r *recorder) SetWriteDeadline(time.Time) error       { return nil }
 
+// newServer is a server that knows the test's MAC (leased 10.0.2.15), as
+// the lab leases its guests' addresses before they boot.
 func newServer(policy Policy) (*Server, *timeline.Timeline) {
 	tl := timeline.New()
 	s := &Server{cfg: Config{ServerIP: netip.MustParseAddr("10.0.2.2"), Subnet: netip.MustParsePrefix("10.0.2.0/24"),
 		PoolStart: netip.MustParseAddr("10.0.2.15"), LeaseTime: time.Hour, Policy: policy, Timeline: tl},
 		leases: map[string]netip.Addr{}, silent: map[string]bool{}, next: netip.MustParseAddr("10.0.2.15")}
+	s.Lease(mac)
 	return s, tl
 }
 
@@ -158,4 +161,20 @@ func TestReserveGivesTheRecordedAddress(t *testing.T) {
 	for _, bad := range []string{"10.0.2.18", "10.0.2.2", "10.0.2.0", "10.0.2.255", "10.0.3.5"} {
 		assert.Check(t, s.Reserve(net.HardwareAddr{2, 0, 0, 0, 0, 9}, netip.MustParseAddr(bad)) != nil, "reserved %s", bad)
 	}
+}
+
+// A MAC the lab leased nothing to gets no answer and no address, however
+// many a guest makes up: the pool is not drained.
+func TestUnknownMACsGetNothing(t *testing.T) {
+	s, tl := newServer(func(Client) Boot { return Boot{} })
+	r := &recorder{}
+	for i := 0; i < 300; i++ {
+		m, err := dhcpv4.NewDiscovery(net.HardwareAddr{2, 0, 0, 0, byte(i >> 8), byte(i)})
+		assert.NilError(t, err)
+		s.handle(r, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, m)
+	}
+	assert.Equal(t, len(r.sent), 0)
+	assert.Equal(t, len(s.leases), 1, "only the lab's own guest has a lease")
+	evs := tl.Events("")
+	assert.Equal(t, evs[len(evs)-1].Kind, "refused")
 }

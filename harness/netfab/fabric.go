@@ -222,8 +222,10 @@ type Port struct {
 	pcapF    *os.File
 	closed   chan struct{}
 	once     sync.Once
-	learn    Learn // set until a port that joined through Listen is named
-	joined   bool  // joined through Listen: its QEMU leaving ends it
+	learn    Learn                      // set until a port that joined through Listen is named
+	joined   bool                       // joined through Listen: its QEMU leaving ends it
+	ip       atomic.Pointer[netip.Addr] // the address it speaks from (Bind)
+	spoofs   atomic.Int64
 }
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
@@ -278,8 +280,9 @@ func (f *Fabric) plug(p *Port) {
 }
 
 // Learn names a port that joined through Listen, from the source MAC of its
-// first frame: the port's name and capture path, or an error to refuse it.
-type Learn func(mac net.HardwareAddr) (name, capture string, err error)
+// first frame: the port's name, capture path and the address it may speak
+// from (invalid: not bound yet), or an error to refuse it.
+type Learn func(mac net.HardwareAddr) (name, capture string, ip netip.Addr, err error)
 
 // Listen lets QEMUs started outside the lab join the segment through a unix
 // socket at path (-netdev stream,addr.type=unix,addr.path=PATH): each
@@ -322,7 +325,7 @@ func (p *Port) learnFrom(frame []byte) bool {
 		return false
 	}
 	mac := net.HardwareAddr(append([]byte(nil), frame[6:12]...))
-	name, capture, err := p.learn(mac)
+	name, capture, ip, err := p.learn(mac)
 	p.f.mu.Lock()
 	for i, q := range p.f.joining {
 		if q == p {
@@ -343,6 +346,9 @@ func (p *Port) learnFrom(frame []byte) bool {
 		return false
 	}
 	p.Name, p.MAC, p.learn = name, mac, nil
+	if ip.IsValid() {
+		p.Bind(ip)
+	}
 	p.f.plug(p)
 	p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "joined", Guest: name, MAC: mac.String(), Msg: "a QEMU joined through the socket"})
 	return true
@@ -494,6 +500,10 @@ func (p *Port) writeLoop() {
 func (f *Fabric) fromGuest(p *Port, frame []byte) {
 	fi, ok := parseFrame(frame)
 	if !ok || p.oversize(frame, FromGuest) {
+		return
+	}
+	if why := p.spoofed(frame, fi); why != "" {
+		p.refuse(why)
 		return
 	}
 	frame, delay, ok := f.applyRules(p, FromGuest, frame, fi)

@@ -3,6 +3,7 @@ package netfab
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -244,9 +245,9 @@ func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "net.sock")
 	var learned atomic.Int32
-	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, error) {
+	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, netip.Addr, error) {
 		learned.Add(1)
-		return "g1", filepath.Join(dir, "g1.pcapng"), nil
+		return "g1", filepath.Join(dir, "g1.pcapng"), netip.MustParseAddr("10.0.2.40"), nil
 	})
 	assert.NilError(t, err)
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
@@ -301,4 +302,74 @@ func arpRequestFrame(mac net.HardwareAddr, from, to netip.Addr) []byte {
 	copy(f[28:32], a[:])
 	copy(f[38:42], b[:])
 	return f
+}
+
+// udpFrame is an IPv4/UDP frame from mac and src to the host's port dport.
+func udpFrame(mac net.HardwareAddr, src netip.Addr, dport uint16, payload []byte) []byte {
+	f := make([]byte, 14+20+8+len(payload))
+	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:12], mac)
+	binary.BigEndian.PutUint16(f[12:], 0x0800)
+	ip := f[14:]
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], uint16(20+8+len(payload)))
+	ip[8], ip[9] = 64, 17
+	a := src.As4()
+	copy(ip[12:16], a[:])
+	copy(ip[16:20], []byte{255, 255, 255, 255})
+	binary.BigEndian.PutUint16(ip[20:], 68)
+	binary.BigEndian.PutUint16(ip[22:], dport)
+	binary.BigEndian.PutUint16(ip[24:], uint16(8+len(payload)))
+	copy(ip[28:], payload)
+	return f
+}
+
+// A port speaks only as its guest: another source MAC, an address that is
+// not its lease (in IPv4 or ARP), or a DHCP message for another hardware
+// address is dropped and recorded; its own ARP is answered.
+func TestPortSecurity(t *testing.T) {
+	tl := timeline.New()
+	f, err := New(tl, Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	port, err := f.AddPort("g7", mac, "")
+	assert.NilError(t, err)
+	port.Bind(netip.MustParseAddr("10.0.2.40"))
+	qemu := port.QEMUFile()
+	send := func(frame []byte) {
+		_, err := qemu.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(frame))), frame...))
+		assert.NilError(t, err)
+	}
+	other := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8}
+	dhcp := make([]byte, 240)
+	dhcp[0], dhcp[1], dhcp[2] = 1, 1, 6
+	copy(dhcp[28:], other) // chaddr: another machine
+	for _, frame := range [][]byte{
+		arpRequestFrame(other, netip.MustParseAddr("10.0.2.41"), f.HostIP), // another MAC
+		arpRequestFrame(mac, netip.MustParseAddr("10.0.2.99"), f.HostIP),   // another address
+		udpFrame(mac, netip.MustParseAddr("10.0.2.99"), 9, []byte("x")),    // IPv4 from another address
+		udpFrame(mac, netip.MustParseAddr("0.0.0.0"), 67, dhcp),            // DHCP for another MAC
+		arpRequestFrame(mac, netip.MustParseAddr("10.0.2.40"), f.HostIP),   // its own: answered
+	} {
+		send(frame)
+	}
+	qemu.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hdr [4]byte
+	_, err = io.ReadFull(qemu, hdr[:])
+	assert.NilError(t, err, "its own ARP was not answered")
+	reply := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+	_, err = io.ReadFull(qemu, reply)
+	assert.NilError(t, err)
+	assert.Equal(t, net.IP(reply[38:42]).String(), "10.0.2.40", "the answer went to another address")
+	var spoofs []string
+	for _, e := range tl.Events("") {
+		if e.Kind == "spoofed" {
+			spoofs = append(spoofs, e.Msg)
+		}
+	}
+	assert.Equal(t, len(spoofs), 3, "%v", spoofs) // 1st, 2nd, 4th of four (powers of two)
+	assert.Assert(t, strings.Contains(spoofs[0], "source MAC 52:54:00:4e:42:08"), spoofs[0])
+	assert.Assert(t, strings.Contains(spoofs[1], "ARP from g7's port claims 10.0.2.99"), spoofs[1])
+	assert.Assert(t, strings.Contains(spoofs[2], "DHCP from g7's port for hardware address 52:54:00:4e:42:08"), spoofs[2])
 }

@@ -1,0 +1,71 @@
+package netfab
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Port security, as a switch with port security and DHCP snooping does it:
+// a port speaks only as its guest. Its frames carry the port's MAC; its IPv4
+// packets and ARP come from the address the lab leased it (or 0.0.0.0,
+// before it has one); its DHCP messages ask for the port's MAC. Anything
+// else is dropped and recorded: one guest cannot pose as another, or make
+// up machines to drain the DHCP pool.
+
+// Bind fixes the IPv4 address the port's guest speaks from (its lease).
+func (p *Port) Bind(ip netip.Addr) { p.ip.Store(&ip) }
+
+// spoofed says why a frame from the port is not its guest's, or "".
+func (p *Port) spoofed(frame []byte, fi frameInfo) string {
+	if !bytes.Equal(fi.src, p.MAC) {
+		return fmt.Sprintf("source MAC %s on %s's port (%s)", fi.src, p.Name, p.MAC)
+	}
+	var bound netip.Addr
+	if b := p.ip.Load(); b != nil {
+		bound = *b
+	}
+	okIP := func(b []byte) (netip.Addr, bool) {
+		a := netip.AddrFrom4([4]byte(b))
+		return a, a.IsUnspecified() || !bound.IsValid() || a == bound
+	}
+	switch fi.etherType {
+	case 0x0806: // ARP: sender hardware and protocol address
+		if len(frame) < 42 {
+			return ""
+		}
+		if !bytes.Equal(frame[22:28], p.MAC) {
+			return fmt.Sprintf("ARP from %s's port names hardware address %s", p.Name, net.HardwareAddr(frame[22:28]))
+		}
+		if a, ok := okIP(frame[28:32]); !ok {
+			return fmt.Sprintf("ARP from %s's port claims %s (its lease is %s)", p.Name, a, bound)
+		}
+	case 0x0800:
+		if len(frame) < 34 {
+			return ""
+		}
+		if a, ok := okIP(frame[26:30]); !ok {
+			return fmt.Sprintf("IPv4 from %s's port with source %s (its lease is %s)", p.Name, a, bound)
+		}
+		// DHCP to the server: the client hardware address is the port's.
+		if fi.proto == 17 && fi.dstPort == 67 && fi.l4 > 0 && len(frame) >= fi.l4+8+34 {
+			if ch := frame[fi.l4+8+28 : fi.l4+8+34]; !bytes.Equal(ch, p.MAC) {
+				return fmt.Sprintf("DHCP from %s's port for hardware address %s", p.Name, net.HardwareAddr(ch))
+			}
+		}
+	}
+	return ""
+}
+
+// refuse records a spoofed frame: the first of a port's, then every power
+// of two, so a flood does not flood the timeline.
+func (p *Port) refuse(why string) {
+	if n := p.spoofs.Add(1); n&(n-1) == 0 {
+		p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "spoofed", Guest: p.Name, MAC: p.MAC.String(),
+			Msg: fmt.Sprintf("%s: dropped (%d so far)", why, n), Detail: map[string]any{"count": n}})
+	}
+}
+
