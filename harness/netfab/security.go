@@ -68,4 +68,3 @@ func (p *Port) refuse(why string) {
 			Msg: fmt.Sprintf("%s: dropped (%d so far)", why, n), Detail: map[string]any{"count": n}})
 	}
 }
-
