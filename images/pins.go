@@ -44,9 +44,17 @@ func Pinned(arch string) (PinSet, error) {
 	if err != nil {
 		return PinSet{}, fmt.Errorf("images: no pins for architecture %q (amd64 or arm64)", arch)
 	}
+	return parsePins(PinsFile(arch), b)
+}
+
+// parsePins reads a pins file's contents; name says which file.
+func parsePins(name string, b []byte) (PinSet, error) {
 	var s PinSet
 	if err := json.Unmarshal(b, &s); err != nil {
-		return PinSet{}, fmt.Errorf("images: %s: %w", PinsFile(arch), err)
+		return PinSet{}, fmt.Errorf("images: %s: %w", name, err)
+	}
+	if s.Arch == "" || len(s.Packages) == 0 {
+		return PinSet{}, fmt.Errorf("images: %s: no architecture or no packages", name)
 	}
 	return s, nil
 }
@@ -81,14 +89,7 @@ func ReadPins(path string) (PinSet, error) {
 	if err != nil {
 		return PinSet{}, fmt.Errorf("images: %w", err)
 	}
-	var s PinSet
-	if err := json.Unmarshal(b, &s); err != nil {
-		return PinSet{}, fmt.Errorf("images: %s: %w", path, err)
-	}
-	if s.Arch == "" || len(s.Packages) == 0 {
-		return PinSet{}, fmt.Errorf("images: %s: no architecture or no packages", path)
-	}
-	return s, nil
+	return parsePins(path, b)
 }
 
 // Pins lists the pinned packages of arch as "name version" lines.

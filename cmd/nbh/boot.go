@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/term"
@@ -125,18 +124,11 @@ func bootCmd(ctx context.Context, args []string) int {
 		spec.Initrd = a.Path
 	}
 
-	var out sync.Mutex
-	say := func(format string, a ...any) {
-		out.Lock()
-		fmt.Fprintf(os.Stderr, format, a...)
-		out.Unlock()
-	}
-	var start time.Time
+	start := time.Now()
 	if !*quiet {
-		spec.OnStage = liveStage(&start)
+		spec.OnStage = liveStage(start, false)
 	}
-	start = time.Now()
-	say("nbh: booting %s/%s\n", *arch, *firmware)
+	fmt.Fprintf(os.Stderr, "nbh: booting %s/%s\n", *arch, *firmware)
 	opts.Log = os.Stderr
 	if *quiet {
 		opts.Log = nil

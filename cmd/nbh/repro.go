@@ -18,6 +18,7 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/matrix"
+	"nbh.dev/nbh/report"
 )
 
 // isBundle reports whether dir holds a repro bundle.
@@ -111,9 +112,8 @@ Flags:
 		}
 		spec.Artifacts = dir
 		spec.OnStage = nil
-		start := time.Now()
 		if !*quiet && *count == 1 {
-			spec.OnStage = liveStage(&start)
+			spec.OnStage = liveStage(time.Now(), false)
 		}
 		boot := matrix.Boot
 		if *interactive {
@@ -245,7 +245,7 @@ func compareTable(rec bundle.Verdict, v harness.Verdict, spans []timeline.Span, 
 	for _, s := range spans {
 		newSpan[s.Stage.String()] = s
 	}
-	for _, st := range append([]string{"firmware", "dhcp", "loader", "kernel", "init", "root"}, "marker") {
+	for _, st := range append(append([]string(nil), report.Stages...), "marker") {
 		r, rok := recSpan[st]
 		n, nok := newSpan[st]
 		if !rok && !nok {
@@ -270,14 +270,20 @@ func compareTable(rec bundle.Verdict, v harness.Verdict, spans []timeline.Span, 
 	return b.String()
 }
 
-// liveStage prints each stage as a guest reaches it, as nbh boot does.
-func liveStage(start *time.Time) func(timeline.Event) {
+// liveStage prints each stage as a guest reaches it, with the guest's name
+// when several boot (nbh serve). One Fprintf is one write: lines from
+// concurrent guests do not mix.
+func liveStage(start time.Time, withGuest bool) func(timeline.Event) {
 	return func(e timeline.Event) {
 		msg := e.Msg
 		if len(msg) > 90 {
 			msg = msg[:87] + "..."
 		}
-		fmt.Fprintf(os.Stderr, "  [%6.2fs] %-8s %s: %s\n", time.Since(*start).Seconds(), e.Stage, e.Source, msg)
+		guest := ""
+		if withGuest {
+			guest = fmt.Sprintf("%-9s ", e.Guest)
+		}
+		fmt.Fprintf(os.Stderr, "  [%7.2fs] %s%-8s %s: %s\n", time.Since(start).Seconds(), guest, e.Stage, e.Source, msg)
 	}
 }
 

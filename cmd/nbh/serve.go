@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"nbh.dev/nbh/harness"
@@ -73,22 +72,11 @@ Flags:
 	sock := filepath.Join(*dir, "net.sock")
 	artifacts := filepath.Join(*dir, "artifacts")
 
-	var out sync.Mutex
 	start := time.Now()
-	template.OnStage = func(e timeline.Event) {
-		msg := e.Msg
-		if len(msg) > 80 {
-			msg = msg[:77] + "..."
-		}
-		out.Lock()
-		fmt.Fprintf(os.Stderr, "  [%7.2fs] %-9s %-8s %s: %s\n", time.Since(start).Seconds(), e.Guest, e.Stage, e.Source, msg)
-		out.Unlock()
-	}
+	template.OnStage = liveStage(start, true)
 	template.OnEvent = func(e timeline.Event) {
 		if e.Source == "netfab" && (e.Kind == "joined" || e.Kind == "refused") {
-			out.Lock()
 			fmt.Fprintf(os.Stderr, "  [%7.2fs] %-9s %s %s: %s\n", time.Since(start).Seconds(), e.Guest, e.Kind, e.MAC, e.Msg)
-			out.Unlock()
 		}
 	}
 	template.Artifacts = artifacts

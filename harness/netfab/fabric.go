@@ -436,7 +436,7 @@ func (p *Port) readLoop() {
 		if p.pcap != nil {
 			p.pcap.write(time.Now(), frame)
 		}
-		guard.Run("a frame from "+p.Name, p.f.panicked, func() { p.f.fromGuest(p, frame) })
+		p.f.fromGuestGuarded(p, frame)
 	}
 }
 
@@ -610,24 +610,36 @@ func (f *Fabric) hostLoop() {
 		frame := append([]byte(nil), v.AsSlice()...)
 		v.Release()
 		pkt.DecRef()
-		guard.Run("a frame from the host stack", f.panicked, func() {
-			fi, ok := parseFrame(frame)
-			if !ok {
-				return
-			}
-			if frame = f.filtered(false, frame, fi); frame == nil {
-				return
-			}
-			if fi, ok = parseFrame(frame); ok {
-				f.forward(nil, frame, fi)
-			}
-		})
+		f.fromHost(frame)
 	}
+}
+
+// fromHost switches a frame the host stack sent, through the host filter.
+func (f *Fabric) fromHost(frame []byte) {
+	defer guard.Recover("the host stack", f.panicked)
+	fi, ok := parseFrame(frame)
+	if !ok {
+		return
+	}
+	if frame = f.filtered(false, frame, fi); frame == nil {
+		return
+	}
+	if fi, ok = parseFrame(frame); ok {
+		f.forward(nil, frame, fi)
+	}
+}
+
+// fromGuestGuarded is fromGuest, a panic in it dropping only the frame. On
+// the per-frame path: nothing is built unless it panics.
+func (f *Fabric) fromGuestGuarded(p *Port, frame []byte) {
+	defer guard.Recover(p.Name, f.panicked)
+	f.fromGuest(p, frame)
 }
 
 // panicked reports a frame whose switching panicked (in a fault rule, the
 // host filter): the frame is dropped, the fabric goes on.
-func (f *Fabric) panicked(what string, v any, stack []byte) {
+func (f *Fabric) panicked(from string, v any, stack []byte) {
+	what := "a frame from " + from
 	f.tl.Emit(timeline.Event{Source: "netfab", Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
 }
 

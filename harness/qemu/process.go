@@ -206,12 +206,26 @@ func (p *Process) Kill() {
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
 
 // Version is the first line of `qemu-system-X --version` for guests of
-// arch, for reports and bundles.
+// arch, for reports and bundles; asked once per process (every failed
+// matrix row writes a bundle).
 func Version(arch string) string {
-	out, err := exec.Command(Binary(arch), "--version").Output()
-	if err != nil {
-		return "unknown (" + err.Error() + ")"
+	versionMu.Lock()
+	defer versionMu.Unlock()
+	if v, ok := versions[arch]; ok {
+		return v
 	}
-	line, _, _ := strings.Cut(string(out), "\n")
-	return strings.TrimSpace(line)
+	v := "unknown"
+	if out, err := exec.Command(Binary(arch), "--version").Output(); err != nil {
+		v = "unknown (" + err.Error() + ")"
+	} else {
+		line, _, _ := strings.Cut(string(out), "\n")
+		v = strings.TrimSpace(line)
+	}
+	versions[arch] = v
+	return v
 }
+
+var (
+	versionMu sync.Mutex
+	versions  = map[string]string{}
+)
