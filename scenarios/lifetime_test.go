@@ -153,6 +153,10 @@ func TestInterruptedTestBinaryLeavesNothing(t *testing.T) {
 	waitExit(t, cmd)
 	assert.DeepEqual(t, processesUsing(tmp), []string(nil))
 	assert.DeepEqual(t, leftovers(tmp), []string(nil))
+	// nbhtest closed the lab, then let the signal take its default course:
+	// the binary died of SIGINT, as it would have without nbh.
+	ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
+	assert.Assert(t, ws.Signaled() && ws.Signal() == syscall.SIGINT, "child ended with %v", cmd.ProcessState)
 }
 
 // TestHelperBootForever is the child of TestInterruptedTestBinaryLeavesNothing.

@@ -25,16 +25,18 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"nbh.dev/nbh/harness"
 )
 
 // NewLab starts a lab whose guests and services end with the test. When
 // the test fails, every guest it booted leaves a repro bundle (logged as
-// "reproduce: nbh repro PATH"). SIGINT and SIGTERM stop every open lab
-// before the test binary dies.
+// "reproduce: nbh repro PATH"). While a lab is open, SIGINT and SIGTERM
+// close every open lab, then the test binary dies of that signal.
 func NewLab(t testing.TB) *harness.Lab {
 	t.Helper()
 	return NewLabWith(t, harness.Options{})
@@ -44,7 +46,6 @@ func NewLab(t testing.TB) *harness.Lab {
 // MTU); the log always goes to the test's.
 func NewLabWith(t testing.TB, opts harness.Options) *harness.Lab {
 	t.Helper()
-	cleanupOnSignal()
 	opts.Log = testLog{t}
 	l, err := harness.New(opts)
 	if err != nil {
@@ -55,12 +56,19 @@ func NewLabWith(t testing.TB, opts harness.Options) *harness.Lab {
 	labsOf[t] = append(labsOf[t], l)
 	labsMu.Unlock()
 	t.Cleanup(func() {
+		if interrupted.Load() {
+			// The signal handler is closing the labs and will end the
+			// binary with the signal; finishing the test here would end
+			// it first, with a test failure's status instead.
+			l.Close()
+			time.Sleep(time.Minute)
+		}
 		track(l, false)
-		guests := l.Guests()
-		l.Close() // every guest closed: artifacts complete
-		for _, g := range guests {
+		for _, g := range l.Guests() {
+			g.Close() // artifacts complete; the lab's folder still there
 			record(t, g)
 		}
+		l.Close()
 		labsMu.Lock()
 		rest := labsOf[t][:0]
 		for _, o := range labsOf[t] {
@@ -89,12 +97,14 @@ func record(t testing.TB, g *harness.Guest) {
 		t.Attr(fmt.Sprintf("nbh.%s.%s", g.Name, s.Stage), fmt.Sprintf("%.3fs", s.Duration.Seconds()))
 	}
 	t.Attr("nbh."+g.Name+".outcome", outcome(v))
-	if !t.Failed() {
-		return
+	if !t.Failed() || interrupted.Load() {
+		return // interrupted: the user stopped the run, nothing to reproduce
 	}
 	dir := g.Dir
-	if temp := tempArtifacts(t); temp != "" && strings.HasPrefix(dir, temp+string(filepath.Separator)) {
-		// Artifacts nobody asked to keep: the bundle goes where it stays.
+	temp := tempArtifacts(t)
+	if g.Spec().Artifacts == "" || temp != "" && strings.HasPrefix(dir, temp+string(filepath.Separator)) {
+		// Artifacts nobody asked to keep (in the lab's own folder, or
+		// in the test's temporary one): the bundle goes where it stays.
 		kept, err := os.MkdirTemp(bundleRoot(), safeName(t.Name())+"-"+g.Name+"-")
 		if err != nil {
 			t.Logf("no repro bundle for %s: %v", g.Name, err)
@@ -205,38 +215,53 @@ var (
 
 	openMu   sync.Mutex
 	openLabs = map[*harness.Lab]bool{}
+	signals  = make(chan os.Signal, 1)
 	sigOnce  sync.Once
+	// interrupted is set once a signal arrived: the cleanups still
+	// running write no bundles.
+	interrupted atomic.Bool
 )
 
+// track records a lab opening or closing. While at least one lab is open,
+// SIGINT and SIGTERM are caught (see onSignal); with none open the test
+// binary's own handling is back, so a test that uses no lab, or runs after
+// the last one closed, sees no difference.
 func track(l *harness.Lab, open bool) {
 	openMu.Lock()
 	defer openMu.Unlock()
+	sigOnce.Do(func() { go onSignal() })
 	if open {
+		if len(openLabs) == 0 {
+			signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+		}
 		openLabs[l] = true
-	} else {
-		delete(openLabs, l)
+		return
+	}
+	delete(openLabs, l)
+	if len(openLabs) == 0 {
+		signal.Stop(signals)
 	}
 }
 
-// cleanupOnSignal makes SIGINT/SIGTERM close open labs (QEMU stopped, temp
-// folders removed) and then end the test binary with the signal's usual
-// status: go test's own handling would leave QEMU running.
-func cleanupOnSignal() {
-	sigOnce.Do(func() {
-		c := make(chan os.Signal, 1)
-		signal.Notify(c, os.Interrupt, syscall.SIGTERM)
-		go func() {
-			s := <-c
-			openMu.Lock()
-			labs := make([]*harness.Lab, 0, len(openLabs))
-			for l := range openLabs {
-				labs = append(labs, l)
-			}
-			openMu.Unlock()
-			for _, l := range labs {
-				l.Close()
-			}
-			os.Exit(128 + int(s.(syscall.Signal)))
-		}()
-	})
+// onSignal closes the open labs (QEMU stopped, temp folders and sockets
+// removed) and then dies of the same signal, with its default action, so
+// go test and the shell see the status they would have seen without nbh.
+// Why a test helper catches signals at all: go test's own handling kills
+// the binary at once, skipping every t.Cleanup, and leaves the lab's
+// folders behind. The harness package itself installs no handler.
+func onSignal() {
+	for s := range signals {
+		interrupted.Store(true)
+		openMu.Lock()
+		labs := make([]*harness.Lab, 0, len(openLabs))
+		for l := range openLabs {
+			labs = append(labs, l)
+		}
+		openMu.Unlock()
+		for _, l := range labs {
+			l.Close()
+		}
+		signal.Reset(s)
+		_ = syscall.Kill(os.Getpid(), s.(syscall.Signal))
+	}
 }
