@@ -527,7 +527,7 @@ func (sc *session) negotiate(keys map[string]string, replied map[string]bool) []
 		case "HeaderDigest", "DataDigest":
 			out = append(out, [2]string{k, "None"})
 		case "MaxRecvDataSegmentLength":
-			sc.maxSend = num(k, 8192)
+			sc.maxSend = max(512, min(num(k, 8192), 1<<24-1)) // RFC 7143 13.12
 			out = append(out, [2]string{k, "262144"})
 		case "MaxBurstLength":
 			sc.maxBurst = max(512, min(num(k, 262144), 1<<20)) // RFC 7143: 512 and up

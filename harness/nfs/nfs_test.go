@@ -35,7 +35,7 @@ func serve(t *testing.T) (*nfsc.Target, string, *timeline.Timeline, *nfsc.Mount)
 	t.Cleanup(func() { s.Close() })
 	s.Export("/nbh/root", "127.0.0.1", root)
 
-	c, err := rpc.DialTCP("tcp", ln.Addr().String(), false)
+	c, err := dialClient(ln.Addr().String())
 	assert.NilError(t, err)
 	m := &nfsc.Mount{Client: c}
 	_, err = m.Mount("/nbh/nope", rpc.AuthNull)
@@ -44,6 +44,17 @@ func serve(t *testing.T) (*nfsc.Target, string, *timeline.Timeline, *nfsc.Mount)
 	assert.NilError(t, err)
 	t.Cleanup(func() { m.Unmount() })
 	return target, root, tl, m
+}
+
+// dialClient connects go-nfs-client, which binds a random local port of
+// its own choosing: one in use by another test is tried again.
+func dialClient(addr string) (*rpc.Client, error) {
+	for try := 0; ; try++ {
+		c, err := rpc.DialTCP("tcp", addr, false)
+		if err == nil || try == 20 {
+			return c, err
+		}
+	}
 }
 
 func read(t *testing.T, target *nfsc.Target, p string) (string, error) {
