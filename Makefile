@@ -2,7 +2,7 @@
 export NBH_CACHE ?= $(CURDIR)/.cache
 GO ?= go
 
-.PHONY: all setup matrix test unit vet bench build clean fresh-check
+.PHONY: all setup matrix test unit vet bench build clean fresh-check fuzz
 
 all: build
 
@@ -42,6 +42,10 @@ vet:
 # one boot per architecture. Needs root; about 6 minutes.
 fresh-check:
 	ci/fresh-check
+
+# Every fuzz target for FUZZTIME each (default 30s); see scripts/fuzz.
+fuzz:
+	scripts/fuzz
 
 bench: setup
 	$(GO) test -run '^$$' -bench Netboot -benchtime 1x -timeout 30m ./scenarios

@@ -1,6 +1,7 @@
 package dhcp
 
 import (
+	"maps"
 	"net"
 	"net/netip"
 	"sync"
@@ -130,18 +131,64 @@ func TestHTTPClientGetsItsClassBack(t *testing.T) {
 	assert.Equal(t, r.sent[0].BootFileName, "http://10.0.2.2/ipxe.efi")
 }
 
-// FuzzHandle: any packet that parses as DHCP is answered or ignored,
-// never a panic.
+// FuzzHandle sends the server a run of messages (length-prefixed in the
+// input, parsed as DHCP: discovers, requests for any address, releases,
+// declines, made-up MACs, odd options). Beyond "no panic" it holds that
+// the lease table never grows (only the lab's own guest has an address,
+// and it keeps the one it had), that every reply is a BOOTREPLY to a MAC
+// the lab knows, with the request's transaction ID, and that an address
+// offered or acked is that MAC's lease.
 func FuzzHandle(f *testing.F) {
-	d, _ := dhcpv4.NewDiscovery(mac, dhcpv4.WithUserClass("iPXE", false))
-	f.Add(d.ToBytes())
-	s, _ := newServer(func(c Client) Boot { return Boot{File: "x", RootPath: "10.0.2.2:/r"} })
-	f.Fuzz(func(t *testing.T, b []byte) {
-		m, err := dhcpv4.FromBytes(b)
-		if err != nil {
-			return
+	frame := func(ms ...*dhcpv4.DHCPv4) []byte {
+		var out []byte
+		for _, m := range ms {
+			b := m.ToBytes()
+			out = append(out, byte(len(b)>>8), byte(len(b)))
+			out = append(out, b...)
 		}
-		s.handle(&recorder{}, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, m)
+		return out
+	}
+	d, _ := dhcpv4.NewDiscovery(mac, dhcpv4.WithUserClass("iPXE", false))
+	req, _ := dhcpv4.NewRequestFromOffer(d, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.ParseIP("10.0.2.77"))))
+	other, _ := dhcpv4.NewDiscovery(net.HardwareAddr{2, 0, 0, 0, 0, 7})
+	f.Add(frame(d))
+	f.Add(frame(d, req, other))
+	rel, _ := dhcpv4.New(dhcpv4.WithHwAddr(mac), dhcpv4.WithMessageType(dhcpv4.MessageTypeRelease))
+	f.Add(frame(rel, d))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, tl := newServer(func(c Client) Boot { return Boot{File: "x", RootPath: "10.0.2.2:/r"} })
+		want := maps.Clone(s.leases)
+		r := &recorder{}
+		for len(b) >= 2 {
+			n := min(int(b[0])<<8|int(b[1]), len(b)-2)
+			m, err := dhcpv4.FromBytes(b[2 : 2+n])
+			b = b[2+n:]
+			if err != nil {
+				continue
+			}
+			before := len(r.sent)
+			s.handle(r, &net.UDPAddr{IP: net.IPv4bcast, Port: 68}, m)
+			for _, reply := range r.sent[before:] {
+				if reply.OpCode != dhcpv4.OpcodeBootReply || reply.TransactionID != m.TransactionID {
+					t.Fatalf("a reply that is not a BOOTREPLY to the request: %s", reply.Summary())
+				}
+				lease, ok := want[reply.ClientHWAddr.String()]
+				if !ok {
+					t.Fatalf("answered a MAC the lab has no guest for: %s", reply.ClientHWAddr)
+				}
+				if y := reply.YourIPAddr; !y.IsUnspecified() && !y.Equal(net.IP(lease.AsSlice())) {
+					t.Fatalf("gave %s to %s, whose lease is %s", y, reply.ClientHWAddr, lease)
+				}
+			}
+		}
+		if !maps.Equal(s.leases, want) {
+			t.Fatalf("the lease table changed: %v, was %v", s.leases, want)
+		}
+		for _, e := range tl.Events("") {
+			if e.Kind == "panic" {
+				t.Fatalf("the server panicked (recovered): %s", e.Msg)
+			}
+		}
 	})
 }
 

@@ -373,3 +373,77 @@ func TestPortSecurity(t *testing.T) {
 	assert.Assert(t, strings.Contains(spoofs[1], "ARP from g7's port claims 10.0.2.99"), spoofs[1])
 	assert.Assert(t, strings.Contains(spoofs[2], "DHCP from g7's port for hardware address 52:54:00:4e:42:08"), spoofs[2])
 }
+
+// FuzzPortSecurity judges any frame from a bound port with the fabric's
+// port security and checks each frame it lets through against a reading of
+// its own: the source MAC is the port's; an IPv4 packet comes from the
+// port's lease or 0.0.0.0; ARP names the port's MAC and lease (or
+// 0.0.0.0); DHCP to the server asks for the port's MAC (so at most one
+// lease per port); nothing but IPv4, ARP and IPv6 passes (a VLAN tag
+// cannot hide a header).
+func FuzzPortSecurity(f *testing.F) {
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	eth := func(typ uint16, src net.HardwareAddr, payload []byte) []byte {
+		b := append(append(append([]byte{}, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff), src...), byte(typ>>8), byte(typ))
+		return append(b, payload...)
+	}
+	ip := make([]byte, 20+8+240)
+	ip[0], ip[9] = 0x45, 17
+	copy(ip[12:], []byte{10, 0, 2, 40, 10, 0, 2, 2})
+	binary.BigEndian.PutUint16(ip[22:], 67)
+	copy(ip[20+8+28:], mac)
+	f.Add(eth(0x0800, mac, ip))
+	f.Add(eth(0x8100, mac, append([]byte{0, 1, 8, 0}, ip...)))
+	arp := make([]byte, 28)
+	copy(arp[8:], mac)
+	copy(arp[14:], []byte{10, 0, 2, 99})
+	f.Add(eth(0x0806, mac, arp))
+	f.Add(eth(0x86dd, mac, make([]byte, 40)))
+	tl := timeline.New()
+	fab, err := New(tl, Config{})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { fab.Close() })
+	port, err := fab.AddPort("g7", mac, "")
+	if err != nil {
+		f.Fatal(err)
+	}
+	lease := netip.MustParseAddr("10.0.2.40")
+	port.Bind(lease)
+	f.Fuzz(func(t *testing.T, frame []byte) {
+		fi, ok := parseFrame(frame)
+		if !ok || port.spoofed(frame, fi) != "" {
+			return
+		}
+		if !bytes.Equal(frame[6:12], mac) {
+			t.Fatalf("passed source MAC %s", net.HardwareAddr(frame[6:12]))
+		}
+		fromLease := func(b []byte) bool {
+			a := netip.AddrFrom4([4]byte(b))
+			return a == lease || a.IsUnspecified()
+		}
+		switch typ := binary.BigEndian.Uint16(frame[12:14]); typ {
+		case 0x0800:
+			if len(frame) >= 30 && !fromLease(frame[26:30]) && len(frame) >= 34 {
+				t.Fatalf("passed IPv4 from %v", frame[26:30])
+			}
+			if len(frame) < 34 {
+				break
+			}
+			ihl := int(frame[14]&0x0f) * 4
+			l4 := 14 + ihl
+			if ihl >= 20 && frame[23] == 17 && binary.BigEndian.Uint16(frame[20:22])&0x1fff == 0 &&
+				len(frame) >= l4+8+34 && binary.BigEndian.Uint16(frame[l4+2:]) == 67 && !bytes.Equal(frame[l4+8+28:l4+8+34], mac) {
+				t.Fatalf("passed DHCP for %s", net.HardwareAddr(frame[l4+8+28:l4+8+34]))
+			}
+		case 0x0806:
+			if len(frame) >= 42 && (!bytes.Equal(frame[22:28], mac) || !fromLease(frame[28:32])) {
+				t.Fatalf("passed ARP for %s / %v", net.HardwareAddr(frame[22:28]), frame[28:32])
+			}
+		case 0x86dd:
+		default:
+			t.Fatalf("passed EtherType %#04x", typ)
+		}
+	})
+}

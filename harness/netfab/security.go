@@ -56,6 +56,12 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) string {
 				return fmt.Sprintf("DHCP from %s's port for hardware address %s", p.Name, net.HardwareAddr(ch))
 			}
 		}
+	case 0x86dd:
+	default:
+		// The lab's network carries IPv4, ARP and IPv6. Anything else —
+		// an 802.1Q tag above all, which would hide an IPv4 header from
+		// the checks above — is not a guest's to send.
+		return fmt.Sprintf("EtherType %#04x from %s's port (only IPv4, ARP and IPv6 are carried)", fi.etherType, p.Name)
 	}
 	return ""
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -54,12 +55,14 @@ func FuzzParseRequest(f *testing.F) {
 
 // client is a minimal TFTP reader speaking to the server over the fabric.
 type client struct {
-	t    *testing.T
+	t    testing.TB
 	conn *gonet.UDPConn
 	srv  netip.Addr
+	peer *netfab.Peer
+	tl   *timeline.Timeline
 }
 
-func newClient(t *testing.T) (*client, *Server, string) {
+func newClient(t testing.TB) (*client, *Server, string) {
 	tl := timeline.New()
 	fab, err := netfab.New(tl, netfab.Config{})
 	assert.NilError(t, err)
@@ -81,7 +84,7 @@ func newClient(t *testing.T) (*client, *Server, string) {
 	conn, err := gonet.DialUDP(peer.Stack, netfab.UDPAddr(peerIP, 0), nil, ipv4.ProtocolNumber)
 	assert.NilError(t, err)
 	t.Cleanup(func() { conn.Close() })
-	return &client{t: t, conn: conn, srv: fab.HostIP}, srv, root
+	return &client{t: t, conn: conn, srv: fab.HostIP, peer: peer, tl: tl}, srv, root
 }
 
 // get reads name with the given options; it returns the data or the
@@ -182,4 +185,93 @@ func TestConfinedToRoot(t *testing.T) {
 	assert.Equal(t, string(got), "fine")
 	_, errMsg = c.get("missing", nil)
 	assert.Equal(t, errMsg, "file not found")
+}
+
+// FuzzTFTPSession sends the server a hostile client's packets over the
+// fabric: the input is a list of length-prefixed packets, each to port 69
+// or to the transfer port of the last reply (acks, errors, new requests
+// mid-transfer). It holds that every reply is a well-formed DATA, OACK or
+// ERROR, that no reply carries a byte of the file outside the root (names
+// with "..", backslashes and links out are in the seeds), and that nothing
+// panics, recovered or not.
+func FuzzTFTPSession(f *testing.F) {
+	rrq := func(name string, opts ...string) []byte {
+		b := append(append([]byte{0, opRRQ}, name...), 0)
+		b = append(b, "octet\x00"...)
+		for _, o := range opts {
+			b = append(append(b, o...), 0)
+		}
+		return append([]byte{byte(len(b))}, b...)
+	}
+	ack := func(blk byte) []byte { return []byte{0x84, 0, opACK, 0, blk} }
+	f.Add(slices.Concat(rrq("ok"), ack(1)))
+	f.Add(slices.Concat(rrq("../secret"), rrq("link-out"), rrq("rel-out"), rrq("..\\secret")))
+	f.Add(slices.Concat(rrq("big", "blksize", "8", "windowsize", "64", "tsize", "0"), ack(0), ack(9), ack(3)))
+	f.Add(slices.Concat(rrq("big", "blksize", "65464"), ack(0), []byte{0x85, 0, opERROR, 0, 0, 0}))
+	f.Add([]byte{0x02, 0, opWRQ, 3, 0, opDATA, 0})
+
+	c, _, root := newClient(f)
+	secret := bytes.Repeat([]byte("SECRET!"), 200)
+	os.WriteFile(filepath.Join(filepath.Dir(root), "secret"), secret, 0o644)
+	os.Symlink(filepath.Join(filepath.Dir(root), "secret"), filepath.Join(root, "link-out"))
+	os.Symlink("../secret", filepath.Join(root, "rel-out"))
+	os.WriteFile(filepath.Join(root, "ok"), []byte("fine"), 0o644)
+	os.WriteFile(filepath.Join(root, "big"), bytes.Repeat([]byte("inside "), 4000), 0o644)
+	srv := &net.UDPAddr{IP: net.IP(c.srv.AsSlice()), Port: 69}
+
+	f.Fuzz(func(t *testing.T, b []byte) {
+		conn, err := gonet.DialUDP(c.peer.Stack, netfab.UDPAddr(netip.MustParseAddr("10.0.2.50"), 0), nil, ipv4.ProtocolNumber)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		to := net.Addr(srv)
+		buf := make([]byte, 70000)
+		for sent := 0; len(b) > 0 && sent < 12; sent++ {
+			n := min(int(b[0]&0x7f), len(b)-1)
+			pkt := b[1 : 1+n]
+			dst := srv
+			if b[0]&0x80 != 0 {
+				dst = to.(*net.UDPAddr) // the transfer's own port
+			}
+			b = b[1+n:]
+			conn.WriteTo(pkt, dst)
+			for {
+				conn.SetReadDeadline(time.Now().Add(5 * time.Millisecond))
+				n, from, err := conn.ReadFrom(buf)
+				if err != nil {
+					break
+				}
+				to = from
+				p := buf[:n]
+				if n < 4 {
+					t.Fatalf("a reply of %d bytes", n)
+				}
+				switch binary.BigEndian.Uint16(p) {
+				case opDATA:
+					if n-4 > 65464 {
+						t.Fatalf("a data block of %d bytes", n-4)
+					}
+					if bytes.Contains(secret, p[4:]) && n > 8 {
+						t.Fatalf("served bytes of the file outside the root: %q", p[4:])
+					}
+				case opOACK:
+					if p[n-1] != 0 {
+						t.Fatal("an OACK not ending in NUL")
+					}
+				case opERROR:
+					if p[n-1] != 0 {
+						t.Fatal("an ERROR not ending in NUL")
+					}
+				default:
+					t.Fatalf("a reply with opcode %d", binary.BigEndian.Uint16(p))
+				}
+			}
+		}
+		for _, e := range c.tl.Events("") {
+			if e.Kind == "panic" {
+				t.Fatalf("the server panicked (recovered): %s", e.Msg)
+			}
+		}
+	})
 }
