@@ -9,8 +9,9 @@ package nbh
 
 import "embed"
 
-// InitSource is the init's main package and the nbh packages it imports,
-// with the module's go.mod and go.sum, laid out as in the module.
+// InitSource is the init's main package (and the hostile guest's of nbh's
+// own tests, fixtures/attacker) and the nbh packages they import, with the
+// module's go.mod and go.sum, laid out as in the module.
 //
-//go:embed go.mod go.sum fixtures/init/*.go harness/archive/manifest/*.go internal/fsutil/*.go
+//go:embed go.mod go.sum fixtures/init/*.go fixtures/attacker/*.go harness/archive/manifest/*.go internal/fsutil/*.go
 var InitSource embed.FS

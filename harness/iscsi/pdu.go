@@ -56,15 +56,19 @@ func (p *PDU) u32(off int) uint32 {
 func (p *PDU) put32(off int, v uint32) { binary.BigEndian.PutUint32(p.BHS[off:], v) }
 
 // ReadPDU reads one PDU.
-func ReadPDU(r io.Reader) (*PDU, error) {
+func ReadPDU(r io.Reader) (*PDU, error) { return readPDU(r, maxDataSegment) }
+
+// readPDU is ReadPDU refusing a data segment longer than max before reading
+// (or allocating) it.
+func readPDU(r io.Reader, max int) (*PDU, error) {
 	p := &PDU{}
 	if _, err := io.ReadFull(r, p.BHS[:]); err != nil {
 		return nil, err
 	}
 	ahs := int(p.BHS[4]) * 4
 	dsl := int(p.BHS[5])<<16 | int(p.BHS[6])<<8 | int(p.BHS[7])
-	if dsl > maxDataSegment {
-		return nil, fmt.Errorf("iscsi: data segment of %d bytes", dsl)
+	if dsl > max {
+		return nil, fmt.Errorf("iscsi: data segment of %d bytes (at most %d here)", dsl, max)
 	}
 	if ahs > 0 {
 		if _, err := io.CopyN(io.Discard, r, int64(ahs)); err != nil {

@@ -24,6 +24,15 @@ import (
 // Port is the iSCSI well-known port.
 const Port = 3260
 
+// What the target receives at most in one PDU's data segment: 8 KiB while
+// logging in (RFC 7143 13.12: the login phase's MaxRecvDataSegmentLength),
+// then what it declares. A longer one is refused before it is read, so a
+// guest cannot make the target hold megabytes per connection.
+const (
+	maxLoginData = 8192
+	maxRecvData  = 262144
+)
+
 // CHAP is a one-way CHAP secret the initiator must prove.
 type CHAP struct{ User, Secret string }
 
@@ -171,7 +180,7 @@ func (sc *session) command(p *PDU) {
 
 func (sc *session) run() error {
 	r := bufio.NewReaderSize(sc.c, 256<<10)
-	first, err := ReadPDU(r)
+	first, err := readPDU(r, maxLoginData)
 	if err != nil {
 		return err
 	}
@@ -185,7 +194,7 @@ func (sc *session) run() error {
 		if err := sc.w.Flush(); err != nil {
 			return err
 		}
-		p, err := ReadPDU(r)
+		p, err := readPDU(r, maxRecvData)
 		if err != nil {
 			return err
 		}
@@ -456,7 +465,7 @@ func (sc *session) login(p *PDU, r *bufio.Reader) error {
 			}
 			return nil
 		}
-		if p, err = ReadPDU(r); err != nil {
+		if p, err = readPDU(r, maxLoginData); err != nil {
 			return err
 		}
 		if p.Opcode() != opLoginReq {
@@ -528,7 +537,7 @@ func (sc *session) negotiate(keys map[string]string, replied map[string]bool) []
 			out = append(out, [2]string{k, "None"})
 		case "MaxRecvDataSegmentLength":
 			sc.maxSend = max(512, min(num(k, 8192), 1<<24-1)) // RFC 7143 13.12
-			out = append(out, [2]string{k, "262144"})
+			out = append(out, [2]string{k, strconv.Itoa(maxRecvData)})
 		case "MaxBurstLength":
 			sc.maxBurst = max(512, min(num(k, 262144), 1<<20)) // RFC 7143: 512 and up
 			out = append(out, [2]string{k, strconv.Itoa(sc.maxBurst)})

@@ -6,6 +6,7 @@ import (
 	"crypto/md5"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -390,4 +391,20 @@ func TestTaskManagementAborts(t *testing.T) {
 	in.c.Write(d.Bytes())
 	_, err := ReadPDU(in.r)
 	assert.Assert(t, err != nil, "data for an aborted write was taken")
+}
+
+// A login PDU that claims more data than a login may carry is refused
+// before the target reads or allocates it: the connection ends at once.
+func TestOversizeLoginIsRefusedAtOnce(t *testing.T) {
+	_, addr, _ := newTarget(t)
+	in := dial(t, addr)
+	p := in.loginPDU(0, 3, true)
+	b := p.Bytes()
+	b[5], b[6], b[7] = 0xff, 0xff, 0xff
+	_, err := in.c.Write(b[:48])
+	assert.NilError(t, err)
+	in.c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_, err = ReadPDU(in.r)
+	var ne net.Error
+	assert.Assert(t, err != nil && !(errors.As(err, &ne) && ne.Timeout()), "the target waited for 16 MiB: %v", err)
 }

@@ -225,7 +225,7 @@ type Port struct {
 	learn    Learn                      // set until a port that joined through Listen is named
 	joined   bool                       // joined through Listen: its QEMU leaving ends it
 	ip       atomic.Pointer[netip.Addr] // the address it speaks from (Bind)
-	spoofs   atomic.Int64
+	spoofs   [nSpoofKinds]atomic.Int64
 }
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
@@ -502,8 +502,8 @@ func (f *Fabric) fromGuest(p *Port, frame []byte) {
 	if !ok || p.oversize(frame, FromGuest) {
 		return
 	}
-	if why := p.spoofed(frame, fi); why != "" {
-		p.refuse(why)
+	if kind, why := p.spoofed(frame, fi); why != "" {
+		p.refuse(kind, why)
 		return
 	}
 	frame, delay, ok := f.applyRules(p, FromGuest, frame, fi)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"gotest.tools/v3/assert"
+	"gotest.tools/v3/poll"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -368,10 +369,29 @@ func TestPortSecurity(t *testing.T) {
 			spoofs = append(spoofs, e.Msg)
 		}
 	}
-	assert.Equal(t, len(spoofs), 3, "%v", spoofs) // 1st, 2nd, 4th of four (powers of two)
+	assert.Equal(t, len(spoofs), 4, "%v", spoofs) // the first of each kind
 	assert.Assert(t, strings.Contains(spoofs[0], "source MAC 52:54:00:4e:42:08"), spoofs[0])
 	assert.Assert(t, strings.Contains(spoofs[1], "ARP from g7's port claims 10.0.2.99"), spoofs[1])
-	assert.Assert(t, strings.Contains(spoofs[2], "DHCP from g7's port for hardware address 52:54:00:4e:42:08"), spoofs[2])
+	assert.Assert(t, strings.Contains(spoofs[2], "IPv4 from g7's port with source 10.0.2.99"), spoofs[2])
+	assert.Assert(t, strings.Contains(spoofs[3], "DHCP from g7's port for hardware address 52:54:00:4e:42:08"), spoofs[3])
+	// A flood of one kind: its 1st, 2nd, 4th, 8th are recorded, and the
+	// first of another kind still is.
+	for range 8 {
+		send(udpFrame(mac, netip.MustParseAddr("10.0.2.99"), 9, []byte("x")))
+	}
+	send(arpRequestFrame(other, netip.MustParseAddr("10.0.2.41"), f.HostIP))
+	poll.WaitOn(t, func(poll.LogT) poll.Result {
+		n := 0
+		for _, e := range tl.Events("") {
+			if e.Kind == "spoofed" {
+				n++
+			}
+		}
+		if n < 7 {
+			return poll.Continue("%d spoofed events", n)
+		}
+		return poll.Success()
+	}, poll.WithTimeout(5*time.Second))
 }
 
 // FuzzPortSecurity judges any frame from a bound port with the fabric's
@@ -413,7 +433,7 @@ func FuzzPortSecurity(f *testing.F) {
 	port.Bind(lease)
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		fi, ok := parseFrame(frame)
-		if !ok || port.spoofed(frame, fi) != "" {
+		if _, why := port.spoofed(frame, fi); !ok || why != "" {
 			return
 		}
 		if !bytes.Equal(frame[6:12], mac) {

@@ -19,10 +19,23 @@ import (
 // Bind fixes the IPv4 address the port's guest speaks from (its lease).
 func (p *Port) Bind(ip netip.Addr) { p.ip.Store(&ip) }
 
-// spoofed says why a frame from the port is not its guest's, or "".
-func (p *Port) spoofed(frame []byte, fi frameInfo) string {
+// The kinds of spoofing, each counted on its own so that one kind's flood
+// does not hide the first of another.
+const (
+	spoofSourceMAC = iota
+	spoofARPMAC
+	spoofARPIP
+	spoofIPv4Source
+	spoofDHCPClient
+	spoofEtherType
+	nSpoofKinds
+)
+
+// spoofed says why a frame from the port is not its guest's, and which kind
+// of spoofing that is; why is "" for a frame of its guest's.
+func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 	if !bytes.Equal(fi.src, p.MAC) {
-		return fmt.Sprintf("source MAC %s on %s's port (%s)", fi.src, p.Name, p.MAC)
+		return spoofSourceMAC, fmt.Sprintf("source MAC %s on %s's port (%s)", fi.src, p.Name, p.MAC)
 	}
 	var bound netip.Addr
 	if b := p.ip.Load(); b != nil {
@@ -35,25 +48,25 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) string {
 	switch fi.etherType {
 	case 0x0806: // ARP: sender hardware and protocol address
 		if len(frame) < 42 {
-			return ""
+			return 0, ""
 		}
 		if !bytes.Equal(frame[22:28], p.MAC) {
-			return fmt.Sprintf("ARP from %s's port names hardware address %s", p.Name, net.HardwareAddr(frame[22:28]))
+			return spoofARPMAC, fmt.Sprintf("ARP from %s's port names hardware address %s", p.Name, net.HardwareAddr(frame[22:28]))
 		}
 		if a, ok := okIP(frame[28:32]); !ok {
-			return fmt.Sprintf("ARP from %s's port claims %s (its lease is %s)", p.Name, a, bound)
+			return spoofARPIP, fmt.Sprintf("ARP from %s's port claims %s (its lease is %s)", p.Name, a, bound)
 		}
 	case 0x0800:
 		if len(frame) < 34 {
-			return ""
+			return 0, ""
 		}
 		if a, ok := okIP(frame[26:30]); !ok {
-			return fmt.Sprintf("IPv4 from %s's port with source %s (its lease is %s)", p.Name, a, bound)
+			return spoofIPv4Source, fmt.Sprintf("IPv4 from %s's port with source %s (its lease is %s)", p.Name, a, bound)
 		}
 		// DHCP to the server: the client hardware address is the port's.
 		if fi.proto == 17 && fi.dstPort == 67 && fi.l4 > 0 && len(frame) >= fi.l4+8+34 {
 			if ch := frame[fi.l4+8+28 : fi.l4+8+34]; !bytes.Equal(ch, p.MAC) {
-				return fmt.Sprintf("DHCP from %s's port for hardware address %s", p.Name, net.HardwareAddr(ch))
+				return spoofDHCPClient, fmt.Sprintf("DHCP from %s's port for hardware address %s", p.Name, net.HardwareAddr(ch))
 			}
 		}
 	case 0x86dd:
@@ -61,15 +74,15 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) string {
 		// The lab's network carries IPv4, ARP and IPv6. Anything else —
 		// an 802.1Q tag above all, which would hide an IPv4 header from
 		// the checks above — is not a guest's to send.
-		return fmt.Sprintf("EtherType %#04x from %s's port (only IPv4, ARP and IPv6 are carried)", fi.etherType, p.Name)
+		return spoofEtherType, fmt.Sprintf("EtherType %#04x from %s's port (only IPv4, ARP and IPv6 are carried)", fi.etherType, p.Name)
 	}
-	return ""
+	return 0, ""
 }
 
-// refuse records a spoofed frame: the first of a port's, then every power
-// of two, so a flood does not flood the timeline.
-func (p *Port) refuse(why string) {
-	if n := p.spoofs.Add(1); n&(n-1) == 0 {
+// refuse records a spoofed frame: the first of each kind on a port, then
+// every power of two, so a flood does not flood the timeline.
+func (p *Port) refuse(kind int, why string) {
+	if n := p.spoofs[kind].Add(1); n&(n-1) == 0 {
 		p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "spoofed", Guest: p.Name, MAC: p.MAC.String(),
 			Msg: fmt.Sprintf("%s: dropped (%d so far)", why, n), Detail: map[string]any{"count": n}})
 	}
