@@ -22,6 +22,8 @@ type Row struct {
 	// Expect is the fault's expected reason; failure.None means the boot
 	// must reach its marker.
 	Expect failure.Reason
+	// Rep numbers a row booted again (nbh soak): 0 for the first boot.
+	Rep int
 }
 
 // Chain is "ARCH/FIRMWARE".
@@ -55,12 +57,15 @@ func (r Row) Label() string {
 	if r.Fault != "" {
 		s += " +" + r.Fault
 	}
+	if r.Rep > 0 {
+		s += fmt.Sprintf(" #%d", r.Rep+1)
+	}
 	return s
 }
 
 // ID is the row's name as a file name: unique within a matrix, stable.
 func (r Row) ID() string {
-	return strings.NewReplacer("/", "-", " +", "+", " ", "-", "=", "-").Replace(r.Label())
+	return strings.NewReplacer("/", "-", " +", "+", " #", "-", " ", "-", "=", "-").Replace(r.Label())
 }
 
 // Spec is the boot the row runs.

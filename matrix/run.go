@@ -43,9 +43,12 @@ type Config struct {
 	Progress   io.Writer // a line per finished row; nil: none
 	// OnResult, if set, is called (serially) with each result as it ends.
 	OnResult func(Result)
+	// InOrder boots the rows in the order given instead of longest first
+	// (nbh soak interleaves chains, roots and networks on purpose).
+	InOrder bool
 }
 
-// Run boots rows, Jobs at a time, longest first, and returns their results
+// Run boots rows, Jobs at a time, longest first (unless InOrder), and returns their results
 // in the order of rows. A cancelled ctx stops starting rows; rows already
 // booting end with ctx's error as their verdict and are returned.
 func Run(ctx context.Context, rows []Row, cfg Config) []Result {
@@ -59,7 +62,10 @@ func Run(ctx context.Context, rows []Row, cfg Config) []Result {
 	}
 	results := make([]Result, len(rows))
 	done := make([]bool, len(rows))
-	order := LongestFirst(rows)
+	order := rows
+	if !cfg.InOrder {
+		order = LongestFirst(rows)
+	}
 
 	var mu sync.Mutex
 	finished := 0

@@ -2,6 +2,7 @@ package scenarios
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -23,7 +24,8 @@ import (
 // IPsec-required network. The attacker (fixtures/attacker, in its archive,
 // run by the init) fires at every service and at its neighbour: SCSI on a
 // discovery session, malformed iSCSI PDUs and RPC records, mounts of what
-// is not its own, forged NFS handles, HTTP and TFTP traversal, the
+// is not its own, forged NFS handles, SETATTR racing a symlink swap in its
+// own NFS root, HTTP and TFTP traversal, the
 // neighbour's boot files, a spoofed source MAC and IP, an ARP claim, an
 // oversize frame, a DHCP flood, ESP garbage and replays. The neighbour
 // reaches its marker, the lab survives, the attacker's own table says each
@@ -34,13 +36,18 @@ func TestHostileGuest(t *testing.T) {
 	attacker := filepath.Join(t.TempDir(), "attacker")
 	assert.NilError(t, fixtures.BuildAttacker(t.Context(), "amd64", attacker))
 	lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required()})
+	// A host file outside every export, which the attacker's symlinks aim
+	// at while it changes attributes through its NFS root.
+	hostFile := filepath.Join(t.TempDir(), "host-file")
+	assert.NilError(t, os.WriteFile(hostFile, []byte("the host's"), 0o600))
 	const victimMAC, victimIP = "52:54:00:4e:42:77", "10.0.2.77"
 	ctx := context.Background()
 	// The attacker boots through iPXE, so that it has boot files of its own
 	// on the server (the control: those it may fetch).
-	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "seabios-ipxe",
-		ArchiveFiles:  map[string]string{"bin/attacker": attacker},
-		Append:        "nbh.run=/bin/attacker nbh.self=attacker nbh.victim=victim," + victimIP + "," + victimMAC,
+	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootNFS,
+		ArchiveFiles: map[string]string{"bin/attacker": attacker},
+		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.hostfile=" + hostFile +
+			" nbh.victim=victim," + victimIP + "," + victimMAC,
 		Timeout:       8 * time.Minute,
 		StageTimeouts: map[timeline.Stage]time.Duration{timeline.Init: 6 * time.Minute},
 		Artifacts:     nbhtest.Artifacts(t, "attacker")})
@@ -55,23 +62,30 @@ func TestHostileGuest(t *testing.T) {
 	assert.Assert(t, a.OK, "the attacker: %v\n%s", a.Err(), strings.Join(a.Tail, "\n"))
 
 	// The attacker's table: every attack ran and none got through.
-	outcomes := map[string]string{}
+	outcomes, details := map[string]string{}, map[string]string{}
 	for _, m := range regexp.MustCompile(`nbh-attack: (\S+) (\S+) (.*)`).FindAllStringSubmatch(bad.Console(), -1) {
-		outcomes[m[1]] = m[2]
+		outcomes[m[1]], details[m[1]] = m[2], m[3]
 		t.Logf("%-24s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
 	}
-	assert.Check(t, is.Contains(bad.Console(), "nbh-attack: done 17"))
+	assert.Check(t, is.Contains(bad.Console(), "nbh-attack: done 18"))
 	want := map[string]string{
 		"own-files": "allowed", "victim-files-http": "refused", "victim-files-tftp": "refused",
 		"http-traversal": "refused", "tftp-traversal": "refused", "iscsi-scsi-on-discovery": "refused",
 		"iscsi-malformed-pdu": "refused", "rpc-malformed-records": "refused", "nfs-mount-elsewhere": "refused",
-		"nfs-forged-handle": "refused", "spoof-source-mac": "sent", "spoof-source-ip": "sent",
+		"nfs-forged-handle": "refused", "nfs-symlink-swap": "sent", "spoof-source-mac": "sent", "spoof-source-ip": "sent",
 		"arp-claim-victim": "sent", "oversize-frame": "sent", "dhcp-flood": "sent", "esp-garbage": "sent",
 		"esp-replay": "sent",
 	}
 	for name, outcome := range want {
 		assert.Check(t, is.Equal(outcomes[name], outcome), "attack %s", name)
 	}
+
+	// The symlink swap hit its window (some SETATTRs met the link and were
+	// refused), and the host file is as it was.
+	assert.Check(t, is.Regexp(`[1-9][0-9]* swaps .*: [1-9][0-9]* done, [1-9][0-9]* refused`, details["nfs-symlink-swap"]))
+	fi, err := os.Stat(hostFile)
+	assert.NilError(t, err)
+	assert.Check(t, is.Equal(fi.Mode().Perm(), os.FileMode(0o600)), "the host file's mode changed")
 
 	// The lab's side: each refusal recorded, nothing panicked.
 	kinds := map[string][]string{}

@@ -31,6 +31,9 @@ Usage:
   nbh bundle pack DIR  pack a bundle folder into one .tar.zst for a bug report
   nbh serve  [flags]   the boot network without a guest: your own QEMU joins it
                        through a unix socket; prints the QEMU command line
+  nbh soak   [flags]   boot --boots N guests round-robin across chains, roots and
+                       networks; flakes, boots/hour, p50/p95 per chain, and whether
+                       files, goroutines or lab folders were left behind
   nbh report [flags] JSON...
                        merge matrix JSON reports (CI shards); render HTML, JUnit
   nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders at the
@@ -104,6 +107,8 @@ func run(args []string) int {
 		return reproCmd(ctx, args[1:])
 	case "serve":
 		return serveCmd(ctx, args[1:])
+	case "soak":
+		return soakCmd(ctx, args[1:])
 	case "bundle":
 		return bundleCmd(args[1:])
 	case "help", "-h", "--help":

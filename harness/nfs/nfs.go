@@ -201,6 +201,16 @@ func inRoot(name string) string {
 	return rel
 }
 
+// Remove and Rename act on a symlink itself, as POSIX says, through the
+// os.Root: billy's bound file system resolves the link first, so "rm link"
+// removed the file it names and renaming a link renamed its target (or,
+// for a link out of the export, failed).
+func (c *changeFS) Remove(name string) error { return c.root.Remove(inRoot(name)) }
+
+func (c *changeFS) Rename(from, to string) error {
+	return c.root.Rename(inRoot(from), inRoot(to))
+}
+
 func (c *changeFS) Chmod(name string, mode os.FileMode) error {
 	return c.root.Chmod(inRoot(name), mode)
 }

@@ -153,3 +153,27 @@ func TestAttributeChangesStayInside(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, fi.Mode().Perm(), os.FileMode(0o600))
 }
+
+// Removing or renaming a symlink acts on the link, not on what it names,
+// even when it names something outside the export.
+func TestRemoveAndRenameActOnLinks(t *testing.T) {
+	target, root, _, _ := serve(t)
+	assert.NilError(t, target.Symlink("file", "to-file"))
+	assert.NilError(t, target.Remove("to-file"))
+	_, err := os.Lstat(filepath.Join(root, "to-file"))
+	assert.Assert(t, os.IsNotExist(err), "the link is still there")
+	_, err = os.Stat(filepath.Join(root, "file"))
+	assert.NilError(t, err, "removing the link removed the file")
+
+	// A link out of the export, renamed over a file: the link moves.
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "victim"), []byte("v"), 0o644))
+	assert.NilError(t, target.Rename("out-abs", "victim"))
+	fi, err := os.Lstat(filepath.Join(root, "victim"))
+	assert.NilError(t, err)
+	assert.Assert(t, fi.Mode()&os.ModeSymlink != 0, "victim is %v, not the link", fi.Mode())
+	_, err = os.Lstat(filepath.Join(root, "out-abs"))
+	assert.Assert(t, os.IsNotExist(err))
+	secret, err := os.ReadFile(filepath.Join(filepath.Dir(root), "outside", "secret"))
+	assert.NilError(t, err)
+	assert.Equal(t, string(secret), "secret")
+}
