@@ -32,11 +32,13 @@ func TestSoakRowsRoundRobin(t *testing.T) {
 func TestSoakSummary(t *testing.T) {
 	direct := matrix.Row{Arch: "amd64", Firmware: "direct"}
 	fault := matrix.Row{Arch: "amd64", Firmware: "direct", Fault: "no-dhcp", Expect: failure.NoDHCP}
-	ok := func(s float64) harness.Verdict { return harness.Verdict{OK: true, Elapsed: time.Duration(s * float64(time.Second))} }
+	ok := func(s float64) harness.Verdict {
+		return harness.Verdict{OK: true, Elapsed: time.Duration(s * float64(time.Second))}
+	}
 	results := []matrix.Result{
 		{Row: direct, Verdict: ok(10)}, {Row: direct, Verdict: ok(20)}, {Row: direct, Verdict: ok(30)},
 		{Row: direct, Verdict: harness.Verdict{Reason: failure.NoDHCP}, Dir: "/tmp/x"}, // a flake
-		{Row: fault, Verdict: harness.Verdict{Reason: failure.NoDHCP}},                // expected
+		{Row: fault, Verdict: harness.Verdict{Reason: failure.NoDHCP}},                 // expected
 		{Row: fault, Verdict: ok(5)},                                                   // a flake: it booted
 	}
 	base := resourceUse{FDs: 10, Goroutines: 3}
