@@ -54,33 +54,10 @@ Flags:
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	chains := harness.SelectChains(*archs, *fws)
-	if len(chains) == 0 {
-		fmt.Fprintf(os.Stderr, "nbh matrix: no chain matches --arch %q --firmware %q\n", *archs, *fws)
+	sel, err := rowSelect(*archs, *fws, *roots, *ipsecMode, *faults)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
 		return exitUsage
-	}
-	sel := matrix.Select{Chains: chains, Faults: *faults}
-	switch *ipsecMode {
-	case "off":
-		sel.Nets = []bool{false}
-	case "required":
-		sel.Nets = []bool{true}
-	case "both":
-		sel.Nets = []bool{false, true}
-	default:
-		fmt.Fprintf(os.Stderr, "nbh matrix: --ipsec %q: want off, required or both\n", *ipsecMode)
-		return exitUsage
-	}
-	for _, r := range strings.Split(*roots, ",") {
-		switch r = strings.TrimSpace(r); r {
-		case "none":
-			sel.Roots = append(sel.Roots, harness.RootNone)
-		case harness.RootNFS, harness.RootISCSI:
-			sel.Roots = append(sel.Roots, r)
-		default:
-			fmt.Fprintf(os.Stderr, "nbh matrix: --roots: unknown root %q (none, nfs, iscsi)\n", r)
-			return exitUsage
-		}
 	}
 	if *keep != "all" && *keep != "failed" {
 		fmt.Fprintf(os.Stderr, "nbh matrix: --keep-artifacts %q: want all or failed\n", *keep)
@@ -156,6 +133,37 @@ Flags:
 		return exitStopped
 	}
 	return code
+}
+
+// rowSelect reads the flags that choose a matrix's rows (nbh matrix and
+// nbh soak share them): chains by arch and firmware, the roots, the
+// networks (--ipsec off, required or both) and whether faults are rows.
+func rowSelect(archs, fws, roots, ipsecMode string, faults bool) (matrix.Select, error) {
+	sel := matrix.Select{Chains: harness.SelectChains(archs, fws), Faults: faults}
+	if len(sel.Chains) == 0 {
+		return sel, fmt.Errorf("no chain matches --arch %q --firmware %q", archs, fws)
+	}
+	switch ipsecMode {
+	case "off":
+		sel.Nets = []bool{false}
+	case "required":
+		sel.Nets = []bool{true}
+	case "both":
+		sel.Nets = []bool{false, true}
+	default:
+		return sel, fmt.Errorf("--ipsec %q: want off, required or both", ipsecMode)
+	}
+	for _, r := range strings.Split(roots, ",") {
+		switch r = strings.TrimSpace(r); r {
+		case "none":
+			sel.Roots = append(sel.Roots, harness.RootNone)
+		case harness.RootNFS, harness.RootISCSI:
+			sel.Roots = append(sel.Roots, r)
+		default:
+			return sel, fmt.Errorf("--roots: unknown root %q (none, nfs, iscsi)", r)
+		}
+	}
+	return sel, nil
 }
 
 // writeReports writes whichever of the three renderings are asked for. rep's

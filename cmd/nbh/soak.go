@@ -16,7 +16,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/sched"
 	"nbh.dev/nbh/matrix"
@@ -61,33 +60,10 @@ Flags:
 		fmt.Fprintf(os.Stderr, "nbh soak: --boots %d -j %d: want 1 or more boots, and -j 1 or more\n", *boots, *jobs)
 		return exitUsage
 	}
-	chains := harness.SelectChains(*archs, *fws)
-	if len(chains) == 0 {
-		fmt.Fprintf(os.Stderr, "nbh soak: no chain matches --arch %q --firmware %q\n", *archs, *fws)
+	sel, err := rowSelect(*archs, *fws, *roots, *ipsecMode, *faults)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nbh soak: %v\n", err)
 		return exitUsage
-	}
-	sel := matrix.Select{Chains: chains, Faults: *faults}
-	switch *ipsecMode {
-	case "off":
-		sel.Nets = []bool{false}
-	case "required":
-		sel.Nets = []bool{true}
-	case "both":
-		sel.Nets = []bool{false, true}
-	default:
-		fmt.Fprintf(os.Stderr, "nbh soak: --ipsec %q: want off, required or both\n", *ipsecMode)
-		return exitUsage
-	}
-	for _, r := range strings.Split(*roots, ",") {
-		switch r = strings.TrimSpace(r); r {
-		case "none":
-			sel.Roots = append(sel.Roots, harness.RootNone)
-		case harness.RootNFS, harness.RootISCSI:
-			sel.Roots = append(sel.Roots, r)
-		default:
-			fmt.Fprintf(os.Stderr, "nbh soak: --roots: unknown root %q (none, nfs, iscsi)\n", r)
-			return exitUsage
-		}
 	}
 	distinct := matrix.Rows(sel)
 	if len(distinct) == 0 {
