@@ -177,10 +177,14 @@ type Call struct {
 func ParseCall(b []byte) (*Call, error) {
 	d := &xdr{b: b}
 	c := &Call{XID: d.u32()}
-	if mt := d.u32(); mt != 0 {
+	mt, v := d.u32(), d.u32()
+	if d.err != nil {
+		return nil, d.err // cut short: not even a header to answer
+	}
+	if mt != 0 {
 		return nil, errors.New("not a call")
 	}
-	if v := d.u32(); v != 2 {
+	if v != 2 {
 		return c, errRPCVersion
 	}
 	c.Prog, c.Vers, c.Proc = d.u32(), d.u32(), d.u32()

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/binary"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -86,13 +87,49 @@ func TestPortmapperTCPAndUDP(t *testing.T) {
 	assert.Equal(t, stat, uint32(procUnavail))
 }
 
+// FuzzPortmapper: whatever the call, the portmapper answers with a
+// well-formed reply to the call's XID (accepted, or denied for an RPC
+// version mismatch) or drops a message it cannot read; a GETPORT answer
+// names only ports the lab registered (or 0), and the lab's mappings never
+// change (SET and UNSET are not served).
 func FuzzPortmapper(f *testing.F) {
 	f.Add(call(1, progPortmap, 2, 3, progMount, 3, ipprotoTCP, 0))
 	f.Add(call(2, progPortmap, 2, 4))
+	f.Add(call(3, progPortmap, 2, 1, 100003, 3, ipprotoTCP, 9999)) // SET
 	f.Add([]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff})
 	p := &Portmapper{tl: timeline.New()}
+	want := slices.Clone(Mappings)
+	ports := map[uint32]bool{0: true}
+	for _, m := range Mappings {
+		ports[m.Port] = true
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		p.handle(b, "fuzz") // must not panic
+		r := p.handle(b, "fuzz")
+		if !slices.Equal(Mappings, want) {
+			t.Fatal("a call changed the lab's mappings")
+		}
+		if r == nil {
+			return
+		}
+		be := binary.BigEndian
+		if len(b) < 4 || len(r) < 24 || be.Uint32(r) != be.Uint32(b) || be.Uint32(r[4:]) != 1 {
+			t.Fatalf("a reply that is not an RPC reply to the call: %x", r)
+		}
+		if be.Uint32(r[8:]) == 1 { // denied: only an RPC version mismatch
+			if be.Uint32(r[12:]) != 0 {
+				t.Fatalf("denied for another reason: %x", r)
+			}
+			return
+		}
+		c, err := ParseCall(b)
+		if err != nil {
+			t.Fatalf("answered a call it cannot parse: %v", err)
+		}
+		if c.Prog == progPortmap && c.Vers == 2 && c.Proc == 3 && be.Uint32(r[20:]) == success {
+			if len(r) != 28 || !ports[be.Uint32(r[24:])] {
+				t.Fatalf("GETPORT answered %x", r[24:])
+			}
+		}
 	})
 }
 
