@@ -1,0 +1,50 @@
+package harness
+
+import (
+	"fmt"
+	"strings"
+
+	"nbh.dev/nbh/harness/qemu"
+)
+
+// cmdline is the kernel command line every chain passes.
+func (g *Guest) cmdline() string {
+	s := "console=" + qemu.Console(g.Profile.Arch) + " panic=-1"
+	if g.Profile.Arch == "amd64" {
+		s += " edd=off" // the real-mode EDD probe costs ~2 s under TCG
+	}
+	if !strings.Contains(" "+g.spec.Append, " root=") && !strings.Contains(" "+g.spec.Append, " netroot=") {
+		switch g.spec.Root {
+		case RootNFS:
+			s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
+		case RootISCSI:
+			// ip=dhcp is for stock initramfs images (dracut brings the
+			// network up only when told); the reference init ignores it.
+			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
+		}
+	}
+	if g.keeper != nil {
+		// The reference init asks the boot server for files its archive
+		// lacks, and stops on a stale archive unless told to warn.
+		s += fmt.Sprintf(" nbh.files=http://%s/%s/files", g.lab.Server(), g.Name)
+		if g.plan.warn || g.spec.OnStale == "warn" {
+			s += " nbh.archive=warn"
+		}
+	}
+	if g.spec.Append != "" {
+		s += " " + g.spec.Append
+	}
+	return s
+}
+
+// skewedKernel names a kernel version the archive's modules are recorded for
+// in the module-skew fault: the same release with another ABI number.
+func skewedKernel(v string) string {
+	if i := strings.Index(v, "-"); i > 0 {
+		return v[:i] + "-0-nbh-skew"
+	}
+	return v + "-nbh-skew"
+}
+
+// rootDriver is the module a root cannot be mounted without.
+var rootDriver = map[string]string{RootNFS: "nfsv3", RootISCSI: "iscsi_tcp"}

@@ -1,0 +1,217 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Provision makes everything a guest boots from — its address, boot files,
+// root, keys and faults — without starting QEMU: for a QEMU the user starts
+// (nbh serve), which joins through Listen's socket with spec.MAC, with the
+// command line QEMUArgs gives. Such a guest has a timeline, stages and
+// artifacts, but no console and so no verdict.
+func (l *Lab) Provision(ctx context.Context, spec Spec) (*Guest, error) {
+	if spec.Firmware == qemu.Direct {
+		return nil, fmt.Errorf("spec: a direct boot has no network boot to serve; pick a chain with firmware")
+	}
+	return l.provision(ctx, spec)
+}
+
+// provision is Boot up to QEMU.
+func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
+	// A failure part-way gives back what was already set up: a guest not
+	// registered yet is not one Lab.Close would find.
+	var made *Guest
+	defer func() {
+		if err != nil && made != nil {
+			made.release()
+		}
+	}()
+	prof, err := qemu.Lookup(spec.Arch, spec.Firmware)
+	if err != nil {
+		return nil, err
+	}
+	var p plan
+	for _, f := range spec.Faults {
+		if f.Applies != nil && !f.Applies(prof, spec.Root) {
+			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
+		}
+		if f.IPsec && l.esp == nil {
+			return nil, fmt.Errorf("fault %s needs a network that requires IPsec (--ipsec required)", f.Name)
+		}
+		if f.Where == "archive" && spec.Initrd != "" {
+			return nil, fmt.Errorf("fault %s changes the reference archive; this boot uses %s", f.Name, spec.Initrd)
+		}
+		f.apply(&p)
+	}
+	switch spec.OnStale {
+	case "", "stop", "warn":
+	default:
+		return nil, fmt.Errorf("on-stale %q: want stop or warn", spec.OnStale)
+	}
+	switch spec.Compression {
+	case "", "gzip", "zstd":
+	default:
+		return nil, fmt.Errorf("compression %q: want gzip or zstd", spec.Compression)
+	}
+	if spec.Signed {
+		p.sign = true
+	}
+	if p.sign && !canVerify(prof, spec.Root) {
+		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only arm64/aavmf-grub (GRUB with an embedded key) can", prof.Name())
+	}
+	switch spec.Root {
+	case RootNone, RootNFS, RootISCSI:
+	default:
+		return nil, fmt.Errorf("root %q: want none, %q or %q", spec.Root, RootNFS, RootISCSI)
+	}
+	if spec.Expect == "" {
+		spec.Expect = regexp.QuoteMeta(fixtures.Marker)
+		if spec.Root != RootNone {
+			spec.Expect = regexp.QuoteMeta(fixtures.RootMarker)
+		}
+	}
+	if p.nfsPath == "" {
+		p.nfsPath = NFSExport
+	}
+	if p.iqn == "" {
+		p.iqn = ISCSITarget
+	}
+	expect, err := regexp.Compile(spec.Expect)
+	if err != nil {
+		return nil, fmt.Errorf("expect: %w", err)
+	}
+	if spec.Timeout == 0 {
+		spec.Timeout = 180 * time.Second
+	}
+	// QEMU runs in the guest's private folder: paths become absolute here.
+	if err := absPaths(&spec); err != nil {
+		return nil, err
+	}
+	var wantMAC net.HardwareAddr
+	if spec.MAC != "" {
+		if wantMAC, err = net.ParseMAC(spec.MAC); err != nil || len(wantMAC) != 6 {
+			return nil, fmt.Errorf("spec: MAC %q: want an Ethernet address like 52:54:00:12:34:56", spec.MAC)
+		}
+	}
+	var wantIP netip.Addr
+	if spec.IP != "" {
+		if wantIP, err = netip.ParseAddr(spec.IP); err != nil {
+			return nil, fmt.Errorf("spec: IP: %w", err)
+		}
+	}
+
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil, errors.New("lab is closed")
+	}
+	l.n++
+	n := l.n
+	l.mu.Unlock()
+	if spec.Name == "" {
+		spec.Name = fmt.Sprintf("g%d", n)
+	}
+	mac, err := guestMAC(n)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if old := l.byName[spec.Name]; old != nil {
+		if !old.closed() {
+			l.mu.Unlock()
+			return nil, fmt.Errorf("guest %s is still running; close it before booting it again", spec.Name)
+		}
+		mac = old.MAC // the same machine, rebooted
+	}
+	if wantMAC != nil {
+		mac = wantMAC
+	}
+	for _, other := range l.guests {
+		if other.MAC.String() == mac.String() && other.Name != spec.Name {
+			l.mu.Unlock()
+			return nil, fmt.Errorf("spec: MAC %s is guest %s's", mac, other.Name)
+		}
+	}
+	l.mu.Unlock()
+	g := &Guest{
+		Name: spec.Name, Profile: prof, lab: l, spec: spec, expect: expect,
+		MAC: mac, n: n,
+		decided: make(chan struct{}),
+	}
+	made = g
+	g.private = filepath.Join(l.work, "guest-"+g.Name)
+	g.Dir = spec.Artifacts
+	if g.Dir == "" {
+		g.Dir = filepath.Join(l.work, "artifacts-"+g.Name)
+	}
+	for _, d := range []string{g.private, g.Dir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("lab: %w", err)
+		}
+	}
+	g.rand = guestRand(l.opts.Seed, g.Name, g.MAC)
+	if wantIP.IsValid() {
+		if err := l.dhcp.Reserve(g.MAC, wantIP); err != nil {
+			return nil, err
+		}
+	}
+	ip, err := l.dhcp.Lease(g.MAC)
+	if err != nil {
+		return nil, err
+	}
+	g.IP = ip.String()
+	l.Timeline.Name(g.MAC.String(), g.Name)
+	l.Timeline.Name(g.IP, g.Name)
+	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
+
+	g.plan = p
+	if l.esp != nil {
+		if g.espConf, err = g.espKeys(); err != nil {
+			return nil, err
+		}
+		if p.espReplay {
+			l.Fabric.AddRule(netfab.Rule{Name: "esp-replay", Guest: g.Name, Dir: netfab.FromGuest, Proto: "esp", Action: netfab.Replay, Delay: 20 * time.Millisecond})
+		}
+	}
+	if err := g.prepareRoot(ctx); err != nil {
+		return nil, err
+	}
+	kernel, initrd, err := g.bootFiles(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	if g.files, err = g.firmwareFiles(ctx); err != nil {
+		return nil, err
+	}
+	g.kernel, g.initrd = kernel, initrd
+
+	l.mu.Lock()
+	l.guests[g.MAC.String()] = g
+	l.byName[g.Name] = g
+	l.mu.Unlock()
+	l.Timeline.Subscribe(g.observe)
+	l.Timeline.Subscribe(g.conclude)
+	if spec.OnEvent != nil {
+		l.Timeline.Subscribe(func(e timeline.Event) {
+			if e.Guest == g.Name || e.Guest == "" {
+				spec.OnEvent(e)
+			}
+		})
+	}
+
+	g.Accel = qemu.Probe(spec.Arch)
+	return g, nil
+}

@@ -1,0 +1,88 @@
+package harness
+
+import (
+	"context"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/iscsi"
+)
+
+// iscsiRoot is the guest's root in dracut's netroot= spelling.
+func (g *Guest) iscsiRoot() string {
+	creds := ""
+	if g.chap != nil {
+		secret := g.chap.Secret
+		if g.plan.badCHAP {
+			secret = "not-" + secret
+		}
+		creds = g.chap.User + ":" + secret + "@"
+	}
+	return fmt.Sprintf("iscsi:%s%s::%d:0:%s", creds, g.lab.Server(), iscsi.Port, g.plan.iqn)
+}
+
+// prepareRoot builds the guest's root, once per guest name in the lab: a
+// guest booted again under the same name gets the same root back, as a
+// machine rebooting would, with whatever it wrote.
+func (g *Guest) prepareRoot(ctx context.Context) error {
+	l := g.lab
+	base := filepath.Join(l.work, "roots", g.Name)
+	switch g.spec.Root {
+	case RootNFS:
+		if _, err := os.Stat(base); err != nil {
+			tmp := base + ".tmp"
+			os.RemoveAll(tmp)
+			if err := fixtures.BuildRoot(ctx, l.cache, g.Profile.Arch, tmp, g.spec.RootFiles); err != nil {
+				return err
+			}
+			if err := os.Rename(tmp, base); err != nil {
+				return err
+			}
+		}
+		if err := l.nfs.Export(NFSExport, g.IP, base); err != nil {
+			return err
+		}
+		root, err := os.OpenRoot(base)
+		if err != nil {
+			return err
+		}
+		g.rootFS = root
+	case RootISCSI:
+		img := base + ".img"
+		if _, err := os.Stat(img); err != nil {
+			size := int64(64 << 20)
+			for _, src := range g.spec.RootFiles {
+				if fi, err := os.Stat(src); err == nil {
+					size += fi.Size() + fi.Size()/8
+				}
+			}
+			if err := os.MkdirAll(filepath.Dir(img), 0o755); err != nil {
+				return err
+			}
+			if err := fixtures.BuildRootImage(ctx, l.cache, g.Profile.Arch, img+".tmp", size, g.spec.RootFiles); err != nil {
+				return err
+			}
+			if err := os.Rename(img+".tmp", img); err != nil {
+				return err
+			}
+		}
+		lun, err := iscsi.OpenLUN(img, g.Name)
+		if err != nil {
+			return err
+		}
+		g.lun = lun
+		var chap *iscsi.CHAP
+		if g.spec.CHAP || g.plan.badCHAP {
+			secret := make([]byte, 8)
+			io.ReadFull(g.rand, secret)
+			chap = &iscsi.CHAP{User: "nbh-" + g.Name, Secret: hex.EncodeToString(secret)}
+			g.chap = chap
+		}
+		l.iscsi.Export(ISCSITarget, g.IP, lun, chap)
+	}
+	return nil
+}

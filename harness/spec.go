@@ -1,0 +1,113 @@
+package harness
+
+import (
+	"time"
+
+	"nbh.dev/nbh/harness/timeline"
+)
+
+// Spec describes one guest to boot.
+type Spec struct {
+	Arch     string // amd64 or arm64
+	Firmware string // a qemu.Profiles firmware name
+	Name     string // guest name; default g1, g2, ...
+	// MAC and IP pin the guest's Ethernet and leased address (a replay
+	// gets the recorded guest's); default: the lab assigns them in boot
+	// order.
+	MAC, IP string
+
+	// Root is the root file system: RootNone (the archive only, the
+	// default), RootNFS (the lab's NFS export of the reference root) or
+	// RootISCSI (the reference root as an ext4 LUN of the lab's target).
+	Root string
+
+	// CHAP makes the iSCSI target require one-way CHAP from this guest;
+	// the guest is told its credentials on the kernel command line.
+	CHAP bool
+
+	Kernel string // kernel image; default: the cached Debian kernel (a relative path is from the working directory)
+	Initrd string // boot archive; default: the reference archive
+	Append string // added to the kernel command line
+
+	// ArchiveFiles and RootFiles add host files to the reference archive
+	// and to the guest's copy of the reference root (guest path -> host path).
+	ArchiveFiles map[string]string
+	RootFiles    map[string]string
+
+	// NoArchiveRefresh stops the boot server from rebuilding the reference
+	// archive when a file it carries a copy of changes on the guest's NFS
+	// root (rebuilding is the default; see keeper).
+	NoArchiveRefresh bool
+	// OnStale is what the reference init does with a stale archive: "stop"
+	// (the default: fail with "stale boot archive") or "warn" (boot on).
+	OnStale string
+	// Compression of the reference archive: "gzip" (default) or "zstd".
+	Compression string
+	// Signed makes the loader verify what it loads: the lab signs the
+	// kernel, the archive and the loader's config with its own key and
+	// builds the key into the loader, which refuses anything unsigned or
+	// changed. Only GRUB (aavmf-grub) can; see README.
+	Signed bool
+
+	Faults []Fault
+	// AnyLoader makes the boot server ready for any firmware of the arch:
+	// the loader files of every chain, DHCP answering by what the client
+	// says it is. For a guest whose QEMU the lab does not start (Provision).
+	AnyLoader bool
+
+	// KeepPrompts leaves firmware prompts to run out their timeouts instead
+	// of answering them (see console.Responders).
+	KeepPrompts bool
+	Expect      string        // regexp for success; default: the reference marker
+	Memory      int           // MiB; default 1024
+	Timeout     time.Duration // overall deadline for Wait; default 180s
+	// StageTimeouts bound how long a boot may stay in one stage without
+	// reaching the next; entries override DefaultStageTimeouts.
+	StageTimeouts map[timeline.Stage]time.Duration
+
+	// Artifacts is the folder for console.log, timeline.jsonl and
+	// network.pcapng; default: a folder inside the lab, removed with it.
+	Artifacts string
+	// OnStage is called (from the lab's goroutines) when the guest reaches
+	// a new stage; it must not block.
+	OnStage func(timeline.Event)
+	// OnEvent is called with each of the guest's timeline events as it
+	// happens (and the lab-wide ones); it must not block.
+	OnEvent func(timeline.Event)
+}
+
+// DefaultStageTimeouts are the per-stage deadlines. A stage that runs past
+// its deadline ends the boot with the stage named, well before the overall
+// deadline: a UEFI PXE client with no DHCP answer would otherwise retry for
+// a minute and then try IPv6 for another.
+var DefaultStageTimeouts = map[timeline.Stage]time.Duration{
+	timeline.Firmware: 60 * time.Second,
+	timeline.DHCP:     30 * time.Second,
+	timeline.Loader:   90 * time.Second,
+	timeline.Kernel:   60 * time.Second,
+	timeline.Init:     60 * time.Second,
+	timeline.Root:     60 * time.Second,
+}
+
+// Roots a guest can boot.
+const (
+	RootNone  = ""
+	RootNFS   = "nfs"
+	RootISCSI = "iscsi"
+)
+
+// ISCSITarget is the lab's iSCSI target name for the reference root; each
+// guest gets its own copy of the LUN behind it.
+const ISCSITarget = "iqn.2026-11.dev.nbh:root"
+
+// NFSExport is the lab's NFS export of the reference root; each guest gets
+// its own writable copy behind the same path.
+const NFSExport = "/nbh/root"
+
+// Spec is the guest's spec as Boot completed it: its name, MAC and address,
+// marker, deadline and absolute paths filled in.
+func (g *Guest) Spec() Spec {
+	s := g.spec
+	s.MAC, s.IP = g.MAC.String(), g.IP
+	return s
+}
