@@ -2,9 +2,11 @@ package scenarios
 
 import (
 	"context"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -100,17 +102,9 @@ func TestHostileGuest(t *testing.T) {
 	}
 	assert.Check(t, len(kinds["oversize"]) > 0, "no oversize frame recorded")
 	for _, kind := range []string{"esp-replay", "esp-auth", "esp-unknown-spi", "mount-refused", "refused"} {
-		assert.Check(t, len(kinds[kind]) > 0, "no %s event; kinds: %v", kind, keys(kinds))
+		assert.Check(t, len(kinds[kind]) > 0, "no %s event; kinds: %v", kind, slices.Sorted(maps.Keys(kinds)))
 	}
 	refused := strings.Join(kinds["refused"], "\n")
 	assert.Check(t, is.Contains(refused, "discovery session"))
 	assert.Check(t, is.Contains(refused, "which belongs to victim"))
-}
-
-func keys[V any](m map[string]V) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
 }

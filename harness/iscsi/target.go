@@ -563,9 +563,6 @@ func (sc *session) negotiate(keys map[string]string, replied map[string]bool) []
 			out = append(out, [2]string{k, "No"})
 		}
 	}
-	if sc.maxSend <= 0 {
-		sc.maxSend = 8192
-	}
 	return out
 }
 
