@@ -2,19 +2,14 @@ package harness
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 
 	"nbh.dev/nbh/fixtures"
 	"nbh.dev/nbh/harness/archive"
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/qemu"
-	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/images"
-	"nbh.dev/nbh/internal/fsutil"
 )
 
 // referenceArchive builds the guest's reference archive and the keeper that
@@ -106,125 +101,39 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 		// Where a system that keeps its boot files on its root has them.
 		b.NFS, b.Kernel, b.Initrd = p.nfsPath, "boot/vmlinuz", "boot/initrd.img"
 	}
-	firmwares := []string{g.Profile.Firmware}
+	chains := []Chain{g.chain}
 	if g.spec.AnyLoader {
-		firmwares = nil
-		for _, c := range qemu.Profiles {
-			if c.Arch == g.Profile.Arch && c.Firmware != qemu.Direct {
-				firmwares = append(firmwares, c.Firmware)
-			}
-		}
+		chains = loaderChains(g.Profile.Arch)
 	}
-	for _, fw := range firmwares {
-		if err = g.loaderFiles(ctx, fw, dir, b, p); err != nil {
-			return "", "", fmt.Errorf("lab: %s boot files: %w", fw, err)
+	for _, c := range chains {
+		if c.loader == nil {
+			continue
+		}
+		if err = c.loader(ctx, g, dir, b, p); err != nil {
+			return "", "", fmt.Errorf("lab: %s boot files: %w", c.Firmware, err)
 		}
 	}
 	return kernel, initrd, nil
 }
 
-// loaderFiles writes what firmware fw's loader reads: its script or config,
-// and the loader image where the lab makes one.
-func (g *Guest) loaderFiles(ctx context.Context, fw, dir string, b bootcfg.Boot, p plan) (err error) {
-	l := g.lab
-	switch fw {
-	case qemu.SeaBIOSIPXE, qemu.OVMFIPXE, qemu.OVMFPXE:
-		err = writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
-		if err == nil && fw == qemu.OVMFPXE {
-			var src string
-			if src, err = l.cache.Path(ctx, "amd64", images.IPXEEFI); err == nil {
-				err = place(src, filepath.Join(l.srv, "ipxe.efi"))
-			}
-		}
-	case qemu.UBoot:
-		mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
-		err = writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), []byte(bootcfg.PXELinux(b)))
-		if err == nil {
-			l.mu.Lock()
-			if p.loaderNFS {
-				l.ubootNFS[g.MAC.String()] = b
-			}
-			script := bootcfg.UBootScript(l.ubootNFS)
-			err = fsutil.WriteAtomic(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", script))
-			l.mu.Unlock()
-		}
-	case qemu.AAVMFGRUB:
-		cfg := filepath.Join(dir, "grub", "grub.cfg")
-		err = writeFile(cfg, []byte(bootcfg.GRUBConfig(b)))
-		var pubkey string
-		if err == nil && p.sign {
-			var key *sign.Key
-			if key, err = l.signingKey(ctx); err == nil {
-				pubkey = key.Public
-				files := []string{cfg, filepath.Join(dir, "vmlinuz")}
-				if g.keeper == nil {
-					// The keeper signs the reference archive each time it
-					// serves a build; another archive is signed here.
-					files = append(files, filepath.Join(dir, "initrd.img"))
-				}
-				for _, f := range files {
-					if _, serr := os.Stat(f); serr != nil {
-						continue // missing-kernel: nothing to sign
-					}
-					if err = key.Sign(ctx, f); err != nil {
-						break
-					}
-				}
-			}
-		}
-		if err == nil {
-			var mods string
-			if mods, err = l.cache.Path(ctx, "arm64", images.GRUBArm64); err == nil {
-				err = bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"), pubkey)
-			}
-		}
-	}
-	return err
-}
-
+// firmwareFiles fetches the chain's firmware images, and makes its
+// environment flash.
 func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	var f qemu.Files
-	c := g.lab.cache
-	get := func(dst *string, arch string, file images.File) error {
-		p, err := c.Path(ctx, arch, file)
-		*dst = p
-		return err
-	}
+	c, cache := g.chain, g.lab.cache
 	var err error
-	switch g.Profile.Firmware {
-	case qemu.OVMFIPXE, qemu.OVMFPXE:
-		err = errors.Join(get(&f.OVMFCode, "amd64", images.OVMFCode), get(&f.OVMFVars, "amd64", images.OVMFVars))
-	case qemu.UBoot:
-		if err = get(&f.UBoot, "arm64", images.UBoot); err == nil {
-			f.UBootEnv, err = g.ubootEnv(f.UBoot)
+	if c.Code != (images.File{}) {
+		if f.Code, err = cache.Path(ctx, c.Arch, c.Code); err != nil {
+			return f, err
 		}
-	case qemu.AAVMFGRUB:
-		err = get(&f.AAVMF, "arm64", images.AAVMF)
+	}
+	if c.Vars != (images.File{}) {
+		if f.Vars, err = cache.Path(ctx, c.Arch, c.Vars); err != nil {
+			return f, err
+		}
+	}
+	if c.env != nil {
+		f.Env, err = c.env(g, f.Code)
 	}
 	return f, err
-}
-
-// ubootEnv writes the guest's U-Boot environment flash: the default
-// environment with its MAC address (U-Boot 2023.01 reads a virtio NIC's MAC
-// as its first byte six times over, 52:52:52:52:52:52, so DHCP leases and
-// pxelinux.cfg/01-MAC would miss) and no autoboot delay.
-func (g *Guest) ubootEnv(ubootBin string) (string, error) {
-	bin, err := os.ReadFile(ubootBin)
-	if err != nil {
-		return "", err
-	}
-	env, err := bootcfg.UBootEnv(bin, map[string]string{"ethaddr": g.MAC.String(), "bootdelay": "0"})
-	if err != nil {
-		return "", err
-	}
-	path := filepath.Join(g.private, "uboot-env.fd")
-	f, err := os.Create(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	if _, err := f.Write(env); err != nil {
-		return "", err
-	}
-	return path, f.Truncate(bootcfg.UBootFlashSize)
 }

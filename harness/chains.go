@@ -1,29 +1,218 @@
 package harness
 
 import (
+	"context"
+	"fmt"
 	"os"
-	"path/filepath"
-	"strconv"
+	"sort"
 	"strings"
-	"syscall"
 
+	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/images"
 )
+
+// Chain is one boot chain, declared in one place (chainTable): how QEMU runs
+// it, the firmware images it needs, what DHCP answers its firmware and
+// loaders, the files its loader reads, and what it can do (which faults
+// apply). Adding a chain is an entry in chainTable plus its loader's code.
+type Chain struct {
+	qemu.Profile
+	// Code and Vars are the firmware images from the image cache (Load
+	// LoadPflash or LoadBIOS); zero when QEMU's own firmware does.
+	Code, Vars images.File
+	// DHCP is what the DHCP server answers the chain's firmware and its
+	// loaders: the first rule whose client matches.
+	DHCP []DHCPRule
+	// Verifies: the loader checks signatures of what it loads (Spec.Signed,
+	// the tampered-archive fault).
+	Verifies bool
+	// ReadsNFS: the loader can read kernel and archive from an NFS root
+	// (the loader-nfs fault).
+	ReadsNFS bool
+	// UKI: the firmware fetches one Unified Kernel Image (stub, kernel,
+	// archive, command line) instead of kernel and archive.
+	UKI bool
+	// Cost is what a row of the chain takes, for the matrix's shards.
+	Cost Cost
+
+	// loader writes what the chain's loader reads into the served root:
+	// dir is the guest's folder there, b what to boot.
+	loader func(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error
+	// env makes the guest's firmware environment flash (U-Boot), from the
+	// firmware image at code.
+	env func(g *Guest, code string) (string, error)
+}
+
+// Cost is a chain's expected wall times in seconds under TCG on a 2-core
+// machine, one boot at a time, from full serial matrix runs.
+type Cost struct {
+	Boot   float64 // a clean boot with no root, to the marker
+	Loader float64 // until the loader's first fetch: where loader faults end
+	NoDHCP float64 // until the third ignored DHCP message (EDK2 waits 4 and 8 s)
+	// Truncated is a truncated-archive row, when the loader does not give
+	// up at the break (0: as Loader).
+	Truncated float64
+}
+
+// DHCPRule is one DHCP answer: for which client, which boot file.
+type DHCPRule struct {
+	Client string // the client it matches, in words (for the timeline)
+	Match  func(dhcp.Client) bool
+	// File is the boot file: a TFTP path or a URL; {server} and {guest}
+	// stand for the boot server's address and the guest's name.
+	File string
+}
+
+// answer fills in a rule's boot file for guest g.
+func (r DHCPRule) answer(server, guest string) dhcp.Boot {
+	file := strings.NewReplacer("{server}", server, "{guest}", guest).Replace(r.File)
+	return dhcp.Boot{File: file, Why: r.Client + ": " + file}
+}
+
+// The DHCP rules the chains share.
+var (
+	ipxeScript = DHCPRule{Client: "iPXE (user class / option 175)", File: "http://{server}/{guest}/boot.ipxe",
+		Match: func(c dhcp.Client) bool { return c.IPXE }}
+	pxeX64 = func(file string) DHCPRule {
+		return DHCPRule{Client: "UEFI PXE, option 93 = 7 (x86-64)", File: file,
+			Match: func(c dhcp.Client) bool {
+				return !c.IPXE && (c.Arch == dhcp.ArchEFIx64 || c.Arch == dhcp.ArchEFIBC) && !httpClient(c)
+			}}
+	}
+	pxeArm64 = func(file string) DHCPRule {
+		return DHCPRule{Client: "UEFI PXE, option 93 = 11 (arm64)", File: file,
+			Match: func(c dhcp.Client) bool { return !c.IPXE && c.Arch == dhcp.ArchEFIArm64 && !httpClient(c) }}
+	}
+	httpBoot = func(arch int, file string) DHCPRule {
+		return DHCPRule{Client: fmt.Sprintf("UEFI HTTP boot (HTTPClient, option 93 = %d)", arch), File: file,
+			Match: func(c dhcp.Client) bool { return httpClient(c) && c.Arch == arch }}
+	}
+	ubootScript = DHCPRule{Client: "U-Boot vendor class", File: "boot.scr.uimg",
+		Match: func(c dhcp.Client) bool { return strings.HasPrefix(c.VendorClass, "U-Boot") }}
+)
+
+func httpClient(c dhcp.Client) bool { return strings.HasPrefix(c.VendorClass, "HTTPClient") }
+
+// UEFI HTTP boot's option 93 values (RFC 4578 as IANA extended it).
+const (
+	archHTTPx64   = 16
+	archHTTPArm64 = 19
+)
+
+// noPXE switches EDK2's PXE off, so the firmware goes straight to HTTP
+// boot instead of waiting out PXE first (v4, then v6 for up to a minute).
+var noPXE = [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}, {"opt/org.tianocore/IPv6PXESupport", "no"}}
+
+// chainTable is every chain nbh boots, per architecture, the baselines last.
+// Where several chains' rules match one client (a guest ready for any
+// loader, nbh serve), the first in this order answers.
+var chainTable = []Chain{
+	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: "seabios-ipxe", Machine: "pc", NICROM: true,
+			Description: "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true,
+		Cost: Cost{Boot: 7, Loader: 1, NoDHCP: 6},
+	},
+	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-ipxe", Machine: "q35", Load: qemu.LoadPflash, NICROM: true,
+			Description: "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
+		Code: images.OVMFCode, Vars: images.OVMFVars,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true,
+		Cost: Cost{Boot: 11.5, Loader: 4.5, NoDHCP: 6},
+	},
+	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-pxe", Machine: "q35", Load: qemu.LoadPflash,
+			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
+		Code: images.OVMFCode, Vars: images.OVMFVars,
+		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true,
+		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
+			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
+		Code: images.UBoot, env: ubootEnv,
+		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, ReadsNFS: true,
+		Cost: Cost{Boot: 5, Loader: 1, NoDHCP: 6},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-grub", Machine: "virt", Load: qemu.LoadBIOS,
+			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks a GRUB netboot image over TFTP, grub.cfg, kernel over HTTP"},
+		Code: images.AAVMF,
+		DHCP: []DHCPRule{pxeArm64("{guest}/grubnetaa64.efi")}, loader: grubLoader, Verifies: true,
+		// The truncated kernel over GRUB's HTTP, then 5 s of grace.
+		Cost: Cost{Boot: 28, Loader: 10, NoDHCP: 18, Truncated: 32},
+	},
+	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
+			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
+		Cost: Cost{Boot: 7, NoDHCP: 6},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: qemu.Direct, Machine: "virt", Load: qemu.LoadKernel,
+			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
+		Cost: Cost{Boot: 4, NoDHCP: 6},
+	},
+}
+
+// AllChains lists every chain, in chainTable's order.
+func AllChains() []Chain { return append([]Chain(nil), chainTable...) }
 
 // Chains lists the boot chains to run, narrowed by $NBH_ARCH and
 // $NBH_FIRMWARE (comma-separated lists), so CI can shard the matrix.
-func Chains() []qemu.Profile {
+func Chains() []Chain {
 	return SelectChains(os.Getenv("NBH_ARCH"), os.Getenv("NBH_FIRMWARE"))
 }
 
 // SelectChains lists the chains whose architecture is in arches and whose
 // firmware is in fws (comma-separated; empty or "all": any).
-func SelectChains(arches, fws string) []qemu.Profile {
+func SelectChains(arches, fws string) []Chain {
 	archSet, fwSet := list(arches), list(fws)
-	var out []qemu.Profile
-	for _, p := range qemu.Profiles {
-		if (archSet == nil || archSet[p.Arch]) && (fwSet == nil || fwSet[p.Firmware]) {
-			out = append(out, p)
+	var out []Chain
+	for _, c := range chainTable {
+		if (archSet == nil || archSet[c.Arch]) && (fwSet == nil || fwSet[c.Firmware]) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// LookupChain finds the chain of arch and firmware.
+func LookupChain(arch, firmware string) (Chain, error) {
+	var names []string
+	for _, c := range chainTable {
+		if c.Arch == arch && c.Firmware == firmware {
+			return c, nil
+		}
+		if c.Arch == arch {
+			names = append(names, c.Firmware)
+		}
+	}
+	if names == nil {
+		return Chain{}, fmt.Errorf("unknown architecture %q (amd64 or arm64)", arch)
+	}
+	sort.Strings(names)
+	return Chain{}, fmt.Errorf("firmware %q is not available for %s (have: %s)", firmware, arch, strings.Join(names, ", "))
+}
+
+// loaderChains are the chains of arch with a network boot, in table order.
+func loaderChains(arch string) []Chain {
+	var out []Chain
+	for _, c := range chainTable {
+		if c.Arch == arch && c.Firmware != qemu.Direct {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// VerifyingChains names the chains whose loader checks signatures.
+func VerifyingChains() []string {
+	var out []string
+	for _, c := range chainTable {
+		if c.Verifies {
+			out = append(out, c.Name())
 		}
 	}
 	return out
@@ -39,26 +228,4 @@ func list(v string) map[string]bool {
 		m[strings.TrimSpace(s)] = true
 	}
 	return m
-}
-
-// pidAlive reports whether a process exists.
-func pidAlive(pid int) bool {
-	return syscall.Kill(pid, 0) == nil || syscall.Kill(pid, 0) == syscall.EPERM
-}
-
-// sweepStale removes lab folders left by processes that died without
-// cleaning up (a SIGKILL, a panic): their names carry the owner's PID.
-func sweepStale() {
-	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "nbh-lab-*-*"))
-	for _, d := range dirs {
-		parts := strings.Split(filepath.Base(d), "-")
-		if len(parts) < 4 {
-			continue
-		}
-		pid, err := strconv.Atoi(parts[2])
-		if err != nil || pid == os.Getpid() || pidAlive(pid) {
-			continue
-		}
-		os.RemoveAll(d)
-	}
 }

@@ -17,7 +17,7 @@ type Fault struct {
 	Help   string
 	Expect failure.Reason
 	// Applies reports whether the fault makes sense for a chain and root.
-	Applies func(p qemu.Profile, root string) bool
+	Applies func(c Chain, root string) bool
 	// IPsec faults need a network that requires ESP (Options.IPsec).
 	IPsec bool
 	apply func(*plan)
@@ -51,26 +51,24 @@ type plan struct {
 	loaderNFS   bool // the loader reads the boot files from the NFS root
 }
 
-func always(qemu.Profile, string) bool { return true }
+func always(Chain, string) bool { return true }
 
-func notDirect(p qemu.Profile, _ string) bool { return p.Firmware != qemu.Direct }
+func notDirect(c Chain, _ string) bool { return c.Firmware != qemu.Direct }
 
-func nfsRoot(_ qemu.Profile, root string) bool { return root == RootNFS }
+func nfsRoot(_ Chain, root string) bool { return root == RootNFS }
 
-func iscsiRoot(_ qemu.Profile, root string) bool { return root == RootISCSI }
+func iscsiRoot(_ Chain, root string) bool { return root == RootISCSI }
 
 // canVerify: the chains whose loader checks signatures of what it loads.
-func canVerify(p qemu.Profile, _ string) bool { return p.Firmware == qemu.AAVMFGRUB }
+func canVerify(c Chain, _ string) bool { return c.Verifies }
 
 // loaderHasNFS: the chains whose loader can read files over NFS (iPXE,
 // U-Boot; not GRUB), with an NFS root to read them from.
-func loaderHasNFS(p qemu.Profile, root string) bool {
-	return root == RootNFS && p.Firmware != qemu.Direct && p.Firmware != qemu.AAVMFGRUB
-}
+func loaderHasNFS(c Chain, root string) bool { return root == RootNFS && c.ReadsNFS }
 
-func anyRoot(_ qemu.Profile, root string) bool { return root != RootNone }
+func anyRoot(_ Chain, root string) bool { return root != RootNone }
 
-func nfsNotDirect(p qemu.Profile, root string) bool { return root == RootNFS && notDirect(p, root) }
+func nfsNotDirect(c Chain, root string) bool { return root == RootNFS && notDirect(c, root) }
 
 // Faults are the known faults, by name.
 var Faults = map[string]Fault{

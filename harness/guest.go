@@ -27,12 +27,13 @@ type Guest struct {
 	Name    string
 	MAC     net.HardwareAddr
 	IP      string
-	Profile qemu.Profile
+	Profile qemu.Profile // the chain's QEMU side
 	Accel   qemu.Accel
 	Dir     string // artifacts folder
 	Start   time.Time
 
 	lab     *Lab
+	chain   Chain
 	spec    Spec
 	plan    plan
 	lun     *iscsi.LUN

@@ -269,34 +269,32 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	case RootISCSI:
 		rootPath = g.iscsiRoot()
 	}
-	switch {
-	case c.VendorClass == "nbh-init":
+	if c.VendorClass == "nbh-init" {
 		l.initStarted(g)
 		b := dhcp.Boot{Why: "the reference init needs no boot file", RootPath: rootPath}
 		if rootPath != "" {
 			b.Why += "; root path for its " + g.spec.Root + " root"
 		}
 		return b
-	case c.IPXE:
-		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s/boot.ipxe", server, g.Name), Why: "iPXE (user class / option 175): script URL"}
-	case strings.HasPrefix(c.VendorClass, "HTTPClient") && (c.Arch == 16 || c.Arch == 19):
-		// UEFI HTTP boot (option 93 = 16 x86-64, 19 arm64): a URL to the
-		// same loader the PXE path would chainload.
-		file := "ipxe.efi"
-		if c.Arch == 19 {
-			file = g.Name + "/grubnetaa64.efi"
-		}
-		return dhcp.Boot{File: fmt.Sprintf("http://%s/%s", server, file), Why: fmt.Sprintf("HTTPClient, option 93 = %d: UEFI HTTP boot", c.Arch)}
-	case strings.HasPrefix(c.VendorClass, "U-Boot"):
-		return dhcp.Boot{File: "boot.scr.uimg", Why: "U-Boot vendor class: boot script"}
-	case c.Arch == dhcp.ArchEFIx64 || c.Arch == dhcp.ArchEFIBC:
-		return dhcp.Boot{File: "ipxe.efi", Why: fmt.Sprintf("option 93 = %d (x86-64 UEFI): iPXE", c.Arch)}
-	case c.Arch == dhcp.ArchEFIArm64:
-		return dhcp.Boot{File: g.Name + "/grubnetaa64.efi", Why: "option 93 = 11 (arm64 UEFI): GRUB"}
 	}
-	if rootPath != "" {
-		// An initramfs's own client (klibc ipconfig, dhclient): the root
-		// path serves nfsroot=auto, root=dhcp and netroot=dhcp.
+	// The guest's chain answers its firmware and loaders; a guest ready
+	// for any loader (nbh serve) gets the first chain of its arch that
+	// knows the client.
+	chains := []Chain{g.chain}
+	if g.spec.AnyLoader {
+		chains = loaderChains(g.Profile.Arch)
+	}
+	for _, ch := range chains {
+		for _, r := range ch.DHCP {
+			if r.Match(c) {
+				return r.answer(server, g.Name)
+			}
+		}
+	}
+	if rootPath != "" && c.Arch == dhcp.ArchNone {
+		// An initramfs's own client (klibc ipconfig, dhclient; no
+		// option 93, which firmware sends): the root path serves
+		// nfsroot=auto, root=dhcp and netroot=dhcp.
 		return dhcp.Boot{Why: "an operating system's DHCP client (" + c.String() + "): root path for its " + g.spec.Root + " root", RootPath: rootPath}
 	}
 	return dhcp.Boot{Why: "no rule for " + c.String()}

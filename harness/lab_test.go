@@ -20,34 +20,40 @@ func TestBootFilePolicy(t *testing.T) {
 	assert.NilError(t, err)
 	defer lab.Close()
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 1}
-	g := &Guest{Name: "g1", MAC: mac, lab: lab, spec: Spec{Root: RootNFS}, plan: plan{nfsPath: NFSExport, iqn: ISCSITarget}}
+	// A guest ready for any loader of its arch (nbh serve's): the first
+	// chain of the arch whose rule knows the client answers.
+	g := &Guest{Name: "g1", MAC: mac, lab: lab, spec: Spec{Root: RootNFS, AnyLoader: true}, plan: plan{nfsPath: NFSExport, iqn: ISCSITarget}}
 	lab.guests[mac.String()] = g
 	cases := []struct {
+		arch string
 		c    dhcp.Client
 		file string
 		root string
 	}{
-		{dhcp.Client{MAC: mac, Arch: 0, UserClass: "iPXE", IPXE: true}, "http://10.0.2.2/g1/boot.ipxe", ""},
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchUBootA64, VendorClass: "U-Boot.armv8"}, "boot.scr.uimg", ""},
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIx64, VendorClass: "PXEClient:Arch:00007:UNDI:003000"}, "ipxe.efi", ""},
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}, "g1/grubnetaa64.efi", ""},
-		{dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "http://10.0.2.2/ipxe.efi", ""},
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "nbh-init"}, "", "10.0.2.2:/nbh/root"},
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "Linux ipconfig"}, "", "10.0.2.2:/nbh/root"}, // initramfs-tools
-		{dhcp.Client{MAC: mac, Arch: dhcp.ArchNone}, "", "10.0.2.2:/nbh/root"},                                // dracut's dhclient
-		{dhcp.Client{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, Arch: dhcp.ArchEFIx64}, "", ""},                 // not a guest of this lab
+		{"amd64", dhcp.Client{MAC: mac, Arch: 0, UserClass: "iPXE", IPXE: true}, "http://10.0.2.2/g1/boot.ipxe", ""},
+		{"arm64", dhcp.Client{MAC: mac, Arch: dhcp.ArchUBootA64, VendorClass: "U-Boot.armv8"}, "boot.scr.uimg", ""},
+		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIx64, VendorClass: "PXEClient:Arch:00007:UNDI:003000"}, "ipxe.efi", ""},
+		{"arm64", dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}, "g1/grubnetaa64.efi", ""},
+		{"amd64", dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "", ""},
+		{"arm64", dhcp.Client{MAC: mac, Arch: 19, VendorClass: "HTTPClient:Arch:00019:UNDI:003001"}, "", ""},
+		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "nbh-init"}, "", "10.0.2.2:/nbh/root"},
+		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "Linux ipconfig"}, "", "10.0.2.2:/nbh/root"},   // initramfs-tools
+		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone}, "", "10.0.2.2:/nbh/root"},                                  // dracut's dhclient
+		{"arm64", dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIx64, VendorClass: "PXEClient:Arch:00007:UNDI:003000"}, "", ""}, // no arm64 chain boots x86
+		{"amd64", dhcp.Client{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, Arch: dhcp.ArchEFIx64}, "", ""},                   // not a guest of this lab
 	}
 	for _, c := range cases {
+		g.Profile.Arch = c.arch
 		b := lab.policy(c.c)
 		assert.Equal(t, b.File, c.file, "%s", c.c)
 		assert.Equal(t, b.RootPath, c.root, "%s", c.c)
 		assert.Assert(t, b.Why != "", "no reason given for %s", c.c)
 	}
 	g.spec.Root = RootISCSI
-	assert.Equal(t, lab.policy(cases[5].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
-	assert.Equal(t, lab.policy(cases[7].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
+	assert.Equal(t, lab.policy(cases[6].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
+	assert.Equal(t, lab.policy(cases[8].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
 	g.spec.Root = RootNone
-	assert.Equal(t, lab.policy(cases[7].c).RootPath, "", "a guest without a root gets no root path")
+	assert.Equal(t, lab.policy(cases[8].c).RootPath, "", "a guest without a root gets no root path")
 }
 
 // TestRefineByNetworkEvidence: console wording differs per firmware; the

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 
 	"nbh.dev/nbh/fixtures"
@@ -39,14 +40,14 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			made.release()
 		}
 	}()
-	prof, err := qemu.Lookup(spec.Arch, spec.Firmware)
+	chain, err := LookupChain(spec.Arch, spec.Firmware)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("spec: %w", err)
 	}
 	var p plan
 	for _, f := range spec.Faults {
-		if f.Applies != nil && !f.Applies(prof, spec.Root) {
-			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, prof.Name())
+		if f.Applies != nil && !f.Applies(chain, spec.Root) {
+			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, chain.Name())
 		}
 		if f.IPsec && l.esp == nil {
 			return nil, fmt.Errorf("fault %s needs a network that requires IPsec (--ipsec required)", f.Name)
@@ -69,8 +70,8 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if spec.Signed {
 		p.sign = true
 	}
-	if p.sign && !canVerify(prof, spec.Root) {
-		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only arm64/aavmf-grub (GRUB with an embedded key) can", prof.Name())
+	if p.sign && !chain.Verifies {
+		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only %s can", chain.Name(), strings.Join(VerifyingChains(), ", "))
 	}
 	switch spec.Root {
 	case RootNone, RootNFS, RootISCSI:
@@ -147,7 +148,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 	l.mu.Unlock()
 	g := &Guest{
-		Name: spec.Name, Profile: prof, lab: l, spec: spec, expect: expect,
+		Name: spec.Name, Profile: chain.Profile, chain: chain, lab: l, spec: spec, expect: expect,
 		MAC: mac, n: n,
 		decided: make(chan struct{}),
 	}

@@ -193,7 +193,7 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 		}
 	}
 	bs := b.Spec
-	if _, err := qemu.Lookup(bs.Arch, bs.Firmware); err != nil {
+	if _, err := LookupChain(bs.Arch, bs.Firmware); err != nil {
 		return bad("%v", err)
 	}
 	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Root: bs.Root, CHAP: bs.CHAP,

@@ -10,7 +10,6 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/failure"
-	"nbh.dev/nbh/harness/qemu"
 )
 
 // Row is one boot of the matrix and what it must show.
@@ -90,7 +89,7 @@ func (r Row) Pass(v harness.Verdict) bool {
 
 // Select narrows what Rows generates.
 type Select struct {
-	Chains []qemu.Profile
+	Chains []harness.Chain
 	Roots  []string // harness.RootNone, RootNFS, RootISCSI
 	Nets   []bool   // false: clear, true: IPsec required
 	Faults bool     // also each applicable fault
@@ -143,13 +142,11 @@ func Rows(sel Select) []Row {
 // depends only on the row, so every shard of a CI run computes the same
 // split.
 func Estimate(r Row) float64 {
-	base, ok := map[string]float64{
-		"amd64/direct": 7, "arm64/direct": 4, "amd64/seabios-ipxe": 7, "amd64/ovmf-ipxe": 11.5,
-		"amd64/ovmf-pxe": 15.5, "arm64/uboot": 5, "arm64/aavmf-grub": 28,
-	}[r.Chain()]
-	if !ok {
-		base = 15
+	c, err := harness.LookupChain(r.Arch, r.Firmware)
+	if err != nil {
+		return 15
 	}
+	base := c.Cost.Boot
 	if r.Root != harness.RootNone {
 		base += 1.5
 	}
@@ -158,22 +155,16 @@ func Estimate(r Row) float64 {
 	}
 	// Faults that end at the loader end early, by how long the chain takes
 	// to get there.
-	loaderEnd := map[string]float64{"seabios-ipxe": 1, "ovmf-ipxe": 4.5, "ovmf-pxe": 9, "uboot": 1, "aavmf-grub": 10}[r.Firmware]
 	switch r.Fault {
 	case "missing-kernel", "loader-nfs":
-		base = loaderEnd
+		base = c.Cost.Loader
 	case "truncated-archive":
-		base = loaderEnd
-		if r.Firmware == "aavmf-grub" {
-			base = 32 // the kernel over GRUB's HTTP, then 5 s of grace
+		base = c.Cost.Loader
+		if c.Cost.Truncated > 0 {
+			base = c.Cost.Truncated
 		}
 	case "no-dhcp":
-		// Ends on the third ignored DHCP message: EDK2 retries after
-		// 4 and 8 s, the others within seconds.
-		base = 6
-		if r.Firmware == "ovmf-pxe" || r.Firmware == "aavmf-grub" {
-			base = 18
-		}
+		base = c.Cost.NoDHCP
 	case "ipsec-wrong-key", "ipsec-wrong-spi", "esp-replay":
 		base += 3
 	}

@@ -6,11 +6,10 @@ import (
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness"
-	"nbh.dev/nbh/harness/qemu"
 )
 
 func fullRows() []Row {
-	return Rows(Select{Chains: qemu.Profiles, Roots: []string{harness.RootNone, harness.RootNFS, harness.RootISCSI}, Nets: []bool{false, true}, Faults: true})
+	return Rows(Select{Chains: harness.AllChains(), Roots: []string{harness.RootNone, harness.RootNFS, harness.RootISCSI}, Nets: []bool{false, true}, Faults: true})
 }
 
 func TestRowIDsAreUnique(t *testing.T) {

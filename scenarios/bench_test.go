@@ -18,7 +18,7 @@ func BenchmarkNetboot(b *testing.B) {
 	direct := map[string]float64{}
 	chains := harness.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
-	var ordered []qemu.Profile
+	var ordered []harness.Chain
 	for _, p := range chains {
 		if p.Firmware == qemu.Direct {
 			ordered = append(ordered, p)

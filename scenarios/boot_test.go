@@ -55,7 +55,7 @@ func stagesOf(spans []timeline.Span) []timeline.Stage {
 }
 
 // expectedStages is the path every boot of a chain takes to its marker.
-func expectedStages(p qemu.Profile) []timeline.Stage {
+func expectedStages(p harness.Chain) []timeline.Stage {
 	if p.Firmware == qemu.Direct {
 		return []timeline.Stage{timeline.Firmware, timeline.Kernel, timeline.Init, timeline.Marker}
 	}
@@ -94,20 +94,20 @@ func TestFailuresAreClassified(t *testing.T) {
 		want           failure.Reason
 		stage          timeline.Stage
 	}{
-		{"amd64", qemu.SeaBIOSIPXE, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"amd64", "seabios-ipxe", "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
 		{"amd64", qemu.Direct, "no-dhcp", "", failure.NoDHCP, timeline.Init},
-		{"arm64", qemu.UBoot, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"arm64", "uboot", "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
 		// UEFI PXE retries DHCP for a minute, then tries IPv6: the DHCP
 		// stage deadline (30 s) ends it, and the network says why.
-		{"amd64", qemu.OVMFPXE, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
-		{"arm64", qemu.AAVMFGRUB, "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
-		{"amd64", qemu.SeaBIOSIPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
-		{"amd64", qemu.OVMFPXE, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
-		{"arm64", qemu.UBoot, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
-		{"arm64", qemu.AAVMFGRUB, "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"amd64", "ovmf-pxe", "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"arm64", "aavmf-grub", "no-dhcp", "", failure.NoDHCP, timeline.DHCP},
+		{"amd64", "seabios-ipxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"amd64", "ovmf-pxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", "uboot", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", "aavmf-grub", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		// busybox run as the archive's init prints its help and exits: the
 		// kernel panics ("Attempted to kill init").
-		{"amd64", qemu.SeaBIOSIPXE, "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
+		{"amd64", "seabios-ipxe", "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
 		{"arm64", qemu.Direct, "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
 	}
 	for _, c := range cases {

@@ -14,9 +14,9 @@ import (
 
 	"golang.org/x/term"
 
+	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
 	"nbh.dev/nbh/harness/failure"
-	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/images/stock"
@@ -69,8 +69,8 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --on-stale %q: want stop or warn\n", *onStale)
 		return exitUsage
 	}
-	if *signed && prof.Firmware != qemu.AAVMFGRUB {
-		fmt.Fprintf(os.Stderr, "nbh boot: --signed: %s's loader cannot verify signatures; only arm64/aavmf-grub can (see README)\n", prof.Name())
+	if *signed && !prof.Verifies {
+		fmt.Fprintf(os.Stderr, "nbh boot: --signed: %s's loader cannot verify signatures; only %s can (see README)\n", prof.Name(), strings.Join(harness.VerifyingChains(), ", "))
 		return exitUsage
 	}
 	if *compression != "gzip" && *compression != "zstd" {

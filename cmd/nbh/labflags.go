@@ -8,7 +8,6 @@ import (
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
-	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/images"
 )
 
@@ -36,11 +35,11 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 // resolve checks the flags and returns the chain, the lab's options and a
 // spec with the chain, root and faults filled in. Its errors are usage
 // errors, worded as flags.
-func (f *labFlags) resolve() (qemu.Profile, harness.Options, harness.Spec, error) {
+func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, error) {
 	if *f.firmware == "" {
-		*f.firmware = map[string]string{"amd64": qemu.SeaBIOSIPXE, "arm64": qemu.UBoot}[*f.arch]
+		*f.firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*f.arch]
 	}
-	prof, err := qemu.Lookup(*f.arch, *f.firmware)
+	prof, err := harness.LookupChain(*f.arch, *f.firmware)
 	if err != nil {
 		return prof, harness.Options{}, harness.Spec{}, err
 	}

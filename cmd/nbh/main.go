@@ -14,7 +14,6 @@ import (
 	"syscall"
 
 	"nbh.dev/nbh/harness"
-	"nbh.dev/nbh/harness/qemu"
 )
 
 const usage = `nbh — the netboot harness
@@ -50,7 +49,7 @@ Run "nbh boot --help" for the boot flags.
 
 func chainsHelp() string {
 	var b strings.Builder
-	for _, p := range qemu.Profiles {
+	for _, p := range harness.AllChains() {
 		fmt.Fprintf(&b, "  %-6s %-13s %s\n", p.Arch, p.Firmware, p.Description)
 	}
 	return b.String()

@@ -7,60 +7,49 @@ package qemu
 import (
 	"fmt"
 	"path/filepath"
-	"sort"
-	"strings"
 
 	"nbh.dev/nbh/internal/fsutil"
 )
 
-// Firmware names, as the CLI and scenario tables spell them.
-const (
-	SeaBIOSIPXE = "seabios-ipxe" // x86_64: SeaBIOS + QEMU's iPXE option ROM
-	OVMFIPXE    = "ovmf-ipxe"    // x86_64: OVMF + iPXE EFI driver ROM
-	OVMFPXE     = "ovmf-pxe"     // x86_64: OVMF's own PXE, chainloading ipxe.efi
-	UBoot       = "uboot"        // arm64: U-Boot qemu_arm64
-	AAVMFGRUB   = "aavmf-grub"   // arm64: AAVMF UEFI PXE -> GRUB
-	Direct      = "direct"       // either: -kernel/-initrd, the baseline
-)
+// Direct is the firmware name of the baseline chain: QEMU loads kernel and
+// archive itself (-kernel/-initrd), no firmware, no loader.
+const Direct = "direct"
 
-// Profile is one supported boot chain.
+// Profile is the QEMU side of one boot chain: which machine, how QEMU loads
+// its firmware, and what the NIC carries. The chains themselves (what each
+// needs from the network) are declared in package harness.
 type Profile struct {
 	Arch        string // amd64 or arm64
-	Firmware    string
+	Firmware    string // the chain's name for its arch, e.g. seabios-ipxe
 	Description string
+	Machine     string // -machine
+	Load        Load   // how QEMU loads the firmware
+	// NICROM keeps QEMU's default iPXE option ROM on the NIC (the firmware
+	// then boots through iPXE); otherwise the NIC has none (romfile=).
+	NICROM bool
+	// FwCfg are firmware settings passed as fw_cfg strings
+	// (opt/org.tianocore/IPv4PXESupport=no).
+	FwCfg [][2]string
 }
+
+// Load is how QEMU loads a chain's firmware.
+type Load int
+
+const (
+	// LoadDefault: QEMU's own firmware (SeaBIOS on pc).
+	LoadDefault Load = iota
+	// LoadKernel: no firmware; -kernel/-initrd/-append (the direct chain).
+	LoadKernel
+	// LoadPflash: a UEFI code flash (Files.Code, read-only) and a per-guest
+	// copy of its variables (Files.Vars).
+	LoadPflash
+	// LoadBIOS: -bios Files.Code, and Files.Env as the second flash bank
+	// when set (U-Boot's environment).
+	LoadBIOS
+)
 
 // Name is "arch/firmware".
 func (p Profile) Name() string { return p.Arch + "/" + p.Firmware }
-
-// Profiles lists every supported chain.
-var Profiles = []Profile{
-	{"amd64", SeaBIOSIPXE, "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
-	{"amd64", OVMFIPXE, "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
-	{"amd64", OVMFPXE, "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
-	{"amd64", Direct, "QEMU -kernel/-initrd with the same archive and network (baseline)"},
-	{"arm64", UBoot, "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
-	{"arm64", AAVMFGRUB, "AAVMF (UEFI) PXE: option 93 = 11 picks a GRUB netboot image over TFTP, grub.cfg, kernel over HTTP"},
-	{"arm64", Direct, "QEMU -kernel/-initrd with the same archive and network (baseline)"},
-}
-
-// Lookup finds the profile of arch and firmware.
-func Lookup(arch, firmware string) (Profile, error) {
-	var names []string
-	for _, p := range Profiles {
-		if p.Arch == arch && p.Firmware == firmware {
-			return p, nil
-		}
-		if p.Arch == arch {
-			names = append(names, p.Firmware)
-		}
-	}
-	if names == nil {
-		return Profile{}, fmt.Errorf("qemu: unknown architecture %q (amd64 or arm64)", arch)
-	}
-	sort.Strings(names)
-	return Profile{}, fmt.Errorf("qemu: firmware %q is not available for %s (have: %s)", firmware, arch, strings.Join(names, ", "))
-}
 
 // Console is the kernel's serial console device name for arch.
 func Console(arch string) string {
@@ -80,10 +69,9 @@ func Binary(arch string) string {
 
 // Files are the firmware files a profile needs, resolved by the caller.
 type Files struct {
-	OVMFCode, OVMFVars string // x86_64 UEFI (VARS is copied per guest)
-	AAVMF              string // arm64 UEFI
-	UBoot              string // arm64 U-Boot
-	UBootEnv           string // its environment flash bank (per guest)
+	Code string // the firmware image (UEFI code flash, or -bios)
+	Vars string // UEFI variables, copied per guest (LoadPflash)
+	Env  string // a per-guest environment flash bank (LoadBIOS, U-Boot)
 }
 
 // Config describes one guest.
@@ -130,53 +118,44 @@ func Args(c Config) ([]string, error) {
 			"-netdev", fmt.Sprintf("stream,id=n0,addr.type=fd,addr.str=%d", c.NetFD))
 	}
 	a = append(a, c.Accel.Args(c.Arch)...)
-	nic := "virtio-net-pci,netdev=n0,mac=" + c.MAC
-	switch c.Arch {
-	case "amd64":
-		machine := "pc"
-		if c.Firmware == OVMFIPXE || c.Firmware == OVMFPXE {
-			machine = "q35"
-		}
-		a = append(a, "-machine", machine)
-	case "arm64":
-		a = append(a, "-machine", "virt")
+	if c.Machine == "" {
+		return nil, fmt.Errorf("qemu: profile %s names no machine", c.Name())
 	}
-	switch c.Firmware {
-	case Direct:
+	a = append(a, "-machine", c.Machine)
+	nic := "virtio-net-pci,netdev=n0,mac=" + c.MAC
+	if !c.NICROM {
+		nic += ",romfile="
+	}
+	switch c.Load {
+	case LoadKernel:
 		if c.Kernel == "" || c.Initrd == "" {
 			return nil, fmt.Errorf("qemu: direct boot needs a kernel and an initrd")
 		}
 		a = append(a, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", c.Append)
-		nic += ",romfile="
-	case SeaBIOSIPXE:
-		// QEMU's default ROM (package ipxe-qemu): QEMU patches the PCI IDs
-		// only into its default ROM, and firmware rejects an explicit
-		// romfile= whose IDs do not match the device.
-		nic += ",bootindex=1"
-	case OVMFIPXE, OVMFPXE:
+	case LoadDefault:
+	case LoadPflash:
 		vars := filepath.Join(c.Dir, "OVMF_VARS.fd")
-		if err := fsutil.CopyFile(c.Files.OVMFVars, vars); err != nil {
+		if err := fsutil.CopyFile(c.Files.Vars, vars); err != nil {
 			return nil, fmt.Errorf("qemu: %w", err)
 		}
 		a = append(a,
-			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.OVMFCode,
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.Code,
 			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
-		if c.Firmware == OVMFIPXE {
-			nic += ",bootindex=1" // QEMU's default iPXE ROM, as above
-		} else {
-			nic += ",romfile=,bootindex=1"
+	case LoadBIOS:
+		a = append(a, "-bios", c.Files.Code)
+		if c.Files.Env != "" {
+			a = append(a, "-drive", "if=pflash,format=raw,unit=1,file="+c.Files.Env)
 		}
-	case UBoot:
-		a = append(a, "-bios", c.Files.UBoot)
-		if c.Files.UBootEnv != "" {
-			a = append(a, "-drive", "if=pflash,format=raw,unit=1,file="+c.Files.UBootEnv)
-		}
-		nic += ",romfile="
-	case AAVMFGRUB:
-		a = append(a, "-bios", c.Files.AAVMF)
-		nic += ",romfile=,bootindex=1"
 	default:
-		return nil, fmt.Errorf("qemu: unknown firmware %q", c.Firmware)
+		return nil, fmt.Errorf("qemu: profile %s: unknown firmware load %d", c.Name(), c.Load)
+	}
+	for _, kv := range c.FwCfg {
+		a = append(a, "-fw_cfg", "name="+kv[0]+",string="+kv[1])
+	}
+	if c.Load != LoadKernel {
+		// The NIC first in the boot order: the firmware boots from the
+		// network at once.
+		nic += ",bootindex=1"
 	}
 	// An entropy source, so the guest's RNG is ready at once.
 	a = append(a, "-device", nic, "-device", "virtio-rng-pci")

@@ -1,43 +1,12 @@
 package qemu
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"gotest.tools/v3/assert"
-	"gotest.tools/v3/golden"
 )
-
-// TestArgs pins each chain's QEMU command line (go test -update rewrites
-// testdata/*.golden after a deliberate change).
-func TestArgs(t *testing.T) {
-	dir := t.TempDir()
-	vars := filepath.Join(dir, "vars.fd")
-	assert.NilError(t, os.WriteFile(vars, []byte("vars"), 0o644))
-	files := Files{OVMFCode: "/fw/OVMF_CODE.fd", OVMFVars: vars, AAVMF: "/fw/QEMU_EFI.fd", UBoot: "/fw/u-boot.bin", UBootEnv: "/fw/env.fd"}
-	for _, p := range Profiles {
-		t.Run(p.Name(), func(t *testing.T) {
-			a, err := Args(Config{Profile: p, Accel: Accel{Name: "tcg"}, MAC: "52:54:00:4e:42:01", Files: files,
-				Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img", Append: "console=ttyS0", Dir: dir, QMP: "/q/qmp.sock", NetFD: 3})
-			assert.NilError(t, err)
-			got := strings.ReplaceAll(strings.Join(a, "\n"), dir, "$DIR") + "\n"
-			golden.Assert(t, got, p.Arch+"-"+p.Firmware+".golden")
-		})
-	}
-}
-
-func TestLookup(t *testing.T) {
-	_, err := Lookup("amd64", "uboot")
-	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-ipxe, ovmf-pxe, seabios-ipxe)")
-	_, err = Lookup("riscv64", "direct")
-	assert.ErrorContains(t, err, "unknown architecture")
-	p, err := Lookup("arm64", "aavmf-grub")
-	assert.NilError(t, err)
-	assert.Equal(t, p.Name(), "arm64/aavmf-grub")
-}
 
 func TestKVMOnlyForTheHostArch(t *testing.T) {
 	other := "arm64"

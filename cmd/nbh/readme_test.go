@@ -1,0 +1,48 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness"
+)
+
+// chainTable is the README's chain table, made from the chain table that
+// --help lists: a chain declared once, documented from its declaration.
+func chainTable() string {
+	var b strings.Builder
+	b.WriteString("| arch  | `--firmware`   | chain |\n|-------|----------------|-------|\n")
+	both := map[string]int{}
+	for _, c := range harness.AllChains() {
+		both[c.Firmware+"\x00"+c.Description]++
+	}
+	done := map[string]bool{}
+	for _, c := range harness.AllChains() {
+		key := c.Firmware + "\x00" + c.Description
+		arch := c.Arch
+		if both[key] > 1 {
+			if done[key] {
+				continue
+			}
+			done[key], arch = true, "both"
+		}
+		fmt.Fprintf(&b, "| %-5s | %-14s | %s |\n", arch, "`"+c.Firmware+"`", c.Description)
+	}
+	return b.String()
+}
+
+// TestREADMEChainTable: the README lists exactly the declared chains, in
+// their words (run with NBH_WRITE_README=1 to print the table to paste).
+func TestREADMEChainTable(t *testing.T) {
+	want := chainTable()
+	if os.Getenv("NBH_WRITE_README") != "" {
+		t.Log("\n" + want)
+	}
+	readme, err := os.ReadFile("../../README.md")
+	assert.NilError(t, err)
+	assert.Assert(t, strings.Contains(string(readme), want), "README.md's chain table differs from the chain table; want:\n%s", want)
+}

@@ -1,0 +1,113 @@
+package harness
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/fsutil"
+)
+
+// What each chain's loader reads, as chainTable names it.
+
+// ipxeLoader writes the iPXE script: kernel and archive over HTTP (or NFS).
+func ipxeLoader(_ context.Context, g *Guest, dir string, b bootcfg.Boot, _ plan) error {
+	return writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
+}
+
+// ipxeChainload serves an iPXE binary from the image cache at name (what
+// the firmware's PXE fetches over TFTP), and then the iPXE script.
+func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, string, bootcfg.Boot, plan) error {
+	return func(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
+		if err := ipxeLoader(ctx, g, dir, b, p); err != nil {
+			return err
+		}
+		src, err := g.lab.cache.Path(ctx, g.Profile.Arch, bin)
+		if err != nil {
+			return err
+		}
+		return place(src, filepath.Join(g.lab.srv, name))
+	}
+}
+
+// ubootLoader writes the guest's pxelinux config and the lab's one U-Boot
+// boot script (with a branch for each guest that boots over NFS).
+func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) error {
+	l := g.lab
+	mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
+	if err := writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), []byte(bootcfg.PXELinux(b))); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if p.loaderNFS {
+		l.ubootNFS[g.MAC.String()] = b
+	}
+	script := bootcfg.UBootScript(l.ubootNFS)
+	return fsutil.WriteAtomic(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", script))
+}
+
+// grubLoader writes grub.cfg and builds the guest's GRUB netboot image,
+// signing what GRUB loads when the boot verifies signatures.
+func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
+	l := g.lab
+	cfg := filepath.Join(dir, "grub", "grub.cfg")
+	if err := writeFile(cfg, []byte(bootcfg.GRUBConfig(b))); err != nil {
+		return err
+	}
+	var pubkey string
+	if p.sign {
+		key, err := l.signingKey(ctx)
+		if err != nil {
+			return err
+		}
+		pubkey = key.Public
+		files := []string{cfg, filepath.Join(dir, "vmlinuz")}
+		if g.keeper == nil {
+			// The keeper signs the reference archive each time it
+			// serves a build; another archive is signed here.
+			files = append(files, filepath.Join(dir, "initrd.img"))
+		}
+		for _, f := range files {
+			if _, err := os.Stat(f); err != nil {
+				continue // missing-kernel: nothing to sign
+			}
+			if err := key.Sign(ctx, f); err != nil {
+				return err
+			}
+		}
+	}
+	mods, err := l.cache.Path(ctx, "arm64", images.GRUBArm64)
+	if err != nil {
+		return err
+	}
+	return bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"), pubkey)
+}
+
+// ubootEnv writes the guest's U-Boot environment flash: the default
+// environment with its MAC address (U-Boot 2023.01 reads a virtio NIC's MAC
+// as its first byte six times over, 52:52:52:52:52:52, so DHCP leases and
+// pxelinux.cfg/01-MAC would miss) and no autoboot delay.
+func ubootEnv(g *Guest, ubootBin string) (string, error) {
+	bin, err := os.ReadFile(ubootBin)
+	if err != nil {
+		return "", err
+	}
+	env, err := bootcfg.UBootEnv(bin, map[string]string{"ethaddr": g.MAC.String(), "bootdelay": "0"})
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(g.private, "uboot-env.fd")
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	if _, err := f.Write(env); err != nil {
+		return "", err
+	}
+	return path, f.Truncate(bootcfg.UBootFlashSize)
+}
