@@ -9,6 +9,7 @@ import (
 	"nbh.dev/nbh/harness/archive"
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 )
 
@@ -16,7 +17,7 @@ import (
 // serves it, and returns its path. A network (NFS) root's archive carries a
 // copy of the root's editable configuration, which the keeper keeps current;
 // a local (iSCSI) root's carries none: the init reads it from the root.
-func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, p plan) (string, error) {
+func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel string, p plan) (string, error) {
 	opts := fixtures.Options{Extra: g.spec.ArchiveFiles, Compression: g.spec.Compression}
 	if g.lab.esp != nil {
 		// The ESP modules always; the keys unless a fault leaves them out.
@@ -39,7 +40,17 @@ func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, p plan) 
 		opts.OmitModules = []string{rootDriver[g.spec.Root]}
 	}
 	kp := &keeper{g: g, k: k, opts: opts, refresh: !g.spec.NoArchiveRefresh && !p.noRefresh}
-	if g.Profile.Firmware != qemu.Direct {
+	switch {
+	case g.chain.Stub.Path != "" && p.noKernel:
+		// No kernel, no Unified Kernel Image: nothing is served.
+	case g.chain.Stub.Path != "":
+		// The archive is served inside the guest's Unified Kernel Image,
+		// rebuilt with it.
+		kp.served = filepath.Join(g.lab.srv, g.Name, ukiName)
+		kp.pack = func(ctx context.Context, archive, dst string) (uki.Layout, error) {
+			return g.buildUKI(ctx, g.chain.Stub, kernel, archive, dst)
+		}
+	case g.Profile.Firmware != qemu.Direct:
 		kp.served = filepath.Join(g.lab.srv, g.Name, "initrd.img")
 	}
 	kp.mu.Lock()
@@ -77,7 +88,7 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			kernel = k.Image
 		}
 		if initrd == "" {
-			if initrd, err = g.referenceArchive(ctx, k, p); err != nil {
+			if initrd, err = g.referenceArchive(ctx, k, kernel, p); err != nil {
 				return "", "", err
 			}
 		}

@@ -31,9 +31,10 @@ type Chain struct {
 	// ReadsNFS: the loader can read kernel and archive from an NFS root
 	// (the loader-nfs fault).
 	ReadsNFS bool
-	// UKI: the firmware fetches one Unified Kernel Image (stub, kernel,
-	// archive, command line) instead of kernel and archive.
-	UKI bool
+	// Stub, when set, makes the firmware fetch one Unified Kernel Image
+	// (this EFI stub with kernel, archive and command line) instead of
+	// kernel and archive.
+	Stub images.File
 	// Cost is what a row of the chain takes, for the matrix's shards.
 	Cost Cost
 
@@ -130,6 +131,13 @@ var chainTable = []Chain{
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
+			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
+		Code: images.OVMFCode, Vars: images.OVMFVars, Stub: images.StubX64,
+		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64),
+		Cost: Cost{Boot: 12, Loader: 8, NoDHCP: 18},
+	},
+	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
 		Code: images.UBoot, env: ubootEnv,
@@ -143,6 +151,20 @@ var chainTable = []Chain{
 		DHCP: []DHCPRule{pxeArm64("{guest}/grubnetaa64.efi")}, loader: grubLoader, Verifies: true,
 		// The truncated kernel over GRUB's HTTP, then 5 s of grace.
 		Cost: Cost{Boot: 28, Loader: 10, NoDHCP: 18, Truncated: 32},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-ipxe", Machine: "virt", Load: qemu.LoadBIOS,
+			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
+		Code: images.AAVMF,
+		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"),
+		Cost: Cost{Boot: 20, Loader: 10, NoDHCP: 18},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadBIOS, FwCfg: noPXE,
+			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
+		Code: images.AAVMF, Stub: images.StubArm64,
+		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
+		Cost: Cost{Boot: 14, Loader: 8, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,

@@ -42,7 +42,7 @@ func TestQEMUArgs(t *testing.T) {
 
 func TestLookupChain(t *testing.T) {
 	_, err := LookupChain("amd64", "uboot")
-	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-ipxe, ovmf-pxe, seabios-ipxe)")
+	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-http, ovmf-ipxe, ovmf-pxe, seabios-ipxe)")
 	_, err = LookupChain("riscv64", "direct")
 	assert.ErrorContains(t, err, "unknown architecture")
 	c, err := LookupChain("arm64", "aavmf-grub")
@@ -93,5 +93,11 @@ func TestChainDHCPRules(t *testing.T) {
 	assert.Equal(t, answer("amd64", "seabios-ipxe", pxe), "", "no iPXE binary for a chain whose iPXE is a ROM")
 	arm := dhcp.Client{Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}
 	assert.Equal(t, answer("arm64", "aavmf-grub", arm), "g1/grubnetaa64.efi")
+	assert.Equal(t, answer("arm64", "aavmf-ipxe", arm), "ipxe-arm64.efi")
+	assert.Equal(t, answer("arm64", "aavmf-ipxe", dhcp.Client{Arch: dhcp.ArchEFIArm64, IPXE: true}), "http://10.0.2.2/g1/boot.ipxe")
+	http := dhcp.Client{Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}
+	assert.Equal(t, answer("amd64", "ovmf-http", http), "http://10.0.2.2/g1/boot.efi")
+	assert.Equal(t, answer("amd64", "ovmf-pxe", http), "", "a PXE chain does not answer HTTP boot")
+	assert.Equal(t, answer("amd64", "ovmf-http", pxe), "", "an HTTP chain does not answer PXE")
 	assert.Equal(t, answer("arm64", "uboot", dhcp.Client{Arch: dhcp.ArchUBootA64, VendorClass: "U-Boot.armv8"}), "boot.scr.uimg")
 }

@@ -23,8 +23,8 @@ func (g *Guest) cmdline() string {
 			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
 		}
 	}
-	if g.keeper != nil {
-		// The reference init asks the boot server for files its archive
+	if g.spec.Initrd == "" {
+		// The reference archive's init asks the boot server for files its archive
 		// lacks, and stops on a stale archive unless told to warn.
 		s += fmt.Sprintf(" nbh.files=http://%s/%s/files", g.lab.Server(), g.Name)
 		if g.plan.warn || g.spec.OnStale == "warn" {

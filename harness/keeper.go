@@ -15,6 +15,7 @@ import (
 	"nbh.dev/nbh/harness/archive/manifest"
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 )
 
@@ -31,9 +32,13 @@ type keeper struct {
 	opts    fixtures.Options
 	refresh bool
 	served  string // where loaders fetch it; "" on the direct chain
+	// pack, when set, serves the archive inside another file (a Unified
+	// Kernel Image) and says where in it the archive lies.
+	pack func(ctx context.Context, archive, dst string) (uki.Layout, error)
 
 	mu  sync.Mutex
 	cur *archive.Result
+	at  uki.Layout // where the archive lies in the served file
 }
 
 // build (re)builds the archive and serves it; cause goes on the timeline.
@@ -44,10 +49,21 @@ func (kp *keeper) build(ctx context.Context, kind, cause string) error {
 	if err != nil {
 		return err
 	}
-	if kp.served != "" {
+	fi, err := os.Stat(res.Path)
+	if err != nil {
+		return fmt.Errorf("lab: %w", err)
+	}
+	size := fi.Size()
+	switch {
+	case kp.pack != nil:
+		if kp.at, err = kp.pack(ctx, res.Path, kp.served); err != nil {
+			return fmt.Errorf("lab: serve the archive: %w", err)
+		}
+	case kp.served != "":
 		if err := place(res.Path, kp.served); err != nil {
 			return fmt.Errorf("lab: serve the archive: %w", err)
 		}
+		kp.at = uki.Layout{Size: size}
 		if kp.g.plan.sign {
 			key, err := kp.g.lab.signingKey(ctx)
 			if err != nil {
@@ -59,11 +75,6 @@ func (kp *keeper) build(ctx context.Context, kind, cause string) error {
 		}
 	}
 	kp.cur = res
-	fi, _ := os.Stat(res.Path)
-	var size int64
-	if fi != nil {
-		size = fi.Size()
-	}
 	kp.g.lab.Timeline.Emit(timeline.Event{Source: "archive", Kind: kind, Guest: kp.g.Name,
 		Msg: fmt.Sprintf("%s (%s, %d bytes, %s)", cause, res.Key[:12], size, res.Manifest.Compression),
 		Detail: map[string]any{"key": res.Key, "cached": res.Cached, "bytes": size, "seconds": time.Since(start).Seconds(),
@@ -126,9 +137,16 @@ func (kp *keeper) edit(line string) error {
 // transit, or rebuilt while it is being downloaded.
 func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 	p := kp.g.plan
+	// Damage lands in the archive, wherever it lies in the served file.
+	kp.mu.Lock()
+	in := kp.at
+	kp.mu.Unlock()
+	if in.Offset+in.Size > f.Size() || in.Size == 0 {
+		in = uki.Layout{Size: f.Size()}
+	}
 	switch {
 	case p.truncate:
-		at, size := f.Size()/2, f.Size()
+		at, size := in.Offset+in.Size/2, f.Size()
 		return bootfile.Wrap(f, &cutOnRead{r: bootfile.Truncated(f, at), cut: func() {
 			kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name, Stage: timeline.Loader,
 				Msg:    fmt.Sprintf("truncated-archive: the archive broke off at %d of %d bytes", at, size),
@@ -136,14 +154,14 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 		}})
 	case p.tamper:
 		// Changed after signing: the signature no longer matches.
-		return bootfile.Wrap(f, bootfile.BitFlip(f, f.Size()/2))
+		return bootfile.Wrap(f, bootfile.BitFlip(f, in.Offset+in.Size/2))
 	case p.corrupt:
 		// Near the end: in the modules, after /init, so the damage is
 		// the unpacker's or the init's integrity check's to find, not a
 		// crash of a damaged init.
-		return bootfile.Wrap(f, bootfile.BitFlip(f, f.Size()*19/20))
+		return bootfile.Wrap(f, bootfile.BitFlip(f, in.Offset+in.Size*19/20))
 	case p.swap:
-		return bootfile.Wrap(f, &swapOnRead{r: f, at: f.Size() / 4, swap: kp.swap})
+		return bootfile.Wrap(f, &swapOnRead{r: f, at: in.Offset + in.Size/4, swap: kp.swap})
 	}
 	return f
 }

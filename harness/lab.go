@@ -209,7 +209,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		}
 		return bootfile.Root(g.rootFS)(p, addr)
 	}
-	if rest != "initrd.img" || g.keeper == nil || g.keeper.served == "" {
+	if g.keeper == nil || g.keeper.served == "" || rest != filepath.Base(g.keeper.served) {
 		return l.files(name, addr)
 	}
 	if err := g.keeper.fresh(l.ctx); err != nil {

@@ -34,8 +34,8 @@ func TestBootFilePolicy(t *testing.T) {
 		{"arm64", dhcp.Client{MAC: mac, Arch: dhcp.ArchUBootA64, VendorClass: "U-Boot.armv8"}, "boot.scr.uimg", ""},
 		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIx64, VendorClass: "PXEClient:Arch:00007:UNDI:003000"}, "ipxe.efi", ""},
 		{"arm64", dhcp.Client{MAC: mac, Arch: dhcp.ArchEFIArm64, VendorClass: "PXEClient:Arch:00011:UNDI:003000"}, "g1/grubnetaa64.efi", ""},
-		{"amd64", dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "", ""},
-		{"arm64", dhcp.Client{MAC: mac, Arch: 19, VendorClass: "HTTPClient:Arch:00019:UNDI:003001"}, "", ""},
+		{"amd64", dhcp.Client{MAC: mac, Arch: 16, VendorClass: "HTTPClient:Arch:00016:UNDI:003001"}, "http://10.0.2.2/g1/boot.efi", ""},
+		{"arm64", dhcp.Client{MAC: mac, Arch: 19, VendorClass: "HTTPClient:Arch:00019:UNDI:003001"}, "http://10.0.2.2/g1/boot.efi", ""},
 		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "nbh-init"}, "", "10.0.2.2:/nbh/root"},
 		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone, VendorClass: "Linux ipconfig"}, "", "10.0.2.2:/nbh/root"},   // initramfs-tools
 		{"amd64", dhcp.Client{MAC: mac, Arch: dhcp.ArchNone}, "", "10.0.2.2:/nbh/root"},                                  // dracut's dhclient

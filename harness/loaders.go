@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
 )
@@ -85,6 +86,54 @@ func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p pla
 		return err
 	}
 	return bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"), pubkey)
+}
+
+// ukiName is a guest's Unified Kernel Image in its folder on the boot
+// server: the URL UEFI HTTP boot is given.
+const ukiName = "boot.efi"
+
+// ukiLoader builds the guest's Unified Kernel Image from the kernel and
+// archive in its folder, unless the keeper builds it (from the reference
+// archive, again whenever the archive is rebuilt) or there is no kernel.
+func ukiLoader(stub images.File) func(context.Context, *Guest, string, bootcfg.Boot, plan) error {
+	return func(ctx context.Context, g *Guest, dir string, _ bootcfg.Boot, p plan) error {
+		if p.noKernel || (g.keeper != nil && g.keeper.pack != nil) {
+			return nil
+		}
+		_, err := g.buildUKI(ctx, stub, filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img"), filepath.Join(dir, ukiName))
+		return err
+	}
+}
+
+// osRelease is the image's .osrel section (systemd-boot lists the image by
+// it; the stub does not need it).
+const osRelease = "NAME=nbh\nID=nbh\nPRETTY_NAME=\"nbh netboot harness guest\"\n"
+
+// buildUKI writes a Unified Kernel Image to out: the EFI stub with the
+// guest's command line, kernel and archive; it returns where the archive
+// lies in it.
+func (g *Guest) buildUKI(ctx context.Context, stub images.File, kernel, initrd, out string) (uki.Layout, error) {
+	path, err := g.lab.cache.Path(ctx, g.Profile.Arch, stub)
+	if err != nil {
+		return uki.Layout{}, err
+	}
+	head, err := os.ReadFile(path)
+	if err != nil {
+		return uki.Layout{}, err
+	}
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		return uki.Layout{}, err
+	}
+	at, err := uki.Build(out, head, []uki.Section{
+		{Name: ".osrel", Data: []byte(osRelease)},
+		{Name: ".cmdline", Data: []byte(g.cmdline())},
+		{Name: ".linux", File: kernel},
+		{Name: ".initrd", File: initrd},
+	})
+	if err != nil {
+		return uki.Layout{}, err
+	}
+	return at[".initrd"], nil
 }
 
 // ubootEnv writes the guest's U-Boot environment flash: the default

@@ -103,7 +103,8 @@ var ErrMissingTool = errors.New("missing host tool")
 
 // Package returns the folder holding the unpacked contents of the Debian
 // package name for arch ("all" packages may be asked for with any arch) at
-// its pinned version, fetching it on first use.
+// its pinned version, fetching it on first use. A name "pkg@suite" is pkg
+// from another Debian release's suite (File.Suite).
 func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) {
 	set, err := c.pins(arch)
 	if err != nil {
@@ -113,6 +114,8 @@ func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) 
 	if !ok {
 		return "", fmt.Errorf("images: package %s (%s) is not pinned in images/%s; run nbh images --update", name, arch, PinsFile(arch))
 	}
+	src := source{arch: arch}
+	name, src.suite, _ = strings.Cut(name, "@")
 	unlock, err := c.lock()
 	if err != nil {
 		return "", err
@@ -122,7 +125,7 @@ func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) 
 	if stamp, err := os.ReadFile(filepath.Join(dir, ".complete")); err == nil && strings.TrimSpace(string(stamp)) == p.SHA256 {
 		return dir, nil
 	}
-	if err := c.fetch(ctx, arch, name, p, dir); err != nil {
+	if err := c.fetch(ctx, src, name, p, dir); err != nil {
 		return "", err
 	}
 	return dir, nil
@@ -141,9 +144,27 @@ func (c *Cache) lock() (func(), error) {
 	return unlock, nil
 }
 
-// aptArgs points apt at private folders under the cache for arch.
-func (c *Cache) aptArgs(arch string) ([]string, error) {
-	base := filepath.Join(c.Dir, "apt", arch)
+// source is where apt fetches from: the host's Debian release for arch, or
+// another release's suite (Suite, e.g. trixie) through the cache's own
+// sources list.
+type source struct {
+	arch, suite string
+}
+
+func (s source) String() string {
+	if s.suite == "" {
+		return s.arch
+	}
+	return s.arch + ", " + s.suite
+}
+
+// aptArgs points apt at private folders under the cache for src.
+func (c *Cache) aptArgs(ctx context.Context, src source) ([]string, error) {
+	dir := src.arch
+	if src.suite != "" {
+		dir += "-" + src.suite
+	}
+	base := filepath.Join(c.Dir, "apt", dir)
 	for _, d := range []string{"lists/partial", "cache/archives/partial", "etc/preferences.d", "etc/apt.conf.d"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			return nil, err
@@ -156,12 +177,19 @@ func (c *Cache) aptArgs(arch string) ([]string, error) {
 		}
 	}
 	var sources []string
-	if c.sourceList != "" {
+	switch {
+	case c.sourceList != "":
 		sources = []string{"-o", "Dir::Etc::SourceList=" + c.sourceList, "-o", "Dir::Etc::SourceParts=/nonexistent"}
+	case src.suite != "":
+		list, err := suiteList(ctx, base, src.suite)
+		if err != nil {
+			return nil, err
+		}
+		sources = []string{"-o", "Dir::Etc::SourceList=" + list, "-o", "Dir::Etc::SourceParts=/nonexistent"}
 	}
 	return append(sources,
-		"-o", "APT::Architecture="+arch,
-		"-o", "APT::Architectures="+arch,
+		"-o", "APT::Architecture="+src.arch,
+		"-o", "APT::Architectures="+src.arch,
 		"-o", "Dir::State="+base,
 		"-o", "Dir::State::Lists="+filepath.Join(base, "lists"),
 		"-o", "Dir::State::status="+status,
@@ -186,11 +214,11 @@ func sandboxUser() string {
 	return "nobody"
 }
 
-func (c *Cache) apt(ctx context.Context, dir, arch, tool string, args ...string) ([]byte, error) {
+func (c *Cache) apt(ctx context.Context, dir string, src source, tool string, args ...string) ([]byte, error) {
 	if _, err := exec.LookPath(tool); err != nil {
 		return nil, fmt.Errorf("images: %w: %s (a Debian 12 host is needed to fetch images)", ErrMissingTool, tool)
 	}
-	base, err := c.aptArgs(arch)
+	base, err := c.aptArgs(ctx, src)
 	if err != nil {
 		return nil, fmt.Errorf("images: %w", err)
 	}
@@ -205,29 +233,33 @@ func (c *Cache) apt(ctx context.Context, dir, arch, tool string, args ...string)
 	return out, nil
 }
 
-// update refreshes the private package lists of arch when they are missing
+// update refreshes the private package lists of src when they are missing
 // (or always, with force).
-func (c *Cache) update(ctx context.Context, arch string, force bool) error {
-	lists := filepath.Join(c.Dir, "apt", arch, "lists")
+func (c *Cache) update(ctx context.Context, src source, force bool) error {
+	dir := src.arch
+	if src.suite != "" {
+		dir += "-" + src.suite
+	}
+	lists := filepath.Join(c.Dir, "apt", dir, "lists")
 	if m, _ := filepath.Glob(filepath.Join(lists, "*Packages*")); len(m) > 0 && !force {
 		return nil
 	}
-	c.logf("reading the package index for %s", arch)
-	_, err := c.apt(ctx, c.Dir, arch, "apt-get", "update")
+	c.logf("reading the package index for %s", src)
+	_, err := c.apt(ctx, c.Dir, src, "apt-get", "update")
 	return err
 }
 
 // resolve finds the version and checksum apt would fetch for name. A
 // meta-package whose only job is to depend on one versioned package
 // (linux-image-amd64) is followed to that package.
-func (c *Cache) resolve(ctx context.Context, arch, name string) (Pin, error) {
-	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", name)
+func (c *Cache) resolve(ctx context.Context, src source, name string) (Pin, error) {
+	out, err := c.apt(ctx, c.Dir, src, "apt-cache", "show", "--no-all-versions", name)
 	if err != nil {
 		return Pin{}, err
 	}
 	f := parseStanza(out)
 	if f["SHA256"] == "" || f["Version"] == "" {
-		return Pin{}, fmt.Errorf("images: apt-cache show %s (%s): no version or checksum", name, arch)
+		return Pin{}, fmt.Errorf("images: apt-cache show %s (%s): no version or checksum", name, src)
 	}
 	var size int64
 	fmt.Sscan(f["Size"], &size)
@@ -246,7 +278,7 @@ func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) 
 // kernelDependency names the versioned kernel package linux-image-ARCH
 // depends on in the (fresh) package lists.
 func (c *Cache) kernelDependency(ctx context.Context, arch string) (string, error) {
-	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
+	out, err := c.apt(ctx, c.Dir, source{arch: arch}, "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
 	if err != nil {
 		return "", err
 	}
@@ -275,8 +307,8 @@ func parseStanza(b []byte) map[string]string {
 
 // fetch downloads and unpacks one package into dir, replacing whatever was
 // there; the .complete stamp is written last.
-func (c *Cache) fetch(ctx context.Context, arch, name string, p Pin, dir string) error {
-	if err := c.update(ctx, arch, false); err != nil {
+func (c *Cache) fetch(ctx context.Context, src source, name string, p Pin, dir string) error {
+	if err := c.update(ctx, src, false); err != nil {
 		return err
 	}
 	tmp, err := os.MkdirTemp(c.Dir, ".fetch-")
@@ -284,19 +316,19 @@ func (c *Cache) fetch(ctx context.Context, arch, name string, p Pin, dir string)
 		return fmt.Errorf("images: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	c.logf("downloading %s %s (%s, %.1f MB)", name, p.Version, arch, float64(p.Size)/1e6)
+	c.logf("downloading %s %s (%s, %.1f MB)", name, p.Version, src, float64(p.Size)/1e6)
 	start := time.Now()
 	stop := c.progress(tmp, name, p.Size)
-	_, err = c.apt(ctx, tmp, arch, "apt-get", "download", name+"="+p.Version)
+	_, err = c.apt(ctx, tmp, src, "apt-get", "download", name+"="+p.Version)
 	if err != nil && ctx.Err() == nil {
 		// The private lists may be older than the pins: read the index
 		// again once before deciding the archive lacks the version.
-		if err = c.update(ctx, arch, true); err == nil {
-			_, err = c.apt(ctx, tmp, arch, "apt-get", "download", name+"="+p.Version)
+		if err = c.update(ctx, src, true); err == nil {
+			_, err = c.apt(ctx, tmp, src, "apt-get", "download", name+"="+p.Version)
 		}
-		if err != nil && ctx.Err() == nil && !c.served(ctx, arch, name, p.Version) {
+		if err != nil && ctx.Err() == nil && !c.served(ctx, src, name, p.Version) {
 			err = fmt.Errorf("images: pinned package %s %s (%s) is no longer served by the package archive; "+
-				"run nbh images --update to pin the current versions (%w)", name, p.Version, arch, ErrPinGone)
+				"run nbh images --update to pin the current versions (%w)", name, p.Version, src, ErrPinGone)
 		}
 	}
 	stop()
@@ -350,8 +382,8 @@ func unpack(ctx context.Context, deb, sum, dir string) error {
 }
 
 // served reports whether the package lists know name at version.
-func (c *Cache) served(ctx context.Context, arch, name, version string) bool {
-	out, err := c.apt(ctx, c.Dir, arch, "apt-cache", "show", "--no-all-versions", name+"="+version)
+func (c *Cache) served(ctx context.Context, src source, name, version string) bool {
+	out, err := c.apt(ctx, c.Dir, src, "apt-cache", "show", "--no-all-versions", name+"="+version)
 	return err == nil && parseStanza(out)["Version"] == version
 }
 
@@ -380,4 +412,45 @@ func (c *Cache) progress(dir, name string, size int64) func() {
 		}
 	}()
 	return func() { close(done) }
+}
+
+// debianKeyring holds the Debian archive's signing keys, from the
+// debian-archive-keyring package apt depends on; Debian 12's has the keys of
+// Debian 13 too.
+const debianKeyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+// suiteList writes (under base) the sources list of another Debian release's
+// suite: the same archive the host's apt reads its Debian release from, the
+// other suite, signed by Debian's keys. The host's own sources are read,
+// never changed.
+func suiteList(ctx context.Context, base, suite string) (string, error) {
+	uri, err := hostArchive(ctx)
+	if err != nil {
+		return "", err
+	}
+	if _, err := os.Stat(debianKeyring); err != nil {
+		return "", fmt.Errorf("images: %s, which checks Debian's %s suite, is missing: install debian-archive-keyring (%w)", debianKeyring, suite, err)
+	}
+	list := filepath.Join(base, "etc", "sources.list")
+	line := fmt.Sprintf("deb [signed-by=%s] %s %s main\n", debianKeyring, uri, suite)
+	if old, err := os.ReadFile(list); err == nil && string(old) == line {
+		return list, nil
+	}
+	return list, os.WriteFile(list, []byte(line), 0o644)
+}
+
+// hostArchive is the URI the host's apt fetches its Debian release from
+// (its main suite, not -updates or -security).
+func hostArchive(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "apt-get", "indextargets", "--format", "$(TARGET_OF) $(IDENTIFIER) $(RELEASE) $(REPO_URI)").Output()
+	if err != nil {
+		return "", fmt.Errorf("images: apt-get indextargets: %w", err)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 4 && f[0] == "deb" && f[1] == "Packages" && !strings.Contains(f[2], "-") {
+			return f[3], nil
+		}
+	}
+	return "", fmt.Errorf("images: the host's apt sources name no Debian release (a Debian 12 host is needed to fetch images)")
 }

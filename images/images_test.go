@@ -105,7 +105,7 @@ func TestPackageLinksResolveInsideThePackage(t *testing.T) {
 		"usr/lib/ipxe/chain":      "package efi",
 		"usr/share/ipxe/ipxe.efi": "package efi",
 	} {
-		p, err := c.Path(context.Background(), "amd64", File{"linktest", rel})
+		p, err := c.Path(context.Background(), "amd64", File{Package: "linktest", Path: rel})
 		assert.NilError(t, err, rel)
 		assert.Assert(t, strings.HasPrefix(p, dir+"/"), "%s resolved to %s, outside %s", rel, p, dir)
 		got, err := os.ReadFile(p)
@@ -118,7 +118,7 @@ func TestPackageLinksResolveInsideThePackage(t *testing.T) {
 		"usr/lib/ipxe/loop":     "too many symbolic links",
 		"usr/lib/ipxe/absent":   "package linktest (amd64) has no usr/lib/ipxe/absent",
 	} {
-		_, err := c.Path(context.Background(), "amd64", File{"linktest", rel})
+		_, err := c.Path(context.Background(), "amd64", File{Package: "linktest", Path: rel})
 		assert.ErrorContains(t, err, want, rel)
 	}
 }
@@ -133,7 +133,7 @@ func TestCommittedPinsAreComplete(t *testing.T) {
 		assert.Assert(t, strings.HasPrefix(s.Kernel, "linux-image-"), s.Kernel)
 		names := []string{s.Kernel}
 		for _, f := range archFiles[arch] {
-			names = append(names, f.Package)
+			names = append(names, f.key())
 		}
 		for _, n := range names {
 			p, ok := s.Packages[n]
@@ -146,7 +146,7 @@ func TestCommittedPinsAreComplete(t *testing.T) {
 // A package nothing pinned is a clear error, not a silent resolve.
 func TestUnpinnedPackage(t *testing.T) {
 	c, _ := fakeEntry(t, "abc123")
-	_, err := c.Path(context.Background(), "amd64", File{"not-a-pinned-package", "x"})
+	_, err := c.Path(context.Background(), "amd64", File{Package: "not-a-pinned-package", Path: "x"})
 	assert.ErrorContains(t, err, "not-a-pinned-package (amd64) is not pinned in images/pins-amd64.json")
 }
 
@@ -179,21 +179,21 @@ func TestFetchPinnedAndPinGone(t *testing.T) {
 	var log strings.Builder
 	c := &Cache{Dir: t.TempDir(), Log: &log, sourceList: localArchive(t, deb, "linktest", "1.0-1")}
 	c.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "1.0-1", SHA256: sum}}}}
-	p, err := c.Path(context.Background(), "amd64", File{"linktest", "usr/lib/ipxe/ipxe.efi"})
+	p, err := c.Path(context.Background(), "amd64", File{Package: "linktest", Path: "usr/lib/ipxe/ipxe.efi"})
 	assert.NilError(t, err, log.String())
 	got, _ := os.ReadFile(p)
 	assert.Equal(t, string(got), "package efi")
 
 	c2 := &Cache{Dir: t.TempDir(), Log: &log, sourceList: c.sourceList}
 	c2.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "0.9-1", SHA256: sum}}}}
-	_, err = c2.Path(context.Background(), "amd64", File{"linktest", "usr/lib/ipxe/ipxe.efi"})
+	_, err = c2.Path(context.Background(), "amd64", File{Package: "linktest", Path: "usr/lib/ipxe/ipxe.efi"})
 	assert.Assert(t, errors.Is(err, ErrPinGone), "%v", err)
 	assert.ErrorContains(t, err, "pinned package linktest 0.9-1 (amd64) is no longer served")
 
 	// Resolving pins what the archive serves now.
 	c3 := &Cache{Dir: t.TempDir(), Log: &log, sourceList: c.sourceList}
-	assert.NilError(t, c3.update(context.Background(), "amd64", true))
-	pin, err := c3.resolve(context.Background(), "amd64", "linktest")
+	assert.NilError(t, c3.update(context.Background(), source{arch: "amd64"}, true))
+	pin, err := c3.resolve(context.Background(), source{arch: "amd64"}, "linktest")
 	assert.NilError(t, err)
 	assert.DeepEqual(t, pin, Pin{Version: "1.0-1", SHA256: sum, Size: pin.Size})
 }

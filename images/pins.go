@@ -114,22 +114,29 @@ func (c *Cache) Resolve(ctx context.Context, arch string) (PinSet, error) {
 		return PinSet{}, err
 	}
 	defer unlock()
-	if err := c.update(ctx, arch, true); err != nil {
+	if err := c.update(ctx, source{arch: arch}, true); err != nil {
 		return PinSet{}, err
 	}
 	s := PinSet{Arch: arch, Packages: map[string]Pin{}}
 	if s.Kernel, err = c.kernelDependency(ctx, arch); err != nil {
 		return PinSet{}, err
 	}
-	names := []string{s.Kernel}
-	for _, f := range files {
-		names = append(names, f.Package)
+	if s.Packages[s.Kernel], err = c.resolve(ctx, source{arch: arch}, s.Kernel); err != nil {
+		return PinSet{}, err
 	}
-	for _, n := range names {
-		if _, done := s.Packages[n]; done {
+	updated := map[string]bool{"": true}
+	for _, f := range files {
+		if _, done := s.Packages[f.key()]; done {
 			continue
 		}
-		if s.Packages[n], err = c.resolve(ctx, arch, n); err != nil {
+		src := source{arch: arch, suite: f.Suite}
+		if !updated[f.Suite] {
+			if err := c.update(ctx, src, true); err != nil {
+				return PinSet{}, err
+			}
+			updated[f.Suite] = true
+		}
+		if s.Packages[f.key()], err = c.resolve(ctx, src, f.Package); err != nil {
 			return PinSet{}, err
 		}
 	}

@@ -40,6 +40,19 @@ func (c *Cache) Kernel(ctx context.Context, arch string) (*Kernel, error) {
 type File struct {
 	Package string
 	Path    string // inside the package
+	// Suite, when set, is another Debian release's suite the package
+	// comes from (trixie), through the cache's own sources list; else the
+	// host's Debian release.
+	Suite string
+}
+
+// key is the file's package as pins name it: "ipxe", or "ipxe@trixie" for
+// another suite's.
+func (f File) key() string {
+	if f.Suite == "" {
+		return f.Package
+	}
+	return f.Package + "@" + f.Suite
 }
 
 // Files the boot chains use. Architecture-independent packages ("all") are
@@ -48,22 +61,28 @@ type File struct {
 // its own default ROM (from the host's ipxe-qemu package), and firmware
 // rejects an explicit romfile= whose IDs do not match the device.
 var (
-	Busybox   = File{"busybox-static", "bin/busybox"}
-	OVMFCode  = File{"ovmf", "usr/share/OVMF/OVMF_CODE_4M.fd"}
-	OVMFVars  = File{"ovmf", "usr/share/OVMF/OVMF_VARS_4M.fd"}
-	IPXEEFI   = File{"ipxe", "usr/lib/ipxe/ipxe.efi"}
-	AAVMF     = File{"qemu-efi-aarch64", "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
-	UBoot     = File{"u-boot-qemu", "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
-	GRUBArm64 = File{"grub-efi-arm64-bin", "usr/lib/grub/arm64-efi"}
+	Busybox   = File{Package: "busybox-static", Path: "bin/busybox"}
+	OVMFCode  = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
+	OVMFVars  = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
+	IPXEEFI   = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe.efi"}
+	AAVMF     = File{Package: "qemu-efi-aarch64", Path: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	UBoot     = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
+	GRUBArm64 = File{Package: "grub-efi-arm64-bin", Path: "usr/lib/grub/arm64-efi"}
+	// systemd's EFI stub, the head of a Unified Kernel Image.
+	StubX64   = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxx64.efi.stub"}
+	StubArm64 = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxaa64.efi.stub"}
+	// Debian 12 has no arm64 iPXE; Debian 13's ipxe (architecture all)
+	// ships one.
+	IPXEArm64 = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe-arm64.efi", Suite: "trixie"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
 func (c *Cache) Path(ctx context.Context, arch string, f File) (string, error) {
-	dir, err := c.Package(ctx, arch, f.Package)
+	dir, err := c.Package(ctx, arch, f.key())
 	if err != nil {
 		return "", err
 	}
-	return fileIn(dir, arch, f.Package, f.Path)
+	return fileIn(dir, arch, f.key(), f.Path)
 }
 
 // fileIn is the real path of rel inside the package unpacked at dir (links
@@ -82,8 +101,8 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI},
-	"arm64": {Busybox, AAVMF, UBoot, GRUBArm64},
+	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI, StubX64},
+	"arm64": {Busybox, AAVMF, UBoot, GRUBArm64, StubArm64, IPXEArm64},
 }
 
 // FetchAll fetches everything guests of arch may boot.

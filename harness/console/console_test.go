@@ -37,6 +37,9 @@ func TestClassify(t *testing.T) {
 		{"  PXE-E16: No valid offer received.", timeline.DHCP, nil, failure.NoDHCP},
 		{"  PXE-E23: Client received TFTP error from server.", timeline.Loader, nil, failure.LoaderFetch},
 		{"No bootable device.", timeline.Firmware, nil, failure.FirmwareNoBoot},
+		{"  Client Error: 404 Not Found", timeline.Loader, nil, failure.LoaderFetch},
+		{"  Error: Could not retrieve NBP file size from HTTP server.", timeline.Loader, nil, failure.LoaderFetch},
+		{"  Error: Unexpected network error.", timeline.Loader, nil, failure.LoaderFetch},
 		{"nbh-init: FAIL archive: stale boot archive: 1 file(s) changed on the root since the archive was built: /etc/nbh/boot.conf (nbh.archive=warn boots on)", timeline.Root, nil, failure.StaleArchive},
 		{"nbh-init: FAIL archive: stale boot archive: modules for kernel 6.1.0-0-nbh-skew, running 6.1.0-56-amd64 (nbh.archive=warn boots on)", timeline.Init, nil, failure.StaleArchive},
 		{"nbh-init: FAIL missing-module: /lib/modules/6.1.0-56-amd64/kernel/fs/nfs/nfsv3.ko is not in the archive, nor on the boot server (404 Not Found)", timeline.Root, nil, failure.MissingModule},
@@ -64,6 +67,7 @@ func TestClassify(t *testing.T) {
 		{"nbh-init: NBH-READY addr=10.0.2.15/24", timeline.Init, nil},
 		{"TFTP error: 'file not found' (1)", timeline.Loader, []string{"Filename 'pxelinux.cfg/01-52-54-00-4e-42-01'.", "Load address: 0x40300000", "Loading: *"}},
 		{"error: something a kernel driver said", timeline.Kernel, nil},
+		{"autoexec.ipxe... Not found (https://ipxe.org/2d12618e)", timeline.Loader, nil}, // iPXE 1.21's probe
 		{"[    0.5] ACPI: PCI Interrupt Link [LNKA] enabled", timeline.Kernel, nil},
 	} {
 		p, ok := Classify(c.line, c.reached, c.before)

@@ -17,8 +17,9 @@ type Pattern struct {
 	Stage  timeline.Stage
 	Before timeline.Stage
 	Who    string // what printed it, for the report
-	// Unless, when set, cancels the row if it matches one of the few lines
-	// before (a loader probing for optional files is not failing).
+	// Unless, when set, cancels the row if it matches the line or one of
+	// the few lines before (a loader probing for optional files is not
+	// failing).
 	Unless *regexp.Regexp
 }
 
@@ -61,7 +62,9 @@ var Failures = []Pattern{
 
 	// iPXE: error messages end in an ipxe.org error URL.
 	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),
-	row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
+	// (iPXE 1.21 first probes its TFTP server for autoexec.ipxe.)
+	unless(row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
+		`^autoexec\.ipxe\.\.\. `),
 	row(`Could not boot image:.*ipxe\.org/[0-9a-f]{8}`, failure.LoaderError, timeline.Loader, timeline.Kernel, "ipxe"),
 
 	// U-Boot.
@@ -78,7 +81,11 @@ var Failures = []Pattern{
 	// UEFI firmware PXE.
 	row(`PXE-E16|PXE-E51|PXE-E53`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "uefi"),
 	row(`PXE-E\d\d`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "uefi"),
-	row(`BdsDxe: failed to load Boot\d+ ".*PXE.*": Not Found`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Loader, "uefi"),
+	row(`BdsDxe: failed to load Boot\d+ ".*(PXE|HTTP).*": Not Found`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Loader, "uefi"),
+
+	// UEFI firmware HTTP boot (HttpBootDxe): the server's answer, then its
+	// own summary of why the download failed.
+	row(`^\s*(Client|Server) Error: \d{3}|Error: (Could not retrieve NBP file size|Could not establish connection with HTTP server|Server response timeout|Unexpected network error)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "uefi"),
 
 	// SeaBIOS.
 	row(`No bootable device`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Kernel, "seabios"),
@@ -154,7 +161,7 @@ next:
 			continue
 		}
 		if p.Unless != nil {
-			for _, b := range before {
+			for _, b := range append([]string{line}, before...) {
 				if p.Unless.MatchString(b) {
 					continue next
 				}

@@ -114,6 +114,11 @@ func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 			// A reader that ends early (a transfer cut short) leaves the
 			// response short of its Content-Length; net/http then drops
 			// the connection, as a broken transfer would.
+			if path.Ext(r.URL.Path) == ".efi" {
+				// UEFI HTTP boot takes a file as an EFI application by
+				// this type (else by the .efi in the URL).
+				w.Header().Set("Content-Type", "application/efi")
+			}
 			http.ServeContent(cw, r, path.Base(r.URL.Path), f.ModTime, f)
 			f.Close()
 		}
