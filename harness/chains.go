@@ -156,7 +156,7 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-ipxe", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
 		Code: images.AAVMF,
-		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"),
+		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true,
 		Cost: Cost{Boot: 20, Loader: 10, NoDHCP: 18},
 	},
 	{
