@@ -35,6 +35,10 @@ type Chain struct {
 	// (this EFI stub with kernel, archive and command line) instead of
 	// kernel and archive.
 	Stub images.File
+	// UserNet is the boot file QEMU's own user-mode network names in its
+	// DHCP offers ({guest} as in DHCPRule.File), for chains that can boot
+	// over its TFTP alone (Spec.UserNet); "" for the others.
+	UserNet string
 	// Cost is what a row of the chain takes, for the matrix's shards.
 	Cost Cost
 
@@ -113,7 +117,7 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "seabios-ipxe", Machine: "pc", NICROM: true,
 			Description: "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, UserNet: "{guest}/boot.ipxe",
 		Cost: Cost{Boot: 7, Loader: 1, NoDHCP: 6},
 	},
 	{
@@ -135,13 +139,13 @@ var chainTable = []Chain{
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
 		Code: images.OVMFCode, Vars: images.OVMFVars, Stub: images.StubX64,
 		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64),
-		Cost: Cost{Boot: 12, Loader: 8, NoDHCP: 18},
+		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
 		Code: images.UBoot, env: ubootEnv,
-		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, ReadsNFS: true,
+		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, ReadsNFS: true, UserNet: "boot.scr.uimg",
 		Cost: Cost{Boot: 5, Loader: 1, NoDHCP: 6},
 	},
 	{
@@ -157,14 +161,14 @@ var chainTable = []Chain{
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
 		Code: images.AAVMF,
 		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true,
-		Cost: Cost{Boot: 20, Loader: 10, NoDHCP: 18},
+		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadBIOS, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
 		Code: images.AAVMF, Stub: images.StubArm64,
 		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
-		Cost: Cost{Boot: 14, Loader: 8, NoDHCP: 18},
+		Cost: Cost{Boot: 18, Loader: 10, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
@@ -234,6 +238,17 @@ func VerifyingChains() []string {
 	var out []string
 	for _, c := range chainTable {
 		if c.Verifies {
+			out = append(out, c.Name())
+		}
+	}
+	return out
+}
+
+// UserNetChains names the chains that can boot on QEMU's user-mode network.
+func UserNetChains() []string {
+	var out []string
+	for _, c := range chainTable {
+		if c.UserNet != "" {
 			out = append(out, c.Name())
 		}
 	}

@@ -86,12 +86,16 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 func (g *Guest) start() error {
 	l := g.lab
 	var err error
-	if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
-		g.Close()
-		return err
-	}
-	if ip, err := netip.ParseAddr(g.IP); err == nil {
-		g.port.Bind(ip) // it speaks from its lease only
+	var netFile *os.File
+	if !g.spec.UserNet {
+		if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
+			g.Close()
+			return err
+		}
+		if ip, err := netip.ParseAddr(g.IP); err == nil {
+			g.port.Bind(ip) // it speaks from its lease only
+		}
+		netFile = g.port.QEMUFile()
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
@@ -103,14 +107,16 @@ func (g *Guest) start() error {
 		g.Close()
 		return err
 	}
-	g.proc, err = qemu.Start(g.qemuConfig(""), g.con.Tty(), g.port.QEMUFile())
+	g.proc, err = qemu.Start(g.qemuConfig(""), g.con.Tty(), netFile)
 	if err != nil {
 		g.con.Tty().Close()
 		g.Close()
 		return err
 	}
 	g.con.Started()
-	g.port.QEMUFile().Close()
+	if netFile != nil {
+		netFile.Close()
+	}
 	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
@@ -121,11 +127,15 @@ func (g *Guest) start() error {
 // qemuConfig is how QEMU runs the guest: on an inherited socket (socket
 // ""), or joining the lab through the unix socket at socket.
 func (g *Guest) qemuConfig(socket string) qemu.Config {
-	return qemu.Config{
+	c := qemu.Config{
 		Profile: g.Profile, Accel: g.Accel, Memory: g.spec.Memory, MAC: g.MAC.String(), Files: g.files,
 		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
 		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
 	}
+	if g.spec.UserNet {
+		c.UserNet = &qemu.UserNet{TFTPRoot: g.lab.srv, Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}
+	}
+	return c
 }
 
 // QEMUArgs is the command line (binary first) of a QEMU outside the lab

@@ -44,6 +44,14 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("spec: %w", err)
 	}
+	if spec.UserNet {
+		switch {
+		case chain.UserNet == "":
+			return nil, fmt.Errorf("spec: %s cannot boot on QEMU's user-mode network (only %s)", chain.Name(), strings.Join(UserNetChains(), ", "))
+		case len(spec.Faults) > 0 || spec.Root != RootNone || spec.AnyLoader || l.esp != nil:
+			return nil, fmt.Errorf("spec: a boot on QEMU's user-mode network has no faults, no root, no IPsec and one chain")
+		}
+	}
 	var p plan
 	for _, f := range spec.Faults {
 		if f.Applies != nil && !f.Applies(chain, spec.Root) {

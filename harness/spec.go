@@ -55,6 +55,13 @@ type Spec struct {
 	// says it is. For a guest whose QEMU the lab does not start (Provision).
 	AnyLoader bool
 
+	// UserNet boots the chain on QEMU's own user-mode network (its
+	// built-in DHCP and TFTP) instead of the lab's: what a user would
+	// otherwise pick, for comparison (BenchmarkNetboot). Only chains that
+	// can boot over TFTP alone (Chain.UserNet), with no root and no fault;
+	// the lab sees none of the guest's traffic, so stages come from the
+	// console only.
+	UserNet bool
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
 	// of answering them (see console.Responders).
 	KeepPrompts bool

@@ -105,6 +105,13 @@ func TestFailuresAreClassified(t *testing.T) {
 		{"amd64", "ovmf-pxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", "uboot", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", "aavmf-grub", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", "aavmf-ipxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		// UEFI HTTP boot: no Unified Kernel Image, a 404 for the firmware.
+		{"amd64", "ovmf-http", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", "aavmf-http", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		// The archive's faults land in the archive inside the image.
+		{"amd64", "ovmf-http", "truncated-archive", "", failure.LoaderFetch, timeline.Loader},
+		{"arm64", "aavmf-http", "corrupt-archive", "", failure.CorruptArchive, timeline.Kernel},
 		// busybox run as the archive's init prints its help and exits: the
 		// kernel panics ("Attempted to kill init").
 		{"amd64", "seabios-ipxe", "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
@@ -158,4 +165,72 @@ func TestFaultRefusedWhereMeaningless(t *testing.T) {
 	assert.ErrorContains(t, err, "does not apply")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "uboot"})
 	assert.ErrorContains(t, err, "not available for amd64")
+}
+
+// TestHTTPBootStaleArchive: on UEFI HTTP boot the archive travels inside the
+// Unified Kernel Image; a stale one is found by the init as on every chain,
+// and the keeper's rebuild (config-changed) rebuilds the image too.
+func TestHTTPBootStaleArchive(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	for _, c := range []struct{ arch, firmware, fault string }{
+		{"amd64", "ovmf-http", "stale-config"},
+		{"arm64", "aavmf-http", "stale-config"},
+		{"amd64", "ovmf-http", "config-changed"},
+	} {
+		t.Run(c.arch+"/"+c.firmware+"/"+c.fault, func(t *testing.T) {
+			guestTest(t)
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("chain %s/%s not selected by NBH_ARCH/NBH_FIRMWARE", c.arch, c.firmware)
+			}
+			f, err := harness.LookupFault(c.fault)
+			assert.NilError(t, err)
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: harness.RootNFS,
+				Faults: []harness.Fault{f}, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			if f.Expect == failure.None {
+				assert.Assert(t, v.OK, "%v", v.Err())
+				rebuilt := false
+				for _, e := range lab.Timeline.Events("g1") {
+					rebuilt = rebuilt || (e.Source == "archive" && e.Kind == "rebuild")
+				}
+				assert.Assert(t, rebuilt, "the keeper did not rebuild the image")
+				return
+			}
+			assert.Equal(t, v.Reason, f.Expect, "%v", v.Err())
+			assert.Equal(t, v.Stage, timeline.Root, "%v", v.Err())
+		})
+	}
+}
+
+// TestQEMUUserNetComparison: the chains BenchmarkNetboot also runs on QEMU's
+// own user-mode network boot there to the marker, and the others are
+// refused rather than measured wrong.
+func TestQEMUUserNetComparison(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	for _, name := range harness.UserNetChains() {
+		arch, firmware, _ := strings.Cut(name, "/")
+		t.Run(name, func(t *testing.T) {
+			guestTest(t)
+			if !selected(arch, firmware) {
+				t.Skipf("chain %s not selected by NBH_ARCH/NBH_FIRMWARE", name)
+			}
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: arch, Firmware: firmware, UserNet: true, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v", v.Err())
+			assert.Assert(t, strings.Contains(strings.Join(g.Argv(), " "), "-netdev user,"), "not on QEMU's user network: %v", g.Argv())
+			// The lab's services saw nothing of it.
+			for _, e := range lab.Timeline.Events("g1") {
+				assert.Assert(t, e.Source != "dhcp" && e.Source != "tftp" && e.Source != "http", "the lab served it: %+v", e)
+			}
+		})
+	}
+	lab := nbhtest.NewLab(t)
+	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-http", UserNet: true})
+	assert.ErrorContains(t, err, "cannot boot on QEMU's user-mode network")
 }

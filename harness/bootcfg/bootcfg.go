@@ -27,6 +27,9 @@ type Boot struct {
 	// export of the server (the root file system itself) instead of over
 	// HTTP or TFTP: iPXE with nfs:// URLs, U-Boot with its nfs command.
 	NFS string
+	// TFTP makes iPXE fetch kernel and archive over TFTP (a network with
+	// no HTTP server: QEMU's user-mode network).
+	TFTP bool
 }
 
 // IPXEScript fetches kernel and archive over HTTP (or NFS). initrd= on the
@@ -34,8 +37,11 @@ type Boot struct {
 // that name.
 func IPXEScript(b Boot) string {
 	scheme, base := "http", b.Server
-	if b.NFS != "" {
+	switch {
+	case b.NFS != "":
 		scheme, base = "nfs", b.Server+b.NFS
+	case b.TFTP:
+		scheme = "tftp"
 	}
 	return fmt.Sprintf(`#!ipxe
 echo nbh: iPXE script for ${net0/mac} at ${net0/ip}

@@ -28,7 +28,7 @@ type Process struct {
 }
 
 // Start runs QEMU for c with tty as its stdio (the serial console) and net as
-// the stream netdev's descriptor. QEMU is in its own process group and gets
+// the stream netdev's descriptor (nil with c.UserNet). QEMU is in its own process group and gets
 // SIGKILL if this process dies first, so it cannot outlive its run even when
 // the test binary is killed.
 func Start(c Config, tty *os.File, net *os.File) (*Process, error) {
@@ -45,7 +45,9 @@ func Start(c Config, tty *os.File, net *os.File) (*Process, error) {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdin, cmd.Stdout = tty, tty
 	cmd.Stderr = &lockedWriter{w: &p.stderr, mu: &p.mu}
-	cmd.ExtraFiles = []*os.File{net}
+	if net != nil {
+		cmd.ExtraFiles = []*os.File{net}
+	}
 	cmd.Dir = c.Dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -7,6 +7,7 @@ package qemu
 import (
 	"fmt"
 	"path/filepath"
+	"strings"
 
 	"nbh.dev/nbh/internal/fsutil"
 )
@@ -89,11 +90,22 @@ type Config struct {
 	QMP string
 	// NetFD is the descriptor number QEMU inherits for the stream netdev.
 	NetFD int
+	// UserNet, instead, puts the guest on QEMU's own user-mode network
+	// (its built-in DHCP and TFTP server), for comparison with the lab's.
+	UserNet *UserNet
 	// NetSocket, instead, is the path of a lab's unix socket the stream
 	// netdev connects to (a QEMU the user starts: nbh serve). Such a QEMU
 	// gets the console and its monitor on the user's terminal (Ctrl-A x
 	// quits) and no QMP socket.
 	NetSocket string
+}
+
+// UserNet is QEMU's user-mode network (slirp) as a boot network: the same
+// addresses as a lab's (guest 10.0.2.15, server 10.0.2.2), its DHCP naming
+// Bootfile, its TFTP serving TFTPRoot. restrict=on: the guest reaches
+// nothing beyond those built-in services.
+type UserNet struct {
+	TFTPRoot, Bootfile string
 }
 
 // Args builds the QEMU arguments (without the binary).
@@ -105,6 +117,13 @@ func Args(c Config) ([]string, error) {
 	// Serial on stdio (the console's terminal); no display. -nographic
 	// makes SeaBIOS mirror its and the iPXE ROM's text to the serial port.
 	a := []string{"-nodefaults", "-no-user-config", "-m", fmt.Sprint(mem), "-nographic"}
+	netdev := fmt.Sprintf("stream,id=n0,addr.type=fd,addr.str=%d", c.NetFD)
+	if u := c.UserNet; u != nil {
+		if strings.ContainsAny(u.TFTPRoot+u.Bootfile, ",") {
+			return nil, fmt.Errorf("qemu: user network: a comma in %q or %q", u.TFTPRoot, u.Bootfile)
+		}
+		netdev = "user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2,dhcpstart=10.0.2.15,tftp=" + u.TFTPRoot + ",bootfile=" + u.Bootfile
+	}
 	if c.NetSocket != "" {
 		// A QEMU the user runs: console and monitor on their terminal.
 		a = append(a, "-serial", "mon:stdio", "-no-reboot",
@@ -115,7 +134,7 @@ func Args(c Config) ([]string, error) {
 			"-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
 			"-no-reboot",
 			"-qmp", "unix:"+c.QMP+",server=on,wait=off",
-			"-netdev", fmt.Sprintf("stream,id=n0,addr.type=fd,addr.str=%d", c.NetFD))
+			"-netdev", netdev)
 	}
 	a = append(a, c.Accel.Args(c.Arch)...)
 	if c.Machine == "" {
