@@ -40,10 +40,13 @@ func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel s
 		opts.OmitModules = []string{rootDriver[g.spec.Root]}
 	}
 	kp := &keeper{g: g, k: k, opts: opts, refresh: !g.spec.NoArchiveRefresh && !p.noRefresh}
+	// A guest ready for any loader (nbh serve) gets the plain archive;
+	// its image is made once from it (ukiLoader).
+	packed := g.chain.Stub.Path != "" && !g.spec.AnyLoader
 	switch {
-	case g.chain.Stub.Path != "" && p.noKernel:
+	case packed && p.noKernel:
 		// No kernel, no Unified Kernel Image: nothing is served.
-	case g.chain.Stub.Path != "":
+	case packed:
 		// The archive is served inside the guest's Unified Kernel Image,
 		// rebuilt with it.
 		kp.served = filepath.Join(g.lab.srv, g.Name, ukiName)
