@@ -234,21 +234,15 @@ func loaderChains(arch string) []Chain {
 }
 
 // VerifyingChains names the chains whose loader checks signatures.
-func VerifyingChains() []string {
-	var out []string
-	for _, c := range chainTable {
-		if c.Verifies {
-			out = append(out, c.Name())
-		}
-	}
-	return out
-}
+func VerifyingChains() []string { return chainNames(func(c Chain) bool { return c.Verifies }) }
 
 // UserNetChains names the chains that can boot on QEMU's user-mode network.
-func UserNetChains() []string {
+func UserNetChains() []string { return chainNames(func(c Chain) bool { return c.UserNet != "" }) }
+
+func chainNames(keep func(Chain) bool) []string {
 	var out []string
 	for _, c := range chainTable {
-		if c.UserNet != "" {
+		if keep(c) {
 			out = append(out, c.Name())
 		}
 	}

@@ -9,7 +9,7 @@ import (
 // Spec describes one guest to boot.
 type Spec struct {
 	Arch     string // amd64 or arm64
-	Firmware string // a qemu.Profiles firmware name
+	Firmware string // a chain of Arch (AllChains), e.g. seabios-ipxe
 	Name     string // guest name; default g1, g2, ...
 	// MAC and IP pin the guest's Ethernet and leased address (a replay
 	// gets the recorded guest's); default: the lab assigns them in boot
