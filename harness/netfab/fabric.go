@@ -13,6 +13,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/bits"
 	"net"
 	"net/netip"
 	"os"
@@ -146,8 +147,8 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	// give it room for a full 1500-byte IP packet, or gVisor fragments
 	// every full-size UDP datagram (TFTP blocks of 1468), and UEFI's and
 	// U-Boot's TFTP clients do not reassemble.
-	f.ep = channel.New(1024, uint32(f.mtu+14), tcpip.LinkAddress(f.HostMAC))
-	if err := s.CreateNIC(1, ethernet.New(f.ep)); err != nil {
+	f.ep = channel.New(hostQueue, uint32(f.mtu+14), tcpip.LinkAddress(f.HostMAC))
+	if err := s.CreateNIC(1, ethernet.New(&countingEndpoint{Endpoint: f.ep, f: f})); err != nil {
 		return nil, fmt.Errorf("netfab: create NIC: %s", err)
 	}
 	addr := tcpip.AddrFrom4(f.HostIP.As4())
@@ -596,6 +597,37 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 		}
 	}
 	return frame, delay, true
+}
+
+// hostQueue bounds the frames the host stack has sent and the fabric has
+// not switched yet. gVisor drops a frame silently when this queue is full,
+// and TCP then has to recover it: a client that advertises a megabytes-wide
+// window (iPXE 1.21) got bursts of over 1,400 segments, lost some with a
+// queue of 1,024, and, sending no SACK, crawled through the holes one
+// retransmission timeout (200 ms) at a time. 16,384 frames (pointers, not
+// buffers) hold several such bursts at once; countingEndpoint reports any
+// drop that still happens.
+const hostQueue = 16384
+
+// countingEndpoint is the host stack's link, recording the frames it had to
+// drop because hostQueue was full.
+type countingEndpoint struct {
+	*channel.Endpoint
+	f     *Fabric
+	drops atomic.Int64
+}
+
+func (e *countingEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	n, err := e.Endpoint.WritePackets(pkts)
+	if lost := pkts.Len() - n; err == nil && lost > 0 {
+		// Said once per power of two, so a storm does not flood the
+		// timeline.
+		if total := e.drops.Add(int64(lost)); bits.Len64(uint64(total)) != bits.Len64(uint64(total-int64(lost))) {
+			e.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "host-queue-full",
+				Msg: fmt.Sprintf("the boot server's send queue was full: %d frames dropped so far (TCP resends them)", total)})
+		}
+	}
+	return n, err
 }
 
 // hostLoop switches frames the host stack sends.

@@ -15,10 +15,13 @@ import (
 
 	"gotest.tools/v3/assert"
 	"gotest.tools/v3/poll"
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
 )
@@ -466,4 +469,27 @@ func FuzzPortSecurity(f *testing.F) {
 			t.Fatalf("passed EtherType %#04x", typ)
 		}
 	})
+}
+
+// A full host queue drops frames (gVisor's choice); the fabric says so, once
+// per power of two.
+func TestHostQueueDropsAreRecorded(t *testing.T) {
+	tl := timeline.New()
+	ep := &countingEndpoint{Endpoint: channel.New(2, 1514, ""), f: &Fabric{tl: tl}}
+	defer ep.Close()
+	var pkts stack.PacketBufferList
+	for range 5 {
+		pkts.PushBack(stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData([]byte("frame"))}))
+	}
+	n, err := ep.WritePackets(pkts)
+	pkts.DecRef()
+	assert.Assert(t, err == nil, "%v", err)
+	assert.Equal(t, n, 2)
+	var msgs []string
+	for _, e := range tl.Events("") {
+		if e.Kind == "host-queue-full" {
+			msgs = append(msgs, e.Msg)
+		}
+	}
+	assert.DeepEqual(t, msgs, []string{"the boot server's send queue was full: 3 frames dropped so far (TCP resends them)"})
 }
