@@ -224,7 +224,7 @@ func imagesCmd(ctx context.Context, args []string) int {
 	withStock := fs.Bool("stock", false, "also build the stock initramfs images (initramfs-tools, dracut) for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
 	update := fs.Bool("update", false, "resolve every package again from the package archive and rewrite the pins (images/pins-ARCH.json in the source tree), then fetch them")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware and loaders, at the versions pinned in\nimages/pins-ARCH.json. A second run is offline.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware, loaders and EFI stubs, at the versions pinned\nin images/pins-ARCH.json (PACKAGE@SUITE: from that Debian suite, e.g.\narm64's iPXE from Debian 13). A second run is offline.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if code, ok := parse(fs, args); !ok {

@@ -35,7 +35,7 @@ Usage:
                        files, goroutines or lab folders were left behind
   nbh report [flags] JSON...
                        merge matrix JSON reports (CI shards); render HTML, JUnit
-  nbh images [flags]   fetch and cache kernels, busybox, firmware and loaders at the
+  nbh images [flags]   fetch and cache kernels, busybox, firmware, loaders and stubs at the
                        pinned versions (--update: pin the current ones; --stock: also
                        build the initramfs-tools and dracut archives)
   nbh help [command]   show help
