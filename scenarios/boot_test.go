@@ -111,7 +111,9 @@ func TestFailuresAreClassified(t *testing.T) {
 		{"arm64", "aavmf-http", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		// The archive's faults land in the archive inside the image.
 		{"amd64", "ovmf-http", "truncated-archive", "", failure.LoaderFetch, timeline.Loader},
-		{"arm64", "aavmf-http", "corrupt-archive", "", failure.CorruptArchive, timeline.Kernel},
+		// Where the flipped bit is found (the kernel's unpacker or the
+		// init's integrity check) depends on what it lands in: any stage.
+		{"arm64", "aavmf-http", "corrupt-archive", "", failure.CorruptArchive, timeline.None},
 		// busybox run as the archive's init prints its help and exits: the
 		// kernel panics ("Attempted to kill init").
 		{"amd64", "seabios-ipxe", "", "rdinit=/bin/busybox", failure.KernelPanic, timeline.Kernel},
@@ -140,7 +142,9 @@ func TestFailuresAreClassified(t *testing.T) {
 			v := g.Wait(context.Background())
 			assert.Assert(t, !v.OK, "booted despite the fault: %s", v.Line)
 			assert.Equal(t, v.Reason, c.want, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
-			assert.Equal(t, v.Stage, c.stage, "%v", v.Err())
+			if c.stage != timeline.None {
+				assert.Equal(t, v.Stage, c.stage, "%v", v.Err())
+			}
 			t.Logf("classified after %.1fs: %v", v.Elapsed.Seconds(), v.Err())
 		})
 	}
