@@ -137,8 +137,8 @@ func Rows(sel Select) []Row {
 }
 
 // Estimate is a row's expected wall time in seconds under TCG on a 2-core
-// machine, one row at a time, from a full serial matrix run (151 rows,
-// 1957 s, rounded): what shards are balanced by and what runs first. It
+// machine, one row at a time, from the chains' costs (Chain.Cost, measured
+// in full matrix runs): what shards are balanced by and what runs first. It
 // depends only on the row, so every shard of a CI run computes the same
 // split.
 func Estimate(r Row) float64 {

@@ -190,8 +190,15 @@ func (b *Builder) Manifest() Manifest {
 			continue
 		}
 		sum := sha256.Sum256(e.data)
+		// Only a root path is recorded: a host path (the image cache's
+		// folder) would make the same files a different archive on every
+		// machine and in every clone.
+		var source string
+		if strings.HasPrefix(e.source, manifest.RootPrefix) {
+			source = e.source
+		}
 		m.Files = append(m.Files, manifest.Entry{Path: "/" + p, Size: int64(len(e.data)), SHA256: hex.EncodeToString(sum[:]),
-			Source: e.source, Editable: e.editable, Secret: e.secret})
+			Source: source, Editable: e.editable, Secret: e.secret})
 	}
 	return m
 }

@@ -2,6 +2,8 @@ package archive
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"os"
 	"os/exec"
@@ -93,6 +95,15 @@ func TestManifestRecordsSources(t *testing.T) {
 	key, _ := r.Manifest.Lookup("/etc/nbh/esp.key")
 	assert.Assert(t, key.Secret)
 	assert.Equal(t, r.Manifest.Kernel, "6.1.0-test")
+	init, _ := r.Manifest.Lookup("/init")
+	assert.Equal(t, init.Source, "", "a host path in the manifest")
+
+	// The same files from other host folders make the same bytes.
+	otherSpec := testSpec(t, rootTree(t))
+	otherSpec.Compression = Zstd
+	other, err := Build(otherSpec, t.TempDir())
+	assert.NilError(t, err)
+	assert.Equal(t, sha(t, r.Path), sha(t, other.Path))
 
 	// Unpack with the system's cpio after zstd: the manifest inside
 	// matches, and every file matches its entry.
@@ -189,4 +200,12 @@ func TestPrune(t *testing.T) {
 	archives, _ := filepath.Glob(filepath.Join(cache, "*.cpio.*"))
 	assert.Equal(t, len(archives), 2)
 	assert.Equal(t, len(manifests), 2)
+}
+
+func sha(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	assert.NilError(t, err)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
 }

@@ -33,9 +33,10 @@ type Entry struct {
 	Path   string `json:"path"` // absolute path inside the archive
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
-	// Source is where the file came from: a host path for files the
-	// builder was given, or "root:/PATH" for a copy of the root file
-	// system's /PATH (RootPath returns PATH).
+	// Source is "root:/PATH" for a copy of the root file system's /PATH
+	// (RootPath returns PATH); empty for the files the builder was given
+	// from the host (their host path would make the archive differ from
+	// one cache folder to the next).
 	Source string `json:"source,omitempty"`
 	// Editable files are configuration an administrator changes on the
 	// root; a copy in the archive goes stale when they do.
