@@ -70,7 +70,7 @@ type DHCPRule struct {
 	File string
 }
 
-// answer fills in a rule's boot file for guest g.
+// answer fills in the rule's boot file for a guest.
 func (r DHCPRule) answer(server, guest string) dhcp.Boot {
 	file := strings.NewReplacer("{server}", server, "{guest}", guest).Replace(r.File)
 	return dhcp.Boot{File: file, Why: r.Client + ": " + file}

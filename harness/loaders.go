@@ -14,7 +14,8 @@ import (
 
 // What each chain's loader reads, as chainTable names it.
 
-// ipxeLoader writes the iPXE script: kernel and archive over HTTP (or NFS).
+// ipxeLoader writes the iPXE script: kernel and archive over HTTP (NFS for
+// loader-nfs, TFTP on QEMU's user-mode network).
 func ipxeLoader(_ context.Context, g *Guest, dir string, b bootcfg.Boot, _ plan) error {
 	return writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
 }
