@@ -64,7 +64,7 @@ var Failures = []Pattern{
 	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),
 	// (iPXE 1.21 first probes its TFTP server for autoexec.ipxe.)
 	unless(row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
-		`^autoexec\.ipxe\.\.\. `),
+		`^autoexec\.ipxe\.\.\.`), // on the line, or the one before when the output splits
 	row(`Could not boot image:.*ipxe\.org/[0-9a-f]{8}`, failure.LoaderError, timeline.Loader, timeline.Kernel, "ipxe"),
 
 	// U-Boot.
