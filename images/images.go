@@ -158,13 +158,17 @@ func (s source) String() string {
 	return s.arch + ", " + s.suite
 }
 
+// dir is src's private apt folder under the cache's apt/: arm64, arm64-trixie.
+func (s source) dir() string {
+	if s.suite == "" {
+		return s.arch
+	}
+	return s.arch + "-" + s.suite
+}
+
 // aptArgs points apt at private folders under the cache for src.
 func (c *Cache) aptArgs(ctx context.Context, src source) ([]string, error) {
-	dir := src.arch
-	if src.suite != "" {
-		dir += "-" + src.suite
-	}
-	base := filepath.Join(c.Dir, "apt", dir)
+	base := filepath.Join(c.Dir, "apt", src.dir())
 	for _, d := range []string{"lists/partial", "cache/archives/partial", "etc/preferences.d", "etc/apt.conf.d"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			return nil, err
@@ -236,11 +240,7 @@ func (c *Cache) apt(ctx context.Context, dir string, src source, tool string, ar
 // update refreshes the private package lists of src when they are missing
 // (or always, with force).
 func (c *Cache) update(ctx context.Context, src source, force bool) error {
-	dir := src.arch
-	if src.suite != "" {
-		dir += "-" + src.suite
-	}
-	lists := filepath.Join(c.Dir, "apt", dir, "lists")
+	lists := filepath.Join(c.Dir, "apt", src.dir(), "lists")
 	if m, _ := filepath.Glob(filepath.Join(lists, "*Packages*")); len(m) > 0 && !force {
 		return nil
 	}
