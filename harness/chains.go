@@ -31,6 +31,9 @@ type Chain struct {
 	// ReadsNFS: the loader can read kernel and archive from an NFS root
 	// (the loader-nfs fault).
 	ReadsNFS bool
+	// SANBoot: the loader can boot from an iSCSI disk and describe it in
+	// the iBFT (RootSANBoot).
+	SANBoot bool
 	// Stub, when set, makes the firmware fetch one Unified Kernel Image
 	// (this EFI stub with kernel, archive and command line) instead of
 	// kernel and archive.
@@ -124,14 +127,14 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-ipxe", Machine: "q35", Load: qemu.LoadPflash, NICROM: true,
 			Description: "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
 		Code: images.OVMFCode, Vars: images.OVMFVars,
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, SANBoot: true,
 		Cost: Cost{Boot: 11.5, Loader: 4.5, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-pxe", Machine: "q35", Load: qemu.LoadPflash,
 			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
 		Code: images.OVMFCode, Vars: images.OVMFVars,
-		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true,
+		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true, SANBoot: true,
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
@@ -160,7 +163,7 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-ipxe", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
 		Code: images.AAVMF,
-		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true,
+		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
@@ -238,6 +241,13 @@ func VerifyingChains() []string { return chainNames(func(c Chain) bool { return 
 
 // UserNetChains names the chains that can boot on QEMU's user-mode network.
 func UserNetChains() []string { return chainNames(func(c Chain) bool { return c.UserNet != "" }) }
+
+// SANBootChains names the chains whose loader can SAN-boot (RootSANBoot).
+func SANBootChains() []string { return chainNames(func(c Chain) bool { return c.SANBoot }) }
+
+// Boots reports whether the chain can boot a guest with root: any but a SAN
+// boot, which needs a loader that can (SANBoot).
+func (c Chain) Boots(root string) bool { return root != RootSANBoot || c.SANBoot }
 
 func chainNames(keep func(Chain) bool) []string {
 	var out []string

@@ -21,6 +21,12 @@ func (g *Guest) cmdline() string {
 			// ip=dhcp is for stock initramfs images (dracut brings the
 			// network up only when told); the reference init ignores it.
 			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
+		case RootSANBoot:
+			// The target is the iBFT's: iscsi_auto for initramfs-tools
+			// with open-iscsi, rd.iscsi.firmware for dracut; the
+			// reference init takes either. The root is the disk's
+			// second partition.
+			s += " root=/dev/sda2 iscsi_auto rd.iscsi.firmware=1"
 		}
 	}
 	if g.spec.Initrd == "" {
@@ -47,4 +53,4 @@ func skewedKernel(v string) string {
 }
 
 // rootDriver is the module a root cannot be mounted without.
-var rootDriver = map[string]string{RootNFS: "nfsv3", RootISCSI: "iscsi_tcp"}
+var rootDriver = map[string]string{RootNFS: "nfsv3", RootISCSI: "iscsi_tcp", RootSANBoot: "iscsi_tcp"}

@@ -30,6 +30,7 @@ type plan struct {
 	nfsPath    string // the export path the guest is told to mount
 	iqn        string // the iSCSI target the guest is told to log in to
 	badCHAP    bool   // the target requires CHAP; the guest has the wrong secret
+	noDescribe bool   // the loader SAN-boots without writing the iBFT
 
 	// The reference archive.
 	noRefresh     bool // the boot server does not rebuild a stale archive
@@ -55,9 +56,15 @@ func always(Chain, string) bool { return true }
 
 func notDirect(c Chain, _ string) bool { return c.Firmware != qemu.Direct }
 
+// fetched: the loader fetches kernel and archive from the boot server (not
+// QEMU, not a SAN disk).
+func fetched(c Chain, root string) bool { return notDirect(c, root) && root != RootSANBoot }
+
 func nfsRoot(_ Chain, root string) bool { return root == RootNFS }
 
 func iscsiRoot(_ Chain, root string) bool { return root == RootISCSI }
+
+func sanBoot(_ Chain, root string) bool { return root == RootSANBoot }
 
 // canVerify: the chains whose loader checks signatures of what it loads.
 func canVerify(c Chain, _ string) bool { return c.Verifies }
@@ -78,7 +85,7 @@ var Faults = map[string]Fault{
 		apply: func(p *plan) { p.dhcpSilent = true },
 	},
 	"missing-kernel": {
-		Name: "missing-kernel", Where: "service", Expect: failure.LoaderFetch, Applies: notDirect,
+		Name: "missing-kernel", Where: "service", Expect: failure.LoaderFetch, Applies: fetched,
 		Help:  "the boot server has no kernel for the guest: the loader's fetch fails",
 		apply: func(p *plan) { p.noKernel = true },
 	},
@@ -109,16 +116,16 @@ var Faults = map[string]Fault{
 	},
 	"missing-module": {
 		Name: "missing-module", Where: "archive", Expect: failure.MissingModule, Applies: anyRoot,
-		Help:  "the driver module the root needs (nfsv3, iscsi_tcp) is not in the archive, nor on the boot server",
+		Help:  "the driver module the root needs (nfsv3, iscsi_tcp for both iSCSI roots) is not in the archive, nor on the boot server",
 		apply: func(p *plan) { p.missingModule = true },
 	},
 	"truncated-archive": {
-		Name: "truncated-archive", Where: "archive", Expect: failure.LoaderFetch, Applies: notDirect,
+		Name: "truncated-archive", Where: "archive", Expect: failure.LoaderFetch, Applies: fetched,
 		Help:  "the archive download breaks off halfway (HTTP drops the connection, TFTP sends an error)",
 		apply: func(p *plan) { p.truncate = true },
 	},
 	"corrupt-archive": {
-		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: notDirect,
+		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: fetched,
 		Help:  "one bit of the archive flips in transit; the kernel's unpacker finds it",
 		apply: func(p *plan) { p.corrupt = true },
 	},
@@ -156,6 +163,21 @@ var Faults = map[string]Fault{
 		Name: "loader-nfs", Where: "loader", Expect: failure.LoaderNoIPsec, Applies: loaderHasNFS, IPsec: true,
 		Help:  "the loader is told to read kernel and archive from the NFS root itself (iPXE nfs://, U-Boot's nfs command), which the network protects: no loader can do ESP",
 		apply: func(p *plan) { p.loaderNFS = true },
+	},
+	"san-wrong-iqn": {
+		Name: "san-wrong-iqn", Where: "loader", Expect: failure.SANBoot, Applies: sanBoot,
+		Help:  "the loader is told to SAN-boot from an iSCSI target the server does not have: its login fails",
+		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
+	},
+	"san-bad-chap": {
+		Name: "san-bad-chap", Where: "loader", Expect: failure.SANBoot, Applies: sanBoot,
+		Help:  "the iSCSI target requires CHAP and the loader SAN-boots with the wrong secret",
+		apply: func(p *plan) { p.badCHAP = true },
+	},
+	"san-no-ibft": {
+		Name: "san-no-ibft", Where: "loader", Expect: failure.RootMount, Applies: sanBoot,
+		Help:  "the loader SAN-boots without describing the disk (sanboot --no-describe): the kernel boots, and its init finds no iBFT to mount the root from",
+		apply: func(p *plan) { p.noDescribe = true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,

@@ -37,6 +37,7 @@ type Guest struct {
 	spec    Spec
 	plan    plan
 	lun     *iscsi.LUN
+	disk    string // the LUN's image file
 	chap    *iscsi.CHAP
 	keeper  *keeper     // the reference archive; nil for another archive
 	rootFS  *os.Root    // the guest's root tree on the host, for lookups (NFS)
@@ -237,7 +238,7 @@ func (g *Guest) release() {
 	switch g.spec.Root {
 	case RootNFS:
 		l.nfs.Unexport(NFSExport, g.IP)
-	case RootISCSI:
+	case RootISCSI, RootSANBoot:
 		if g.lun != nil {
 			l.iscsi.Unexport(ISCSITarget, g.IP, g.lun)
 		}

@@ -171,6 +171,7 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)
 	}
 	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
+	l.iscsi.LoaderLogin = l.sanLoader
 	l.closers = append(l.closers, l.iscsi)
 	if opts.IPsec != nil {
 		if err := l.startIPsec(opts.IPsec, opts.ESPKeyBits); err != nil {
@@ -269,6 +270,7 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	case RootISCSI:
 		rootPath = g.iscsiRoot()
 	}
+	// (A SAN boot's root is the iBFT's: the init gets no root path.)
 	if c.VendorClass == "nbh-init" {
 		l.initStarted(g)
 		b := dhcp.Boot{Why: "the reference init needs no boot file", RootPath: rootPath}
@@ -418,4 +420,23 @@ func writeFile(path string, data []byte) error {
 		return err
 	}
 	return os.WriteFile(path, data, 0o644)
+}
+
+// sanLoader reports whether an iSCSI login from ip is a SAN-booting guest's
+// loader: one before its kernel started.
+func (l *Lab) sanLoader(ip string) bool {
+	l.mu.Lock()
+	var g *Guest
+	for _, o := range l.guests {
+		if o.IP == ip && !o.closed() {
+			g = o
+		}
+	}
+	l.mu.Unlock()
+	if g == nil || g.spec.Root != RootSANBoot {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.reached < timeline.Kernel
 }

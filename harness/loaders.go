@@ -2,11 +2,14 @@ package harness
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/harness/iscsi"
+	"nbh.dev/nbh/harness/sandisk"
 	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
@@ -15,9 +18,53 @@ import (
 // What each chain's loader reads, as chainTable names it.
 
 // ipxeLoader writes the iPXE script: kernel and archive over HTTP (NFS for
-// loader-nfs, TFTP on QEMU's user-mode network).
-func ipxeLoader(_ context.Context, g *Guest, dir string, b bootcfg.Boot, _ plan) error {
+// loader-nfs, TFTP on QEMU's user-mode network), or a SAN boot.
+func ipxeLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
+	if g.spec.Root == RootSANBoot {
+		san, err := g.sanbootDisk(ctx, dir, p)
+		if err != nil {
+			return err
+		}
+		b.SAN = san
+	}
 	return writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
+}
+
+// sanBootFile is the removable-media boot file of each arch's ESP: what
+// iPXE's sanboot (and UEFI's boot manager) starts from a disk.
+var sanBootFile = map[string]string{"amd64": "EFI/BOOT/BOOTX64.EFI", "arm64": "EFI/BOOT/BOOTAA64.EFI"}
+
+// sanStub is each arch's EFI stub for the SAN disk's Unified Kernel Image.
+var sanStub = map[string]images.File{"amd64": images.StubX64, "arm64": images.StubArm64}
+
+// sanbootDisk installs the guest's Unified Kernel Image (kernel, archive,
+// command line) as the boot file of its SAN disk's ESP, as an installer
+// would, and returns what iPXE logs in to. The disk's root partition is
+// left as the guest left it.
+func (g *Guest) sanbootDisk(ctx context.Context, dir string, p plan) (*bootcfg.SANBoot, error) {
+	files := map[string]string{}
+	if !p.noKernel {
+		img := filepath.Join(g.private, "sanboot.efi")
+		if _, err := g.buildUKI(ctx, sanStub[g.Profile.Arch], filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img"), img); err != nil {
+			return nil, err
+		}
+		files[sanBootFile[g.Profile.Arch]] = img
+	}
+	if err := sandisk.WriteESP(g.disk, files); err != nil {
+		return nil, err
+	}
+	san := &bootcfg.SANBoot{
+		URI:        fmt.Sprintf("iscsi:%s::%d:0:%s", g.lab.Server(), iscsi.Port, g.plan.iqn),
+		Initiator:  "iqn.2026-11.dev.nbh:" + g.Name,
+		NoDescribe: p.noDescribe,
+	}
+	if g.chap != nil {
+		san.User, san.Password = g.chap.User, g.chap.Secret
+		if p.badCHAP {
+			san.Password = "not-" + san.Password
+		}
+	}
+	return san, nil
 }
 
 // ipxeChainload serves an iPXE binary from the image cache at name (what

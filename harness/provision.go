@@ -82,9 +82,15 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only %s can", chain.Name(), strings.Join(VerifyingChains(), ", "))
 	}
 	switch spec.Root {
-	case RootNone, RootNFS, RootISCSI:
+	case RootNone, RootNFS, RootISCSI, RootSANBoot:
 	default:
-		return nil, fmt.Errorf("root %q: want none, %q or %q", spec.Root, RootNFS, RootISCSI)
+		return nil, fmt.Errorf("root %q: want none, %q, %q or %q", spec.Root, RootNFS, RootISCSI, RootSANBoot)
+	}
+	if spec.Root == RootSANBoot && l.esp != nil {
+		return nil, fmt.Errorf("root %s: the loader reads the disk over iSCSI, which the IPsec network protects, and no loader can do ESP", spec.Root)
+	}
+	if !chain.Boots(spec.Root) {
+		return nil, fmt.Errorf("root %s: %s's loader cannot SAN-boot; only %s can", spec.Root, chain.Name(), strings.Join(SANBootChains(), ", "))
 	}
 	if spec.Expect == "" {
 		spec.Expect = regexp.QuoteMeta(fixtures.Marker)

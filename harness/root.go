@@ -10,6 +10,7 @@ import (
 
 	"nbh.dev/nbh/fixtures"
 	"nbh.dev/nbh/harness/iscsi"
+	"nbh.dev/nbh/harness/sandisk"
 )
 
 // iscsiRoot is the guest's root in dracut's netroot= spelling.
@@ -51,8 +52,11 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 			return err
 		}
 		g.rootFS = root
-	case RootISCSI:
+	case RootISCSI, RootSANBoot:
 		img := base + ".img"
+		if g.spec.Root == RootSANBoot {
+			img = base + ".disk"
+		}
 		if _, err := os.Stat(img); err != nil {
 			size := int64(64 << 20)
 			for _, src := range g.spec.RootFiles {
@@ -63,13 +67,15 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 			if err := os.MkdirAll(filepath.Dir(img), 0o755); err != nil {
 				return err
 			}
-			if err := fixtures.BuildRootImage(ctx, l.cache, g.Profile.Arch, img+".tmp", size, g.spec.RootFiles); err != nil {
+			if err := g.buildRootDisk(ctx, img+".tmp", size); err != nil {
+				os.Remove(img + ".tmp")
 				return err
 			}
 			if err := os.Rename(img+".tmp", img); err != nil {
 				return err
 			}
 		}
+		g.disk = img
 		lun, err := iscsi.OpenLUN(img, g.Name)
 		if err != nil {
 			return err
@@ -85,4 +91,19 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 		l.iscsi.Export(ISCSITarget, g.IP, lun, chap)
 	}
 	return nil
+}
+
+// buildRootDisk writes the guest's iSCSI LUN: the reference root as an ext4
+// image of size bytes, or for a SAN boot a whole disk with the root as its
+// second partition (the loader fills the first, the ESP; see sanbootLoader).
+func (g *Guest) buildRootDisk(ctx context.Context, img string, size int64) error {
+	l := g.lab
+	if g.spec.Root != RootSANBoot {
+		return fixtures.BuildRootImage(ctx, l.cache, g.Profile.Arch, img, size, g.spec.RootFiles)
+	}
+	layout := sandisk.Plan(size)
+	if err := sandisk.Create(img, layout); err != nil {
+		return err
+	}
+	return fixtures.BuildRootPartition(ctx, l.cache, g.Profile.Arch, img, layout.RootStart, layout.RootSize, g.spec.RootFiles)
 }

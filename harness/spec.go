@@ -17,12 +17,14 @@ type Spec struct {
 	MAC, IP string
 
 	// Root is the root file system: RootNone (the archive only, the
-	// default), RootNFS (the lab's NFS export of the reference root) or
-	// RootISCSI (the reference root as an ext4 LUN of the lab's target).
+	// default), RootNFS (the lab's NFS export of the reference root),
+	// RootISCSI (the reference root as an ext4 LUN of the lab's target) or
+	// RootSANBoot (a whole disk on the target that the loader SAN-boots).
 	Root string
 
 	// CHAP makes the iSCSI target require one-way CHAP from this guest;
-	// the guest is told its credentials on the kernel command line.
+	// the guest is told its credentials on the kernel command line (a
+	// SAN boot: in its loader's script, and the iBFT tells the kernel).
 	CHAP bool
 
 	Kernel string // kernel image; default: the cached Debian kernel (a relative path is from the working directory)
@@ -101,7 +103,17 @@ const (
 	RootNone  = ""
 	RootNFS   = "nfs"
 	RootISCSI = "iscsi"
+	// RootSANBoot is an iSCSI disk the loader boots from (iPXE's sanboot;
+	// Chain.SANBoot): a GPT disk with an EFI system partition holding the
+	// guest's Unified Kernel Image as the removable-media boot file, and
+	// the reference root on ext4 beside it. The loader describes the disk
+	// in the iBFT; the kernel's init reads it (iscsi_ibft), logs in again
+	// and mounts the root from the same disk.
+	RootSANBoot = "sanboot"
 )
+
+// Roots are the roots a guest can boot, in the matrix's order.
+var Roots = []string{RootNone, RootNFS, RootISCSI, RootSANBoot}
 
 // ISCSITarget is the lab's iSCSI target name for the reference root; each
 // guest gets its own copy of the LUN behind it.

@@ -15,7 +15,7 @@ import (
 // Row is one boot of the matrix and what it must show.
 type Row struct {
 	Arch, Firmware string
-	Root           string // harness.RootNone, RootNFS, RootISCSI
+	Root           string // harness.RootNone, RootNFS, RootISCSI, RootSANBoot
 	IPsec          bool   // on a network that requires ESP for the root's services
 	Fault          string // "" for none
 	// Expect is the fault's expected reason; failure.None means the boot
@@ -28,7 +28,7 @@ type Row struct {
 // Chain is "ARCH/FIRMWARE".
 func (r Row) Chain() string { return r.Arch + "/" + r.Firmware }
 
-// RootName is "none", "nfs" or "iscsi".
+// RootName is "none", "nfs", "iscsi" or "sanboot".
 func (r Row) RootName() string {
 	if r.Root == harness.RootNone {
 		return "none"
@@ -90,7 +90,7 @@ func (r Row) Pass(v harness.Verdict) bool {
 // Select narrows what Rows generates.
 type Select struct {
 	Chains []harness.Chain
-	Roots  []string // harness.RootNone, RootNFS, RootISCSI
+	Roots  []string // harness.Roots
 	Nets   []bool   // false: clear, true: IPsec required
 	Faults bool     // also each applicable fault
 }
@@ -105,6 +105,9 @@ func Rows(sel Select) []Row {
 			for _, root := range sel.Roots {
 				if esp && root == harness.RootNone {
 					continue // nothing is protected before a root
+				}
+				if !p.Boots(root) || esp && root == harness.RootSANBoot {
+					continue // only iPXE SAN-boots, and never under ESP
 				}
 				rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp})
 				if !sel.Faults {

@@ -14,13 +14,17 @@ import (
 // the same archive on the same architecture, measured in the same run. The
 // chains that can also boot on QEMU's own user-mode network (its built-in
 // DHCP and TFTP: what users pick instead of a boot network) run there too,
-// as CHAIN/qemu-user-net, so the table sets nbh's network against it.
+// as CHAIN/qemu-user-net, so the table sets nbh's network against it. The
+// chains that can SAN-boot boot onto an iSCSI root twice: with kernel and
+// archive fetched over HTTP (CHAIN/root=iscsi), then from the disk itself
+// (CHAIN/root=sanboot, reported also as a ratio to the fetched boot).
 //
 //	go test -run '^$' -bench Netboot -benchtime 1x ./scenarios
 func BenchmarkNetboot(b *testing.B) {
 	type run struct {
 		harness.Chain
 		userNet bool
+		root    string
 	}
 	chains := harness.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
@@ -36,13 +40,20 @@ func BenchmarkNetboot(b *testing.B) {
 			if c.UserNet != "" {
 				runs = append(runs, run{Chain: c, userNet: true})
 			}
+			if c.SANBoot {
+				runs = append(runs, run{Chain: c, root: harness.RootISCSI}, run{Chain: c, root: harness.RootSANBoot})
+			}
 		}
 	}
 	direct := map[string]float64{}
+	fetched := map[string]float64{} // CHAIN/root=iscsi
 	for _, r := range runs {
 		name := r.Name()
 		if r.userNet {
 			name += "/qemu-user-net"
+		}
+		if r.root != "" {
+			name += "/root=" + r.root
 		}
 		b.Run(name, func(b *testing.B) {
 			var total float64
@@ -50,7 +61,7 @@ func BenchmarkNetboot(b *testing.B) {
 				b.StopTimer()
 				lab := nbhtest.NewLab(b)
 				b.StartTimer()
-				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet})
+				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -67,8 +78,17 @@ func BenchmarkNetboot(b *testing.B) {
 			if r.Firmware == qemu.Direct {
 				direct[r.Arch] = mean
 			}
-			if d, ok := direct[r.Arch]; ok && d > 0 {
+			if d, ok := direct[r.Arch]; ok && d > 0 && r.root == "" {
+				// (A boot onto a root is not the direct boot's peer.)
 				b.ReportMetric(mean/d, "x-direct")
+			}
+			switch r.root {
+			case harness.RootISCSI:
+				fetched[r.Name()] = mean
+			case harness.RootSANBoot:
+				if f := fetched[r.Name()]; f > 0 {
+					b.ReportMetric(mean/f, "x-fetched")
+				}
 			}
 		})
 	}

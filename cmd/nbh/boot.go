@@ -27,7 +27,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
 	lab := addLabFlags(fs, "boot chain firmware (default: seabios-ipxe for amd64, uboot for arm64)")
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
-	initrd := fs.String("initrd", "", "boot archive: a file, or stock:initramfs-tools / stock:dracut for one made by that generator for the cached kernel (built once, cached; amd64 hosts build amd64 ones) (default: the reference archive)")
+	initrd := fs.String("initrd", "", "boot archive: a file, or stock:TOOL ("+strings.Join(stock.Tools(), ", ")+") for one made by that generator for the cached kernel (built once, cached; amd64 hosts build amd64 ones) (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
 	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
 	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
@@ -221,7 +221,7 @@ func imagesCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("images", flag.ContinueOnError)
 	arch := fs.String("arch", "all", "amd64, arm64 or all")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
-	withStock := fs.Bool("stock", false, "also build the stock initramfs images (initramfs-tools, dracut) for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
+	withStock := fs.Bool("stock", false, "also build the stock initramfs images ("+strings.Join(stock.Tools(), ", ")+") for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
 	update := fs.Bool("update", false, "resolve every package again from the package archive and rewrite the pins (images/pins-ARCH.json in the source tree), then fetch them")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbh images [flags]\n\nFetches (once) and lists everything guests boot: Debian kernels and\nmodules, busybox, firmware, loaders and EFI stubs, at the versions pinned\nin images/pins-ARCH.json (PACKAGE@SUITE: from that Debian suite, e.g.\narm64's iPXE from Debian 13). A second run is offline.\n\nFlags:\n")

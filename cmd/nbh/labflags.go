@@ -15,6 +15,7 @@ import (
 // the network and the faults.
 type labFlags struct {
 	arch, firmware, root, ipsec, cache *string
+	sanboot                            *bool
 	mtu                                *int
 	faults                             multiFlag
 }
@@ -23,7 +24,8 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 	f := &labFlags{
 		arch:     fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
 		firmware: fs.String("firmware", "", firmwareHelp),
-		root:     fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export) or iscsi (an ext4 LUN of the lab's target); with a root the marker is NBH-ROOT-READY"),
+		root:     fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export), iscsi (an ext4 LUN of the lab's target) or sanboot (as --root iscsi --sanboot); with a root the marker is NBH-ROOT-READY"),
+		sanboot:  fs.Bool("sanboot", false, "with --root iscsi: the loader boots from the iSCSI disk itself (iPXE sanboot: a GPT disk whose ESP holds the Unified Kernel Image, described to the kernel in the iBFT) instead of fetching kernel and archive; chains: "+strings.Join(harness.SANBootChains(), ", ")),
 		ipsec:    fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)"),
 		mtu:      fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),
 		cache:    fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
@@ -46,10 +48,19 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	spec := harness.Spec{Arch: *f.arch, Firmware: *f.firmware}
 	switch *f.root {
 	case "none":
-	case harness.RootNFS, harness.RootISCSI:
+	case harness.RootNFS, harness.RootISCSI, harness.RootSANBoot:
 		spec.Root = *f.root
 	default:
-		return prof, harness.Options{}, spec, fmt.Errorf("--root %q: want none, nfs or iscsi", *f.root)
+		return prof, harness.Options{}, spec, fmt.Errorf("--root %q: want none, nfs, iscsi or sanboot", *f.root)
+	}
+	if *f.sanboot {
+		if spec.Root != harness.RootISCSI && spec.Root != harness.RootSANBoot {
+			return prof, harness.Options{}, spec, fmt.Errorf("--sanboot boots from an iSCSI disk: it needs --root iscsi")
+		}
+		spec.Root = harness.RootSANBoot
+	}
+	if !prof.Boots(spec.Root) {
+		return prof, harness.Options{}, spec, fmt.Errorf("--sanboot: %s's loader cannot SAN-boot; use --firmware %s", prof.Name(), strings.Join(harness.SANBootChains(), " or "))
 	}
 	opts := harness.Options{Cache: images.Open(*f.cache)}
 	switch *f.ipsec {

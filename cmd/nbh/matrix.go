@@ -21,7 +21,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	archs := fs.String("arch", os.Getenv("NBH_ARCH"), "comma-separated architectures (default: all; also $NBH_ARCH)")
 	fws := fs.String("firmware", os.Getenv("NBH_FIRMWARE"), "comma-separated firmware names (default: all; also $NBH_FIRMWARE)")
 	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
-	roots := fs.String("roots", "none,nfs,iscsi", "comma-separated roots to boot each chain with: none, nfs, iscsi")
+	roots := fs.String("roots", "none,nfs,iscsi,sanboot", "comma-separated roots to boot each chain with: none, nfs, iscsi, sanboot (iPXE chains only)")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	ipsecMode := fs.String("ipsec", "off", "network: off (clear), required (ESP required for the root's services: rows with a network root, and the IPsec faults) or both")
@@ -157,10 +157,10 @@ func rowSelect(archs, fws, roots, ipsecMode string, faults bool) (matrix.Select,
 		switch r = strings.TrimSpace(r); r {
 		case "none":
 			sel.Roots = append(sel.Roots, harness.RootNone)
-		case harness.RootNFS, harness.RootISCSI:
+		case harness.RootNFS, harness.RootISCSI, harness.RootSANBoot:
 			sel.Roots = append(sel.Roots, r)
 		default:
-			return sel, fmt.Errorf("--roots: unknown root %q (none, nfs, iscsi)", r)
+			return sel, fmt.Errorf("--roots: unknown root %q (none, nfs, iscsi, sanboot)", r)
 		}
 	}
 	return sel, nil
@@ -262,7 +262,7 @@ func printMatrix(results []matrix.Result, planned int) int {
 	stages := report.Stages
 	w := len("chain")
 	for _, r := range results {
-		w = max(w, len(r.Row.Chain())+len(" root=iscsi ipsec"))
+		w = max(w, len(r.Row.Chain())+len(" root=sanboot ipsec"))
 	}
 	fmt.Printf("\n%-*s %-17s %-5s %8s", w, "chain", "fault", "", "total")
 	for _, s := range stages {

@@ -30,12 +30,27 @@ type Boot struct {
 	// TFTP makes iPXE fetch kernel and archive over TFTP (a network with
 	// no HTTP server: QEMU's user-mode network).
 	TFTP bool
+	// SAN, if set, makes iPXE boot from an iSCSI disk instead of kernel
+	// and archive (IPXEScript only).
+	SAN *SANBoot
+}
+
+// SANBoot is an iSCSI disk for iPXE's sanboot.
+type SANBoot struct {
+	URI        string // iscsi:SERVER::PORT:LUN:IQN, iPXE's root-path spelling
+	Initiator  string // the initiator's IQN
+	User       string // CHAP, when the target requires it
+	Password   string
+	NoDescribe bool // boot without describing the disk in the iBFT
 }
 
 // IPXEScript fetches kernel and archive over HTTP (or NFS). initrd= on the
 // command line lets an EFI-stub kernel find the archive iPXE registered under
 // that name.
 func IPXEScript(b Boot) string {
+	if b.SAN != nil {
+		return ipxeSANBoot(*b.SAN)
+	}
 	scheme, base := "http", b.Server
 	switch {
 	case b.NFS != "":
@@ -53,6 +68,25 @@ boot || goto failed
 echo nbh: iPXE boot failed
 exit 1
 `, base, b.Kernel, b.Initrd, b.Cmdline, scheme)
+}
+
+// ipxeSANBoot boots the disk: iPXE logs in, hooks the disk into the
+// firmware, describes it in the iBFT (initiator, NIC, target, CHAP) and
+// starts the disk's removable-media boot file (\EFI\BOOT\BOOTX64.EFI).
+func ipxeSANBoot(s SANBoot) string {
+	var b strings.Builder
+	b.WriteString("#!ipxe\necho nbh: iPXE script for ${net0/mac} at ${net0/ip}\n")
+	fmt.Fprintf(&b, "set initiator-iqn %s\n", s.Initiator)
+	if s.User != "" {
+		fmt.Fprintf(&b, "set username %s\nset password %s\n", s.User, s.Password)
+	}
+	opt := ""
+	if s.NoDescribe {
+		opt = "--no-describe "
+	}
+	fmt.Fprintf(&b, "echo nbh: SAN boot from %s\nsanboot %s%s || goto failed\n", s.URI, opt, s.URI)
+	b.WriteString(":failed\necho nbh: iPXE boot failed\nexit 1\n")
+	return b.String()
 }
 
 // PXELinux is a pxelinux-style config, as U-Boot's "pxe" command reads it.

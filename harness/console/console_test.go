@@ -38,6 +38,8 @@ func TestClassify(t *testing.T) {
 		{"  PXE-E23: Client received TFTP error from server.", timeline.Loader, nil, failure.LoaderFetch},
 		{"No bootable device.", timeline.Firmware, nil, failure.FirmwareNoBoot},
 		{"  Client Error: 404 Not Found", timeline.Loader, nil, failure.LoaderFetch},
+		{"!!!! X64 Exception Type - 06(#UD - Invalid Opcode)  CPU Apic ID - 00000000 !!!!", timeline.Loader, nil, failure.LoaderError},
+		{"Could not open SAN device: Operation not permitted (http://ipxe.org/410d618f)", timeline.Loader, nil, failure.SANBoot},
 		{"  Error: Could not retrieve NBP file size from HTTP server.", timeline.Loader, nil, failure.LoaderFetch},
 		{"  Error: Unexpected network error.", timeline.Loader, nil, failure.LoaderFetch},
 		{"nbh-init: FAIL archive: stale boot archive: 1 file(s) changed on the root since the archive was built: /etc/nbh/boot.conf (nbh.archive=warn boots on)", timeline.Root, nil, failure.StaleArchive},

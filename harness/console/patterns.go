@@ -62,6 +62,8 @@ var Failures = []Pattern{
 
 	// iPXE: error messages end in an ipxe.org error URL.
 	row(`No configuration methods succeeded`, failure.NoDHCP, timeline.DHCP, timeline.Kernel, "ipxe"),
+	// sanboot: the iSCSI login (target name, CHAP) or the disk failed.
+	row(`Could not (open|describe|boot) SAN device.*ipxe\.org/[0-9a-f]{8}`, failure.SANBoot, timeline.Loader, timeline.Kernel, "ipxe"),
 	// (iPXE 1.21 first probes its TFTP server for autoexec.ipxe.)
 	unless(row(`(?i)(no such file|not found|permission denied|connection (timed out|refused|reset)|input/output error).*ipxe\.org/[0-9a-f]{8}`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "ipxe"),
 		`^autoexec\.ipxe\.\.\.`), // on the line, or the one before when the output splits
@@ -82,6 +84,9 @@ var Failures = []Pattern{
 	row(`PXE-E16|PXE-E51|PXE-E53`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "uefi"),
 	row(`PXE-E\d\d`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "uefi"),
 	row(`BdsDxe: failed to load Boot\d+ ".*(PXE|HTTP).*": Not Found`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Loader, "uefi"),
+	// A CPU exception in an EFI image (a loader, or the kernel's EFI stub
+	// running what a bad read left in memory): EDK2 halts the machine.
+	row(`!!!! (X64|IA32|AARCH64|ARM) Exception Type`, failure.LoaderError, timeline.Loader, timeline.Init, "uefi"),
 
 	// UEFI firmware HTTP boot (HttpBootDxe): the server's answer, then its
 	// own summary of why the download failed.

@@ -20,6 +20,7 @@ const (
 	StaleArchive   Reason = "stale boot archive"
 	CorruptArchive Reason = "corrupt boot archive"
 	BadSignature   Reason = "signature verification failed"
+	SANBoot        Reason = "SAN boot failed"
 	// The IPsec network's reasons, from the lab's ESP gateway.
 	ESPRequired   Reason = "root unreachable: ESP required"
 	ESPAuth       Reason = "ESP authentication failed"

@@ -3,6 +3,8 @@ package iscsi
 import (
 	"encoding/binary"
 	"fmt"
+
+	"nbh.dev/nbh/harness/timeline"
 )
 
 // SCSI status and sense keys.
@@ -62,6 +64,13 @@ func (sc *session) scsi(p *PDU) error {
 	}
 	if len(data) > expected {
 		data = data[:expected]
+	}
+	if cdb[0] == 0x28 && expected > len(data) && expected/BlockSize > 0xffff {
+		// The initiator wants more than READ(10)'s 16-bit block count can
+		// say and sent the count cut to 16 bits: it gets the residual
+		// (underflow) and, if it ignores that, garbage past what came.
+		sc.s.emit(timeline.Event{Kind: "read10-overflow", Addr: sc.ip,
+			Msg: fmt.Sprintf("READ(10) of %d blocks, but the initiator expects %d bytes (%d blocks): the count did not fit READ(10)'s 16 bits", len(data)/BlockSize, expected, expected/BlockSize)})
 	}
 	if len(data) == 0 {
 		return sc.respond(p.ITT(), statusGood, nil, expected)
