@@ -110,7 +110,7 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			return "", "", fmt.Errorf("lab: %w", err)
 		}
 	}
-	b := bootcfg.Boot{Server: l.Server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline(), TFTP: g.spec.UserNet}
+	b := bootcfg.Boot{Server: g.server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline(), TFTP: g.spec.UserNet}
 	if p.loaderNFS {
 		// Where a system that keeps its boot files on its root has them.
 		b.NFS, b.Kernel, b.Initrd = p.nfsPath, "boot/vmlinuz", "boot/initrd.img"

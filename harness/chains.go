@@ -31,6 +31,10 @@ type Chain struct {
 	// ReadsNFS: the loader can read kernel and archive from an NFS root
 	// (the loader-nfs fault).
 	ReadsNFS bool
+	// IPv6: the chain boots over IPv6 (Spec.Family), with FwCfg6 added to
+	// the firmware's switches (UEFI: no IPv4 attempt first).
+	IPv6   bool
+	FwCfg6 [][2]string
 	// SANBoot: the loader can boot from an iSCSI disk and describe it in
 	// the iBFT (RootSANBoot).
 	SANBoot bool
@@ -120,14 +124,14 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "seabios-ipxe", Machine: "pc", NICROM: true,
 			Description: "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, UserNet: "{guest}/boot.ipxe",
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, UserNet: "{guest}/boot.ipxe", IPv6: true,
 		Cost: Cost{Boot: 7, Loader: 1, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-ipxe", Machine: "q35", Load: qemu.LoadPflash, NICROM: true,
 			Description: "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
 		Code: images.OVMFCode, Vars: images.OVMFVars,
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, SANBoot: true,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, SANBoot: true, IPv6: true,
 		Cost: Cost{Boot: 11.5, Loader: 4.5, NoDHCP: 6},
 	},
 	{
@@ -135,6 +139,7 @@ var chainTable = []Chain{
 			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
 		Code: images.OVMFCode, Vars: images.OVMFVars,
 		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true, SANBoot: true,
+		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
@@ -164,6 +169,7 @@ var chainTable = []Chain{
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
 		Code: images.AAVMF,
 		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
+		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
@@ -176,11 +182,13 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
 			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
+		IPv6: true,
 		Cost: Cost{Boot: 7, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: qemu.Direct, Machine: "virt", Load: qemu.LoadKernel,
 			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
+		IPv6: true,
 		Cost: Cost{Boot: 4, NoDHCP: 6},
 	},
 }
@@ -241,6 +249,9 @@ func VerifyingChains() []string { return chainNames(func(c Chain) bool { return 
 
 // UserNetChains names the chains that can boot on QEMU's user-mode network.
 func UserNetChains() []string { return chainNames(func(c Chain) bool { return c.UserNet != "" }) }
+
+// IPv6Chains names the chains that can boot over IPv6 (Spec.Family).
+func IPv6Chains() []string { return chainNames(func(c Chain) bool { return c.IPv6 }) }
 
 // SANBootChains names the chains whose loader can SAN-boot (RootSANBoot).
 func SANBootChains() []string { return chainNames(func(c Chain) bool { return c.SANBoot }) }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/qemu"
 )
 
@@ -32,10 +33,14 @@ func (g *Guest) cmdline() string {
 	if g.spec.Initrd == "" {
 		// The reference archive's init asks the boot server for files its archive
 		// lacks, and stops on a stale archive unless told to warn.
-		s += fmt.Sprintf(" nbh.files=http://%s/%s/files", g.lab.Server(), g.Name)
+		s += fmt.Sprintf(" nbh.files=http://%s/%s/files", g.server(), g.Name)
 		if g.plan.warn || g.spec.OnStale == "warn" {
 			s += " nbh.archive=warn"
 		}
+	}
+	if g.spec.Family != "" && g.spec.Family != dhcp.V4 {
+		// The reference init's DHCPv6 (and DHCPv4 too for dual).
+		s += " nbh.ip=" + g.spec.Family
 	}
 	if g.spec.Append != "" {
 		s += " " + g.spec.Append

@@ -9,12 +9,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"nbh.dev/nbh/harness/console"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
@@ -27,6 +29,7 @@ type Guest struct {
 	Name    string
 	MAC     net.HardwareAddr
 	IP      string
+	IP6     string       // its IPv6 address, on an IPv6 boot (Spec.Family 6 or dual)
 	Profile qemu.Profile // the chain's QEMU side
 	Accel   qemu.Accel
 	Dir     string // artifacts folder
@@ -96,6 +99,7 @@ func (g *Guest) start() error {
 		if ip, err := netip.ParseAddr(g.IP); err == nil {
 			g.port.Bind(ip) // it speaks from its lease only
 		}
+		g.port.ManagedV6(g.IP6 != "")
 		netFile = g.port.QEMUFile()
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
@@ -132,6 +136,9 @@ func (g *Guest) qemuConfig(socket string) qemu.Config {
 		Profile: g.Profile, Accel: g.Accel, Memory: g.spec.Memory, MAC: g.MAC.String(), Files: g.files,
 		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
 		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
+	}
+	if g.spec.Family == dhcp.V6 {
+		c.Profile.FwCfg = append(slices.Clip(g.Profile.FwCfg), g.chain.FwCfg6...)
 	}
 	if g.spec.UserNet {
 		c.UserNet = &qemu.UserNet{TFTPRoot: g.lab.srv, Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}

@@ -135,6 +135,7 @@ func New(opts Options) (l *Lab, err error) {
 	host := net.IP(l.Fabric.HostIP.AsSlice())
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
 		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
+		ServerIP6: l.Fabric.HostIP6, Prefix6: l.Fabric.Prefix6, ServerMAC: l.Fabric.HostMAC,
 		Policy: l.policy, Timeline: l.Timeline, MTU: opts.MTU,
 	}); err != nil {
 		return nil, err
@@ -146,17 +147,20 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	l.closers = append(l.closers, srvRoot)
 	l.files = bootfile.Root(srvRoot)
-	tftpd, err := tftp.Start(l.Fabric.Stack, host, l.open, l.Timeline)
-	if err != nil {
-		return nil, err
+	// TFTP and HTTP on both of the host's addresses (IPv6 boots).
+	for _, a := range []net.IP{host, net.IP(l.Fabric.HostIP6.AsSlice())} {
+		tftpd, err := tftp.Start(l.Fabric.Stack, a, l.open, l.Timeline)
+		if err != nil {
+			return nil, err
+		}
+		tftpd.FitMTU(l.Fabric.MTU())
+		l.closers = append(l.closers, tftpd)
+		httpd, err := httpboot.Start(l.Fabric.Stack, a, 80, l.open, l.Timeline)
+		if err != nil {
+			return nil, err
+		}
+		l.closers = append(l.closers, httpd)
 	}
-	tftpd.FitMTU(l.Fabric.MTU())
-	l.closers = append(l.closers, tftpd)
-	httpd, err := httpboot.Start(l.Fabric.Stack, host, 80, l.open, l.Timeline)
-	if err != nil {
-		return nil, err
-	}
-	l.closers = append(l.closers, httpd)
 	if l.nfs, err = nfs.Start(l.Fabric.Stack, host, l.Timeline); err != nil {
 		return nil, err
 	}
@@ -196,7 +200,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	l.mu.Unlock()
 	// A guest's boot files (its loader config with its command line, its
 	// archive with its keys, its root tree) go to that guest only.
-	if owner != nil && addr != owner.IP {
+	if owner != nil && addr != owner.IP && (owner.IP6 == "" || addr != owner.IP6) {
 		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, which belongs to %s (%s)", addr, name, owner.Name, owner.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
@@ -248,6 +252,18 @@ func (l *Lab) Options() Options {
 // Server is the boot server's address as guests see it.
 func (l *Lab) Server() string { return l.Fabric.HostIP.String() }
 
+// Server6 is the boot server's IPv6 address.
+func (l *Lab) Server6() string { return l.Fabric.HostIP6.String() }
+
+// server is the boot server as the guest's loaders and init reach it, as a
+// URL's host: its IPv6 address in brackets for a guest on IPv6 only.
+func (g *Guest) server() string {
+	if g.spec.Family == dhcp.V6 {
+		return "[" + g.lab.Server6() + "]"
+	}
+	return g.lab.Server()
+}
+
 // Cache is the lab's image cache.
 func (l *Lab) Cache() *images.Cache { return l.cache }
 
@@ -260,6 +276,9 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 		return dhcp.Boot{Why: "unknown client"}
 	}
 	server := l.Server()
+	if c.V6 {
+		server = "[" + l.Server6() + "]"
+	}
 	// The guest's root, for DHCP option 17. Only operating-system clients
 	// get it: iPXE would try to hook a SAN device from a root path before
 	// running its script.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
@@ -80,6 +81,23 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 	if p.sign && !chain.Verifies {
 		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only %s can", chain.Name(), strings.Join(VerifyingChains(), ", "))
+	}
+	switch spec.Family {
+	case "":
+		spec.Family = dhcp.V4
+	case dhcp.V4, dhcp.V6, dhcp.Dual:
+	default:
+		return nil, fmt.Errorf("ip %q: want 4, 6 or dual", spec.Family)
+	}
+	if spec.Family != dhcp.V4 {
+		switch {
+		case !chain.IPv6:
+			return nil, fmt.Errorf("ip %s: %s cannot boot over IPv6; %s can", spec.Family, chain.Name(), strings.Join(IPv6Chains(), ", "))
+		case l.esp != nil || spec.UserNet:
+			return nil, fmt.Errorf("ip %s: IPv6 boots are on the lab's clear network only (no IPsec, no QEMU user network)", spec.Family)
+		case spec.Root != RootNone:
+			return nil, fmt.Errorf("ip %s: network roots over IPv6 are not supported yet (root %s)", spec.Family, spec.Root)
+		}
 	}
 	switch spec.Root {
 	case RootNone, RootNFS, RootISCSI, RootSANBoot:
@@ -191,6 +209,15 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	l.Timeline.Name(g.MAC.String(), g.Name)
 	l.Timeline.Name(g.IP, g.Name)
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
+	l.dhcp.Family(g.MAC, spec.Family)
+	if spec.Family != dhcp.V4 {
+		ip6, err := l.dhcp.Lease6(g.MAC)
+		if err != nil {
+			return nil, err
+		}
+		g.IP6 = ip6.String()
+		l.Timeline.Name(g.IP6, g.Name)
+	}
 
 	g.plan = p
 	if l.esp != nil {

@@ -16,6 +16,12 @@ type Spec struct {
 	// order.
 	MAC, IP string
 
+	// Family is what the guest boots over: "4" (IPv4, the default), "6"
+	// (IPv6 only: router advertisements that say "managed", DHCPv6 with
+	// option 59 boot file URLs, TFTP and HTTP over IPv6; Chain.IPv6) or
+	// "dual" (both; the loaders use IPv4, the init configures both).
+	Family string
+
 	// Root is the root file system: RootNone (the archive only, the
 	// default), RootNFS (the lab's NFS export of the reference root),
 	// RootISCSI (the reference root as an ext4 LUN of the lab's target) or

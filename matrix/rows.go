@@ -9,7 +9,9 @@ import (
 	"strings"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/qemu"
 )
 
 // Row is one boot of the matrix and what it must show.
@@ -17,6 +19,7 @@ type Row struct {
 	Arch, Firmware string
 	Root           string // harness.RootNone, RootNFS, RootISCSI, RootSANBoot
 	IPsec          bool   // on a network that requires ESP for the root's services
+	Family         string // "" (IPv4), or dhcp.V6 / dhcp.Dual (Spec.Family)
 	Fault          string // "" for none
 	// Expect is the fault's expected reason; failure.None means the boot
 	// must reach its marker.
@@ -36,10 +39,16 @@ func (r Row) RootName() string {
 	return r.Root
 }
 
-// Network is "clear" or "ipsec".
+// Network is "clear", "ipsec", or on the clear network over IPv6 only
+// "ipv6" or both families "dual".
 func (r Row) Network() string {
-	if r.IPsec {
+	switch {
+	case r.IPsec:
 		return "ipsec"
+	case r.Family == dhcp.V6:
+		return "ipv6"
+	case r.Family == dhcp.Dual:
+		return "dual"
 	}
 	return "clear"
 }
@@ -52,6 +61,9 @@ func (r Row) Label() string {
 	}
 	if r.IPsec {
 		s += " ipsec"
+	}
+	if r.Family != "" && r.Family != dhcp.V4 {
+		s += " ip=" + r.Family
 	}
 	if r.Fault != "" {
 		s += " +" + r.Fault
@@ -69,7 +81,7 @@ func (r Row) ID() string {
 
 // Spec is the boot the row runs.
 func (r Row) Spec() harness.Spec {
-	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root}
+	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root, Family: r.Family}
 	if r.Fault != "" {
 		s.Faults = []harness.Fault{harness.Faults[r.Fault]}
 	}
@@ -93,6 +105,10 @@ type Select struct {
 	Roots  []string // harness.Roots
 	Nets   []bool   // false: clear, true: IPsec required
 	Faults bool     // also each applicable fault
+	// IPv6 adds, for each chain that can, a boot over IPv6 only (and
+	// with Faults, its no-dhcp) and a dual-stack boot, with no root on
+	// the clear network.
+	IPv6 bool
 }
 
 // Rows lists the matrix in a stable order: per network, per chain, per
@@ -110,6 +126,13 @@ func Rows(sel Select) []Row {
 					continue // only iPXE SAN-boots, and never under ESP
 				}
 				rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp})
+				if sel.IPv6 && !esp && root == harness.RootNone && p.IPv6 {
+					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6})
+					if sel.Faults {
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: failure.NoDHCP})
+					}
+					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.Dual})
+				}
 				if !sel.Faults {
 					continue
 				}
@@ -155,6 +178,10 @@ func Estimate(r Row) float64 {
 	}
 	if r.IPsec {
 		base += 1.5
+	}
+	if r.Family == dhcp.V6 && r.Firmware != qemu.Direct {
+		// iPXE waits out DHCPv4 (about 15 s) before it boots over IPv6.
+		base += 15
 	}
 	// Faults that end at the loader end early, by how long the chain takes
 	// to get there.

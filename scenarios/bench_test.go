@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/qemu"
 )
@@ -17,7 +18,10 @@ import (
 // as CHAIN/qemu-user-net, so the table sets nbh's network against it. The
 // chains that can SAN-boot boot onto an iSCSI root twice: with kernel and
 // archive fetched over HTTP (CHAIN/root=iscsi), then from the disk itself
-// (CHAIN/root=sanboot, reported also as a ratio to the fetched boot).
+// (CHAIN/root=sanboot, reported also as a ratio to the fetched boot). The
+// chains that boot over IPv6 do so too (CHAIN/ip=6, also as a ratio to the
+// chain's IPv4 boot): DHCPv6 with preference 255 against EDK2's fixed 4 s
+// of DHCPv4 offer collection, and iPXE waiting out DHCPv4.
 //
 //	go test -run '^$' -bench Netboot -benchtime 1x ./scenarios
 func BenchmarkNetboot(b *testing.B) {
@@ -25,6 +29,7 @@ func BenchmarkNetboot(b *testing.B) {
 		harness.Chain
 		userNet bool
 		root    string
+		family  string
 	}
 	chains := harness.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
@@ -40,6 +45,9 @@ func BenchmarkNetboot(b *testing.B) {
 			if c.UserNet != "" {
 				runs = append(runs, run{Chain: c, userNet: true})
 			}
+			if c.IPv6 {
+				runs = append(runs, run{Chain: c, family: dhcp.V6})
+			}
 			if c.SANBoot {
 				runs = append(runs, run{Chain: c, root: harness.RootISCSI}, run{Chain: c, root: harness.RootSANBoot})
 			}
@@ -47,6 +55,7 @@ func BenchmarkNetboot(b *testing.B) {
 	}
 	direct := map[string]float64{}
 	fetched := map[string]float64{} // CHAIN/root=iscsi
+	ipv4 := map[string]float64{}    // CHAIN
 	for _, r := range runs {
 		name := r.Name()
 		if r.userNet {
@@ -55,13 +64,16 @@ func BenchmarkNetboot(b *testing.B) {
 		if r.root != "" {
 			name += "/root=" + r.root
 		}
+		if r.family != "" {
+			name += "/ip=" + r.family
+		}
 		b.Run(name, func(b *testing.B) {
 			var total float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				lab := nbhtest.NewLab(b)
 				b.StartTimer()
-				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root})
+				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root, Family: r.family})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -77,6 +89,12 @@ func BenchmarkNetboot(b *testing.B) {
 			b.ReportMetric(mean, "s/marker")
 			if r.Firmware == qemu.Direct {
 				direct[r.Arch] = mean
+			}
+			if r.root == "" && r.family == "" && !r.userNet {
+				ipv4[r.Name()] = mean
+			}
+			if f := ipv4[r.Name()]; r.family != "" && f > 0 {
+				b.ReportMetric(mean/f, "x-ipv4")
 			}
 			if d, ok := direct[r.Arch]; ok && d > 0 && r.root == "" {
 				// (A boot onto a root is not the direct boot's peer.)

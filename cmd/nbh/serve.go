@@ -117,7 +117,11 @@ Flags:
 			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 			return exitSetup
 		}
-		fmt.Printf("%s (%s, %s):\n  %s\n", g.Name, g.MAC, g.IP, shellJoin(argv))
+		addrs := g.IP
+		if g.IP6 != "" {
+			addrs += ", " + g.IP6
+		}
+		fmt.Printf("%s (%s, %s):\n  %s\n", g.Name, g.MAC, addrs, shellJoin(argv))
 	}
 	fmt.Printf("nbh serve: ready: start QEMU now (it connects once: this nbh serve must stay up); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
 	<-ctx.Done()

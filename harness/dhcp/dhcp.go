@@ -15,6 +15,8 @@ import (
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"github.com/insomniacslk/dhcp/dhcpv6"
+	"github.com/insomniacslk/dhcp/dhcpv6/server6"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -43,6 +45,7 @@ type Client struct {
 	VendorClass string // option 60
 	UserClass   string // option 77, joined
 	IPXE        bool   // user class "iPXE" or option 175 present
+	V6          bool   // asked over DHCPv6
 }
 
 func (c Client) String() string {
@@ -56,6 +59,9 @@ func (c Client) String() string {
 	}
 	if c.UserClass != "" {
 		fmt.Fprintf(&b, " user=%q", c.UserClass)
+	}
+	if c.V6 {
+		b.WriteString(" dhcpv6")
 	}
 	return b.String()
 }
@@ -81,18 +87,27 @@ type Config struct {
 	Timeline  *timeline.Timeline
 	// MTU, if set, is offered as the interface MTU (option 26).
 	MTU int
+	// ServerIP6 and Prefix6, when set, start DHCPv6 as well (Family says
+	// which guests it answers); ServerMAC makes its DUID.
+	ServerIP6 netip.Addr
+	Prefix6   netip.Prefix
+	ServerMAC net.HardwareAddr
 }
 
 // Server is a running DHCP server.
 type Server struct {
-	cfg Config
-	srv *server4.Server
+	cfg  Config
+	srv  *server4.Server
+	srv6 *server6.Server
+	duid dhcpv6.DUID
 
 	mu     sync.Mutex
 	leases map[string]netip.Addr
 	silent map[string]bool
+	family map[string]string
 	next   netip.Addr
 	done   chan struct{}
+	done6  chan struct{}
 }
 
 // Start listens on UDP port 67 of the fabric host.
@@ -119,7 +134,7 @@ func Start(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("dhcp: bind :67: %s", terr)
 	}
 	conn := gonet.NewUDPConn(&wq, ep)
-	s := &Server{cfg: cfg, leases: map[string]netip.Addr{}, silent: map[string]bool{}, next: cfg.PoolStart, done: make(chan struct{})}
+	s := &Server{cfg: cfg, leases: map[string]netip.Addr{}, silent: map[string]bool{}, family: map[string]string{}, next: cfg.PoolStart, done: make(chan struct{}), done6: make(chan struct{})}
 	srv, err := server4.NewServer("", nil, s.handle, server4.WithConn(conn))
 	if err != nil {
 		conn.Close()
@@ -130,6 +145,14 @@ func Start(cfg Config) (*Server, error) {
 		defer close(s.done)
 		srv.Serve()
 	}()
+	if cfg.ServerIP6.IsValid() {
+		if err := s.startV6(); err != nil {
+			s.Close()
+			return nil, err
+		}
+	} else {
+		close(s.done6)
+	}
 	return s, nil
 }
 
@@ -137,6 +160,10 @@ func Start(cfg Config) (*Server, error) {
 func (s *Server) Close() error {
 	err := s.srv.Close()
 	<-s.done
+	if s.srv6 != nil {
+		s.srv6.Close()
+		<-s.done6
+	}
 	return err
 }
 
@@ -250,6 +277,10 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String()}
 	if s.ignored(m.ClientHWAddr) {
 		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: " + mt.String(), Detail: detail, Stage: stageFor(mt)})
+		return
+	}
+	if s.familyOf(m.ClientHWAddr) == V6 {
+		s.emit(timeline.Event{Kind: "unanswered", MAC: mac, Msg: mt.String() + " from a guest booting over IPv6 only"})
 		return
 	}
 	// Only machines the lab leased an address to get one: a guest making

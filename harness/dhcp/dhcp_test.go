@@ -44,7 +44,7 @@ func newServer(policy Policy) (*Server, *timeline.Timeline) {
 	tl := timeline.New()
 	s := &Server{cfg: Config{ServerIP: netip.MustParseAddr("10.0.2.2"), Subnet: netip.MustParsePrefix("10.0.2.0/24"),
 		PoolStart: netip.MustParseAddr("10.0.2.15"), LeaseTime: time.Hour, Policy: policy, Timeline: tl},
-		leases: map[string]netip.Addr{}, silent: map[string]bool{}, next: netip.MustParseAddr("10.0.2.15")}
+		leases: map[string]netip.Addr{}, silent: map[string]bool{}, family: map[string]string{}, next: netip.MustParseAddr("10.0.2.15")}
 	s.Lease(mac)
 	return s, tl
 }

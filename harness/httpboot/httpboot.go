@@ -18,6 +18,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/bootfile"
@@ -34,9 +35,13 @@ type Server struct {
 
 // Start serves what open opens on addr:port of the stack.
 func Start(st *stack.Stack, addr net.IP, port int, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
-	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: uint16(port)}, ipv4.ProtocolNumber)
+	a, proto := tcpip.AddrFrom16Slice(addr.To16()), tcpip.NetworkProtocolNumber(ipv6.ProtocolNumber)
+	if v4 := addr.To4(); v4 != nil {
+		a, proto = tcpip.AddrFrom4Slice(v4), ipv4.ProtocolNumber
+	}
+	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: a, Port: uint16(port)}, proto)
 	if err != nil {
-		return nil, fmt.Errorf("http: listen :%d: %w", port, err)
+		return nil, fmt.Errorf("http: listen [%s]:%d: %w", addr, port, err)
 	}
 	s := &Server{ln: ln, tl: tl, done: make(chan struct{})}
 	s.srv = &http.Server{

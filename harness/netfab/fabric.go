@@ -24,10 +24,12 @@ import (
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -42,7 +44,11 @@ import (
 var (
 	DefaultSubnet = netip.MustParsePrefix("10.0.2.0/24")
 	DefaultHostIP = netip.MustParseAddr("10.0.2.2")
-	DefaultMTU    = 1500
+	// The IPv6 segment: a unique local /64 (its bits spell "NBH" after
+	// fd), the router advertisement's on-link prefix.
+	DefaultPrefix6 = netip.MustParsePrefix("fd4e:4248::/64")
+	DefaultHostIP6 = netip.MustParseAddr("fd4e:4248::2")
+	DefaultMTU     = 1500
 )
 
 // Fabric is one isolated Ethernet segment with a host stack on it.
@@ -51,6 +57,8 @@ type Fabric struct {
 	HostMAC net.HardwareAddr
 	HostIP  netip.Addr
 	Subnet  netip.Prefix
+	HostIP6 netip.Addr // on Prefix6; the host also has its EUI-64 link-local address
+	Prefix6 netip.Prefix
 
 	tl     *timeline.Timeline
 	mtu    int
@@ -126,14 +134,19 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 		HostMAC: net.HardwareAddr{0x02, 0x4e, 0x42, 0x48, 0x00, 0x02},
 		HostIP:  DefaultHostIP,
 		Subnet:  DefaultSubnet,
+		HostIP6: DefaultHostIP6,
+		Prefix6: DefaultPrefix6,
 		tl:      tl,
 		mtu:     c.MTU,
 		macs:    map[string]*Port{},
 	}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	s := stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+		NetworkProtocols: []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol,
+			// No duplicate address detection (the addresses are the lab's
+			// to give), and the host is no router's client.
+			ipv6.NewProtocolWithOptions(ipv6.Options{DADConfigs: stack.DADConfigurations{DupAddrDetectTransmits: 0}, NDPConfigs: ipv6.NDPConfigurations{HandleRAs: ipv6.HandlingRAsDisabled}})},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	// Large windows: boot files are tens of megabytes.
 	sack := tcpip.TCPSACKEnabled(true)
@@ -158,8 +171,18 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	}, stack.AddressProperties{}); err != nil {
 		return nil, fmt.Errorf("netfab: add address: %s", err)
 	}
-	// 0/0 as well as the subnet, so replies to limited broadcast have a route.
-	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(f.Subnet), NIC: 1}, {Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: 1}})
+	for _, a := range []netip.Prefix{netip.PrefixFrom(f.HostIP6, f.Prefix6.Bits()), netip.PrefixFrom(netip.AddrFrom16([16]byte(linkLocal(f.HostMAC))), 64)} {
+		if err := s.AddProtocolAddress(1, tcpip.ProtocolAddress{
+			Protocol:          ipv6.ProtocolNumber,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom16(a.Addr().As16()), PrefixLen: a.Bits()},
+		}, stack.AddressProperties{}); err != nil {
+			return nil, fmt.Errorf("netfab: add address %s: %s", a, err)
+		}
+	}
+	// 0/0 as well as the subnet, so replies to limited broadcast have a
+	// route; IPv6 everything on the one link (link-local replies too).
+	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(f.Subnet), NIC: 1}, {Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: 1},
+		{Destination: header.IPv6EmptySubnet, NIC: 1}})
 	f.Stack = s
 	f.wg.Add(1)
 	go f.hostLoop()
@@ -226,6 +249,7 @@ type Port struct {
 	learn    Learn                      // set until a port that joined through Listen is named
 	joined   bool                       // joined through Listen: its QEMU leaving ends it
 	ip       atomic.Pointer[netip.Addr] // the address it speaks from (Bind)
+	managed6 atomic.Bool                // router advertisements say: addresses from DHCPv6
 	spoofs   [nSpoofKinds]atomic.Int64
 }
 
@@ -523,7 +547,7 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 	// IPv6 router solicitation: answer for the absent router.
 	if fi.etherType == 0x86dd && fi.proto == 58 && fi.icmpType == 133 {
 		if from != nil {
-			from.deliver(routerAdvert(f.HostMAC))
+			from.deliver(routerAdvert(f.HostMAC, from.managed6.Load()))
 		}
 		return
 	}
@@ -549,7 +573,7 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 	for _, q := range targets {
 		q.deliver(frame)
 	}
-	if toHost && fi.etherType != 0x86dd {
+	if toHost {
 		if frame = f.filtered(true, frame, fi); frame == nil {
 			return
 		}

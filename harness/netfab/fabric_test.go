@@ -104,16 +104,20 @@ func TestRuleDropsNthAndRecords(t *testing.T) {
 
 func TestRouterAdvertChecksum(t *testing.T) {
 	mac := net.HardwareAddr{2, 0x4e, 0x42, 0x48, 0, 2}
-	f := routerAdvert(mac)
-	ip := header.IPv6(f[14:])
-	icmp := header.ICMPv6(ip.Payload())
-	assert.Equal(t, icmp.Type(), header.ICMPv6RouterAdvert)
-	sum := header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: ip.SourceAddress(), Dst: ip.DestinationAddress()})
-	assert.Equal(t, icmp.Checksum(), sum, "gVisor computes another checksum")
+	for _, managed := range []bool{false, true} {
+		f := routerAdvert(mac, managed)
+		ip := header.IPv6(f[14:])
+		icmp := header.ICMPv6(ip.Payload())
+		assert.Equal(t, icmp.Type(), header.ICMPv6RouterAdvert)
+		sum := header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: ip.SourceAddress(), Dst: ip.DestinationAddress()})
+		assert.Equal(t, icmp.Checksum(), sum, "gVisor computes another checksum")
+		ra := header.NDPRouterAdvert(icmp.MessageBody())
+		assert.Equal(t, ra.ManagedAddrConfFlag(), managed)
+	}
 }
 
 func FuzzParseFrame(f *testing.F) {
-	f.Add(routerAdvert(net.HardwareAddr{2, 0, 0, 0, 0, 1}))
+	f.Add(routerAdvert(net.HardwareAddr{2, 0, 0, 0, 0, 1}, true))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fi, ok := parseFrame(b)

@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
@@ -100,5 +101,16 @@ func (pr *Peer) Close() {
 
 // UDPAddr is a helper for gonet dialing.
 func UDPAddr(ip netip.Addr, port int) *tcpip.FullAddress {
-	return &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(ip.As4()), Port: uint16(port)}
+	a, _ := FullAddr(ip, port)
+	return &a
+}
+
+// FullAddr is ip:port on the fabric host's NIC, with ip's network protocol
+// (IPv4, or IPv6 for an IPv6 address that is not IPv4-mapped).
+func FullAddr(ip netip.Addr, port int) (tcpip.FullAddress, tcpip.NetworkProtocolNumber) {
+	ip = ip.Unmap()
+	if ip.Is4() {
+		return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(ip.As4()), Port: uint16(port)}, ipv4.ProtocolNumber
+	}
+	return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom16(ip.As16()), Port: uint16(port)}, ipv6.ProtocolNumber
 }

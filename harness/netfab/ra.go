@@ -5,18 +5,26 @@ import (
 	"net"
 )
 
+// ManagedV6 makes the router advertisements the port's guest gets say
+// "managed" (the M flag): take an address from DHCPv6 (an IPv6 boot).
+func (p *Port) ManagedV6(v bool) { p.managed6.Store(v) }
+
 // routerAdvert answers an IPv6 router solicitation with an advertisement that
-// offers no prefix and no default route. Boot loaders (iPXE waits ~13 s)
-// stop waiting for IPv6 autoconfiguration as soon as a router answers (iPXE
-// accepted it sent to all nodes with a prefix option; a bare unicast one was
-// ignored).
-func routerAdvert(hostMAC net.HardwareAddr) []byte {
+// offers an on-link prefix but none to autoconfigure and no default route.
+// Boot loaders (iPXE waits ~13 s) stop waiting for IPv6 autoconfiguration as
+// soon as a router answers (iPXE accepted it sent to all nodes with a prefix
+// option; a bare unicast one was ignored). managed sets the M flag: iPXE and
+// Linux then ask DHCPv6 for an address.
+func routerAdvert(hostMAC net.HardwareAddr, managed bool) []byte {
 	src := linkLocal(hostMAC)
 	dst := net.ParseIP("ff02::1").To16()
 	icmp := make([]byte, 16+8+32)
 	icmp[0] = 134 // router advertisement
 	icmp[4] = 64  // current hop limit
-	// flags, router lifetime, reachable time, retrans timer: all zero.
+	// flags, router lifetime, reachable time, retrans timer: zero but M.
+	if managed {
+		icmp[5] = 0x80
+	}
 	icmp[16] = 1 // option: source link-layer address
 	icmp[17] = 1 // length in units of 8 bytes
 	copy(icmp[18:], hostMAC)

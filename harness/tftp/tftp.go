@@ -24,6 +24,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/bootfile"
@@ -104,21 +105,27 @@ type Server struct {
 	close chan struct{}
 	// maxBlk is the largest block size the server agrees to.
 	maxBlk atomic.Int32
+	// The address family it serves: IPv4 or IPv6, and that header's size.
+	proto    tcpip.NetworkProtocolNumber
+	ipHeader int
 }
 
 // FitMTU makes the server agree to no block larger than a datagram of mtu
 // bytes can carry whole: firmware TFTP clients do not reassemble fragments,
 // and the fabric drops frames over its MTU.
-func (s *Server) FitMTU(mtu int) { s.maxBlk.Store(int32(mtu - 20 - 8 - 4)) }
+func (s *Server) FitMTU(mtu int) { s.maxBlk.Store(int32(mtu - s.ipHeader - 8 - 4)) }
 
 // Start serves what open opens on addr:69.
 func Start(st *stack.Stack, addr net.IP, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
-	a := tcpip.AddrFrom4Slice(addr.To4())
-	conn, err := gonet.DialUDP(st, &tcpip.FullAddress{NIC: 1, Addr: a, Port: 69}, nil, ipv4.ProtocolNumber)
-	if err != nil {
-		return nil, fmt.Errorf("tftp: listen :69: %w", err)
+	a, proto, hdr := tcpip.AddrFrom16Slice(addr.To16()), tcpip.NetworkProtocolNumber(ipv6.ProtocolNumber), 40
+	if v4 := addr.To4(); v4 != nil {
+		a, proto, hdr = tcpip.AddrFrom4Slice(v4), ipv4.ProtocolNumber, 20
 	}
-	s := &Server{open: open, tl: tl, st: st, addr: a, conn: conn, close: make(chan struct{})}
+	conn, err := gonet.DialUDP(st, &tcpip.FullAddress{NIC: 1, Addr: a, Port: 69}, nil, proto)
+	if err != nil {
+		return nil, fmt.Errorf("tftp: listen [%s]:69: %w", addr, err)
+	}
+	s := &Server{open: open, tl: tl, st: st, addr: a, proto: proto, ipHeader: hdr, conn: conn, close: make(chan struct{})}
 	s.maxBlk.Store(maxBlksize)
 	s.wg.Add(1)
 	go s.serve()
@@ -156,8 +163,16 @@ func (s *Server) serve() {
 
 // transfer runs one request on its own port (the server's transfer ID).
 func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
+	pa := tcpip.AddrFrom16Slice(peer.IP.To16())
+	if s.proto == ipv4.ProtocolNumber {
+		v4 := peer.IP.To4()
+		if v4 == nil {
+			return
+		}
+		pa = tcpip.AddrFrom4Slice(v4)
+	}
 	conn, err := gonet.DialUDP(s.st, &tcpip.FullAddress{NIC: 1, Addr: s.addr},
-		&tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(peer.IP.To4()), Port: uint16(peer.Port)}, ipv4.ProtocolNumber)
+		&tcpip.FullAddress{NIC: 1, Addr: pa, Port: uint16(peer.Port)}, s.proto)
 	if err != nil {
 		return
 	}
