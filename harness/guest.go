@@ -100,6 +100,9 @@ func (g *Guest) start() error {
 			g.port.Bind(ip) // it speaks from its lease only
 		}
 		g.port.ManagedV6(g.IP6 != "")
+		if ip6, err := netip.ParseAddr(g.IP6); err == nil {
+			g.port.Bind6(ip6)
+		}
 		netFile = g.port.QEMUFile()
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {

@@ -249,6 +249,7 @@ type Port struct {
 	learn    Learn                      // set until a port that joined through Listen is named
 	joined   bool                       // joined through Listen: its QEMU leaving ends it
 	ip       atomic.Pointer[netip.Addr] // the address it speaks from (Bind)
+	ip6      atomic.Pointer[netip.Addr] // the IPv6 address it speaks from (Bind6)
 	managed6 atomic.Bool                // router advertisements say: addresses from DHCPv6
 	spoofs   [nSpoofKinds]atomic.Int64
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
 	"gotest.tools/v3/poll"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -496,4 +497,40 @@ func TestHostQueueDropsAreRecorded(t *testing.T) {
 		}
 	}
 	assert.DeepEqual(t, msgs, []string{"the boot server's send queue was full: 3 frames dropped so far (TCP resends them)"})
+}
+
+// TestIPv6PortSecurity: a port's IPv6 comes from the unspecified address,
+// its own EUI-64 link-local address or its lease (Bind6), nothing else:
+// the DHCPv6 server knows a client by its link-local address.
+func TestIPv6PortSecurity(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	p, err := f.AddPort("g7", mac, "")
+	assert.NilError(t, err)
+	frame := func(src string) []byte {
+		b := append(append([]byte{0x33, 0x33, 0, 1, 0, 2}, mac...), 0x86, 0xdd)
+		ip := make([]byte, 40+8)
+		ip[0], ip[6], ip[7] = 0x60, 17, 1
+		binary.BigEndian.PutUint16(ip[4:], 8)
+		a := netip.MustParseAddr(src).As16()
+		copy(ip[8:24], a[:])
+		copy(ip[24:40], netip.MustParseAddr("ff02::1:2").AsSlice())
+		return append(b, ip...)
+	}
+	judge := func(src string) string {
+		fr := frame(src)
+		fi, ok := parseFrame(fr)
+		assert.Assert(t, ok)
+		_, why := p.spoofed(fr, fi)
+		return why
+	}
+	assert.Equal(t, judge("::"), "")
+	assert.Equal(t, judge("fe80::5054:ff:fe4e:4207"), "")
+	assert.Assert(t, is.Contains(judge("fe80::5054:ff:fe4e:4208"), "link-local address fe80::5054:ff:fe4e:4208 of another MAC"))
+	assert.Assert(t, is.Contains(judge("fd4e:4248::15"), "it has no IPv6 lease"))
+	p.Bind6(netip.MustParseAddr("fd4e:4248::15"))
+	assert.Equal(t, judge("fd4e:4248::15"), "")
+	assert.Assert(t, is.Contains(judge("fd4e:4248::16"), "its lease is fd4e:4248::15"))
 }

@@ -19,6 +19,10 @@ import (
 // Bind fixes the IPv4 address the port's guest speaks from (its lease).
 func (p *Port) Bind(ip netip.Addr) { p.ip.Store(&ip) }
 
+// Bind6 fixes the IPv6 address the port's guest speaks from besides its
+// link-local one (its DHCPv6 lease).
+func (p *Port) Bind6(ip netip.Addr) { p.ip6.Store(&ip) }
+
 // The kinds of spoofing, each counted on its own so that one kind's flood
 // does not hide the first of another.
 const (
@@ -28,6 +32,7 @@ const (
 	spoofIPv4Source
 	spoofDHCPClient
 	spoofEtherType
+	spoofIPv6Source
 	nSpoofKinds
 )
 
@@ -70,6 +75,29 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 			}
 		}
 	case 0x86dd:
+		// IPv6: from the unspecified address (duplicate address
+		// detection), the port's own EUI-64 link-local address (the DHCPv6
+		// server knows a client by it), or its lease.
+		if len(frame) < 14+40 {
+			return 0, ""
+		}
+		src, _ := netip.AddrFromSlice(frame[22:38])
+		var bound6 netip.Addr
+		if b := p.ip6.Load(); b != nil {
+			bound6 = *b
+		}
+		switch {
+		case src.IsUnspecified():
+		case src.IsLinkLocalUnicast():
+			if b := src.As16(); b[11] == 0xff && b[12] == 0xfe &&
+				!bytes.Equal([]byte{b[8] ^ 2, b[9], b[10], b[13], b[14], b[15]}, p.MAC) {
+				return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with the link-local address %s of another MAC", p.Name, src)
+			}
+		case bound6.IsValid() && src != bound6:
+			return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with source %s (its lease is %s)", p.Name, src, bound6)
+		case !bound6.IsValid() && src.IsGlobalUnicast():
+			return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with source %s (it has no IPv6 lease)", p.Name, src)
+		}
 	default:
 		// The lab's network carries IPv4, ARP and IPv6. Anything else —
 		// an 802.1Q tag above all, which would hide an IPv4 header from
