@@ -95,7 +95,7 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 
 // buildRootDisk writes the guest's iSCSI LUN: the reference root as an ext4
 // image of size bytes, or for a SAN boot a whole disk with the root as its
-// second partition (the loader fills the first, the ESP; see sanbootLoader).
+// second partition (the loader step fills the first, the ESP: sanbootDisk).
 func (g *Guest) buildRootDisk(ctx context.Context, img string, size int64) error {
 	l := g.lab
 	if g.spec.Root != RootSANBoot {
