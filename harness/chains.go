@@ -35,6 +35,8 @@ type Chain struct {
 	// the firmware's switches (UEFI: no IPv4 attempt first).
 	IPv6   bool
 	FwCfg6 [][2]string
+	// NoIPv6 says why a chain cannot boot over IPv6, where it is known.
+	NoIPv6 string
 	// SANBoot: the loader can boot from an iSCSI disk and describe it in
 	// the iBFT (RootSANBoot).
 	SANBoot bool
@@ -115,6 +117,9 @@ const (
 
 // noPXE switches EDK2's PXE off, so the firmware goes straight to HTTP
 // boot instead of waiting out PXE first (v4, then v6 for up to a minute).
+// noHTTPv6 is why UEFI HTTP boot over IPv6 is not offered.
+const noHTTPv6 = "Debian 12's EDK2 tries HTTPv4 for a minute first, and without IPv4 (IPv4Support=no) its HTTPv6 boot starts DHCPv6 before IPv6 duplicate address detection is done and fails at once (fixed upstream in edk2-stable202508)"
+
 var noPXE = [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}, {"opt/org.tianocore/IPv6PXESupport", "no"}}
 
 // chainTable is every chain nbh boots, per architecture, the baselines last.
@@ -146,7 +151,7 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
 		Code: images.OVMFCode, Vars: images.OVMFVars, Stub: images.StubX64,
-		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64),
+		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64), NoIPv6: noHTTPv6,
 		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
 	},
 	{
@@ -176,7 +181,7 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadBIOS, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
 		Code: images.AAVMF, Stub: images.StubArm64,
-		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
+		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64), NoIPv6: noHTTPv6,
 		Cost: Cost{Boot: 18, Loader: 10, NoDHCP: 18},
 	},
 	{

@@ -92,7 +92,11 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if spec.Family != dhcp.V4 {
 		switch {
 		case !chain.IPv6:
-			return nil, fmt.Errorf("ip %s: %s cannot boot over IPv6; %s can", spec.Family, chain.Name(), strings.Join(IPv6Chains(), ", "))
+			why := ""
+			if chain.NoIPv6 != "" {
+				why = " (" + chain.NoIPv6 + ")"
+			}
+			return nil, fmt.Errorf("ip %s: %s cannot boot over IPv6%s; %s can", spec.Family, chain.Name(), why, strings.Join(IPv6Chains(), ", "))
 		case l.esp != nil || spec.UserNet:
 			return nil, fmt.Errorf("ip %s: IPv6 boots are on the lab's clear network only (no IPsec, no QEMU user network)", spec.Family)
 		case spec.Root != RootNone:

@@ -111,7 +111,8 @@ func TestIPv6NoDHCP(t *testing.T) {
 func TestIPv6Refused(t *testing.T) {
 	lab := nbhtest.NewLab(t)
 	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-http", Family: dhcp.V6})
-	assert.ErrorContains(t, err, "cannot boot over IPv6; amd64/seabios-ipxe")
+	assert.ErrorContains(t, err, "cannot boot over IPv6 (Debian 12's EDK2")
+	assert.ErrorContains(t, err, "; amd64/seabios-ipxe")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Family: dhcp.V6, Root: harness.RootNFS})
 	assert.ErrorContains(t, err, "not supported yet")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Family: "7"})
