@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/console"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/ipsec"
@@ -40,7 +41,8 @@ type Guest struct {
 	spec    Spec
 	plan    plan
 	lun     *iscsi.LUN
-	disk    string // the LUN's image file
+	disk    string           // the LUN's image file
+	san     *bootcfg.SANBoot // a SAN boot's disk, once its ESP is written
 	chap    *iscsi.CHAP
 	keeper  *keeper     // the reference archive; nil for another archive
 	rootFS  *os.Root    // the guest's root tree on the host, for lookups (NFS)

@@ -40,8 +40,12 @@ var sanStub = map[string]images.File{"amd64": images.StubX64, "arm64": images.St
 // sanbootDisk installs the guest's Unified Kernel Image (kernel, archive,
 // command line) as the boot file of its SAN disk's ESP, as an installer
 // would, and returns what iPXE logs in to. The disk's root partition is
-// left as the guest left it.
+// left as the guest left it. A guest ready for any loader has it done once,
+// for the first of its iPXE chains.
 func (g *Guest) sanbootDisk(ctx context.Context, dir string, p plan) (*bootcfg.SANBoot, error) {
+	if g.san != nil {
+		return g.san, nil
+	}
 	files := map[string]string{}
 	if !p.noKernel {
 		img := filepath.Join(g.private, "sanboot.efi")
@@ -64,6 +68,7 @@ func (g *Guest) sanbootDisk(ctx context.Context, dir string, p plan) (*bootcfg.S
 			san.Password = "not-" + san.Password
 		}
 	}
+	g.san = san
 	return san, nil
 }
 
