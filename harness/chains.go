@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -31,10 +33,14 @@ type Chain struct {
 	// ReadsNFS: the loader can read kernel and archive from an NFS root
 	// (the loader-nfs fault).
 	ReadsNFS bool
-	// IPv6: the chain boots over IPv6 (Spec.Family), with FwCfg6 added to
-	// the firmware's switches (UEFI: no IPv4 attempt first).
+	// IPv6: the chain boots over IPv6 (Spec.Family), with FwCfg6 over the
+	// firmware's switches (an entry replaces the profile's of that name;
+	// UEFI: no IPv4 attempt first).
 	IPv6   bool
 	FwCfg6 [][2]string
+	// Passes6 matches console lines that are no failure in a boot over
+	// IPv6: an attempt the firmware makes, and is meant to give up, first.
+	Passes6 *regexp.Regexp
 	// NoIPv6 says why a chain cannot boot over IPv6, where it is known.
 	NoIPv6 string
 	// SANBoot: the loader can boot from an iSCSI disk and describe it in
@@ -117,8 +123,19 @@ const (
 
 // noPXE switches EDK2's PXE off, so the firmware goes straight to HTTP
 // boot instead of waiting out PXE first (v4, then v6 for up to a minute).
-// noHTTPv6 is why UEFI HTTP boot over IPv6 is not offered.
-const noHTTPv6 = "Debian 12's EDK2 tries HTTPv4 for a minute first, and without IPv4 (IPv4Support=no) its HTTPv6 boot starts DHCPv6 before IPv6 duplicate address detection is done and fails at once (fixed upstream in edk2-stable202508)"
+// httpV6 are the firmware switches of UEFI HTTP boot over IPv6: no IPv4
+// (else HTTPv4 takes a minute first), and PXEv6 left on, before HTTPv6.
+// Debian 12's EDK2 (2022.11) starts HTTPv6's DHCPv6 before IPv6 duplicate
+// address detection is done, fails with EFI_NO_MAPPING at once and sends
+// nothing (fixed upstream in edk2-stable202508, 11f1d28bcb); PXEv6 waits
+// for it. So, as on a machine with both on, PXEv6 asks first, the DHCPv6
+// server gives it an address without a boot file (no PXE rule: 5 s), and
+// HTTPv6 then finds its link-local address ready.
+var httpV6 = [][2]string{{"opt/org.tianocore/IPv4Support", "no"}, {"opt/org.tianocore/IPv6PXESupport", "yes"}}
+
+// pxeV6GivesUp is that PXEv6 attempt ending (a PXE client without a boot
+// file), which HTTP boot chains pass over; PXE-E16 (no offer) still fails.
+var pxeV6GivesUp = regexp.MustCompile(`PXE-E21: Remote boot cancelled|BdsDxe: failed to load Boot\d+ "UEFI PXEv6 `)
 
 var noPXE = [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}, {"opt/org.tianocore/IPv6PXESupport", "no"}}
 
@@ -151,7 +168,7 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
 		Code: images.OVMFCode, Vars: images.OVMFVars, Stub: images.StubX64,
-		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64), NoIPv6: noHTTPv6,
+		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
 		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
 	},
 	{
@@ -159,7 +176,8 @@ var chainTable = []Chain{
 			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
 		Code: images.UBoot, env: ubootEnv,
 		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, ReadsNFS: true, UserNet: "boot.scr.uimg",
-		Cost: Cost{Boot: 5, Loader: 1, NoDHCP: 6},
+		NoIPv6: "Debian 12's U-Boot (2023.01) is built without IPv6; its network stack gained IPv6 in 2023.04",
+		Cost:   Cost{Boot: 5, Loader: 1, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-grub", Machine: "virt", Load: qemu.LoadBIOS,
@@ -181,8 +199,9 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadBIOS, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
 		Code: images.AAVMF, Stub: images.StubArm64,
-		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64), NoIPv6: noHTTPv6,
-		Cost: Cost{Boot: 18, Loader: 10, NoDHCP: 18},
+		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
+		NoIPv6: "AAVMF has no switch to leave IPv4 out (opt/org.tianocore/IPv4Support is OVMF's alone), so its HTTPv4 boot asks DHCPv4 for a minute before HTTPv6 starts",
+		Cost:   Cost{Boot: 18, Loader: 10, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
@@ -285,4 +304,22 @@ func list(v string) map[string]bool {
 		m[strings.TrimSpace(s)] = true
 	}
 	return m
+}
+
+// fwCfg is the firmware's switches base for a boot over family (Spec.Family),
+// with FwCfg6 over them for IPv6.
+func (c Chain) fwCfg(base [][2]string, family string) [][2]string {
+	if family != dhcp.V6 || len(c.FwCfg6) == 0 {
+		return base
+	}
+	out := slices.Clone(base)
+	for _, kv := range c.FwCfg6 {
+		i := slices.IndexFunc(out, func(o [2]string) bool { return o[0] == kv[0] })
+		if i >= 0 {
+			out[i] = kv
+		} else {
+			out = append(out, kv)
+		}
+	}
+	return out
 }

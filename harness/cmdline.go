@@ -17,7 +17,7 @@ func (g *Guest) cmdline() string {
 	if !strings.Contains(" "+g.spec.Append, " root=") && !strings.Contains(" "+g.spec.Append, " netroot=") {
 		switch g.spec.Root {
 		case RootNFS:
-			s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.lab.Server(), g.plan.nfsPath)
+			s += fmt.Sprintf(" root=/dev/nfs nfsroot=%s:%s,vers=3,tcp ip=dhcp", g.server(), g.plan.nfsPath)
 		case RootISCSI:
 			// ip=dhcp is for stock initramfs images (dracut brings the
 			// network up only when told); the reference init ignores it.

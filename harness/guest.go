@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -98,13 +97,7 @@ func (g *Guest) start() error {
 			g.Close()
 			return err
 		}
-		if ip, err := netip.ParseAddr(g.IP); err == nil {
-			g.port.Bind(ip) // it speaks from its lease only
-		}
-		g.port.ManagedV6(g.IP6 != "")
-		if ip6, err := netip.ParseAddr(g.IP6); err == nil {
-			g.port.Bind6(ip6)
-		}
+		g.port.SetLease(g.lease()) // it speaks from its lease only
 		netFile = g.port.QEMUFile()
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
@@ -134,6 +127,29 @@ func (g *Guest) start() error {
 	return nil
 }
 
+// passes says a console line that looks like a failure is none in this
+// boot (Chain.Passes6).
+func (g *Guest) passes(line string) bool {
+	return g.spec.Family == dhcp.V6 && g.chain.Passes6 != nil && g.chain.Passes6.MatchString(line)
+}
+
+// addrs is the guest's leased addresses, IPv4 first: its exports are
+// keyed by them.
+func (g *Guest) addrs() []string {
+	if g.IP6 == "" {
+		return []string{g.IP}
+	}
+	return []string{g.IP, g.IP6}
+}
+
+// lease is the addresses the guest's port lets it speak from.
+func (g *Guest) lease() netfab.Lease {
+	var l netfab.Lease
+	l.IP, _ = netip.ParseAddr(g.IP)
+	l.IP6, _ = netip.ParseAddr(g.IP6)
+	return l
+}
+
 // qemuConfig is how QEMU runs the guest: on an inherited socket (socket
 // ""), or joining the lab through the unix socket at socket.
 func (g *Guest) qemuConfig(socket string) qemu.Config {
@@ -142,9 +158,7 @@ func (g *Guest) qemuConfig(socket string) qemu.Config {
 		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
 		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
 	}
-	if g.spec.Family == dhcp.V6 {
-		c.Profile.FwCfg = append(slices.Clip(g.Profile.FwCfg), g.chain.FwCfg6...)
-	}
+	c.Profile.FwCfg = g.chain.fwCfg(g.Profile.FwCfg, g.spec.Family)
 	if g.spec.UserNet {
 		c.UserNet = &qemu.UserNet{TFTPRoot: g.lab.srv, Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}
 	}
@@ -249,10 +263,14 @@ func (g *Guest) release() {
 	l := g.lab
 	switch g.spec.Root {
 	case RootNFS:
-		l.nfs.Unexport(NFSExport, g.IP)
+		for _, ip := range g.addrs() {
+			l.nfs.Unexport(NFSExport, ip)
+		}
 	case RootISCSI, RootSANBoot:
-		if g.lun != nil {
-			l.iscsi.Unexport(ISCSITarget, g.IP, g.lun)
+		for _, ip := range g.addrs() {
+			if g.lun != nil {
+				l.iscsi.Unexport(ISCSITarget, ip, g.lun)
+			}
 		}
 	}
 	if g.espPeer != nil {

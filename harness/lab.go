@@ -161,16 +161,25 @@ func New(opts Options) (l *Lab, err error) {
 		}
 		l.closers = append(l.closers, httpd)
 	}
-	if l.nfs, err = nfs.Start(l.Fabric.Stack, host, l.Timeline); err != nil {
-		return nil, err
-	}
-	l.closers = append(l.closers, l.nfs)
-	pmap, err := nfs.StartPortmapper(l.Fabric.Stack, host, l.Timeline)
+	// NFS, its portmapper and iSCSI on both addresses too (network roots
+	// over IPv6).
+	nln, err := l.Fabric.ListenTCP(nfs.Port)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("lab: nfs: %w", err)
 	}
-	l.closers = append(l.closers, pmap)
-	iln, err := gonet.ListenTCP(l.Fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(host.To4()), Port: iscsi.Port}, ipv4.ProtocolNumber)
+	l.nfs = nfs.Serve(nln, l.Timeline)
+	l.closers = append(l.closers, l.nfs)
+	pln, err := l.Fabric.ListenTCP(nfs.PortmapPort)
+	if err != nil {
+		return nil, fmt.Errorf("lab: portmap: %w", err)
+	}
+	pcs, err := l.Fabric.ListenUDP(nfs.PortmapPort)
+	if err != nil {
+		pln.Close()
+		return nil, fmt.Errorf("lab: portmap: %w", err)
+	}
+	l.closers = append(l.closers, nfs.ServePortmapper(pln, pcs, l.Timeline))
+	iln, err := l.Fabric.ListenTCP(iscsi.Port)
 	if err != nil {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)
 	}

@@ -99,8 +99,8 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, fmt.Errorf("ip %s: %s cannot boot over IPv6%s; %s can", spec.Family, chain.Name(), why, strings.Join(IPv6Chains(), ", "))
 		case l.esp != nil || spec.UserNet:
 			return nil, fmt.Errorf("ip %s: IPv6 boots are on the lab's clear network only (no IPsec, no QEMU user network)", spec.Family)
-		case spec.Root != RootNone:
-			return nil, fmt.Errorf("ip %s: network roots over IPv6 are not supported yet (root %s)", spec.Family, spec.Root)
+		case spec.Root == RootSANBoot:
+			return nil, fmt.Errorf("ip %s: SAN boot over IPv6 is not supported yet (the iBFT would describe an IPv6 target); --root nfs and iscsi are", spec.Family)
 		}
 	}
 	switch spec.Root {

@@ -23,7 +23,7 @@ func (g *Guest) iscsiRoot() string {
 		}
 		creds = g.chap.User + ":" + secret + "@"
 	}
-	return fmt.Sprintf("iscsi:%s%s::%d:0:%s", creds, g.lab.Server(), iscsi.Port, g.plan.iqn)
+	return fmt.Sprintf("iscsi:%s%s::%d:0:%s", creds, g.server(), iscsi.Port, g.plan.iqn)
 }
 
 // prepareRoot builds the guest's root, once per guest name in the lab: a
@@ -44,8 +44,10 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := l.nfs.Export(NFSExport, g.IP, base); err != nil {
-			return err
+		for _, ip := range g.addrs() {
+			if err := l.nfs.Export(NFSExport, ip, base); err != nil {
+				return err
+			}
 		}
 		root, err := os.OpenRoot(base)
 		if err != nil {
@@ -88,7 +90,9 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 			chap = &iscsi.CHAP{User: "nbh-" + g.Name, Secret: hex.EncodeToString(secret)}
 			g.chap = chap
 		}
-		l.iscsi.Export(ISCSITarget, g.IP, lun, chap)
+		for _, ip := range g.addrs() {
+			l.iscsi.Export(ISCSITarget, ip, lun, chap)
+		}
 	}
 	return nil
 }

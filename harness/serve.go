@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"nbh.dev/nbh/harness/netfab"
 	"net"
-	"net/netip"
 	"path/filepath"
 	"strings"
 
@@ -22,7 +22,7 @@ import (
 // answers a new machine. template.Artifacts, if set, is the folder the
 // guests' artifacts go under, one folder per guest.
 func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer, error) {
-	return l.Fabric.Listen(path, func(mac net.HardwareAddr) (string, string, netip.Addr, error) {
+	return l.Fabric.Listen(path, func(mac net.HardwareAddr) (string, string, netfab.Lease, error) {
 		l.mu.Lock()
 		g := l.guests[mac.String()]
 		l.mu.Unlock()
@@ -37,14 +37,13 @@ func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer
 			}
 			var err error
 			if g, err = l.Provision(ctx, spec); err != nil {
-				return "", "", netip.Addr{}, fmt.Errorf("provisioning a new guest for %s: %w", mac, err)
+				return "", "", netfab.Lease{}, fmt.Errorf("provisioning a new guest for %s: %w", mac, err)
 			}
 		}
 		if g.proc != nil {
-			return "", "", netip.Addr{}, fmt.Errorf("%s is guest %s's, whose QEMU the lab runs", mac, g.Name)
+			return "", "", netfab.Lease{}, fmt.Errorf("%s is guest %s's, whose QEMU the lab runs", mac, g.Name)
 		}
-		ip, _ := netip.ParseAddr(g.IP)
-		return g.Name, filepath.Join(g.Dir, "network.pcapng"), ip, nil
+		return g.Name, filepath.Join(g.Dir, "network.pcapng"), g.lease(), nil
 	})
 }
 

@@ -125,7 +125,7 @@ func (g *Guest) monitor() {
 			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
 			continue
 		}
-		if p, ok := console.Classify(line.Text, g.Reached(), before); ok {
+		if p, ok := console.Classify(line.Text, g.Reached(), before); ok && !g.passes(line.Text) {
 			st := p.Stage
 			if st == timeline.None {
 				st = g.Reached()

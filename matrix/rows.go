@@ -105,9 +105,9 @@ type Select struct {
 	Roots  []string // harness.Roots
 	Nets   []bool   // false: clear, true: IPsec required
 	Faults bool     // also each applicable fault
-	// IPv6 adds, for each chain that can, a boot over IPv6 only (and
-	// with Faults, its no-dhcp) and a dual-stack boot, with no root on
-	// the clear network.
+	// IPv6 adds, for each chain that can, on the clear network: a boot
+	// over IPv6 only (and with Faults, its no-dhcp) and a dual-stack boot,
+	// with no root, and each NFS or iSCSI root over IPv6 only.
 	IPv6 bool
 }
 
@@ -132,6 +132,9 @@ func Rows(sel Select) []Row {
 						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: failure.NoDHCP})
 					}
 					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.Dual})
+				}
+				if sel.IPv6 && !esp && (root == harness.RootNFS || root == harness.RootISCSI) && p.IPv6 {
+					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, Family: dhcp.V6})
 				}
 				if !sel.Faults {
 					continue

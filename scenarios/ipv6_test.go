@@ -88,7 +88,7 @@ func TestIPv6NoDHCP(t *testing.T) {
 	for _, c := range []struct {
 		arch, firmware string
 		stage          timeline.Stage
-	}{{"amd64", "seabios-ipxe", timeline.DHCP}, {"amd64", "direct", timeline.Init}} {
+	}{{"amd64", "seabios-ipxe", timeline.DHCP}, {"amd64", "ovmf-http", timeline.DHCP}, {"amd64", "direct", timeline.Init}} {
 		t.Run(c.arch+"/"+c.firmware, func(t *testing.T) {
 			guestTest(t)
 			if !selected(c.arch, c.firmware) {
@@ -106,15 +106,68 @@ func TestIPv6NoDHCP(t *testing.T) {
 	}
 }
 
+// TestIPv6NetworkRoots: NFS and iSCSI roots over IPv6 only. The kernel's
+// MOUNT client finds MOUNT and NFS through rpcbind (version 4 GETADDR: a
+// port number alone names no IPv6 address); the server sees every mount and
+// login from the guest's IPv6 lease.
+func TestIPv6NetworkRoots(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	for _, c := range []struct {
+		arch, firmware, root string
+		chap                 bool
+	}{
+		{"amd64", "direct", harness.RootNFS, false},
+		{"amd64", "direct", harness.RootISCSI, true},
+		{"amd64", "ovmf-http", harness.RootNFS, false},
+		{"arm64", "direct", harness.RootNFS, false},
+	} {
+		t.Run(c.arch+"/"+c.firmware+"/"+c.root, func(t *testing.T) {
+			guestTest(t)
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("%s/%s not selected", c.arch, c.firmware)
+			}
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Family: dhcp.V6,
+				Root: c.root, CHAP: c.chap, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Check(t, is.Contains(v.Line, "NBH-ROOT-READY boots=1"))
+			var served []string
+			for _, e := range lab.Timeline.Events("g1") {
+				switch {
+				case e.Source == "portmap":
+					served = append(served, e.Kind+" "+e.Msg)
+					assert.Check(t, is.Equal(e.Addr, "fd4e:4248::15"), "%v", e)
+				case e.Source == "nfs" && e.Kind == "mount", e.Source == "iscsi" && e.Kind == "login":
+					served = append(served, e.Source+" "+e.Kind)
+					assert.Check(t, is.Equal(e.Addr, "fd4e:4248::15"), "%v", e)
+				}
+			}
+			if c.root == harness.RootNFS {
+				assert.Check(t, is.Contains(v.Line, "source=[fd4e:4248::2]:/nbh/root"))
+				assert.Check(t, is.Contains(v.Line, "proto=tcp6"))
+				assert.Check(t, is.Contains(served, `getaddr program 100005 v3 tcp6 -> "fd4e:4248::2.8.1"`))
+				assert.Check(t, is.Contains(served, "nfs mount"))
+			} else {
+				assert.Check(t, is.Contains(served, "iscsi login"))
+			}
+		})
+	}
+}
+
 // TestIPv6Refused: what cannot boot over IPv6 is refused at Boot, saying
-// which chains can.
+// why and which chains can.
 func TestIPv6Refused(t *testing.T) {
 	lab := nbhtest.NewLab(t)
-	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-http", Family: dhcp.V6})
-	assert.ErrorContains(t, err, "cannot boot over IPv6 (Debian 12's EDK2")
+	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "aavmf-http", Family: dhcp.V6})
+	assert.ErrorContains(t, err, "cannot boot over IPv6 (AAVMF has no switch to leave IPv4 out")
 	assert.ErrorContains(t, err, "; amd64/seabios-ipxe")
-	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Family: dhcp.V6, Root: harness.RootNFS})
-	assert.ErrorContains(t, err, "not supported yet")
+	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "uboot", Family: dhcp.V6})
+	assert.ErrorContains(t, err, "built without IPv6")
+	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Family: dhcp.V6, Root: harness.RootSANBoot})
+	assert.ErrorContains(t, err, "SAN boot over IPv6 is not supported yet")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Family: "7"})
 	assert.ErrorContains(t, err, "want 4, 6 or dual")
 }

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -59,11 +60,16 @@ func TestServeWithOwnQEMU(t *testing.T) {
 	bin := buildNBH(t)
 	for _, c := range []struct {
 		name, arch, firmware, mac, guest string
+		args                             []string
 	}{
-		{"arm64/uboot", "arm64", "uboot", "", "g1"},
+		{"arm64/uboot", "arm64", "uboot", "", "g1", nil},
+		// A QEMU that joins through the socket gets its IPv6 lease bound
+		// to its port as a guest the lab runs does (else iPXE's HTTP from
+		// it would be dropped as spoofed).
+		{"amd64/seabios-ipxe-ip6", "amd64", "seabios-ipxe", "", "g1", []string{"--ip", "6"}},
 		// A machine serve never printed a line for: a lease and boot
 		// files by what its firmware says it is.
-		{"amd64/never-seen-mac", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cc", "g-aabbcc"},
+		{"amd64/never-seen-mac", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cc", "g-aabbcc", nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			guestTest(t)
@@ -72,7 +78,7 @@ func TestServeWithOwnQEMU(t *testing.T) {
 			}
 			tmp := t.TempDir()
 			dir := filepath.Join(t.TempDir(), "serve")
-			serve := exec.Command(bin, "serve", "--arch", c.arch, "--firmware", c.firmware, "--dir", dir)
+			serve := exec.Command(bin, append([]string{"serve", "--arch", c.arch, "--firmware", c.firmware, "--dir", dir}, c.args...)...)
 			serve.Env = append(os.Environ(), "TMPDIR="+tmp)
 			var serveErr syncBuffer
 			serve.Stderr = &serveErr
@@ -115,7 +121,11 @@ func TestServeWithOwnQEMU(t *testing.T) {
 				}
 				return poll.Continue("no marker yet")
 			}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
-			assert.Check(t, is.Contains(console.String(), "nbh-init: NBH-READY addr=10.0.2."))
+			wantAddr := "nbh-init: NBH-READY addr=10.0.2."
+			if slices.Contains(c.args, "6") {
+				wantAddr = "nbh-init: NBH-READY addr=fd4e:4248::15/64"
+			}
+			assert.Check(t, is.Contains(console.String(), wantAddr))
 			waitExit(t, q) // the init powers the machine off
 
 			for _, stage := range []string{"dhcp", "loader", "init"} {

@@ -16,6 +16,7 @@ import (
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
+	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
@@ -80,6 +81,10 @@ func bootCmd(ctx context.Context, args []string) int {
 	spec.Kernel, spec.Initrd, spec.Append, spec.Expect, spec.Timeout, spec.KeepPrompts = *kernel, *initrd, *appendArgs, *expect, *timeout, *keepPrompts
 	spec.NoArchiveRefresh, spec.OnStale, spec.Compression, spec.Signed = *refresh == "off", *onStale, *compression, *signed
 	stockTool, isStock := strings.CutPrefix(*initrd, "stock:")
+	if isStock && spec.Family == dhcp.V6 {
+		fmt.Fprintf(os.Stderr, "nbh boot: --initrd %s --ip 6: the stock archives nbh builds bring the network up with IPv4 (ip=dhcp); over IPv6 only the reference archive boots\n", *initrd)
+		return exitUsage
+	}
 	for _, p := range []string{*kernel, *initrd} {
 		if p == "" || (isStock && p == *initrd) {
 			continue

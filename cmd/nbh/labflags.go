@@ -26,7 +26,7 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		arch:     fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
 		firmware: fs.String("firmware", "", firmwareHelp),
 		root:     fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export), iscsi (an ext4 LUN of the lab's target) or sanboot (as --root iscsi --sanboot); with a root the marker is NBH-ROOT-READY"),
-		family:   fs.String("ip", "4", "what the guest boots over: 4 (IPv4), 6 (IPv6 only: router advertisements with the M flag, DHCPv6 with option 59 boot file URLs, TFTP and HTTP over IPv6; chains: "+strings.Join(harness.IPv6Chains(), ", ")+") or dual (both; the loaders use IPv4, the init configures both)"),
+		family:   fs.String("ip", "4", "what the guest boots over: 4 (IPv4), 6 (IPv6 only: router advertisements with the M flag, DHCPv6 with option 59 boot file URLs, TFTP, HTTP and the NFS and iSCSI roots over IPv6; chains: "+strings.Join(harness.IPv6Chains(), ", ")+") or dual (both; the loaders use IPv4, the init configures both)"),
 		sanboot:  fs.Bool("sanboot", false, "with --root iscsi: the loader boots from the iSCSI disk itself (iPXE sanboot: a GPT disk whose ESP holds the Unified Kernel Image, described to the kernel in the iBFT) instead of fetching kernel and archive; chains: "+strings.Join(harness.SANBootChains(), ", ")),
 		ipsec:    fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)"),
 		mtu:      fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),

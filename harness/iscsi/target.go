@@ -335,7 +335,7 @@ func (sc *session) text(p *PDU) error {
 			sc.s.mu.Lock()
 			for iqn, byIP := range sc.s.exports {
 				if _, ok := byIP[sc.ip]; ok && (k[1] == "All" || k[1] == iqn || k[1] == "") {
-					out = append(out, [2]string{"TargetName", iqn}, [2]string{"TargetAddress", fmt.Sprintf("%s:%d,1", sc.s.addr, Port)})
+					out = append(out, [2]string{"TargetName", iqn}, [2]string{"TargetAddress", sc.portal()})
 				}
 			}
 			sc.s.mu.Unlock()
@@ -617,3 +617,13 @@ func OpenLUN(path, serial string) (*LUN, error) {
 
 // Close closes the LUN's file.
 func (l *LUN) Close() error { return l.f.Close() }
+
+// portal is the target's address for SendTargets: the one the initiator
+// came to (IPv4 or IPv6), else the configured one.
+func (sc *session) portal() string {
+	host := sc.s.addr
+	if h, _, err := net.SplitHostPort(sc.c.LocalAddr().String()); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
+		host = h
+	}
+	return net.JoinHostPort(host, fmt.Sprint(Port)) + ",1"
+}

@@ -275,9 +275,10 @@ func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Po
 		return nil, err
 	}
 	f.plug(p)
-	f.wg.Add(2)
+	f.wg.Add(3)
 	go p.readLoop()
 	go p.writeLoop()
+	go p.advertiseLoop()
 	return p, nil
 }
 
@@ -306,9 +307,9 @@ func (f *Fabric) plug(p *Port) {
 }
 
 // Learn names a port that joined through Listen, from the source MAC of its
-// first frame: the port's name, capture path and the address it may speak
-// from (invalid: not bound yet), or an error to refuse it.
-type Learn func(mac net.HardwareAddr) (name, capture string, ip netip.Addr, err error)
+// first frame: the port's name, capture path and its guest's lease, or an
+// error to refuse it.
+type Learn func(mac net.HardwareAddr) (name, capture string, lease Lease, err error)
 
 // Listen lets QEMUs started outside the lab join the segment through a unix
 // socket at path (-netdev stream,addr.type=unix,addr.path=PATH): each
@@ -337,9 +338,10 @@ func (f *Fabric) Listen(path string, learn Learn) (io.Closer, error) {
 			f.mu.Lock()
 			f.joining = append(f.joining, p)
 			f.mu.Unlock()
-			f.wg.Add(2)
+			f.wg.Add(3)
 			go p.readLoop()
 			go p.writeLoop()
+			go p.advertiseLoop()
 		}
 	}()
 	return ln, nil
@@ -351,7 +353,7 @@ func (p *Port) learnFrom(frame []byte) bool {
 		return false
 	}
 	mac := net.HardwareAddr(append([]byte(nil), frame[6:12]...))
-	name, capture, ip, err := p.learn(mac)
+	name, capture, lease, err := p.learn(mac)
 	p.f.mu.Lock()
 	for i, q := range p.f.joining {
 		if q == p {
@@ -372,9 +374,7 @@ func (p *Port) learnFrom(frame []byte) bool {
 		return false
 	}
 	p.Name, p.MAC, p.learn = name, mac, nil
-	if ip.IsValid() {
-		p.Bind(ip)
-	}
+	p.SetLease(lease)
 	p.f.plug(p)
 	p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "joined", Guest: name, MAC: mac.String(), Msg: "a QEMU joined through the socket"})
 	return true

@@ -114,6 +114,7 @@ func TestRouterAdvertChecksum(t *testing.T) {
 		assert.Equal(t, icmp.Checksum(), sum, "gVisor computes another checksum")
 		ra := header.NDPRouterAdvert(icmp.MessageBody())
 		assert.Equal(t, ra.ManagedAddrConfFlag(), managed)
+		assert.Equal(t, ra.RouterLifetime(), routerLifetime*time.Second, "not a default router: EDK2 waits 10 s for one")
 	}
 }
 
@@ -254,9 +255,9 @@ func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "net.sock")
 	var learned atomic.Int32
-	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, netip.Addr, error) {
+	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, Lease, error) {
 		learned.Add(1)
-		return "g1", filepath.Join(dir, "g1.pcapng"), netip.MustParseAddr("10.0.2.40"), nil
+		return "g1", filepath.Join(dir, "g1.pcapng"), Lease{IP: netip.MustParseAddr("10.0.2.40"), IP6: netip.MustParseAddr("fd4e:4248::40")}, nil
 	})
 	assert.NilError(t, err)
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
@@ -275,6 +276,14 @@ func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
 	_, err = c.Read(hdr[:])
 	assert.NilError(t, err, "no ARP reply from the host")
 	assert.Equal(t, learned.Load(), int32(1))
+	f.mu.Lock()
+	p := f.macs[mac.String()]
+	f.mu.Unlock()
+	// Its lease binds it as a port the lab made would be: both addresses,
+	// and router advertisements saying "managed".
+	assert.Equal(t, *p.ip.Load(), netip.MustParseAddr("10.0.2.40"))
+	assert.Equal(t, *p.ip6.Load(), netip.MustParseAddr("fd4e:4248::40"))
+	assert.Assert(t, p.managed6.Load())
 	_, err = os.Stat(filepath.Join(dir, "g1.pcapng"))
 	assert.NilError(t, err)
 

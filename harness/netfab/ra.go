@@ -3,6 +3,7 @@ package netfab
 import (
 	"encoding/binary"
 	"net"
+	"time"
 )
 
 // ManagedV6 makes the router advertisements the port's guest gets say
@@ -10,7 +11,10 @@ import (
 func (p *Port) ManagedV6(v bool) { p.managed6.Store(v) }
 
 // routerAdvert answers an IPv6 router solicitation with an advertisement that
-// offers an on-link prefix but none to autoconfigure and no default route.
+// offers an on-link prefix but none to autoconfigure, from the host as the
+// default router (as DHCPv4's router option names it). EDK2's PXEv6 and
+// HTTPv6 wait up to 10 s for a default route before their first TFTP or
+// HTTP request; without one they sat out the wait.
 // Boot loaders (iPXE waits ~13 s) stop waiting for IPv6 autoconfiguration as
 // soon as a router answers (iPXE accepted it sent to all nodes with a prefix
 // option; a bare unicast one was ignored). managed sets the M flag: iPXE and
@@ -21,10 +25,12 @@ func routerAdvert(hostMAC net.HardwareAddr, managed bool) []byte {
 	icmp := make([]byte, 16+8+32)
 	icmp[0] = 134 // router advertisement
 	icmp[4] = 64  // current hop limit
-	// flags, router lifetime, reachable time, retrans timer: zero but M.
+	// flags (M only), router lifetime; reachable time and retrans timer
+	// unspecified.
 	if managed {
 		icmp[5] = 0x80
 	}
+	binary.BigEndian.PutUint16(icmp[6:], routerLifetime)
 	icmp[16] = 1 // option: source link-layer address
 	icmp[17] = 1 // length in units of 8 bytes
 	copy(icmp[18:], hostMAC)
@@ -51,6 +57,36 @@ func routerAdvert(hostMAC net.HardwareAddr, managed bool) []byte {
 	copy(ip[40:], icmp)
 	return f
 }
+
+// raInterval is how often the port's guest hears from its router unasked,
+// once it boots over IPv6 (ManagedV6): radvd's shortest interval
+// (MinRtrAdvInterval, RFC 4861). EDK2 forgets its default router at each
+// change of its IPv6 policy (PXEv6 and HTTPv6 each make two) and, on Debian
+// 12's OVMF, sent no new solicitation before its wait of up to 10 s for a
+// default route ran out: an unasked advertisement ends that wait.
+const raInterval = 3 * time.Second
+
+// advertiseLoop sends the port's guest a router advertisement every
+// raInterval while it boots over IPv6.
+func (p *Port) advertiseLoop() {
+	defer p.f.wg.Done()
+	t := time.NewTicker(raInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.closed:
+			return
+		case <-t.C:
+			if p.managed6.Load() {
+				p.deliver(routerAdvert(p.f.HostMAC, true))
+			}
+		}
+	}
+}
+
+// routerLifetime is how long, in seconds, a guest may keep the host as its
+// default router.
+const routerLifetime = 1800
 
 // linkLocal is the EUI-64 link-local address of mac.
 func linkLocal(mac net.HardwareAddr) net.IP {

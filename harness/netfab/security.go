@@ -23,6 +23,23 @@ func (p *Port) Bind(ip netip.Addr) { p.ip.Store(&ip) }
 // link-local one (its DHCPv6 lease).
 func (p *Port) Bind6(ip netip.Addr) { p.ip6.Store(&ip) }
 
+// Lease is what the lab leases a port's guest: the addresses it may speak
+// from (invalid: not bound). A guest with an IPv6 lease gets router
+// advertisements that say "managed" (ManagedV6): its address comes from
+// DHCPv6.
+type Lease struct{ IP, IP6 netip.Addr }
+
+// SetLease binds the port to its guest's lease, whichever way it joined.
+func (p *Port) SetLease(l Lease) {
+	if l.IP.IsValid() {
+		p.Bind(l.IP)
+	}
+	p.ManagedV6(l.IP6.IsValid())
+	if l.IP6.IsValid() {
+		p.Bind6(l.IP6)
+	}
+}
+
 // The kinds of spoofing, each counted on its own so that one kind's flood
 // does not hide the first of another.
 const (

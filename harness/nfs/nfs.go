@@ -22,10 +22,6 @@ import (
 	gonfs "github.com/willscott/go-nfs"
 	"github.com/willscott/go-nfs/helpers"
 	"github.com/willscott/go-nfs/helpers/memfs"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
 )
@@ -45,8 +41,9 @@ type Server struct {
 
 var quietOnce sync.Once
 
-// Start listens on addr:2049 of the stack.
-func Start(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Server, error) {
+// Serve serves NFS and MOUNT on ln (the lab uses the fabric host's port
+// 2049 on both of its addresses; unit tests use loopback).
+func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 	// go-nfs logs to stderr through a process-wide logger; the Linux client
 	// probing for NFS_ACL (program 100227), which is not served, is routine,
 	// not an error worth a line in every test. $LOG_LEVEL still applies.
@@ -55,16 +52,6 @@ func Start(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Server, error)
 			gonfs.Log.SetLevel(gonfs.FatalLevel)
 		}
 	})
-	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: Port}, ipv4.ProtocolNumber)
-	if err != nil {
-		return nil, fmt.Errorf("nfs: listen :%d: %w", Port, err)
-	}
-	return Serve(ln, tl), nil
-}
-
-// Serve serves NFS and MOUNT on ln (the lab uses the fabric host's port
-// 2049; unit tests use loopback).
-func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 	s := &Server{tl: tl, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
 	s.ln = &gateListener{Listener: ln, emit: s.emit}
 	h := helpers.NewCachingHandler(&handler{s: s}, 4096)

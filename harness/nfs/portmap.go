@@ -7,21 +7,19 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/connset"
 	"nbh.dev/nbh/internal/guard"
 )
 
-// The RPC portmapper (program 100000 version 2, RFC 1833): NULL, GETPORT and
-// DUMP on TCP and UDP port 111, so clients that do not pin ports (klibc's
-// nfsmount, mount.nfs) find MOUNT and NFS.
+// The RPC portmapper (program 100000, RFC 1833) on TCP and UDP port 111, so
+// clients that do not pin ports (klibc's nfsmount, mount.nfs, the kernel's
+// own MOUNT client) find MOUNT and NFS: version 2 (NULL, GETPORT, DUMP) for
+// IPv4 clients, and rpcbind versions 3 and 4 (NULL, GETADDR), which IPv6
+// clients must use: a port number alone names no IPv6 address.
 
 const (
 	PortmapPort = 111
@@ -51,38 +49,24 @@ var Mappings = []Mapping{
 // Portmapper is a running portmapper.
 type Portmapper struct {
 	tl    *timeline.Timeline
-	udp   net.PacketConn
+	udp   []net.PacketConn
 	conns connset.Set    // TCP
 	wg    sync.WaitGroup // UDP
 }
 
-// StartPortmapper listens on TCP and UDP port 111 of the stack.
-func StartPortmapper(st *stack.Stack, addr net.IP, tl *timeline.Timeline) (*Portmapper, error) {
-	a := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4Slice(addr.To4()), Port: PortmapPort}
-	ln, err := gonet.ListenTCP(st, a, ipv4.ProtocolNumber)
-	if err != nil {
-		return nil, fmt.Errorf("portmap: listen tcp :111: %w", err)
-	}
-	pc, err := gonet.DialUDP(st, &a, nil, ipv4.ProtocolNumber)
-	if err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("portmap: listen udp :111: %w", err)
-	}
-	return ServePortmapper(ln, pc, tl), nil
-}
-
-// ServePortmapper serves on the given listeners (either may be nil).
-func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) *Portmapper {
-	p := &Portmapper{tl: tl, udp: pc}
+// ServePortmapper serves on the given TCP listener (or none: nil) and UDP
+// sockets.
+func ServePortmapper(ln net.Listener, pcs []net.PacketConn, tl *timeline.Timeline) *Portmapper {
+	p := &Portmapper{tl: tl, udp: pcs}
 	p.conns.Report = func(what string, v any, stack []byte) {
 		p.emit(timeline.Event{Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
 	}
 	if ln != nil {
 		p.conns.Serve(ln, p.serveTCP)
 	}
-	if pc != nil {
+	for _, pc := range pcs {
 		p.wg.Add(1)
-		go p.serveUDP()
+		go p.serveUDP(pc)
 	}
 	return p
 }
@@ -91,25 +75,25 @@ func ServePortmapper(ln net.Listener, pc net.PacketConn, tl *timeline.Timeline) 
 // guest that powered off never closes its own).
 func (p *Portmapper) Close() error {
 	p.conns.Close()
-	if p.udp != nil {
-		p.udp.Close()
+	for _, pc := range p.udp {
+		pc.Close()
 	}
 	p.wg.Wait()
 	return nil
 }
 
-func (p *Portmapper) serveUDP() {
+func (p *Portmapper) serveUDP(pc net.PacketConn) {
 	defer p.wg.Done()
 	buf := make([]byte, 9000)
 	for {
-		n, from, err := p.udp.ReadFrom(buf)
+		n, from, err := pc.ReadFrom(buf)
 		if err != nil {
 			return
 		}
 		var reply []byte
-		guard.Run("a UDP call from "+from.String(), p.conns.Report, func() { reply = p.handle(buf[:n], addrOf(from)) })
+		guard.Run("a UDP call from "+from.String(), p.conns.Report, func() { reply = p.handle(buf[:n], addrOf(from), addrOf(pc.LocalAddr())) })
 		if reply != nil {
-			p.udp.WriteTo(reply, from)
+			pc.WriteTo(reply, from)
 		}
 	}
 }
@@ -122,7 +106,7 @@ func (p *Portmapper) serveTCP(c net.Conn) {
 		if err != nil {
 			return
 		}
-		reply := p.handle(msg, addrOf(c.RemoteAddr()))
+		reply := p.handle(msg, addrOf(c.RemoteAddr()), addrOf(c.LocalAddr()))
 		if reply == nil {
 			return
 		}
@@ -253,8 +237,9 @@ func acceptedReply(xid, stat uint32, body []byte) []byte {
 	return append(r, body...)
 }
 
-// handle answers one call; nil means drop it (not even a header parsed).
-func (p *Portmapper) handle(msg []byte, from string) []byte {
+// handle answers one call that came from the address from to the address
+// local; nil means drop it (not even a header parsed).
+func (p *Portmapper) handle(msg []byte, from, local string) []byte {
 	c, err := ParseCall(msg)
 	if errors.Is(err, errRPCVersion) {
 		r := binary.BigEndian.AppendUint32(nil, c.XID)
@@ -271,8 +256,12 @@ func (p *Portmapper) handle(msg []byte, from string) []byte {
 	if c.Prog != progPortmap {
 		return acceptedReply(c.XID, progUnavail, nil)
 	}
-	if c.Vers != 2 {
-		return acceptedReply(c.XID, progMismatch, []byte{0, 0, 0, 2, 0, 0, 0, 2})
+	switch c.Vers {
+	case 2:
+	case 3, 4:
+		return p.rpcbind(c, from, local)
+	default:
+		return acceptedReply(c.XID, progMismatch, []byte{0, 0, 0, 2, 0, 0, 0, 4})
 	}
 	switch c.Proc {
 	case 0: // NULL
@@ -305,6 +294,50 @@ func (p *Portmapper) handle(msg []byte, from string) []byte {
 		return acceptedReply(c.XID, success, body)
 	}
 	return acceptedReply(c.XID, procUnavail, nil)
+}
+
+// rpcbind answers versions 3 and 4 (RFC 1833): NULL and GETADDR, whose
+// answer is a universal address (RFC 5665) on the address the call came to.
+func (p *Portmapper) rpcbind(c *Call, from, local string) []byte {
+	switch c.Proc {
+	case 0: // NULL
+		return acceptedReply(c.XID, success, nil)
+	case 3: // GETADDR
+		d := &xdr{b: c.Args}
+		prog, vers := d.u32(), d.u32()
+		netid := string(d.opaque(64))
+		d.opaque(128) // r_addr
+		d.opaque(128) // r_owner
+		if d.err != nil {
+			return acceptedReply(c.XID, garbageArgs, nil)
+		}
+		prot := uint32(ipprotoTCP)
+		if strings.HasPrefix(netid, "udp") {
+			prot = ipprotoUDP
+		}
+		uaddr := ""
+		for _, reg := range Mappings {
+			if reg.Prog == prog && reg.Vers == vers && reg.Prot == prot {
+				uaddr = universalAddr(local, reg.Port)
+			}
+		}
+		p.emit(timeline.Event{Kind: "getaddr", Addr: from, Stage: timeline.Root,
+			Msg: fmt.Sprintf("program %d v%d %s -> %q", prog, vers, netid, uaddr)})
+		return acceptedReply(c.XID, success, xdrString(uaddr))
+	}
+	return acceptedReply(c.XID, procUnavail, nil)
+}
+
+// universalAddr is host and port as rpcbind writes them: the address, then
+// the port's two bytes in decimal ("fd4e:4248::2.8.1" is port 2049).
+func universalAddr(host string, port uint32) string {
+	return fmt.Sprintf("%s.%d.%d", host, port>>8, port&0xff)
+}
+
+func xdrString(s string) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(s)))
+	b = append(b, s...)
+	return append(b, make([]byte, (4-len(s)%4)%4)...)
 }
 
 func protName(p uint32) string {

@@ -40,7 +40,7 @@ func TestPortmapperTCPAndUDP(t *testing.T) {
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	assert.NilError(t, err)
 	tl := timeline.New()
-	p := ServePortmapper(ln, pc, tl)
+	p := ServePortmapper(ln, []net.PacketConn{pc}, tl)
 	defer p.Close()
 
 	// TCP: GETPORT MOUNT v3 tcp, in two record fragments.
@@ -87,6 +87,49 @@ func TestPortmapperTCPAndUDP(t *testing.T) {
 	assert.Equal(t, stat, uint32(procUnavail))
 }
 
+// getaddr is an rpcbind GETADDR call (version 3 or 4) for prog and vers
+// over netid.
+func getaddr(xid, rpcbVers, prog, vers uint32, netid string) []byte {
+	b := call(xid, progPortmap, rpcbVers, 3, prog, vers)
+	b = append(b, xdrString(netid)...)
+	b = append(b, xdrString("")...)    // r_addr
+	return append(b, xdrString("")...) // r_owner
+}
+
+// TestRpcbindGetAddrOverIPv6: an IPv6 client (the kernel's MOUNT client
+// over IPv6) asks rpcbind v4, then v3, for a universal address, which names
+// the address it asked on.
+func TestRpcbindGetAddrOverIPv6(t *testing.T) {
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	p := ServePortmapper(ln, nil, timeline.New())
+	defer p.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	assert.NilError(t, err)
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	ask := func(msg []byte) (uint32, []byte) {
+		c.Write(append(binary.BigEndian.AppendUint32(nil, 0x80000000|uint32(len(msg))), msg...))
+		rec, err := readRecord(r, maxRecord)
+		assert.NilError(t, err)
+		return reply(t, rec, binary.BigEndian.Uint32(msg))
+	}
+	for _, v := range []uint32{4, 3} {
+		stat, body := ask(getaddr(20+v, v, progMount, 3, "tcp6"))
+		assert.Equal(t, stat, uint32(success))
+		assert.DeepEqual(t, body, xdrString("::1.8.1")) // port 2049
+	}
+	stat, body := ask(getaddr(30, 4, progNFS, 3, "udp6"))
+	assert.Equal(t, stat, uint32(success))
+	assert.DeepEqual(t, body, xdrString("")) // NFS over UDP is not offered
+	stat, body = ask(call(31, progPortmap, 5, 0))
+	assert.Equal(t, stat, uint32(progMismatch))
+	assert.DeepEqual(t, body, []byte{0, 0, 0, 2, 0, 0, 0, 4})
+}
+
 // FuzzPortmapper: whatever the call, the portmapper answers with a
 // well-formed reply to the call's XID (accepted, or denied for an RPC
 // version mismatch) or drops a message it cannot read; a GETPORT answer
@@ -95,6 +138,7 @@ func TestPortmapperTCPAndUDP(t *testing.T) {
 func FuzzPortmapper(f *testing.F) {
 	f.Add(call(1, progPortmap, 2, 3, progMount, 3, ipprotoTCP, 0))
 	f.Add(call(2, progPortmap, 2, 4))
+	f.Add(getaddr(4, 4, progNFS, 3, "tcp6"))
 	f.Add(call(3, progPortmap, 2, 1, 100003, 3, ipprotoTCP, 9999)) // SET
 	f.Add([]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff})
 	p := &Portmapper{tl: timeline.New()}
@@ -104,7 +148,7 @@ func FuzzPortmapper(f *testing.F) {
 		ports[m.Port] = true
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		r := p.handle(b, "fuzz")
+		r := p.handle(b, "fuzz", "10.0.2.2")
 		if !slices.Equal(Mappings, want) {
 			t.Fatal("a call changed the lab's mappings")
 		}
