@@ -100,7 +100,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		case l.esp != nil || spec.UserNet:
 			return nil, fmt.Errorf("ip %s: IPv6 boots are on the lab's clear network only (no IPsec, no QEMU user network)", spec.Family)
 		case spec.Root == RootSANBoot:
-			return nil, fmt.Errorf("ip %s: SAN boot over IPv6 is not supported yet (the iBFT would describe an IPv6 target); --root nfs and iscsi are", spec.Family)
+			return nil, fmt.Errorf("ip %s: no SAN boot over IPv6: iPXE writes only IPv4 addresses into the iBFT (its ibft.c, in Debian 12's build and upstream alike); --root nfs and iscsi boot over IPv6", spec.Family)
 		}
 	}
 	switch spec.Root {

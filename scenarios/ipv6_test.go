@@ -167,7 +167,7 @@ func TestIPv6Refused(t *testing.T) {
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "uboot", Family: dhcp.V6})
 	assert.ErrorContains(t, err, "built without IPv6")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Family: dhcp.V6, Root: harness.RootSANBoot})
-	assert.ErrorContains(t, err, "SAN boot over IPv6 is not supported yet")
+	assert.ErrorContains(t, err, "no SAN boot over IPv6: iPXE writes only IPv4 addresses into the iBFT")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Family: "7"})
 	assert.ErrorContains(t, err, "want 4, 6 or dual")
 }
