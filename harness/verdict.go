@@ -257,7 +257,7 @@ func (g *Guest) evidence() string {
 	for i := len(evs) - 1; i >= 0; i-- {
 		e := evs[i]
 		switch e.Kind {
-		case "ignored", "not-found", "aborted", "refused", "error", "nak", "fired", "login-failed", "mount-refused":
+		case "ignored", "not-found", "aborted", "refused", "error", "nak", "fired", "login-failed", "mount-refused", "read10-overflow":
 			return fmt.Sprintf("last %s event: %s %s", e.Source, e.Kind, e.Msg)
 		}
 	}

@@ -90,6 +90,30 @@ func TestSANBootStockInitramfs(t *testing.T) {
 	assert.Check(t, logins == 1, "%d root logins", logins)
 }
 
+// TestSANBootOversizedArchive: Debian 12's iPXE cuts a SAN read of more
+// than 65535 blocks to READ(10)'s 16 bits. dracut's archive (not host-only)
+// makes a UKI over 32 MiB: the kernel finds its archive cut short, and the
+// verdict carries the target's evidence of why.
+func TestSANBootOversizedArchive(t *testing.T) {
+	guestTest(t)
+	if !selected("amd64", "ovmf-ipxe") {
+		t.Skip("amd64/ovmf-ipxe not selected")
+	}
+	lab := nbhtest.NewLab(t)
+	a, err := stock.Build(context.Background(), lab.Cache(), stock.Dracut, "amd64", testLog{t})
+	if errors.Is(err, stock.ErrForeignArch) {
+		t.Skip(err)
+	}
+	assert.NilError(t, err)
+	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot,
+		Initrd: a.Path, Artifacts: nbhtest.Artifacts(t, "g1")})
+	assert.NilError(t, err)
+	v := g.Wait(context.Background())
+	assert.Assert(t, !v.OK, "a %s UKI booted from the SAN disk: %s", "dracut", v.Line)
+	assert.Equal(t, v.Reason, failure.CorruptArchive, "%v", v.Err())
+	assert.Check(t, is.Contains(v.Detail, "last iscsi event: read10-overflow READ(10) of"))
+}
+
 // TestSANBootFaults: a SAN boot's login faults end at the loader, with
 // iPXE's words and the target's reason; a disk booted without its iBFT
 // ends at the root, where the init finds no table to mount from.
