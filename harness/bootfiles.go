@@ -3,11 +3,15 @@ package harness
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"slices"
 
 	"nbh.dev/nbh/fixtures"
 	"nbh.dev/nbh/harness/archive"
 	"nbh.dev/nbh/harness/bootcfg"
+	"nbh.dev/nbh/harness/dhcp"
+	"nbh.dev/nbh/harness/efivars"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
@@ -146,8 +150,45 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 			return f, err
 		}
 	}
+	if c.vars6 != nil && g.spec.Family == dhcp.V6 {
+		if f.Vars, err = c.vars6(g, f.Vars); err != nil {
+			return f, fmt.Errorf("firmware variables: %w", err)
+		}
+	}
 	if c.env != nil {
 		f.Env, err = c.env(g, f.Code)
 	}
 	return f, err
+}
+
+// netBootV6First writes the guest's copy of AAVMF's (blank) variables with
+// its NIC's PXEv6 and HTTPv6 boot options first in the boot order, as a
+// user would set them in the firmware's boot manager: AAVMF, unlike OVMF,
+// cannot be told to leave IPv4 out, and its HTTPv4 option asks DHCPv4 for a
+// minute first. PXEv6 before HTTPv6 for the reason in httpV6. The NIC is
+// the first PCI device nbh gives QEMU: Pci(0x1,0x0).
+func netBootV6First(g *Guest, vars string) (string, error) {
+	b, err := os.ReadFile(vars)
+	if err != nil {
+		return "", err
+	}
+	if _, err := efivars.Open(b); err != nil {
+		if err := efivars.Format(b); err != nil {
+			return "", err
+		}
+	}
+	s, err := efivars.Open(b)
+	if err != nil {
+		return "", err
+	}
+	nic := efivars.NICPath(1, g.MAC)
+	ipv6 := append(slices.Clip(nic), efivars.IPv6Node()...)
+	if err := s.SetBootOrder(
+		efivars.LoadOption(efivars.NetBootDescription("PXEv6", g.MAC), append(slices.Clip(ipv6), efivars.End()...)),
+		efivars.LoadOption(efivars.NetBootDescription("HTTPv6", g.MAC), append(append(slices.Clip(ipv6), efivars.URINode()...), efivars.End()...)),
+	); err != nil {
+		return "", err
+	}
+	path := filepath.Join(g.private, "vars-ipv6.fd")
+	return path, os.WriteFile(path, b, 0o644)
 }

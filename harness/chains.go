@@ -63,6 +63,9 @@ type Chain struct {
 	// env makes the guest's firmware environment flash (U-Boot), from the
 	// firmware image at code.
 	env func(g *Guest, code string) (string, error)
+	// vars6, when set, writes the guest's copy of the firmware's variables
+	// for a boot over IPv6 (from vars) and returns its path.
+	vars6 func(g *Guest, vars string) (string, error)
 }
 
 // Cost is a chain's expected wall times in seconds under TCG on a 2-core
@@ -196,12 +199,14 @@ var chainTable = []Chain{
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
-		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadBIOS, FwCfg: noPXE,
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
-		Code: images.AAVMF, Stub: images.StubArm64,
+		Code: images.AAVMFCode, Vars: images.AAVMFVars, Stub: images.StubArm64,
 		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
-		NoIPv6: "AAVMF has no switch to leave IPv4 out (opt/org.tianocore/IPv4Support is OVMF's alone), so its HTTPv4 boot asks DHCPv4 for a minute before HTTPv6 starts",
-		Cost:   Cost{Boot: 18, Loader: 10, NoDHCP: 18},
+		// AAVMF has no switch to leave IPv4 out (IPv4Support is OVMF's
+		// alone): the boot order in its variables puts IPv6 first.
+		IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp, vars6: netBootV6First,
+		Cost: Cost{Boot: 18, Loader: 10, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,

@@ -61,11 +61,15 @@ func (f File) key() string {
 // its own default ROM (from the host's ipxe-qemu package), and firmware
 // rejects an explicit romfile= whose IDs do not match the device.
 var (
-	Busybox   = File{Package: "busybox-static", Path: "bin/busybox"}
-	OVMFCode  = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
-	OVMFVars  = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
-	IPXEEFI   = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe.efi"}
-	AAVMF     = File{Package: "qemu-efi-aarch64", Path: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	Busybox  = File{Package: "busybox-static", Path: "bin/busybox"}
+	OVMFCode = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
+	OVMFVars = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
+	IPXEEFI  = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe.efi"}
+	AAVMF    = File{Package: "qemu-efi-aarch64", Path: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	// The same firmware split into code and (blank) variables flash, for
+	// a chain that writes variables before the first boot.
+	AAVMFCode = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_CODE.fd"}
+	AAVMFVars = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_VARS.fd"}
 	UBoot     = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
 	GRUBArm64 = File{Package: "grub-efi-arm64-bin", Path: "usr/lib/grub/arm64-efi"}
 	// systemd's EFI stub, the head of a Unified Kernel Image.
@@ -102,7 +106,7 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // need, for FetchAll.
 var archFiles = map[string][]File{
 	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI, StubX64},
-	"arm64": {Busybox, AAVMF, UBoot, GRUBArm64, StubArm64, IPXEArm64},
+	"arm64": {Busybox, AAVMF, AAVMFCode, AAVMFVars, UBoot, GRUBArm64, StubArm64, IPXEArm64},
 }
 
 // FetchAll fetches everything guests of arch may boot.

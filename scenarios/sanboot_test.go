@@ -64,20 +64,7 @@ func TestSANBoot(t *testing.T) {
 // network up from the iBFT and logs in with iscsistart, and the root is
 // the disk's second partition.
 func TestSANBootStockInitramfs(t *testing.T) {
-	guestTest(t)
-	if !selected("amd64", "ovmf-ipxe") {
-		t.Skip("amd64/ovmf-ipxe not selected")
-	}
-	lab := nbhtest.NewLab(t)
-	a, err := stock.Build(context.Background(), lab.Cache(), stock.InitramfsISCSI, "amd64", testLog{t})
-	if errors.Is(err, stock.ErrForeignArch) {
-		t.Skip(err)
-	}
-	assert.NilError(t, err)
-	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot,
-		Initrd: a.Path, Artifacts: nbhtest.Artifacts(t, "g1")})
-	assert.NilError(t, err)
-	v := g.Wait(context.Background())
+	lab, v := sanbootStock(t, stock.InitramfsISCSI)
 	assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
 	assert.Check(t, is.Contains(v.Line, "fstype=ext4 source=/dev/sda2"))
 	var logins int
@@ -95,12 +82,21 @@ func TestSANBootStockInitramfs(t *testing.T) {
 // makes a UKI over 32 MiB: the kernel finds its archive cut short, and the
 // verdict carries the target's evidence of why.
 func TestSANBootOversizedArchive(t *testing.T) {
+	_, v := sanbootStock(t, stock.Dracut)
+	assert.Assert(t, !v.OK, "a dracut UKI booted from the SAN disk: %s", v.Line)
+	assert.Equal(t, v.Reason, failure.CorruptArchive, "%v", v.Err())
+	assert.Check(t, is.Contains(v.Detail, "last iscsi event: read10-overflow READ(10) of"))
+}
+
+// sanbootStock SAN-boots amd64/ovmf-ipxe with the archive tool makes (a
+// UKI on the disk's ESP) and returns the lab and the verdict.
+func sanbootStock(t *testing.T, tool string) (*harness.Lab, harness.Verdict) {
 	guestTest(t)
 	if !selected("amd64", "ovmf-ipxe") {
 		t.Skip("amd64/ovmf-ipxe not selected")
 	}
 	lab := nbhtest.NewLab(t)
-	a, err := stock.Build(context.Background(), lab.Cache(), stock.Dracut, "amd64", testLog{t})
+	a, err := stock.Build(context.Background(), lab.Cache(), tool, "amd64", testLog{t})
 	if errors.Is(err, stock.ErrForeignArch) {
 		t.Skip(err)
 	}
@@ -108,10 +104,7 @@ func TestSANBootOversizedArchive(t *testing.T) {
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot,
 		Initrd: a.Path, Artifacts: nbhtest.Artifacts(t, "g1")})
 	assert.NilError(t, err)
-	v := g.Wait(context.Background())
-	assert.Assert(t, !v.OK, "a %s UKI booted from the SAN disk: %s", "dracut", v.Line)
-	assert.Equal(t, v.Reason, failure.CorruptArchive, "%v", v.Err())
-	assert.Check(t, is.Contains(v.Detail, "last iscsi event: read10-overflow READ(10) of"))
+	return lab, g.Wait(context.Background())
 }
 
 // TestSANBootFaults: a SAN boot's login faults end at the loader, with

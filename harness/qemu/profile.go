@@ -153,7 +153,7 @@ func Args(c Config) ([]string, error) {
 		a = append(a, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", c.Append)
 	case LoadDefault:
 	case LoadPflash:
-		vars := filepath.Join(c.Dir, "OVMF_VARS.fd")
+		vars := filepath.Join(c.Dir, "vars.fd")
 		if err := fsutil.CopyFile(c.Files.Vars, vars); err != nil {
 			return nil, fmt.Errorf("qemu: %w", err)
 		}
