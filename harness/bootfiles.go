@@ -3,6 +3,7 @@ package harness
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -168,9 +169,20 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 // minute first. PXEv6 before HTTPv6 for the reason in httpV6. The NIC is
 // the first PCI device nbh gives QEMU: Pci(0x1,0x0).
 func netBootV6First(g *Guest, vars string) (string, error) {
-	b, err := os.ReadFile(vars)
+	// Only the head of the 64 MiB bank holds variables (ArmVirtVolume); the
+	// rest is unused and written as a hole.
+	src, err := os.Open(vars)
 	if err != nil {
 		return "", err
+	}
+	defer src.Close()
+	fi, err := src.Stat()
+	if err != nil {
+		return "", err
+	}
+	b := make([]byte, efivars.ArmVirtVolume)
+	if _, err := io.ReadFull(src, b); err != nil {
+		return "", fmt.Errorf("%s: %w", vars, err)
 	}
 	if _, err := efivars.Open(b); err != nil {
 		if err := efivars.Format(b); err != nil {
@@ -190,5 +202,8 @@ func netBootV6First(g *Guest, vars string) (string, error) {
 		return "", err
 	}
 	path := filepath.Join(g.private, "vars-ipv6.fd")
-	return path, os.WriteFile(path, b, 0o644)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return "", err
+	}
+	return path, os.Truncate(path, fi.Size())
 }

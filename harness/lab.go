@@ -132,7 +132,6 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, err
 	}
 	l.closers = append(l.closers, l.Fabric)
-	host := net.IP(l.Fabric.HostIP.AsSlice())
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
 		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
 		ServerIP6: l.Fabric.HostIP6, Prefix6: l.Fabric.Prefix6, ServerMAC: l.Fabric.HostMAC,
@@ -148,7 +147,8 @@ func New(opts Options) (l *Lab, err error) {
 	l.closers = append(l.closers, srvRoot)
 	l.files = bootfile.Root(srvRoot)
 	// TFTP and HTTP on both of the host's addresses (IPv6 boots).
-	for _, a := range []net.IP{host, net.IP(l.Fabric.HostIP6.AsSlice())} {
+	for _, ip := range l.Fabric.HostAddrs() {
+		a := net.IP(ip.AsSlice())
 		tftpd, err := tftp.Start(l.Fabric.Stack, a, l.open, l.Timeline)
 		if err != nil {
 			return nil, err

@@ -112,32 +112,34 @@ func Open(b []byte) (*Store, error) {
 // ArmVirtQemu's flash layout (ArmVirtQemu.fdf): the variable store, the
 // fault-tolerant write working block and its spare, 256 KiB each, in a
 // volume of 256 KiB blocks.
-const (
-	armVirtBlock = 0x40000
-	armVirtFV    = 3 * armVirtBlock
-)
+const armVirtBlock = 0x40000
+
+// ArmVirtVolume is the head of an AAVMF variables flash that holds the
+// store and the fault-tolerant write blocks: all that Format writes and Open
+// reads; the rest of the 64 MiB bank stays as it was.
+const ArmVirtVolume = 3 * armVirtBlock
 
 // Format writes an empty variable store into a blank (all-zero) AAVMF
 // variables image, as ArmVirtQemu's firmware does on its first boot: the
 // volume header, the store header, and the fault-tolerant write working
 // block's header; the rest erased (0xff).
 func Format(b []byte) error {
-	if len(b) < armVirtFV {
+	if len(b) < ArmVirtVolume {
 		return fmt.Errorf("efivars: %d bytes is too small for ArmVirtQemu's variable store", len(b))
 	}
-	for _, c := range b[:armVirtFV] {
+	for _, c := range b[:ArmVirtVolume] {
 		if c != 0 {
 			return errors.New("efivars: the image is not blank")
 		}
 	}
-	for i := range b[:armVirtFV] {
+	for i := range b[:ArmVirtVolume] {
 		b[i] = 0xff
 	}
 	le := binary.LittleEndian
 	h := b[:fvHeaderLen]
 	clear(h[:16]) // zero vector
 	copy(h[16:], systemNvDataFv[:])
-	le.PutUint64(h[0x20:], armVirtFV)
+	le.PutUint64(h[0x20:], ArmVirtVolume)
 	copy(h[0x28:], "_FVH")
 	le.PutUint32(h[0x2c:], 0xe36) // read/write enabled and status, erase polarity 1, aligned
 	le.PutUint16(h[0x30:], fvHeaderLen)
@@ -170,7 +172,7 @@ func Format(b []byte) error {
 // Vars lists the live variables.
 func (s *Store) Vars() ([]Variable, error) {
 	var out []Variable
-	err := s.walk(func(off int, v Variable, live bool) {
+	_, err := s.walk(func(off int, v Variable, live bool) {
 		if live {
 			out = append(out, v)
 		}
@@ -194,12 +196,10 @@ func (s *Store) Get(name string, guid GUID) ([]byte, bool) {
 
 // Set writes the variable, marking a live one of the same name deleted.
 func (s *Store) Set(v Variable) error {
-	end := s.start
-	err := s.walk(func(off int, old Variable, live bool) {
+	end, err := s.walk(func(off int, old Variable, live bool) {
 		if live && old.Name == v.Name && old.GUID == v.GUID {
 			s.b[off+2] &= varDeleted
 		}
-		end = align4(off + varHeaderLen + len(encodeName(old.Name)) + len(old.Data))
 	})
 	if err != nil {
 		return err
@@ -226,22 +226,22 @@ func (s *Store) Set(v Variable) error {
 }
 
 // walk calls fn for each variable in the store, live or not, with its
-// offset.
-func (s *Store) walk(fn func(off int, v Variable, live bool)) error {
+// offset, and returns where the variables end (the free space).
+func (s *Store) walk(fn func(off int, v Variable, live bool)) (int, error) {
 	le := binary.LittleEndian
 	off := s.start
 	for off+varHeaderLen <= s.limit && le.Uint16(s.b[off:]) == varStartID {
 		h := s.b[off : off+varHeaderLen]
 		ns, ds := int(le.Uint32(h[36:])), int(le.Uint32(h[40:]))
 		if ns < 0 || ds < 0 || off+varHeaderLen+ns+ds > s.limit {
-			return fmt.Errorf("efivars: variable at %#x runs past the store", off)
+			return 0, fmt.Errorf("efivars: variable at %#x runs past the store", off)
 		}
 		name := decodeName(s.b[off+varHeaderLen : off+varHeaderLen+ns])
 		data := s.b[off+varHeaderLen+ns : off+varHeaderLen+ns+ds]
 		fn(off, Variable{Name: name, GUID: GUID(h[44:60]), Attributes: le.Uint32(h[4:]), Data: data}, h[2] == varAdded)
 		off = align4(off + varHeaderLen + ns + ds)
 	}
-	return nil
+	return off, nil
 }
 
 func align4(n int) int { return (n + 3) &^ 3 }

@@ -15,7 +15,7 @@ import (
 // address a guest comes to.
 func (f *Fabric) ListenTCP(port int) (net.Listener, error) {
 	var lns []net.Listener
-	for _, ip := range f.hostAddrs() {
+	for _, ip := range f.HostAddrs() {
 		a, proto := FullAddr(ip, port)
 		ln, err := gonet.ListenTCP(f.Stack, a, proto)
 		if err != nil {
@@ -32,7 +32,7 @@ func (f *Fabric) ListenTCP(port int) (net.Listener, error) {
 // ListenUDP opens port on both of the host's addresses: one socket each.
 func (f *Fabric) ListenUDP(port int) ([]net.PacketConn, error) {
 	var pcs []net.PacketConn
-	for _, ip := range f.hostAddrs() {
+	for _, ip := range f.HostAddrs() {
 		a, proto := FullAddr(ip, port)
 		pc, err := gonet.DialUDP(f.Stack, &a, nil, proto)
 		if err != nil {
@@ -46,7 +46,9 @@ func (f *Fabric) ListenUDP(port int) ([]net.PacketConn, error) {
 	return pcs, nil
 }
 
-func (f *Fabric) hostAddrs() []netip.Addr { return []netip.Addr{f.HostIP, f.HostIP6} }
+// HostAddrs is the host's addresses on the segment, IPv4 then IPv6: where
+// the boot services listen.
+func (f *Fabric) HostAddrs() []netip.Addr { return []netip.Addr{f.HostIP, f.HostIP6} }
 
 // merged is one listener over several: Accept returns the next connection
 // any of them accepts.
