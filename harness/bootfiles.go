@@ -16,6 +16,7 @@ import (
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // referenceArchive builds the guest's reference archive and the keeper that
@@ -34,8 +35,10 @@ func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel s
 			opts.CacheDir = filepath.Join(g.lab.work, "archives")
 		}
 	}
-	if g.spec.Root == RootNFS {
-		opts.Root = filepath.Join(g.lab.work, "roots", g.Name)
+	if g.spec.Root == RootNFS && g.spec.RootDir == "" {
+		// (A root of the user's has no reference configuration; the
+		// server compares the archive with it at the mount instead.)
+		opts.Root = g.rootDir
 		opts.Tracked = []archive.Tracked{{Path: fixtures.ConfigPath, Editable: true}}
 	}
 	if p.skew {
@@ -115,7 +118,11 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			return "", "", fmt.Errorf("lab: %w", err)
 		}
 	}
-	b := bootcfg.Boot{Server: g.server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline(), TFTP: g.spec.UserNet}
+	b := bootcfg.Boot{Server: g.server(), Kernel: g.Name + "/vmlinuz", Initrd: g.Name + "/initrd.img", Cmdline: g.cmdline(), TFTP: g.spec.UserNet,
+		Guest: g.Name, MAC: g.MAC.String(), IP: g.IP, Arch: g.Profile.Arch, Firmware: g.Profile.Firmware, Root: g.spec.Root, RootPath: g.rootPath()}
+	if g.spec.Family == dhcp.V6 {
+		b.IP = g.IP6
+	}
 	if p.loaderNFS {
 		// Where a system that keeps its boot files on its root has them.
 		b.NFS, b.Kernel, b.Initrd = p.nfsPath, "boot/vmlinuz", "boot/initrd.img"
@@ -132,6 +139,17 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 			return "", "", fmt.Errorf("lab: %s boot files: %w", c.Firmware, err)
 		}
 	}
+	if g.spec.Loader != "" {
+		// The user's loader binary in the guest's folder, where its DHCP
+		// answer names it (DHCPRule.Loader), beside what nbh wrote there.
+		dst := filepath.Join(dir, g.loaderName())
+		if _, err := os.Lstat(dst); err == nil && !fsutil.SameContent(g.spec.Loader, dst) {
+			return "", "", fmt.Errorf("loader %s: its name is taken by nbh's own %s in the guest's folder; rename it", g.spec.Loader, g.loaderName())
+		}
+		if err := place(g.spec.Loader, dst); err != nil {
+			return "", "", fmt.Errorf("lab: %w", err)
+		}
+	}
 	return kernel, initrd, nil
 }
 
@@ -141,12 +159,20 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	var f qemu.Files
 	c, cache := g.chain, g.lab.cache
 	var err error
-	if c.Code != (images.File{}) {
+	switch {
+	case g.spec.FirmwareCode != "":
+		f.Code = g.spec.FirmwareCode
+	case g.spec.BIOS != "":
+		f.Code = g.spec.BIOS
+	case c.Code != (images.File{}):
 		if f.Code, err = cache.Path(ctx, c.Arch, c.Code); err != nil {
 			return f, err
 		}
 	}
-	if c.Vars != (images.File{}) {
+	switch {
+	case g.spec.FirmwareVars != "":
+		f.Vars = g.spec.FirmwareVars
+	case c.Vars != (images.File{}):
 		if f.Vars, err = cache.Path(ctx, c.Arch, c.Vars); err != nil {
 			return f, err
 		}

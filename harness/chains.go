@@ -54,6 +54,17 @@ type Chain struct {
 	// DHCP offers ({guest} as in DHCPRule.File), for chains that can boot
 	// over its TFTP alone (Spec.UserNet); "" for the others.
 	UserNet string
+	// LoaderConfig is what the chain's loader reads that a user's own
+	// template (Spec.LoaderConfig) replaces: ConfigIPXE, ConfigPXELinux,
+	// ConfigGRUB, or "" for a chain with no loader of nbh's making.
+	LoaderConfig string
+	// UEFI: the firmware is UEFI (OVMF, AAVMF), whether from pflash or
+	// -bios: a user's build of it is Spec.FirmwareCode, not Spec.BIOS.
+	UEFI bool
+	// NICs are the NIC models besides virtio the chain's firmware can boot
+	// from (qemu.LookupNIC); chains that boot through the NIC's iPXE ROM
+	// (NICROM) and direct boots take any model (Drives).
+	NICs []string
 	// Cost is what a row of the chain takes, for the matrix's shards.
 	Cost Cost
 
@@ -67,6 +78,13 @@ type Chain struct {
 	// for a boot over IPv6 (from vars) and returns its path.
 	vars6 func(g *Guest, vars string) (string, error)
 }
+
+// The loader configurations a user's template can replace (Chain.LoaderConfig).
+const (
+	ConfigIPXE     = "iPXE script"
+	ConfigPXELinux = "pxelinux config"
+	ConfigGRUB     = "grub.cfg"
+)
 
 // Cost is a chain's expected wall times in seconds under TCG on a 2-core
 // machine, one boot at a time, from full serial matrix runs.
@@ -86,11 +104,19 @@ type DHCPRule struct {
 	// File is the boot file: a TFTP path or a URL; {server} and {guest}
 	// stand for the boot server's address and the guest's name.
 	File string
+	// Loader: the file is the loader binary the firmware starts (ipxe.efi,
+	// a GRUB netboot image), which a user's own (Spec.Loader) replaces.
+	Loader bool
 }
 
-// answer fills in the rule's boot file for a guest.
-func (r DHCPRule) answer(server, guest string) dhcp.Boot {
-	file := strings.NewReplacer("{server}", server, "{guest}", guest).Replace(r.File)
+// answer fills in the rule's boot file for a guest; loader, when set, is
+// the file of the guest's own loader binary (Spec.Loader), in its folder.
+func (r DHCPRule) answer(server, guest, loader string) dhcp.Boot {
+	f := r.File
+	if r.Loader && loader != "" {
+		f = "{guest}/" + loader
+	}
+	file := strings.NewReplacer("{server}", server, "{guest}", guest).Replace(f)
 	return dhcp.Boot{File: file, Why: r.Client + ": " + file}
 }
 
@@ -99,13 +125,13 @@ var (
 	ipxeScript = DHCPRule{Client: "iPXE (user class / option 175)", File: "http://{server}/{guest}/boot.ipxe",
 		Match: func(c dhcp.Client) bool { return c.IPXE }}
 	pxeX64 = func(file string) DHCPRule {
-		return DHCPRule{Client: "UEFI PXE, option 93 = 7 (x86-64)", File: file,
+		return DHCPRule{Client: "UEFI PXE, option 93 = 7 (x86-64)", File: file, Loader: true,
 			Match: func(c dhcp.Client) bool {
 				return !c.IPXE && (c.Arch == dhcp.ArchEFIx64 || c.Arch == dhcp.ArchEFIBC) && !httpClient(c)
 			}}
 	}
 	pxeArm64 = func(file string) DHCPRule {
-		return DHCPRule{Client: "UEFI PXE, option 93 = 11 (arm64)", File: file,
+		return DHCPRule{Client: "UEFI PXE, option 93 = 11 (arm64)", File: file, Loader: true,
 			Match: func(c dhcp.Client) bool { return !c.IPXE && c.Arch == dhcp.ArchEFIArm64 && !httpClient(c) }}
 	}
 	httpBoot = func(arch int, file string) DHCPRule {
@@ -149,28 +175,28 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "seabios-ipxe", Machine: "pc", NICROM: true,
 			Description: "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, UserNet: "{guest}/boot.ipxe", IPv6: true,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, LoaderConfig: ConfigIPXE, ReadsNFS: true, UserNet: "{guest}/boot.ipxe", IPv6: true,
 		Cost: Cost{Boot: 7, Loader: 1, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-ipxe", Machine: "q35", Load: qemu.LoadPflash, NICROM: true,
 			Description: "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
-		Code: images.OVMFCode, Vars: images.OVMFVars,
-		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, ReadsNFS: true, SANBoot: true, IPv6: true,
+		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true,
+		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, LoaderConfig: ConfigIPXE, ReadsNFS: true, SANBoot: true, IPv6: true,
 		Cost: Cost{Boot: 11.5, Loader: 4.5, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-pxe", Machine: "q35", Load: qemu.LoadPflash,
 			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
-		Code: images.OVMFCode, Vars: images.OVMFVars,
-		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true, SANBoot: true,
+		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true,
+		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true, SANBoot: true,
 		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
-		Code: images.OVMFCode, Vars: images.OVMFVars, Stub: images.StubX64,
+		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true, Stub: images.StubX64,
 		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
 		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
 	},
@@ -178,30 +204,30 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
 		Code: images.UBoot, env: ubootEnv,
-		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, ReadsNFS: true, UserNet: "boot.scr.uimg",
+		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, LoaderConfig: ConfigPXELinux, ReadsNFS: true, UserNet: "boot.scr.uimg", NICs: []string{"e1000"},
 		NoIPv6: "Debian 12's U-Boot (2023.01) is built without IPv6; its network stack gained IPv6 in 2023.04",
 		Cost:   Cost{Boot: 5, Loader: 1, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-grub", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks a GRUB netboot image over TFTP, grub.cfg, kernel over HTTP"},
-		Code: images.AAVMF,
-		DHCP: []DHCPRule{pxeArm64("{guest}/grubnetaa64.efi")}, loader: grubLoader, Verifies: true,
+		Code: images.AAVMF, UEFI: true,
+		DHCP: []DHCPRule{pxeArm64("{guest}/grubnetaa64.efi")}, loader: grubLoader, LoaderConfig: ConfigGRUB, Verifies: true,
 		// The truncated kernel over GRUB's HTTP, then 5 s of grace.
 		Cost: Cost{Boot: 28, Loader: 10, NoDHCP: 18, Truncated: 32},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-ipxe", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
-		Code: images.AAVMF,
-		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
+		Code: images.AAVMF, UEFI: true,
+		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
 		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
-		Code: images.AAVMFCode, Vars: images.AAVMFVars, Stub: images.StubArm64,
+		Code: images.AAVMFCode, Vars: images.AAVMFVars, UEFI: true, Stub: images.StubArm64,
 		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
 		// AAVMF has no switch to leave IPv4 out (IPv4Support is OVMF's
 		// alone): the boot order in its variables puts IPv6 first.
@@ -284,6 +310,23 @@ func IPv6Chains() []string { return chainNames(func(c Chain) bool { return c.IPv
 
 // SANBootChains names the chains whose loader can SAN-boot (RootSANBoot).
 func SANBootChains() []string { return chainNames(func(c Chain) bool { return c.SANBoot }) }
+
+// Drives reports whether the chain's firmware can boot from a NIC of the
+// model: virtio always; any model QEMU has an iPXE ROM for when the chain
+// boots through the NIC's ROM; any at all for a direct boot (no firmware)
+// or with the user's own ROM (romFile); else the models listed in NICs.
+func (c Chain) Drives(nic string, romFile bool) error {
+	m, err := qemu.LookupNIC(nic)
+	if err != nil {
+		return err
+	}
+	switch {
+	case m.Name == qemu.VirtioNIC, c.Load == qemu.LoadKernel, romFile, c.NICROM && m.ROM, slices.Contains(c.NICs, m.Name):
+		return nil
+	}
+	return fmt.Errorf("NIC %s: %s's firmware has no driver for it (it drives %s); chains that boot through the NIC's iPXE ROM (%s) and direct boots take any model, or bring the NIC's ROM with --nic-rom",
+		m.Name, c.Name(), strings.Join(append([]string{qemu.VirtioNIC}, c.NICs...), ", "), strings.Join(chainNames(func(c Chain) bool { return c.NICROM }), ", "))
+}
 
 // Boots reports whether the chain can boot a guest with root: any but a SAN
 // boot, which needs a loader that can (SANBoot).

@@ -81,7 +81,7 @@ func TestChainDHCPRules(t *testing.T) {
 		assert.NilError(t, err)
 		for _, r := range ch.DHCP {
 			if r.Match(c) {
-				return r.answer("10.0.2.2", "g1").File
+				return r.answer("10.0.2.2", "g1", "").File
 			}
 		}
 		return ""

@@ -45,10 +45,14 @@ type Guest struct {
 	chap    *iscsi.CHAP
 	keeper  *keeper     // the reference archive; nil for another archive
 	rootFS  *os.Root    // the guest's root tree on the host, for lookups (NFS)
+	rootDir string      // where that tree is
 	espAddr netip.Addr  // the address its SAs are for (an IPsec network)
 	espConf []byte      // the ESP keys its archive carries
 	espPeer *ipsec.Peer // its SAs in the lab's gateway
 	expect  *regexp.Regexp
+	steps   []*regexp.Regexp  // Spec.Steps
+	failOn  []failOn          // Spec.FailOn
+	config  *bootcfg.Template // Spec.LoaderConfig
 	proc    *qemu.Process
 	con     *console.Console
 	port    *netfab.Port
@@ -62,6 +66,7 @@ type Guest struct {
 
 	mu        sync.Mutex
 	reached   timeline.Stage
+	stepsSeen int       // how many of steps the console has shown, in order
 	since     time.Time // when reached was reached
 	waiting   *waiting  // what the boot waits for, if a console line said so
 	verdict   *Verdict
@@ -69,6 +74,12 @@ type Guest struct {
 	closeOnce sync.Once
 	closeErr  error
 	isClosed  bool
+	// The server's comparison of the served archive with the NFS root
+	// (checkDrift): started at the root's mount, done when driftDone closes.
+	driftOnce    sync.Once
+	driftStarted bool
+	driftDone    chan struct{}
+	drift        string // what a stale-archive event said
 	// dhcpIgnored counts the DHCP messages the no-dhcp fault ignored.
 	dhcpIgnored atomic.Int32
 }
@@ -154,7 +165,7 @@ func (g *Guest) lease() netfab.Lease {
 // ""), or joining the lab through the unix socket at socket.
 func (g *Guest) qemuConfig(socket string) qemu.Config {
 	c := qemu.Config{
-		Profile: g.Profile, Accel: g.Accel, Memory: g.spec.Memory, MAC: g.MAC.String(), Files: g.files,
+		Profile: g.Profile, Accel: g.Accel, Memory: g.spec.Memory, MAC: g.MAC.String(), NIC: g.spec.NIC, ROMFile: g.spec.NICROM, Files: g.files,
 		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
 		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
 	}

@@ -8,11 +8,13 @@ package harness
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"net"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -60,6 +62,13 @@ type Options struct {
 	// addresses follow from the order guests boot in. The seed derives
 	// secrets: it is one.
 	Seed string
+	// Serve is a folder of the user's (menus, second-stage loaders, an
+	// installer's netboot tree) merged read-only under what TFTP and HTTP
+	// serve: a name the lab has no file for is looked up there, and a name
+	// in a guest's folder (GUEST/PATH) also as PATH, so what a loader
+	// fetches beside itself is found. The lab's own files come first, and a
+	// guest's folder stays its own.
+	Serve string
 }
 
 // Lab is one isolated boot network with its services.
@@ -72,6 +81,7 @@ type Lab struct {
 	work  string // private folder, removed on Close
 	srv   string // served root of TFTP and HTTP
 	files bootfile.Opener
+	serve bootfile.Opener // Options.Serve; nil without
 
 	dhcp  *dhcp.Server
 	nfs   *nfs.Server
@@ -146,6 +156,14 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	l.closers = append(l.closers, srvRoot)
 	l.files = bootfile.Root(srvRoot)
+	if opts.Serve != "" {
+		userRoot, err := os.OpenRoot(opts.Serve)
+		if err != nil {
+			return nil, fmt.Errorf("lab: serve: %w", err)
+		}
+		l.closers = append(l.closers, userRoot)
+		l.serve = bootfile.Root(userRoot)
+	}
 	// TFTP and HTTP on both of the host's addresses (IPv6 boots).
 	for _, ip := range l.Fabric.HostAddrs() {
 		a := net.IP(ip.AsSlice())
@@ -199,11 +217,14 @@ func New(opts Options) (l *Lab, err error) {
 // in flight as its faults say, and GUEST/files/PATH, the guest's own root
 // tree, which the reference init asks for files its archive lacks.
 func (l *Lab) open(name, addr string) (*bootfile.File, error) {
-	guest, rest, _ := strings.Cut(strings.TrimLeft(name, "/"), "/")
+	// Ownership is decided on the canonical name, the one the file
+	// servers' os.Root resolves: "./g2/x" and "g2//x" are g2's too.
+	name = strings.TrimLeft(path.Clean("/"+name), "/")
+	guest, rest, _ := strings.Cut(name, "/")
 	l.mu.Lock()
 	g := l.byName[guest]
 	owner := g
-	if mac, ok := strings.CutPrefix(strings.TrimLeft(name, "/"), "pxelinux.cfg/01-"); ok {
+	if mac, ok := strings.CutPrefix(name, "pxelinux.cfg/01-"); ok {
 		owner = l.guests[strings.ReplaceAll(mac, "-", ":")]
 	}
 	l.mu.Unlock()
@@ -215,7 +236,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
 	}
 	if g == nil {
-		return l.files(name, addr)
+		return l.lookup(name, "", addr)
 	}
 	if p, ok := strings.CutPrefix(rest, "files/"); ok {
 		if g.rootFS == nil {
@@ -224,7 +245,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return bootfile.Root(g.rootFS)(p, addr)
 	}
 	if g.keeper == nil || g.keeper.served == "" || rest != filepath.Base(g.keeper.served) {
-		return l.files(name, addr)
+		return l.lookup(name, rest, addr)
 	}
 	if err := g.keeper.fresh(l.ctx); err != nil {
 		l.Timeline.Emit(timeline.Event{Source: "archive", Kind: "error", Guest: g.Name, Msg: "refresh before fetch: " + err.Error()})
@@ -234,6 +255,20 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return nil, err
 	}
 	return g.keeper.serve(f), nil
+}
+
+// lookup opens name from the lab's served root, else from the user's
+// tree (Options.Serve) as name, else as rest (the path inside a guest's
+// folder, when name is in one).
+func (l *Lab) lookup(name, rest, addr string) (*bootfile.File, error) {
+	f, err := l.files(name, addr)
+	if l.serve == nil || !errors.Is(err, fs.ErrNotExist) {
+		return f, err
+	}
+	if f, uerr := l.serve(name, addr); !errors.Is(uerr, fs.ErrNotExist) || rest == "" {
+		return f, uerr
+	}
+	return l.serve(rest, addr)
 }
 
 // signingKey is the lab's signing key, made on first use and stopped (its
@@ -317,7 +352,7 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	for _, ch := range chains {
 		for _, r := range ch.DHCP {
 			if r.Match(c) {
-				return r.answer(server, g.Name)
+				return r.answer(server, g.Name, g.loaderName())
 			}
 		}
 	}

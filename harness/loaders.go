@@ -27,7 +27,23 @@ func ipxeLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p pla
 		}
 		b.SAN = san
 	}
-	return writeFile(filepath.Join(dir, "boot.ipxe"), []byte(bootcfg.IPXEScript(b)))
+	script, err := g.loaderConfig(ConfigIPXE, bootcfg.IPXEDefault, b)
+	if err != nil {
+		return err
+	}
+	return writeFile(filepath.Join(dir, "boot.ipxe"), script)
+}
+
+// loaderConfig renders a loader configuration of kind for b: the user's
+// template (Spec.LoaderConfig) when the guest's chain reads that kind, else
+// nbh's default.
+func (g *Guest) loaderConfig(kind string, def *bootcfg.Template, b bootcfg.Boot) ([]byte, error) {
+	t := def
+	if g.config != nil && g.chain.LoaderConfig == kind {
+		t = g.config
+	}
+	s, err := t.Execute(b)
+	return []byte(s), err
 }
 
 // sanBootFile is the removable-media boot file of each arch's ESP: what
@@ -92,7 +108,11 @@ func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, s
 func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) error {
 	l := g.lab
 	mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
-	if err := writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), []byte(bootcfg.PXELinux(b))); err != nil {
+	cfg, err := g.loaderConfig(ConfigPXELinux, bootcfg.PXELinuxDefault, b)
+	if err != nil {
+		return err
+	}
+	if err := writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), cfg); err != nil {
 		return err
 	}
 	l.mu.Lock()
@@ -109,7 +129,11 @@ func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) 
 func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
 	l := g.lab
 	cfg := filepath.Join(dir, "grub", "grub.cfg")
-	if err := writeFile(cfg, []byte(bootcfg.GRUBConfig(b))); err != nil {
+	text, err := g.loaderConfig(ConfigGRUB, bootcfg.GRUBDefault, b)
+	if err != nil {
+		return err
+	}
+	if err := writeFile(cfg, text); err != nil {
 		return err
 	}
 	var pubkey string

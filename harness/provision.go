@@ -13,7 +13,9 @@ import (
 	"time"
 
 	"nbh.dev/nbh/fixtures"
+	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/dhcp"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
@@ -103,6 +105,18 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, fmt.Errorf("ip %s: no SAN boot over IPv6: iPXE writes only IPv4 addresses into the iBFT (its ibft.c, in Debian 12's build and upstream alike); --root nfs and iscsi boot over IPv6", spec.Family)
 		}
 	}
+	if err := chain.Drives(spec.NIC, spec.NICROM != "" || spec.FirmwareCode != "" || spec.BIOS != ""); err != nil {
+		return nil, fmt.Errorf("spec: %w", err)
+	}
+	if err := checkUserRoot(spec); err != nil {
+		return nil, err
+	}
+	if (spec.RootDir != "" || spec.RootImage != "") && (p.editConfig || p.swap) {
+		return nil, fmt.Errorf("fault: stale-config, config-changed and archive-swap change the reference root's configuration; your root has none (a changed file of your root that your archive holds shows as a stale-archive event)")
+	}
+	if err := chain.CheckUserFiles(spec); err != nil {
+		return nil, fmt.Errorf("spec: %w", err)
+	}
 	switch spec.Root {
 	case RootNone, RootNFS, RootISCSI, RootSANBoot:
 	default:
@@ -129,6 +143,37 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	expect, err := regexp.Compile(spec.Expect)
 	if err != nil {
 		return nil, fmt.Errorf("expect: %w", err)
+	}
+	var steps []*regexp.Regexp
+	for i, st := range spec.Steps {
+		re, err := regexp.Compile(st)
+		if err != nil {
+			return nil, fmt.Errorf("expect step %d: %w", i+1, err)
+		}
+		steps = append(steps, re)
+	}
+	var fails []failOn
+	for _, f := range spec.FailOn {
+		re, err := regexp.Compile(f.Pattern)
+		if err != nil {
+			return nil, fmt.Errorf("fail-on %q: %w", f.Pattern, err)
+		}
+		if strings.TrimSpace(f.Reason) == "" {
+			return nil, fmt.Errorf("fail-on %q: no reason", f.Pattern)
+		}
+		fails = append(fails, failOn{re: re, reason: failure.Reason(f.Reason)})
+	}
+	var config *bootcfg.Template
+	if spec.LoaderConfig != "" {
+		if chain.LoaderConfig == "" {
+			return nil, fmt.Errorf("loader config: %s has no loader that reads one (%s); the kernel command line is --append", chain.Name(), noLoaderWhy(chain))
+		}
+		if spec.AnyLoader {
+			return nil, fmt.Errorf("loader config: a guest ready for any loader reads several kinds; name its chain")
+		}
+		if config, err = bootcfg.ReadTemplate(spec.LoaderConfig); err != nil {
+			return nil, err
+		}
 	}
 	if spec.Timeout == 0 {
 		spec.Timeout = 180 * time.Second
@@ -184,9 +229,9 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 	l.mu.Unlock()
 	g := &Guest{
-		Name: spec.Name, Profile: chain.Profile, chain: chain, lab: l, spec: spec, expect: expect,
+		Name: spec.Name, Profile: chain.Profile, chain: chain, lab: l, spec: spec, expect: expect, steps: steps, failOn: fails, config: config,
 		MAC: mac, n: n,
-		decided: make(chan struct{}),
+		decided: make(chan struct{}), driftDone: make(chan struct{}),
 	}
 	made = g
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
@@ -260,4 +305,12 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 
 	g.Accel = qemu.Probe(spec.Arch)
 	return g, nil
+}
+
+// noLoaderWhy says why a chain has no loader configuration.
+func noLoaderWhy(c Chain) string {
+	if c.Load == qemu.LoadKernel {
+		return "QEMU loads kernel and archive itself"
+	}
+	return "the firmware boots a Unified Kernel Image, no loader"
 }

@@ -42,9 +42,10 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 			NBH: version.String(), QEMU: qemu.Version(s.Arch), Host: hostName(),
 			Accel: strings.TrimSpace(g.Accel.Name + " (" + g.Accel.Why + ")"), Argv: g.Argv(),
 		},
-		Lab: bundle.Lab{ESPKeyBits: opts.ESPKeyBits, MTU: opts.MTU, Seed: opts.Seed},
+		Lab: bundle.Lab{ESPKeyBits: opts.ESPKeyBits, MTU: opts.MTU, Seed: opts.Seed, Serve: opts.Serve},
 		Spec: bundle.Spec{
-			Arch: s.Arch, Firmware: s.Firmware, Name: s.Name, MAC: s.MAC, IP: s.IP, Root: s.Root, CHAP: s.CHAP,
+			Arch: s.Arch, Firmware: s.Firmware, Name: s.Name, MAC: s.MAC, IP: s.IP, Family: s.Family, NIC: s.NIC, Root: s.Root, CHAP: s.CHAP,
+			RootDir: s.RootDir, RootImage: s.RootImage, RootWritable: s.RootWritable,
 			Append: s.Append, NoArchiveRefresh: s.NoArchiveRefresh, OnStale: s.OnStale, Compression: s.Compression,
 			Signed: s.Signed, KeepPrompts: s.KeepPrompts, Expect: s.Expect, Memory: s.Memory,
 			Timeout: s.Timeout.Seconds(),
@@ -59,6 +60,10 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 	}
 	for _, f := range s.Faults {
 		b.Spec.Faults = append(b.Spec.Faults, f.Name)
+	}
+	b.Spec.Steps = s.Steps
+	for _, f := range s.FailOn {
+		b.Spec.FailOn = append(b.Spec.FailOn, bundle.FailOn(f))
 	}
 	if len(s.StageTimeouts) > 0 {
 		b.Spec.StageTimeouts = map[string]float64{}
@@ -79,6 +84,17 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 	}
 	b.Spec.Kernel = keep(s.Kernel, "kernel")
 	b.Spec.Initrd = keep(s.Initrd, "initrd")
+	for _, f := range []struct {
+		src  string
+		dst  *string
+		name string
+	}{
+		{s.LoaderConfig, &b.Spec.LoaderConfig, "loader-config"}, {s.Loader, &b.Spec.Loader, "loader/" + filepath.Base(s.Loader)},
+		{s.FirmwareCode, &b.Spec.FirmwareCode, "firmware-code"}, {s.FirmwareVars, &b.Spec.FirmwareVars, "firmware-vars"},
+		{s.BIOS, &b.Spec.BIOS, "bios"}, {s.NICROM, &b.Spec.NICROM, "nic-rom"},
+	} {
+		*f.dst = keep(f.src, f.name)
+	}
 	keepAll := func(m map[string]string, folder string) map[string]string {
 		if len(m) == 0 {
 			return nil
@@ -136,7 +152,7 @@ func (g *Guest) secrets() []bundle.Secret {
 }
 
 func bundleVerdict(v Verdict, spans []timeline.Span, start time.Time) bundle.Verdict {
-	bv := bundle.Verdict{OK: v.OK, Reason: string(v.Reason), Stage: v.Stage.String(), Line: v.Line, Detail: v.Detail,
+	bv := bundle.Verdict{OK: v.OK, Reason: string(v.Reason), Stage: v.Stage.String(), Line: v.Line, Detail: v.Detail, Warnings: v.Warnings,
 		Elapsed: v.Elapsed.Seconds()}
 	for _, s := range spans {
 		bv.Spans = append(bv.Spans, bundle.Span{Stage: s.Stage.String(), Start: s.Start.Sub(start).Seconds(), Seconds: s.Duration.Seconds()})
@@ -196,7 +212,8 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 	if _, err := LookupChain(bs.Arch, bs.Firmware); err != nil {
 		return bad("%v", err)
 	}
-	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Root: bs.Root, CHAP: bs.CHAP,
+	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Family: bs.Family, NIC: bs.NIC, Root: bs.Root, CHAP: bs.CHAP,
+		RootDir: bs.RootDir, RootImage: bs.RootImage, RootWritable: bs.RootWritable,
 		Append: bs.Append, NoArchiveRefresh: bs.NoArchiveRefresh, OnStale: bs.OnStale, Compression: bs.Compression,
 		Signed: bs.Signed, KeepPrompts: bs.KeepPrompts, Expect: bs.Expect, Memory: bs.Memory,
 		Timeout: time.Duration(bs.Timeout * float64(time.Second))}
@@ -206,6 +223,27 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 	}
 	if s.Initrd, err = b.Path(bs.Initrd); err != nil {
 		return Options{}, Spec{}, err
+	}
+	for _, f := range []struct {
+		rel string
+		dst *string
+	}{{bs.LoaderConfig, &s.LoaderConfig}, {bs.Loader, &s.Loader}, {bs.FirmwareCode, &s.FirmwareCode},
+		{bs.FirmwareVars, &s.FirmwareVars}, {bs.BIOS, &s.BIOS}, {bs.NICROM, &s.NICROM}} {
+		if *f.dst, err = b.Path(f.rel); err != nil {
+			return Options{}, Spec{}, err
+		}
+	}
+	for _, p := range []string{bs.RootDir, bs.RootImage} {
+		if _, err := os.Stat(p); p != "" && err != nil {
+			return bad("the boot's root was %s, which is not on this machine (a root tree or image is referenced, not carried): put it back there, or edit spec.root_dir / spec.root_image in %s", p, bundle.SpecFile)
+		}
+	}
+	if b.Lab.Serve != "" {
+		// A tree is referenced, not carried: it must still be where it was.
+		if fi, err := os.Stat(b.Lab.Serve); err != nil || !fi.IsDir() {
+			return bad("the boot served the tree %s (--serve), which is not on this machine: put it back there, or copy it and edit lab.serve in %s", b.Lab.Serve, bundle.SpecFile)
+		}
+		opts.Serve = b.Lab.Serve
 	}
 	for _, m := range []struct {
 		from map[string]string
@@ -221,6 +259,10 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 			}
 			(*m.to)[guestPath] = p
 		}
+	}
+	s.Steps = bs.Steps
+	for _, f := range bs.FailOn {
+		s.FailOn = append(s.FailOn, FailOn(f))
 	}
 	for _, name := range bs.Faults {
 		f, err := LookupFault(name)

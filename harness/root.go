@@ -26,6 +26,18 @@ func (g *Guest) iscsiRoot() string {
 	return fmt.Sprintf("iscsi:%s%s::%d:0:%s", creds, g.server(), iscsi.Port, g.plan.iqn)
 }
 
+// rootPath is where the guest's root is, as its command line names it:
+// SERVER:/PATH for NFS, the iscsi: URI for iSCSI, "" for none.
+func (g *Guest) rootPath() string {
+	switch g.spec.Root {
+	case RootNFS:
+		return g.server() + ":" + g.plan.nfsPath
+	case RootISCSI, RootSANBoot:
+		return g.iscsiRoot()
+	}
+	return ""
+}
+
 // prepareRoot builds the guest's root, once per guest name in the lab: a
 // guest booted again under the same name gets the same root back, as a
 // machine rebooting would, with whatever it wrote.
@@ -34,7 +46,12 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 	base := filepath.Join(l.work, "roots", g.Name)
 	switch g.spec.Root {
 	case RootNFS:
-		if _, err := os.Stat(base); err != nil {
+		if g.spec.RootDir != "" {
+			var err error
+			if base, err = g.userTree(ctx, base); err != nil {
+				return err
+			}
+		} else if _, err := os.Stat(base); err != nil {
 			tmp := base + ".tmp"
 			os.RemoveAll(tmp)
 			if err := fixtures.BuildRoot(ctx, l.cache, g.Profile.Arch, tmp, g.spec.RootFiles); err != nil {
@@ -53,13 +70,18 @@ func (g *Guest) prepareRoot(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		g.rootFS = root
+		g.rootFS, g.rootDir = root, base
 	case RootISCSI, RootSANBoot:
 		img := base + ".img"
 		if g.spec.Root == RootSANBoot {
 			img = base + ".disk"
 		}
-		if _, err := os.Stat(img); err != nil {
+		if g.spec.RootDir != "" || g.spec.RootImage != "" {
+			var err error
+			if img, err = g.userImage(ctx, img); err != nil {
+				return err
+			}
+		} else if _, err := os.Stat(img); err != nil {
 			size := int64(64 << 20)
 			for _, src := range g.spec.RootFiles {
 				if fi, err := os.Stat(src); err == nil {

@@ -43,7 +43,8 @@ func absPaths(spec *Spec) error {
 		*p = a
 		return nil
 	}
-	for _, p := range []*string{&spec.Kernel, &spec.Initrd, &spec.Artifacts} {
+	for _, p := range []*string{&spec.Kernel, &spec.Initrd, &spec.Artifacts, &spec.LoaderConfig, &spec.Loader,
+		&spec.FirmwareCode, &spec.FirmwareVars, &spec.BIOS, &spec.NICROM, &spec.RootDir, &spec.RootImage} {
 		if err := abs(p); err != nil {
 			return err
 		}

@@ -1,6 +1,9 @@
 package harness
 
 import (
+	"fmt"
+	"regexp"
+	"strings"
 	"time"
 
 	"nbh.dev/nbh/harness/timeline"
@@ -28,14 +31,48 @@ type Spec struct {
 	// RootSANBoot (a whole disk on the target that the loader SAN-boots).
 	Root string
 
+	// RootDir is the user's own root tree (a folder: a distribution root
+	// made by mmdebstrap, debootstrap, a build system) for RootNFS (the
+	// export) or RootISCSI (an ext4 image of it, made with mke2fs -d and
+	// cached by the tree's content). RootImage is a raw disk or file-system
+	// image for RootISCSI, served as the LUN. Each guest gets its own copy;
+	// the user's files are only read unless RootWritable serves the tree
+	// or image itself (the guest's writes land in it).
+	RootDir, RootImage string
+	RootWritable       bool
+
 	// CHAP makes the iSCSI target require one-way CHAP from this guest;
 	// the guest is told its credentials on the kernel command line (a
 	// SAN boot: in its loader's script, and the iBFT tells the kernel).
 	CHAP bool
 
+	// NIC is the network card model (qemu.LookupNIC: virtio, the default,
+	// e1000, e1000e, rtl8139, ...); the chain's firmware must drive it
+	// (Chain.Drives). The reference archive carries the drivers of every
+	// model and loads the one the machine has.
+	NIC string
+
 	Kernel string // kernel image; default: the cached Debian kernel (a relative path is from the working directory)
 	Initrd string // boot archive; default: the reference archive
 	Append string // added to the kernel command line
+
+	// LoaderConfig is the user's own loader configuration for the chain's
+	// loader (Chain.LoaderConfig: the iPXE script, U-Boot's pxelinux config
+	// or grub.cfg), a Go text/template over bootcfg.Boot; nbh's own configs
+	// are the default templates (bootcfg.IPXETemplate, ...).
+	LoaderConfig string
+
+	// Loader is the user's own boot file for the chain's firmware, served
+	// in place of nbh's (Chain.LoaderFile: ipxe.efi, the GRUB netboot
+	// image): their iPXE or GRUB build, shim. Checked before QEMU starts
+	// (an EFI binary for the guest's architecture).
+	Loader string
+	// FirmwareCode and FirmwareVars are the user's own UEFI build (OVMF,
+	// AAVMF: code and variable store) for the UEFI chains; BIOS is their
+	// SeaBIOS or U-Boot build for seabios-ipxe and uboot; NICROM is their
+	// option ROM for the NIC (an iPXE build). Each is checked before QEMU
+	// starts (package fwcheck).
+	FirmwareCode, FirmwareVars, BIOS, NICROM string
 
 	// ArchiveFiles and RootFiles add host files to the reference archive
 	// and to the guest's copy of the reference root (guest path -> host path).
@@ -73,9 +110,18 @@ type Spec struct {
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
 	// of answering them (see console.Responders).
 	KeepPrompts bool
-	Expect      string        // regexp for success; default: the reference marker
-	Memory      int           // MiB; default 1024
-	Timeout     time.Duration // overall deadline for Wait; default 180s
+	Expect      string // regexp for success; default: the reference marker
+	// Steps are console patterns (regexps) the boot must print, in this
+	// order, before Expect counts: each one reached is a timeline event
+	// ("expect", with its number), and a boot that fails names the first
+	// one it did not reach.
+	Steps []string
+	// FailOn are the user's own failure signatures: a console line
+	// matching one ends the boot with its reason, before the built-in table
+	// is asked.
+	FailOn  []FailOn
+	Memory  int           // MiB; default 1024
+	Timeout time.Duration // overall deadline for Wait; default 180s
 	// StageTimeouts bound how long a boot may stay in one stage without
 	// reaching the next; entries override DefaultStageTimeouts.
 	StageTimeouts map[timeline.Stage]time.Duration
@@ -89,6 +135,28 @@ type Spec struct {
 	// OnEvent is called with each of the guest's timeline events as it
 	// happens (and the lab-wide ones); it must not block.
 	OnEvent func(timeline.Event)
+}
+
+// FailOn is a failure signature of the user's: a console line matching
+// Pattern (a regexp) means Reason (any words; a built-in reason's words,
+// such as "kernel panic", make it that reason).
+type FailOn struct {
+	Pattern string `json:"pattern"`
+	Reason  string `json:"reason"`
+}
+
+// ParseFailOn reads the CLI's spelling of a failure signature,
+// REGEXP=REASON (split at the last "=").
+func ParseFailOn(s string) (FailOn, error) {
+	i := strings.LastIndex(s, "=")
+	if i <= 0 || strings.TrimSpace(s[i+1:]) == "" {
+		return FailOn{}, fmt.Errorf("fail-on %q: want REGEXP=REASON", s)
+	}
+	f := FailOn{Pattern: s[:i], Reason: strings.TrimSpace(s[i+1:])}
+	if _, err := regexp.Compile(f.Pattern); err != nil {
+		return FailOn{}, fmt.Errorf("fail-on %q: %w", s, err)
+	}
+	return f, nil
 }
 
 // DefaultStageTimeouts are the per-stage deadlines. A stage that runs past

@@ -3,6 +3,7 @@ package harness
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 
@@ -20,6 +21,9 @@ type Verdict struct {
 	Detail  string         // further evidence (QEMU's stderr, the last network error)
 	Elapsed time.Duration
 	Tail    []string // last console lines
+	// Warnings are what went wrong without failing the boot (an archive
+	// that differs from the root it booted).
+	Warnings []string
 }
 
 // Err is nil for a good boot, else an error describing the failure.
@@ -47,7 +51,16 @@ func (e *BootError) Error() string {
 
 // observe follows the guest's events on the lab timeline.
 func (g *Guest) observe(e timeline.Event) {
-	if e.Guest != g.Name || e.Stage == timeline.None {
+	if e.Guest != g.Name {
+		return
+	}
+	if e.Source == "nfs" && e.Kind == "mount" && g.spec.Root == RootNFS {
+		g.mu.Lock()
+		g.driftStarted = true
+		g.mu.Unlock()
+		go g.checkDrift()
+	}
+	if e.Stage == timeline.None {
 		return
 	}
 	g.mu.Lock()
@@ -120,9 +133,15 @@ func (g *Guest) monitor() {
 			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})
 		}
 		g.noteWait(line)
-		if g.expect.MatchString(line.Text) {
+		if g.step(line) {
 			tl.Emit(timeline.Event{Source: "console", Kind: "marker", Guest: g.Name, Stage: timeline.Marker, Time: line.Time, Msg: line.Text})
 			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
+			continue
+		}
+		if f, ok := g.userFailure(line.Text); ok {
+			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Time: line.Time, Msg: line.Text,
+				Detail: map[string]any{"reason": string(f.reason), "by": "fail-on " + f.re.String(), "stage": g.Reached().String()}})
+			g.decide(Verdict{Reason: f.reason, Stage: g.Reached(), Line: line.Text})
 			continue
 		}
 		if p, ok := console.Classify(line.Text, g.Reached(), before); ok && !g.passes(line.Text) {
@@ -145,11 +164,69 @@ func (g *Guest) monitor() {
 	g.decide(Verdict{Reason: failure.GuestStopped, Stage: g.Reached()})
 }
 
+// failOn is a compiled Spec.FailOn.
+type failOn struct {
+	re     *regexp.Regexp
+	reason failure.Reason
+}
+
+// userFailure matches a console line against the user's own signatures.
+func (g *Guest) userFailure(line string) (failOn, bool) {
+	for _, f := range g.failOn {
+		if f.re.MatchString(line) {
+			return f, true
+		}
+	}
+	return failOn{}, false
+}
+
+// step follows the console through Spec.Steps, in order, and reports
+// whether the line is the success marker: Expect, once every step was seen.
+// Each step reached is an "expect" event.
+func (g *Guest) step(line console.Line) bool {
+	g.mu.Lock()
+	n := g.stepsSeen
+	if n < len(g.steps) && g.steps[n].MatchString(line.Text) {
+		g.stepsSeen++
+		g.mu.Unlock()
+		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Time: line.Time, Msg: line.Text,
+			Detail: map[string]any{"step": n + 1, "of": len(g.steps) + 1, "pattern": g.steps[n].String()}})
+		return false
+	}
+	g.mu.Unlock()
+	return n == len(g.steps) && g.expect.MatchString(line.Text)
+}
+
+// missedStep names the first expectation the boot did not reach.
+func (g *Guest) missedStep() string {
+	g.mu.Lock()
+	n := g.stepsSeen
+	g.mu.Unlock()
+	total := len(g.steps) + 1
+	if total == 1 {
+		return ""
+	}
+	re := g.expect
+	if n < len(g.steps) {
+		re = g.steps[n]
+	}
+	return fmt.Sprintf("expectation %d of %d not reached: %q", n+1, total, re.String())
+}
+
 func (g *Guest) decide(v Verdict) {
+	elapsed := time.Since(g.Start)
 	if !v.OK {
 		v = g.refine(v)
 		if v.Detail == "" {
 			v.Detail = g.evidence()
+		}
+		v.Detail = joinDetail(g.missedStep(), v.Detail)
+	}
+	if d := g.driftFound(); d != "" {
+		if v.OK {
+			v.Warnings = append(v.Warnings, "stale archive: "+d)
+		} else if !strings.Contains(v.Detail, d) {
+			v.Detail = joinDetail(v.Detail, "the server found the archive stale: "+d)
 		}
 	}
 	g.mu.Lock()
@@ -157,7 +234,7 @@ func (g *Guest) decide(v Verdict) {
 	if g.verdict != nil {
 		return
 	}
-	v.Elapsed = time.Since(g.Start)
+	v.Elapsed = elapsed
 	g.verdict = &v
 	close(g.decided)
 }

@@ -49,7 +49,7 @@ func Row2Report(res Result, base string) report.Row {
 		Root: row.RootName(), Network: row.Network(), Fault: row.Fault,
 		Expect: "marker", Pass: res.Pass(), WallSeconds: res.Wall.Seconds(),
 		Verdict: report.Verdict{OK: v.OK, Reason: string(v.Reason), Stage: v.Stage.String(), Line: v.Line,
-			Detail: v.Detail, ElapsedSeconds: v.Elapsed.Seconds(), Tail: v.Tail},
+			Detail: v.Detail, ElapsedSeconds: v.Elapsed.Seconds(), Tail: v.Tail, Warnings: v.Warnings},
 	}
 	if row.Fault != "" && row.Expect != failure.None {
 		out.Expect = string(row.Expect)

@@ -250,3 +250,25 @@ func LongestFirst(rows []Row) []Row {
 	})
 	return out
 }
+
+// StackRows keeps the rows a user's stacks can run: those of an arch with a
+// stack, where the stack applies to the row's chain, root and fault
+// (harness.Stack.Apply).
+func StackRows(rows []Row, stacks map[string]harness.Stack) []Row {
+	var out []Row
+	for _, r := range rows {
+		st, ok := stacks[r.Arch]
+		if !ok {
+			continue
+		}
+		c, err := harness.LookupChain(r.Arch, r.Firmware)
+		if err != nil {
+			continue
+		}
+		spec, serve := r.Spec(), ""
+		if st.Apply(c, &spec, &serve) {
+			out = append(out, r)
+		}
+	}
+	return out
+}

@@ -43,6 +43,9 @@ type Config struct {
 	Progress   io.Writer // a line per finished row; nil: none
 	// OnResult, if set, is called (serially) with each result as it ends.
 	OnResult func(Result)
+	// Stacks are the user's own boot stacks by architecture (nbh matrix
+	// --stack): each row boots its arch's stack (harness.Stack.Apply).
+	Stacks map[string]harness.Stack
 	// InOrder boots the rows in the order given instead of longest first
 	// (nbh soak interleaves chains, roots and networks on purpose).
 	InOrder bool
@@ -145,6 +148,10 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 		os.RemoveAll(res.Dir) // a previous run's files would mislead
 	} // else the lab keeps them in its own folder, removed with it
 	opts := harness.Options{Cache: cfg.Cache}
+	if st, ok := cfg.Stacks[r.Arch]; ok {
+		c, _ := harness.LookupChain(r.Arch, r.Firmware)
+		st.Apply(c, &spec, &opts.Serve)
+	}
 	if r.IPsec {
 		opts.IPsec = ipsec.Required()
 	}

@@ -316,12 +316,13 @@ a{color:#1a57a8}
 <td class="chain">{{.Chain}}</td><td>{{.Root}}</td><td>{{.Network}}</td><td>{{or .Fault "-"}}</td><td>{{.Expect}}</td><td>{{.Outcome}}</td><td>{{secs .Verdict.ElapsedSeconds}}</td>
 <td><svg width="440" height="18" role="img" aria-label="stages of {{.ID}}">{{range .Bars}}<rect class="stage{{if .Failed}} failed-stage{{end}}" x="{{px .X}}" y="3" width="{{px .W}}" height="12" fill="{{.Color}}"{{if .Failed}} stroke="#b3261e" stroke-width="2"{{end}}><title>{{.Stage}} {{secs .Seconds}}{{if .DeadlineSecs}} (deadline {{secs .DeadlineSecs}}){{end}}{{if .Failed}}: failed here{{end}}</title></rect>{{if and .Deadline (le .Deadline 440.0)}}<line class="deadline" x1="{{px .Deadline}}" x2="{{px .Deadline}}" y1="0" y2="18" stroke="{{if .Failed}}#b3261e{{else}}#555{{end}}" stroke-width="1.5" stroke-dasharray="3,2"><title>{{.Stage}} deadline {{secs .DeadlineSecs}}</title></line>{{end}}{{end}}</svg></td>
 <td class="links">{{if .ConsolePage}}<a class="console" href="{{.ConsolePage}}{{if .Verdict.ConsoleLine}}#L{{.Verdict.ConsoleLine}}{{end}}">console</a> {{end}}{{if .Artifacts.Console}}<a href="{{.Artifacts.Console}}" title="console.log">log</a> {{end}}{{if .Artifacts.Timeline}}<a href="{{.Artifacts.Timeline}}" title="timeline.jsonl">timeline</a> {{end}}{{if .Artifacts.Network}}<a href="{{.Artifacts.Network}}" title="network.pcapng">pcap</a>{{end}}{{if and .Artifacts.Bundle (not .Pass)}}<div class="repro" title="the path is from this page's folder">reproduce: <code>nbh repro {{.Artifacts.Bundle}}</code></div>{{end}}</td>
-</tr>{{if not .Pass}}
+</tr>{{if or (not .Pass) .Verdict.Warnings}}
 <tr class="detail" data-for="row-{{.ID}}"><td></td><td colspan="9">
 {{if .Error}}<div><b>error:</b> {{.Error}}</div>{{end}}
 {{if .Verdict.Reason}}<div><b>{{.Verdict.Reason}}</b> at stage <b>{{.Verdict.Stage}}</b> after {{secs .Verdict.ElapsedSeconds}}</div>{{end}}
 {{if .Verdict.Line}}<div>decided by: <code>{{.Verdict.Line}}</code></div>{{end}}
 {{if .Verdict.Detail}}<div>evidence: {{.Verdict.Detail}}</div>{{end}}
+{{range .Verdict.Warnings}}<div class="warning">warning: {{.}}</div>{{end}}
 {{if .Verdict.Tail}}<pre>{{range .Verdict.Tail}}{{.}}
 {{end}}</pre>{{end}}
 </td></tr>{{end}}{{end}}

@@ -73,6 +73,9 @@ type Verdict struct {
 	Detail         string   `json:"detail,omitempty"`       // the server side's evidence
 	ElapsedSeconds float64  `json:"elapsed_seconds"`
 	Tail           []string `json:"tail,omitempty"` // last console lines
+	// Warnings are what went wrong without failing the boot (a stale
+	// archive the server found).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // Span is one stage of the boot.

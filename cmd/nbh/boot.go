@@ -30,7 +30,9 @@ func bootCmd(ctx context.Context, args []string) int {
 	kernel := fs.String("kernel", "", "kernel image (default: the cached Debian kernel)")
 	initrd := fs.String("initrd", "", "boot archive: a file, or stock:TOOL ("+strings.Join(stock.Tools(), ", ")+") for one made by that generator for the cached kernel (built once, cached; amd64 hosts build amd64 ones) (default: the reference archive)")
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
-	expect := fs.String("expect", "", "regular expression that means success (default: the reference marker NBH-READY)")
+	var expects, failOns multiFlag
+	fs.Var(&expects, "expect", "regular expression that means success (default: the reference marker NBH-READY, NBH-ROOT-READY with a root); repeatable: an ordered list of console patterns, each a step on the timeline, the last one the success")
+	fs.Var(&failOns, "fail-on", "REGEXP=REASON (repeatable): a console line matching REGEXP ends the boot as a failure with REASON (asked before the built-in failure table; a built-in reason's words, such as 'kernel panic', make it that reason)")
 	timeout := fs.Duration("timeout", 180*time.Second, "overall deadline for the boot")
 	artifacts := fs.String("artifacts", "", "folder for console.log, timeline.jsonl and network.pcapng (default: a temporary folder, kept only if the boot fails)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the result")
@@ -58,9 +60,22 @@ func bootCmd(ctx context.Context, args []string) int {
 		return exitUsage
 	}
 	arch, firmware, cache := lab.arch, lab.firmware, lab.cache
-	if _, err := regexp.Compile(*expect); err != nil {
-		fmt.Fprintf(os.Stderr, "nbh boot: --expect: %v\n", err)
-		return exitUsage
+	for _, e := range expects {
+		if _, err := regexp.Compile(e); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: --expect %q: %v\n", e, err)
+			return exitUsage
+		}
+	}
+	if n := len(expects); n > 0 {
+		spec.Steps, spec.Expect = expects[:n-1], expects[n-1]
+	}
+	for _, f := range failOns {
+		fo, err := harness.ParseFailOn(f)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: --%v\n", err)
+			return exitUsage
+		}
+		spec.FailOn = append(spec.FailOn, fo)
 	}
 	if *refresh != "on" && *refresh != "off" {
 		fmt.Fprintf(os.Stderr, "nbh boot: --archive-refresh %q: want on or off\n", *refresh)
@@ -78,7 +93,7 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: --compression %q: want gzip or zstd\n", *compression)
 		return exitUsage
 	}
-	spec.Kernel, spec.Initrd, spec.Append, spec.Expect, spec.Timeout, spec.KeepPrompts = *kernel, *initrd, *appendArgs, *expect, *timeout, *keepPrompts
+	spec.Kernel, spec.Initrd, spec.Append, spec.Timeout, spec.KeepPrompts = *kernel, *initrd, *appendArgs, *timeout, *keepPrompts
 	spec.NoArchiveRefresh, spec.OnStale, spec.Compression, spec.Signed = *refresh == "off", *onStale, *compression, *signed
 	stockTool, isStock := strings.CutPrefix(*initrd, "stock:")
 	if isStock && spec.Family == dhcp.V6 {
@@ -156,6 +171,9 @@ func bootCmd(ctx context.Context, args []string) int {
 	fmt.Printf("\n%s", timeline.Table(spans, qemuStart))
 	if v.OK {
 		fmt.Printf("\nOK: %s/%s reached the marker in %.2fs\n  %s\n", *arch, *firmware, v.Elapsed.Seconds(), v.Line)
+		for _, w := range v.Warnings {
+			fmt.Printf("warning: %s\n", w)
+		}
 		if keep {
 			fmt.Printf("artifacts: %s\n", dir)
 		} else {

@@ -3,11 +3,15 @@ package main
 import (
 	"flag"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/images"
 )
 
@@ -15,7 +19,11 @@ import (
 // the network and the faults.
 type labFlags struct {
 	arch, firmware, root, ipsec, cache *string
-	family                             *string
+	family, nic                        *string
+	loaderConfig, loader, serve        *string
+	fwCode, fwVars, bios, nicROM       *string
+	rootDir, rootImage                 *string
+	rootWritable                       *bool
 	sanboot                            *bool
 	mtu                                *int
 	faults                             multiFlag
@@ -23,14 +31,25 @@ type labFlags struct {
 
 func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 	f := &labFlags{
-		arch:     fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
-		firmware: fs.String("firmware", "", firmwareHelp),
-		root:     fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export), iscsi (an ext4 LUN of the lab's target) or sanboot (as --root iscsi --sanboot); with a root the marker is NBH-ROOT-READY"),
-		family:   fs.String("ip", "4", "what the guest boots over: 4 (IPv4), 6 (IPv6 only: router advertisements with the M flag, DHCPv6 with option 59 boot file URLs, TFTP, HTTP and the NFS and iSCSI roots over IPv6; chains: "+strings.Join(harness.IPv6Chains(), ", ")+") or dual (both; the loaders use IPv4, the init configures both)"),
-		sanboot:  fs.Bool("sanboot", false, "with --root iscsi: the loader boots from the iSCSI disk itself (iPXE sanboot: a GPT disk whose ESP holds the Unified Kernel Image, described to the kernel in the iBFT) instead of fetching kernel and archive; chains: "+strings.Join(harness.SANBootChains(), ", ")),
-		ipsec:    fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)"),
-		mtu:      fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),
-		cache:    fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
+		arch:         fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
+		firmware:     fs.String("firmware", "", firmwareHelp),
+		root:         fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export), iscsi (an ext4 LUN of the lab's target) or sanboot (as --root iscsi --sanboot); with a root the marker is NBH-ROOT-READY"),
+		family:       fs.String("ip", "4", "what the guest boots over: 4 (IPv4), 6 (IPv6 only: router advertisements with the M flag, DHCPv6 with option 59 boot file URLs, TFTP, HTTP and the NFS and iSCSI roots over IPv6; chains: "+strings.Join(harness.IPv6Chains(), ", ")+") or dual (both; the loaders use IPv4, the init configures both)"),
+		sanboot:      fs.Bool("sanboot", false, "with --root iscsi: the loader boots from the iSCSI disk itself (iPXE sanboot: a GPT disk whose ESP holds the Unified Kernel Image, described to the kernel in the iBFT) instead of fetching kernel and archive; chains: "+strings.Join(harness.SANBootChains(), ", ")),
+		ipsec:        fs.String("ipsec", "off", "off: a clear network; required: the root's services (portmapper, NFS, iSCSI) only under ESP, with the guest's keys in the reference archive (DHCP, TFTP and HTTP stay clear for the loaders)"),
+		nic:          fs.String("nic", "virtio", "the guest's network card model: "+strings.Join(qemu.NICNames(), ", ")+" (the reference archive carries each one's Linux driver and loads the one the machine has); the firmware must drive it: any model on the chains that boot through the NIC's iPXE ROM and on direct boots, e1000 also on uboot"),
+		rootDir:      fs.String("root-dir", "", "your own root tree (a folder: mmdebstrap, debootstrap, a build system's output) for --root nfs (each guest gets its own copy) or --root iscsi (an ext4 image of it, made with mke2fs -d and cached by the tree's content); owners, modes, setuid bits, symlinks, hard links and device nodes come through as the tree has them (as root; see README for other users)"),
+		rootImage:    fs.String("root-image", "", "your own raw disk or file-system image for --root iscsi, served as the LUN (each guest gets its own sparse copy)"),
+		rootWritable: fs.Bool("root-writable", false, "serve --root-dir (NFS) or --root-image itself instead of a copy: the guest's writes land in your files"),
+		loaderConfig: fs.String("loader-config", "", "your own configuration for the chain's loader, a Go text/template (the iPXE script for the iPXE chains, the pxelinux config for uboot, grub.cfg for aavmf-grub); its fields are bootcfg.Boot's: {{.Server}} {{.Guest}} {{.MAC}} {{.IP}} {{.Arch}} {{.Firmware}} {{.Kernel}} {{.Initrd}} {{.KernelURL}} {{.InitrdURL}} {{.Cmdline}} {{.Root}} {{.RootPath}} {{.SAN}}; see README"),
+		loader:       fs.String("loader", "", "your own boot file for the firmware's PXE, served in place of nbh's (ipxe.efi on ovmf-pxe, ipxe-arm64.efi on aavmf-ipxe, the GRUB image on aavmf-grub): an EFI binary for the guest's architecture"),
+		fwCode:       fs.String("firmware-code", "", "your own UEFI firmware build (OVMF or AAVMF code) for the UEFI chains"),
+		fwVars:       fs.String("firmware-vars", "", "your own UEFI variable store (copied per guest) for the chains that run their firmware from flash (ovmf-*, aavmf-http)"),
+		bios:         fs.String("bios", "", "your own SeaBIOS (seabios-ipxe) or U-Boot (uboot) build"),
+		nicROM:       fs.String("nic-rom", "", "your own option ROM for the NIC (an iPXE build), loaded on any chain"),
+		serve:        fs.String("serve", "", "a folder merged read-only into what TFTP and HTTP serve (menus, second-stage loaders, a netboot tree); a guest's own files come first, and a name in a guest's folder (GUEST/PATH) is also looked up as PATH"),
+		mtu:          fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),
+		cache:        fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
 	}
 	fs.Var(&f.faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	return f
@@ -47,7 +66,9 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	if err != nil {
 		return prof, harness.Options{}, harness.Spec{}, err
 	}
-	spec := harness.Spec{Arch: *f.arch, Firmware: *f.firmware, Family: *f.family}
+	spec := harness.Spec{Arch: *f.arch, Firmware: *f.firmware, Family: *f.family, NIC: *f.nic,
+		RootDir: *f.rootDir, RootImage: *f.rootImage, RootWritable: *f.rootWritable,
+		LoaderConfig: *f.loaderConfig, Loader: *f.loader, FirmwareCode: *f.fwCode, FirmwareVars: *f.fwVars, BIOS: *f.bios, NICROM: *f.nicROM}
 	switch *f.root {
 	case "none":
 	case harness.RootNFS, harness.RootISCSI, harness.RootSANBoot:
@@ -64,7 +85,33 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	if !prof.Boots(spec.Root) {
 		return prof, harness.Options{}, spec, fmt.Errorf("--sanboot: %s's loader cannot SAN-boot; use --firmware %s", prof.Name(), strings.Join(harness.SANBootChains(), " or "))
 	}
+	if err := prof.Drives(spec.NIC, spec.NICROM != "" || spec.FirmwareCode != "" || spec.BIOS != ""); err != nil {
+		return prof, harness.Options{}, spec, fmt.Errorf("--nic: %v", err)
+	}
+	// The user's own files, checked before anything starts: a template
+	// that does not parse or execute, a loader for another architecture,
+	// a firmware image that is none.
+	if spec.LoaderConfig != "" {
+		if prof.LoaderConfig == "" {
+			return prof, harness.Options{}, spec, fmt.Errorf("--loader-config: %s has no loader that reads a configuration of nbh's making; its kernel command line is --append", prof.Name())
+		}
+		if _, err := bootcfg.ReadTemplate(spec.LoaderConfig); err != nil {
+			return prof, harness.Options{}, spec, err
+		}
+	}
+	if err := prof.CheckUserFiles(spec); err != nil {
+		return prof, harness.Options{}, spec, err
+	}
 	opts := harness.Options{Cache: images.Open(*f.cache)}
+	if *f.serve != "" {
+		fi, err := os.Stat(*f.serve)
+		if err != nil || !fi.IsDir() {
+			return prof, opts, spec, fmt.Errorf("--serve %s: not a folder", *f.serve)
+		}
+		if opts.Serve, err = filepath.Abs(*f.serve); err != nil {
+			return prof, opts, spec, err
+		}
+	}
 	switch *f.ipsec {
 	case "off":
 	case "required":

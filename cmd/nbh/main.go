@@ -35,6 +35,9 @@ Usage:
                        files, goroutines or lab folders were left behind
   nbh report [flags] JSON...
                        merge matrix JSON reports (CI shards); render HTML, JUnit
+  nbh archive build --root DIR --files LIST --out FILE
+                       build a boot archive for your own root tree (nbh's init, the
+                       root kernel's modules, the listed files, a manifest)
   nbh images [flags]   fetch and cache kernels, busybox, firmware, loaders and stubs at the
                        pinned versions (--update: pin the current ones; --stock: also
                        build the initramfs-tools and dracut archives)
@@ -110,6 +113,8 @@ func run(args []string) int {
 		return soakCmd(ctx, args[1:])
 	case "bundle":
 		return bundleCmd(args[1:])
+	case "archive":
+		return archiveCmd(ctx, args[1:])
 	case "help", "-h", "--help":
 		if len(args) > 1 {
 			return run([]string{args[1], "--help"})

@@ -36,6 +36,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	html := fs.String("html", "", "write the HTML report into this folder (index.html, console pages)")
 	artifacts := fs.String("artifacts", "", "folder for each row's console.log, timeline.jsonl and network.pcapng (default: REPORT/artifacts, else artifacts/matrix)")
 	keep := fs.String("keep-artifacts", "all", "whose artifacts to keep: all, or failed (CI uploads those)")
+	stackFile := fs.String("stack", "", "your own boot stack: a JSON file of per-architecture slots ({\"amd64\": {\"kernel\": ..., \"initrd\": ..., \"root_dir\": ..., \"loader_config\": {\"ipxe\": ...}, \"expect\": [...]}}; see README); the rows are then your stack across every chain, root and fault of its architectures that applies")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh matrix [flags]
 
@@ -71,6 +72,18 @@ Flags:
 		return exitUsage
 	}
 	rows := matrix.Rows(sel)
+	var stacks map[string]harness.Stack
+	if *stackFile != "" {
+		if stacks, err = harness.ReadStacks(*stackFile); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
+			return exitUsage
+		}
+		rows = matrix.StackRows(rows, stacks)
+		if len(rows) == 0 {
+			fmt.Fprintf(os.Stderr, "nbh matrix: the stack (%s) applies to no row of this selection\n", strings.Join(harness.Arches(stacks), ", "))
+			return exitUsage
+		}
+	}
 	if *shard != "" {
 		i, n, err := matrix.ParseShard(*shard)
 		if err == nil {
@@ -113,7 +126,7 @@ Flags:
 	start := time.Now()
 	results := matrix.Run(ctx, rows, matrix.Config{
 		Jobs: n, Timeout: *timeout, Artifacts: *artifacts, KeepPassed: *keep == "all",
-		Cache: c, Progress: os.Stderr,
+		Cache: c, Progress: os.Stderr, Stacks: stacks,
 	})
 	wall := time.Since(start)
 	code := printMatrix(results, len(rows))

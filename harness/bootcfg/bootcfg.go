@@ -15,14 +15,17 @@ import (
 	"os/exec"
 	"sort"
 	"strings"
+	"text/template"
 )
 
-// Boot is what a loader must load.
+// Boot is what a loader must load. It is also what a loader configuration
+// template sees (Template): its fields and methods are the documented
+// template fields.
 type Boot struct {
-	Server  string // IP address of the boot server
+	Server  string // the boot server's address, as a URL host (IPv6 in brackets)
 	Kernel  string // path on the server, e.g. g1/vmlinuz
 	Initrd  string
-	Cmdline string
+	Cmdline string // the kernel command line
 	// NFS, if set, makes the loader read Kernel and Initrd from this NFS
 	// export of the server (the root file system itself) instead of over
 	// HTTP or TFTP: iPXE with nfs:// URLs, U-Boot with its nfs command.
@@ -31,9 +34,37 @@ type Boot struct {
 	// no HTTP server: QEMU's user-mode network).
 	TFTP bool
 	// SAN, if set, makes iPXE boot from an iSCSI disk instead of kernel
-	// and archive (IPXEScript only).
+	// and archive (the iPXE script only).
 	SAN *SANBoot
+
+	// What the templates may also use: the guest and its chain.
+	Guest    string // the guest's name, e.g. g1
+	MAC      string // its Ethernet address, 52:54:00:4e:42:01
+	IP       string // its leased address
+	Arch     string // amd64 or arm64
+	Firmware string // the chain, e.g. seabios-ipxe
+	// Root is the root the command line names: "" (none), nfs, iscsi or
+	// sanboot; RootPath its location (SERVER:/PATH for NFS, the iscsi: URI).
+	Root, RootPath string
 }
+
+// URL is where the loader fetches path of the boot server (a path such as
+// Kernel): http://SERVER/PATH, or tftp:// or nfs:// as the boot says.
+func (b Boot) URL(path string) string {
+	switch {
+	case b.NFS != "":
+		return "nfs://" + b.Server + b.NFS + "/" + path
+	case b.TFTP:
+		return "tftp://" + b.Server + "/" + path
+	}
+	return "http://" + b.Server + "/" + path
+}
+
+// KernelURL is URL(Kernel).
+func (b Boot) KernelURL() string { return b.URL(b.Kernel) }
+
+// InitrdURL is URL(Initrd).
+func (b Boot) InitrdURL() string { return b.URL(b.Initrd) }
 
 // SANBoot is an iSCSI disk for iPXE's sanboot.
 type SANBoot struct {
@@ -44,68 +75,148 @@ type SANBoot struct {
 	NoDescribe bool // boot without describing the disk in the iBFT
 }
 
-// IPXEScript fetches kernel and archive over HTTP (or NFS). initrd= on the
-// command line lets an EFI-stub kernel find the archive iPXE registered under
-// that name.
-func IPXEScript(b Boot) string {
-	if b.SAN != nil {
-		return ipxeSANBoot(*b.SAN)
-	}
-	scheme, base := "http", b.Server
-	switch {
-	case b.NFS != "":
-		scheme, base = "nfs", b.Server+b.NFS
-	case b.TFTP:
-		scheme = "tftp"
-	}
-	return fmt.Sprintf(`#!ipxe
+// IPXETemplate is the default iPXE script: kernel and archive over HTTP
+// (or NFS, or TFTP), or a SAN boot: iPXE logs in, hooks the disk into the
+// firmware, describes it in the iBFT (initiator, NIC, target, CHAP) and
+// starts the disk's removable-media boot file (\EFI\BOOT\BOOTX64.EFI).
+// initrd= on the command line lets an EFI-stub kernel find the archive iPXE
+// registered under that name.
+const IPXETemplate = `#!ipxe
 echo nbh: iPXE script for ${net0/mac} at ${net0/ip}
-kernel %[5]s://%[1]s/%[2]s initrd=initrd.img %[4]s || goto failed
-initrd --name initrd.img %[5]s://%[1]s/%[3]s || goto failed
+{{if .SAN -}}
+set initiator-iqn {{.SAN.Initiator}}
+{{if .SAN.User -}}
+set username {{.SAN.User}}
+set password {{.SAN.Password}}
+{{end -}}
+echo nbh: SAN boot from {{.SAN.URI}}
+sanboot {{if .SAN.NoDescribe}}--no-describe {{end}}{{.SAN.URI}} || goto failed
+{{else -}}
+kernel {{.KernelURL}} initrd=initrd.img {{.Cmdline}} || goto failed
+initrd --name initrd.img {{.InitrdURL}} || goto failed
 echo nbh: booting kernel
 boot || goto failed
+{{end -}}
 :failed
 echo nbh: iPXE boot failed
 exit 1
-`, base, b.Kernel, b.Initrd, b.Cmdline, scheme)
-}
+`
 
-// ipxeSANBoot boots the disk: iPXE logs in, hooks the disk into the
-// firmware, describes it in the iBFT (initiator, NIC, target, CHAP) and
-// starts the disk's removable-media boot file (\EFI\BOOT\BOOTX64.EFI).
-func ipxeSANBoot(s SANBoot) string {
-	var b strings.Builder
-	b.WriteString("#!ipxe\necho nbh: iPXE script for ${net0/mac} at ${net0/ip}\n")
-	fmt.Fprintf(&b, "set initiator-iqn %s\n", s.Initiator)
-	if s.User != "" {
-		fmt.Fprintf(&b, "set username %s\nset password %s\n", s.User, s.Password)
-	}
-	opt := ""
-	if s.NoDescribe {
-		opt = "--no-describe "
-	}
-	fmt.Fprintf(&b, "echo nbh: SAN boot from %s\nsanboot %s%s || goto failed\n", s.URI, opt, s.URI)
-	b.WriteString(":failed\necho nbh: iPXE boot failed\nexit 1\n")
-	return b.String()
-}
-
-// PXELinux is a pxelinux-style config, as U-Boot's "pxe" command reads it.
-func PXELinux(b Boot) string {
-	return fmt.Sprintf(`# nbh: pxelinux config
+// PXELinuxTemplate is the default pxelinux-style config, as U-Boot's "pxe"
+// command reads it.
+const PXELinuxTemplate = `# nbh: pxelinux config
 default nbh
 prompt 0
 timeout 1
 label nbh
-	kernel %s
-	initrd %s
-	append %s
-`, b.Kernel, b.Initrd, b.Cmdline)
+	kernel {{.Kernel}}
+	initrd {{.Initrd}}
+	append {{.Cmdline}}
+`
+
+// GRUBTemplate is the default grub.cfg: kernel and archive over HTTP from
+// the boot server.
+const GRUBTemplate = `set timeout=0
+echo "nbh: grub.cfg"
+echo "nbh: loading kernel"
+linux (http,{{.Server}})/{{.Kernel}} {{.Cmdline}}
+echo "nbh: loading archive"
+initrd (http,{{.Server}})/{{.Initrd}}
+echo "nbh: booting kernel"
+boot
+echo "nbh: GRUB boot failed"
+`
+
+// Template is a loader configuration as a Go text/template over Boot:
+// nbh's defaults (IPXETemplate, PXELinuxTemplate, GRUBTemplate) and a
+// user's own file alike.
+type Template struct {
+	Name string // the file it came from, or the default's name
+	t    *template.Template
+}
+
+// ParseTemplate parses a loader configuration template; name is the file
+// it came from, and errors name it with the line (file:LINE: ...).
+func ParseTemplate(name, text string) (*Template, error) {
+	t, err := template.New(name).Option("missingkey=error").Parse(text)
+	if err != nil {
+		return nil, fmt.Errorf("loader config %w", err)
+	}
+	return &Template{Name: name, t: t}, nil
+}
+
+// ReadTemplate parses the template in file, and executes it once against
+// Example so that a field it does not know fails here, before any boot.
+func ReadTemplate(file string) (*Template, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("loader config: %w", err)
+	}
+	t, err := ParseTemplate(file, string(b))
+	if err != nil {
+		return nil, err
+	}
+	if _, err := t.Execute(Example); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// Example is a Boot with every field set, for checking templates.
+var Example = Boot{
+	Server: "10.0.2.2", Kernel: "g1/vmlinuz", Initrd: "g1/initrd.img", Cmdline: "console=ttyS0",
+	Guest: "g1", MAC: "52:54:00:4e:42:01", IP: "10.0.2.15", Arch: "amd64", Firmware: "seabios-ipxe",
+	Root: "nfs", RootPath: "10.0.2.2:/nbh/root",
+	SAN: &SANBoot{URI: "iscsi:10.0.2.2::3260:0:iqn.2026-11.dev.nbh:root", Initiator: "iqn.2026-11.dev.nbh:g1"},
+}
+
+// Execute renders the template for b; errors name the file and line.
+func (t *Template) Execute(b Boot) (string, error) {
+	var out strings.Builder
+	if err := t.t.Execute(&out, b); err != nil {
+		return "", fmt.Errorf("loader config %w", err)
+	}
+	return out.String(), nil
+}
+
+// mustParse parses one of nbh's own templates.
+func mustParse(name, text string) *Template {
+	t, err := ParseTemplate(name, text)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+// The default templates, parsed.
+var (
+	IPXEDefault     = mustParse("nbh:boot.ipxe", IPXETemplate)
+	PXELinuxDefault = mustParse("nbh:pxelinux.cfg", PXELinuxTemplate)
+	GRUBDefault     = mustParse("nbh:grub.cfg", GRUBTemplate)
+)
+
+// IPXEScript is the default iPXE script for b.
+func IPXEScript(b Boot) string { return mustExecute(IPXEDefault, b) }
+
+// PXELinux is the default pxelinux config for b.
+func PXELinux(b Boot) string { return mustExecute(PXELinuxDefault, b) }
+
+// GRUBConfig is the default grub.cfg for b.
+func GRUBConfig(b Boot) string { return mustExecute(GRUBDefault, b) }
+
+func mustExecute(t *Template, b Boot) string {
+	s, err := t.Execute(b)
+	if err != nil {
+		panic(err) // nbh's own templates use only Boot's fields
+	}
+	return s
 }
 
 // UBootScript widens TFTP blocks and windows (one block per round trip
 // would make a 33 MB kernel take tens of seconds) and then boots the
 // pxelinux config for this NIC. The window stays at 8: with 32, U-Boot
-// 2023.01's virtio-net (32 receive buffers) stopped receiving mid-transfer.
+// 2023.01's virtio-net (32 receive buffers) stopped receiving mid-transfer;
+// its e1000 driver loses blocks of any window and gets 1 (3.7 MB/s).
 //
 // nfs lists the machines (by MAC address) whose boot files come from an
 // NFS export instead (Boot.NFS): the script is the same file for every
@@ -115,6 +226,9 @@ func UBootScript(nfs map[string]Boot) string {
 	b.WriteString(`echo nbh: U-Boot script
 setenv tftpblocksize 1468
 setenv tftpwindowsize 8
+if test "${ethact}" = "e1000#0"; then
+	setenv tftpwindowsize 1
+fi
 `)
 	macs := make([]string, 0, len(nfs))
 	for mac := range nfs {
@@ -167,20 +281,6 @@ func UBootImage(name, script string) []byte {
 	copy(h[32:], name)
 	be.PutUint32(h[4:], crc32.ChecksumIEEE(h))
 	return append(h, d...)
-}
-
-// GRUBConfig loads kernel and archive over HTTP from the boot server.
-func GRUBConfig(b Boot) string {
-	return fmt.Sprintf(`set timeout=0
-echo "nbh: grub.cfg"
-echo "nbh: loading kernel"
-linux (http,%[1]s)/%[2]s %[4]s
-echo "nbh: loading archive"
-initrd (http,%[1]s)/%[3]s
-echo "nbh: booting kernel"
-boot
-echo "nbh: GRUB boot failed"
-`, b.Server, b.Kernel, b.Initrd, b.Cmdline)
 }
 
 // GRUBModules are built into the netboot image.

@@ -72,6 +72,9 @@ type Lab struct {
 	IPsec      *Policy `json:"ipsec,omitempty"`
 	ESPKeyBits int     `json:"esp_key_bits,omitempty"`
 	MTU        int     `json:"mtu,omitempty"`
+	// Serve is the user's tree merged into the boot server (a host path,
+	// referenced, not copied: it can be a whole installer tree).
+	Serve string `json:"serve,omitempty"`
 	// Seed decides the lab's random choices for the guest (ESP SPIs and
 	// keys, CHAP secret). Secret: it derives keys.
 	Seed string `json:"seed"`
@@ -90,18 +93,37 @@ type Rule struct {
 	Action string `json:"action"`
 }
 
+// FailOn is a failure signature of the user's (harness.FailOn).
+type FailOn struct {
+	Pattern string `json:"pattern"`
+	Reason  string `json:"reason"`
+}
+
 // Spec is a harness.Spec without its callbacks, with host paths turned into
 // paths inside the bundle ("" where the guest booted the pinned kernel or the
 // reference archive).
 type Spec struct {
-	Arch             string             `json:"arch"`
-	Firmware         string             `json:"firmware"`
-	Name             string             `json:"name"`
-	MAC              string             `json:"mac"`
-	IP               string             `json:"ip"`
-	Root             string             `json:"root,omitempty"`
+	Arch     string `json:"arch"`
+	Firmware string `json:"firmware"`
+	Name     string `json:"name"`
+	MAC      string `json:"mac"`
+	IP       string `json:"ip"`
+	Family   string `json:"family,omitempty"`
+	NIC      string `json:"nic,omitempty"`
+	Root     string `json:"root,omitempty"`
+	// RootDir and RootImage are the user's root (host paths: referenced,
+	// not copied, for their size).
+	RootDir          string             `json:"root_dir,omitempty"`
+	RootImage        string             `json:"root_image,omitempty"`
+	RootWritable     bool               `json:"root_writable,omitempty"`
 	CHAP             bool               `json:"chap,omitempty"`
 	Kernel           string             `json:"kernel,omitempty"`
+	LoaderConfig     string             `json:"loader_config,omitempty"`
+	Loader           string             `json:"loader,omitempty"`
+	FirmwareCode     string             `json:"firmware_code,omitempty"`
+	FirmwareVars     string             `json:"firmware_vars,omitempty"`
+	BIOS             string             `json:"bios,omitempty"`
+	NICROM           string             `json:"nic_rom,omitempty"`
 	Initrd           string             `json:"initrd,omitempty"`
 	Append           string             `json:"append,omitempty"`
 	ArchiveFiles     map[string]string  `json:"archive_files,omitempty"`
@@ -112,7 +134,9 @@ type Spec struct {
 	Signed           bool               `json:"signed,omitempty"`
 	Faults           []string           `json:"faults,omitempty"`
 	KeepPrompts      bool               `json:"keep_prompts,omitempty"`
+	Steps            []string           `json:"expect_steps,omitempty"`
 	Expect           string             `json:"expect"`
+	FailOn           []FailOn           `json:"fail_on,omitempty"`
 	Memory           int                `json:"memory,omitempty"`
 	Timeout          float64            `json:"timeout_seconds"`
 	StageTimeouts    map[string]float64 `json:"stage_timeouts_seconds,omitempty"`
@@ -126,13 +150,15 @@ type Secret struct {
 
 // Verdict is verdict.json: how the boot ended.
 type Verdict struct {
-	OK      bool    `json:"ok"`
-	Reason  string  `json:"reason,omitempty"`
-	Stage   string  `json:"stage"`
-	Line    string  `json:"line,omitempty"`
-	Detail  string  `json:"detail,omitempty"`
-	Elapsed float64 `json:"elapsed_seconds"`
-	Spans   []Span  `json:"spans"`
+	OK     bool   `json:"ok"`
+	Reason string `json:"reason,omitempty"`
+	Stage  string `json:"stage"`
+	Line   string `json:"line,omitempty"`
+	Detail string `json:"detail,omitempty"`
+	// Warnings are what went wrong without failing the boot.
+	Warnings []string `json:"warnings,omitempty"`
+	Elapsed  float64  `json:"elapsed_seconds"`
+	Spans    []Span   `json:"spans"`
 }
 
 // Span is the time one stage took.

@@ -43,6 +43,7 @@ var Failures = []Pattern{
 	row(`nbh-init: FAIL missing-module:`, failure.MissingModule, timeline.Root, 0, "init"),
 	row(`nbh-init: FAIL archive: stale boot archive: modules for kernel`, failure.StaleArchive, timeline.Init, 0, "init"),
 	row(`nbh-init: FAIL archive:`, failure.StaleArchive, timeline.Root, 0, "init"),
+	row(`nbh-init: FAIL network: no network interface`, failure.NoNetDevice, timeline.Init, 0, "init"),
 	row(`nbh-init: FAIL (\S+):`, failure.InitFailed, timeline.Init, 0, "init"),
 
 	// Kernel.

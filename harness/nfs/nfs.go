@@ -213,3 +213,53 @@ func (c *changeFS) Chown(name string, uid, gid int) error {
 func (c *changeFS) Chtimes(name string, atime, mtime time.Time) error {
 	return c.root.Chtimes(inRoot(name), atime, mtime)
 }
+
+// Stat, Lstat and ReadDir report the setuid, setgid and sticky bits as the
+// Unix mode bits the client reads: go-nfs sends a file's os.FileMode as its
+// NFS mode, where Go keeps those bits far above the permissions, so
+// /usr/bin/su and /tmp arrived as plain 0755 and 0777.
+func (c *changeFS) Stat(name string) (os.FileInfo, error) {
+	fi, err := c.Filesystem.Stat(name)
+	return unixModes(fi), err
+}
+
+func (c *changeFS) Lstat(name string) (os.FileInfo, error) {
+	fi, err := c.Filesystem.Lstat(name)
+	return unixModes(fi), err
+}
+
+func (c *changeFS) ReadDir(name string) ([]os.FileInfo, error) {
+	fis, err := c.Filesystem.ReadDir(name)
+	for i, fi := range fis {
+		fis[i] = unixModes(fi)
+	}
+	return fis, err
+}
+
+// unixMode is a FileInfo whose mode carries the special bits at their Unix
+// places (04000, 02000, 01000).
+type unixMode struct{ os.FileInfo }
+
+const goSpecial = os.ModeSetuid | os.ModeSetgid | os.ModeSticky
+
+func (u unixMode) Mode() os.FileMode {
+	m := u.FileInfo.Mode()
+	out := m &^ goSpecial
+	if m&os.ModeSetuid != 0 {
+		out |= 0o4000
+	}
+	if m&os.ModeSetgid != 0 {
+		out |= 0o2000
+	}
+	if m&os.ModeSticky != 0 {
+		out |= 0o1000
+	}
+	return out
+}
+
+func unixModes(fi os.FileInfo) os.FileInfo {
+	if fi == nil || fi.Mode()&goSpecial == 0 {
+		return fi
+	}
+	return unixMode{fi}
+}

@@ -177,3 +177,25 @@ func TestRemoveAndRenameActOnLinks(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, string(secret), "secret")
 }
+
+// TestSpecialModeBits: the client reads setuid, setgid and sticky as Unix
+// mode bits (what a stock root's su and /tmp need), checked on the wire's
+// mode, not through the server's own FileInfo.
+func TestSpecialModeBits(t *testing.T) {
+	target, root, _, _ := serve(t)
+	for name, mode := range map[string]os.FileMode{"suid": 0o755 | os.ModeSetuid, "sgid": 0o755 | os.ModeSetgid} {
+		p := filepath.Join(root, name)
+		assert.NilError(t, os.WriteFile(p, nil, 0o755))
+		assert.NilError(t, os.Chmod(p, mode))
+	}
+	sticky := filepath.Join(root, "tmp")
+	assert.NilError(t, os.Mkdir(sticky, 0o777))
+	assert.NilError(t, os.Chmod(sticky, 0o777|os.ModeSticky))
+	for name, want := range map[string]uint32{"/suid": 0o4755, "/sgid": 0o2755, "/tmp": 0o1777, "/file": 0o644} {
+		fi, _, err := target.Lookup(name)
+		assert.NilError(t, err, name)
+		attr, ok := fi.(*nfsc.Fattr)
+		assert.Assert(t, ok, "%s: %T", name, fi)
+		assert.Equal(t, attr.FileMode&0o7777, want, "%s: mode %o", name, attr.FileMode)
+	}
+}

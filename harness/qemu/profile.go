@@ -81,7 +81,12 @@ type Config struct {
 	Accel  Accel
 	Memory int // MiB
 	MAC    string
-	Files  Files
+	// NIC is the network card model (LookupNIC); "" is virtio.
+	NIC string
+	// ROMFile is the user's option ROM for the NIC (a file), instead of
+	// QEMU's own; it is loaded even on chains that boot without one.
+	ROMFile string
+	Files   Files
 	// Direct boot only.
 	Kernel, Initrd, Append string
 	// Dir is a private folder for per-guest files (UEFI variables, QMP).
@@ -141,8 +146,18 @@ func Args(c Config) ([]string, error) {
 		return nil, fmt.Errorf("qemu: profile %s names no machine", c.Name())
 	}
 	a = append(a, "-machine", c.Machine)
-	nic := "virtio-net-pci,netdev=n0,mac=" + c.MAC
-	if !c.NICROM {
+	model, err := LookupNIC(c.NIC)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	nic := model.Device + ",netdev=n0,mac=" + c.MAC
+	switch {
+	case c.ROMFile != "":
+		if strings.Contains(c.ROMFile, ",") {
+			return nil, fmt.Errorf("qemu: NIC ROM %q: a comma in the path", c.ROMFile)
+		}
+		nic += ",romfile=" + c.ROMFile
+	case !c.Profile.NICROM:
 		nic += ",romfile="
 	}
 	switch c.Load {
@@ -152,6 +167,9 @@ func Args(c Config) ([]string, error) {
 		}
 		a = append(a, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", c.Append)
 	case LoadDefault:
+		if c.Files.Code != "" {
+			a = append(a, "-bios", c.Files.Code) // the user's SeaBIOS build
+		}
 	case LoadPflash:
 		vars := filepath.Join(c.Dir, "vars.fd")
 		if err := fsutil.CopyFile(c.Files.Vars, vars); err != nil {

@@ -94,3 +94,19 @@ func LockDir(dir string) (func(), error) {
 	}
 	return func() { f.Close() }, nil
 }
+
+// SameContent reports whether the files at a and b hold the same bytes
+// (the same file, or equal SHA-256 sums); false when either is unreadable.
+func SameContent(a, b string) bool {
+	ai, aerr := os.Stat(a)
+	bi, berr := os.Stat(b)
+	if aerr != nil || berr != nil || ai.Size() != bi.Size() {
+		return false
+	}
+	if os.SameFile(ai, bi) {
+		return true
+	}
+	ha, aerr := SHA256File(a)
+	hb, berr := SHA256File(b)
+	return aerr == nil && berr == nil && ha == hb
+}
