@@ -187,6 +187,9 @@ func (g *Guest) QEMUArgs(socket string) ([]string, error) {
 	return append([]string{qemu.Binary(g.Profile.Arch)}, args...), nil
 }
 
+// Events are the guest's events on the lab timeline so far.
+func (g *Guest) Events() []timeline.Event { return g.lab.Timeline.Events(g.Name) }
+
 // Spans are the guest's per-stage durations so far.
 func (g *Guest) Spans() []timeline.Span {
 	return timeline.Spans(g.lab.Timeline.Events(g.Name), time.Now())

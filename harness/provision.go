@@ -168,9 +168,6 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		if chain.LoaderConfig == "" {
 			return nil, fmt.Errorf("loader config: %s has no loader that reads one (%s); the kernel command line is --append", chain.Name(), noLoaderWhy(chain))
 		}
-		if spec.AnyLoader {
-			return nil, fmt.Errorf("loader config: a guest ready for any loader reads several kinds; name its chain")
-		}
 		if config, err = bootcfg.ReadTemplate(spec.LoaderConfig); err != nil {
 			return nil, err
 		}

@@ -91,8 +91,72 @@ func TestBootFilesOnlyToTheirGuest(t *testing.T) {
 		}
 	}
 	assert.Equal(t, refused, 4)
+	// Ownership goes by the name the servers' os.Root resolves: other
+	// spellings of g1's files are g1's too.
+	for _, name := range []string{"./g1/vmlinuz", "g1//initrd.img", "/g2/../g1/vmlinuz", "pxelinux.cfg/./01-" + mac1, "x/../g1/files/etc/nbh/boot.conf"} {
+		f, err := l.open(name, g1.IP)
+		assert.NilError(t, err, "%s to its own guest", name)
+		f.Close()
+		_, err = l.open(name, g2.IP)
+		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
+	}
 	// What every guest needs stays shared.
 	f, err := l.open("boot.scr.uimg", g2.IP)
 	assert.NilError(t, err)
 	f.Close()
+}
+
+// TestServeTreeUnderTheLab: a tree of the user's (Options.Serve) is served
+// where the lab has no file of its own, also inside a guest's folder (what
+// a loader fetches beside itself), never to another guest, and never
+// outside the tree.
+func TestServeTreeUnderTheLab(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds boot archives from the image cache; skipped with -short")
+	}
+	base := t.TempDir()
+	tree := filepath.Join(base, "tree")
+	for name, data := range map[string]string{"menu.ipxe": "menu", "grubx64.efi": "grub", "vmlinuz": "not the lab's", "g1/own": "g1's"} {
+		p := filepath.Join(tree, name)
+		assert.NilError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		assert.NilError(t, os.WriteFile(p, []byte(data), 0o644))
+	}
+	assert.NilError(t, os.WriteFile(filepath.Join(base, "secret"), []byte("secret"), 0o600))
+	assert.NilError(t, os.Symlink(filepath.Join(base, "secret"), filepath.Join(tree, "leak")))
+	l, err := New(Options{Serve: tree})
+	assert.NilError(t, err)
+	defer l.Close()
+	var gs []*Guest
+	for _, name := range []string{"g1", "g2"} {
+		g, err := l.Provision(context.Background(), Spec{Arch: "amd64", Firmware: "seabios-ipxe", Name: name})
+		assert.NilError(t, err)
+		gs = append(gs, g)
+	}
+	g1, g2 := gs[0], gs[1]
+	read := func(name, addr string) (string, error) {
+		f, err := l.open(name, addr)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		b := make([]byte, f.Size())
+		_, err = f.ReadAt(b, 0)
+		return string(b), err
+	}
+	for name, want := range map[string]string{"menu.ipxe": "menu", "g1/grubx64.efi": "grub", "g1/own": "g1's"} {
+		got, err := read(name, g1.IP)
+		assert.NilError(t, err, name)
+		assert.Equal(t, got, want, name)
+	}
+	got, err := read("g1/vmlinuz", g1.IP)
+	assert.NilError(t, err)
+	assert.Assert(t, got != "not the lab's", "the tree's file won over the lab's own")
+	for _, name := range []string{"g1/grubx64.efi", "g1/own"} {
+		_, err := read(name, g2.IP)
+		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
+	}
+	for _, name := range []string{"leak", "../secret", "g1/../../secret"} {
+		got, err := read(name, g1.IP)
+		assert.Assert(t, err != nil && got != "secret", "%s: %q %v", name, got, err)
+	}
 }

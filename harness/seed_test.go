@@ -39,12 +39,27 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 	assert.Equal(t, opts.IPsec.Rules[0], ipsec.Rule{Proto: 6, Port: 2049, Action: ipsec.Protect})
 	assert.Equal(t, spec.Faults[0].Name, "no-dhcp")
 	assert.Equal(t, len(spec.StageTimeouts), 1)
+	// The slots of the user's own stack come back.
+	own := good
+	own.Spec.Family, own.Spec.NIC, own.Spec.Steps, own.Spec.FailOn = "6", "e1000", []string{"a"}, []bundle.FailOn{{Pattern: "x", Reason: "y"}}
+	own.Spec.RootDir, own.Spec.Root, own.Lab.Serve = t.TempDir(), RootNFS, t.TempDir()
+	opts, spec, err = FromBundle(&own)
+	assert.NilError(t, err)
+	assert.Equal(t, spec.Family, "6")
+	assert.Equal(t, spec.NIC, "e1000")
+	assert.DeepEqual(t, spec.Steps, []string{"a"})
+	assert.DeepEqual(t, spec.FailOn, []FailOn{{Pattern: "x", Reason: "y"}})
+	assert.Equal(t, spec.RootDir, own.Spec.RootDir)
+	assert.Equal(t, opts.Serve, own.Lab.Serve)
 	for name, edit := range map[string]func(*bundle.Bundle){
 		"unknown chain":  func(b *bundle.Bundle) { b.Spec.Firmware = "coreboot" },
 		"unknown fault":  func(b *bundle.Bundle) { b.Spec.Faults = []string{"gremlins"} },
 		"unknown stage":  func(b *bundle.Bundle) { b.Spec.StageTimeouts = map[string]float64{"bios": 1} },
 		"unknown action": func(b *bundle.Bundle) { b.Lab.IPsec = &bundle.Policy{Default: "maybe"} },
 		"kernel outside": func(b *bundle.Bundle) { b.Spec.Kernel = "../../vmlinuz" },
+		"loader outside": func(b *bundle.Bundle) { b.Spec.Loader = "../ipxe.efi" },
+		"root gone":      func(b *bundle.Bundle) { b.Spec.RootDir = "/nonexistent/root" },
+		"served gone":    func(b *bundle.Bundle) { b.Lab.Serve = "/nonexistent/tree" },
 	} {
 		b := good
 		b.Spec.Faults = append([]string(nil), good.Spec.Faults...)

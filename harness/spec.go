@@ -59,7 +59,9 @@ type Spec struct {
 	// LoaderConfig is the user's own loader configuration for the chain's
 	// loader (Chain.LoaderConfig: the iPXE script, U-Boot's pxelinux config
 	// or grub.cfg), a Go text/template over bootcfg.Boot; nbh's own configs
-	// are the default templates (bootcfg.IPXETemplate, ...).
+	// are the default templates (bootcfg.IPXETemplate, ...). A guest ready
+	// for any loader (AnyLoader) gets it for the loaders of its chain's kind
+	// and nbh's defaults for the others.
 	LoaderConfig string
 
 	// Loader is the user's own boot file for the chain's firmware, served
@@ -113,8 +115,9 @@ type Spec struct {
 	Expect      string // regexp for success; default: the reference marker
 	// Steps are console patterns (regexps) the boot must print, in this
 	// order, before Expect counts: each one reached is a timeline event
-	// ("expect", with its number), and a boot that fails names the first
-	// one it did not reach.
+	// ("expect", with its number) and restarts the current stage's
+	// deadline (progress), and a boot that fails names the first one it
+	// did not reach.
 	Steps []string
 	// FailOn are the user's own failure signatures: a console line
 	// matching one ends the boot with its reason, before the built-in table

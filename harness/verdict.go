@@ -188,6 +188,9 @@ func (g *Guest) step(line console.Line) bool {
 	n := g.stepsSeen
 	if n < len(g.steps) && g.steps[n].MatchString(line.Text) {
 		g.stepsSeen++
+		// A step of the user's is progress: the stage's deadline starts
+		// again (a systemd root spends a minute in stage root).
+		g.since = line.Time
 		g.mu.Unlock()
 		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"step": n + 1, "of": len(g.steps) + 1, "pattern": g.steps[n].String()}})

@@ -61,15 +61,19 @@ func TestServeWithOwnQEMU(t *testing.T) {
 	for _, c := range []struct {
 		name, arch, firmware, mac, guest string
 		args                             []string
+		nic                              string // the user's QEMU's NIC, in place of virtio
 	}{
-		{"arm64/uboot", "arm64", "uboot", "", "g1", nil},
+		{"arm64/uboot", "arm64", "uboot", "", "g1", nil, ""},
 		// A QEMU that joins through the socket gets its IPv6 lease bound
 		// to its port as a guest the lab runs does (else iPXE's HTTP from
 		// it would be dropped as spoofed).
-		{"amd64/seabios-ipxe-ip6", "amd64", "seabios-ipxe", "", "g1", []string{"--ip", "6"}},
+		{"amd64/seabios-ipxe-ip6", "amd64", "seabios-ipxe", "", "g1", []string{"--ip", "6"}, ""},
 		// A machine serve never printed a line for: a lease and boot
 		// files by what its firmware says it is.
-		{"amd64/never-seen-mac", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cc", "g-aabbcc", nil},
+		{"amd64/never-seen-mac", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cc", "g-aabbcc", nil, ""},
+		// The user's QEMU with an e1000: its iPXE ROM boots, and the
+		// reference archive carries the card's driver.
+		{"amd64/e1000", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cd", "g-aabbcd", nil, "e1000"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			guestTest(t)
@@ -110,6 +114,15 @@ func TestServeWithOwnQEMU(t *testing.T) {
 					argv[i] = regexp.MustCompile(`mac=[0-9a-f:]+`).ReplaceAllString(a, "mac="+c.mac)
 				}
 			}
+			if c.nic != "" {
+				for i, a := range argv {
+					if strings.HasPrefix(a, "virtio-net-pci,") {
+						// QEMU's own ROM for the card (the lab's line has none for virtio).
+						argv[i] = strings.Replace(strings.Replace(a, "virtio-net-pci,", c.nic+",", 1), ",romfile=", "", 1)
+					}
+				}
+			}
+			assert.Assert(t, c.nic == "" || strings.Contains(strings.Join(argv, " "), " "+c.nic+",netdev="), "%v", argv)
 			q := exec.Command(argv[0], argv[1:]...)
 			var console syncBuffer
 			q.Stdout, q.Stderr = &console, &console

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"hash/crc32"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -45,4 +47,33 @@ func TestConfigsNameTheFiles(t *testing.T) {
 	assert.Assert(t, strings.Contains(s, "kernel http://10.0.2.2/g1/vmlinuz initrd=initrd.img console=ttyS0 || goto failed"))
 	assert.Assert(t, strings.Contains(PXELinux(b), "\tkernel g1/vmlinuz\n\tinitrd g1/initrd.img\n\tappend console=ttyS0\n"))
 	assert.Assert(t, strings.Contains(GRUBConfig(b), "linux (http,10.0.2.2)/g1/vmlinuz console=ttyS0\n"))
+}
+
+// TestTemplateErrorsNameFileAndLine: a user's template that does not parse,
+// or uses a field Boot lacks, fails before any boot, naming file and line.
+func TestTemplateErrorsNameFileAndLine(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "boot.ipxe")
+	assert.NilError(t, os.WriteFile(bad, []byte("#!ipxe\necho ok\nkernel {{.KernelURL}\n"), 0o644))
+	_, err := ReadTemplate(bad)
+	assert.ErrorContains(t, err, bad+":3:")
+	field := filepath.Join(dir, "field.ipxe")
+	assert.NilError(t, os.WriteFile(field, []byte("#!ipxe\n\necho {{.NoSuchField}}\n"), 0o644))
+	_, err = ReadTemplate(field)
+	assert.ErrorContains(t, err, field+":3:")
+	assert.ErrorContains(t, err, "NoSuchField")
+}
+
+// TestUserTemplateSeesEveryField: the fields the help and README document
+// all render.
+func TestUserTemplateSeesEveryField(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "all.ipxe")
+	text := "{{.Server}} {{.Guest}} {{.MAC}} {{.IP}} {{.Arch}} {{.Firmware}} {{.Kernel}} {{.Initrd}} {{.KernelURL}} {{.InitrdURL}} {{.Cmdline}} {{.Root}} {{.RootPath}} {{.SAN.URI}} {{.URL \"x/y\"}}"
+	assert.NilError(t, os.WriteFile(p, []byte(text), 0o644))
+	tpl, err := ReadTemplate(p)
+	assert.NilError(t, err)
+	out, err := tpl.Execute(Boot{Server: "10.0.2.2", Guest: "g7", MAC: "52:54:00:00:00:07", IP: "10.0.2.21", Arch: "arm64", Firmware: "uboot",
+		Kernel: "g7/vmlinuz", Initrd: "g7/initrd.img", Cmdline: "quiet", Root: "nfs", RootPath: "10.0.2.2:/nbh/root", SAN: &SANBoot{URI: "iscsi:z"}})
+	assert.NilError(t, err)
+	assert.Equal(t, out, "10.0.2.2 g7 52:54:00:00:00:07 10.0.2.21 arm64 uboot g7/vmlinuz g7/initrd.img http://10.0.2.2/g7/vmlinuz http://10.0.2.2/g7/initrd.img quiet nfs 10.0.2.2:/nbh/root iscsi:z http://10.0.2.2/x/y")
 }

@@ -33,3 +33,25 @@ func TestProbeGuestsPrint(t *testing.T) {
 	assert.Assert(t, !ran)
 	assert.Assert(t, strings.Contains(why, "no guest output within"), why)
 }
+
+// TestNICModels: the NIC's QEMU device, QEMU's own ROM kept only where the
+// chain boots through it, a user's ROM wherever given.
+func TestNICModels(t *testing.T) {
+	device := func(c Config) string {
+		c.Machine, c.MAC, c.Arch = "pc", "52:54:00:00:00:01", "amd64"
+		a, err := Args(c)
+		assert.NilError(t, err)
+		for i, s := range a {
+			if s == "-device" && strings.Contains(a[i+1], "netdev=n0") {
+				return a[i+1]
+			}
+		}
+		t.Fatalf("no NIC in %v", a)
+		return ""
+	}
+	assert.Equal(t, device(Config{}), "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=,bootindex=1")
+	assert.Equal(t, device(Config{NIC: "e1000", Profile: Profile{NICROM: true}}), "e1000,netdev=n0,mac=52:54:00:00:00:01,bootindex=1")
+	assert.Equal(t, device(Config{NIC: "rtl8139", ROMFile: "/x/my.rom"}), "rtl8139,netdev=n0,mac=52:54:00:00:00:01,romfile=/x/my.rom,bootindex=1")
+	_, err := Args(Config{Profile: Profile{Machine: "pc"}, NIC: "tulip3000"})
+	assert.ErrorContains(t, err, `NIC "tulip3000": want one of virtio, e1000`)
+}

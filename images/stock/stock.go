@@ -170,7 +170,7 @@ func BuildWith(ctx context.Context, c *images.Cache, tool, arch string, o Option
 	if err != nil {
 		return nil, err
 	}
-	suite, sources, err := hostSources()
+	suite, sources, err := HostSources()
 	if err != nil {
 		return nil, err
 	}
@@ -303,10 +303,10 @@ func hostArch() string {
 	return runtime.GOARCH
 }
 
-// hostSources are the host's release codename and apt source files: the
+// HostSources are the host's release codename and apt source files: the
 // chroot is made from the same archive the cached kernel came from, and
 // mmdebstrap pastes each file into the chroot's apt configuration.
-func hostSources() (suite string, files []string, err error) {
+func HostSources() (suite string, files []string, err error) {
 	b, err := os.ReadFile("/etc/os-release")
 	if err != nil {
 		return "", nil, fmt.Errorf("stock: %w (a Debian host is needed)", err)

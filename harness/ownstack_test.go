@@ -1,0 +1,182 @@
+package harness
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/archive"
+)
+
+func TestChainsDriveTheirNICs(t *testing.T) {
+	drives := func(arch, fw, nic string, rom bool) error {
+		c, err := LookupChain(arch, fw)
+		assert.NilError(t, err)
+		return c.Drives(nic, rom)
+	}
+	// Through the NIC's iPXE ROM, and with no firmware at all: any model.
+	for _, nic := range []string{"virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet", "ne2k_pci", "i82559er"} {
+		assert.NilError(t, drives("amd64", "seabios-ipxe", nic, false))
+		assert.NilError(t, drives("amd64", "ovmf-ipxe", nic, false))
+		assert.NilError(t, drives("arm64", "direct", nic, false))
+	}
+	// OVMF's and AAVMF's own network stack has a virtio driver only.
+	assert.ErrorContains(t, drives("amd64", "ovmf-pxe", "e1000", false), "has no driver for it")
+	assert.ErrorContains(t, drives("arm64", "aavmf-http", "e1000", false), "has no driver for it")
+	assert.NilError(t, drives("amd64", "ovmf-pxe", "e1000", true), "the user's ROM brings the driver")
+	assert.NilError(t, drives("arm64", "uboot", "e1000", false))
+	assert.ErrorContains(t, drives("arm64", "uboot", "rtl8139", false), "it drives virtio, e1000")
+	assert.ErrorContains(t, drives("amd64", "seabios-ipxe", "tulip3000", false), "want one of")
+}
+
+func TestUserFilesFitTheChain(t *testing.T) {
+	dir := t.TempDir()
+	script := filepath.Join(dir, "boot.ipxe")
+	assert.NilError(t, os.WriteFile(script, []byte("#!ipxe\n"), 0o644))
+	check := func(fw string, s Spec) error {
+		c, err := LookupChain(map[bool]string{true: "arm64", false: "amd64"}[strings.HasPrefix(fw, "aavmf") || fw == "uboot"], fw)
+		assert.NilError(t, err)
+		return c.CheckUserFiles(s)
+	}
+	assert.ErrorContains(t, check("seabios-ipxe", Spec{Loader: script}), "is handed no loader binary")
+	assert.ErrorContains(t, check("ovmf-pxe", Spec{Loader: script}), "not an EFI (PE/COFF) binary")
+	assert.ErrorContains(t, check("seabios-ipxe", Spec{FirmwareCode: script}), "not UEFI")
+	assert.ErrorContains(t, check("ovmf-http", Spec{FirmwareCode: script}), "UEFI firmware image")
+	assert.ErrorContains(t, check("aavmf-grub", Spec{FirmwareVars: script}), "without a variable store flash")
+	assert.ErrorContains(t, check("ovmf-ipxe", Spec{BIOS: script}), "boots no BIOS of its own")
+	assert.NilError(t, check("uboot", Spec{BIOS: script}))
+	assert.ErrorContains(t, check("seabios-ipxe", Spec{NICROM: script}), "not a PCI option ROM")
+}
+
+func TestUserRootChecks(t *testing.T) {
+	dir, img := t.TempDir(), filepath.Join(t.TempDir(), "root.img")
+	assert.NilError(t, os.WriteFile(img, make([]byte, 4096), 0o644))
+	for _, c := range []struct {
+		spec Spec
+		want string
+	}{
+		{Spec{Root: RootNFS, RootImage: img}, "NFS serves a tree"},
+		{Spec{Root: RootNone, RootDir: dir}, "is for --root nfs or --root iscsi"},
+		{Spec{Root: RootSANBoot, RootDir: dir}, "is for --root nfs or --root iscsi"},
+		{Spec{Root: RootISCSI, RootDir: dir, RootImage: img}, "not both"},
+		{Spec{Root: RootISCSI, RootDir: dir, RootWritable: true}, "the tree never sees"},
+		{Spec{Root: RootNFS, RootDir: img}, "not a folder"},
+		{Spec{Root: RootISCSI, RootImage: dir}, "not a file"},
+		{Spec{Root: RootNFS, RootWritable: true}, "no root of the user's"},
+	} {
+		assert.ErrorContains(t, checkUserRoot(c.spec), c.want)
+	}
+	assert.NilError(t, checkUserRoot(Spec{Root: RootNFS, RootDir: dir, RootWritable: true}))
+	assert.NilError(t, checkUserRoot(Spec{Root: RootISCSI, RootImage: img}))
+}
+
+// TestStackApplies: a stack's slots land in a row's spec where the row's
+// chain and root use them, and rows it cannot run are left out.
+func TestStackApplies(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "stack.json")
+	assert.NilError(t, os.WriteFile(file, []byte(`{"amd64": {"kernel": "k/vmlinuz", "initrd": "/abs/initrd", "root_dir": "root",
+		"loader_config": {"ipxe": "my.ipxe", "grub": "grub.cfg"}, "loader": {"*": "ipxe.efi"}, "firmware_code": {"ovmf-http": "code.fd"},
+		"expect": ["my-ipxe:", "login:"], "fail_on": ["Oops=my oops"]}}`), 0o644))
+	stacks, err := ReadStacks(file)
+	assert.NilError(t, err)
+	st := stacks["amd64"]
+	assert.Equal(t, st.Kernel, filepath.Join(dir, "k/vmlinuz"))
+	assert.Equal(t, st.Initrd, "/abs/initrd")
+	apply := func(fw, root string, faults ...string) (Spec, bool) {
+		c, _ := LookupChain("amd64", fw)
+		s := Spec{Arch: "amd64", Firmware: fw, Root: root}
+		for _, f := range faults {
+			s.Faults = append(s.Faults, Faults[f])
+		}
+		var serve string
+		ok := st.Apply(c, &s, &serve)
+		return s, ok
+	}
+	s, ok := apply("ovmf-pxe", RootNFS)
+	assert.Assert(t, ok)
+	assert.Equal(t, s.LoaderConfig, filepath.Join(dir, "my.ipxe"))
+	assert.Equal(t, s.Loader, filepath.Join(dir, "ipxe.efi"))
+	assert.Equal(t, s.RootDir, filepath.Join(dir, "root"))
+	assert.Equal(t, s.FirmwareCode, "", "code for ovmf-http only")
+	assert.DeepEqual(t, s.Steps, []string{"my-ipxe:"})
+	assert.Equal(t, s.Expect, "login:")
+	assert.DeepEqual(t, s.FailOn, []FailOn{{Pattern: "Oops", Reason: "my oops"}})
+	s, _ = apply("ovmf-http", RootNone)
+	assert.Equal(t, s.LoaderConfig, "", "no loader on HTTP boot")
+	assert.Equal(t, s.Loader, "")
+	assert.Equal(t, s.RootDir, "", "no root")
+	assert.Equal(t, s.FirmwareCode, filepath.Join(dir, "code.fd"))
+	_, ok = apply("seabios-ipxe", RootNone, "corrupt-archive")
+	assert.Assert(t, !ok, "a fault of the reference archive with the user's archive")
+	_, ok = apply("seabios-ipxe", RootNFS, "stale-config")
+	assert.Assert(t, !ok)
+	_, err = ReadStacks(writeFile2(t, `{"amd64": {"kernal": "x"}}`))
+	assert.ErrorContains(t, err, "kernal")
+	_, err = ReadStacks(writeFile2(t, `{"amd64": {"loader_config": {"pxe": "x"}}}`))
+	assert.ErrorContains(t, err, "want ipxe, pxelinux or grub")
+}
+
+func writeFile2(t *testing.T, s string) string {
+	p := filepath.Join(t.TempDir(), "f.json")
+	assert.NilError(t, os.WriteFile(p, []byte(s), 0o644))
+	return p
+}
+
+// TestArchiveDrift: the server's comparison names exactly the root files
+// that changed since the archive was made — for an archive nbh made (its
+// manifest says which members are the root's) and for one GNU cpio made
+// (configuration and modules, not binaries an archive builder puts under
+// the root's names).
+func TestArchiveDrift(t *testing.T) {
+	if _, err := exec.LookPath("cpio"); err != nil {
+		t.Skip("cpio is not installed (scripts/setup installs it)")
+	}
+	base := t.TempDir()
+	root := filepath.Join(base, "root")
+	files := map[string]string{
+		"etc/modprobe.d/site.conf": "options a b=1\n", "etc/hostname": "vm\n", "etc/ld.so.cache": "cache",
+		"usr/lib/modules/6.1/kernel/x.ko": "module", "usr/bin/cat": "coreutils cat",
+	}
+	for name, data := range files {
+		p := filepath.Join(root, name)
+		assert.NilError(t, os.MkdirAll(filepath.Dir(p), 0o755))
+		assert.NilError(t, os.WriteFile(p, []byte(data), 0o644))
+	}
+	// Another builder's archive: the root's files, but its own cat and
+	// linker cache.
+	stage := filepath.Join(base, "stage")
+	assert.NilError(t, exec.Command("cp", "-a", root, stage).Run())
+	assert.NilError(t, os.WriteFile(filepath.Join(stage, "usr/bin/cat"), []byte("klibc cat"), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(stage, "etc/ld.so.cache"), []byte("its own"), 0o644))
+	cmd := exec.Command("sh", "-c", "find . -mindepth 1 | cpio -o -H newc --quiet | gzip > ../foreign.img")
+	cmd.Dir = stage
+	assert.NilError(t, cmd.Run())
+	// nbh's: two files of the root, recorded in its manifest.
+	res, err := archive.Build(archive.Spec{Root: root, Tracked: []archive.Tracked{{Path: "/etc/modprobe.d/site.conf"}, {Path: "/etc/hostname", Editable: true}},
+		Files: map[string]string{"usr/bin/cat": filepath.Join(stage, "usr/bin/cat")}}, filepath.Join(base, "cache"))
+	assert.NilError(t, err)
+	r, err := os.OpenRoot(root)
+	assert.NilError(t, err)
+	defer r.Close()
+
+	for _, c := range []struct {
+		file    string
+		compare int
+	}{{filepath.Join(base, "foreign.img"), 3}, {res.Path, 2}} {
+		differ, compared, err := archiveDrift(c.file, r)
+		assert.NilError(t, err)
+		assert.Equal(t, len(differ), 0, "%s: %v", c.file, differ)
+		assert.Equal(t, compared, c.compare, c.file)
+	}
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/modprobe.d/site.conf"), []byte("options a b=2\n"), 0o644))
+	for _, file := range []string{filepath.Join(base, "foreign.img"), res.Path} {
+		differ, _, err := archiveDrift(file, r)
+		assert.NilError(t, err)
+		assert.DeepEqual(t, differ, []string{"etc/modprobe.d/site.conf"})
+	}
+}

@@ -1,0 +1,340 @@
+package scenarios
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"gotest.tools/v3/assert"
+	is "gotest.tools/v3/assert/cmp"
+
+	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/nbhtest"
+	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/images/stock"
+	"nbh.dev/nbh/internal/fsutil"
+)
+
+// The user's own boot stack: their root tree, kernel and archive, loader
+// configuration, loader binary, NIC, and expectations, each booted for real.
+
+// debianRoot is a Debian 12 root with systemd and initramfs-tools, made by
+// mmdebstrap as a user would make it (not by nbh's image code), with its
+// own kernel and an initramfs-tools archive (MODULES=netboot), and a site
+// file in /etc/modprobe.d that the archive carries a copy of. It is made
+// once per image cache (about two minutes) and kept there; never changed.
+type debianRoot struct {
+	Dir, Kernel, Initrd string
+}
+
+var (
+	rootOnce sync.Once
+	rootMade debianRoot
+	rootErr  error
+)
+
+// siteConf is the root's file that its archives also hold.
+const siteConf = "/etc/modprobe.d/nbh-site.conf"
+
+func ownDebianRoot(t *testing.T) debianRoot {
+	t.Helper()
+	if _, err := exec.LookPath("mmdebstrap"); err != nil {
+		t.Skip("mmdebstrap is not installed (make setup installs it)")
+	}
+	rootOnce.Do(func() { rootMade, rootErr = makeDebianRoot() })
+	assert.NilError(t, rootErr)
+	return rootMade
+}
+
+func makeDebianRoot() (debianRoot, error) {
+	base := filepath.Join(images.Open("").Dir, "scenario-roots")
+	dir := filepath.Join(base, "bookworm-systemd-amd64")
+	unlock, err := fsutil.LockDir(base)
+	if err != nil {
+		return debianRoot{}, err
+	}
+	defer unlock()
+	if _, err := os.Stat(filepath.Join(dir, ".complete")); err != nil {
+		suite, sources, err := stock.HostSources()
+		if err != nil {
+			return debianRoot{}, err
+		}
+		tree := filepath.Join(dir, "root")
+		os.RemoveAll(dir)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return debianRoot{}, err
+		}
+		args := []string{"--variant=minbase", "--architectures=amd64", "--include=systemd-sysv,udev,linux-image-amd64,initramfs-tools",
+			`--customize-hook=sed -i "s/^MODULES=.*/MODULES=netboot/" "$1/etc/initramfs-tools/initramfs.conf"`,
+			`--customize-hook=echo "# site options (nbh scenario)" > "$1` + siteConf + `"`,
+			`--customize-hook=chroot "$1" update-initramfs -u -k all`,
+			suite, tree}
+		cmd := exec.Command("mmdebstrap", append(args, sources...)...)
+		cmd.Env = append(os.Environ(), "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			os.RemoveAll(dir)
+			tail := string(out)
+			if len(tail) > 4000 {
+				tail = tail[len(tail)-4000:]
+			}
+			return debianRoot{}, fmt.Errorf("mmdebstrap: %v\n%s", err, tail)
+		}
+		if err := os.WriteFile(filepath.Join(dir, ".complete"), nil, 0o644); err != nil {
+			return debianRoot{}, err
+		}
+	}
+	tree := filepath.Join(dir, "root")
+	kernels, _ := filepath.Glob(filepath.Join(tree, "boot/vmlinuz-*"))
+	if len(kernels) != 1 {
+		return debianRoot{}, fmt.Errorf("%s: want one kernel in /boot, have %v", tree, kernels)
+	}
+	version := strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-")
+	return debianRoot{Dir: tree, Kernel: kernels[0], Initrd: filepath.Join(tree, "boot/initrd.img-"+version)}, nil
+}
+
+// events are the guest's timeline events of a kind.
+func events(g *harness.Guest, source, kind string) []timeline.Event {
+	var out []timeline.Event
+	for _, e := range g.Events() {
+		if e.Source == source && e.Kind == kind {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// TestOwnDebianRoot boots a stock systemd root — the user's tree, kernel
+// and archive — to its serial login prompt: over NFS with its own
+// initramfs-tools archive, and over iSCSI (an ext4 image of the tree) with
+// an archive nbh archive build made for it. Then the tree's site file
+// changes after the archives were made: the server's comparison at the
+// NFS mount names it, a warning for the root's own archive (its init does
+// not check), a failure with evidence for nbh's (its init stops).
+func TestOwnDebianRoot(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	if !selected("amd64", "seabios-ipxe") {
+		t.Skip("amd64/seabios-ipxe not selected")
+	}
+	root := ownDebianRoot(t)
+	bin := buildNBH(t)
+	list := filepath.Join(t.TempDir(), "files.list")
+	assert.NilError(t, os.WriteFile(list, []byte("# the site's files\n/etc/modprobe.d/*.conf\nconfig /etc/hostname\n"), 0o644))
+	nbhArchive := filepath.Join(t.TempDir(), "initrd.img")
+	out, err := exec.Command(bin, "archive", "build", "--root", root.Dir, "--files", list, "--out", nbhArchive).CombinedOutput()
+	assert.NilError(t, err, "%s", out)
+	assert.Check(t, is.Contains(string(out), "2 files of the root"))
+	changed := filepath.Join(t.TempDir(), "nbh-site.conf")
+	assert.NilError(t, os.WriteFile(changed, []byte("# site options, changed after the archives were made\noptions loop max_loop=4\n"), 0o644))
+
+	for _, c := range []struct {
+		name, firmware, root, initrd string
+		rootFiles                    map[string]string
+		steps                        []string
+		stale                        bool
+		want                         failure.Reason
+	}{
+		{name: "nfs-own-initramfs", firmware: "seabios-ipxe", root: harness.RootNFS, initrd: root.Initrd,
+			steps: []string{`Begin: Mounting root file system`, `Welcome to .*Debian GNU/Linux 12`}},
+		{name: "iscsi-nbh-archive", firmware: "seabios-ipxe", root: harness.RootISCSI, initrd: nbhArchive,
+			steps: []string{`nbh-init: mounting root iscsi`, `Welcome to .*Debian GNU/Linux 12`}},
+		{name: "nfs-stale-own-initramfs", firmware: "direct", root: harness.RootNFS, initrd: root.Initrd,
+			rootFiles: map[string]string{siteConf: changed}, stale: true},
+		{name: "nfs-stale-nbh-archive", firmware: "direct", root: harness.RootNFS, initrd: nbhArchive,
+			rootFiles: map[string]string{siteConf: changed}, stale: true, want: failure.StaleArchive},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			guestTest(t)
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: c.firmware, Root: c.root,
+				RootDir: root.Dir, RootFiles: c.rootFiles, Kernel: root.Kernel, Initrd: c.initrd,
+				Steps: c.steps, Expect: `login:`, Timeout: 300 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			t.Logf("%s: %s after %.1fs\n%s", c.name, map[bool]string{true: "login prompt", false: string(v.Reason)}[v.OK], v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
+			if c.want == failure.None {
+				assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+				assert.Equal(t, len(events(g, "console", "expect")), len(c.steps), "every step on the timeline")
+			} else {
+				assert.Equal(t, v.Reason, c.want, "%v", v.Err())
+			}
+			stale := events(g, "archive", "stale-archive")
+			if !c.stale {
+				if c.root == harness.RootNFS {
+					assert.Equal(t, len(events(g, "archive", "archive-fresh")), 1, "no comparison at the mount")
+				}
+				assert.Equal(t, len(stale), 0, "%v", stale)
+				return
+			}
+			assert.Equal(t, len(stale), 1, "no stale-archive event")
+			assert.DeepEqual(t, stale[0].Detail["files"], []string{strings.TrimPrefix(siteConf, "/")})
+			if v.OK {
+				assert.Assert(t, len(v.Warnings) == 1 && strings.Contains(v.Warnings[0], "nbh-site.conf"), "%v", v.Warnings)
+			} else {
+				assert.Check(t, is.Contains(v.Detail, "the server found the archive stale"))
+			}
+		})
+	}
+}
+
+// TestOwnNIC: a guest whose NIC is not virtio reaches the marker; the
+// reference archive's init loads the card's driver by its PCI alias.
+func TestOwnNIC(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	for _, c := range []struct{ arch, firmware, nic, driver string }{
+		{"amd64", "seabios-ipxe", "e1000", "e1000"},
+		{"arm64", "uboot", "e1000", "e1000"},
+		{"amd64", "direct", "rtl8139", "8139cp"},
+	} {
+		t.Run(c.arch+"/"+c.firmware+"/"+c.nic, func(t *testing.T) {
+			guestTest(t)
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("%s/%s not selected", c.arch, c.firmware)
+			}
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, NIC: c.nic, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			assert.Check(t, is.Regexp(`nbh-init: NIC \S+ \(pci [0-9a-f:]+\) -> driver `+c.driver, g.Console()))
+			assert.Check(t, is.Contains(strings.Join(g.Argv(), " "), "-device "+map[string]string{"e1000": "e1000", "rtl8139": "rtl8139"}[c.nic]+",netdev=n0"))
+		})
+	}
+}
+
+// TestOwnLoaderConfig: the user's iPXE script and grub.cfg, as templates,
+// boot; their own echo line is the first step on the timeline.
+func TestOwnLoaderConfig(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	dir := t.TempDir()
+	ipxe := filepath.Join(dir, "my.ipxe")
+	assert.NilError(t, os.WriteFile(ipxe, []byte(`#!ipxe
+echo my-ipxe: {{.Guest}} at {{.IP}} on {{.Firmware}}
+kernel {{.KernelURL}} initrd=initrd.img {{.Cmdline}}
+initrd --name initrd.img {{.InitrdURL}}
+boot
+`), 0o644))
+	grub := filepath.Join(dir, "grub.cfg")
+	assert.NilError(t, os.WriteFile(grub, []byte(`set timeout=0
+echo "my-grub: {{.Guest}} on {{.Arch}}"
+linux (http,{{.Server}})/{{.Kernel}} {{.Cmdline}}
+initrd (http,{{.Server}})/{{.Initrd}}
+boot
+`), 0o644))
+	for _, c := range []struct{ arch, firmware, config, echo string }{
+		{"amd64", "seabios-ipxe", ipxe, `my-ipxe: g1 at 10\.0\.2\.\d+ on seabios-ipxe`},
+		{"arm64", "aavmf-grub", grub, `my-grub: g1 on arm64`},
+	} {
+		t.Run(c.arch+"/"+c.firmware, func(t *testing.T) {
+			guestTest(t)
+			if !selected(c.arch, c.firmware) {
+				t.Skipf("%s/%s not selected", c.arch, c.firmware)
+			}
+			lab := nbhtest.NewLab(t)
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, LoaderConfig: c.config,
+				Steps: []string{c.echo}, Artifacts: nbhtest.Artifacts(t, "g1")})
+			assert.NilError(t, err)
+			v := g.Wait(context.Background())
+			assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+			steps := events(g, "console", "expect")
+			assert.Assert(t, len(steps) == 1, "%v", steps)
+			assert.Equal(t, steps[0].Stage, timeline.None)
+		})
+	}
+	// A template with a syntax error: exit 2, naming its file and line,
+	// before any lab is set up.
+	t.Run("syntax-error", func(t *testing.T) {
+		bin := buildNBH(t)
+		bad := filepath.Join(t.TempDir(), "bad.ipxe")
+		assert.NilError(t, os.WriteFile(bad, []byte("#!ipxe\necho fine\nkernel {{.KernelURL}\n"), 0o644))
+		cmd := exec.Command(bin, "boot", "--arch", "amd64", "--firmware", "seabios-ipxe", "--loader-config", bad)
+		out, err := cmd.CombinedOutput()
+		assert.Assert(t, err != nil)
+		assert.Equal(t, cmd.ProcessState.ExitCode(), 2, "%s", out)
+		assert.Check(t, is.Contains(string(out), bad+":3:"))
+		assert.Check(t, !strings.Contains(string(out), "booting"), "%s", out)
+	})
+}
+
+// TestOwnLoaderAndFirmware: Debian 13's ipxe.efi (iPXE 1.21), brought as
+// the user's loader, boots ovmf-pxe in place of Debian 12's; a firmware
+// code file that is no firmware is refused before any QEMU starts.
+func TestOwnLoaderAndFirmware(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	t.Run("ovmf-pxe-ipxe-1.21", func(t *testing.T) {
+		guestTest(t)
+		if !selected("amd64", "ovmf-pxe") {
+			t.Skip("amd64/ovmf-pxe not selected")
+		}
+		lab := nbhtest.NewLab(t)
+		loader, err := lab.Cache().Path(context.Background(), "arm64", images.File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe-amd64.efi", Suite: "trixie"})
+		assert.NilError(t, err)
+		g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-pxe", Loader: loader, Artifacts: nbhtest.Artifacts(t, "g1")})
+		assert.NilError(t, err)
+		v := g.Wait(context.Background())
+		assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+		assert.Check(t, is.Contains(g.Console(), "iPXE 1.21"))
+		var fetched bool
+		for _, e := range events(g, "tftp", "transfer") {
+			fetched = fetched || strings.HasPrefix(e.Msg, "g1/ipxe-amd64.efi")
+		}
+		assert.Check(t, fetched, "the firmware did not fetch the user's loader")
+	})
+	t.Run("not-firmware", func(t *testing.T) {
+		needGuests(t)
+		lab := nbhtest.NewLab(t)
+		notFW := filepath.Join(t.TempDir(), "OVMF_CODE.fd")
+		assert.NilError(t, os.WriteFile(notFW, []byte(strings.Repeat("not firmware\n", 100)), 0o644))
+		_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-pxe", FirmwareCode: notFW})
+		assert.ErrorContains(t, err, notFW+": not a UEFI firmware image")
+		for _, e := range lab.Timeline.Events("") {
+			assert.Check(t, e.Source != "qemu", "QEMU started: %v", e)
+		}
+		bin := buildNBH(t)
+		cmd := exec.Command(bin, "boot", "--arch", "amd64", "--firmware", "ovmf-http", "--firmware-code", notFW)
+		out, _ := cmd.CombinedOutput()
+		assert.Equal(t, cmd.ProcessState.ExitCode(), 2, "%s", out)
+		assert.Check(t, is.Contains(string(out), "not a UEFI firmware image"))
+	})
+}
+
+// TestOwnExpectations: the user's failure signature classifies a boot as
+// theirs; expectations are ordered: a step seen before the one it follows
+// does not count, and the verdict names the first expectation missed.
+func TestOwnExpectations(t *testing.T) {
+	needGuests(t)
+	t.Parallel()
+	t.Run("fail-on", func(t *testing.T) {
+		guestTest(t)
+		lab := nbhtest.NewLab(t)
+		g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct",
+			FailOn: []harness.FailOn{{Pattern: `nbh-init: loaded \d+ modules`, Reason: "my site's failure"}}})
+		assert.NilError(t, err)
+		v := g.Wait(context.Background())
+		assert.Equal(t, v.Reason, failure.Reason("my site's failure"), "%v", v.Err())
+		assert.Equal(t, v.Stage, timeline.Init)
+	})
+	t.Run("out-of-order", func(t *testing.T) {
+		guestTest(t)
+		lab := nbhtest.NewLab(t)
+		g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "direct",
+			Steps: []string{`NBH-READY`}, Expect: `nbh-init: started`})
+		assert.NilError(t, err)
+		v := g.Wait(context.Background())
+		assert.Assert(t, !v.OK)
+		assert.Equal(t, v.Reason, failure.GuestStopped, "%v", v.Err())
+		assert.Check(t, is.Contains(v.Detail, `expectation 2 of 2 not reached: "nbh-init: started"`))
+		assert.Equal(t, len(events(g, "console", "expect")), 1)
+	})
+}
