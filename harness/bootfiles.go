@@ -211,6 +211,10 @@ func netBootV6First(g *Guest, vars string) (string, error) {
 		return "", fmt.Errorf("%s: %w", vars, err)
 	}
 	if _, err := efivars.Open(b); err != nil {
+		if g.spec.FirmwareVars != "" {
+			// The user's store is theirs: nbh formats only Debian's blank one.
+			return "", fmt.Errorf("%s: nbh cannot add its IPv6 boot options to this variable store (%v); put UEFI PXEv6 and HTTPv6 first in its boot order yourself, or leave --firmware-vars out", vars, err)
+		}
 		if err := efivars.Format(b); err != nil {
 			return "", err
 		}

@@ -312,19 +312,23 @@ func IPv6Chains() []string { return chainNames(func(c Chain) bool { return c.IPv
 func SANBootChains() []string { return chainNames(func(c Chain) bool { return c.SANBoot }) }
 
 // Drives reports whether the chain's firmware can boot from a NIC of the
-// model: virtio always; any model QEMU has an iPXE ROM for when the chain
-// boots through the NIC's ROM; any at all for a direct boot (no firmware)
-// or with the user's own ROM (romFile); else the models listed in NICs.
+// model: virtio always; when the chain boots through the NIC's ROM, any
+// model QEMU has an iPXE ROM for (under UEFI, one with an EFI driver); any
+// at all for a direct boot (no firmware) or with the user's own ROM or
+// firmware (romFile: they bring the driver); else the models in NICs.
 func (c Chain) Drives(nic string, romFile bool) error {
 	m, err := qemu.LookupNIC(nic)
 	if err != nil {
 		return err
 	}
+	romBoots := c.NICROM && m.ROM && (m.EFI || !c.UEFI)
 	switch {
-	case m.Name == qemu.VirtioNIC, c.Load == qemu.LoadKernel, romFile, c.NICROM && m.ROM, slices.Contains(c.NICs, m.Name):
+	case m.Name == qemu.VirtioNIC, c.Load == qemu.LoadKernel, romFile, romBoots, slices.Contains(c.NICs, m.Name):
 		return nil
+	case c.NICROM && m.ROM:
+		return fmt.Errorf("NIC %s: QEMU's ROM for it (%s) holds no EFI driver, so %s's UEFI firmware cannot boot from it; seabios-ipxe can, or bring an EFI ROM with --nic-rom", m.Name, m.ROMFile, c.Name())
 	}
-	return fmt.Errorf("NIC %s: %s's firmware has no driver for it (it drives %s); chains that boot through the NIC's iPXE ROM (%s) and direct boots take any model, or bring the NIC's ROM with --nic-rom",
+	return fmt.Errorf("NIC %s: %s's firmware has no driver for it (it drives %s); chains that boot through the NIC's iPXE ROM (%s) and direct boots take any model, or bring the NIC's ROM with --nic-rom, or firmware of your own that drives it",
 		m.Name, c.Name(), strings.Join(append([]string{qemu.VirtioNIC}, c.NICs...), ", "), strings.Join(chainNames(func(c Chain) bool { return c.NICROM }), ", "))
 }
 

@@ -1,12 +1,14 @@
 package harness
 
 import (
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
 	"os"
 	"path"
 	"strings"
+	"syscall"
 	"time"
 
 	"nbh.dev/nbh/harness/archive"
@@ -35,6 +37,7 @@ var copied = []string{"etc/", "lib/modules/", "usr/lib/modules/", "lib/firmware/
 // design.
 var generated = []string{
 	"etc/ld.so.cache", "etc/fstab", "etc/mtab", "etc/passwd", "etc/group", "etc/shadow", "etc/machine-id", "etc/initrd-release",
+	"etc/vconsole.conf", "etc/locale.conf", "etc/cmdline.d/*", "etc/conf.d/*",
 	"lib/modules/*/modules.*", "usr/lib/modules/*/modules.*",
 }
 
@@ -63,16 +66,19 @@ const MaxDriftNames = 20
 // manifestMember is where nbh's archives carry their manifest.
 const manifestMember = "etc/nbh/manifest.json"
 
-// archiveCopies reads the manifest of an archive of nbh's: archive path ->
-// root path of each copy of the root. nil for another archive.
-func archiveCopies(file string) (map[string]string, error) {
+// scanArchive reads an archive once for what the comparison needs first:
+// the manifest of an archive of nbh's (archive path -> root path of each
+// copy of the root; nil for another archive), and how often each name
+// occurs (the kernel keeps the last of a name).
+func scanArchive(ctx context.Context, file string) (copies map[string]string, count map[string]int, err error) {
 	f, err := os.Open(file)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer f.Close()
-	var copies map[string]string
-	err = archive.Read(f, func(m archive.Member, data io.Reader) error {
+	count = map[string]int{}
+	err = archive.Read(ctx, f, func(m archive.Member, data io.Reader) error {
+		count[m.Name]++
 		if m.Name != manifestMember || !m.Regular() || m.Size > 16<<20 {
 			return nil
 		}
@@ -90,14 +96,35 @@ func archiveCopies(file string) (map[string]string, error) {
 		}
 		return nil
 	})
-	return copies, err
+	return copies, count, err
+}
+
+// hashRootFile hashes the root's regular file at name, at most want+1
+// bytes: opened without blocking (a FIFO), its type checked on the handle
+// (a link swapped in after a lookup names no FIFO or device that is read).
+func hashRootFile(root *os.Root, name string, want int64) ([]byte, bool) {
+	f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return nil, false
+	}
+	h := sha256.New()
+	if _, err := io.CopyN(h, f, want+1); err != nil && err != io.EOF {
+		return nil, false
+	}
+	return h.Sum(nil), true
 }
 
 // archiveDrift compares the archive at file with the root tree: it returns
 // the members that are copies of the root's files (rootCopy) and differ
-// from them now, and how many were compared.
-func archiveDrift(file string, root *os.Root) (differ []string, compared int, err error) {
-	copies, err := archiveCopies(file)
+// from them now, and how many were compared. Of a name the archive holds
+// twice, the last is what the kernel unpacks, and what is compared.
+func archiveDrift(ctx context.Context, file string, root *os.Root) (differ []string, compared int, err error) {
+	copies, count, err := scanArchive(ctx, file)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -106,7 +133,11 @@ func archiveDrift(file string, root *os.Root) (differ []string, compared int, er
 		return nil, 0, err
 	}
 	defer f.Close()
-	err = archive.Read(f, func(m archive.Member, data io.Reader) error {
+	seen := map[string]int{}
+	err = archive.Read(ctx, f, func(m archive.Member, data io.Reader) error {
+		if seen[m.Name]++; seen[m.Name] < count[m.Name] {
+			return nil // a later member of the name replaces it
+		}
 		if !m.Regular() || (m.Nlink > 1 && m.Size == 0) {
 			return nil
 		}
@@ -127,16 +158,8 @@ func archiveDrift(file string, root *os.Root) (differ []string, compared int, er
 		if _, err := io.Copy(a, data); err != nil {
 			return err
 		}
-		rf, err := root.Open(onRoot)
-		if err != nil {
-			return nil
-		}
-		defer rf.Close()
-		b := sha256.New()
-		if _, err := io.Copy(b, rf); err != nil {
-			return nil
-		}
-		if string(a.Sum(nil)) != string(b.Sum(nil)) {
+		b, ok := hashRootFile(root, onRoot, m.Size)
+		if !ok || string(a.Sum(nil)) != string(b) {
 			differ = append(differ, m.Name)
 		}
 		return nil
@@ -154,7 +177,7 @@ func (g *Guest) servedArchive() string {
 }
 
 // checkDrift runs the comparison once per boot, when the guest's NFS root
-// is mounted (called from observe).
+// is mounted (started by observe), until the guest closes (driftCtx).
 func (g *Guest) checkDrift() {
 	g.driftOnce.Do(func() {
 		defer close(g.driftDone)
@@ -164,17 +187,24 @@ func (g *Guest) checkDrift() {
 		}
 		tl := g.lab.Timeline
 		start := time.Now()
-		differ, compared, err := archiveDrift(file, g.rootFS)
+		differ, compared, err := archiveDrift(g.driftCtx, file, g.rootFS)
 		detail := map[string]any{"compared": compared, "seconds": time.Since(start).Seconds()}
 		if err != nil {
+			// Not read through (a compression it does not read, a cut
+			// archive, the guest closed): no verdict on freshness.
 			detail["error"] = err.Error()
+			msg := fmt.Sprintf("the server could not compare the archive with the root: %v", err)
+			if g.driftCtx.Err() == nil {
+				g.mu.Lock()
+				g.driftWarn = msg
+				g.mu.Unlock()
+			}
+			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-unchecked", Guest: g.Name, Msg: msg, Detail: detail})
+			return
 		}
 		if len(differ) == 0 {
-			msg := fmt.Sprintf("the archive's %d files on the root are the root's", compared)
-			if err != nil {
-				msg += " (as far as it was read: " + err.Error() + ")"
-			}
-			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-fresh", Guest: g.Name, Msg: msg, Detail: detail})
+			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-fresh", Guest: g.Name,
+				Msg: fmt.Sprintf("the archive's %d files on the root are the root's", compared), Detail: detail})
 			return
 		}
 		names := differ
@@ -194,18 +224,30 @@ func (g *Guest) checkDrift() {
 }
 
 // driftFound waits (briefly) for a comparison under way and returns what it
-// found: "" for none, or none yet.
-func (g *Guest) driftFound() string {
+// found: a stale archive's files, or why it could not tell ("" for
+// neither, or nothing yet).
+func (g *Guest) driftFound(wait bool) (stale, unchecked string) {
 	g.mu.Lock()
 	started := g.driftStarted
 	g.mu.Unlock()
-	if started {
+	if started && wait {
 		select {
 		case <-g.driftDone:
-		case <-time.After(10 * time.Second):
+		case <-time.After(5 * time.Second):
 		}
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.drift
+	return g.drift, g.driftWarn
+}
+
+// stopDrift ends a comparison under way and waits for it, or makes sure
+// none starts (Close: before the root it reads is released).
+func (g *Guest) stopDrift() {
+	if g.driftDone == nil {
+		return // never provisioned
+	}
+	g.driftStop()
+	g.driftOnce.Do(func() { close(g.driftDone) })
+	<-g.driftDone
 }

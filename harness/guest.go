@@ -79,7 +79,10 @@ type Guest struct {
 	driftOnce    sync.Once
 	driftStarted bool
 	driftDone    chan struct{}
+	driftCtx     context.Context // ends when the guest closes
+	driftStop    context.CancelFunc
 	drift        string // what a stale-archive event said
+	driftWarn    string // why the comparison could not tell
 	// dhcpIgnored counts the DHCP messages the no-dhcp fault ignored.
 	dhcpIgnored atomic.Int32
 }
@@ -257,6 +260,7 @@ func (g *Guest) close() error {
 	if g.logFile != nil {
 		g.logFile.Close()
 	}
+	g.stopDrift() // before the root it reads is released
 	var err error
 	g.espSummary()
 	// A guest that never booted has no folder; "" would mean the working directory.

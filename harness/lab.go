@@ -223,14 +223,11 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	guest, rest, _ := strings.Cut(name, "/")
 	l.mu.Lock()
 	g := l.byName[guest]
-	owner := g
-	if mac, ok := strings.CutPrefix(name, "pxelinux.cfg/01-"); ok {
-		owner = l.guests[strings.ReplaceAll(mac, "-", ":")]
-	}
 	l.mu.Unlock()
+	owner := l.owner(name)
 	// A guest's boot files (its loader config with its command line, its
 	// archive with its keys, its root tree) go to that guest only.
-	if owner != nil && addr != owner.IP && (owner.IP6 == "" || addr != owner.IP6) {
+	if owner != nil && !owner.speaksFrom(addr) {
 		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, which belongs to %s (%s)", addr, name, owner.Name, owner.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
@@ -257,9 +254,28 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	return g.keeper.serve(f), nil
 }
 
+// owner is the guest a canonical served name belongs to: GUEST/... and
+// pxelinux.cfg/01-MAC; nil for what every guest may read.
+func (l *Lab) owner(name string) *Guest {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if mac, ok := strings.CutPrefix(name, "pxelinux.cfg/01-"); ok {
+		return l.guests[strings.ReplaceAll(mac, "-", ":")]
+	}
+	guest, _, _ := strings.Cut(name, "/")
+	return l.byName[guest]
+}
+
+// speaksFrom reports whether addr is one of the guest's leased addresses.
+func (g *Guest) speaksFrom(addr string) bool {
+	return addr == g.IP || (g.IP6 != "" && addr == g.IP6)
+}
+
 // lookup opens name from the lab's served root, else from the user's
 // tree (Options.Serve) as name, else as rest (the path inside a guest's
-// folder, when name is in one).
+// folder, when name is in one) — unless rest is itself another guest's
+// name (g1/g2/x, g1/pxelinux.cfg/01-MAC of g2): the fallback must not
+// undo the ownership open decided.
 func (l *Lab) lookup(name, rest, addr string) (*bootfile.File, error) {
 	f, err := l.files(name, addr)
 	if l.serve == nil || !errors.Is(err, fs.ErrNotExist) {
@@ -267,6 +283,11 @@ func (l *Lab) lookup(name, rest, addr string) (*bootfile.File, error) {
 	}
 	if f, uerr := l.serve(name, addr); !errors.Is(uerr, fs.ErrNotExist) || rest == "" {
 		return f, uerr
+	}
+	if o := l.owner(rest); o != nil && !o.speaksFrom(addr) {
+		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
+			Msg: fmt.Sprintf("%s asked for %s, whose fallback %s belongs to %s (%s)", addr, name, rest, o.Name, o.IP)})
+		return nil, fmt.Errorf("%s belongs to another guest: %w", rest, fs.ErrPermission)
 	}
 	return l.serve(rest, addr)
 }

@@ -1,6 +1,8 @@
 package harness
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,8 +23,15 @@ func TestChainsDriveTheirNICs(t *testing.T) {
 	// Through the NIC's iPXE ROM, and with no firmware at all: any model.
 	for _, nic := range []string{"virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet", "ne2k_pci", "i82559er"} {
 		assert.NilError(t, drives("amd64", "seabios-ipxe", nic, false))
-		assert.NilError(t, drives("amd64", "ovmf-ipxe", nic, false))
 		assert.NilError(t, drives("arm64", "direct", nic, false))
+	}
+	// Under UEFI only through a ROM with an EFI driver (what QEMU's ROM
+	// files hold is checked against the files in qemu's TestNICROMs).
+	for _, nic := range []string{"virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "pcnet"} {
+		assert.NilError(t, drives("amd64", "ovmf-ipxe", nic, false))
+	}
+	for _, nic := range []string{"ne2k_pci", "i82559er"} {
+		assert.ErrorContains(t, drives("amd64", "ovmf-ipxe", nic, false), "holds no EFI driver")
 	}
 	// OVMF's and AAVMF's own network stack has a virtio driver only.
 	assert.ErrorContains(t, drives("amd64", "ovmf-pxe", "e1000", false), "has no driver for it")
@@ -50,6 +59,23 @@ func TestUserFilesFitTheChain(t *testing.T) {
 	assert.ErrorContains(t, check("ovmf-ipxe", Spec{BIOS: script}), "boots no BIOS of its own")
 	assert.NilError(t, check("uboot", Spec{BIOS: script}))
 	assert.ErrorContains(t, check("seabios-ipxe", Spec{NICROM: script}), "not a PCI option ROM")
+
+	// Sizes, as QEMU 7.2 holds firmware files to them.
+	fv := func(size int) string {
+		b := make([]byte, size)
+		copy(b[40:], "_FVH")
+		p := filepath.Join(dir, fmt.Sprintf("fv-%d.fd", size))
+		assert.NilError(t, os.WriteFile(p, b, 0o644))
+		return p
+	}
+	assert.ErrorContains(t, check("aavmf-http", Spec{FirmwareCode: fv(2 << 20)}), "exactly 67108864")
+	assert.NilError(t, check("aavmf-grub", Spec{FirmwareCode: fv(2 << 20)}), "-bios on virt: any size that fits")
+	assert.ErrorContains(t, check("ovmf-pxe", Spec{FirmwareCode: fv(3<<20 + 100)}), "not a whole number of 4 KiB")
+	assert.ErrorContains(t, check("ovmf-pxe", Spec{FirmwareCode: fv(7 << 20), FirmwareVars: fv(2 << 20)}), "together, more than")
+	assert.NilError(t, check("ovmf-pxe", Spec{FirmwareCode: fv(3653632), FirmwareVars: fv(540672)}), "Debian's OVMF_CODE_4M.fd and OVMF_VARS_4M.fd sizes")
+	rom := filepath.Join(dir, "bios.bin")
+	assert.NilError(t, os.WriteFile(rom, make([]byte, 1000), 0o644))
+	assert.ErrorContains(t, check("seabios-ipxe", Spec{BIOS: rom}), "64 KiB blocks")
 }
 
 func TestUserRootChecks(t *testing.T) {
@@ -119,6 +145,10 @@ func TestStackApplies(t *testing.T) {
 	assert.ErrorContains(t, err, "kernal")
 	_, err = ReadStacks(writeFile2(t, `{"amd64": {"loader_config": {"pxe": "x"}}}`))
 	assert.ErrorContains(t, err, "want ipxe, pxelinux or grub")
+	_, err = ReadStacks(writeFile2(t, `{"amd64": {"loader": {"ovmf_pxe": "x"}}}`))
+	assert.ErrorContains(t, err, `"ovmf_pxe"`)
+	_, err = ReadStacks(writeFile2(t, `{"amd64": {"expect": ["("]}}`))
+	assert.ErrorContains(t, err, "expect")
 }
 
 func writeFile2(t *testing.T, s string) string {
@@ -168,15 +198,56 @@ func TestArchiveDrift(t *testing.T) {
 		file    string
 		compare int
 	}{{filepath.Join(base, "foreign.img"), 3}, {res.Path, 2}} {
-		differ, compared, err := archiveDrift(c.file, r)
+		differ, compared, err := archiveDrift(context.Background(), c.file, r)
 		assert.NilError(t, err)
 		assert.Equal(t, len(differ), 0, "%s: %v", c.file, differ)
 		assert.Equal(t, compared, c.compare, c.file)
 	}
 	assert.NilError(t, os.WriteFile(filepath.Join(root, "etc/modprobe.d/site.conf"), []byte("options a b=2\n"), 0o644))
 	for _, file := range []string{filepath.Join(base, "foreign.img"), res.Path} {
-		differ, _, err := archiveDrift(file, r)
+		differ, _, err := archiveDrift(context.Background(), file, r)
 		assert.NilError(t, err)
 		assert.DeepEqual(t, differ, []string{"etc/modprobe.d/site.conf"})
 	}
+	// Of a name the archive holds twice, the kernel keeps the last: an
+	// older copy before the root's current one is no drift.
+	dup := filepath.Join(base, "dup.img")
+	cmd = exec.Command("sh", "-c", "cd "+stage+" && printf 'etc/modprobe.d/site.conf\n' | cpio -o -H newc --quiet > "+dup+
+		" && cp "+filepath.Join(root, "etc/modprobe.d/site.conf")+" etc/modprobe.d/site.conf && printf 'etc/modprobe.d/site.conf\n' | cpio -o -H newc --quiet >> "+dup)
+	assert.NilError(t, cmd.Run())
+	differ, compared, err := archiveDrift(context.Background(), dup, r)
+	assert.NilError(t, err)
+	assert.Equal(t, compared, 1)
+	assert.Equal(t, len(differ), 0, "%v", differ)
+	// A comparison the guest's end cut short is an error, not "fresh".
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, _, err = archiveDrift(ctx, res.Path, r)
+	assert.ErrorIs(t, err, context.Canceled)
+}
+
+// TestRootFilesStayInTheTree: a file added to a user's tree lands in the
+// tree even where the tree has a symlink out of it (as a systemd root's
+// etc/resolv.conf is), and the host file the link names is untouched.
+func TestRootFilesStayInTheTree(t *testing.T) {
+	base := t.TempDir()
+	tree, host := filepath.Join(base, "tree"), filepath.Join(base, "host-file")
+	assert.NilError(t, os.MkdirAll(filepath.Join(tree, "etc"), 0o755))
+	assert.NilError(t, os.WriteFile(host, []byte("host"), 0o644))
+	assert.NilError(t, os.Symlink(host, filepath.Join(tree, "etc/resolv.conf")))
+	assert.NilError(t, os.Symlink(filepath.Join(base), filepath.Join(tree, "out")))
+	src := filepath.Join(base, "src")
+	assert.NilError(t, os.WriteFile(src, []byte("mine"), 0o644))
+	g := &Guest{spec: Spec{RootFiles: map[string]string{"/etc/resolv.conf": src}}}
+	assert.NilError(t, g.addRootFiles(tree))
+	b, err := os.ReadFile(host)
+	assert.NilError(t, err)
+	assert.Equal(t, string(b), "host", "written through the tree's link")
+	b, err = os.ReadFile(filepath.Join(tree, "etc/resolv.conf"))
+	assert.NilError(t, err)
+	assert.Equal(t, string(b), "mine")
+	g.spec.RootFiles = map[string]string{"/out/host-file": src}
+	assert.Assert(t, g.addRootFiles(tree) != nil, "written through a linked folder out of the tree")
+	b, _ = os.ReadFile(host)
+	assert.Equal(t, string(b), "host")
 }

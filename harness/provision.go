@@ -223,6 +223,12 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			l.mu.Unlock()
 			return nil, fmt.Errorf("spec: MAC %s is guest %s's", mac, other.Name)
 		}
+		if spec.RootWritable && other.spec.RootWritable && !other.closed() &&
+			other.spec.RootDir+other.spec.RootImage == spec.RootDir+spec.RootImage {
+			// Two machines on one writable file system corrupt it.
+			l.mu.Unlock()
+			return nil, fmt.Errorf("root writable: guest %s already boots from %s%s; one guest at a time writes to a root of yours", other.Name, spec.RootDir, spec.RootImage)
+		}
 	}
 	l.mu.Unlock()
 	g := &Guest{
@@ -230,6 +236,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		MAC: mac, n: n,
 		decided: make(chan struct{}), driftDone: make(chan struct{}),
 	}
+	g.driftCtx, g.driftStop = context.WithCancel(l.ctx)
 	made = g
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
 	g.Dir = spec.Artifacts

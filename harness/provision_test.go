@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"gotest.tools/v3/assert"
 
@@ -154,6 +156,25 @@ func TestServeTreeUnderTheLab(t *testing.T) {
 	for _, name := range []string{"g1/grubx64.efi", "g1/own"} {
 		_, err := read(name, g2.IP)
 		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
+	}
+	// Nor through the fallback: g2's name inside g2's own folder, or a
+	// pxelinux config named for g1's MAC.
+	mac1 := "pxelinux.cfg/01-" + strings.ReplaceAll(g1.MAC.String(), ":", "-")
+	assert.NilError(t, os.MkdirAll(filepath.Join(tree, "pxelinux.cfg"), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(tree, mac1), []byte("g1's config"), 0o644))
+	for _, name := range []string{"g2/g1/own", "g2/" + mac1} {
+		got, err := read(name, g2.IP)
+		assert.ErrorIs(t, err, fs.ErrPermission, "%s to g2: %q", name, got)
+	}
+	// A FIFO in the tree is refused, not waited on.
+	assert.NilError(t, syscall.Mkfifo(filepath.Join(tree, "fifo"), 0o644))
+	done := make(chan error, 1)
+	go func() { _, err := read("fifo", g1.IP); done <- err }()
+	select {
+	case err := <-done:
+		assert.ErrorContains(t, err, "not a regular file")
+	case <-time.After(5 * time.Second):
+		t.Fatal("opening a FIFO of the served tree blocked")
 	}
 	for _, name := range []string{"leak", "../secret", "g1/../../secret"} {
 		got, err := read(name, g1.IP)

@@ -185,6 +185,19 @@ func hostName() string {
 	return fmt.Sprintf("%s/%s %s", runtime.GOOS, runtime.GOARCH, strings.TrimSpace(string(rel)))
 }
 
+// HostPaths are the host folders and files outside the bundle a replay of
+// it would serve to its guest (a root tree or image, a served tree): a
+// bundle is untrusted, so the caller shows them and asks before replaying.
+func HostPaths(b *bundle.Bundle) []string {
+	var out []string
+	for _, p := range []string{b.Spec.RootDir, b.Spec.RootImage, b.Lab.Serve} {
+		if p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // FromBundle returns the lab options and the spec that replay a bundle:
 // the same chain, root, network, faults, MAC, address and seed, with the
 // bundle's own files. The caller adds Cache (with the bundle's pins, see
@@ -213,7 +226,7 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 		return bad("%v", err)
 	}
 	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Family: bs.Family, NIC: bs.NIC, Root: bs.Root, CHAP: bs.CHAP,
-		RootDir: bs.RootDir, RootImage: bs.RootImage, RootWritable: bs.RootWritable,
+		RootDir: bs.RootDir, RootImage: bs.RootImage,
 		Append: bs.Append, NoArchiveRefresh: bs.NoArchiveRefresh, OnStale: bs.OnStale, Compression: bs.Compression,
 		Signed: bs.Signed, KeepPrompts: bs.KeepPrompts, Expect: bs.Expect, Memory: bs.Memory,
 		Timeout: time.Duration(bs.Timeout * float64(time.Second))}
@@ -232,6 +245,11 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 		if *f.dst, err = b.Path(f.rel); err != nil {
 			return Options{}, Spec{}, err
 		}
+	}
+	if bs.RootWritable {
+		// A bundle is untrusted: it never makes nbh serve a host path for a
+		// guest to write to. The replay serves a copy.
+		s.RootWritable = false
 	}
 	for _, p := range []string{bs.RootDir, bs.RootImage} {
 		if _, err := os.Stat(p); p != "" && err != nil {

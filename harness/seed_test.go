@@ -42,7 +42,7 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 	// The slots of the user's own stack come back.
 	own := good
 	own.Spec.Family, own.Spec.NIC, own.Spec.Steps, own.Spec.FailOn = "6", "e1000", []string{"a"}, []bundle.FailOn{{Pattern: "x", Reason: "y"}}
-	own.Spec.RootDir, own.Spec.Root, own.Lab.Serve = t.TempDir(), RootNFS, t.TempDir()
+	own.Spec.RootDir, own.Spec.Root, own.Lab.Serve, own.Spec.RootWritable = t.TempDir(), RootNFS, t.TempDir(), true
 	opts, spec, err = FromBundle(&own)
 	assert.NilError(t, err)
 	assert.Equal(t, spec.Family, "6")
@@ -51,6 +51,10 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 	assert.DeepEqual(t, spec.FailOn, []FailOn{{Pattern: "x", Reason: "y"}})
 	assert.Equal(t, spec.RootDir, own.Spec.RootDir)
 	assert.Equal(t, opts.Serve, own.Lab.Serve)
+	// An untrusted bundle never makes a host path writable, and says which
+	// host paths it would serve.
+	assert.Assert(t, !spec.RootWritable)
+	assert.DeepEqual(t, HostPaths(&own), []string{own.Spec.RootDir, own.Lab.Serve})
 	for name, edit := range map[string]func(*bundle.Bundle){
 		"unknown chain":  func(b *bundle.Bundle) { b.Spec.Firmware = "coreboot" },
 		"unknown fault":  func(b *bundle.Bundle) { b.Spec.Faults = []string{"gremlins"} },

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -84,6 +85,22 @@ func ReadStacks(file string) (map[string]Stack, error) {
 		for _, f := range s.FailOn {
 			if _, err := ParseFailOn(f); err != nil {
 				return nil, fmt.Errorf("stack %s: %s: %w", file, arch, err)
+			}
+		}
+		for _, e := range s.Expect {
+			if _, err := regexp.Compile(e); err != nil {
+				return nil, fmt.Errorf("stack %s: %s: expect %q: %w", file, arch, e, err)
+			}
+		}
+		if _, err := qemu.LookupNIC(s.NIC); err != nil {
+			return nil, fmt.Errorf("stack %s: %s: %w", file, arch, err)
+		}
+		// A misspelt chain would silently boot nbh's own file instead.
+		for slot, m := range map[string]map[string]string{"loader": s.Loader, "firmware_code": s.FirmwareCode, "firmware_vars": s.FirmwareVars, "bios": s.BIOS} {
+			for fw := range m {
+				if _, err := LookupChain(arch, fw); fw != "*" && err != nil {
+					return nil, fmt.Errorf("stack %s: %s: %s %q: %w", file, arch, slot, fw, err)
+				}
 			}
 		}
 		stacks[arch] = s

@@ -3,11 +3,13 @@ package harness
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
+	"strings"
 
 	"nbh.dev/nbh/harness/rootfs"
-	"nbh.dev/nbh/internal/fsutil"
 )
 
 // checkUserRoot checks Spec.RootDir, RootImage and RootWritable against the
@@ -67,10 +69,37 @@ func (g *Guest) userTree(ctx context.Context, base string) (string, error) {
 	return base, os.Rename(tmp, base)
 }
 
+// addRootFiles writes RootFiles into the tree at dir through an os.Root:
+// a symlink of the tree (etc/resolv.conf -> /run/...) is replaced by the
+// file, never followed out of the tree to a host file.
 func (g *Guest) addRootFiles(dir string) error {
+	if len(g.spec.RootFiles) == 0 {
+		return nil
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return fmt.Errorf("root files: %w", err)
+	}
+	defer root.Close()
 	for dst, src := range g.spec.RootFiles {
-		if err := fsutil.CopyFile(src, filepath.Join(dir, filepath.Clean("/"+dst))); err != nil {
+		name := strings.TrimLeft(path.Clean("/"+filepath.ToSlash(dst)), "/")
+		if name == "" {
+			return fmt.Errorf("root files: %q names the root itself", dst)
+		}
+		data, err := os.ReadFile(src)
+		if err != nil {
 			return fmt.Errorf("root files: %w", err)
+		}
+		if err := root.MkdirAll(path.Dir(name), 0o755); err != nil {
+			return fmt.Errorf("root files: %s: %w", dst, err)
+		}
+		if fi, err := root.Lstat(name); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+			if err := root.Remove(name); err != nil {
+				return fmt.Errorf("root files: %s: %w", dst, err)
+			}
+		}
+		if err := root.WriteFile(name, data, 0o644); err != nil {
+			return fmt.Errorf("root files: %s: %w", dst, err)
 		}
 	}
 	return nil

@@ -51,14 +51,19 @@ func (e *BootError) Error() string {
 
 // observe follows the guest's events on the lab timeline.
 func (g *Guest) observe(e timeline.Event) {
-	if e.Guest != g.Name {
+	if e.Guest != g.Name || g.closed() {
+		// (A closed guest's subscription outlives it: a guest booted
+		// again under its name is another.)
 		return
 	}
 	if e.Source == "nfs" && e.Kind == "mount" && g.spec.Root == RootNFS {
 		g.mu.Lock()
+		first := !g.driftStarted && !g.isClosed
 		g.driftStarted = true
 		g.mu.Unlock()
-		go g.checkDrift()
+		if first {
+			go g.checkDrift()
+		}
 	}
 	if e.Stage == timeline.None {
 		return
@@ -225,12 +230,14 @@ func (g *Guest) decide(v Verdict) {
 		}
 		v.Detail = joinDetail(g.missedStep(), v.Detail)
 	}
-	if d := g.driftFound(); d != "" {
-		if v.OK {
-			v.Warnings = append(v.Warnings, "stale archive: "+d)
-		} else if !strings.Contains(v.Detail, d) {
-			v.Detail = joinDetail(v.Detail, "the server found the archive stale: "+d)
-		}
+	stale, unchecked := g.driftFound(v.Reason != failure.Interrupted)
+	switch {
+	case stale != "" && v.OK:
+		v.Warnings = append(v.Warnings, "stale archive: "+stale)
+	case stale != "":
+		v.Detail = joinDetail(v.Detail, "the server found the archive stale: "+stale)
+	case unchecked != "":
+		v.Warnings = append(v.Warnings, unchecked)
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()

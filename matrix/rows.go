@@ -258,8 +258,8 @@ func StackRows(rows []Row, stacks map[string]harness.Stack) []Row {
 	var out []Row
 	for _, r := range rows {
 		st, ok := stacks[r.Arch]
-		if !ok {
-			continue
+		if !ok || (r.IPsec && st.Initrd != "") {
+			continue // (an archive of the user's carries no ESP keys)
 		}
 		c, err := harness.LookupChain(r.Arch, r.Firmware)
 		if err != nil {

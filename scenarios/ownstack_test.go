@@ -26,37 +26,48 @@ import (
 // The user's own boot stack: their root tree, kernel and archive, loader
 // configuration, loader binary, NIC, and expectations, each booted for real.
 
-// debianRoot is a Debian 12 root with systemd and initramfs-tools, made by
-// mmdebstrap as a user would make it (not by nbh's image code), with its
-// own kernel and an initramfs-tools archive (MODULES=netboot), and a site
-// file in /etc/modprobe.d that the archive carries a copy of. It is made
-// once per image cache (about two minutes) and kept there; never changed.
+// debianRoot is a Debian 12 root with systemd, made by mmdebstrap as a
+// user would make it (not by nbh's image code), with its own kernel. On the
+// host's architecture (amd64) it is a minbase root with initramfs-tools
+// (MODULES=netboot) and its own archive; for arm64 on an amd64 host, where
+// no package's maintainer scripts can run without qemu-user in binfmt_misc
+// (a host-wide change nbh does not make), the packages are only extracted
+// and the few files their scripts would write are written by hand, and the
+// root has no archive of its own (Initrd ""): nbh archive build makes one.
+// Either has a site file in /etc/modprobe.d that archives carry a copy of.
+// Made once per image cache (a minute or two) and kept there; never changed.
 type debianRoot struct {
 	Dir, Kernel, Initrd string
 }
 
 var (
-	rootOnce sync.Once
-	rootMade debianRoot
-	rootErr  error
+	rootMu   sync.Mutex
+	rootMade = map[string]debianRoot{}
 )
 
 // siteConf is the root's file that its archives also hold.
 const siteConf = "/etc/modprobe.d/nbh-site.conf"
 
-func ownDebianRoot(t *testing.T) debianRoot {
+func ownDebianRoot(t *testing.T, arch string) debianRoot {
 	t.Helper()
 	if _, err := exec.LookPath("mmdebstrap"); err != nil {
 		t.Skip("mmdebstrap is not installed (make setup installs it)")
 	}
-	rootOnce.Do(func() { rootMade, rootErr = makeDebianRoot() })
-	assert.NilError(t, rootErr)
-	return rootMade
+	rootMu.Lock()
+	defer rootMu.Unlock()
+	if r, ok := rootMade[arch]; ok {
+		return r
+	}
+	r, err := makeDebianRoot(arch)
+	assert.NilError(t, err)
+	rootMade[arch] = r
+	return r
 }
 
-func makeDebianRoot() (debianRoot, error) {
+func makeDebianRoot(arch string) (debianRoot, error) {
 	base := filepath.Join(images.Open("").Dir, "scenario-roots")
-	dir := filepath.Join(base, "bookworm-systemd-amd64")
+	dir := filepath.Join(base, "bookworm-systemd-"+arch)
+	tree := filepath.Join(dir, "root")
 	unlock, err := fsutil.LockDir(base)
 	if err != nil {
 		return debianRoot{}, err
@@ -67,17 +78,23 @@ func makeDebianRoot() (debianRoot, error) {
 		if err != nil {
 			return debianRoot{}, err
 		}
-		tree := filepath.Join(dir, "root")
 		os.RemoveAll(dir)
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return debianRoot{}, err
 		}
-		args := []string{"--variant=minbase", "--architectures=amd64", "--include=systemd-sysv,udev,linux-image-amd64,initramfs-tools",
-			`--customize-hook=sed -i "s/^MODULES=.*/MODULES=netboot/" "$1/etc/initramfs-tools/initramfs.conf"`,
-			`--customize-hook=echo "# site options (nbh scenario)" > "$1` + siteConf + `"`,
-			`--customize-hook=chroot "$1" update-initramfs -u -k all`,
-			suite, tree}
-		cmd := exec.Command("mmdebstrap", append(args, sources...)...)
+		site := `--customize-hook=mkdir -p "$1/etc/modprobe.d" && echo "# site options (nbh scenario)" > "$1` + siteConf + `"`
+		args := []string{"--architectures=" + arch}
+		if arch == "amd64" {
+			args = append(args, "--variant=minbase", "--include=systemd-sysv,udev,linux-image-amd64,initramfs-tools",
+				`--customize-hook=sed -i "s/^MODULES=.*/MODULES=netboot/" "$1/etc/initramfs-tools/initramfs.conf"`,
+				site, `--customize-hook=chroot "$1" update-initramfs -u -k all`)
+		} else {
+			// (mmdebstrap runs no hooks for the extract variant: the
+			// files are written below.)
+			args = append(args, "--variant=extract",
+				"--include=base-files,base-passwd,bash,coreutils,systemd,systemd-sysv,udev,util-linux,login,mount,libpam-runtime,libpam-modules,linux-image-"+arch)
+		}
+		cmd := exec.Command("mmdebstrap", append(append(args, suite, tree), sources...)...)
 		cmd.Env = append(os.Environ(), "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			os.RemoveAll(dir)
@@ -87,17 +104,35 @@ func makeDebianRoot() (debianRoot, error) {
 			}
 			return debianRoot{}, fmt.Errorf("mmdebstrap: %v\n%s", err, tail)
 		}
+		if arch != "amd64" {
+			// What base-passwd's and systemd's scripts would write.
+			for dst, src := range map[string]string{"etc/passwd": "usr/share/base-passwd/passwd.master", "etc/group": "usr/share/base-passwd/group.master"} {
+				if err := fsutil.CopyFile(filepath.Join(tree, src), filepath.Join(tree, dst)); err != nil {
+					return debianRoot{}, err
+				}
+			}
+			for name, data := range map[string]string{"etc/machine-id": "", "etc/hostname": "vm\n", strings.TrimPrefix(siteConf, "/"): "# site options (nbh scenario)\n"} {
+				if err := os.MkdirAll(filepath.Dir(filepath.Join(tree, name)), 0o755); err != nil {
+					return debianRoot{}, err
+				}
+				if err := os.WriteFile(filepath.Join(tree, name), []byte(data), 0o644); err != nil {
+					return debianRoot{}, err
+				}
+			}
+		}
 		if err := os.WriteFile(filepath.Join(dir, ".complete"), nil, 0o644); err != nil {
 			return debianRoot{}, err
 		}
 	}
-	tree := filepath.Join(dir, "root")
 	kernels, _ := filepath.Glob(filepath.Join(tree, "boot/vmlinuz-*"))
 	if len(kernels) != 1 {
 		return debianRoot{}, fmt.Errorf("%s: want one kernel in /boot, have %v", tree, kernels)
 	}
-	version := strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-")
-	return debianRoot{Dir: tree, Kernel: kernels[0], Initrd: filepath.Join(tree, "boot/initrd.img-"+version)}, nil
+	r := debianRoot{Dir: tree, Kernel: kernels[0]}
+	if arch == "amd64" {
+		r.Initrd = filepath.Join(tree, "boot/initrd.img-"+strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-"))
+	}
+	return r, nil
 }
 
 // events are the guest's timeline events of a kind.
@@ -114,7 +149,8 @@ func events(g *harness.Guest, source, kind string) []timeline.Event {
 // TestOwnDebianRoot boots a stock systemd root — the user's tree, kernel
 // and archive — to its serial login prompt: over NFS with its own
 // initramfs-tools archive, and over iSCSI (an ext4 image of the tree) with
-// an archive nbh archive build made for it. Then the tree's site file
+// an archive nbh archive build made for it; an arm64 root over NFS through
+// U-Boot with the archive nbh archive build made for it. Then the tree's site file
 // changes after the archives were made: the server's comparison at the
 // NFS mount names it, a warning for the root's own archive (its init does
 // not check), a failure with evidence for nbh's (its init stops).
@@ -124,24 +160,36 @@ func TestOwnDebianRoot(t *testing.T) {
 	if !selected("amd64", "seabios-ipxe") {
 		t.Skip("amd64/seabios-ipxe not selected")
 	}
-	root := ownDebianRoot(t)
+	root := ownDebianRoot(t, "amd64")
 	bin := buildNBH(t)
 	list := filepath.Join(t.TempDir(), "files.list")
 	assert.NilError(t, os.WriteFile(list, []byte("# the site's files\n/etc/modprobe.d/*.conf\nconfig /etc/hostname\n"), 0o644))
-	nbhArchive := filepath.Join(t.TempDir(), "initrd.img")
-	out, err := exec.Command(bin, "archive", "build", "--root", root.Dir, "--files", list, "--out", nbhArchive).CombinedOutput()
-	assert.NilError(t, err, "%s", out)
-	assert.Check(t, is.Contains(string(out), "2 files of the root"))
+	archiveFor := func(arch string, r debianRoot) string {
+		out := filepath.Join(t.TempDir(), "initrd.img")
+		b, err := exec.Command(bin, "archive", "build", "--arch", arch, "--root", r.Dir, "--files", list, "--out", out).CombinedOutput()
+		assert.NilError(t, err, "%s", b)
+		assert.Check(t, is.Contains(string(b), "2 files of the root"))
+		return out
+	}
+	nbhArchive := archiveFor("amd64", root)
+	var root64 debianRoot
+	var nbhArchive64 string
+	if selected("arm64", "uboot") {
+		root64 = ownDebianRoot(t, "arm64")
+		nbhArchive64 = archiveFor("arm64", root64)
+	}
 	changed := filepath.Join(t.TempDir(), "nbh-site.conf")
 	assert.NilError(t, os.WriteFile(changed, []byte("# site options, changed after the archives were made\noptions loop max_loop=4\n"), 0o644))
 
 	for _, c := range []struct {
-		name, firmware, root, initrd string
-		rootFiles                    map[string]string
-		steps                        []string
-		stale                        bool
-		want                         failure.Reason
+		name, arch, firmware, root, initrd string
+		rootFiles                          map[string]string
+		steps                              []string
+		stale                              bool
+		want                               failure.Reason
 	}{
+		{name: "arm64-nfs-nbh-archive", arch: "arm64", firmware: "uboot", root: harness.RootNFS, initrd: nbhArchive64,
+			steps: []string{`nbh-init: mounting root nfs`, `Welcome to .*Debian GNU/Linux 12`}},
 		{name: "nfs-own-initramfs", firmware: "seabios-ipxe", root: harness.RootNFS, initrd: root.Initrd,
 			steps: []string{`Begin: Mounting root file system`, `Welcome to .*Debian GNU/Linux 12`}},
 		{name: "iscsi-nbh-archive", firmware: "seabios-ipxe", root: harness.RootISCSI, initrd: nbhArchive,
@@ -153,9 +201,15 @@ func TestOwnDebianRoot(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			guestTest(t)
+			r := root
+			if c.arch == "" {
+				c.arch = "amd64"
+			} else if r = root64; r.Dir == "" {
+				t.Skipf("%s/%s not selected", c.arch, c.firmware)
+			}
 			lab := nbhtest.NewLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: c.firmware, Root: c.root,
-				RootDir: root.Dir, RootFiles: c.rootFiles, Kernel: root.Kernel, Initrd: c.initrd,
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: c.root,
+				RootDir: r.Dir, RootFiles: c.rootFiles, Kernel: r.Kernel, Initrd: c.initrd,
 				Steps: c.steps, Expect: `login:`, Timeout: 300 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())

@@ -22,7 +22,7 @@ func archiveCmd(ctx context.Context, args []string) int {
 	root := fs.String("root", "", "the root tree the archive is for (required)")
 	files := fs.String("files", "", "the file list (required): one root path a line, a glob (/etc/modprobe.d/*.conf) or a folder; 'config PATH' marks editable configuration; # comments")
 	out := fs.String("out", "", "where to write the archive (required); its manifest goes to OUT.manifest.json")
-	arch := fs.String("arch", "amd64", "the root's architecture: amd64 or arm64 (nbh's init and busybox are built for it)")
+	arch := fs.String("arch", "", "the root's architecture, amd64 or arm64, for nbh's init and busybox (default: what the root's kernel modules are built for)")
 	kver := fs.String("kernel-version", "", "the kernel whose modules to carry, when the root has several (lib/modules/VERSION)")
 	compression := fs.String("compression", "gzip", "gzip or zstd")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
@@ -34,13 +34,16 @@ nbh's init and busybox, the network, NIC, NFS and iSCSI modules of the
 root's own kernel with their dependencies, and the root's files the list
 names, each recorded in the archive's manifest (/etc/nbh/manifest.json, and
 OUT.manifest.json) as a copy of its root path. The same root and list give
-the same bytes. Boot it with the root's kernel onto the root:
+the same bytes. Modules of nbh's lists that the root's kernel lacks are left
+out (it needs one network driver); modules must be plain .ko files. Boot it
+with the root's kernel onto the root:
 
   nbh boot --root nfs --root-dir DIR --kernel DIR/boot/vmlinuz-VERSION --initrd OUT
 
 When a listed file changes on the root, the init says the archive is stale
-(NBH-ARCHIVE stale), and the boot server's own comparison at the root's mount
-records a stale-archive event naming it.
+(NBH-ARCHIVE stale) after it mounts the root (NFS or iSCSI), and on an NFS
+root the boot server's own comparison at the mount records a stale-archive
+event naming it.
 
 Flags:
 `)
@@ -74,6 +77,9 @@ Flags:
 		return exitUsage
 	}
 	k, err := fixtures.RootKernel(*root, *arch, *kver)
+	if err == nil && *arch == "" {
+		fmt.Fprintf(os.Stderr, "nbh archive build: the root's kernel %s is for %s\n", k.Version, k.Arch)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh archive build: %v\n", err)
 		return exitUsage

@@ -78,7 +78,11 @@ Flags:
 			fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
 			return exitUsage
 		}
+		all := len(rows)
 		rows = matrix.StackRows(rows, stacks)
+		if dropped := all - len(rows); dropped > 0 {
+			fmt.Fprintf(os.Stderr, "nbh matrix: %d of %d rows left out: your stack (%s) cannot run them (another architecture; a fault of the reference archive or root, or IPsec, with your archive or root; a NIC the chain's firmware cannot boot from)\n", dropped, all, strings.Join(harness.Arches(stacks), ", "))
+		}
 		if len(rows) == 0 {
 			fmt.Fprintf(os.Stderr, "nbh matrix: the stack (%s) applies to no row of this selection\n", strings.Join(harness.Arches(stacks), ", "))
 			return exitUsage

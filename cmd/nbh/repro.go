@@ -34,6 +34,7 @@ func reproCmd(ctx context.Context, args []string) int {
 	artifacts := fs.String("artifacts", "", "keep each replay's artifacts (a bundle of the replay) in DIR/run-N (default: a temporary folder, kept only for a replay that came out differently)")
 	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the comparison")
+	hostPaths := fs.Bool("host-paths", false, "allow a bundle that serves paths of this machine (its root tree or image, its --serve tree, recorded by host path) to serve them to its guest; without it such a bundle is refused with the paths named")
 	interactive := fs.Bool("interactive", false, "the terminal becomes the replayed guest's serial console, as with nbh boot --interactive (Ctrl-] q quits)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh repro [flags] BUNDLE
@@ -79,6 +80,12 @@ Flags:
 	opts, spec, err := harness.FromBundle(b)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh repro: %v\n", err)
+		return exitUsage
+	}
+	if paths := harness.HostPaths(b); len(paths) > 0 && !*hostPaths {
+		// A bundle from elsewhere must not choose what of this machine a
+		// guest gets to read.
+		fmt.Fprintf(os.Stderr, "nbh repro: the bundle serves these paths of this machine to its guest (a root tree or image, a served tree): %s\nrun it again with --host-paths if that is what you want (they are only read: a replay serves a copy of a root)\n", strings.Join(paths, ", "))
 		return exitUsage
 	}
 	c := images.Open(*cache)

@@ -109,7 +109,12 @@ Flags:
 	fmt.Printf("nbh serve: %s, root %s, network %s; socket %s\n", prof.Name(), *lab.root, *lab.ipsec, sock)
 	for _, g := range printed {
 		if *netdevOnly {
-			fmt.Printf("%s (%s): -netdev stream,id=n0,server=off,addr.type=unix,addr.path=%s -device virtio-net-pci,netdev=n0,mac=%s\n", g.Name, g.IP, sock, g.MAC)
+			nic, _ := qemu.LookupNIC(g.Spec().NIC)
+			dev := nic.Device + ",netdev=n0,mac=" + g.MAC.String()
+			if rom := g.Spec().NICROM; rom != "" {
+				dev += ",romfile=" + rom
+			}
+			fmt.Printf("%s (%s): -netdev stream,id=n0,server=off,addr.type=unix,addr.path=%s -device %s\n", g.Name, g.IP, sock, dev)
 			continue
 		}
 		argv, err := g.QEMUArgs(sock)

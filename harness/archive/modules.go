@@ -49,7 +49,9 @@ func IndexModules(dir string) (*ModuleIndex, error) {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
+		// Regular files only: a link among a root tree's modules could
+		// name a file outside the tree.
+		if d.Type().IsRegular() && strings.HasSuffix(p, ".ko") {
 			rel, _ := filepath.Rel(dir, p)
 			idx.path[ModuleName(p)] = rel
 		}
@@ -59,9 +61,33 @@ func IndexModules(dir string) (*ModuleIndex, error) {
 		return nil, fmt.Errorf("archive: index modules: %w", err)
 	}
 	if len(idx.path) == 0 {
+		if m, _ := filepath.Glob(filepath.Join(dir, "kernel", "*", "*", "*.ko.*")); len(m) > 0 {
+			return nil, fmt.Errorf("archive: the modules under %s are compressed (%s); nbh reads only plain .ko modules", dir, filepath.Ext(m[0]))
+		}
 		return nil, fmt.Errorf("archive: no .ko modules under %s", dir)
 	}
 	return idx, nil
+}
+
+// Has reports whether the kernel has the module, as a file or built in.
+func (idx *ModuleIndex) Has(name string) bool {
+	n := ModuleName(name)
+	_, ok := idx.path[n]
+	return ok || idx.builtin[n]
+}
+
+// Arch is the Debian architecture the modules are built for, from one
+// module's ELF header ("" when unknown).
+func (idx *ModuleIndex) Arch() string {
+	for _, rel := range idx.path {
+		f, err := elf.Open(filepath.Join(idx.Dir, rel))
+		if err != nil {
+			return ""
+		}
+		defer f.Close()
+		return map[elf.Machine]string{elf.EM_X86_64: "amd64", elf.EM_AARCH64: "arm64", elf.EM_RISCV: "riscv64"}[f.Machine]
+	}
+	return ""
 }
 
 // Depends reads the depends= field of a module's .modinfo.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"compress/bzip2"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -13,7 +14,6 @@ import (
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
-	"github.com/ulikunitz/xz"
 )
 
 // Member is one entry of a boot archive someone else built (initramfs-tools,
@@ -30,22 +30,29 @@ func (m Member) Regular() bool { return m.Mode&0o170000 == 0o100000 }
 
 // Limits on what an archive handed to Read can make it do.
 const (
-	MaxMembers = 1 << 20 // entries in all segments
-	MaxName    = 4096    // bytes of one entry's name
+	MaxMembers  = 1 << 20   // entries in all segments
+	MaxName     = 4096      // bytes of one entry's name
+	MaxUnpacked = 4 << 30   // bytes read in all, after decompression (no guest has more memory)
+	maxZstdMem  = 256 << 20 // what the zstd decoder may allocate (windows up to 128 MiB: zstd --long=27)
 )
 
+// ErrTooBig is an archive past MaxUnpacked or MaxMembers.
+var ErrTooBig = errors.New("archive: too big to read")
+
 // ErrCompression is a segment compressed in a way Read does not undo
-// (lz4, lzma, lzo): the members before it were reported.
+// (lz4, lzma, lzo; xz, whose decoder allocates whatever dictionary the
+// stream's header asks for): the members before it were reported.
 var ErrCompression = errors.New("archive: compression not read")
 
 // Read walks a boot archive as the kernel unpacks it: newc cpio segments,
-// each uncompressed or compressed (gzip, zstd, xz, bzip2), one after another
+// each uncompressed or compressed (gzip, zstd, bzip2), one after another
 // (initramfs-tools and dracut put an uncompressed CPU microcode segment
 // before the compressed one), calling fn for each member with its data.
 // fn must not keep data past its return. Segments after a compressed one
 // other than gzip are not read: the decompressor may have read past its end.
-func Read(r io.Reader, fn func(Member, io.Reader) error) error {
-	br := bufio.NewReaderSize(r, 64<<10)
+// It stops when ctx ends, and past MaxUnpacked bytes or MaxMembers entries.
+func Read(ctx context.Context, r io.Reader, fn func(Member, io.Reader) error) error {
+	br := bufio.NewReaderSize(&guarded{ctx: ctx, r: r}, 64<<10)
 	n := 0
 	for {
 		if err := skipZeros(br); err == io.EOF {
@@ -65,26 +72,22 @@ func Read(r io.Reader, fn func(Member, io.Reader) error) error {
 				return fmt.Errorf("archive: gzip: %w", err)
 			}
 			zr.Multistream(false)
-			if err := readAll(zr, &n, fn); err != nil {
+			if err := readAll(&guarded{ctx: ctx, r: zr}, &n, fn); err != nil {
 				return err
 			}
 			// gzip reads no further than its member's end (br is a
 			// ByteReader): what follows is the next segment.
 		case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-			zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(1<<30))
+			zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxZstdMem), zstd.WithDecoderMaxWindow(128<<20))
 			if err != nil {
 				return fmt.Errorf("archive: zstd: %w", err)
 			}
 			defer zr.Close()
-			return readAll(zr, &n, fn)
+			return readAll(&guarded{ctx: ctx, r: zr}, &n, fn)
 		case bytes.HasPrefix(magic, []byte{0xfd, '7', 'z', 'X', 'Z', 0}):
-			zr, err := xz.NewReader(br)
-			if err != nil {
-				return fmt.Errorf("archive: xz: %w", err)
-			}
-			return readAll(zr, &n, fn)
+			return fmt.Errorf("%w: xz", ErrCompression)
 		case bytes.HasPrefix(magic, []byte("BZh")):
-			return readAll(bzip2.NewReader(br), &n, fn)
+			return readAll(&guarded{ctx: ctx, r: bzip2.NewReader(br)}, &n, fn)
 		case bytes.HasPrefix(magic, []byte{0x02, 0x21, 0x4c, 0x18}):
 			return fmt.Errorf("%w: lz4", ErrCompression)
 		case bytes.HasPrefix(magic, []byte{0x89, 'L', 'Z', 'O'}):
@@ -115,18 +118,44 @@ func readAll(r io.Reader, n *int, fn func(Member, io.Reader) error) error {
 // skipZeros skips the zero padding between segments; io.EOF at the end.
 func skipZeros(br *bufio.Reader) error {
 	for {
-		b, err := br.Peek(1)
-		if err != nil {
-			if err == io.EOF {
-				return io.EOF
-			}
+		b, err := br.Peek(4096)
+		n := 0
+		for n < len(b) && b[n] == 0 {
+			n++
+		}
+		br.Discard(n)
+		switch {
+		case n < len(b):
+			return nil // a segment starts
+		case err == io.EOF && len(b) == n:
+			return io.EOF
+		case err != nil && err != io.EOF:
 			return fmt.Errorf("archive: %w", err)
 		}
-		if b[0] != 0 {
-			return nil
-		}
-		br.Discard(1)
 	}
+}
+
+// guarded reads r until ctx ends or MaxUnpacked bytes have passed: the
+// bounds of a decompression bomb.
+type guarded struct {
+	ctx context.Context
+	r   io.Reader
+	n   int64
+}
+
+func (g *guarded) Read(p []byte) (int, error) {
+	if err := g.ctx.Err(); err != nil {
+		return 0, err
+	}
+	if g.n >= MaxUnpacked {
+		return 0, fmt.Errorf("%w: more than %d bytes", ErrTooBig, int64(MaxUnpacked))
+	}
+	if rest := MaxUnpacked - g.n; int64(len(p)) > rest {
+		p = p[:rest]
+	}
+	n, err := g.r.Read(p)
+	g.n += int64(n)
+	return n, err
 }
 
 // readCPIO reads one newc (or crc) cpio archive, up to its trailer.
@@ -168,7 +197,7 @@ func readCPIO(br *bufio.Reader, n *int, fn func(Member, io.Reader) error) error 
 			return nil
 		}
 		if *n++; *n > MaxMembers {
-			return fmt.Errorf("archive: more than %d entries", MaxMembers)
+			return fmt.Errorf("%w: more than %d entries", ErrTooBig, MaxMembers)
 		}
 		clean := strings.TrimLeft(path.Clean("/"+nm), "/")
 		data := io.LimitReader(br, size)

@@ -50,6 +50,10 @@ type Spec struct {
 	Compression string // Gzip (default) or Zstd
 }
 
+// MaxTrackedBytes bounds the root files an archive copies (they are held
+// in memory while it is built).
+const MaxTrackedBytes = 1 << 30
+
 // ModuleSet is one module list of an archive.
 type ModuleSet struct {
 	List  string   // archive path of the list
@@ -220,7 +224,17 @@ func (spec Spec) builder() (*Builder, error) {
 			return nil, fmt.Errorf("archive: root tree: %w", err)
 		}
 		defer root.Close()
+		var total int64
 		for _, t := range spec.Tracked {
+			rel := strings.TrimPrefix(path.Clean("/"+t.Path), "/")
+			if _, taken := b.entries[rel]; taken {
+				return nil, fmt.Errorf("archive: the root's %s would replace the archive's own", t.Path)
+			}
+			if fi, err := root.Stat(rel); err == nil {
+				if total += fi.Size(); total > MaxTrackedBytes {
+					return nil, fmt.Errorf("archive: the root's files add up to more than %d MiB (at %s): name fewer", MaxTrackedBytes>>20, t.Path)
+				}
+			}
 			if err := b.FromRoot(root, t.Path, t.Editable); err != nil {
 				return nil, err
 			}

@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"text/template"
+	"text/template/parse"
 )
 
 // Boot is what a loader must load. It is also what a loader configuration
@@ -135,19 +136,84 @@ type Template struct {
 	t    *template.Template
 }
 
+// Limits on a user's template: its size, and what it may write (a loader
+// config is a page of text; {{range}} has nothing to iterate in Boot, and
+// over a number it could loop for as long as it likes).
+const (
+	MaxTemplate = 256 << 10
+	MaxConfig   = 1 << 20
+)
+
 // ParseTemplate parses a loader configuration template; name is the file
 // it came from, and errors name it with the line (file:LINE: ...).
 func ParseTemplate(name, text string) (*Template, error) {
+	if len(text) > MaxTemplate {
+		return nil, fmt.Errorf("loader config %s: %d bytes, more than %d", name, len(text), MaxTemplate)
+	}
 	t, err := template.New(name).Option("missingkey=error").Parse(text)
 	if err != nil {
 		return nil, fmt.Errorf("loader config %w", err)
 	}
+	for _, tt := range t.Templates() {
+		if tt.Tree == nil {
+			continue
+		}
+		if r := findRange(tt.Tree.Root); r != nil {
+			line, _ := tt.ErrorContext(r)
+			return nil, fmt.Errorf("loader config %s: {{range}} is not supported: a loader config has nothing to iterate over", line)
+		}
+	}
 	return &Template{Name: name, t: t}, nil
+}
+
+// findRange returns the first {{range}} under n.
+func findRange(n parse.Node) parse.Node {
+	switch n := n.(type) {
+	case *parse.RangeNode:
+		return n
+	case *parse.ListNode:
+		if n == nil {
+			return nil
+		}
+		for _, c := range n.Nodes {
+			if r := findRange(c); r != nil {
+				return r
+			}
+		}
+	case *parse.IfNode:
+		if r := findRange(n.List); r != nil {
+			return r
+		}
+		if n.ElseList != nil {
+			return findRange(n.ElseList)
+		}
+	case *parse.WithNode:
+		if r := findRange(n.List); r != nil {
+			return r
+		}
+		if n.ElseList != nil {
+			return findRange(n.ElseList)
+		}
+	}
+	return nil
+}
+
+// capped is a buffer that refuses to grow past MaxConfig.
+type capped struct{ strings.Builder }
+
+func (c *capped) Write(p []byte) (int, error) {
+	if c.Len()+len(p) > MaxConfig {
+		return 0, fmt.Errorf("output of more than %d bytes", MaxConfig)
+	}
+	return c.Builder.Write(p)
 }
 
 // ReadTemplate parses the template in file, and executes it once against
 // Example so that a field it does not know fails here, before any boot.
 func ReadTemplate(file string) (*Template, error) {
+	if fi, err := os.Stat(file); err == nil && fi.Size() > MaxTemplate {
+		return nil, fmt.Errorf("loader config %s: %d bytes, more than %d", file, fi.Size(), MaxTemplate)
+	}
 	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, fmt.Errorf("loader config: %w", err)
@@ -172,7 +238,7 @@ var Example = Boot{
 
 // Execute renders the template for b; errors name the file and line.
 func (t *Template) Execute(b Boot) (string, error) {
-	var out strings.Builder
+	var out capped
 	if err := t.t.Execute(&out, b); err != nil {
 		return "", fmt.Errorf("loader config %w", err)
 	}

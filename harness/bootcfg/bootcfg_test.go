@@ -77,3 +77,20 @@ func TestUserTemplateSeesEveryField(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, out, "10.0.2.2 g7 52:54:00:00:00:07 10.0.2.21 arm64 uboot g7/vmlinuz g7/initrd.img http://10.0.2.2/g7/vmlinuz http://10.0.2.2/g7/initrd.img quiet nfs 10.0.2.2:/nbh/root iscsi:z http://10.0.2.2/x/y")
 }
+
+// TestTemplateLimits: a template cannot loop for as long as it likes, nor
+// write without end.
+func TestTemplateLimits(t *testing.T) {
+	_, err := ParseTemplate("loop.ipxe", "#!ipxe\n{{if .Guest}}\n{{range 1000000000}}x{{end}}{{end}}\n")
+	assert.ErrorContains(t, err, "loop.ipxe:3:")
+	assert.ErrorContains(t, err, "{{range}} is not supported")
+	tpl, err := ParseTemplate("big.ipxe", `{{define "a"}}{{.Cmdline}}{{.Cmdline}}{{.Cmdline}}{{.Cmdline}}{{end}}`+
+		`{{define "b"}}{{template "a" .}}{{template "a" .}}{{template "a" .}}{{template "a" .}}{{end}}`+
+		`{{define "c"}}{{template "b" .}}{{template "b" .}}{{template "b" .}}{{template "b" .}}{{end}}`+
+		`{{template "c" .}}{{template "c" .}}{{template "c" .}}{{template "c" .}}`)
+	assert.NilError(t, err)
+	_, err = tpl.Execute(Boot{Cmdline: strings.Repeat("x", 8192)})
+	assert.ErrorContains(t, err, "output of more than")
+	_, err = ParseTemplate("huge.ipxe", strings.Repeat("#", MaxTemplate+1))
+	assert.ErrorContains(t, err, "more than")
+}

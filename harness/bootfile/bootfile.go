@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -43,7 +44,10 @@ func Root(root *os.Root) Opener {
 		if name == "" {
 			name = "."
 		}
-		f, err := root.Open(name)
+		// Non-blocking: a FIFO in a served tree (a user's --serve or root
+		// tree) would block the open, and the transfer with it, forever;
+		// the handle's own type is checked below.
+		f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return nil, err
 		}

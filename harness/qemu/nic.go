@@ -10,10 +10,12 @@ import (
 type NIC struct {
 	Name   string // nbh's name: virtio, e1000, ...
 	Device string // QEMU's -device name
-	// ROM: QEMU carries an iPXE option ROM for it (Debian's ipxe-qemu,
-	// efi-*.rom), so firmware that boots through the NIC's ROM (SeaBIOS,
-	// OVMF with the iPXE EFI driver) can boot from it.
-	ROM bool
+	// ROMFile is the iPXE option ROM QEMU loads for it by default (from
+	// Debian's ipxe-qemu); ROM says it has one (SeaBIOS boots through it),
+	// EFI that the ROM holds an EFI driver too (OVMF boots through it):
+	// QEMU 7.2 gives ne2k_pci and the eepro100 family legacy ROMs only.
+	ROMFile  string
+	ROM, EFI bool
 	// Driver is the Linux module that drives it.
 	Driver string
 }
@@ -23,14 +25,14 @@ const VirtioNIC = "virtio"
 
 // nics are the NIC models nbh boots, virtio first.
 var nics = []NIC{
-	{Name: VirtioNIC, Device: "virtio-net-pci", ROM: true, Driver: "virtio_net"},
-	{Name: "e1000", Device: "e1000", ROM: true, Driver: "e1000"},
-	{Name: "e1000e", Device: "e1000e", ROM: true, Driver: "e1000e"},
-	{Name: "rtl8139", Device: "rtl8139", ROM: true, Driver: "8139too"},
-	{Name: "vmxnet3", Device: "vmxnet3", ROM: true, Driver: "vmxnet3"},
-	{Name: "pcnet", Device: "pcnet", ROM: true, Driver: "pcnet32"},
-	{Name: "ne2k_pci", Device: "ne2k_pci", ROM: true, Driver: "ne2k_pci"},
-	{Name: "i82559er", Device: "i82559er", ROM: true, Driver: "e100"},
+	{Name: VirtioNIC, Device: "virtio-net-pci", ROMFile: "efi-virtio.rom", ROM: true, EFI: true, Driver: "virtio_net"},
+	{Name: "e1000", Device: "e1000", ROMFile: "efi-e1000.rom", ROM: true, EFI: true, Driver: "e1000"},
+	{Name: "e1000e", Device: "e1000e", ROMFile: "efi-e1000e.rom", ROM: true, EFI: true, Driver: "e1000e"},
+	{Name: "rtl8139", Device: "rtl8139", ROMFile: "efi-rtl8139.rom", ROM: true, EFI: true, Driver: "8139too"},
+	{Name: "vmxnet3", Device: "vmxnet3", ROMFile: "efi-vmxnet3.rom", ROM: true, EFI: true, Driver: "vmxnet3"},
+	{Name: "pcnet", Device: "pcnet", ROMFile: "efi-pcnet.rom", ROM: true, EFI: true, Driver: "pcnet32"},
+	{Name: "ne2k_pci", Device: "ne2k_pci", ROMFile: "pxe-ne2k_pci.rom", ROM: true, Driver: "ne2k_pci"},
+	{Name: "i82559er", Device: "i82559er", ROMFile: "pxe-eepro100.rom", ROM: true, Driver: "e100"},
 }
 
 // NICs lists the NIC models, virtio first.

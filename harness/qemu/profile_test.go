@@ -1,6 +1,11 @@
 package qemu
 
 import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -54,4 +59,40 @@ func TestNICModels(t *testing.T) {
 	assert.Equal(t, device(Config{NIC: "rtl8139", ROMFile: "/x/my.rom"}), "rtl8139,netdev=n0,mac=52:54:00:00:00:01,romfile=/x/my.rom,bootindex=1")
 	_, err := Args(Config{Profile: Profile{Machine: "pc"}, NIC: "tulip3000"})
 	assert.ErrorContains(t, err, `NIC "tulip3000": want one of virtio, e1000`)
+}
+
+// TestNICROMs checks the NIC table against QEMU and Debian's ipxe-qemu: the
+// ROM file named is the one this QEMU loads (its name is in the binary),
+// and it holds an EFI driver exactly when the table says (from the PCI
+// expansion ROM's own image headers: code type 3 is EFI).
+func TestNICROMs(t *testing.T) {
+	bin, err := exec.LookPath(Binary("amd64"))
+	if err != nil {
+		t.Skip("qemu-system-x86_64 is not installed")
+	}
+	qemuBin, err := os.ReadFile(bin)
+	assert.NilError(t, err)
+	for _, n := range NICs() {
+		if !n.ROM {
+			continue
+		}
+		assert.Assert(t, bytes.Contains(qemuBin, []byte(n.ROMFile+"\x00")), "%s: QEMU names no %s", n.Name, n.ROMFile)
+		rom, err := os.ReadFile(filepath.Join("/usr/lib/ipxe/qemu", n.ROMFile))
+		if err != nil {
+			t.Skipf("ipxe-qemu's ROMs: %v", err)
+		}
+		efi := false
+		for off := 0; off+0x1a <= len(rom) && rom[off] == 0x55 && rom[off+1] == 0xaa; {
+			pcir := off + int(binary.LittleEndian.Uint16(rom[off+0x18:]))
+			if pcir+0x16 > len(rom) || string(rom[pcir:pcir+4]) != "PCIR" {
+				break
+			}
+			efi = efi || rom[pcir+0x14] == 3
+			if rom[pcir+0x15]&0x80 != 0 {
+				break // the last image
+			}
+			off += int(binary.LittleEndian.Uint16(rom[pcir+0x10:])) * 512
+		}
+		assert.Equal(t, efi, n.EFI, "%s: EFI image in %s", n.Name, n.ROMFile)
+	}
 }

@@ -30,6 +30,12 @@ import (
 // everything a root needs: owners (as root), modes, symlinks, hard links,
 // device nodes, extended attributes.
 func CopyTree(ctx context.Context, src, dst string) error {
+	// A tree given as a link to it: copy the tree, not the link (which
+	// would send the guest's writes into the user's files).
+	src, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return fmt.Errorf("rootfs: %w", err)
+	}
 	fi, err := os.Stat(src)
 	if err != nil {
 		return fmt.Errorf("rootfs: %w", err)
@@ -104,7 +110,11 @@ type Tree struct {
 func HashTree(dir string) (Tree, error) {
 	h := sha256.New()
 	var t Tree
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	dir, err := filepath.EvalSymlinks(dir) // a link to the tree: walk the tree
+	if err != nil {
+		return Tree{}, fmt.Errorf("rootfs: %w", err)
+	}
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
@@ -156,6 +166,10 @@ func ImageSize(t Tree) int64 {
 // (mkfs.ext4 -d) if the tree's content has none yet. Never modify it: copy
 // it (CopyImage) for a guest.
 func CachedExt4(ctx context.Context, cacheDir, dir string, progress io.Writer) (string, error) {
+	dir, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return "", fmt.Errorf("rootfs: %w", err)
+	}
 	t, err := HashTree(dir)
 	if err != nil {
 		return "", err

@@ -43,9 +43,13 @@ func stat(t *testing.T, p string) *syscall.Stat_t {
 }
 
 func TestCopyTreeKeepsWhatARootNeeds(t *testing.T) {
-	src := tree(t)
+	src := filepath.Join(t.TempDir(), "link")
+	assert.NilError(t, os.Symlink(tree(t), src)) // a tree given as a link to it
 	dst := filepath.Join(t.TempDir(), "copy")
 	assert.NilError(t, CopyTree(context.Background(), src, dst))
+	fi, err := os.Lstat(dst)
+	assert.NilError(t, err)
+	assert.Assert(t, fi.IsDir(), "the copy is a %s", fi.Mode())
 	assert.Equal(t, stat(t, filepath.Join(dst, "usr/bin/su")).Mode&0o7777, uint32(0o4755))
 	assert.Equal(t, stat(t, filepath.Join(dst, "tmp")).Mode&0o7777, uint32(0o1777))
 	link, err := os.Readlink(filepath.Join(dst, "etc/resolv.conf"))
@@ -62,7 +66,8 @@ func TestCopyTreeKeepsWhatARootNeeds(t *testing.T) {
 }
 
 func TestHashTreeFollowsContent(t *testing.T) {
-	src := tree(t)
+	src := filepath.Join(t.TempDir(), "link")
+	assert.NilError(t, os.Symlink(tree(t), src)) // a tree given as a link to it
 	h1, err := HashTree(src)
 	assert.NilError(t, err)
 	h2, err := HashTree(src)
