@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"nbh.dev/nbh/fixtures"
 	"nbh.dev/nbh/harness/archive"
@@ -35,12 +36,30 @@ func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel s
 			opts.CacheDir = filepath.Join(g.lab.work, "archives")
 		}
 	}
-	if g.spec.Root == RootNFS && g.spec.RootDir == "" {
-		// (A root of the user's has no reference configuration; the
-		// server compares the archive with it at the mount instead.)
+	switch {
+	case g.spec.Root == RootNFS && g.spec.RootDir == "":
 		opts.Root = g.rootDir
 		opts.Tracked = []archive.Tracked{{Path: fixtures.ConfigPath, Editable: true}}
+	case g.spec.Root == RootNFS && len(g.spec.ArchiveFromRoot) > 0:
+		// The user's root's own files, kept current by the keeper; with
+		// the user's kernel, that kernel's modules from the root.
+		list, err := archive.ReadList(strings.NewReader(strings.Join(g.spec.ArchiveFromRoot, "\n")))
+		if err != nil {
+			return "", fmt.Errorf("archive from root: %w", err)
+		}
+		if opts.Tracked, err = archive.ExpandList(g.rootDir, list); err != nil {
+			return "", fmt.Errorf("archive from root: %w", err)
+		}
+		opts.Root = g.rootDir
+		if g.spec.Kernel != "" {
+			if k, err = fixtures.RootKernel(g.rootDir, g.Profile.Arch, ""); err != nil {
+				return "", fmt.Errorf("archive from root: %w", err)
+			}
+			opts.TheirKernel = true
+		}
 	}
+	// (Otherwise a root of the user's lends the archive none of its files;
+	// the server compares the archive with it at the mount.)
 	if p.skew {
 		opts.Kernel = skewedKernel(k.Version)
 	}

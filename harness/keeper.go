@@ -120,7 +120,18 @@ func (kp *keeper) fresh(ctx context.Context) error {
 // edit changes the guest's root configuration, as an administrator would.
 func (kp *keeper) edit(line string) error {
 	root := kp.g.rootFS // the guest's root tree, opened with it
+	// The reference root's configuration, or the first editable file (else
+	// the first file) of a user's root the archive carries.
 	p := strings.TrimPrefix(fixtures.ConfigPath, "/")
+	if t := kp.opts.Tracked; len(t) > 0 {
+		p = strings.TrimPrefix(t[0].Path, "/")
+		for _, e := range t {
+			if e.Editable {
+				p = strings.TrimPrefix(e.Path, "/")
+				break
+			}
+		}
+	}
 	old, err := root.ReadFile(p)
 	if err != nil {
 		return err
@@ -129,7 +140,7 @@ func (kp *keeper) edit(line string) error {
 		return err
 	}
 	kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "root-edit", Guest: kp.g.Name,
-		Msg: fmt.Sprintf("%s on the guest's root: added %q", fixtures.ConfigPath, line)})
+		Msg: fmt.Sprintf("/%s on the guest's root: added %q", p, line)})
 	return nil
 }
 

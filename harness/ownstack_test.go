@@ -141,6 +141,14 @@ func TestStackApplies(t *testing.T) {
 	assert.Assert(t, !ok, "a fault of the reference archive with the user's archive")
 	_, ok = apply("seabios-ipxe", RootNFS, "stale-config")
 	assert.Assert(t, !ok)
+	// With the root's files in the reference archive, the keeper's faults
+	// apply to the NFS rows.
+	st.Initrd, st.ArchiveFiles = "", []string{"config /etc/hostname"}
+	s, ok = apply("seabios-ipxe", RootNFS, "stale-config")
+	assert.Assert(t, ok)
+	assert.DeepEqual(t, s.ArchiveFromRoot, []string{"config /etc/hostname"})
+	_, ok = apply("seabios-ipxe", RootISCSI, "stale-config")
+	assert.Assert(t, !ok)
 	_, err = ReadStacks(writeFile2(t, `{"amd64": {"kernal": "x"}}`))
 	assert.ErrorContains(t, err, "kernal")
 	_, err = ReadStacks(writeFile2(t, `{"amd64": {"loader_config": {"pxe": "x"}}}`))

@@ -111,8 +111,11 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if err := checkUserRoot(spec); err != nil {
 		return nil, err
 	}
-	if (spec.RootDir != "" || spec.RootImage != "") && (p.editConfig || p.swap) {
-		return nil, fmt.Errorf("fault: stale-config, config-changed and archive-swap change the reference root's configuration; your root has none (a changed file of your root that your archive holds shows as a stale-archive event)")
+	if len(spec.ArchiveFromRoot) > 0 && (spec.Root != RootNFS || spec.RootDir == "" || spec.Initrd != "") {
+		return nil, fmt.Errorf("archive from root: the reference archive carries files of your NFS root tree (--root nfs --root-dir), not with an archive of yours")
+	}
+	if (spec.RootDir != "" || spec.RootImage != "") && len(spec.ArchiveFromRoot) == 0 && (p.editConfig || p.swap) {
+		return nil, fmt.Errorf("fault: stale-config, config-changed and archive-swap change a root file the reference archive carries; with your root it carries none unless you name some (--archive-files); a changed file of your root that your own archive holds shows as a stale-archive event")
 	}
 	if err := chain.CheckUserFiles(spec); err != nil {
 		return nil, fmt.Errorf("spec: %w", err)

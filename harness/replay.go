@@ -45,7 +45,7 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 		Lab: bundle.Lab{ESPKeyBits: opts.ESPKeyBits, MTU: opts.MTU, Seed: opts.Seed, Serve: opts.Serve},
 		Spec: bundle.Spec{
 			Arch: s.Arch, Firmware: s.Firmware, Name: s.Name, MAC: s.MAC, IP: s.IP, Family: s.Family, NIC: s.NIC, Root: s.Root, CHAP: s.CHAP,
-			RootDir: s.RootDir, RootImage: s.RootImage, RootWritable: s.RootWritable,
+			RootDir: s.RootDir, RootImage: s.RootImage, RootWritable: s.RootWritable, ArchiveFromRoot: s.ArchiveFromRoot,
 			Append: s.Append, NoArchiveRefresh: s.NoArchiveRefresh, OnStale: s.OnStale, Compression: s.Compression,
 			Signed: s.Signed, KeepPrompts: s.KeepPrompts, Expect: s.Expect, Memory: s.Memory,
 			Timeout: s.Timeout.Seconds(),
@@ -226,7 +226,7 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 		return bad("%v", err)
 	}
 	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Family: bs.Family, NIC: bs.NIC, Root: bs.Root, CHAP: bs.CHAP,
-		RootDir: bs.RootDir, RootImage: bs.RootImage,
+		RootDir: bs.RootDir, RootImage: bs.RootImage, ArchiveFromRoot: bs.ArchiveFromRoot,
 		Append: bs.Append, NoArchiveRefresh: bs.NoArchiveRefresh, OnStale: bs.OnStale, Compression: bs.Compression,
 		Signed: bs.Signed, KeepPrompts: bs.KeepPrompts, Expect: bs.Expect, Memory: bs.Memory,
 		Timeout: time.Duration(bs.Timeout * float64(time.Second))}

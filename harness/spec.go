@@ -40,6 +40,14 @@ type Spec struct {
 	// or image itself (the guest's writes land in it).
 	RootDir, RootImage string
 	RootWritable       bool
+	// ArchiveFromRoot makes the reference archive carry these files of
+	// the user's NFS root (RootDir), lines as nbh archive build's file
+	// list takes them (a path, a glob or a folder; "config PATH" for
+	// editable configuration), with the modules of the root's own kernel
+	// when Kernel is the user's: the boot server then keeps that archive
+	// current as it does the reference root's (and stale-config,
+	// config-changed and archive-swap change the first editable one).
+	ArchiveFromRoot []string
 
 	// CHAP makes the iSCSI target require one-way CHAP from this guest;
 	// the guest is told its credentials on the kernel command line (a

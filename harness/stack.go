@@ -21,11 +21,13 @@ import (
 // FirmwareVars and BIOS by the chain's firmware name, "*" for every chain
 // that takes one.
 type Stack struct {
-	Kernel       string            `json:"kernel,omitempty"`
-	Initrd       string            `json:"initrd,omitempty"`
-	Append       string            `json:"append,omitempty"`
-	RootDir      string            `json:"root_dir,omitempty"`
-	RootImage    string            `json:"root_image,omitempty"`
+	Kernel    string `json:"kernel,omitempty"`
+	Initrd    string `json:"initrd,omitempty"`
+	Append    string `json:"append,omitempty"`
+	RootDir   string `json:"root_dir,omitempty"`
+	RootImage string `json:"root_image,omitempty"`
+	// ArchiveFiles is Spec.ArchiveFromRoot: lines of a file list.
+	ArchiveFiles []string          `json:"archive_files,omitempty"`
 	NIC          string            `json:"nic,omitempty"`
 	NICROM       string            `json:"nic_rom,omitempty"`
 	LoaderConfig map[string]string `json:"loader_config,omitempty"`
@@ -139,7 +141,7 @@ func (st Stack) Apply(c Chain, s *Spec, serve *string) bool {
 		if st.RootDir != "" || st.RootImage != "" {
 			var p plan
 			f.apply(&p)
-			if p.editConfig || p.swap || p.loaderNFS {
+			if p.loaderNFS || (p.editConfig || p.swap) && (len(st.ArchiveFiles) == 0 || s.Root != RootNFS) {
 				return false
 			}
 		}
@@ -151,6 +153,9 @@ func (st Stack) Apply(c Chain, s *Spec, serve *string) bool {
 		return false
 	}
 	s.Kernel, s.Initrd, s.Append, s.NIC, s.NICROM = st.Kernel, st.Initrd, st.Append, st.NIC, st.NICROM
+	if s.Root == RootNFS && st.Initrd == "" && st.RootDir != "" {
+		s.ArchiveFromRoot = st.ArchiveFiles
+	}
 	if s.Root == RootNFS || s.Root == RootISCSI {
 		s.RootDir = st.RootDir
 		if s.Root == RootISCSI && st.RootImage != "" {

@@ -185,6 +185,8 @@ func TestOwnDebianRoot(t *testing.T) {
 		name, arch, firmware, root, initrd string
 		rootFiles                          map[string]string
 		steps                              []string
+		fromRoot                           bool   // the reference archive with the root's files
+		fault                              string // one of the lab's faults
 		stale                              bool
 		want                               failure.Reason
 	}{
@@ -198,6 +200,14 @@ func TestOwnDebianRoot(t *testing.T) {
 			rootFiles: map[string]string{siteConf: changed}, stale: true},
 		{name: "nfs-stale-nbh-archive", firmware: "direct", root: harness.RootNFS, initrd: nbhArchive,
 			rootFiles: map[string]string{siteConf: changed}, stale: true, want: failure.StaleArchive},
+		// The reference archive with the root's files and its kernel's
+		// modules (ArchiveFromRoot): the boot server keeps it current when
+		// the root's file changes after the build, as for nbh's own root...
+		{name: "nfs-keeper-rebuilds", firmware: "direct", root: harness.RootNFS, fromRoot: true, fault: "config-changed",
+			steps: []string{`NBH-ARCHIVE fresh`}},
+		// ...unless it is told not to.
+		{name: "nfs-keeper-stale", firmware: "direct", root: harness.RootNFS, fromRoot: true, fault: "stale-config",
+			stale: true, want: failure.StaleArchive},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			guestTest(t)
@@ -208,9 +218,16 @@ func TestOwnDebianRoot(t *testing.T) {
 				t.Skipf("%s/%s not selected", c.arch, c.firmware)
 			}
 			lab := nbhtest.NewLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: c.root,
+			spec := harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: c.root,
 				RootDir: r.Dir, RootFiles: c.rootFiles, Kernel: r.Kernel, Initrd: c.initrd,
-				Steps: c.steps, Expect: `login:`, Timeout: 300 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
+				Steps: c.steps, Expect: `login:`, Timeout: 300 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")}
+			if c.fromRoot {
+				spec.ArchiveFromRoot = []string{"/etc/modprobe.d/*.conf", "config " + siteConf}
+			}
+			if c.fault != "" {
+				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
+			}
+			g, err := lab.Boot(context.Background(), spec)
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			t.Logf("%s: %s after %.1fs\n%s", c.name, map[bool]string{true: "login prompt", false: string(v.Reason)}[v.OK], v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
@@ -221,6 +238,14 @@ func TestOwnDebianRoot(t *testing.T) {
 				assert.Equal(t, v.Reason, c.want, "%v", v.Err())
 			}
 			stale := events(g, "archive", "stale-archive")
+			if c.fromRoot {
+				// The lab edited the root's site file after the build.
+				assert.Equal(t, len(events(g, "lab", "root-edit")), 1)
+				assert.Check(t, is.Contains(events(g, "lab", "root-edit")[0].Msg, siteConf))
+			}
+			if c.fault == "config-changed" {
+				assert.Equal(t, len(events(g, "archive", "rebuild")), 1, "the keeper did not rebuild the archive")
+			}
 			if !c.stale {
 				if c.root == harness.RootNFS {
 					assert.Equal(t, len(events(g, "archive", "archive-fresh")), 1, "no comparison at the mount")

@@ -22,7 +22,7 @@ type labFlags struct {
 	family, nic                        *string
 	loaderConfig, loader, serve        *string
 	fwCode, fwVars, bios, nicROM       *string
-	rootDir, rootImage                 *string
+	rootDir, rootImage, archiveFiles   *string
 	rootWritable                       *bool
 	sanboot                            *bool
 	mtu                                *int
@@ -40,6 +40,7 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		nic:          fs.String("nic", "virtio", "the guest's network card model: "+strings.Join(qemu.NICNames(), ", ")+" (the reference archive carries each one's Linux driver and loads the one the machine has); the firmware must drive it: any model on seabios-ipxe (QEMU's iPXE ROM) and on direct boots, those whose ROM has an EFI driver (all but ne2k_pci and i82559er) on ovmf-ipxe, e1000 also on uboot"),
 		rootDir:      fs.String("root-dir", "", "your own root tree (a folder: mmdebstrap, debootstrap, a build system's output) for --root nfs (each guest gets its own copy) or --root iscsi (an ext4 image of it, made with mke2fs -d and cached by the tree's content); owners, modes, setuid bits, symlinks, hard links and device nodes come through as the tree has them (as root; see README for other users)"),
 		rootImage:    fs.String("root-image", "", "your own raw disk or file-system image for --root iscsi, served as the LUN (each guest gets its own sparse copy)"),
+		archiveFiles: fs.String("archive-files", "", "with --root nfs --root-dir and the reference archive: a file list (as nbh archive build takes) of your root's files the archive carries, with your root kernel's modules when --kernel is yours; the boot server keeps the archive current when they change on the guest's root"),
 		rootWritable: fs.Bool("root-writable", false, "serve --root-dir (NFS) or --root-image itself instead of a copy: the guest's writes land in your files"),
 		loaderConfig: fs.String("loader-config", "", "your own configuration for the chain's loader, a Go text/template (the iPXE script for the iPXE chains, the pxelinux config for uboot, grub.cfg for aavmf-grub); its fields are bootcfg.Boot's: {{.Server}} {{.Guest}} {{.MAC}} {{.IP}} {{.Arch}} {{.Firmware}} {{.Kernel}} {{.Initrd}} {{.KernelURL}} {{.InitrdURL}} {{.Cmdline}} {{.Root}} {{.RootPath}} {{.SAN}}; see README"),
 		loader:       fs.String("loader", "", "your own boot file for the firmware's PXE, served in place of nbh's (ipxe.efi on ovmf-pxe, ipxe-arm64.efi on aavmf-ipxe, the GRUB image on aavmf-grub): an EFI binary for the guest's architecture"),
@@ -101,6 +102,13 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	}
 	if err := prof.CheckUserFiles(spec); err != nil {
 		return prof, harness.Options{}, spec, err
+	}
+	if *f.archiveFiles != "" {
+		b, err := os.ReadFile(*f.archiveFiles)
+		if err != nil {
+			return prof, harness.Options{}, spec, fmt.Errorf("--archive-files: %v", err)
+		}
+		spec.ArchiveFromRoot = strings.Split(strings.TrimSpace(string(b)), "\n")
 	}
 	opts := harness.Options{Cache: images.Open(*f.cache)}
 	if *f.serve != "" {

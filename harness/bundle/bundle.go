@@ -113,9 +113,12 @@ type Spec struct {
 	Root     string `json:"root,omitempty"`
 	// RootDir and RootImage are the user's root (host paths: referenced,
 	// not copied, for their size).
-	RootDir          string             `json:"root_dir,omitempty"`
-	RootImage        string             `json:"root_image,omitempty"`
-	RootWritable     bool               `json:"root_writable,omitempty"`
+	RootDir      string `json:"root_dir,omitempty"`
+	RootImage    string `json:"root_image,omitempty"`
+	RootWritable bool   `json:"root_writable,omitempty"`
+	// ArchiveFromRoot is the file list of the root's files the reference
+	// archive carries.
+	ArchiveFromRoot  []string           `json:"archive_from_root,omitempty"`
 	CHAP             bool               `json:"chap,omitempty"`
 	Kernel           string             `json:"kernel,omitempty"`
 	LoaderConfig     string             `json:"loader_config,omitempty"`
