@@ -14,8 +14,11 @@ import (
 )
 
 func archiveCmd(ctx context.Context, args []string) int {
+	if len(args) > 0 && (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+		args = []string{"build", "--help"}
+	}
 	if len(args) == 0 || args[0] != "build" {
-		fmt.Fprintln(os.Stderr, "usage: nbh archive build --root DIR --files LIST --out FILE [flags]")
+		fmt.Fprintln(os.Stderr, "usage: nbh archive build --root DIR --files LIST --out FILE [flags] (nbh archive build --help)")
 		return exitUsage
 	}
 	fs := flag.NewFlagSet("archive build", flag.ContinueOnError)
