@@ -172,6 +172,10 @@ func TestOwnDebianRoot(t *testing.T) {
 		return out
 	}
 	nbhArchive := archiveFor("amd64", root)
+	// An image of the tree made the user's way, for --root-image.
+	image := filepath.Join(t.TempDir(), "root.ext4")
+	out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", root.Dir, image, "1536M").CombinedOutput()
+	assert.NilError(t, err, "%s", out)
 	var root64 debianRoot
 	var nbhArchive64 string
 	if selected("arm64", "uboot") {
@@ -185,6 +189,7 @@ func TestOwnDebianRoot(t *testing.T) {
 		name, arch, firmware, root, initrd string
 		rootFiles                          map[string]string
 		steps                              []string
+		image                              string // the root as an image of the user's (--root-image)
 		fromRoot                           bool   // the reference archive with the root's files
 		fault                              string // one of the lab's faults
 		stale                              bool
@@ -195,6 +200,8 @@ func TestOwnDebianRoot(t *testing.T) {
 		{name: "nfs-own-initramfs", firmware: "seabios-ipxe", root: harness.RootNFS, initrd: root.Initrd,
 			steps: []string{`Begin: Mounting root file system`, `Welcome to .*Debian GNU/Linux 12`}},
 		{name: "iscsi-nbh-archive", firmware: "seabios-ipxe", root: harness.RootISCSI, initrd: nbhArchive,
+			steps: []string{`nbh-init: mounting root iscsi`, `Welcome to .*Debian GNU/Linux 12`}},
+		{name: "iscsi-root-image", firmware: "direct", root: harness.RootISCSI, initrd: nbhArchive, image: image,
 			steps: []string{`nbh-init: mounting root iscsi`, `Welcome to .*Debian GNU/Linux 12`}},
 		{name: "nfs-stale-own-initramfs", firmware: "direct", root: harness.RootNFS, initrd: root.Initrd,
 			rootFiles: map[string]string{siteConf: changed}, stale: true},
@@ -224,12 +231,28 @@ func TestOwnDebianRoot(t *testing.T) {
 			if c.fromRoot {
 				spec.ArchiveFromRoot = []string{"/etc/modprobe.d/*.conf", "config " + siteConf}
 			}
+			if c.image != "" {
+				spec.RootDir, spec.RootImage = "", c.image
+			}
 			if c.fault != "" {
 				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
+			}
+			var before os.FileInfo
+			if c.image != "" {
+				before, err = os.Stat(c.image)
+				assert.NilError(t, err)
 			}
 			g, err := lab.Boot(context.Background(), spec)
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
+			if before != nil {
+				// The guest (systemd writes) wrote to its copy, not the
+				// user's image.
+				assert.NilError(t, g.Close())
+				after, err := os.Stat(c.image)
+				assert.NilError(t, err)
+				assert.Check(t, after.ModTime().Equal(before.ModTime()) && after.Size() == before.Size(), "the user's image changed")
+			}
 			t.Logf("%s: %s after %.1fs\n%s", c.name, map[bool]string{true: "login prompt", false: string(v.Reason)}[v.OK], v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
 			if c.want == failure.None {
 				assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
