@@ -227,7 +227,11 @@ func TestOwnDebianRoot(t *testing.T) {
 			lab := nbhtest.NewLab(t)
 			spec := harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: c.root,
 				RootDir: r.Dir, RootFiles: c.rootFiles, Kernel: r.Kernel, Initrd: c.initrd,
-				Steps: c.steps, Expect: `login:`, Timeout: 300 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")}
+				Steps: c.steps, Expect: `login:`, Timeout: 420 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1"),
+				// systemd's own start, from the root's mount (or the last
+				// step) to the login prompt, takes well over a minute for
+				// an arm64 guest under TCG while other guests boot.
+				StageTimeouts: map[timeline.Stage]time.Duration{timeline.Root: 240 * time.Second}}
 			if c.fromRoot {
 				spec.ArchiveFromRoot = []string{"/etc/modprobe.d/*.conf", "config " + siteConf}
 			}
