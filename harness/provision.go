@@ -105,7 +105,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, fmt.Errorf("ip %s: no SAN boot over IPv6: iPXE writes only IPv4 addresses into the iBFT (its ibft.c, in Debian 12's build and upstream alike); --root nfs and iscsi boot over IPv6", spec.Family)
 		}
 	}
-	if err := chain.Drives(spec.NIC, spec.NICROM != "" || spec.FirmwareCode != "" || spec.BIOS != ""); err != nil {
+	if err := chain.Drives(spec.NIC, spec.BringsNICDriver()); err != nil {
 		return nil, fmt.Errorf("spec: %w", err)
 	}
 	if err := checkUserRoot(spec); err != nil {

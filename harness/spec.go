@@ -148,6 +148,12 @@ type Spec struct {
 	OnEvent func(timeline.Event)
 }
 
+// BringsNICDriver reports whether the user's own NIC ROM or firmware may
+// drive a card nbh's firmware cannot (Chain.Drives).
+func (s Spec) BringsNICDriver() bool {
+	return s.NICROM != "" || s.FirmwareCode != "" || s.BIOS != ""
+}
+
 // FailOn is a failure signature of the user's: a console line matching
 // Pattern (a regexp) means Reason (any words; a built-in reason's words,
 // such as "kernel panic", make it that reason).

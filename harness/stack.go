@@ -186,7 +186,7 @@ func (st Stack) Apply(c Chain, s *Spec, serve *string) bool {
 		fo, _ := ParseFailOn(f)
 		s.FailOn = append(s.FailOn, fo)
 	}
-	if c.Drives(s.NIC, s.NICROM != "" || s.FirmwareCode != "" || s.BIOS != "") != nil {
+	if c.Drives(s.NIC, s.BringsNICDriver()) != nil {
 		return false
 	}
 	*serve = st.Serve

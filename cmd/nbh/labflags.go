@@ -86,7 +86,7 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	if !prof.Boots(spec.Root) {
 		return prof, harness.Options{}, spec, fmt.Errorf("--sanboot: %s's loader cannot SAN-boot; use --firmware %s", prof.Name(), strings.Join(harness.SANBootChains(), " or "))
 	}
-	if err := prof.Drives(spec.NIC, spec.NICROM != "" || spec.FirmwareCode != "" || spec.BIOS != ""); err != nil {
+	if err := prof.Drives(spec.NIC, spec.BringsNICDriver()); err != nil {
 		return prof, harness.Options{}, spec, fmt.Errorf("--nic: %v", err)
 	}
 	// The user's own files, checked before anything starts: a template
