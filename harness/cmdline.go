@@ -42,6 +42,9 @@ func (g *Guest) cmdline() string {
 		// The reference init's DHCPv6 (and DHCPv4 too for dual).
 		s += " nbh.ip=" + g.spec.Family
 	}
+	if g.spec.Shell {
+		s += " nbh.shell=1" // the reference init's and root's shell after the marker
+	}
 	if g.spec.Append != "" {
 		s += " " + g.spec.Append
 	}

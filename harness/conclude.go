@@ -27,32 +27,33 @@ const (
 
 // conclude watches the guest's events for conclusive evidence.
 func (g *Guest) conclude(e timeline.Event) {
-	if e.Guest != g.Name {
+	b := g.current()
+	if e.Guest != g.Name || b == nil || e.Boot != b.id {
 		return
 	}
 	switch {
 	case e.Source == "dhcp" && e.Kind == "ignored":
-		if n := g.dhcpIgnored.Add(1); n == conclusiveIgnored {
+		if n := b.dhcpIgnored.Add(1); n == conclusiveIgnored {
 			stage := max(g.Reached(), timeline.DHCP) // the reference init's own DHCP is at init
-			g.concludeAfter(0, Verdict{Reason: failure.NoDHCP, Stage: stage,
+			g.concludeAfter(b, 0, Verdict{Reason: failure.NoDHCP, Stage: stage,
 				Detail: fmt.Sprintf("the DHCP server ignored %d DHCP messages from this guest (no-dhcp): no lease can come, so the boot ends here", n)})
 		}
 	case e.Source == "lab" && e.Kind == "fired" && e.Detail["fault"] == "truncated-archive":
-		g.concludeAfter(concludeGrace, Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader,
+		g.concludeAfter(b, concludeGrace, Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader,
 			Detail: e.Msg + "; the loader did not report it within " + concludeGrace.String() + ", and the archive cannot arrive whole"})
 	}
 }
 
-// concludeAfter decides v after d unless the boot is decided first. It runs
-// apart from the timeline's delivery (decide reads the timeline).
-func (g *Guest) concludeAfter(d time.Duration, v Verdict) {
+// concludeAfter decides boot b with v after d unless it is decided first.
+// It runs apart from the timeline's delivery (decide reads the timeline).
+func (g *Guest) concludeAfter(b *boot, d time.Duration, v Verdict) {
 	go func() {
 		t := time.NewTimer(d)
 		defer t.Stop()
 		select {
-		case <-g.decided:
+		case <-b.decided:
 		case <-t.C:
-			g.decide(v)
+			g.decideBoot(b, v)
 		}
 	}()
 }

@@ -176,34 +176,35 @@ func (g *Guest) servedArchive() string {
 	return g.initrd
 }
 
-// checkDrift runs the comparison once per boot, when the guest's NFS root
-// is mounted (started by observe), until the guest closes (driftCtx).
-func (g *Guest) checkDrift() {
-	g.driftOnce.Do(func() {
-		defer close(g.driftDone)
+// checkDrift runs the comparison once for boot b, when the guest's NFS
+// root is mounted (started by observe), until the boot or the guest ends
+// (the boot's ctx).
+func (g *Guest) checkDrift(b *boot) {
+	b.driftOnce.Do(func() {
+		defer close(b.driftDone)
 		file := g.servedArchive()
 		if file == "" || g.rootFS == nil {
 			return
 		}
 		tl := g.lab.Timeline
 		start := time.Now()
-		differ, compared, err := archiveDrift(g.driftCtx, file, g.rootFS)
+		differ, compared, err := archiveDrift(b.ctx, file, g.rootFS)
 		detail := map[string]any{"compared": compared, "seconds": time.Since(start).Seconds()}
 		if err != nil {
 			// Not read through (a compression it does not read, a cut
 			// archive, the guest closed): no verdict on freshness.
 			detail["error"] = err.Error()
 			msg := fmt.Sprintf("the server could not compare the archive with the root: %v", err)
-			if g.driftCtx.Err() == nil {
+			if b.ctx.Err() == nil {
 				g.mu.Lock()
-				g.driftWarn = msg
+				b.driftWarn = msg
 				g.mu.Unlock()
 			}
-			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-unchecked", Guest: g.Name, Msg: msg, Detail: detail})
+			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-unchecked", Guest: g.Name, Boot: b.id, Msg: msg, Detail: detail})
 			return
 		}
 		if len(differ) == 0 {
-			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-fresh", Guest: g.Name,
+			tl.Emit(timeline.Event{Source: "archive", Kind: "archive-fresh", Guest: g.Name, Boot: b.id,
 				Msg: fmt.Sprintf("the archive's %d files on the root are the root's", compared), Detail: detail})
 			return
 		}
@@ -217,37 +218,26 @@ func (g *Guest) checkDrift() {
 			msg += ", …"
 		}
 		g.mu.Lock()
-		g.drift = msg
+		b.drift = msg
 		g.mu.Unlock()
-		tl.Emit(timeline.Event{Source: "archive", Kind: "stale-archive", Guest: g.Name, Msg: msg, Detail: detail})
+		tl.Emit(timeline.Event{Source: "archive", Kind: "stale-archive", Guest: g.Name, Boot: b.id, Msg: msg, Detail: detail})
 	})
 }
 
-// driftFound waits (briefly) for a comparison under way and returns what it
-// found: a stale archive's files, or why it could not tell ("" for
+// driftFound waits (briefly) for boot b's comparison under way and returns
+// what it found: a stale archive's files, or why it could not tell ("" for
 // neither, or nothing yet).
-func (g *Guest) driftFound(wait bool) (stale, unchecked string) {
+func (b *boot) driftFound(g *Guest, wait bool) (stale, unchecked string) {
 	g.mu.Lock()
-	started := g.driftStarted
+	started := b.driftStarted
 	g.mu.Unlock()
 	if started && wait {
 		select {
-		case <-g.driftDone:
+		case <-b.driftDone:
 		case <-time.After(5 * time.Second):
 		}
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.drift, g.driftWarn
-}
-
-// stopDrift ends a comparison under way and waits for it, or makes sure
-// none starts (Close: before the root it reads is released).
-func (g *Guest) stopDrift() {
-	if g.driftDone == nil {
-		return // never provisioned
-	}
-	g.driftStop()
-	g.driftOnce.Do(func() { close(g.driftDone) })
-	<-g.driftDone
+	return b.drift, b.driftWarn
 }

@@ -117,7 +117,7 @@ func (l *Lab) espReport(kind string, addr netip.Addr, n uint64, msg string) {
 	var g *Guest
 	l.mu.Lock()
 	for _, c := range l.guests {
-		if c.espAddr == addr && (g == nil || c.Start.After(g.Start)) {
+		if c.espAddr == addr && (g == nil || c.n > g.n) { // the latest guest of the address
 			g = c
 		}
 	}

@@ -38,8 +38,12 @@ func ExampleLab_Boot_fault() {
 		log.Fatal(err)
 	}
 	defer lab.Close()
+	fault, err := harness.LookupFault("missing-kernel")
+	if err != nil {
+		log.Fatal(err)
+	}
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe",
-		Faults: []harness.Fault{harness.Faults["missing-kernel"]}})
+		Faults: []harness.Fault{fault}})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
 )
 
 // Fault is a value: what it changes, where, and the classified outcome a
@@ -21,6 +22,33 @@ type Fault struct {
 	// IPsec faults need a network that requires ESP (Options.IPsec).
 	IPsec bool
 	apply func(*plan)
+	// at are the stages a boot with the fault fails at (where the failure
+	// shows), for a chain; nil for a fault the boot absorbs.
+	at func(Chain) []timeline.Stage
+}
+
+// Stages are the stages at which a boot of chain c with the fault must end
+// (with its Expect): a failure elsewhere is not the fault's. Empty for a
+// fault the boot absorbs.
+func (f Fault) Stages(c Chain) []timeline.Stage {
+	if f.at == nil {
+		return nil
+	}
+	return f.at(c)
+}
+
+// stage is one stage on every chain.
+func stage(s ...timeline.Stage) func(Chain) []timeline.Stage {
+	return func(Chain) []timeline.Stage { return s }
+}
+
+// dhcpStage is where a missing lease shows: the firmware's DHCP, or on a
+// chain without one (QEMU loads the kernel) the init's.
+func dhcpStage(c Chain) []timeline.Stage {
+	if c.Firmware == qemu.Direct {
+		return []timeline.Stage{timeline.Init}
+	}
+	return []timeline.Stage{timeline.DHCP}
 }
 
 // plan is what Boot is about to do; faults edit it.
@@ -37,7 +65,9 @@ type plan struct {
 	editConfig    bool // the root's configuration changes after the build
 	skew          bool // the modules are recorded for another kernel
 	missingModule bool // the root's driver module is left out
+	slowLink      bool // the link towards the guest is slow
 	truncate      bool // the archive download breaks off halfway
+	stall         bool // the archive download stops halfway, the connection open
 	corrupt       bool // one bit of the archive flips in transit
 	swap          bool // the archive is rebuilt while it downloads
 	warn          bool // the init boots on from a stale archive
@@ -77,31 +107,40 @@ func anyRoot(_ Chain, root string) bool { return root != RootNone }
 
 func nfsNotDirect(c Chain, root string) bool { return root == RootNFS && notDirect(c, root) }
 
-// Faults are the known faults, by name.
-var Faults = map[string]Fault{
+// slowLinkRate is the slow-link fault's bandwidth towards the guest, in
+// bytes a second.
+const slowLinkRate = 512 << 10
+
+// faults are the known faults, by name (LookupFault).
+var faults = map[string]Fault{
 	"no-dhcp": {
 		Name: "no-dhcp", Where: "service", Expect: failure.NoDHCP, Applies: always,
 		Help:  "the DHCP server stays silent towards the guest",
+		at:    dhcpStage,
 		apply: func(p *plan) { p.dhcpSilent = true },
 	},
 	"missing-kernel": {
 		Name: "missing-kernel", Where: "service", Expect: failure.LoaderFetch, Applies: fetched,
 		Help:  "the boot server has no kernel for the guest: the loader's fetch fails",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.noKernel = true },
 	},
 	"nfs-wrong-export": {
 		Name: "nfs-wrong-export", Where: "guest", Expect: failure.RootMount, Applies: nfsRoot,
 		Help:  "the guest is told to mount an export the NFS server does not have",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.nfsPath = "/nbh/no-such-export" },
 	},
 	"iscsi-wrong-iqn": {
 		Name: "iscsi-wrong-iqn", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
 		Help:  "the guest is told to log in to an iSCSI target the server does not have",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
 	},
 	"stale-config": {
 		Name: "stale-config", Where: "archive", Expect: failure.StaleArchive, Applies: nfsRoot,
 		Help:  "the root's configuration changes after the archive is built, and the boot server does not rebuild it",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.editConfig, p.noRefresh = true, true },
 	},
 	"config-changed": {
@@ -112,21 +151,36 @@ var Faults = map[string]Fault{
 	"module-skew": {
 		Name: "module-skew", Where: "archive", Expect: failure.StaleArchive, Applies: always,
 		Help:  "the archive's modules belong to another kernel version than the one booted",
+		at:    stage(timeline.Init),
 		apply: func(p *plan) { p.skew = true },
 	},
 	"missing-module": {
 		Name: "missing-module", Where: "archive", Expect: failure.MissingModule, Applies: anyRoot,
 		Help:  "the driver module the root needs (nfsv3, iscsi_tcp for both iSCSI roots) is not in the archive, nor on the boot server",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.missingModule = true },
 	},
 	"truncated-archive": {
 		Name: "truncated-archive", Where: "archive", Expect: failure.LoaderFetch, Applies: fetched,
 		Help:  "the archive download breaks off halfway (HTTP drops the connection, TFTP sends an error)",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.truncate = true },
+	},
+	"stalled-transfer": {
+		Name: "stalled-transfer", Where: "archive", Expect: failure.Stalled, Applies: fetched,
+		Help:  "the boot server stops sending the archive halfway without closing the transfer: the boot ends as stalled within the stall window (Spec.StallWindow), not at a deadline",
+		at:    stage(timeline.Loader),
+		apply: func(p *plan) { p.stall = true },
+	},
+	"slow-link": {
+		Name: "slow-link", Where: "fabric", Expect: failure.None, Applies: fetched,
+		Help:  fmt.Sprintf("the guest's link carries %d KiB/s towards it: the downloads take several times as long, keep moving, and the boot passes", slowLinkRate>>10),
+		apply: func(p *plan) { p.slowLink = true },
 	},
 	"corrupt-archive": {
 		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: fetched,
 		Help:  "one bit of the archive flips in transit; the kernel's unpacker finds it",
+		at:    stage(timeline.Kernel, timeline.Init),
 		apply: func(p *plan) { p.corrupt = true },
 	},
 	"archive-swap": {
@@ -137,21 +191,25 @@ var Faults = map[string]Fault{
 	"tampered-archive": {
 		Name: "tampered-archive", Where: "archive", Expect: failure.BadSignature, Applies: canVerify,
 		Help:  "the loader verifies signatures (as --signed) and the archive changes after the harness signed it",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.sign, p.tamper = true, true },
 	},
 	"ipsec-no-keys": {
 		Name: "ipsec-no-keys", Where: "archive", Expect: failure.ESPRequired, Applies: anyRoot, IPsec: true,
 		Help:  "the archive carries no ESP keys: the init mounts the root in clear, and the network drops it",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.espNoKeys = true },
 	},
 	"ipsec-wrong-key": {
 		Name: "ipsec-wrong-key", Where: "archive", Expect: failure.ESPAuth, Applies: anyRoot, IPsec: true,
 		Help:  "the archive's ESP keys are not the lab's: every ESP packet fails authentication",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.espWrongKey = true },
 	},
 	"ipsec-wrong-spi": {
 		Name: "ipsec-wrong-spi", Where: "archive", Expect: failure.ESPNoSA, Applies: anyRoot, IPsec: true,
 		Help:  "the archive's ESP SPIs are not the lab's: the lab has no SA for the guest's ESP",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.espWrongSPI = true },
 	},
 	"esp-replay": {
@@ -162,26 +220,31 @@ var Faults = map[string]Fault{
 	"loader-nfs": {
 		Name: "loader-nfs", Where: "loader", Expect: failure.LoaderNoIPsec, Applies: loaderHasNFS, IPsec: true,
 		Help:  "the loader is told to read kernel and archive from the NFS root itself (iPXE nfs://, U-Boot's nfs command), which the network protects: no loader can do ESP",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.loaderNFS = true },
 	},
 	"san-wrong-iqn": {
 		Name: "san-wrong-iqn", Where: "loader", Expect: failure.SANBoot, Applies: sanBoot,
 		Help:  "the loader is told to SAN-boot from an iSCSI target the server does not have: its login fails",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.iqn = "iqn.2026-11.dev.nbh:no-such-target" },
 	},
 	"san-bad-chap": {
 		Name: "san-bad-chap", Where: "loader", Expect: failure.SANBoot, Applies: sanBoot,
 		Help:  "the iSCSI target requires CHAP and the loader SAN-boots with the wrong secret",
+		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.badCHAP = true },
 	},
 	"san-no-ibft": {
 		Name: "san-no-ibft", Where: "loader", Expect: failure.RootMount, Applies: sanBoot,
 		Help:  "the loader SAN-boots without describing the disk (sanboot --no-describe): the kernel boots, and its init finds no iBFT to mount the root from",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.noDescribe = true },
 	},
 	"iscsi-bad-chap": {
 		Name: "iscsi-bad-chap", Where: "guest", Expect: failure.RootMount, Applies: iscsiRoot,
 		Help:  "the iSCSI target requires CHAP and the guest answers with the wrong secret",
+		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.badCHAP = true },
 	},
 }
@@ -189,7 +252,7 @@ var Faults = map[string]Fault{
 // FaultNames lists the known faults, sorted.
 func FaultNames() []string {
 	var n []string
-	for k := range Faults {
+	for k := range faults {
 		n = append(n, k)
 	}
 	sort.Strings(n)
@@ -198,7 +261,7 @@ func FaultNames() []string {
 
 // LookupFault finds a fault by name.
 func LookupFault(name string) (Fault, error) {
-	f, ok := Faults[name]
+	f, ok := faults[name]
 	if !ok {
 		return Fault{}, fmt.Errorf("unknown fault %q (known: %s)", name, strings.Join(FaultNames(), ", "))
 	}

@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"nbh.dev/nbh/harness/bootcfg"
@@ -64,27 +63,15 @@ type Guest struct {
 	n       int       // its place in the lab's boot order
 	rand    io.Reader // the guest's random choices, from the lab's seed
 
+	unsub []func() // its timeline subscriptions
+
 	mu        sync.Mutex
-	reached   timeline.Stage
-	stepsSeen int       // how many of steps the console has shown, in order
-	since     time.Time // when reached was reached
-	waiting   *waiting  // what the boot waits for, if a console line said so
-	verdict   *Verdict
-	decided   chan struct{}
+	cur       *boot // the boot under way (or the last one)
 	closeOnce sync.Once
 	closeErr  error
 	isClosed  bool
-	// The server's comparison of the served archive with the NFS root
-	// (checkDrift): started at the root's mount, done when driftDone closes.
-	driftOnce    sync.Once
-	driftStarted bool
-	driftDone    chan struct{}
-	driftCtx     context.Context // ends when the guest closes
-	driftStop    context.CancelFunc
-	drift        string // what a stale-archive event said
-	driftWarn    string // why the comparison could not tell
-	// dhcpIgnored counts the DHCP messages the no-dhcp fault ignored.
-	dhcpIgnored atomic.Int32
+
+	talk talk // the conversation on its console (Expect, Run, ...)
 }
 
 // Boot starts a guest on the lab's network. The returned guest is running;
@@ -120,6 +107,10 @@ func (g *Guest) start() error {
 	}
 	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, g.Profile.Name(), g.Accel.Name, g.Accel.Why)
 	g.Start = time.Now()
+	g.mu.Lock()
+	b := g.cur
+	b.start = g.Start
+	g.mu.Unlock()
 	if g.con, err = console.New(g.logFile, g.Start); err != nil {
 		g.Close()
 		return err
@@ -137,7 +128,7 @@ func (g *Guest) start() error {
 	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
-	go g.watch()
+	go g.watch(b)
 	return nil
 }
 
@@ -190,12 +181,13 @@ func (g *Guest) QEMUArgs(socket string) ([]string, error) {
 	return append([]string{qemu.Binary(g.Profile.Arch)}, args...), nil
 }
 
-// Events are the guest's events on the lab timeline so far.
-func (g *Guest) Events() []timeline.Event { return g.lab.Timeline.Events(g.Name) }
+// Events are the current boot's events on the lab timeline so far (all of
+// the guest's boots: Lab.Timeline.Events with its name).
+func (g *Guest) Events() []timeline.Event { return g.lab.Timeline.BootEvents(g.Name, g.Boot()) }
 
-// Spans are the guest's per-stage durations so far.
+// Spans are the current boot's per-stage durations so far.
 func (g *Guest) Spans() []timeline.Span {
-	return timeline.Spans(g.lab.Timeline.Events(g.Name), time.Now())
+	return timeline.Spans(g.Events(), time.Now())
 }
 
 // Console is the guest's serial console so far, as in console.log: one line
@@ -206,11 +198,15 @@ func (g *Guest) Console() string {
 }
 
 // Attach connects a terminal to the guest's serial console: the raw stream
-// goes to w as it arrives (nil detaches), and Type sends keys.
-func (g *Guest) Attach(w io.Writer) { g.con.Mirror(w) }
-
-// Type sends keys to the guest's serial console.
-func (g *Guest) Type(s string) error { return g.con.Send(s) }
+// goes to w as it arrives (nil detaches), and Send types keys. It fails on
+// a guest that never started.
+func (g *Guest) Attach(w io.Writer) error {
+	if g.con == nil {
+		return errNotStarted
+	}
+	g.con.Mirror(w)
+	return nil
+}
 
 // Process is the guest's QEMU.
 func (g *Guest) Process() *qemu.Process { return g.proc }
@@ -260,7 +256,9 @@ func (g *Guest) close() error {
 	if g.logFile != nil {
 		g.logFile.Close()
 	}
-	g.stopDrift() // before the root it reads is released
+	if b := g.current(); b != nil {
+		b.stopDrift() // before the root it reads is released
+	}
 	var err error
 	g.espSummary()
 	// A guest that never booted has no folder; "" would mean the working directory.
@@ -279,6 +277,9 @@ func (g *Guest) close() error {
 // booted again under its name provisions them anew.
 func (g *Guest) release() {
 	l := g.lab
+	if b := g.current(); b != nil {
+		b.stopDrift()
+	}
 	switch g.spec.Root {
 	case RootNFS:
 		for _, ip := range g.addrs() {
@@ -295,6 +296,9 @@ func (g *Guest) release() {
 		l.esp.RemovePeer(g.espPeer)
 	}
 	l.Fabric.RemoveRules(g.Name)
+	for _, u := range g.unsub {
+		u()
+	}
 	if g.lun != nil {
 		g.lun.Close()
 	}

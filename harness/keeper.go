@@ -163,6 +163,14 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 				Msg:    fmt.Sprintf("truncated-archive: the archive broke off at %d of %d bytes", at, size),
 				Detail: map[string]any{"fault": "truncated-archive", "at": at, "size": size}})
 		}})
+	case p.stall:
+		at, size := in.Offset+in.Size/2, f.Size()
+		b := kp.g.current()
+		return bootfile.Wrap(f, bootfile.Stalled(b.ctx, f, at, func() {
+			kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name,
+				Msg:    fmt.Sprintf("stalled-transfer: the archive stopped at %d of %d bytes, the transfer left open", at, size),
+				Detail: map[string]any{"fault": "stalled-transfer", "at": at, "size": size}})
+		}))
 	case p.tamper:
 		// Changed after signing: the signature no longer matches.
 		return bootfile.Wrap(f, bootfile.BitFlip(f, in.Offset+in.Size/2))

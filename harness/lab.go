@@ -520,7 +520,5 @@ func (l *Lab) sanLoader(ip string) bool {
 	if g == nil || g.spec.Root != RootSANBoot {
 		return false
 	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.reached < timeline.Kernel
+	return g.Reached() < timeline.Kernel
 }

@@ -117,7 +117,7 @@ func TestStackApplies(t *testing.T) {
 		c, _ := LookupChain("amd64", fw)
 		s := Spec{Arch: "amd64", Firmware: fw, Root: root}
 		for _, f := range faults {
-			s.Faults = append(s.Faults, Faults[f])
+			s.Faults = append(s.Faults, Fault{Name: f})
 		}
 		var serve string
 		ok := st.Apply(c, &s, &serve)

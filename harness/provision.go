@@ -56,7 +56,13 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		}
 	}
 	var p plan
-	for _, f := range spec.Faults {
+	for _, given := range spec.Faults {
+		// Only the name counts: a Fault made by hand is looked up, and
+		// one nbh does not know is an error.
+		f, err := LookupFault(given.Name)
+		if err != nil {
+			return nil, fmt.Errorf("spec: %w", err)
+		}
 		if f.Applies != nil && !f.Applies(chain, spec.Root) {
 			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, chain.Name())
 		}
@@ -237,9 +243,8 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	g := &Guest{
 		Name: spec.Name, Profile: chain.Profile, chain: chain, lab: l, spec: spec, expect: expect, steps: steps, failOn: fails, config: config,
 		MAC: mac, n: n,
-		decided: make(chan struct{}), driftDone: make(chan struct{}),
 	}
-	g.driftCtx, g.driftStop = context.WithCancel(l.ctx)
+	g.newBoot(time.Time{}) // its events from here on are its next boot's
 	made = g
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
 	g.Dir = spec.Artifacts
@@ -276,6 +281,9 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 
 	g.plan = p
+	if p.slowLink {
+		l.Fabric.AddRule(netfab.Rule{Name: "slow-link", Guest: g.Name, Dir: netfab.ToGuest, Action: netfab.Limit, Rate: slowLinkRate})
+	}
 	if l.esp != nil {
 		if g.espConf, err = g.espKeys(); err != nil {
 			return nil, err
@@ -300,14 +308,13 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	l.guests[g.MAC.String()] = g
 	l.byName[g.Name] = g
 	l.mu.Unlock()
-	l.Timeline.Subscribe(g.observe)
-	l.Timeline.Subscribe(g.conclude)
+	g.unsub = append(g.unsub, l.Timeline.Subscribe(g.observe), l.Timeline.Subscribe(g.conclude))
 	if spec.OnEvent != nil {
-		l.Timeline.Subscribe(func(e timeline.Event) {
+		g.unsub = append(g.unsub, l.Timeline.Subscribe(func(e timeline.Event) {
 			if e.Guest == g.Name || e.Guest == "" {
 				spec.OnEvent(e)
 			}
-		})
+		}))
 	}
 
 	g.Accel = qemu.Probe(spec.Arch)

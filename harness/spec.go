@@ -133,9 +133,20 @@ type Spec struct {
 	FailOn  []FailOn
 	Memory  int           // MiB; default 1024
 	Timeout time.Duration // overall deadline for Wait; default 180s
-	// StageTimeouts bound how long a boot may stay in one stage without
-	// reaching the next; entries override DefaultStageTimeouts.
+	// StageTimeouts bound how long a boot may stay in one stage with
+	// nothing moving (no next stage, no step, no bytes of a transfer);
+	// entries override DefaultStageTimeouts.
 	StageTimeouts map[timeline.Stage]time.Duration
+	// StallWindow is how long a file transfer the boot waits for (TFTP,
+	// HTTP) may move no bytes before the boot ends as stalled; default
+	// DefaultStallWindow, negative for none.
+	StallWindow time.Duration
+
+	// Shell keeps the guest running after its marker with a shell on the
+	// console, for a conversation (Expect, Run, Reboot): the reference init
+	// and root are told nbh.shell=1. A root of the user's that ends at a
+	// login prompt needs nothing (Login).
+	Shell bool
 
 	// Artifacts is the folder for console.log, timeline.jsonl and
 	// network.pcapng; default: a folder inside the lab, removed with it.
@@ -180,14 +191,21 @@ func ParseFailOn(s string) (FailOn, error) {
 // its deadline ends the boot with the stage named, well before the overall
 // deadline: a UEFI PXE client with no DHCP answer would otherwise retry for
 // a minute and then try IPv6 for another.
-var DefaultStageTimeouts = map[timeline.Stage]time.Duration{
-	timeline.Firmware: 60 * time.Second,
-	timeline.DHCP:     30 * time.Second,
-	timeline.Loader:   90 * time.Second,
-	timeline.Kernel:   60 * time.Second,
-	timeline.Init:     60 * time.Second,
-	timeline.Root:     60 * time.Second,
+func DefaultStageTimeouts() map[timeline.Stage]time.Duration {
+	return map[timeline.Stage]time.Duration{
+		timeline.Firmware: 60 * time.Second,
+		timeline.DHCP:     30 * time.Second,
+		timeline.Loader:   90 * time.Second,
+		timeline.Kernel:   60 * time.Second,
+		timeline.Init:     60 * time.Second,
+		timeline.Root:     60 * time.Second,
+	}
 }
+
+// DefaultStallWindow is how long a file transfer may stand still before the
+// boot ends as stalled: loaders give up on a silent server after tens of
+// seconds (iPXE, GRUB) or never; a working one never pauses this long.
+const DefaultStallWindow = 15 * time.Second
 
 // Roots a guest can boot.
 const (

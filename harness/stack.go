@@ -134,7 +134,11 @@ func pick(m map[string]string, firmware string) string {
 // user's, nor one that changes the reference root's configuration with a
 // root of theirs, and an image is no NFS root.
 func (st Stack) Apply(c Chain, s *Spec, serve *string) bool {
-	for _, f := range s.Faults {
+	for _, given := range s.Faults {
+		f, err := LookupFault(given.Name)
+		if err != nil {
+			return true // Boot says what is wrong with it
+		}
 		if st.Initrd != "" && f.Where == "archive" {
 			return false
 		}

@@ -49,30 +49,31 @@ func (e *BootError) Error() string {
 	return b.String()
 }
 
-// observe follows the guest's events on the lab timeline.
+// observe follows the guest's events on the lab timeline: those of its
+// current boot only.
 func (g *Guest) observe(e timeline.Event) {
-	if e.Guest != g.Name || g.closed() {
-		// (A closed guest's subscription outlives it: a guest booted
-		// again under its name is another.)
+	b := g.current()
+	if e.Guest != g.Name || b == nil || e.Boot != b.id || g.closed() {
 		return
 	}
 	if e.Source == "nfs" && e.Kind == "mount" && g.spec.Root == RootNFS {
 		g.mu.Lock()
-		first := !g.driftStarted && !g.isClosed
-		g.driftStarted = true
+		first := !b.driftStarted && !g.isClosed
+		b.driftStarted = true
 		g.mu.Unlock()
 		if first {
-			go g.checkDrift()
+			go g.checkDrift(b)
 		}
 	}
+	g.noteProgress(b, e)
 	if e.Stage == timeline.None {
 		return
 	}
 	g.mu.Lock()
-	advanced := e.Stage > g.reached
+	advanced := e.Stage > b.reached
 	if advanced {
-		g.reached, g.since = e.Stage, e.Time
-		g.waiting = nil // the boot moved on
+		b.reached, b.since = e.Stage, e.Time
+		b.waiting = nil // the boot moved on
 	}
 	g.mu.Unlock()
 	if advanced && g.spec.OnStage != nil {
@@ -80,42 +81,60 @@ func (g *Guest) observe(e timeline.Event) {
 	}
 }
 
-// watch ends the boot when it stays in one stage past that stage's deadline.
-func (g *Guest) watch() {
-	limits := map[timeline.Stage]time.Duration{}
-	for st, d := range DefaultStageTimeouts {
-		limits[st] = d
-	}
+// watch ends boot b when it stays in one stage past that stage's deadline
+// with nothing moving (a transfer's bytes, a step of the user's are
+// progress), or when a transfer it waits for stops moving for the stall
+// window.
+func (g *Guest) watch(b *boot) {
+	limits := DefaultStageTimeouts()
 	for st, d := range g.spec.StageTimeouts {
 		limits[st] = d
+	}
+	stall := g.spec.StallWindow
+	if stall == 0 {
+		stall = DefaultStallWindow
 	}
 	t := time.NewTicker(250 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
-		case <-g.decided:
+		case <-b.decided:
 			return
 		case <-t.C:
 		}
 		g.mu.Lock()
-		st, since := g.reached, g.since
+		st, since, p := b.reached, b.since, b.progress
 		g.mu.Unlock()
 		if since.IsZero() {
-			since = g.Start
+			since = b.start
+		}
+		if p.open && stall > 0 && time.Since(p.at) > stall {
+			msg := fmt.Sprintf("the %s transfer of %s stalled at %d bytes%s: nothing moved for %s", p.source, p.what, p.bytes, p.ofSize(), stall)
+			g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: g.Name, Msg: msg,
+				Detail: map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}})
+			g.decideBoot(b, Verdict{Reason: failure.Stalled, Stage: st, Detail: msg})
+			return
 		}
 		if d, ok := limits[st]; ok && d > 0 && time.Since(since) > d {
+			msg := fmt.Sprintf("no progress past stage %s for %s", st, d)
+			if !p.at.IsZero() {
+				msg += fmt.Sprintf("; the last bytes moved %.0fs ago: %s %s, %d bytes%s", time.Since(p.at).Seconds(), p.source, p.what, p.bytes, p.ofSize())
+			}
 			g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
-			g.decide(Verdict{Reason: failure.Deadline, Stage: st, Detail: fmt.Sprintf("no progress past stage %s for %s", st, d)})
+			g.decideBoot(b, Verdict{Reason: failure.Deadline, Stage: st, Detail: msg})
 			return
 		}
 	}
 }
 
-// Reached is the furthest stage so far.
+// Reached is the furthest stage of the current boot so far.
 func (g *Guest) Reached() timeline.Stage {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.reached
+	if g.cur == nil {
+		return timeline.None
+	}
+	return g.cur.reached
 }
 
 // monitor reads console lines: stage markers go on the timeline, and the
@@ -124,6 +143,11 @@ func (g *Guest) monitor() {
 	tl := g.lab.Timeline
 	var recent []string
 	for line := range g.con.Lines() {
+		g.hear(line)
+		b := g.current()
+		if line.Time.Before(b.start) {
+			continue // the end of the boot before a reset
+		}
 		before := recent
 		recent = append(recent, line.Text)
 		if len(recent) > console.Context {
@@ -134,19 +158,22 @@ func (g *Guest) monitor() {
 				tl.Emit(timeline.Event{Source: "console", Kind: "responded", Guest: g.Name, Time: line.Time, Msg: r.Why})
 			}
 		}
-		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
-			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Stage: st, Time: line.Time, Msg: line.Text})
+		if isDecided(b) {
+			continue // the conversation after the verdict is not judged
 		}
-		g.noteWait(line)
-		if g.step(line) {
-			tl.Emit(timeline.Event{Source: "console", Kind: "marker", Guest: g.Name, Stage: timeline.Marker, Time: line.Time, Msg: line.Text})
-			g.decide(Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
+		if st := console.StageOf(line.Text); st != timeline.None && st > g.Reached() {
+			tl.Emit(timeline.Event{Source: "console", Kind: "stage", Guest: g.Name, Boot: b.id, Stage: st, Time: line.Time, Msg: line.Text})
+		}
+		g.noteWait(b, line)
+		if g.step(b, line) {
+			tl.Emit(timeline.Event{Source: "console", Kind: "marker", Guest: g.Name, Boot: b.id, Stage: timeline.Marker, Time: line.Time, Msg: line.Text})
+			g.decideBoot(b, Verdict{OK: true, Stage: timeline.Marker, Line: line.Text})
 			continue
 		}
 		if f, ok := g.userFailure(line.Text); ok {
-			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Time: line.Time, Msg: line.Text,
+			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 				Detail: map[string]any{"reason": string(f.reason), "by": "fail-on " + f.re.String(), "stage": g.Reached().String()}})
-			g.decide(Verdict{Reason: f.reason, Stage: g.Reached(), Line: line.Text})
+			g.decideBoot(b, Verdict{Reason: f.reason, Stage: g.Reached(), Line: line.Text})
 			continue
 		}
 		if p, ok := console.Classify(line.Text, g.Reached(), before); ok && !g.passes(line.Text) {
@@ -154,12 +181,13 @@ func (g *Guest) monitor() {
 			if st == timeline.None {
 				st = g.Reached()
 			}
-			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Time: line.Time, Msg: line.Text,
+			tl.Emit(timeline.Event{Source: "console", Kind: "failure", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 				Detail: map[string]any{"reason": string(p.Reason), "by": p.Who, "stage": st.String()}})
-			g.decide(Verdict{Reason: p.Reason, Stage: st, Line: line.Text})
+			g.decideBoot(b, Verdict{Reason: p.Reason, Stage: st, Line: line.Text})
 		}
 	}
 	// The console ended: QEMU exited.
+	g.hearEnd()
 	err := g.proc.ExitError()
 	tl.Emit(timeline.Event{Source: "qemu", Kind: "exit", Guest: g.Name, Msg: fmt.Sprint(err)})
 	if stderr := g.proc.Stderr(); err != nil && stderr != "" {
@@ -167,6 +195,16 @@ func (g *Guest) monitor() {
 		return
 	}
 	g.decide(Verdict{Reason: failure.GuestStopped, Stage: g.Reached()})
+}
+
+// isDecided reports whether boot b has its verdict.
+func isDecided(b *boot) bool {
+	select {
+	case <-b.decided:
+		return true
+	default:
+		return false
+	}
 }
 
 // failOn is a compiled Spec.FailOn.
@@ -188,16 +226,16 @@ func (g *Guest) userFailure(line string) (failOn, bool) {
 // step follows the console through Spec.Steps, in order, and reports
 // whether the line is the success marker: Expect, once every step was seen.
 // Each step reached is an "expect" event.
-func (g *Guest) step(line console.Line) bool {
+func (g *Guest) step(b *boot, line console.Line) bool {
 	g.mu.Lock()
-	n := g.stepsSeen
+	n := b.stepsSeen
 	if n < len(g.steps) && g.steps[n].MatchString(line.Text) {
-		g.stepsSeen++
+		b.stepsSeen++
 		// A step of the user's is progress: the stage's deadline starts
 		// again (a systemd root spends a minute in stage root).
-		g.since = line.Time
+		b.since = line.Time
 		g.mu.Unlock()
-		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Time: line.Time, Msg: line.Text,
+		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"step": n + 1, "of": len(g.steps) + 1, "pattern": g.steps[n].String()}})
 		return false
 	}
@@ -205,10 +243,10 @@ func (g *Guest) step(line console.Line) bool {
 	return n == len(g.steps) && g.expect.MatchString(line.Text)
 }
 
-// missedStep names the first expectation the boot did not reach.
-func (g *Guest) missedStep() string {
+// missedStep names the first expectation boot b did not reach.
+func (g *Guest) missedStep(b *boot) string {
 	g.mu.Lock()
-	n := g.stepsSeen
+	n := b.stepsSeen
 	g.mu.Unlock()
 	total := len(g.steps) + 1
 	if total == 1 {
@@ -221,16 +259,23 @@ func (g *Guest) missedStep() string {
 	return fmt.Sprintf("expectation %d of %d not reached: %q", n+1, total, re.String())
 }
 
-func (g *Guest) decide(v Verdict) {
-	elapsed := time.Since(g.Start)
-	if !v.OK {
-		v = g.refine(v)
-		if v.Detail == "" {
-			v.Detail = g.evidence()
-		}
-		v.Detail = joinDetail(g.missedStep(), v.Detail)
+// decide settles the current boot with v, unless it is settled.
+func (g *Guest) decide(v Verdict) { g.decideBoot(g.current(), v) }
+
+// decideBoot settles boot b with v, unless it is settled.
+func (g *Guest) decideBoot(b *boot, v Verdict) {
+	if isDecided(b) {
+		return
 	}
-	stale, unchecked := g.driftFound(v.Reason != failure.Interrupted)
+	elapsed := time.Since(b.start)
+	if !v.OK {
+		v = g.refine(b, v)
+		if v.Detail == "" {
+			v.Detail = g.evidence(b)
+		}
+		v.Detail = joinDetail(g.missedStep(b), v.Detail)
+	}
+	stale, unchecked := b.driftFound(g, v.Reason != failure.Interrupted)
 	switch {
 	case stale != "" && v.OK:
 		v.Warnings = append(v.Warnings, "stale archive: "+stale)
@@ -241,12 +286,12 @@ func (g *Guest) decide(v Verdict) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.verdict != nil {
+	if b.verdict != nil {
 		return
 	}
 	v.Elapsed = elapsed
-	g.verdict = &v
-	close(g.decided)
+	b.verdict = &v
+	close(b.decided)
 }
 
 // refine corrects a console-based verdict with what the network saw: a
@@ -254,10 +299,10 @@ func (g *Guest) decide(v Verdict) {
 // failed for want of a lease; a loader error right after the server said
 // "not found" was a failed fetch. Consoles differ by firmware and version;
 // the timeline does not.
-func (g *Guest) refine(v Verdict) Verdict {
+func (g *Guest) refine(b *boot, v Verdict) Verdict {
 	if v.Reason == failure.Deadline {
 		g.mu.Lock()
-		w := g.waiting
+		w := b.waiting
 		g.mu.Unlock()
 		if w != nil {
 			if w.Stage != timeline.None {
@@ -265,7 +310,7 @@ func (g *Guest) refine(v Verdict) Verdict {
 			}
 			v.Reason, v.Line = w.Reason, w.line
 			v.Detail = joinDetail(fmt.Sprintf("%s was still at this after %.0fs, at the deadline", w.Who, time.Since(w.since).Seconds()), v.Detail)
-			v.Detail = joinDetail(v.Detail, g.evidence())
+			v.Detail = joinDetail(v.Detail, g.evidence(b))
 			return v
 		}
 	}
@@ -279,7 +324,7 @@ func (g *Guest) refine(v Verdict) Verdict {
 	}
 	var asked, answered bool
 	var lastFetch *timeline.Event
-	for _, e := range g.lab.Timeline.Events(g.Name) {
+	for _, e := range g.lab.Timeline.BootEvents(g.Name, b.id) {
 		switch {
 		case e.Source == "dhcp" && (e.Kind == "discover" || e.Kind == "ignored"):
 			asked = true
@@ -310,23 +355,23 @@ type waiting struct {
 
 // noteWait follows the console's waits: a line that starts one, a later
 // line that ends it.
-func (g *Guest) noteWait(line console.Line) {
+func (g *Guest) noteWait(b *boot, line console.Line) {
 	w, starts := console.Waiting(line.Text)
 	g.mu.Lock()
-	if cur := g.waiting; cur != nil && cur.Until != nil && cur.Until.MatchString(line.Text) {
-		g.waiting = nil
+	if cur := b.waiting; cur != nil && cur.Until != nil && cur.Until.MatchString(line.Text) {
+		b.waiting = nil
 	}
 	again := false
 	if starts {
 		since := line.Time
-		if cur := g.waiting; cur != nil && cur.Re == w.Re {
+		if cur := b.waiting; cur != nil && cur.Re == w.Re {
 			since, again = cur.since, true // the same wait again: a retry loop
 		}
-		g.waiting = &waiting{Wait: w, line: line.Text, since: since}
+		b.waiting = &waiting{Wait: w, line: line.Text, since: since}
 	}
 	g.mu.Unlock()
 	if starts && !again {
-		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Time: line.Time, Msg: line.Text,
+		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"for": string(w.Reason), "by": w.Who}})
 	}
 }
@@ -338,9 +383,9 @@ func joinDetail(a, b string) string {
 	return a + "; " + b
 }
 
-// evidence is the guest's last telling network event, for a verdict's detail.
-func (g *Guest) evidence() string {
-	evs := g.lab.Timeline.Events(g.Name)
+// evidence is boot b's last telling network event, for a verdict's detail.
+func (g *Guest) evidence(b *boot) string {
+	evs := g.lab.Timeline.BootEvents(g.Name, b.id)
 	for i := len(evs) - 1; i >= 0; i-- {
 		e := evs[i]
 		switch e.Kind {
@@ -351,24 +396,29 @@ func (g *Guest) evidence() string {
 	return ""
 }
 
-// Wait returns the verdict: the first of the marker, a classified failure,
-// QEMU's exit, the spec's deadline or ctx's end. It never blocks past the
-// deadline.
+// Wait returns the current boot's verdict: the first of the marker, a
+// classified failure, QEMU's exit, the spec's deadline or ctx's end. It
+// never blocks past the deadline. On a guest that never started it returns
+// a Setup verdict.
 func (g *Guest) Wait(ctx context.Context) Verdict {
-	deadline := time.NewTimer(time.Until(g.Start.Add(g.spec.Timeout)))
+	b := g.current()
+	if b == nil || g.proc == nil {
+		return Verdict{Reason: failure.Setup, Detail: "the guest was never started (Lab.Boot starts it; Provision only prepares it)"}
+	}
+	deadline := time.NewTimer(time.Until(b.start.Add(g.spec.Timeout)))
 	defer deadline.Stop()
 	select {
-	case <-g.decided:
+	case <-b.decided:
 	case <-deadline.C:
-		g.decide(Verdict{Reason: failure.Deadline, Stage: g.Reached(),
+		g.decideBoot(b, Verdict{Reason: failure.Deadline, Stage: g.Reached(),
 			Detail: fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)})
 	case <-ctx.Done():
-		g.decide(Verdict{Reason: failure.Interrupted, Stage: g.Reached(), Detail: ctx.Err().Error()})
+		g.decideBoot(b, Verdict{Reason: failure.Interrupted, Stage: g.Reached(), Detail: ctx.Err().Error()})
 	}
 	g.mu.Lock()
-	v := *g.verdict
+	v := *b.verdict
 	g.mu.Unlock()
-	if v.OK {
+	if v.OK && !g.spec.Shell {
 		// The reference init powers off after the marker; give it a moment
 		// so the console and capture are complete.
 		select {
@@ -380,12 +430,12 @@ func (g *Guest) Wait(ctx context.Context) Verdict {
 	return v
 }
 
-// Verdict is the guest's verdict, once decided.
+// Verdict is the current boot's verdict, once decided.
 func (g *Guest) Verdict() (Verdict, bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.verdict == nil {
+	if g.cur == nil || g.cur.verdict == nil {
 		return Verdict{}, false
 	}
-	return *g.verdict, true
+	return *g.cur.verdict, true
 }

@@ -69,7 +69,7 @@ func Row2Report(res Result, base string) report.Row {
 	}
 	for _, sp := range res.Spans {
 		s := report.Span{Stage: sp.Stage.String(), StartSeconds: sp.Start.Sub(first).Seconds(), Seconds: sp.Duration.Seconds()}
-		if d, ok := harness.DefaultStageTimeouts[sp.Stage]; ok {
+		if d, ok := harness.DefaultStageTimeouts()[sp.Stage]; ok {
 			s.DeadlineSeconds = d.Seconds()
 		}
 		out.Spans = append(out.Spans, s)

@@ -36,7 +36,7 @@ func TestRow2Report(t *testing.T) {
 	assert.Equal(t, row.Artifacts.Console, "artifacts/x/console.log")
 	assert.Equal(t, row.Artifacts.Network, "", "no capture was written")
 	assert.Equal(t, row.Spans[1].StartSeconds, 1.0)
-	assert.Equal(t, row.Spans[1].DeadlineSeconds, harness.DefaultStageTimeouts[timeline.Loader].Seconds())
+	assert.Equal(t, row.Spans[1].DeadlineSeconds, harness.DefaultStageTimeouts()[timeline.Loader].Seconds())
 
 	res.Err = errors.New("lab: no QEMU")
 	row = Row2Report(res, base)

@@ -5,6 +5,7 @@ package matrix
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -12,6 +13,7 @@ import (
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/timeline"
 )
 
 // Row is one boot of the matrix and what it must show.
@@ -22,8 +24,10 @@ type Row struct {
 	Family         string // "" (IPv4), or dhcp.V6 / dhcp.Dual (Spec.Family)
 	Fault          string // "" for none
 	// Expect is the fault's expected reason; failure.None means the boot
-	// must reach its marker.
+	// must reach its marker. Stages are where that failure must show
+	// (Fault.Stages): the right reason at the wrong stage is not the fault.
 	Expect failure.Reason
+	Stages []timeline.Stage
 	// Rep numbers a row booted again (nbh soak): 0 for the first boot.
 	Rep int
 }
@@ -83,7 +87,11 @@ func (r Row) ID() string {
 func (r Row) Spec() harness.Spec {
 	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root, Family: r.Family}
 	if r.Fault != "" {
-		s.Faults = []harness.Fault{harness.Faults[r.Fault]}
+		f, err := harness.LookupFault(r.Fault)
+		if err != nil {
+			f = harness.Fault{Name: r.Fault} // Boot says it is unknown
+		}
+		s.Faults = []harness.Fault{f}
 	}
 	return s
 }
@@ -96,7 +104,7 @@ func (r Row) Pass(v harness.Verdict) bool {
 		// archive-swap): the boot must succeed.
 		return v.OK
 	}
-	return !v.OK && v.Reason == r.Expect
+	return !v.OK && v.Reason == r.Expect && (len(r.Stages) == 0 || slices.Contains(r.Stages, v.Stage))
 }
 
 // Select narrows what Rows generates.
@@ -129,7 +137,8 @@ func Rows(sel Select) []Row {
 				if sel.IPv6 && !esp && root == harness.RootNone && p.IPv6 {
 					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6})
 					if sel.Faults {
-						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: failure.NoDHCP})
+						f, _ := harness.LookupFault("no-dhcp")
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: f.Expect, Stages: f.Stages(p)})
 					}
 					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.Dual})
 				}
@@ -140,7 +149,7 @@ func Rows(sel Select) []Row {
 					continue
 				}
 				for _, n := range harness.FaultNames() {
-					f := harness.Faults[n]
+					f, _ := harness.LookupFault(n)
 					// Faults of the boot path run once, with no root (on
 					// the clear network); root faults with their root;
 					// IPsec faults on the IPsec network only, once per
@@ -156,7 +165,7 @@ func Rows(sel Select) []Row {
 						once[key] = true
 					}
 					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
-						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp, Fault: n, Expect: f.Expect})
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp, Fault: n, Expect: f.Expect, Stages: f.Stages(p)})
 					}
 				}
 			}

@@ -45,6 +45,16 @@ func guestTest(t *testing.T) {
 	t.Cleanup(release)
 }
 
+// fault is nbh's fault of that name.
+func fault(t testing.TB, name string) harness.Fault {
+	t.Helper()
+	f, err := harness.LookupFault(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 // stagesOf lists the stages a boot went through, in order.
 func stagesOf(spans []timeline.Span) []timeline.Stage {
 	var out []timeline.Stage

@@ -96,7 +96,7 @@ func TestIPv6NoDHCP(t *testing.T) {
 			}
 			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Family: dhcp.V6,
-				Faults: []harness.Fault{harness.Faults["no-dhcp"]}, Timeout: 90 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
+				Faults: []harness.Fault{fault(t, "no-dhcp")}, Timeout: 90 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			assert.Assert(t, !v.OK, "booted without DHCP: %s", v.Line)

@@ -239,7 +239,7 @@ func TestOwnDebianRoot(t *testing.T) {
 				spec.RootDir, spec.RootImage = "", c.image
 			}
 			if c.fault != "" {
-				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
+				spec.Faults = []harness.Fault{fault(t, c.fault)}
 			}
 			var before os.FileInfo
 			if c.image != "" {

@@ -132,7 +132,7 @@ func TestSANBootFaults(t *testing.T) {
 			}
 			lab := nbhtest.NewLab(t)
 			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: harness.RootSANBoot,
-				Faults: []harness.Fault{harness.Faults[c.fault]}, Artifacts: nbhtest.Artifacts(t, "g1")})
+				Faults: []harness.Fault{fault(t, c.fault)}, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
 			assert.Assert(t, !v.OK, "booted despite the fault: %s", v.Line)
@@ -150,6 +150,6 @@ func TestSANBootRefused(t *testing.T) {
 	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-http", Root: harness.RootSANBoot})
 	assert.ErrorContains(t, err, "cannot SAN-boot; only amd64/ovmf-ipxe")
 	_, err = lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot,
-		Faults: []harness.Fault{harness.Faults["truncated-archive"]}})
+		Faults: []harness.Fault{fault(t, "truncated-archive")}})
 	assert.ErrorContains(t, err, "does not apply")
 }

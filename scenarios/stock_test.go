@@ -134,7 +134,7 @@ func TestStockFailuresAreClassified(t *testing.T) {
 				Initrd: a.Path, Append: c.append, Artifacts: nbhtest.Artifacts(t, "g1"),
 				StageTimeouts: map[timeline.Stage]time.Duration{timeline.Root: 20 * time.Second}}
 			if c.fault != "" {
-				spec.Faults = []harness.Fault{harness.Faults[c.fault]}
+				spec.Faults = []harness.Fault{fault(t, c.fault)}
 			}
 			g, err := lab.Boot(context.Background(), spec)
 			assert.NilError(t, err)

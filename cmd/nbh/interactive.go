@@ -142,7 +142,7 @@ func interactiveBoot(ctx context.Context, opts harness.Options, spec harness.Spe
 					}
 				}
 				if len(send) > 0 {
-					g.Type(string(send))
+					g.Send(string(send))
 				}
 			}
 		}

@@ -61,7 +61,7 @@ func chainsHelp() string {
 func faultsHelp() string {
 	var b strings.Builder
 	for _, n := range harness.FaultNames() {
-		f := harness.Faults[n]
+		f, _ := harness.LookupFault(n)
 		expect := string(f.Expect)
 		if expect == "" {
 			expect = "boots"

@@ -5,11 +5,13 @@
 package bootfile
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -95,6 +97,36 @@ func (t truncated) ReadAt(b []byte, off int64) (int, error) {
 		return k, err
 	}
 	return t.r.ReadAt(b, off)
+}
+
+// Stalled reads like r up to n bytes; a read past them waits, sending
+// nothing and failing nothing, until ctx ends (then ErrStalled): a server
+// that stops mid-file without closing. stalled is called once, when the
+// first read waits.
+func Stalled(ctx context.Context, r io.ReaderAt, n int64, stalled func()) io.ReaderAt {
+	return &stall{ctx: ctx, r: r, n: n, stalled: stalled}
+}
+
+// ErrStalled is what a Stalled reader fails with once its context ends.
+var ErrStalled = errors.New("transfer stalled (stalled-transfer fault)")
+
+type stall struct {
+	ctx     context.Context
+	r       io.ReaderAt
+	n       int64
+	once    sync.Once
+	stalled func()
+}
+
+func (s *stall) ReadAt(b []byte, off int64) (int, error) {
+	if off+int64(len(b)) <= s.n {
+		return s.r.ReadAt(b, off)
+	}
+	// A read that reaches past the stall waits whole: a short read
+	// would end a TFTP transfer (a short block is the last).
+	s.once.Do(s.stalled)
+	<-s.ctx.Done()
+	return 0, ErrStalled
 }
 
 // BitFlip reads like r with one bit of the byte at off inverted.

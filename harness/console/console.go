@@ -33,7 +33,8 @@ const idle = 100 * time.Millisecond
 // Line is one console line.
 type Line struct {
 	Time    time.Time
-	Text    string // printable text: no CR, no terminal escapes
+	Text    string // printable text: no CR, no terminal escapes (a CR's overwrite applied)
+	Raw     string // the bytes as they came, without the line's end (a wrapped line's break kept)
 	Partial bool   // no newline yet (a prompt, or output that paused)
 }
 
@@ -153,19 +154,32 @@ const WrapWidth = 80
 func (con *Console) read() {
 	defer close(con.done)
 	defer close(con.lines)
-	var held string // a line that filled the firmware console's width
+	// held is a line that filled the firmware console's width, joined
+	// with the next; heldRaw keeps it as it came, line break included.
+	var held, heldRaw string
+	take := func(s string, partial bool) {
+		if s != "" && !partial && len(Clean(s)) == WrapWidth {
+			held += strings.TrimRight(s, "\r\n")
+			heldRaw += s
+			return
+		}
+		raw := s
+		if held != "" && (s != "" || partial) {
+			s, raw, held, heldRaw = held+s, heldRaw+s, "", ""
+		}
+		if s != "" {
+			con.emit(s, raw, partial)
+		}
+	}
 	for {
 		s, err := con.c.Expect(untilLineEnd, expect.WithTimeout(idle))
 		partial := err != nil
-		if s != "" && !partial && len(Clean(s)) == WrapWidth {
-			held += strings.TrimRight(s, "\r\n")
-			continue
-		}
-		if held != "" && (s != "" || partial) {
-			s, held = held+s, ""
-		}
-		if s != "" {
-			con.emit(s, partial)
+		// One read can bring several lines: each is a line of its own.
+		pieces := strings.SplitAfter(s, "\n")
+		for i, p := range pieces {
+			if p != "" || i == 0 {
+				take(p, partial && i == len(pieces)-1)
+			}
 		}
 		if err != nil && !isTimeout(err) {
 			return // QEMU closed the terminal: EOF or EIO
@@ -178,11 +192,12 @@ func isTimeout(err error) bool {
 	return errors.As(err, &t) && t.Timeout()
 }
 
-func (con *Console) emit(raw string, partial bool) {
+// emit hands on a line: joined (firmware wrapping undone) and as it came.
+func (con *Console) emit(joined, raw string, partial bool) {
 	now := time.Now()
-	text := Clean(raw)
+	text := Clean(joined)
 	if con.log != nil {
-		fmt.Fprintf(con.log, "[%8.3f] %s", now.Sub(con.start).Seconds(), strings.TrimRight(raw, "\r\n"))
+		fmt.Fprintf(con.log, "[%8.3f] %s", now.Sub(con.start).Seconds(), strings.TrimRight(joined, "\r\n"))
 		if partial {
 			io.WriteString(con.log, " ⏎\n") // the line went on later; shown split
 		} else {
@@ -198,10 +213,22 @@ func (con *Console) emit(raw string, partial bool) {
 		con.tail = con.tail[len(con.tail)-100:]
 	}
 	con.mu.Unlock()
-	con.lines <- Line{Time: now, Text: text, Partial: partial}
+	con.lines <- Line{Time: now, Text: text, Raw: strings.TrimRight(raw, "\r\n"), Partial: partial}
 }
 
 var escapes = regexp.MustCompile(`\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])`)
+
+// Plain strips terminal escapes and control bytes (carriage returns
+// included) and keeps every printable byte: what was sent, where Clean is
+// what a terminal would show.
+func Plain(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 && r != '\t' || r == 0x7f {
+			return -1
+		}
+		return r
+	}, escapes.ReplaceAllString(s, ""))
+}
 
 // Clean strips terminal escapes, carriage returns and other control bytes.
 func Clean(s string) string {

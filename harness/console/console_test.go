@@ -134,14 +134,19 @@ func TestFloodAndHangup(t *testing.T) {
 	con.Started()
 	go func() {
 		long := strings.Repeat("x", 3<<20) // 3 MiB without a newline
-		for i := 0; i < 20000; i++ {
-			fmt.Fprintf(w, "line %d of the flood\n", i)
+		for i := 0; i < 20000; i += 10 {
+			var batch strings.Builder // several lines in one write, as a guest's burst
+			for j := i; j < i+10; j++ {
+				fmt.Fprintf(&batch, "line %d of the flood\r\n", j)
+			}
+			w.WriteString(batch.String())
 		}
 		w.WriteString(long + "\n")
 		w.WriteString("the end\n")
 		w.Close()
 	}()
-	var n, last int
+	var n int
+	last := -1
 	var sawEnd bool
 	for l := range con.Lines() {
 		n++
@@ -149,6 +154,9 @@ func TestFloodAndHangup(t *testing.T) {
 		if strings.HasPrefix(l.Text, "line ") {
 			var i int
 			fmt.Sscanf(l.Text, "line %d", &i)
+			// Every line arrives, once, as a line of its own (a read
+			// that brings several must not lose any).
+			assert.Equal(t, i, last+1, "after line %d: %q", last, l.Text)
 			last = i
 		}
 		sawEnd = sawEnd || l.Text == "the end"
@@ -182,4 +190,25 @@ func TestWrappedFirmwareLinesAreJoined(t *testing.T) {
 		got = append(got, l.Text)
 	}
 	assert.DeepEqual(t, got, []string{msg})
+}
+
+// TestRawKeepsWrappedLines: a line the firmware-width rule joins with the
+// next is one line of Text, and its Raw keeps the break (a conversation's
+// output of exactly 80 columns is two lines).
+func TestRawKeepsWrappedLines(t *testing.T) {
+	con, err := New(nil, time.Now())
+	assert.NilError(t, err)
+	defer con.Close()
+	w := writer(t, con)
+	con.Started()
+	first := strings.Repeat("a", WrapWidth)
+	w.WriteString(first + "\r\nsecond\r\n")
+	w.Close()
+	var got []Line
+	for l := range con.Lines() {
+		got = append(got, l)
+	}
+	assert.Equal(t, len(got), 1)
+	assert.Equal(t, got[0].Text, first+"second")
+	assert.Equal(t, strings.ReplaceAll(got[0].Raw, "\r", ""), first+"\nsecond")
 }

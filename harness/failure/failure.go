@@ -30,8 +30,11 @@ const (
 	GuestStopped  Reason = "guest stopped before the marker"
 	QEMUFailed    Reason = "qemu failed"
 	Deadline      Reason = "deadline exceeded"
-	Interrupted   Reason = "interrupted"
-	Setup         Reason = "lab setup failed"
+	// Stalled is a file transfer the boot waited for that stopped moving
+	// (the server, or the link, went quiet mid-file).
+	Stalled     Reason = "transfer stalled"
+	Interrupted Reason = "interrupted"
+	Setup       Reason = "lab setup failed"
 )
 
 // Who says whose fault a reason usually is, in the manner of LAVA's

@@ -66,6 +66,7 @@ type countingWriter struct {
 	http.ResponseWriter
 	status int
 	n      atomic.Int64
+	meter  *timeline.Meter // the body's bytes, as progress (nil: none)
 }
 
 func (w *countingWriter) WriteHeader(code int) {
@@ -79,6 +80,7 @@ func (w *countingWriter) Write(b []byte) (int, error) {
 	}
 	n, err := w.ResponseWriter.Write(b)
 	w.n.Add(int64(n))
+	w.meter.Add(n)
 	return n, err
 }
 
@@ -123,6 +125,9 @@ func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 				// UEFI HTTP boot takes a file as an EFI application by
 				// this type (else by the .efi in the URL).
 				w.Header().Set("Content-Type", "application/efi")
+			}
+			if r.Method == http.MethodGet {
+				cw.meter = s.tl.Meter(timeline.Event{Source: "http", Addr: addr, Msg: r.URL.Path}, f.Size(), true)
 			}
 			http.ServeContent(cw, r, path.Base(r.URL.Path), f.ModTime, f)
 			f.Close()

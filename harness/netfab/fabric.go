@@ -611,6 +611,8 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 			frame = corrupt(frame, fi)
 		case Replay:
 			replays = append(replays, r.Delay)
+		case Limit:
+			delay += r.pace(len(frame))
 		}
 	}
 	for _, d := range replays {

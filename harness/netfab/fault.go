@@ -27,9 +27,10 @@ const (
 	Delay
 	Corrupt // flip one byte of the transport payload (or of the frame's tail)
 	Replay  // pass the frame, and send a copy of it again Delay later
+	Limit   // pass frames no faster than Rate bytes a second (a slow link)
 )
 
-func (a Action) String() string { return [...]string{"drop", "delay", "corrupt", "replay"}[a] }
+func (a Action) String() string { return [...]string{"drop", "delay", "corrupt", "replay", "limit"}[a] }
 
 // Rule is a packet fault: frames crossing a guest port in Dir that match
 // Proto and Port are dropped, delayed or corrupted. Nth > 0 limits the rule to
@@ -43,6 +44,7 @@ type Rule struct {
 	Nth    int
 	Action Action
 	Delay  time.Duration
+	Rate   int64 // Limit's bytes a second
 }
 
 func (r Rule) String() string {
@@ -60,6 +62,9 @@ func (r Rule) String() string {
 	if r.Action == Delay || r.Action == Replay {
 		fmt.Fprintf(&b, " by %s", r.Delay)
 	}
+	if r.Action == Limit {
+		fmt.Fprintf(&b, " to %d bytes/s", r.Rate)
+	}
 	return b.String()
 }
 
@@ -68,6 +73,21 @@ type ruleState struct {
 	mu      sync.Mutex
 	matched int
 	fired   int
+	next    time.Time // Limit: when the link is free for the next frame
+}
+
+// pace is how long a frame of n bytes waits on a Limit rule's link: the
+// frames before it leave first, each taking n/Rate of the link's time.
+func (r *ruleState) pace(n int) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if r.next.Before(now) {
+		r.next = now
+	}
+	wait := r.next.Sub(now)
+	r.next = r.next.Add(time.Duration(int64(n) * int64(time.Second) / max(r.Rate, 1)))
+	return wait
 }
 
 // match reports whether the rule fires on this frame and counts it.

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -25,6 +26,8 @@ type Process struct {
 
 	mu  sync.Mutex
 	mon *qmp.SocketMonitor
+
+	resets chan time.Time // the machine's resets (QMP RESET events)
 }
 
 // Start runs QEMU for c with tty as its stdio (the serial console) and net as
@@ -41,7 +44,7 @@ func Start(c Config, tty *os.File, net *os.File) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Process{Args: append([]string{bin}, args...), exited: make(chan struct{})}
+	p := &Process{Args: append([]string{bin}, args...), exited: make(chan struct{}), resets: make(chan time.Time, 8)}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdin, cmd.Stdout = tty, tty
 	cmd.Stderr = &lockedWriter{w: &p.stderr, mu: &p.mu}
@@ -91,6 +94,10 @@ func (p *Process) connectQMP(path string) error {
 			if err == nil {
 				if err = mon.Connect(); err == nil {
 					os.Remove(path)
+					// The monitor's event channel must be drained, or
+					// its replies to commands stop.
+					evs, _ := mon.Events(context.Background())
+					go p.events(evs)
 					p.mu.Lock()
 					p.mon = mon
 					p.mu.Unlock()
@@ -103,6 +110,40 @@ func (p *Process) connectQMP(path string) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// events follows QMP's events until the connection ends.
+func (p *Process) events(evs <-chan qmp.Event) {
+	for e := range evs {
+		if e.Event == "RESET" {
+			select {
+			case p.resets <- time.Now():
+			default: // nobody is waiting for this many
+			}
+		}
+	}
+}
+
+// Resets delivers the time of each machine reset (a guest's reboot, or
+// SystemReset) while the reboot action is reset (SetRebootAction).
+func (p *Process) Resets() <-chan time.Time { return p.resets }
+
+// SetRebootAction says what a reset does: restart the machine (reset
+// true) or end QEMU (false, -no-reboot's default: a guest that reboots on
+// a panic must not boot again unobserved).
+func (p *Process) SetRebootAction(reset bool) error {
+	action := "shutdown"
+	if reset {
+		action = "reset"
+	}
+	_, err := p.Run("set-action", map[string]any{"reboot": action})
+	return err
+}
+
+// SystemReset presses the machine's reset button.
+func (p *Process) SystemReset() error {
+	_, err := p.Run("system_reset", nil)
+	return err
 }
 
 // Exited is closed when QEMU has exited.

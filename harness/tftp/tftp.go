@@ -214,7 +214,8 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 	}
 	defer f.Close()
 	start := time.Now()
-	x := &xfer{conn: conn, f: f, size: f.Size(), blksize: 512, maxBlk: int(s.maxBlk.Load()), window: 1, timeout: time.Second}
+	x := &xfer{conn: conn, f: f, size: f.Size(), blksize: 512, maxBlk: int(s.maxBlk.Load()), window: 1, timeout: time.Second,
+		meter: s.tl.Meter(timeline.Event{Source: "tftp", Addr: addr, Msg: req.Filename}, f.Size(), true)}
 	oack := x.negotiate(req.Options)
 	sent, err := x.run(oack)
 	d := time.Since(start)
@@ -248,6 +249,7 @@ type xfer struct {
 	maxBlk  int
 	window  int
 	timeout time.Duration
+	meter   *timeline.Meter // the bytes acknowledged, as progress
 }
 
 // negotiate applies the options the server supports and returns the OACK
@@ -338,6 +340,7 @@ func (x *xfer) run(oack []byte) (int64, error) {
 		// Map the 16-bit block number into the current window.
 		for b := end; b > acked; b-- {
 			if uint16(b) == blk {
+				x.meter.Add(int(min(b*int64(x.blksize), x.size) - min(acked*int64(x.blksize), x.size)))
 				acked = b
 				fails = 0
 				break

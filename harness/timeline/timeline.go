@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -57,6 +58,7 @@ type Event struct {
 	Source string         `json:"source"`          // dhcp, tftp, http, console, fault, qemu, netfab
 	Kind   string         `json:"kind"`            // what happened, e.g. "offer", "transfer", "stage"
 	Guest  string         `json:"guest,omitempty"` // guest name, when the lab knows it
+	Boot   int            `json:"boot,omitempty"`  // which boot of the guest (1, 2, ...; NewBoot)
 	MAC    string         `json:"mac,omitempty"`   // guest NIC, for network events
 	Addr   string         `json:"addr,omitempty"`  // guest IP address, for network events
 	Stage  Stage          `json:"stage,omitempty"` // the stage this event starts, if any
@@ -68,12 +70,33 @@ type Event struct {
 type Timeline struct {
 	mu     sync.Mutex
 	events []Event
-	subs   []func(Event)
+	subs   []subscriber
+	nextID int
 	names  map[string]string // MAC or IP address -> guest name
+	boots  map[string]int    // guest name -> its current boot
 }
 
 // New returns an empty timeline.
-func New() *Timeline { return &Timeline{names: map[string]string{}} }
+func New() *Timeline {
+	return &Timeline{names: map[string]string{}, boots: map[string]int{}}
+}
+
+// NewBoot starts the next boot of guest and returns its number (1 for the
+// first): every later event of the guest belongs to it, until the next.
+// A guest booted again under its name, or reset, is a new boot.
+func (t *Timeline) NewBoot(guest string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.boots[guest]++
+	return t.boots[guest]
+}
+
+// CurrentBoot is guest's current boot (0 before its first).
+func (t *Timeline) CurrentBoot(guest string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.boots[guest]
+}
 
 // Name ties a guest NIC's MAC or IP address to its guest name, so network
 // events carry it.
@@ -98,20 +121,43 @@ func (t *Timeline) Emit(e Event) {
 	if e.Guest == "" && e.Addr != "" {
 		e.Guest = t.names[e.Addr]
 	}
+	if e.Guest != "" && e.Boot == 0 {
+		e.Boot = t.boots[e.Guest]
+	}
 	t.events = append(t.events, e)
 	subs := slices.Clone(t.subs)
 	t.mu.Unlock()
-	for _, f := range subs {
-		f(e)
+	for _, s := range subs {
+		s.f(e)
 	}
 }
 
-// Subscribe calls f for every later event, on the emitting goroutine: f must
-// not block.
-func (t *Timeline) Subscribe(f func(Event)) {
+// Subscribe calls f for every later event, on the emitting goroutine (f
+// must not block), until the returned function is called.
+func (t *Timeline) Subscribe(f func(Event)) (unsubscribe func()) {
 	t.mu.Lock()
-	t.subs = append(t.subs, f)
+	t.nextID++
+	id := t.nextID
+	t.subs = append(t.subs, subscriber{id, f})
 	t.mu.Unlock()
+	return func() {
+		t.mu.Lock()
+		t.subs = slices.DeleteFunc(t.subs, func(s subscriber) bool { return s.id == id })
+		t.mu.Unlock()
+	}
+}
+
+type subscriber struct {
+	id int
+	f  func(Event)
+}
+
+// Subscribers is how many subscriptions are live (a long-lived lab's
+// check that closed guests leave none behind).
+func (t *Timeline) Subscribers() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.subs)
 }
 
 // Events returns the events of guest (and the lab-wide ones when guest is
@@ -122,6 +168,19 @@ func (t *Timeline) Events(guest string) []Event {
 	var out []Event
 	for _, e := range t.events {
 		if guest == "" || e.Guest == guest {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// BootEvents returns the events of one boot of guest.
+func (t *Timeline) BootEvents(guest string, boot int) []Event {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []Event
+	for _, e := range t.events {
+		if e.Guest == guest && e.Boot == boot {
 			out = append(out, e)
 		}
 	}
@@ -197,4 +256,55 @@ func Table(spans []Span, start time.Time) string {
 		fmt.Fprintf(&b, "%-9s %8.2fs %9s\n", s.Stage, s.Start.Sub(start).Seconds(), took)
 	}
 	return b.String()
+}
+
+// ProgressKind is the kind of a Meter's events.
+const ProgressKind = "progress"
+
+// Meter reports the bytes of one transfer as "progress" events: the first
+// bytes at once, then at most one event a second, so a slow download shows
+// it is moving and a stalled one shows where it stopped. Detail carries
+// "bytes" (so far), "of" (the size, 0 if unknown) and "open" (a file
+// transfer that has an end: the service's later event closes it).
+type Meter struct {
+	tl    *Timeline
+	base  Event
+	every time.Duration
+
+	mu   sync.Mutex
+	n    int64
+	last time.Time
+}
+
+// Meter starts a meter whose events are base (Source, Addr or Guest, and
+// the file or export as Msg) with the progress details.
+func (t *Timeline) Meter(base Event, size int64, open bool) *Meter {
+	base.Kind = ProgressKind
+	d := map[string]any{"of": size, "open": open}
+	for k, v := range base.Detail {
+		d[k] = v
+	}
+	base.Detail = d
+	return &Meter{tl: t, base: base, every: time.Second}
+}
+
+// Add counts n more bytes moved.
+func (m *Meter) Add(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.mu.Lock()
+	m.n += int64(n)
+	now := time.Now()
+	if !m.last.IsZero() && now.Sub(m.last) < m.every {
+		m.mu.Unlock()
+		return
+	}
+	m.last = now
+	e := m.base
+	e.Time = now
+	e.Detail = maps.Clone(m.base.Detail)
+	e.Detail["bytes"] = m.n
+	m.mu.Unlock()
+	m.tl.Emit(e)
 }

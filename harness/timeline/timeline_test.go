@@ -47,3 +47,24 @@ func TestGuestNamesAndJSON(t *testing.T) {
 	assert.Equal(t, e.Stage, Loader)
 	assert.Equal(t, e.Guest, "g1")
 }
+
+// TestMeter: a transfer's first bytes are reported at once, then at most one
+// event a second, each with the bytes so far.
+func TestMeter(t *testing.T) {
+	tl := New()
+	m := tl.Meter(Event{Source: "tftp", Guest: "g1", Msg: "g1/initrd"}, 3000, true)
+	m.Add(1000)
+	m.Add(1000) // within the second: not reported
+	evs := tl.Events("g1")
+	if len(evs) != 1 || evs[0].Kind != ProgressKind || evs[0].Detail["bytes"] != int64(1000) || evs[0].Detail["of"] != int64(3000) || evs[0].Detail["open"] != true {
+		t.Fatalf("after two adds: %+v", evs)
+	}
+	m.every = 0 // as if a second passed
+	m.Add(1000)
+	evs = tl.Events("g1")
+	if len(evs) != 2 || evs[1].Detail["bytes"] != int64(3000) {
+		t.Fatalf("after the third add: %+v", evs)
+	}
+	var nilMeter *Meter
+	nilMeter.Add(5) // a transfer without a meter
+}

@@ -1,0 +1,111 @@
+package harness
+
+import (
+	"math/rand/v2"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+
+	"gotest.tools/v3/assert"
+
+	"nbh.dev/nbh/harness/console"
+)
+
+// consoleLines is what Run reads of a guest's raw output: lines, as
+// console.Plain has them.
+func consoleLines(raw string) []string {
+	var out []string
+	for _, l := range strings.SplitAfter(raw, "\n") {
+		if c := console.Plain(l); strings.TrimSpace(c) != "" {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// runInShell runs Run's script in a real shell (the host's sh, with od, sed
+// and sha256sum: what a guest's shell has) and returns its raw output after
+// the terminal's echo of the typed text, as a console would show both.
+func runInShell(t *testing.T, n, cmd string) string {
+	t.Helper()
+	script := runScript(n, cmd)
+	out, err := exec.Command("sh", "-c", script).CombinedOutput()
+	assert.NilError(t, err, "%s", out)
+	return script + string(out) // the echo comes first
+}
+
+// TestRunFraming: Run gets exactly what the command wrote and its status
+// out of a console that also shows the typed text and kernel messages
+// breaking in anywhere, and says so when the output arrived garbled rather
+// than returning a wrong answer. The oracle is the command's output as the
+// same shell writes it to a pipe.
+func TestRunFraming(t *testing.T) {
+	cmds := []struct {
+		cmd    string
+		status int
+	}{
+		{"echo hello", 0},
+		{"printf 'no newline at the end'", 0},
+		{"false", 1},
+		{"exit_with() { return $1; }; exit_with 7", 7},
+		{`printf '\001\377\r\n\t x'`, 0},
+		{"echo to stderr >&2; echo to stdout", 0},
+		{"echo NBH-RUN-0123456789ab-END 0 " + strings.Repeat("0", 64), 0}, // a command printing a marker-like line
+		{"seq 1 3000", 0},
+		{"printf ''", 0},
+		{"echo one\necho two", 0},
+	}
+	const n = "0123456789ab"
+	kernel := []string{"[   12.345678] nfs: server 10.0.2.2 not responding, still trying\r\n",
+		"[  OK  ] Started some.service.\r\n", "e1000 0000:00:03.0 eth0: link up\r\n"}
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, c := range cmds {
+		want, _ := exec.Command("sh", "-c", c.cmd).CombinedOutput()
+		raw := runInShell(t, n, c.cmd)
+		raw = strings.ReplaceAll(raw, "\n", "\r\n") // the terminal's onlcr
+
+		out, status, err := parseRun(n, consoleLines(raw))
+		assert.NilError(t, err, "%q", c.cmd)
+		assert.Equal(t, out, string(want), "%q", c.cmd)
+		assert.Equal(t, status, c.status, "%q", c.cmd)
+
+		// Messages broken in at random places of the guest's output
+		// (after the echo), a few at a time.
+		echo := len(runScript(n, c.cmd)) + strings.Count(runScript(n, c.cmd), "\n")
+		for range 30 {
+			var at []int
+			for range 3 {
+				at = append(at, echo+r.IntN(len(raw)-echo))
+			}
+			slices.Sort(at)
+			var mixed strings.Builder
+			prev := 0
+			for _, i := range at {
+				mixed.WriteString(raw[prev:i])
+				mixed.WriteString(kernel[r.IntN(len(kernel))])
+				prev = i
+			}
+			mixed.WriteString(raw[prev:])
+			out, status, err := parseRun(n, consoleLines(mixed.String()))
+			assert.NilError(t, err, "%q in %q", c.cmd, mixed.String())
+			assert.Equal(t, out, string(want), "%q", c.cmd)
+			assert.Equal(t, status, c.status)
+		}
+	}
+
+	// A changed byte is an error, not a wrong answer.
+	raw := strings.ReplaceAll(runInShell(t, n, "echo hello"), "\n", "\r\n")
+	garbled := strings.Replace(raw, n+":o 0 104", n+":o 0 105", 1)
+	assert.Assert(t, garbled != raw)
+	_, _, err := parseRun(n, consoleLines(garbled))
+	assert.ErrorContains(t, err, "the guest counted")
+	// A lost frame too.
+	lost := strings.Replace(raw, n+":o 0", "x:o 0", 1)
+	_, _, err = parseRun(n, consoleLines(lost))
+	assert.ErrorContains(t, err, "the guest counted")
+	// No place to write the output: said so.
+	nowhere, _ := exec.Command("sh", "-c", strings.ReplaceAll(runScript(n, "true"), "${TMPDIR:-/tmp}", "/nonexistent")).CombinedOutput()
+	_, _, err = parseRun(n, consoleLines(string(nowhere)))
+	assert.ErrorContains(t, err, "cannot write")
+}
