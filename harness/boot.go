@@ -91,7 +91,7 @@ var transferEnds = map[string]bool{"transfer": true, "aborted": true, "error": t
 // newBoot starts the guest's next boot at start: a new number on the
 // timeline and fresh state. The previous boot, if any, keeps its verdict.
 func (g *Guest) newBoot(start time.Time) *boot {
-	b := &boot{id: g.lab.Timeline.NewBoot(g.Name), start: start, decided: make(chan struct{}), driftDone: make(chan struct{})}
+	b := &boot{id: g.lab.tl.NewBoot(g.Name), start: start, decided: make(chan struct{}), driftDone: make(chan struct{})}
 	b.ctx, b.end = context.WithCancel(g.lab.ctx)
 	g.mu.Lock()
 	old := g.cur

@@ -181,29 +181,29 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-ipxe", Machine: "q35", Load: qemu.LoadPflash, NICROM: true,
 			Description: "OVMF (UEFI) with the iPXE EFI driver ROM: as seabios-ipxe, under UEFI"},
-		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true,
+		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true,
 		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, LoaderConfig: ConfigIPXE, ReadsNFS: true, SANBoot: true, IPv6: true,
 		Cost: Cost{Boot: 11.5, Loader: 4.5, NoDHCP: 6},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-pxe", Machine: "q35", Load: qemu.LoadPflash,
 			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
-		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true,
-		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEEFI, "ipxe.efi"), ReadsNFS: true, SANBoot: true,
+		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true,
+		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEEFI(), "ipxe.efi"), ReadsNFS: true, SANBoot: true,
 		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
-		Code: images.OVMFCode, Vars: images.OVMFVars, UEFI: true, Stub: images.StubX64,
-		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
+		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true, Stub: images.StubX64(),
+		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64()), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
 		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "U-Boot: DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
-		Code: images.UBoot, env: ubootEnv,
+		Code: images.UBoot(), env: ubootEnv,
 		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, LoaderConfig: ConfigPXELinux, ReadsNFS: true, UserNet: "boot.scr.uimg", NICs: []string{"e1000"},
 		NoIPv6: "Debian 12's U-Boot (2023.01) is built without IPv6; its network stack gained IPv6 in 2023.04",
 		Cost:   Cost{Boot: 5, Loader: 1, NoDHCP: 6},
@@ -211,7 +211,7 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-grub", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks a GRUB netboot image over TFTP, grub.cfg, kernel over HTTP"},
-		Code: images.AAVMF, UEFI: true,
+		Code: images.AAVMF(), UEFI: true,
 		DHCP: []DHCPRule{pxeArm64("{guest}/grubnetaa64.efi")}, loader: grubLoader, LoaderConfig: ConfigGRUB, Verifies: true,
 		// The truncated kernel over GRUB's HTTP, then 5 s of grace.
 		Cost: Cost{Boot: 28, Loader: 10, NoDHCP: 18, Truncated: 32},
@@ -219,16 +219,16 @@ var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-ipxe", Machine: "virt", Load: qemu.LoadBIOS,
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
-		Code: images.AAVMF, UEFI: true,
-		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEArm64, "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
+		Code: images.AAVMF(), UEFI: true,
+		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEArm64(), "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
 		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
-		Code: images.AAVMFCode, Vars: images.AAVMFVars, UEFI: true, Stub: images.StubArm64,
-		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64),
+		Code: images.AAVMFCode(), Vars: images.AAVMFVars(), UEFI: true, Stub: images.StubArm64(),
+		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64()),
 		// AAVMF has no switch to leave IPv4 out (IPv4Support is OVMF's
 		// alone): the boot order in its variables puts IPv6 first.
 		IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp, vars6: netBootV6First,

@@ -257,7 +257,7 @@ func (g *Guest) Run(ctx context.Context, cmd string) (output string, status int,
 		// The console lost bytes (QEMU drops a serial byte its
 		// terminal does not take in time): the guest prints the kept
 		// output again; the command does not run again.
-		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "run-retransmit", Guest: g.Name, Msg: what, Detail: map[string]any{"error": perr.Error(), "try": try + 1}})
+		g.lab.tl.Emit(timeline.Event{Source: "console", Kind: "run-retransmit", Guest: g.Name, Msg: what, Detail: map[string]any{"error": perr.Error(), "try": try + 1}})
 		typed = "nbh_p\n"
 	}
 }
@@ -580,7 +580,7 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 			}
 		})
 		b := g.newBoot(at)
-		g.lab.Timeline.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
+		g.lab.tl.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
 			Msg: fmt.Sprintf("boot %d of %s", b.id, g.Name)})
 		go g.watch(b)
 		return nil

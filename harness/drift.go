@@ -186,7 +186,7 @@ func (g *Guest) checkDrift(b *boot) {
 		if file == "" || g.rootFS == nil {
 			return
 		}
-		tl := g.lab.Timeline
+		tl := g.lab.tl
 		start := time.Now()
 		differ, compared, err := archiveDrift(b.ctx, file, g.rootFS)
 		detail := map[string]any{"compared": compared, "seconds": time.Since(start).Seconds()}

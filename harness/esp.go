@@ -30,17 +30,17 @@ func (l *Lab) startIPsec(p *ipsec.Policy, keyBits int) error {
 	}
 	l.espBits = keyBits
 	gw := ipsec.NewGateway(p)
-	gw.MSS = ipsec.MaxMSS(l.Fabric.MTU())
+	gw.MSS = ipsec.MaxMSS(l.fabric.MTU())
 	gw.Report = l.espReport
 	l.esp = gw
-	l.Fabric.SetHostFilter(func(toHost bool, ip []byte) []byte {
+	l.fabric.SetHostFilter(func(toHost bool, ip []byte) []byte {
 		if toHost {
 			return gw.Inbound(ip)
 		}
 		return gw.Outbound(ip)
 	})
-	l.Timeline.Emit(timeline.Event{Source: "ipsec", Kind: "policy", Msg: p.String(),
-		Detail: map[string]any{"mss": int(gw.MSS), "mtu": l.Fabric.MTU(), "key-bits": keyBits}})
+	l.tl.Emit(timeline.Event{Source: "ipsec", Kind: "policy", Msg: p.String(),
+		Detail: map[string]any{"mss": int(gw.MSS), "mtu": l.fabric.MTU(), "key-bits": keyBits}})
 	return nil
 }
 
@@ -126,7 +126,7 @@ func (l *Lab) espReport(kind string, addr netip.Addr, n uint64, msg string) {
 	if g != nil {
 		e.Guest = g.Name
 	}
-	l.Timeline.Emit(e)
+	l.tl.Emit(e)
 	if g != nil {
 		g.espFailure(kind, n, msg)
 	}
@@ -203,5 +203,5 @@ func (g *Guest) espSummary() {
 		rules = append(rules, fmt.Sprintf("%s: %d packets, %d dropped", r.Rule, r.Packets, r.Dropped))
 	}
 	detail["policy"] = rules
-	g.lab.Timeline.Emit(timeline.Event{Source: "ipsec", Kind: "counters", Guest: g.Name, Msg: g.espCounters(), Detail: detail})
+	g.lab.tl.Emit(timeline.Event{Source: "ipsec", Kind: "counters", Guest: g.Name, Msg: g.espCounters(), Detail: detail})
 }

@@ -109,7 +109,7 @@ func nfsNotDirect(c Chain, root string) bool { return root == RootNFS && notDire
 
 // slowLinkRate is the slow-link fault's bandwidth towards the guest, in
 // bytes a second.
-const slowLinkRate = 512 << 10
+const slowLinkRate = 320 << 10
 
 // faults are the known faults, by name (LookupFault).
 var faults = map[string]Fault{

@@ -94,7 +94,7 @@ func (g *Guest) start() error {
 	var err error
 	var netFile *os.File
 	if !g.spec.UserNet {
-		if g.port, err = l.Fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
+		if g.port, err = l.fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
 			g.Close()
 			return err
 		}
@@ -125,7 +125,7 @@ func (g *Guest) start() error {
 	if netFile != nil {
 		netFile.Close()
 	}
-	l.Timeline.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
+	l.tl.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
 	go g.watch(b)
@@ -183,7 +183,7 @@ func (g *Guest) QEMUArgs(socket string) ([]string, error) {
 
 // Events are the current boot's events on the lab timeline so far (all of
 // the guest's boots: Lab.Timeline.Events with its name).
-func (g *Guest) Events() []timeline.Event { return g.lab.Timeline.BootEvents(g.Name, g.Boot()) }
+func (g *Guest) Events() []timeline.Event { return g.lab.tl.BootEvents(g.Name, g.Boot()) }
 
 // Spans are the current boot's per-stage durations so far.
 func (g *Guest) Spans() []timeline.Span {
@@ -264,7 +264,7 @@ func (g *Guest) close() error {
 	// A guest that never booted has no folder; "" would mean the working directory.
 	if g.Dir != "" {
 		if f, ferr := os.Create(filepath.Join(g.Dir, "timeline.jsonl")); ferr == nil {
-			err = timeline.WriteJSONL(f, g.lab.Timeline.Events(g.Name))
+			err = timeline.WriteJSONL(f, g.lab.tl.Events(g.Name))
 			f.Close()
 		}
 	}
@@ -295,7 +295,7 @@ func (g *Guest) release() {
 	if g.espPeer != nil {
 		l.esp.RemovePeer(g.espPeer)
 	}
-	l.Fabric.RemoveRules(g.Name)
+	l.fabric.RemoveRules(g.Name)
 	for _, u := range g.unsub {
 		u()
 	}

@@ -75,7 +75,7 @@ func (kp *keeper) build(ctx context.Context, kind, cause string) error {
 		}
 	}
 	kp.cur = res
-	kp.g.lab.Timeline.Emit(timeline.Event{Source: "archive", Kind: kind, Guest: kp.g.Name,
+	kp.g.lab.tl.Emit(timeline.Event{Source: "archive", Kind: kind, Guest: kp.g.Name,
 		Msg: fmt.Sprintf("%s (%s, %d bytes, %s)", cause, res.Key[:12], size, res.Manifest.Compression),
 		Detail: map[string]any{"key": res.Key, "cached": res.Cached, "bytes": size, "seconds": time.Since(start).Seconds(),
 			"tracked": len(res.Manifest.Tracked()), "kernel": res.Manifest.Kernel}})
@@ -139,7 +139,7 @@ func (kp *keeper) edit(line string) error {
 	if err := root.WriteFile(p, append(old, line+"\n"...), 0o644); err != nil {
 		return err
 	}
-	kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "root-edit", Guest: kp.g.Name,
+	kp.g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "root-edit", Guest: kp.g.Name,
 		Msg: fmt.Sprintf("/%s on the guest's root: added %q", p, line)})
 	return nil
 }
@@ -159,7 +159,7 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 	case p.truncate:
 		at, size := in.Offset+in.Size/2, f.Size()
 		return bootfile.Wrap(f, &cutOnRead{r: bootfile.Truncated(f, at), cut: func() {
-			kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name, Stage: timeline.Loader,
+			kp.g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name, Stage: timeline.Loader,
 				Msg:    fmt.Sprintf("truncated-archive: the archive broke off at %d of %d bytes", at, size),
 				Detail: map[string]any{"fault": "truncated-archive", "at": at, "size": size}})
 		}})
@@ -167,7 +167,7 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 		at, size := in.Offset+in.Size/2, f.Size()
 		b := kp.g.current()
 		return bootfile.Wrap(f, bootfile.Stalled(b.ctx, f, at, func() {
-			kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name,
+			kp.g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: kp.g.Name,
 				Msg:    fmt.Sprintf("stalled-transfer: the archive stopped at %d of %d bytes, the transfer left open", at, size),
 				Detail: map[string]any{"fault": "stalled-transfer", "at": at, "size": size}})
 		}))
@@ -189,11 +189,11 @@ func (kp *keeper) serve(f *bootfile.File) *bootfile.File {
 // refresh on, rebuilds and renames the new archive into place.
 func (kp *keeper) swap() {
 	if err := kp.edit("swapped=during-download"); err != nil {
-		kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
+		kp.g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
 		return
 	}
 	if err := kp.fresh(kp.g.lab.ctx); err != nil {
-		kp.g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
+		kp.g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "error", Guest: kp.g.Name, Msg: "archive-swap: " + err.Error()})
 	}
 }
 

@@ -73,8 +73,8 @@ type Options struct {
 
 // Lab is one isolated boot network with its services.
 type Lab struct {
-	Timeline *timeline.Timeline
-	Fabric   *netfab.Fabric
+	tl     *timeline.Timeline
+	fabric *netfab.Fabric
 
 	cache *images.Cache
 	log   io.Writer
@@ -128,7 +128,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{Timeline: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
+	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -138,14 +138,14 @@ func New(opts Options) (l *Lab, err error) {
 	if err := os.MkdirAll(l.srv, 0o755); err != nil {
 		return nil, err
 	}
-	if l.Fabric, err = netfab.New(l.Timeline, netfab.Config{MTU: opts.MTU}); err != nil {
+	if l.fabric, err = netfab.New(l.tl, netfab.Config{MTU: opts.MTU}); err != nil {
 		return nil, err
 	}
-	l.closers = append(l.closers, l.Fabric)
+	l.closers = append(l.closers, l.fabric)
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
-		Stack: l.Fabric.Stack, ServerIP: l.Fabric.HostIP, Subnet: l.Fabric.Subnet,
-		ServerIP6: l.Fabric.HostIP6, Prefix6: l.Fabric.Prefix6, ServerMAC: l.Fabric.HostMAC,
-		Policy: l.policy, Timeline: l.Timeline, MTU: opts.MTU,
+		Stack: l.fabric.Stack, ServerIP: l.fabric.HostIP, Subnet: l.fabric.Subnet,
+		ServerIP6: l.fabric.HostIP6, Prefix6: l.fabric.Prefix6, ServerMAC: l.fabric.HostMAC,
+		Policy: l.policy, Timeline: l.tl, MTU: opts.MTU,
 	}); err != nil {
 		return nil, err
 	}
@@ -165,15 +165,15 @@ func New(opts Options) (l *Lab, err error) {
 		l.serve = bootfile.Root(userRoot)
 	}
 	// TFTP and HTTP on both of the host's addresses (IPv6 boots).
-	for _, ip := range l.Fabric.HostAddrs() {
+	for _, ip := range l.fabric.HostAddrs() {
 		a := net.IP(ip.AsSlice())
-		tftpd, err := tftp.Start(l.Fabric.Stack, a, l.open, l.Timeline)
+		tftpd, err := tftp.Start(l.fabric.Stack, a, l.open, l.tl)
 		if err != nil {
 			return nil, err
 		}
-		tftpd.FitMTU(l.Fabric.MTU())
+		tftpd.FitMTU(l.fabric.MTU())
 		l.closers = append(l.closers, tftpd)
-		httpd, err := httpboot.Start(l.Fabric.Stack, a, 80, l.open, l.Timeline)
+		httpd, err := httpboot.Start(l.fabric.Stack, a, 80, l.open, l.tl)
 		if err != nil {
 			return nil, err
 		}
@@ -181,27 +181,27 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	// NFS, its portmapper and iSCSI on both addresses too (network roots
 	// over IPv6).
-	nln, err := l.Fabric.ListenTCP(nfs.Port)
+	nln, err := l.fabric.ListenTCP(nfs.Port)
 	if err != nil {
 		return nil, fmt.Errorf("lab: nfs: %w", err)
 	}
-	l.nfs = nfs.Serve(nln, l.Timeline)
+	l.nfs = nfs.Serve(nln, l.tl)
 	l.closers = append(l.closers, l.nfs)
-	pln, err := l.Fabric.ListenTCP(nfs.PortmapPort)
+	pln, err := l.fabric.ListenTCP(nfs.PortmapPort)
 	if err != nil {
 		return nil, fmt.Errorf("lab: portmap: %w", err)
 	}
-	pcs, err := l.Fabric.ListenUDP(nfs.PortmapPort)
+	pcs, err := l.fabric.ListenUDP(nfs.PortmapPort)
 	if err != nil {
 		pln.Close()
 		return nil, fmt.Errorf("lab: portmap: %w", err)
 	}
-	l.closers = append(l.closers, nfs.ServePortmapper(pln, pcs, l.Timeline))
-	iln, err := l.Fabric.ListenTCP(iscsi.Port)
+	l.closers = append(l.closers, nfs.ServePortmapper(pln, pcs, l.tl))
+	iln, err := l.fabric.ListenTCP(iscsi.Port)
 	if err != nil {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)
 	}
-	l.iscsi = iscsi.Serve(iln, l.Server(), l.Timeline)
+	l.iscsi = iscsi.Serve(iln, l.Server(), l.tl)
 	l.iscsi.LoaderLogin = l.sanLoader
 	l.closers = append(l.closers, l.iscsi)
 	if opts.IPsec != nil {
@@ -228,7 +228,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	// A guest's boot files (its loader config with its command line, its
 	// archive with its keys, its root tree) go to that guest only.
 	if owner != nil && !owner.speaksFrom(addr) {
-		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
+		l.tl.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, which belongs to %s (%s)", addr, name, owner.Name, owner.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
 	}
@@ -245,7 +245,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return l.lookup(name, rest, addr)
 	}
 	if err := g.keeper.fresh(l.ctx); err != nil {
-		l.Timeline.Emit(timeline.Event{Source: "archive", Kind: "error", Guest: g.Name, Msg: "refresh before fetch: " + err.Error()})
+		l.tl.Emit(timeline.Event{Source: "archive", Kind: "error", Guest: g.Name, Msg: "refresh before fetch: " + err.Error()})
 	}
 	f, err := l.files(name, addr)
 	if err != nil {
@@ -285,7 +285,7 @@ func (l *Lab) lookup(name, rest, addr string) (*bootfile.File, error) {
 		return f, uerr
 	}
 	if o := l.owner(rest); o != nil && !o.speaksFrom(addr) {
-		l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
+		l.tl.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, whose fallback %s belongs to %s (%s)", addr, name, rest, o.Name, o.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", rest, fs.ErrPermission)
 	}
@@ -314,11 +314,15 @@ func (l *Lab) Options() Options {
 	return o
 }
 
+// Timeline is the lab's record of everything that happened: every guest's
+// boots and every service's events.
+func (l *Lab) Timeline() *timeline.Timeline { return l.tl }
+
 // Server is the boot server's address as guests see it.
-func (l *Lab) Server() string { return l.Fabric.HostIP.String() }
+func (l *Lab) Server() string { return l.fabric.HostIP.String() }
 
 // Server6 is the boot server's IPv6 address.
-func (l *Lab) Server6() string { return l.Fabric.HostIP6.String() }
+func (l *Lab) Server6() string { return l.fabric.HostIP6.String() }
 
 // server is the boot server as the guest's loaders and init reach it, as a
 // URL's host: its IPv6 address in brackets for a guest on IPv6 only.
@@ -411,8 +415,8 @@ func (l *Lab) Guests() []*Guest {
 // address to, so guests can reach a server running outside the lab (Debian's
 // tgt on loopback, for a comparison). It ends with the lab.
 func (l *Lab) Forward(port int, to string) error {
-	host := tcpip.AddrFrom4(l.Fabric.HostIP.As4())
-	ln, err := gonet.ListenTCP(l.Fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: host, Port: uint16(port)}, ipv4.ProtocolNumber)
+	host := tcpip.AddrFrom4(l.fabric.HostIP.As4())
+	ln, err := gonet.ListenTCP(l.fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: host, Port: uint16(port)}, ipv4.ProtocolNumber)
 	if err != nil {
 		return fmt.Errorf("lab: forward :%d: %w", port, err)
 	}
@@ -427,7 +431,7 @@ func (l *Lab) Forward(port int, to string) error {
 			}
 			d, err := net.Dial("tcp", to)
 			if err != nil {
-				l.Timeline.Emit(timeline.Event{Source: "lab", Kind: "forward-failed", Msg: err.Error()})
+				l.tl.Emit(timeline.Event{Source: "lab", Kind: "forward-failed", Msg: err.Error()})
 				c.Close()
 				continue
 			}

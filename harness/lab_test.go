@@ -59,7 +59,7 @@ func TestBootFilePolicy(t *testing.T) {
 
 // bootedGuest is a guest of a lab with only a timeline, in its first boot.
 func bootedGuest(tl *timeline.Timeline) *Guest {
-	g := &Guest{Name: "g1", lab: &Lab{Timeline: tl, ctx: context.Background()}}
+	g := &Guest{Name: "g1", lab: &Lab{tl: tl, ctx: context.Background()}}
 	g.newBoot(time.Now())
 	return g
 }

@@ -27,7 +27,7 @@ func ipxeLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p pla
 		}
 		b.SAN = san
 	}
-	script, err := g.loaderConfig(ConfigIPXE, bootcfg.IPXEDefault, b)
+	script, err := g.loaderConfig(ConfigIPXE, bootcfg.IPXEDefault(), b)
 	if err != nil {
 		return err
 	}
@@ -51,7 +51,7 @@ func (g *Guest) loaderConfig(kind string, def *bootcfg.Template, b bootcfg.Boot)
 var sanBootFile = map[string]string{"amd64": "EFI/BOOT/BOOTX64.EFI", "arm64": "EFI/BOOT/BOOTAA64.EFI"}
 
 // sanStub is each arch's EFI stub for the SAN disk's Unified Kernel Image.
-var sanStub = map[string]images.File{"amd64": images.StubX64, "arm64": images.StubArm64}
+var sanStub = map[string]images.File{"amd64": images.StubX64(), "arm64": images.StubArm64()}
 
 // sanbootDisk installs the guest's Unified Kernel Image (kernel, archive,
 // command line) as the boot file of its SAN disk's ESP, as an installer
@@ -108,7 +108,7 @@ func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, s
 func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) error {
 	l := g.lab
 	mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
-	cfg, err := g.loaderConfig(ConfigPXELinux, bootcfg.PXELinuxDefault, b)
+	cfg, err := g.loaderConfig(ConfigPXELinux, bootcfg.PXELinuxDefault(), b)
 	if err != nil {
 		return err
 	}
@@ -129,7 +129,7 @@ func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) 
 func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
 	l := g.lab
 	cfg := filepath.Join(dir, "grub", "grub.cfg")
-	text, err := g.loaderConfig(ConfigGRUB, bootcfg.GRUBDefault, b)
+	text, err := g.loaderConfig(ConfigGRUB, bootcfg.GRUBDefault(), b)
 	if err != nil {
 		return err
 	}
@@ -158,7 +158,7 @@ func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p pla
 			}
 		}
 	}
-	mods, err := l.cache.Path(ctx, "arm64", images.GRUBArm64)
+	mods, err := l.cache.Path(ctx, "arm64", images.GRUBArm64())
 	if err != nil {
 		return err
 	}

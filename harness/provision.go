@@ -267,8 +267,8 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		return nil, err
 	}
 	g.IP = ip.String()
-	l.Timeline.Name(g.MAC.String(), g.Name)
-	l.Timeline.Name(g.IP, g.Name)
+	l.tl.Name(g.MAC.String(), g.Name)
+	l.tl.Name(g.IP, g.Name)
 	l.dhcp.Ignore(g.MAC, p.dhcpSilent)
 	l.dhcp.Family(g.MAC, spec.Family)
 	if spec.Family != dhcp.V4 {
@@ -277,19 +277,19 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, err
 		}
 		g.IP6 = ip6.String()
-		l.Timeline.Name(g.IP6, g.Name)
+		l.tl.Name(g.IP6, g.Name)
 	}
 
 	g.plan = p
 	if p.slowLink {
-		l.Fabric.AddRule(netfab.Rule{Name: "slow-link", Guest: g.Name, Dir: netfab.ToGuest, Action: netfab.Limit, Rate: slowLinkRate})
+		l.fabric.AddRule(netfab.Rule{Name: "slow-link", Guest: g.Name, Dir: netfab.ToGuest, Action: netfab.Limit, Rate: slowLinkRate})
 	}
 	if l.esp != nil {
 		if g.espConf, err = g.espKeys(); err != nil {
 			return nil, err
 		}
 		if p.espReplay {
-			l.Fabric.AddRule(netfab.Rule{Name: "esp-replay", Guest: g.Name, Dir: netfab.FromGuest, Proto: "esp", Action: netfab.Replay, Delay: 20 * time.Millisecond})
+			l.fabric.AddRule(netfab.Rule{Name: "esp-replay", Guest: g.Name, Dir: netfab.FromGuest, Proto: "esp", Action: netfab.Replay, Delay: 20 * time.Millisecond})
 		}
 	}
 	if err := g.prepareRoot(ctx); err != nil {
@@ -308,9 +308,9 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	l.guests[g.MAC.String()] = g
 	l.byName[g.Name] = g
 	l.mu.Unlock()
-	g.unsub = append(g.unsub, l.Timeline.Subscribe(g.observe), l.Timeline.Subscribe(g.conclude))
+	g.unsub = append(g.unsub, l.tl.Subscribe(g.observe), l.tl.Subscribe(g.conclude))
 	if spec.OnEvent != nil {
-		g.unsub = append(g.unsub, l.Timeline.Subscribe(func(e timeline.Event) {
+		g.unsub = append(g.unsub, l.tl.Subscribe(func(e timeline.Event) {
 			if e.Guest == g.Name || e.Guest == "" {
 				spec.OnEvent(e)
 			}

@@ -87,7 +87,7 @@ func TestBootFilesOnlyToTheirGuest(t *testing.T) {
 		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
 	}
 	refused := 0
-	for _, e := range l.Timeline.Events("") {
+	for _, e := range l.tl.Events("") {
 		if e.Kind == "refused" {
 			refused++
 		}

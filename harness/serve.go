@@ -22,7 +22,7 @@ import (
 // answers a new machine. template.Artifacts, if set, is the folder the
 // guests' artifacts go under, one folder per guest.
 func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer, error) {
-	return l.Fabric.Listen(path, func(mac net.HardwareAddr) (string, string, netfab.Lease, error) {
+	return l.fabric.Listen(path, func(mac net.HardwareAddr) (string, string, netfab.Lease, error) {
 		l.mu.Lock()
 		g := l.guests[mac.String()]
 		l.mu.Unlock()
@@ -52,7 +52,7 @@ func (l *Lab) Listen(ctx context.Context, path string, template Spec) (io.Closer
 // not see (nbh serve) still shows the init stage.
 func (l *Lab) initStarted(g *Guest) {
 	if g.Reached() < timeline.Init {
-		l.Timeline.Emit(timeline.Event{Source: "dhcp", Kind: "init-client", Guest: g.Name, Stage: timeline.Init,
+		l.tl.Emit(timeline.Event{Source: "dhcp", Kind: "init-client", Guest: g.Name, Stage: timeline.Init,
 			Msg: "the reference init asks for its address"})
 	}
 }

@@ -118,7 +118,7 @@ type Spec struct {
 	// console only.
 	UserNet bool
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
-	// of answering them (see console.Responders).
+	// of answering them (see console.Respond).
 	KeepPrompts bool
 	Expect      string // regexp for success; default: the reference marker
 	// Steps are console patterns (regexps) the boot must print, in this
@@ -222,7 +222,7 @@ const (
 )
 
 // Roots are the roots a guest can boot, in the matrix's order.
-var Roots = []string{RootNone, RootNFS, RootISCSI, RootSANBoot}
+func Roots() []string { return []string{RootNone, RootNFS, RootISCSI, RootSANBoot} }
 
 // ISCSITarget is the lab's iSCSI target name for the reference root; each
 // guest gets its own copy of the LUN behind it.

@@ -110,7 +110,7 @@ func (g *Guest) watch(b *boot) {
 		}
 		if p.open && stall > 0 && time.Since(p.at) > stall {
 			msg := fmt.Sprintf("the %s transfer of %s stalled at %d bytes%s: nothing moved for %s", p.source, p.what, p.bytes, p.ofSize(), stall)
-			g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: g.Name, Msg: msg,
+			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: g.Name, Msg: msg,
 				Detail: map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}})
 			g.decideBoot(b, Verdict{Reason: failure.Stalled, Stage: st, Detail: msg})
 			return
@@ -120,7 +120,7 @@ func (g *Guest) watch(b *boot) {
 			if !p.at.IsZero() {
 				msg += fmt.Sprintf("; the last bytes moved %.0fs ago: %s %s, %d bytes%s", time.Since(p.at).Seconds(), p.source, p.what, p.bytes, p.ofSize())
 			}
-			g.lab.Timeline.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
+			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
 			g.decideBoot(b, Verdict{Reason: failure.Deadline, Stage: st, Detail: msg})
 			return
 		}
@@ -140,7 +140,7 @@ func (g *Guest) Reached() timeline.Stage {
 // monitor reads console lines: stage markers go on the timeline, and the
 // first line that matches the marker or the failure table decides the boot.
 func (g *Guest) monitor() {
-	tl := g.lab.Timeline
+	tl := g.lab.tl
 	var recent []string
 	for line := range g.con.Lines() {
 		g.hear(line)
@@ -235,7 +235,7 @@ func (g *Guest) step(b *boot, line console.Line) bool {
 		// again (a systemd root spends a minute in stage root).
 		b.since = line.Time
 		g.mu.Unlock()
-		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
+		g.lab.tl.Emit(timeline.Event{Source: "console", Kind: "expect", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"step": n + 1, "of": len(g.steps) + 1, "pattern": g.steps[n].String()}})
 		return false
 	}
@@ -324,7 +324,7 @@ func (g *Guest) refine(b *boot, v Verdict) Verdict {
 	}
 	var asked, answered bool
 	var lastFetch *timeline.Event
-	for _, e := range g.lab.Timeline.BootEvents(g.Name, b.id) {
+	for _, e := range g.lab.tl.BootEvents(g.Name, b.id) {
 		switch {
 		case e.Source == "dhcp" && (e.Kind == "discover" || e.Kind == "ignored"):
 			asked = true
@@ -346,7 +346,7 @@ func (g *Guest) refine(b *boot, v Verdict) Verdict {
 	return v
 }
 
-// waiting is a wait the console announced (console.Waits).
+// waiting is a wait the console announced (console.Waiting).
 type waiting struct {
 	console.Wait
 	line  string
@@ -371,7 +371,7 @@ func (g *Guest) noteWait(b *boot, line console.Line) {
 	}
 	g.mu.Unlock()
 	if starts && !again {
-		g.lab.Timeline.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
+		g.lab.tl.Emit(timeline.Event{Source: "console", Kind: "waiting", Guest: g.Name, Boot: b.id, Time: line.Time, Msg: line.Text,
 			Detail: map[string]any{"for": string(w.Reason), "by": w.Who}})
 	}
 }
@@ -385,7 +385,7 @@ func joinDetail(a, b string) string {
 
 // evidence is boot b's last telling network event, for a verdict's detail.
 func (g *Guest) evidence(b *boot) string {
-	evs := g.lab.Timeline.BootEvents(g.Name, b.id)
+	evs := g.lab.tl.BootEvents(g.Name, b.id)
 	for i := len(evs) - 1; i >= 0; i-- {
 		e := evs[i]
 		switch e.Kind {

@@ -29,7 +29,7 @@ import (
 )
 
 // Arches are the guest architectures nbh boots, in Debian's spelling.
-var Arches = []string{"amd64", "arm64"}
+func Arches() []string { return []string{"amd64", "arm64"} }
 
 // Cache is a folder of fetched packages.
 type Cache struct {

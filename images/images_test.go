@@ -32,7 +32,7 @@ func fakeEntry(t *testing.T, stamp string) (*Cache, string) {
 func TestCompleteEntryIsOffline(t *testing.T) {
 	c, dir := fakeEntry(t, "abc123")
 	t.Setenv("PATH", t.TempDir())
-	p, err := c.Path(context.Background(), "amd64", Busybox)
+	p, err := c.Path(context.Background(), "amd64", fileBusybox)
 	assert.NilError(t, err)
 	assert.Equal(t, p, filepath.Join(dir, "bin/busybox"))
 }
@@ -42,7 +42,7 @@ func TestPartialOrCorruptEntryIsFetchedAgain(t *testing.T) {
 	for _, stamp := range []string{"", "deadbeef"} {
 		c, _ := fakeEntry(t, stamp)
 		t.Setenv("PATH", t.TempDir())
-		_, err := c.Path(context.Background(), "amd64", Busybox)
+		_, err := c.Path(context.Background(), "amd64", fileBusybox)
 		assert.Assert(t, errors.Is(err, ErrMissingTool), "stamp %q: want a fetch attempt, got %v", stamp, err)
 	}
 }
@@ -126,7 +126,7 @@ func TestPackageLinksResolveInsideThePackage(t *testing.T) {
 // The committed pins name every package the chains need, with a version and
 // a checksum, and the kernel they name is pinned itself.
 func TestCommittedPinsAreComplete(t *testing.T) {
-	for _, arch := range Arches {
+	for _, arch := range Arches() {
 		s, err := Pinned(arch)
 		assert.NilError(t, err)
 		assert.Equal(t, s.Arch, arch)

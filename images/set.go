@@ -55,29 +55,44 @@ func (f File) key() string {
 	return f.Package + "@" + f.Suite
 }
 
+// Busybox, OVMFCode, ... are the files the boot chains use (see the
+// table below).
+func Busybox() File   { return fileBusybox }
+func OVMFCode() File  { return fileOVMFCode }
+func OVMFVars() File  { return fileOVMFVars }
+func IPXEEFI() File   { return fileIPXEEFI }
+func AAVMF() File     { return fileAAVMF }
+func AAVMFCode() File { return fileAAVMFCode }
+func AAVMFVars() File { return fileAAVMFVars }
+func UBoot() File     { return fileUBoot }
+func GRUBArm64() File { return fileGRUBArm64 }
+func StubX64() File   { return fileStubX64 }
+func StubArm64() File { return fileStubArm64 }
+func IPXEArm64() File { return fileIPXEArm64 }
+
 // Files the boot chains use. Architecture-independent packages ("all") are
 // fetched through the index of the guest architecture that needs them. The
 // NIC's iPXE option ROM is not among them: QEMU patches PCI IDs only into
 // its own default ROM (from the host's ipxe-qemu package), and firmware
 // rejects an explicit romfile= whose IDs do not match the device.
 var (
-	Busybox  = File{Package: "busybox-static", Path: "bin/busybox"}
-	OVMFCode = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
-	OVMFVars = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
-	IPXEEFI  = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe.efi"}
-	AAVMF    = File{Package: "qemu-efi-aarch64", Path: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
+	fileBusybox  = File{Package: "busybox-static", Path: "bin/busybox"}
+	fileOVMFCode = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
+	fileOVMFVars = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
+	fileIPXEEFI  = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe.efi"}
+	fileAAVMF    = File{Package: "qemu-efi-aarch64", Path: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd"}
 	// The same firmware split into code and (blank) variables flash, for
 	// a chain that writes variables before the first boot.
-	AAVMFCode = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_CODE.fd"}
-	AAVMFVars = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_VARS.fd"}
-	UBoot     = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
-	GRUBArm64 = File{Package: "grub-efi-arm64-bin", Path: "usr/lib/grub/arm64-efi"}
+	fileAAVMFCode = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_CODE.fd"}
+	fileAAVMFVars = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_VARS.fd"}
+	fileUBoot     = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu_arm64/u-boot.bin"}
+	fileGRUBArm64 = File{Package: "grub-efi-arm64-bin", Path: "usr/lib/grub/arm64-efi"}
 	// systemd's EFI stub, the head of a Unified Kernel Image.
-	StubX64   = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxx64.efi.stub"}
-	StubArm64 = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxaa64.efi.stub"}
+	fileStubX64   = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxx64.efi.stub"}
+	fileStubArm64 = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxaa64.efi.stub"}
 	// Debian 12 has no arm64 iPXE; Debian 13's ipxe (architecture all)
 	// ships one.
-	IPXEArm64 = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe-arm64.efi", Suite: "trixie"}
+	fileIPXEArm64 = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe-arm64.efi", Suite: "trixie"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
@@ -105,8 +120,8 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64": {Busybox, OVMFCode, OVMFVars, IPXEEFI, StubX64},
-	"arm64": {Busybox, AAVMF, AAVMFCode, AAVMFVars, UBoot, GRUBArm64, StubArm64, IPXEArm64},
+	"amd64": {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64},
+	"arm64": {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64},
 }
 
 // FetchAll fetches everything guests of arch may boot.

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
-	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/version"
@@ -47,12 +46,9 @@ func Row2Report(res Result, base string) report.Row {
 	out := report.Row{
 		ID: row.ID(), Arch: row.Arch, Firmware: row.Firmware, Chain: row.Chain(),
 		Root: row.RootName(), Network: row.Network(), Fault: row.Fault,
-		Expect: "marker", Pass: res.Pass(), WallSeconds: res.Wall.Seconds(),
+		Expect: row.Expected(), Pass: res.Pass(), WallSeconds: res.Wall.Seconds(),
 		Verdict: report.Verdict{OK: v.OK, Reason: string(v.Reason), Stage: v.Stage.String(), Line: v.Line,
 			Detail: v.Detail, ElapsedSeconds: v.Elapsed.Seconds(), Tail: v.Tail, Warnings: v.Warnings},
-	}
-	if row.Fault != "" && row.Expect != failure.None {
-		out.Expect = string(row.Expect)
 	}
 	switch {
 	case res.Err != nil:

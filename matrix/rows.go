@@ -32,6 +32,22 @@ type Row struct {
 	Rep int
 }
 
+// Expected says what the row must show: "marker", or the fault's reason
+// and the stages it may show at ("no DHCP lease at dhcp").
+func (r Row) Expected() string {
+	if r.Fault == "" || r.Expect == failure.None {
+		return "marker"
+	}
+	if len(r.Stages) == 0 {
+		return string(r.Expect)
+	}
+	var st []string
+	for _, s := range r.Stages {
+		st = append(st, s.String())
+	}
+	return string(r.Expect) + " at " + strings.Join(st, " or ")
+}
+
 // Chain is "ARCH/FIRMWARE".
 func (r Row) Chain() string { return r.Arch + "/" + r.Firmware }
 

@@ -1,11 +1,15 @@
 package matrix
 
 import (
+	"slices"
+	"strings"
 	"testing"
 
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/timeline"
 )
 
 func fullRows() []Row {
@@ -64,4 +68,28 @@ func TestLongestFirst(t *testing.T) {
 	for i := 1; i < len(rows); i++ {
 		assert.Assert(t, Estimate(rows[i-1]) >= Estimate(rows[i]))
 	}
+}
+
+// TestPassNeedsReasonAndStage: a fault row passes only with the fault's
+// reason at one of the fault's stages; the right reason in another stage is
+// a failed row (a fault that shows somewhere else is not the fault).
+func TestPassNeedsReasonAndStage(t *testing.T) {
+	n := 0
+	for _, r := range fullRows() {
+		if r.Fault == "" || r.Expect == failure.None {
+			assert.Assert(t, r.Pass(harness.Verdict{OK: true, Stage: timeline.Marker}), r.Label())
+			assert.Assert(t, !r.Pass(harness.Verdict{Reason: failure.Deadline, Stage: timeline.Loader}), r.Label())
+			continue
+		}
+		assert.Assert(t, len(r.Stages) > 0, "%s: no stage to check", r.Label())
+		for st := timeline.Firmware; st < timeline.Marker; st++ {
+			v := harness.Verdict{Reason: r.Expect, Stage: st}
+			assert.Equal(t, r.Pass(v), slices.Contains(r.Stages, st), "%s at %s", r.Label(), st)
+			n++
+		}
+		assert.Assert(t, !r.Pass(harness.Verdict{Reason: failure.Deadline, Stage: r.Stages[0]}), r.Label())
+		assert.Assert(t, !r.Pass(harness.Verdict{OK: true, Stage: timeline.Marker}), r.Label())
+		assert.Assert(t, strings.Contains(r.Expected(), " at "+r.Stages[0].String()), r.Expected())
+	}
+	assert.Assert(t, n > 100)
 }

@@ -11,7 +11,7 @@ import (
 )
 
 // Stages in boot order, as the timeline names them.
-var Stages = []string{"firmware", "dhcp", "loader", "kernel", "init", "root"}
+func Stages() []string { return []string{"firmware", "dhcp", "loader", "kernel", "init", "root"} }
 
 var stageColor = map[string]string{
 	"firmware": "#8e9aaf", "dhcp": "#f4a259", "loader": "#5b8e7d",
@@ -44,7 +44,7 @@ func (r *Report) WriteHTML(dir string) error {
 		consolePage[row.ID] = page
 	}
 	rep.Rebase(dir)
-	v := view{Report: &rep, Stages: Stages, Colors: stageColor}
+	v := view{Report: &rep, Stages: Stages(), Colors: stageColor}
 	maxT := 1.0
 	for _, row := range rep.Rows {
 		maxT = max(maxT, row.Verdict.ElapsedSeconds)
@@ -189,7 +189,7 @@ func chainChart(rows []Row) []chartRow {
 	maxTotal := 1.0
 	for _, c := range chains {
 		cr := chartRow{Chain: c, N: count[c]}
-		for _, st := range Stages {
+		for _, st := range Stages() {
 			if s, ok := sums[c][st]; ok {
 				m := s / float64(count[c])
 				cr.Parts = append(cr.Parts, chartPart{Stage: st, Seconds: m, Color: stageColor[st]})

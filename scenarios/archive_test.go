@@ -74,7 +74,7 @@ func TestArchiveLifecycle(t *testing.T) {
 				if c.console != "" {
 					assert.Check(t, is.Contains(g.Console(), c.console))
 				}
-				events := lab.Timeline.Events("g1")
+				events := lab.Timeline().Events("g1")
 				switch c.fault {
 				case "config-changed":
 					// The boot server rebuilt the archive before the fetch,
@@ -133,7 +133,7 @@ func TestArchiveFreshAndZstd(t *testing.T) {
 			// root, from the root itself on a local one.
 			from := map[string]string{harness.RootNFS: "lookup /etc/nbh/boot.conf: archive", harness.RootISCSI: "lookup /etc/nbh/boot.conf: root"}[root]
 			assert.Check(t, is.Contains(g.Console(), from))
-			assert.Check(t, hasEvent(lab.Timeline.Events("g1"), "archive", "build", "zstd"))
+			assert.Check(t, hasEvent(lab.Timeline().Events("g1"), "archive", "build", "zstd"))
 		})
 	}
 }
@@ -176,7 +176,7 @@ func TestSignedArchive(t *testing.T) {
 				Faults: []harness.Fault{f}, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())
-			events := lab.Timeline.Events("g1")
+			events := lab.Timeline().Events("g1")
 			for _, sig := range []string{"/g1/grub/grub.cfg.sig", "/g1/vmlinuz.sig", "/g1/initrd.img.sig"} {
 				assert.Check(t, hasEvent(events, "", "transfer", sig), "GRUB did not fetch %s", sig)
 			}

@@ -207,7 +207,7 @@ func TestHTTPBootStaleArchive(t *testing.T) {
 			if f.Expect == failure.None {
 				assert.Assert(t, v.OK, "%v", v.Err())
 				rebuilt := false
-				for _, e := range lab.Timeline.Events("g1") {
+				for _, e := range lab.Timeline().Events("g1") {
 					rebuilt = rebuilt || (e.Source == "archive" && e.Kind == "rebuild")
 				}
 				assert.Assert(t, rebuilt, "the keeper did not rebuild the image")
@@ -239,7 +239,7 @@ func TestQEMUUserNetComparison(t *testing.T) {
 			assert.Assert(t, v.OK, "%v", v.Err())
 			assert.Assert(t, strings.Contains(strings.Join(g.Argv(), " "), "-netdev user,"), "not on QEMU's user network: %v", g.Argv())
 			// The lab's services saw nothing of it.
-			for _, e := range lab.Timeline.Events("g1") {
+			for _, e := range lab.Timeline().Events("g1") {
 				assert.Assert(t, e.Source != "dhcp" && e.Source != "tftp" && e.Source != "http", "the lab served it: %+v", e)
 			}
 		})

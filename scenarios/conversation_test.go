@@ -99,7 +99,7 @@ func TestConversation(t *testing.T) {
 				assert.Check(t, !rebuilt)
 			}
 			// The first boot's verdict and events stay its own.
-			boot1 := lab.Timeline.BootEvents("g1", 1)
+			boot1 := lab.Timeline().BootEvents("g1", 1)
 			assert.Assert(t, len(boot1) > 0)
 			for _, e := range boot1 {
 				assert.Check(t, e.Time.Before(g.BootStart()) || e.Time.Equal(g.BootStart()), "%+v", e)

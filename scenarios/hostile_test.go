@@ -91,7 +91,7 @@ func TestHostileGuest(t *testing.T) {
 
 	// The lab's side: each refusal recorded, nothing panicked.
 	kinds := map[string][]string{}
-	for _, e := range lab.Timeline.Events("") {
+	for _, e := range lab.Timeline().Events("") {
 		kinds[e.Kind] = append(kinds[e.Kind], e.Source+": "+e.Msg)
 		assert.Check(t, e.Kind != "panic", "the lab panicked: %s", e.Msg)
 	}

@@ -184,7 +184,7 @@ func TestIPsecPathMTU(t *testing.T) {
 	assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
 	assert.Check(t, is.Contains(v.Line, "16777216 bytes"))
 	var blksize any
-	for _, e := range lab.Timeline.Events("g1") {
+	for _, e := range lab.Timeline().Events("g1") {
 		assert.Check(t, e.Kind != "oversize", "%s", e.Msg)
 		if e.Source == "tftp" && e.Kind == "transfer" && strings.HasPrefix(e.Msg, "g1/vmlinuz ") {
 			blksize = e.Detail["blksize"]

@@ -38,7 +38,7 @@ func TestIPv6Boot(t *testing.T) {
 			assert.Check(t, is.Contains(v.Line, "addr=fd4e:4248::15/64 server=fd4e:4248::2"))
 			var v4, v6 []string
 			var fetches int
-			for _, e := range lab.Timeline.Events("g1") {
+			for _, e := range lab.Timeline().Events("g1") {
 				switch {
 				case e.Source == "dhcp" && e.Kind == "reply":
 					v6 = append(v6, e.Msg)
@@ -135,7 +135,7 @@ func TestIPv6NetworkRoots(t *testing.T) {
 			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
 			assert.Check(t, is.Contains(v.Line, "NBH-ROOT-READY boots=1"))
 			var served []string
-			for _, e := range lab.Timeline.Events("g1") {
+			for _, e := range lab.Timeline().Events("g1") {
 				switch {
 				case e.Source == "portmap":
 					served = append(served, e.Kind+" "+e.Msg)

@@ -404,7 +404,7 @@ func TestOwnLoaderAndFirmware(t *testing.T) {
 		assert.NilError(t, os.WriteFile(notFW, []byte(strings.Repeat("not firmware\n", 100)), 0o644))
 		_, err := lab.Boot(context.Background(), harness.Spec{Arch: "amd64", Firmware: "ovmf-pxe", FirmwareCode: notFW})
 		assert.ErrorContains(t, err, notFW+": not a UEFI firmware image")
-		for _, e := range lab.Timeline.Events("") {
+		for _, e := range lab.Timeline().Events("") {
 			assert.Check(t, e.Source != "qemu", "QEMU started: %v", e)
 		}
 		bin := buildNBH(t)

@@ -42,7 +42,7 @@ func TestNetworkRootOnEveryChain(t *testing.T) {
 				stages := stagesOf(g.Spans())
 				assert.Check(t, is.DeepEqual(stages[len(stages)-3:], []timeline.Stage{timeline.Init, timeline.Root, timeline.Marker}))
 				var n int
-				for _, e := range lab.Timeline.Events("g1") {
+				for _, e := range lab.Timeline().Events("g1") {
 					if (e.Source == "nfs" || e.Source == "iscsi") && e.Kind == event {
 						n++
 					}
@@ -170,7 +170,7 @@ func TestISCSIWithCHAP(t *testing.T) {
 	v := g.Wait(context.Background())
 	assert.Assert(t, v.OK, "%v", v.Err())
 	var chap bool
-	for _, e := range lab.Timeline.Events("g1") {
+	for _, e := range lab.Timeline().Events("g1") {
 		if e.Source == "iscsi" && e.Kind == "login" {
 			chap, _ = e.Detail["chap"].(bool)
 		}

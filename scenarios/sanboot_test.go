@@ -44,7 +44,7 @@ func TestSANBoot(t *testing.T) {
 				assert.Check(t, is.Contains(g.Console(), "nbh-init: iBFT: initiator iqn.2026-11.dev.nbh:box"), "the init did not read the iBFT")
 				assert.Check(t, is.Contains(g.Console(), "Booting from SAN device"))
 				var logins []string
-				for _, e := range lab.Timeline.Events("box") {
+				for _, e := range lab.Timeline().Events("box") {
 					if e.Source == "iscsi" && e.Kind == "login" && e.Time.After(g.Start) {
 						chap, _ := e.Detail["chap"].(bool)
 						logins = append(logins, fmt.Sprintf("%s chap=%v", e.Stage, chap))
@@ -68,7 +68,7 @@ func TestSANBootStockInitramfs(t *testing.T) {
 	assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
 	assert.Check(t, is.Contains(v.Line, "fstype=ext4 source=/dev/sda2"))
 	var logins int
-	for _, e := range lab.Timeline.Events("g1") {
+	for _, e := range lab.Timeline().Events("g1") {
 		if e.Source == "iscsi" && e.Kind == "login" && e.Stage == timeline.Root {
 			logins++
 			assert.Check(t, is.Equal(e.Detail["initiator"], "iqn.2026-11.dev.nbh:g1"), "iscsistart did not log in as the iBFT's initiator")

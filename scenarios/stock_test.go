@@ -42,7 +42,7 @@ func TestStockInitramfs(t *testing.T) {
 		{"dracut/iscsi", stock.Dracut, harness.RootISCSI, "", false, "fstype=ext4 source=/dev/sda"},
 		{"dracut/iscsi-chap", stock.Dracut, harness.RootISCSI, "", true, "fstype=ext4 source=/dev/sda"},
 	}
-	for _, arch := range images.Arches {
+	for _, arch := range images.Arches() {
 		for _, c := range cases {
 			t.Run(arch+"/"+c.name, func(t *testing.T) {
 				guestTest(t)
@@ -64,7 +64,7 @@ func TestStockInitramfs(t *testing.T) {
 				assert.Check(t, is.Contains(v.Line, c.want))
 				assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
 				var events []string
-				for _, e := range lab.Timeline.Events("g1") {
+				for _, e := range lab.Timeline().Events("g1") {
 					if e.Source == "nfs" || e.Source == "iscsi" {
 						events = append(events, e.Kind)
 						if c.chap && e.Kind == "login" {

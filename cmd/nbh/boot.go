@@ -253,7 +253,7 @@ func imagesCmd(ctx context.Context, args []string) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	arches := images.Arches
+	arches := images.Arches()
 	if *arch != "all" {
 		arches = []string{*arch}
 	}

@@ -279,7 +279,7 @@ func reportCmd(args []string) int {
 }
 
 func printMatrix(results []matrix.Result, planned int) int {
-	stages := report.Stages
+	stages := report.Stages()
 	w := len("chain")
 	for _, r := range results {
 		w = max(w, len(r.Row.Chain())+len(" root=sanboot ipsec"))
@@ -323,7 +323,7 @@ func printMatrix(results []matrix.Result, planned int) int {
 		default:
 			out := fmt.Sprintf("%s at %s", v.Reason, v.Stage)
 			if row.Fault != "" && !res.Pass() {
-				out += fmt.Sprintf(" (expected %s)", row.Expect)
+				out += fmt.Sprintf(" (expected %s)", row.Expected())
 			}
 			fmt.Printf("  %s\n", out)
 		}

@@ -252,7 +252,7 @@ func compareTable(rec bundle.Verdict, v harness.Verdict, spans []timeline.Span, 
 	for _, s := range spans {
 		newSpan[s.Stage.String()] = s
 	}
-	for _, st := range append(append([]string(nil), report.Stages...), "marker") {
+	for _, st := range append(append([]string(nil), report.Stages()...), "marker") {
 		r, rok := recSpan[st]
 		n, nok := newSpan[st]
 		if !rok && !nok {

@@ -63,7 +63,7 @@ func BenchmarkArchive(b *testing.B) {
 		if _, err := exec.LookPath("mmdebstrap"); err != nil {
 			b.Skip("mmdebstrap is not installed: no Debian mkinitramfs to compare with")
 		}
-		mods := append(append(append([]string(nil), fixtures.NetModules...), fixtures.NFSModules...), fixtures.ISCSIModules...)
+		mods := append(append(append([]string(nil), fixtures.NetModules()...), fixtures.NFSModules()...), fixtures.ISCSIModules()...)
 		for b.Loop() {
 			a, err := stock.BuildWith(ctx, c, stock.InitramfsTools, "amd64", stock.Options{Modules: mods, Rebuild: true}, nil)
 			if err != nil {

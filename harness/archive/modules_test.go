@@ -12,7 +12,7 @@ import (
 // TestClosureDebianVirtio resolves the virtio-net set from a real Debian
 // kernel's own .modinfo data: dependencies come before their users.
 func TestClosureDebianVirtio(t *testing.T) {
-	for _, arch := range images.Arches {
+	for _, arch := range images.Arches() {
 		t.Run(arch, func(t *testing.T) {
 			k, err := images.Open("").Kernel(context.Background(), arch)
 			assert.NilError(t, err)

@@ -121,13 +121,13 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 	if err := fsutil.WriteAtomic(mpath, r.Manifest.Marshal()); err != nil {
 		return nil, fmt.Errorf("archive: %w", err)
 	}
-	prune(cacheDir, KeepArchives, r.Path)
+	prune(cacheDir, keepArchives, r.Path)
 	return r, nil
 }
 
-// KeepArchives is how many archives a build cache keeps: the least recently
-// used beyond it are removed after each new build.
-var KeepArchives = 48
+// keepArchives is how many archives a build cache keeps: the least
+// recently used beyond it are removed after each new build.
+var keepArchives = 48 // a variable for the test of pruning
 
 // prune removes the least recently used archives (and their manifests)
 // beyond keep, never keep's own newest one. An archive a guest is still

@@ -171,8 +171,8 @@ func TestTrackedFileCannotEscapeTheRoot(t *testing.T) {
 // TestPrune: the cache keeps the most recently used archives; a reused one
 // counts as used.
 func TestPrune(t *testing.T) {
-	defer func(k int) { KeepArchives = k }(KeepArchives)
-	KeepArchives = 2
+	defer func(k int) { keepArchives = k }(keepArchives)
+	keepArchives = 2
 	cache := t.TempDir()
 	root := rootTree(t)
 	spec := testSpec(t, root)

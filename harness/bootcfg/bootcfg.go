@@ -13,6 +13,7 @@ import (
 	"hash/crc32"
 	"os"
 	"os/exec"
+	"slices"
 	"sort"
 	"strings"
 	"text/template"
@@ -222,18 +223,20 @@ func ReadTemplate(file string) (*Template, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := t.Execute(Example); err != nil {
+	if _, err := t.Execute(Example()); err != nil {
 		return nil, err
 	}
 	return t, nil
 }
 
 // Example is a Boot with every field set, for checking templates.
-var Example = Boot{
-	Server: "10.0.2.2", Kernel: "g1/vmlinuz", Initrd: "g1/initrd.img", Cmdline: "console=ttyS0",
-	Guest: "g1", MAC: "52:54:00:4e:42:01", IP: "10.0.2.15", Arch: "amd64", Firmware: "seabios-ipxe",
-	Root: "nfs", RootPath: "10.0.2.2:/nbh/root",
-	SAN: &SANBoot{URI: "iscsi:10.0.2.2::3260:0:iqn.2026-11.dev.nbh:root", Initiator: "iqn.2026-11.dev.nbh:g1"},
+func Example() Boot {
+	return Boot{
+		Server: "10.0.2.2", Kernel: "g1/vmlinuz", Initrd: "g1/initrd.img", Cmdline: "console=ttyS0",
+		Guest: "g1", MAC: "52:54:00:4e:42:01", IP: "10.0.2.15", Arch: "amd64", Firmware: "seabios-ipxe",
+		Root: "nfs", RootPath: "10.0.2.2:/nbh/root",
+		SAN: &SANBoot{URI: "iscsi:10.0.2.2::3260:0:iqn.2026-11.dev.nbh:root", Initiator: "iqn.2026-11.dev.nbh:g1"},
+	}
 }
 
 // Execute renders the template for b; errors name the file and line.
@@ -254,21 +257,26 @@ func mustParse(name, text string) *Template {
 	return t
 }
 
-// The default templates, parsed.
+// IPXEDefault, PXELinuxDefault and GRUBDefault are nbh's own loader
+// configurations, parsed.
+func IPXEDefault() *Template     { return ipxeDefault }
+func PXELinuxDefault() *Template { return pxelinuxDefault }
+func GRUBDefault() *Template     { return grubDefault }
+
 var (
-	IPXEDefault     = mustParse("nbh:boot.ipxe", IPXETemplate)
-	PXELinuxDefault = mustParse("nbh:pxelinux.cfg", PXELinuxTemplate)
-	GRUBDefault     = mustParse("nbh:grub.cfg", GRUBTemplate)
+	ipxeDefault     = mustParse("nbh:boot.ipxe", IPXETemplate)
+	pxelinuxDefault = mustParse("nbh:pxelinux.cfg", PXELinuxTemplate)
+	grubDefault     = mustParse("nbh:grub.cfg", GRUBTemplate)
 )
 
 // IPXEScript is the default iPXE script for b.
-func IPXEScript(b Boot) string { return mustExecute(IPXEDefault, b) }
+func IPXEScript(b Boot) string { return mustExecute(ipxeDefault, b) }
 
 // PXELinux is the default pxelinux config for b.
-func PXELinux(b Boot) string { return mustExecute(PXELinuxDefault, b) }
+func PXELinux(b Boot) string { return mustExecute(pxelinuxDefault, b) }
 
 // GRUBConfig is the default grub.cfg for b.
-func GRUBConfig(b Boot) string { return mustExecute(GRUBDefault, b) }
+func GRUBConfig(b Boot) string { return mustExecute(grubDefault, b) }
 
 func mustExecute(t *Template, b Boot) string {
 	s, err := t.Execute(b)
@@ -350,11 +358,15 @@ func UBootImage(name, script string) []byte {
 }
 
 // GRUBModules are built into the netboot image.
-var GRUBModules = []string{"tftp", "http", "net", "efinet", "linux", "normal", "configfile", "echo", "gzio", "test", "boot", "halt", "reboot"}
+func GRUBModules() []string { return slices.Clone(grubModules) }
+
+var grubModules = []string{"tftp", "http", "net", "efinet", "linux", "normal", "configfile", "echo", "gzio", "test", "boot", "halt", "reboot"}
 
 // GRUBVerifyModules are added to a netboot image that verifies signatures:
 // OpenPGP, RSA and SHA-256.
-var GRUBVerifyModules = []string{"pgp", "gcry_rsa", "gcry_sha256"}
+func GRUBVerifyModules() []string { return slices.Clone(grubVerifyModules) }
+
+var grubVerifyModules = []string{"pgp", "gcry_rsa", "gcry_sha256"}
 
 // GRUBImage runs grub-mkimage to build an arm64-efi netboot image whose
 // prefix is prefix (e.g. "(tftp)/g1/grub"): GRUB then reads grub.cfg from
@@ -368,7 +380,7 @@ func GRUBImage(ctx context.Context, moduleDir, prefix, out, pubkey string) error
 		return fmt.Errorf("bootcfg: grub-mkimage is not installed (Debian package grub-common): %w", err)
 	}
 	args := []string{"-O", "arm64-efi", "-d", moduleDir, "-p", prefix, "-o", out}
-	mods := GRUBModules
+	mods := GRUBModules()
 	if pubkey != "" {
 		early := out + ".early.cfg"
 		if err := os.WriteFile(early, []byte("set check_signatures=enforce\nexport check_signatures\n"), 0o644); err != nil {
@@ -376,7 +388,7 @@ func GRUBImage(ctx context.Context, moduleDir, prefix, out, pubkey string) error
 		}
 		defer os.Remove(early)
 		args = append(args, "--pubkey", pubkey, "-c", early)
-		mods = append(append([]string(nil), mods...), GRUBVerifyModules...)
+		mods = append(mods, grubVerifyModules...)
 	}
 	args = append(args, mods...)
 	if b, err := exec.CommandContext(ctx, tool, args...).CombinedOutput(); err != nil {

@@ -32,9 +32,9 @@ func unless(p Pattern, re string) Pattern {
 	return p
 }
 
-// Failures is the table of console lines that end a boot. Order matters: the
+// failures is the table of console lines that end a boot. Order matters: the
 // first matching row wins, so specific rows come before general ones.
-var Failures = []Pattern{
+var failures = []Pattern{
 	// Our own init names the step that failed.
 	row(`nbh-init: FAIL dhcp:`, failure.NoDHCP, timeline.Init, 0, "init"),
 	row(`nbh-init: FAIL modules:`, failure.ModuleLoad, timeline.Init, 0, "init"),
@@ -97,13 +97,13 @@ var Failures = []Pattern{
 	row(`No bootable device`, failure.FirmwareNoBoot, timeline.Firmware, timeline.Kernel, "seabios"),
 }
 
-// Waits are console lines that say the boot waits for something that may
+// waits are console lines that say the boot waits for something that may
 // never come (initramfs-tools waits 180 s for a network device). A wait
 // ends at a later line matching Until (the step's "done.", the next step);
 // a boot whose stage deadline runs out while it waits failed for the
 // wait's Reason, with the wait's line as the evidence, rather than "deadline
 // exceeded". Reason's stage is Stage, or None: the stage reached.
-var Waits = []Wait{
+var waits = []Wait{
 	{row(`Waiting up to \d+ secs for any network device`, failure.NoNetDevice, timeline.None, 0, "initramfs-tools"), initramfsStep},
 	{row(`Begin: Waiting for root file system`, failure.RootMount, timeline.Root, 0, "initramfs-tools"), initramfsStep},
 	// A refused NFS mount that the init retries until it gives up.
@@ -118,7 +118,7 @@ var Waits = []Wait{
 // "done." shares its line unless a kernel message came in between.
 var initramfsStep = regexp.MustCompile(`(^|\s)done\.|Begin: `)
 
-// Wait is one row of Waits.
+// Wait is one row of waits.
 type Wait struct {
 	Pattern
 	Until *regexp.Regexp
@@ -126,7 +126,7 @@ type Wait struct {
 
 // Waiting returns the wait a console line starts, if any.
 func Waiting(line string) (Wait, bool) {
-	for _, w := range Waits {
+	for _, w := range waits {
 		if w.Re.MatchString(line) && !(w.Until != nil && endsOnSameLine(w, line)) {
 			return w, true
 		}
@@ -140,10 +140,10 @@ func endsOnSameLine(w Wait, line string) bool {
 	return loc != nil && w.Until.MatchString(line[loc[1]:])
 }
 
-// Stages are console lines that start a stage. The init stage starts at the
+// stages are console lines that start a stage. The init stage starts at the
 // kernel's "Run /init as init process", whoever made the archive; the
 // reference init and initramfs-tools also say when they start on the root.
-var Stages = []struct {
+var stages = []struct {
 	Re    *regexp.Regexp
 	Stage timeline.Stage
 }{
@@ -159,7 +159,7 @@ const Context = 4
 // reached so far and the lines just before it.
 func Classify(line string, reached timeline.Stage, before []string) (Pattern, bool) {
 next:
-	for _, p := range Failures {
+	for _, p := range failures {
 		if p.Before != 0 && reached >= p.Before {
 			continue
 		}
@@ -180,7 +180,7 @@ next:
 
 // StageOf returns the stage a console line starts, or None.
 func StageOf(line string) timeline.Stage {
-	for _, s := range Stages {
+	for _, s := range stages {
 		if s.Re.MatchString(line) {
 			return s.Stage
 		}
@@ -198,15 +198,15 @@ type Responder struct {
 	Why  string
 }
 
-// Responders are the prompts answered by default.
-var Responders = []Responder{
+// responders are the prompts answered by default.
+var responders = []Responder{
 	// iPXE waits 2 s for Ctrl-B; any other key ends the wait at once.
 	{regexp.MustCompile(`Press Ctrl-B for the iPXE command line`), "\r", "skip iPXE's 2 s Ctrl-B prompt"},
 }
 
 // Respond returns the responder for line, if any.
 func Respond(line string) (Responder, bool) {
-	for _, r := range Responders {
+	for _, r := range responders {
 		if r.Re.MatchString(line) {
 			return r, true
 		}

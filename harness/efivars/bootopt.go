@@ -69,15 +69,15 @@ func (s *Store) SetBootOrder(opts ...[]byte) error {
 	var order []byte
 	for i, o := range opts {
 		n := uint16(0x10 + i)
-		if err := s.Set(Variable{Name: fmt.Sprintf("Boot%04X", n), GUID: GlobalVariable,
+		if err := s.Set(Variable{Name: fmt.Sprintf("Boot%04X", n), GUID: globalVariable,
 			Attributes: NonVolatile | BootserviceAccess | RuntimeAccess, Data: o}); err != nil {
 			return err
 		}
 		order = binary.LittleEndian.AppendUint16(order, n)
 	}
-	if old, ok := s.Get("BootOrder", GlobalVariable); ok {
+	if old, ok := s.Get("BootOrder", globalVariable); ok {
 		order = append(order, old...)
 	}
-	return s.Set(Variable{Name: "BootOrder", GUID: GlobalVariable,
+	return s.Set(Variable{Name: "BootOrder", GUID: globalVariable,
 		Attributes: NonVolatile | BootserviceAccess | RuntimeAccess, Data: order})
 }

@@ -50,8 +50,8 @@ func mustGUID(s string) GUID {
 }
 
 var (
-	// GlobalVariable is EFI_GLOBAL_VARIABLE: Boot####, BootOrder.
-	GlobalVariable = mustGUID("8BE4DF61-93CA-11D2-AA0D-00E098032B8C")
+	// globalVariable is EFI_GLOBAL_VARIABLE: Boot####, BootOrder.
+	globalVariable = mustGUID("8BE4DF61-93CA-11D2-AA0D-00E098032B8C")
 
 	systemNvDataFv   = mustGUID("FFF12B8D-7696-4C8B-A985-2747075B4F50")
 	authenticatedVar = mustGUID("AAF32C78-947B-439A-A180-2E144EC37792")

@@ -40,18 +40,18 @@ func TestSetReplacesAndOrders(t *testing.T) {
 	assert.NilError(t, Format(b))
 	s, err := Open(b)
 	assert.NilError(t, err)
-	assert.NilError(t, s.Set(Variable{Name: "BootOrder", GUID: GlobalVariable, Attributes: 7, Data: []byte{0, 0, 1, 0}}))
+	assert.NilError(t, s.Set(Variable{Name: "BootOrder", GUID: globalVariable, Attributes: 7, Data: []byte{0, 0, 1, 0}}))
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 1}
 	nic := NICPath(1, mac)
 	assert.NilError(t, s.SetBootOrder(
 		LoadOption(NetBootDescription("PXEv6", mac), append(append(nic, IPv6Node()...), End()...)),
 		LoadOption(NetBootDescription("HTTPv6", mac), append(append(append(nic, IPv6Node()...), URINode()...), End()...))))
-	order, ok := s.Get("BootOrder", GlobalVariable)
+	order, ok := s.Get("BootOrder", globalVariable)
 	assert.Assert(t, ok)
 	assert.DeepEqual(t, order, []byte{0x10, 0, 0x11, 0, 0, 0, 1, 0})
 	// The boot option AAVMF took and booted by (PciRoot(0x0)/Pci(0x1,0x0)/
 	// MAC(5254004E4201,0x1)/IPv6(::,0x0,Static,::,0x40,::)/Uri()).
-	http, ok := s.Get("Boot0011", GlobalVariable)
+	http, ok := s.Get("Boot0011", globalVariable)
 	assert.Assert(t, ok)
 	assert.Equal(t, hex.EncodeToString(http), "010000007b00"+hex.EncodeToString(encodeName("UEFI HTTPv6 (MAC:5254004E4201)"))+
 		"02010c00d041030a00000000"+"01010600"+"0001"+"030b2500"+"5254004e4201"+"0000000000000000000000000000000000000000000000000000"+"01"+
@@ -66,7 +66,7 @@ func TestSetReplacesAndOrders(t *testing.T) {
 	assert.DeepEqual(t, names, []string{"Boot0010", "Boot0011", "BootOrder"}) // the first BootOrder is deleted
 	s2, err := Open(b)                                                        // what the firmware reads back
 	assert.NilError(t, err)
-	again, _ := s2.Get("BootOrder", GlobalVariable)
+	again, _ := s2.Get("BootOrder", globalVariable)
 	assert.DeepEqual(t, again, order)
 }
 

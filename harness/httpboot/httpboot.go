@@ -130,6 +130,7 @@ func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 				cw.meter = s.tl.Meter(timeline.Event{Source: "http", Addr: addr, Msg: r.URL.Path}, f.Size(), true)
 			}
 			http.ServeContent(cw, r, path.Base(r.URL.Path), f.ModTime, f)
+			cw.meter.Close() // its last count before the transfer's end
 			f.Close()
 		}
 		d := time.Since(start)

@@ -42,14 +42,16 @@ import (
 // Defaults for a lab network. Every lab has its own fabric, so every lab may
 // use the same addresses without seeing another.
 var (
-	DefaultSubnet = netip.MustParsePrefix("10.0.2.0/24")
-	DefaultHostIP = netip.MustParseAddr("10.0.2.2")
+	defaultSubnet = netip.MustParsePrefix("10.0.2.0/24")
+	defaultHostIP = netip.MustParseAddr("10.0.2.2")
 	// The IPv6 segment: a unique local /64 (its bits spell "NBH" after
 	// fd), the router advertisement's on-link prefix.
-	DefaultPrefix6 = netip.MustParsePrefix("fd4e:4248::/64")
-	DefaultHostIP6 = netip.MustParseAddr("fd4e:4248::2")
-	DefaultMTU     = 1500
+	defaultPrefix6 = netip.MustParsePrefix("fd4e:4248::/64")
+	defaultHostIP6 = netip.MustParseAddr("fd4e:4248::2")
 )
+
+// DefaultMTU is the network's path MTU unless Config says otherwise.
+const DefaultMTU = 1500
 
 // Fabric is one isolated Ethernet segment with a host stack on it.
 type Fabric struct {
@@ -122,7 +124,7 @@ type Config struct {
 	MTU int
 }
 
-// New starts a fabric with the host at DefaultHostIP.
+// New starts a fabric with the host at defaultHostIP.
 func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	if c.MTU == 0 {
 		c.MTU = DefaultMTU
@@ -132,10 +134,10 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	}
 	f := &Fabric{
 		HostMAC: net.HardwareAddr{0x02, 0x4e, 0x42, 0x48, 0x00, 0x02},
-		HostIP:  DefaultHostIP,
-		Subnet:  DefaultSubnet,
-		HostIP6: DefaultHostIP6,
-		Prefix6: DefaultPrefix6,
+		HostIP:  defaultHostIP,
+		Subnet:  defaultSubnet,
+		HostIP6: defaultHostIP6,
+		Prefix6: defaultPrefix6,
 		tl:      tl,
 		mtu:     c.MTU,
 		macs:    map[string]*Port{},
@@ -612,7 +614,11 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 		case Replay:
 			replays = append(replays, r.Delay)
 		case Limit:
-			delay += r.pace(len(frame))
+			wait, room := r.pace(len(frame))
+			if !room {
+				return nil, 0, false
+			}
+			delay += wait
 		}
 	}
 	for _, d := range replays {

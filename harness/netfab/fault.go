@@ -27,7 +27,7 @@ const (
 	Delay
 	Corrupt // flip one byte of the transport payload (or of the frame's tail)
 	Replay  // pass the frame, and send a copy of it again Delay later
-	Limit   // pass frames no faster than Rate bytes a second (a slow link)
+	Limit   // pass frames no faster than Rate bytes a second (a slow link), queueing at most LimitQueue
 )
 
 func (a Action) String() string { return [...]string{"drop", "delay", "corrupt", "replay", "limit"}[a] }
@@ -76,9 +76,16 @@ type ruleState struct {
 	next    time.Time // Limit: when the link is free for the next frame
 }
 
+// LimitQueue is how long a frame may wait for a Limit rule's link: a slow
+// link's router holds a short queue and drops what does not fit (tail
+// drop). An endless queue would hold a TFTP client's retransmissions and
+// the server's repeated windows until every packet came too late.
+const LimitQueue = 250 * time.Millisecond
+
 // pace is how long a frame of n bytes waits on a Limit rule's link: the
-// frames before it leave first, each taking n/Rate of the link's time.
-func (r *ruleState) pace(n int) time.Duration {
+// frames before it leave first, each taking n/Rate of the link's time. It
+// is false for a frame the queue has no room for.
+func (r *ruleState) pace(n int) (time.Duration, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
@@ -86,8 +93,11 @@ func (r *ruleState) pace(n int) time.Duration {
 		r.next = now
 	}
 	wait := r.next.Sub(now)
+	if wait > LimitQueue {
+		return 0, false
+	}
 	r.next = r.next.Add(time.Duration(int64(n) * int64(time.Second) / max(r.Rate, 1)))
-	return wait
+	return wait, true
 }
 
 // match reports whether the rule fires on this frame and counts it.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 
@@ -39,7 +40,9 @@ type Mapping struct{ Prog, Vers, Prot, Port uint32 }
 // TCP port 2049 (go-nfs serves both there), version 3 only (go-nfs answers
 // MOUNT in the version 3 format; other versions get PROG_MISMATCH); nothing
 // is offered over UDP but the portmapper itself.
-var Mappings = []Mapping{
+func Mappings() []Mapping { return slices.Clone(mappings) }
+
+var mappings = []Mapping{
 	{progPortmap, 2, ipprotoTCP, PortmapPort},
 	{progPortmap, 2, ipprotoUDP, PortmapPort},
 	{progNFS, 3, ipprotoTCP, Port},
@@ -273,7 +276,7 @@ func (p *Portmapper) handle(msg []byte, from, local string) []byte {
 			return acceptedReply(c.XID, garbageArgs, nil)
 		}
 		var port uint32
-		for _, reg := range Mappings {
+		for _, reg := range mappings {
 			if reg.Prog == m.Prog && reg.Vers == m.Vers && reg.Prot == m.Prot {
 				port = reg.Port
 			}
@@ -283,7 +286,7 @@ func (p *Portmapper) handle(msg []byte, from, local string) []byte {
 		return acceptedReply(c.XID, success, binary.BigEndian.AppendUint32(nil, port))
 	case 4: // DUMP
 		var body []byte
-		for _, m := range Mappings {
+		for _, m := range mappings {
 			body = binary.BigEndian.AppendUint32(body, 1)
 			for _, v := range []uint32{m.Prog, m.Vers, m.Prot, m.Port} {
 				body = binary.BigEndian.AppendUint32(body, v)
@@ -316,7 +319,7 @@ func (p *Portmapper) rpcbind(c *Call, from, local string) []byte {
 			prot = ipprotoUDP
 		}
 		uaddr := ""
-		for _, reg := range Mappings {
+		for _, reg := range mappings {
 			if reg.Prog == prog && reg.Vers == vers && reg.Prot == prot {
 				uaddr = universalAddr(local, reg.Port)
 			}

@@ -218,6 +218,7 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 		meter: s.tl.Meter(timeline.Event{Source: "tftp", Addr: addr, Msg: req.Filename}, f.Size(), true)}
 	oack := x.negotiate(req.Options)
 	sent, err := x.run(oack)
+	x.meter.Close() // its last count before the transfer's end
 	d := time.Since(start)
 	detail := map[string]any{"client": client, "bytes": sent, "seconds": d.Seconds(), "blksize": x.blksize, "windowsize": x.window}
 	if errors.Is(err, errSizeQuery) {
@@ -250,6 +251,26 @@ type xfer struct {
 	window  int
 	timeout time.Duration
 	meter   *timeline.Meter // the bytes acknowledged, as progress
+	// sizeAsked: the request asked for tsize (a client that ends the
+	// transfer at the option acknowledgement then only wanted the size).
+	sizeAsked bool
+}
+
+// clientError is the code and message of the client's ERROR packet in buf
+// (its opcode first), as "error CODE: MESSAGE".
+func clientError(buf []byte) string {
+	code := binary.BigEndian.Uint16(buf[2:])
+	msg, _, _ := strings.Cut(string(buf[4:]), "\x00")
+	msg = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return -1
+		}
+		return r
+	}, msg)
+	if len(msg) > 100 {
+		msg = msg[:100]
+	}
+	return fmt.Sprintf("error %d: %q", code, msg)
 }
 
 // negotiate applies the options the server supports and returns the OACK
@@ -277,6 +298,7 @@ func (x *xfer) negotiate(opts map[string]string) []byte {
 	}
 	if _, ok := opts["tsize"]; ok {
 		add("tsize", strconv.FormatInt(x.size, 10))
+		x.sizeAsked = true
 	}
 	return ack
 }
@@ -297,7 +319,12 @@ func (x *xfer) run(oack []byte) (int64, error) {
 				continue
 			}
 			if op == opERROR {
-				return 0, errSizeQuery
+				// Asking the size and ending there is how firmware
+				// probes a file; any other error is the client's.
+				if x.sizeAsked {
+					return 0, errSizeQuery
+				}
+				return 0, fmt.Errorf("the client refused the option acknowledgement: %s", clientError(buf))
 			}
 			acked = blk == 0
 		}
@@ -335,7 +362,7 @@ func (x *xfer) run(oack []byte) (int64, error) {
 			continue
 		}
 		if op == opERROR {
-			return acked * int64(x.blksize), errors.New("client sent an error")
+			return acked * int64(x.blksize), fmt.Errorf("the client ended the transfer at block %d: %s", acked, clientError(buf))
 		}
 		// Map the 16-bit block number into the current window.
 		for b := end; b > acked; b-- {
@@ -365,6 +392,7 @@ func (x *xfer) readAck(buf []byte) (op int, blk uint16, err error) {
 		}
 		switch op := int(binary.BigEndian.Uint16(buf)); op {
 		case opACK, opERROR:
+			clear(buf[n:]) // an ERROR's message ends in the packet
 			return op, binary.BigEndian.Uint16(buf[2:]), nil
 		}
 	}

@@ -11,10 +11,12 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"gotest.tools/v3/assert"
+	"gotest.tools/v3/poll"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
@@ -274,4 +276,44 @@ func FuzzTFTPSession(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestClientErrorAfterOptionAck: a client that asked for the size and ends
+// the transfer at the option acknowledgement probed the size; one that did
+// not ask and sends an error there refused the transfer, and the timeline
+// says so with its code and message.
+func TestClientErrorAfterOptionAck(t *testing.T) {
+	c, _, root := newClient(t)
+	assert.NilError(t, os.WriteFile(filepath.Join(root, "kernel"), make([]byte, 5000), 0o644))
+	abort := func(opts ...string) timeline.Event {
+		t.Helper()
+		req := append([]byte{0, opRRQ}, "kernel\x00octet\x00"...)
+		for _, o := range opts {
+			req = append(append(req, o...), 0)
+		}
+		srv := &net.UDPAddr{IP: net.IP(c.srv.AsSlice()), Port: 69}
+		_, err := c.conn.WriteTo(req, srv)
+		assert.NilError(t, err)
+		buf := make([]byte, 2000)
+		c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, from, err := c.conn.ReadFrom(buf)
+		assert.NilError(t, err)
+		assert.Equal(t, binary.BigEndian.Uint16(buf[:n]), uint16(opOACK))
+		c.conn.WriteTo(append([]byte{0, opERROR, 0, 8}, "out of memory\x00"...), from)
+		var last timeline.Event
+		poll.WaitOn(t, func(poll.LogT) poll.Result {
+			evs := c.tl.Events("")
+			last = evs[len(evs)-1]
+			if last.Kind == "size-query" || last.Kind == "aborted" {
+				return poll.Success()
+			}
+			return poll.Continue("last event %s", last.Kind)
+		}, poll.WithTimeout(5*time.Second))
+		return last
+	}
+	e := abort("tsize", "0")
+	assert.Equal(t, e.Kind, "size-query")
+	e = abort("blksize", "1468")
+	assert.Equal(t, e.Kind, "aborted")
+	assert.Assert(t, strings.Contains(e.Detail["error"].(string), `error 8: "out of memory"`), "%v", e.Detail)
 }

@@ -262,18 +262,22 @@ func Table(spans []Span, start time.Time) string {
 const ProgressKind = "progress"
 
 // Meter reports the bytes of one transfer as "progress" events: the first
-// bytes at once, then at most one event a second, so a slow download shows
-// it is moving and a stalled one shows where it stopped. Detail carries
-// "bytes" (so far), "of" (the size, 0 if unknown) and "open" (a file
-// transfer that has an end: the service's later event closes it).
+// bytes at once, then at most one event a second, and the last count within
+// a second of the last bytes, so a slow download shows it is moving and a
+// stalled one shows where it stopped. Detail carries "bytes" (so far), "of"
+// (the size, 0 if unknown) and "open" (a file transfer that has an end: the
+// service's later event closes it).
 type Meter struct {
 	tl    *Timeline
 	base  Event
 	every time.Duration
 
-	mu   sync.Mutex
-	n    int64
-	last time.Time
+	mu      sync.Mutex
+	n       int64
+	last    time.Time
+	shown   int64
+	pending bool // a report of the latest count is due
+	closed  bool
 }
 
 // Meter starts a meter whose events are base (Source, Addr or Guest, and
@@ -293,18 +297,55 @@ func (m *Meter) Add(n int) {
 	if m == nil || n <= 0 {
 		return
 	}
+	// mu is held while reporting, so that no report of a count comes
+	// after Close has returned.
 	m.mu.Lock()
-	m.n += int64(n)
-	now := time.Now()
-	if !m.last.IsZero() && now.Sub(m.last) < m.every {
-		m.mu.Unlock()
+	defer m.mu.Unlock()
+	if m.closed {
 		return
 	}
-	m.last = now
+	m.n += int64(n)
+	now := time.Now()
+	if wait := m.every - now.Sub(m.last); !m.last.IsZero() && wait > 0 {
+		if !m.pending {
+			m.pending = true
+			time.AfterFunc(wait, m.flush)
+		}
+		return
+	}
+	m.report(now)
+}
+
+// Close ends the meter before the service reports how the transfer ended:
+// the latest count is reported now if it was not, and nothing after.
+func (m *Meter) Close() {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.closed && m.n != m.shown {
+		m.report(time.Now())
+	}
+	m.closed = true
+}
+
+// flush reports the latest count, if it was not.
+func (m *Meter) flush() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.pending = false
+	if !m.closed && m.n != m.shown {
+		m.report(time.Now())
+	}
+}
+
+// report puts the count now on the timeline. Called with mu held.
+func (m *Meter) report(now time.Time) {
+	m.last, m.shown = now, m.n
 	e := m.base
 	e.Time = now
 	e.Detail = maps.Clone(m.base.Detail)
 	e.Detail["bytes"] = m.n
-	m.mu.Unlock()
 	m.tl.Emit(e)
 }

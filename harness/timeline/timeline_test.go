@@ -49,22 +49,35 @@ func TestGuestNamesAndJSON(t *testing.T) {
 }
 
 // TestMeter: a transfer's first bytes are reported at once, then at most one
-// event a second, each with the bytes so far.
+// event a second, each with the bytes so far, and the last count follows
+// within the second.
 func TestMeter(t *testing.T) {
 	tl := New()
 	m := tl.Meter(Event{Source: "tftp", Guest: "g1", Msg: "g1/initrd"}, 3000, true)
+	m.every = 300 * time.Millisecond
 	m.Add(1000)
-	m.Add(1000) // within the second: not reported
+	m.Add(1000) // within the period: not reported yet
 	evs := tl.Events("g1")
 	if len(evs) != 1 || evs[0].Kind != ProgressKind || evs[0].Detail["bytes"] != int64(1000) || evs[0].Detail["of"] != int64(3000) || evs[0].Detail["open"] != true {
 		t.Fatalf("after two adds: %+v", evs)
 	}
-	m.every = 0 // as if a second passed
 	m.Add(1000)
+	time.Sleep(600 * time.Millisecond) // the period ends: the last count is reported, once
 	evs = tl.Events("g1")
 	if len(evs) != 2 || evs[1].Detail["bytes"] != int64(3000) {
-		t.Fatalf("after the third add: %+v", evs)
+		t.Fatalf("after the period: %+v", evs)
+	}
+	// Closed: the count is reported at once, and nothing after (the
+	// service's end of the transfer comes last).
+	m.Add(500)
+	m.Close()
+	m.Add(500)
+	time.Sleep(600 * time.Millisecond)
+	evs = tl.Events("g1")
+	if len(evs) != 3 || evs[2].Detail["bytes"] != int64(3500) {
+		t.Fatalf("after Close: %+v", evs)
 	}
 	var nilMeter *Meter
 	nilMeter.Add(5) // a transfer without a meter
+	nilMeter.Close()
 }
