@@ -3,7 +3,6 @@ package harness
 import (
 	"context"
 	"fmt"
-	"os"
 	"regexp"
 	"slices"
 	"sort"
@@ -250,12 +249,6 @@ var chainTable = []Chain{
 
 // AllChains lists every chain, in chainTable's order.
 func AllChains() []Chain { return append([]Chain(nil), chainTable...) }
-
-// Chains lists the boot chains to run, narrowed by $NBH_ARCH and
-// $NBH_FIRMWARE (comma-separated lists), so CI can shard the matrix.
-func Chains() []Chain {
-	return SelectChains(os.Getenv("NBH_ARCH"), os.Getenv("NBH_FIRMWARE"))
-}
 
 // SelectChains lists the chains whose architecture is in arches and whose
 // firmware is in fws (comma-separated; empty or "all": any).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log"
+	"os"
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/bundle"
@@ -66,7 +67,7 @@ func ExampleFromBundle() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	opts.Cache = images.Open("")
+	opts.Cache = images.Open(os.Getenv("NBH_CACHE"))
 	opts.Cache.PinsOverride = map[string]images.PinSet{spec.Arch: pins}
 	lab, err := harness.New(opts)
 	if err != nil {

@@ -21,6 +21,9 @@ type Fault struct {
 	Applies func(c Chain, root string) bool
 	// IPsec faults need a network that requires ESP (Options.IPsec).
 	IPsec bool
+	// Slow faults take minutes a boot (slow-link): the matrix leaves them
+	// out; they run by name (nbh boot --fault, Spec.Faults).
+	Slow  bool
 	apply func(*plan)
 	// at are the stages a boot with the fault fails at (where the failure
 	// shows), for a chain; nil for a fault the boot absorbs.
@@ -173,7 +176,7 @@ var faults = map[string]Fault{
 		apply: func(p *plan) { p.stall = true },
 	},
 	"slow-link": {
-		Name: "slow-link", Where: "fabric", Expect: failure.None, Applies: fetched,
+		Name: "slow-link", Where: "fabric", Expect: failure.None, Applies: fetched, Slow: true,
 		Help:  fmt.Sprintf("the guest's link carries %d KiB/s towards it: the downloads take several times as long, keep moving, and the boot passes", slowLinkRate>>10),
 		apply: func(p *plan) { p.slowLink = true },
 	},

@@ -308,4 +308,32 @@ func (g *Guest) release() {
 	if g.private != "" {
 		os.RemoveAll(g.private)
 	}
+	if l.opts.ForgetClosed {
+		g.forget()
+	}
+}
+
+// forget removes what the lab keeps of a closed guest beyond its Close
+// (Options.ForgetClosed): its place in the lab's tables, its lease, its
+// events, its root, its served files and the artifacts the lab made.
+func (g *Guest) forget() {
+	l := g.lab
+	l.mu.Lock()
+	if l.guests[g.MAC.String()] == g {
+		delete(l.guests, g.MAC.String())
+	}
+	if l.byName[g.Name] == g {
+		delete(l.byName, g.Name)
+	}
+	delete(l.ubootNFS, g.MAC.String())
+	l.mu.Unlock()
+	l.dhcp.Release(g.MAC)
+	l.tl.Forget(g.Name, g.MAC.String(), g.IP, g.IP6)
+	base := filepath.Join(l.work, "roots", g.Name)
+	for _, p := range []string{base, base + ".img", base + ".disk", base + ".tmp", filepath.Join(l.srv, g.Name)} {
+		os.RemoveAll(p)
+	}
+	if g.spec.Artifacts == "" && g.Dir != "" {
+		os.RemoveAll(g.Dir)
+	}
 }

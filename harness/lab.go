@@ -13,16 +13,13 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"path"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/bootfile"
@@ -69,6 +66,16 @@ type Options struct {
 	// fetches beside itself is found. The lab's own files come first, and a
 	// guest's folder stays its own.
 	Serve string
+	// ForgetClosed makes a long-lived lab (nbh serve, nbh soak --one-lab)
+	// stay flat: a guest's Close also gives back its lease, drops its
+	// events from the timeline (they are in its timeline.jsonl), and
+	// removes its root, its served files and, unless Spec.Artifacts named
+	// them, its artifacts. Without it a closed guest's name can boot again
+	// and find its root as it left it, and the timeline keeps every event.
+	ForgetClosed bool
+	// Accel is the guests' acceleration: "" (a probe decides: KVM where a
+	// guest really runs under it, else TCG), "kvm" or "tcg".
+	Accel string
 }
 
 // Lab is one isolated boot network with its services.
@@ -119,7 +126,11 @@ func New(opts Options) (l *Lab, err error) {
 	if opts.Log == nil {
 		opts.Log = io.Discard
 	}
-	opts.Cache.Log = opts.Log
+	// The lab's own view of the cache, logging to its log: a cache shared
+	// by labs running side by side (nbh matrix -j) is not written to.
+	view := *opts.Cache
+	view.Log = opts.Log
+	opts.Cache = &view
 	if opts.Seed == "" {
 		opts.Seed = rand.Text()
 	}
@@ -143,7 +154,7 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	l.closers = append(l.closers, l.fabric)
 	if l.dhcp, err = dhcp.Start(dhcp.Config{
-		Stack: l.fabric.Stack, ServerIP: l.fabric.HostIP, Subnet: l.fabric.Subnet,
+		Network: l.fabric, ServerIP: l.fabric.HostIP, Subnet: l.fabric.Subnet,
 		ServerIP6: l.fabric.HostIP6, Prefix6: l.fabric.Prefix6, ServerMAC: l.fabric.HostMAC,
 		Policy: l.policy, Timeline: l.tl, MTU: opts.MTU,
 	}); err != nil {
@@ -166,14 +177,13 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	// TFTP and HTTP on both of the host's addresses (IPv6 boots).
 	for _, ip := range l.fabric.HostAddrs() {
-		a := net.IP(ip.AsSlice())
-		tftpd, err := tftp.Start(l.fabric.Stack, a, l.open, l.tl)
+		tftpd, err := tftp.Start(l.fabric, ip, l.open, l.tl)
 		if err != nil {
 			return nil, err
 		}
 		tftpd.FitMTU(l.fabric.MTU())
 		l.closers = append(l.closers, tftpd)
-		httpd, err := httpboot.Start(l.fabric.Stack, a, 80, l.open, l.tl)
+		httpd, err := httpboot.Start(l.fabric, netip.AddrPortFrom(ip, 80), l.open, l.tl)
 		if err != nil {
 			return nil, err
 		}
@@ -415,8 +425,7 @@ func (l *Lab) Guests() []*Guest {
 // address to, so guests can reach a server running outside the lab (Debian's
 // tgt on loopback, for a comparison). It ends with the lab.
 func (l *Lab) Forward(port int, to string) error {
-	host := tcpip.AddrFrom4(l.fabric.HostIP.As4())
-	ln, err := gonet.ListenTCP(l.fabric.Stack, tcpip.FullAddress{NIC: 1, Addr: host, Port: uint16(port)}, ipv4.ProtocolNumber)
+	ln, err := l.fabric.ListenTCPAt(netip.AddrPortFrom(l.fabric.HostIP, uint16(port)))
 	if err != nil {
 		return fmt.Errorf("lab: forward :%d: %w", port, err)
 	}

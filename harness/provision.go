@@ -317,7 +317,9 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		}))
 	}
 
-	g.Accel = qemu.Probe(spec.Arch)
+	if g.Accel, err = qemu.Choose(spec.Arch, l.opts.Accel); err != nil {
+		return nil, err
+	}
 	return g, nil
 }
 

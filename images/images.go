@@ -44,12 +44,10 @@ type Cache struct {
 	sourceList string
 }
 
-// DefaultDir is $NBH_CACHE, else .cache/ in the nbh module this process runs
-// from (tests run inside the module tree), else the user cache folder.
+// DefaultDir is .cache/ in the nbh module this process runs from (tests run
+// inside the module tree), else the user cache folder. (The CLI and nbhtest
+// take $NBH_CACHE before it.)
 func DefaultDir() string {
-	if d := os.Getenv("NBH_CACHE"); d != "" {
-		return d
-	}
 	if root := moduleRoot(); root != "" {
 		return filepath.Join(root, ".cache")
 	}

@@ -170,7 +170,7 @@ func Rows(sel Select) []Row {
 					// the clear network); root faults with their root;
 					// IPsec faults on the IPsec network only, once per
 					// chain, with the first network root they apply to.
-					if f.IPsec != esp || !f.Applies(p, root) {
+					if f.IPsec != esp || f.Slow || !f.Applies(p, root) {
 						continue
 					}
 					if esp {
@@ -221,6 +221,9 @@ func Estimate(r Row) float64 {
 		if c.Cost.Truncated > 0 {
 			base = c.Cost.Truncated
 		}
+	case "stalled-transfer":
+		// The loader, half the archive, and the stall window.
+		base = c.Cost.Loader + harness.DefaultStallWindow.Seconds()
 	case "no-dhcp":
 		base = c.Cost.NoDHCP
 	case "ipsec-wrong-key", "ipsec-wrong-spi", "esp-replay":

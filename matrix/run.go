@@ -199,3 +199,68 @@ func BootWith(ctx context.Context, opts harness.Options, spec harness.Spec, wait
 	}
 	return v, spans, g.Start, nil
 }
+
+// RunInLab boots rows one after the other in one long-lived lab (made with
+// Options.ForgetClosed, so each closed guest leaves nothing behind), each
+// guest named "sN" after its place; each is called after each boot. A
+// failed row's artifacts folder becomes a repro bundle of its boot (of one
+// guest booted alone: the replay boots it in a lab of its own).
+func RunInLab(ctx context.Context, lab *harness.Lab, rows []Row, cfg Config, each func(i int, r Result)) []Result {
+	var out []Result
+	for i, r := range rows {
+		if ctx.Err() != nil {
+			break
+		}
+		res := Result{Row: r, Start: time.Now()}
+		spec := r.Spec()
+		spec.Timeout = cfg.Timeout
+		spec.Name = fmt.Sprintf("s%d", i+1)
+		if cfg.Artifacts != "" {
+			res.Dir = filepath.Join(cfg.Artifacts, r.ID())
+			spec.Artifacts = res.Dir
+			os.RemoveAll(res.Dir)
+			if err := os.MkdirAll(res.Dir, 0o755); err != nil {
+				res.Err = err
+			}
+		}
+		if res.Err == nil {
+			var g *harness.Guest
+			if g, res.Err = lab.Boot(ctx, spec); res.Err == nil {
+				res.Verdict = g.Wait(ctx)
+				res.Spans = g.Spans()
+				g.Close()
+				if !res.Pass() && res.Verdict.Reason != failure.Interrupted && res.Dir != "" {
+					g.WriteBundle(res.Dir, res.Verdict)
+				}
+			}
+		}
+		if res.Pass() && !cfg.KeepPassed && res.Dir != "" {
+			os.RemoveAll(res.Dir)
+			res.Dir = ""
+		}
+		res.Wall = time.Since(res.Start)
+		if cfg.Progress != nil {
+			fmt.Fprintf(cfg.Progress, "[%d/%d] %s: %s\n", i+1, len(rows), r.Label(), outcomeOf(res))
+		}
+		out = append(out, res)
+		if each != nil {
+			each(i, res)
+		}
+	}
+	return out
+}
+
+// outcomeOf is a result in a few words, for progress lines.
+func outcomeOf(res Result) string {
+	switch {
+	case res.Err != nil:
+		return "error: " + res.Err.Error()
+	case res.Pass() && res.Verdict.OK:
+		return fmt.Sprintf("marker after %.1fs", res.Verdict.Elapsed.Seconds())
+	case res.Pass():
+		return fmt.Sprintf("%s at %s, as expected", res.Verdict.Reason, res.Verdict.Stage)
+	case res.Verdict.OK:
+		return "reached the marker, where a failure was expected"
+	}
+	return res.Verdict.Err().Error()
+}

@@ -31,7 +31,7 @@ func BenchmarkNetboot(b *testing.B) {
 		root    string
 		family  string
 	}
-	chains := harness.Chains()
+	chains := nbhtest.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
 	var runs []run
 	for _, c := range chains {

@@ -75,7 +75,7 @@ func expectedStages(p harness.Chain) []timeline.Stage {
 func TestEveryChainReachesTheMarker(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
-	for _, p := range harness.Chains() {
+	for _, p := range nbhtest.Chains() {
 		t.Run(p.Name(), func(t *testing.T) {
 			guestTest(t)
 			lab := nbhtest.NewLab(t)
@@ -161,7 +161,7 @@ func TestFailuresAreClassified(t *testing.T) {
 }
 
 func selected(arch, firmware string) bool {
-	for _, p := range harness.Chains() {
+	for _, p := range nbhtest.Chains() {
 		if p.Arch == arch && p.Firmware == firmware {
 			return true
 		}

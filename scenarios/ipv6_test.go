@@ -23,7 +23,7 @@ import (
 func TestIPv6Boot(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
-	for _, p := range harness.Chains() {
+	for _, p := range nbhtest.Chains() {
 		if !p.IPv6 {
 			continue
 		}

@@ -10,7 +10,7 @@ import (
 	"gotest.tools/v3/assert"
 	is "gotest.tools/v3/assert/cmp"
 
-	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/harness/nbhtest"
 )
 
 // checkout is the nbh module this test runs in.
@@ -66,7 +66,7 @@ func TestScenarioInAnotherModule(t *testing.T) {
 
 	cmd := exec.Command("go", "test", "-mod=mod", "-count=1", "-v", "./...")
 	cmd.Dir = mod
-	cmd.Env = append(os.Environ(), "NBH_CACHE="+images.Open("").Dir, "GOFLAGS=", "GOWORK=off")
+	cmd.Env = append(os.Environ(), "NBH_CACHE="+nbhtest.Cache().Dir, "GOFLAGS=", "GOWORK=off")
 	out, err := cmd.CombinedOutput()
 	assert.NilError(t, err, "%s", out)
 	assert.Check(t, is.Contains(string(out), "--- PASS: TestMyBoot"))
@@ -91,7 +91,7 @@ func TestTrimmedBinaryElsewhere(t *testing.T) {
 	assert.NilError(t, os.Rename(bin, moved))
 	cmd := exec.Command(moved, "boot", "--arch", "amd64", "--firmware", "direct", "--quiet")
 	cmd.Dir = t.TempDir()
-	cmd.Env = append(os.Environ(), "NBH_CACHE="+images.Open("").Dir)
+	cmd.Env = append(os.Environ(), "NBH_CACHE="+nbhtest.Cache().Dir)
 	out, err = cmd.CombinedOutput()
 	assert.NilError(t, err, "%s", out)
 	assert.Check(t, is.Contains(string(out), "OK: amd64/direct reached the marker"))

@@ -65,7 +65,7 @@ func ownDebianRoot(t *testing.T, arch string) debianRoot {
 }
 
 func makeDebianRoot(arch string) (debianRoot, error) {
-	base := filepath.Join(images.Open("").Dir, "scenario-roots")
+	base := filepath.Join(nbhtest.Cache().Dir, "scenario-roots")
 	dir := filepath.Join(base, "bookworm-systemd-"+arch)
 	tree := filepath.Join(dir, "root")
 	unlock, err := fsutil.LockDir(base)

@@ -10,7 +10,7 @@ import (
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness/failure"
-	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/internal/browser"
 	"nbh.dev/nbh/internal/sched"
 	"nbh.dev/nbh/matrix"
@@ -47,7 +47,7 @@ func TestMatrixReports(t *testing.T) {
 		release, err := sched.Shared().Acquire(t.Context())
 		assert.NilError(t, err)
 		results = append(results, matrix.Run(t.Context(), []matrix.Row{r}, matrix.Config{
-			Jobs: 1, Artifacts: filepath.Join(dir, "artifacts"), Cache: images.Open(""),
+			Jobs: 1, Artifacts: filepath.Join(dir, "artifacts"), Cache: nbhtest.Cache(),
 		})...)
 		release()
 	}
@@ -61,7 +61,7 @@ func TestMatrixReports(t *testing.T) {
 	_, err := os.Stat(filepath.Join(results[2].Dir, "console.log"))
 	assert.NilError(t, err)
 
-	rep := matrix.Record(results, report.Run{Host: "test", Jobs: 1}, images.Open(""), dir)
+	rep := matrix.Record(results, report.Run{Host: "test", Jobs: 1}, nbhtest.Cache(), dir)
 	jsonPath := filepath.Join(dir, "matrix.json")
 	assert.NilError(t, rep.WriteJSON(jsonPath))
 	back, err := report.ReadJSON(jsonPath)

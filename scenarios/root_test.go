@@ -24,7 +24,7 @@ func TestNetworkRootOnEveryChain(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
 	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
-		for _, p := range harness.Chains() {
+		for _, p := range nbhtest.Chains() {
 			t.Run(root+"/"+p.Name(), func(t *testing.T) {
 				guestTest(t)
 				lab := nbhtest.NewLab(t)

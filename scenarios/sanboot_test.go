@@ -26,7 +26,7 @@ import (
 func TestSANBoot(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
-	for _, p := range harness.Chains() {
+	for _, p := range nbhtest.Chains() {
 		if !p.SANBoot {
 			continue
 		}

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/fixtures"
-	"nbh.dev/nbh/images"
+	"nbh.dev/nbh/harness/nbhtest"
 )
 
 // tgtIQN is the target the comparison configures in Debian's tgt.
@@ -27,7 +27,7 @@ func startTGT(b *testing.B, arch string, extra map[string]string) string {
 		}
 	}
 	img := filepath.Join(b.TempDir(), "tgt-root.img")
-	if err := fixtures.BuildRootImage(context.Background(), images.Open(""), arch, img, 160<<20, extra); err != nil {
+	if err := fixtures.BuildRootImage(context.Background(), nbhtest.Cache(), arch, img, 160<<20, extra); err != nil {
 		b.Fatal(err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

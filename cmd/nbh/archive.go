@@ -28,7 +28,7 @@ func archiveCmd(ctx context.Context, args []string) int {
 	arch := fs.String("arch", "", "the root's architecture, amd64 or arm64, for nbh's init and busybox (default: what the root's kernel modules are built for)")
 	kver := fs.String("kernel-version", "", "the kernel whose modules to carry, when the root has several (lib/modules/VERSION)")
 	compression := fs.String("compression", "gzip", "gzip or zstd")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh archive build --root DIR --files LIST --out FILE [flags]
 

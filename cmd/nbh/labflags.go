@@ -50,7 +50,7 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		nicROM:       fs.String("nic-rom", "", "your own option ROM for the NIC (an iPXE build), loaded on any chain"),
 		serve:        fs.String("serve", "", "a folder merged read-only into what TFTP and HTTP serve (menus, second-stage loaders, a netboot tree); a guest's own files come first, and a name in a guest's folder (GUEST/PATH) is also looked up as PATH"),
 		mtu:          fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),
-		cache:        fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
+		cache:        fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
 	}
 	fs.Var(&f.faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
 	return f

@@ -24,7 +24,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	faults := fs.Bool("faults", true, "also boot each chain with each fault that applies to it")
 	roots := fs.String("roots", "none,nfs,iscsi,sanboot", "comma-separated roots to boot each chain with: none, nfs, iscsi, sanboot (iPXE chains only)")
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	ipv6 := fs.Bool("ipv6", true, "also boot each chain that can, on the clear network, over IPv6 only (and, with -faults, its no-dhcp) and dual-stack with no root, and over IPv6 only with each NFS or iSCSI root")
 	ipsecMode := fs.String("ipsec", "off", "network: off (clear), required (ESP required for the root's services: rows with a network root, and the IPsec faults) or both")
 	jobs := fs.Int("j", 0, "rows booted at once (default: $NBH_JOBS, else one per core, plus one under TCG)")

@@ -32,7 +32,7 @@ func reproCmd(ctx context.Context, args []string) int {
 	count := fs.Int("count", 1, "replay N times and report how often the recorded outcome came back (flake hunting)")
 	latest := fs.Bool("latest", false, "boot the packages this nbh pins instead of the bundle's (when the archive no longer serves those)")
 	artifacts := fs.String("artifacts", "", "keep each replay's artifacts (a bundle of the replay) in DIR/run-N (default: a temporary folder, kept only for a replay that came out differently)")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	quiet := fs.Bool("quiet", false, "no live progress, only the comparison")
 	hostPaths := fs.Bool("host-paths", false, "allow a bundle that serves paths of this machine (its root tree or image, its --serve tree, recorded by host path) to serve them to its guest; without it such a bundle is refused with the paths named")
 	interactive := fs.Bool("interactive", false, "the terminal becomes the replayed guest's serial console, as with nbh boot --interactive (Ctrl-] q quits)")

@@ -35,7 +35,8 @@ func soakCmd(ctx context.Context, args []string) int {
 	timeout := fs.Duration("timeout", 180*time.Second, "deadline for each boot")
 	artifacts := fs.String("artifacts", "", "folder for the artifacts (and repro bundles) of unexpected verdicts (default: a new folder in the temporary folder)")
 	jsonOut := fs.String("json", "", "also write the summary as JSON to this file")
-	cache := fs.String("cache", "", "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
+	oneLab := fs.Bool("one-lab", false, "boot the guests one after the other in one long-lived lab (closed guests forgotten, as nbh serve's), and check that the process stays flat: its RSS, heap, goroutines, open files and timeline after every boot within a small bound of the first 10 boots' peak (one network: --ipsec off or required)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh soak [flags]
 
@@ -46,7 +47,9 @@ row expects. Every unexpected verdict is a flake, kept with its repro
 bundle. At the end it prints boots per hour, the time to marker per chain
 (p50, p95), the nbh process's peak RSS, and its open files, goroutines and
 lab folders before and after: they must come back to where they started.
-Exit status 0 with no flake and nothing left behind, 1 otherwise, 2 for bad
+With --one-lab every boot is in one lab, one at a time, and the process
+must also stay flat from boot to boot. Exit status 0 with no flake and
+nothing left behind (and, with --one-lab, flat), 1 otherwise, 2 for bad
 usage, 130 when interrupted.
 
 Flags:
@@ -59,6 +62,17 @@ Flags:
 	if *boots < 1 || *jobs < 0 {
 		fmt.Fprintf(os.Stderr, "nbh soak: --boots %d -j %d: want 1 or more boots, and -j 1 or more\n", *boots, *jobs)
 		return exitUsage
+	}
+	if *oneLab {
+		set := false
+		fs.Visit(func(f *flag.Flag) { set = set || f.Name == "ipsec" })
+		switch {
+		case !set:
+			*ipsecMode = "off" // one lab is one network
+		case *ipsecMode == "both":
+			fmt.Fprintln(os.Stderr, "nbh soak: --one-lab boots in one lab, on one network: --ipsec off or required")
+			return exitUsage
+		}
 	}
 	sel, err := rowSelect(*archs, *fws, *roots, *ipsecMode, *faults)
 	if err != nil {
@@ -74,6 +88,9 @@ Flags:
 	n := *jobs
 	if n == 0 {
 		n = sched.DefaultJobs()
+	}
+	if *oneLab {
+		n = 1 // one lab, one guest at a time
 	}
 	if *artifacts == "" {
 		dir, err := os.MkdirTemp("", "nbh-soak-")
@@ -92,12 +109,26 @@ Flags:
 	before := measure()
 	fmt.Fprintf(os.Stderr, "nbh soak: %d boots over %d rows, %d at a time; unexpected verdicts kept in %s\n", len(rows), len(distinct), n, *artifacts)
 	start := time.Now()
-	results := matrix.Run(ctx, rows, matrix.Config{Jobs: n, Timeout: *timeout, Artifacts: *artifacts,
-		Cache: images.Open(*cache), Progress: os.Stderr, InOrder: true})
+	cfg := matrix.Config{Jobs: n, Timeout: *timeout, Artifacts: *artifacts, Cache: images.Open(*cache), Progress: os.Stderr, InOrder: true}
+	var results []matrix.Result
+	var flat *flatness
+	if *oneLab {
+		var err error
+		if results, flat, err = soakOneLab(ctx, rows, cfg, *ipsecMode == "required"); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh soak: %v\n", err)
+			return exitSetup
+		}
+	} else {
+		results = matrix.Run(ctx, rows, cfg)
+	}
 	wall := time.Since(start)
 	after := settle(before)
 
 	sum := summarize(results, wall, n, before, after)
+	if flat != nil {
+		sum.OneLab = flat
+		sum.Leaks = append(sum.Leaks, flat.Growth...)
+	}
 	printSoak(sum)
 	if *jsonOut != "" {
 		b, _ := json.MarshalIndent(sum, "", "  ")
@@ -191,6 +222,7 @@ type soakSummary struct {
 	Chains       []chainSoak `json:"chains"`
 	Flakes       []flake     `json:"flakes"`
 	Leaks        []string    `json:"leaks"`
+	OneLab       *flatness   `json:"one_lab,omitempty"`
 }
 
 func summarize(results []matrix.Result, wall time.Duration, jobs int, before, after resourceUse) soakSummary {
@@ -273,6 +305,11 @@ func printSoak(s soakSummary) {
 			fmt.Printf("; reproduce: %s", f.Repro)
 		}
 		fmt.Println()
+	}
+	if f := s.OneLab; f != nil {
+		fmt.Printf("one lab, %d boots: first %d boots' peak / all boots' peak: RSS %.0f / %.0f MiB, heap %.0f / %.0f MiB, goroutines %d / %d, open files %d / %d, timeline events %d / %d, subscribers %d / %d\n",
+			len(f.Samples), f.Base.n, f.Base.RSSMiB, f.Peak.RSSMiB, f.Base.HeapMiB, f.Peak.HeapMiB, f.Base.Goroutines, f.Peak.Goroutines,
+			f.Base.FDs, f.Peak.FDs, f.Base.Events, f.Peak.Events, f.Base.Subscribers, f.Peak.Subscribers)
 	}
 	for _, l := range s.Leaks {
 		fmt.Printf("LEAK %s\n", l)

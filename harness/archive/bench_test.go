@@ -21,7 +21,7 @@ import (
 //	go test -run '^$' -bench Archive -benchtime 1x ./harness/archive
 func BenchmarkArchive(b *testing.B) {
 	ctx := context.Background()
-	c := images.Open("")
+	c := images.Open(os.Getenv("NBH_CACHE"))
 	k, err := c.Kernel(ctx, "amd64")
 	if err != nil {
 		b.Skipf("no cached kernel (run make setup): %v", err)

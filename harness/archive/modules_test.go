@@ -2,6 +2,7 @@ package archive
 
 import (
 	"context"
+	"os"
 	"testing"
 
 	"gotest.tools/v3/assert"
@@ -14,7 +15,7 @@ import (
 func TestClosureDebianVirtio(t *testing.T) {
 	for _, arch := range images.Arches() {
 		t.Run(arch, func(t *testing.T) {
-			k, err := images.Open("").Kernel(context.Background(), arch)
+			k, err := images.Open(os.Getenv("NBH_CACHE")).Kernel(context.Background(), arch)
 			assert.NilError(t, err)
 			idx, err := IndexModules(k.Modules)
 			assert.NilError(t, err)

@@ -17,12 +17,6 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
 	"github.com/insomniacslk/dhcp/dhcpv6"
 	"github.com/insomniacslk/dhcp/dhcpv6/server6"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
-	"gvisor.dev/gvisor/pkg/waiter"
 
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/guard"
@@ -76,9 +70,20 @@ type Boot struct {
 // Policy decides what a client boots.
 type Policy func(Client) Boot
 
+// Network is where the servers listen: the lab's fabric host
+// (*netfab.Fabric).
+type Network interface {
+	// ListenUDPBroadcast opens port on every IPv4 address, able to send to
+	// and receive limited broadcast: DHCPv4 clients have no address yet.
+	ListenUDPBroadcast(port uint16) (net.PacketConn, error)
+	// ListenUDPGroup joins the IPv6 multicast group and opens port on the
+	// host's NIC: DHCPv6 clients send to a group from link-local addresses.
+	ListenUDPGroup(group netip.Addr, port uint16) (net.PacketConn, error)
+}
+
 // Config sets up a server.
 type Config struct {
-	Stack     *stack.Stack
+	Network   Network
 	ServerIP  netip.Addr
 	Subnet    netip.Prefix
 	PoolStart netip.Addr // first address handed out; default .15 of the subnet
@@ -123,17 +128,10 @@ func Start(cfg Config) (*Server, error) {
 	if cfg.Policy == nil {
 		cfg.Policy = func(Client) Boot { return Boot{} }
 	}
-	var wq waiter.Queue
-	ep, terr := cfg.Stack.NewEndpoint(udp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
-	if terr != nil {
-		return nil, fmt.Errorf("dhcp: endpoint: %s", terr)
+	conn, err := cfg.Network.ListenUDPBroadcast(dhcpv4.ServerPort)
+	if err != nil {
+		return nil, fmt.Errorf("dhcp: %w", err)
 	}
-	ep.SocketOptions().SetBroadcast(true)
-	if terr := ep.Bind(tcpip.FullAddress{Port: 67}); terr != nil {
-		ep.Close()
-		return nil, fmt.Errorf("dhcp: bind :67: %s", terr)
-	}
-	conn := gonet.NewUDPConn(&wq, ep)
 	s := &Server{cfg: cfg, leases: map[string]netip.Addr{}, silent: map[string]bool{}, family: map[string]string{}, next: cfg.PoolStart, done: make(chan struct{}), done6: make(chan struct{})}
 	srv, err := server4.NewServer("", nil, s.handle, server4.WithConn(conn))
 	if err != nil {
@@ -187,14 +185,17 @@ func (s *Server) Lease(mac net.HardwareAddr) (netip.Addr, error) {
 	if ip, ok := s.leases[mac.String()]; ok {
 		return ip, nil
 	}
-	ip := s.next
-	for ; s.cfg.Subnet.Contains(ip); ip = ip.Next() {
-		if ip == s.cfg.ServerIP || s.taken(ip) {
-			continue
+	// From where the last lease left off to the pool's end, then from its
+	// start again: addresses given back (Release) are used again last.
+	for _, from := range []netip.Addr{s.next, s.cfg.PoolStart} {
+		for ip := from; s.cfg.Subnet.Contains(ip) && !isBroadcast(s.cfg.Subnet, ip); ip = ip.Next() {
+			if ip == s.cfg.ServerIP || s.taken(ip) {
+				continue
+			}
+			s.leases[mac.String()] = ip
+			s.next = ip.Next()
+			return ip, nil
 		}
-		s.leases[mac.String()] = ip
-		s.next = ip.Next()
-		return ip, nil
 	}
 	return netip.Addr{}, fmt.Errorf("dhcp: address pool of %s exhausted", s.cfg.Subnet)
 }

@@ -11,11 +11,6 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv6"
 	"github.com/insomniacslk/dhcp/dhcpv6/server6"
 	"github.com/insomniacslk/dhcp/iana"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
-	"gvisor.dev/gvisor/pkg/waiter"
 
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/guard"
@@ -68,22 +63,11 @@ func v6For(prefix netip.Prefix, ip4 netip.Addr) netip.Addr {
 // startV6 serves DHCPv6 on UDP port 547 of the fabric host, joined to the
 // All_DHCP_Relay_Agents_and_Servers group.
 func (s *Server) startV6() error {
-	st := s.cfg.Stack
-	group := tcpip.AddrFrom16([16]byte(dhcpv6.AllDHCPRelayAgentsAndServers.To16()))
-	if err := st.JoinGroup(ipv6.ProtocolNumber, 1, group); err != nil {
-		return fmt.Errorf("dhcp6: join %s: %s", dhcpv6.AllDHCPRelayAgentsAndServers, err)
+	group := netip.AddrFrom16([16]byte(dhcpv6.AllDHCPRelayAgentsAndServers.To16()))
+	conn, err := s.cfg.Network.ListenUDPGroup(group, dhcpv6.DefaultServerPort)
+	if err != nil {
+		return fmt.Errorf("dhcp6: %w", err)
 	}
-	var wq waiter.Queue
-	ep, terr := st.NewEndpoint(udp.ProtocolNumber, ipv6.ProtocolNumber, &wq)
-	if terr != nil {
-		return fmt.Errorf("dhcp6: endpoint: %s", terr)
-	}
-	// Bound to the NIC: replies go to link-local addresses.
-	if terr := ep.Bind(tcpip.FullAddress{NIC: 1, Port: dhcpv6.DefaultServerPort}); terr != nil {
-		ep.Close()
-		return fmt.Errorf("dhcp6: bind :547: %s", terr)
-	}
-	conn := gonet.NewUDPConn(&wq, ep)
 	srv, err := server6.NewServer("", nil, s.handle6, server6.WithConn(conn))
 	if err != nil {
 		conn.Close()

@@ -225,3 +225,27 @@ func TestUnknownMACsGetNothing(t *testing.T) {
 	evs := tl.Events("")
 	assert.Equal(t, evs[len(evs)-1].Kind, "refused")
 }
+
+// TestReleasedAddressesComeBack: a long-lived lab's pool never runs dry
+// while guests come and go: an address given back is leased again once the
+// pool's end is reached, and the broadcast address is never a lease.
+func TestReleasedAddressesComeBack(t *testing.T) {
+	s, _ := newServer(nil)
+	macOf := func(i int) net.HardwareAddr { return net.HardwareAddr{2, 0, 0, 0, byte(i >> 8), byte(i)} }
+	var leased []netip.Addr
+	for i := 0; ; i++ {
+		ip, err := s.Lease(macOf(i))
+		if err != nil {
+			break
+		}
+		assert.Assert(t, ip != netip.MustParseAddr("10.0.2.255"), "the broadcast address leased")
+		leased = append(leased, ip)
+	}
+	assert.Equal(t, len(leased), 254-15) // .15 to .254, less the test MAC's .15
+	_, err := s.Lease(net.HardwareAddr{2, 9, 9, 9, 9, 9})
+	assert.ErrorContains(t, err, "exhausted")
+	s.Release(macOf(7))
+	ip, err := s.Lease(net.HardwareAddr{2, 9, 9, 9, 9, 9})
+	assert.NilError(t, err)
+	assert.Equal(t, ip, leased[7])
+}

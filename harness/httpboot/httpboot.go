@@ -1,5 +1,5 @@
 // Package httpboot is the lab's HTTP boot-file server: net/http with Range
-// requests over a gVisor TCP listener, serving one root folder through an
+// requests over the fabric's TCP listener, serving one root folder through an
 // os.Root, so "..", absolute paths and symlinks leaving the root are refused.
 // Each request is an event with its status, bytes and duration.
 package httpboot
@@ -10,16 +10,11 @@ import (
 	"io/fs"
 	"net"
 	"net/http"
+	"net/netip"
 	"path"
 	"strings"
 	"sync/atomic"
 	"time"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
@@ -33,15 +28,17 @@ type Server struct {
 	done chan struct{}
 }
 
-// Start serves what open opens on addr:port of the stack.
-func Start(st *stack.Stack, addr net.IP, port int, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
-	a, proto := tcpip.AddrFrom16Slice(addr.To16()), tcpip.NetworkProtocolNumber(ipv6.ProtocolNumber)
-	if v4 := addr.To4(); v4 != nil {
-		a, proto = tcpip.AddrFrom4Slice(v4), ipv4.ProtocolNumber
-	}
-	ln, err := gonet.ListenTCP(st, tcpip.FullAddress{NIC: 1, Addr: a, Port: uint16(port)}, proto)
+// Network is where a server listens: the lab's fabric host
+// (*netfab.Fabric).
+type Network interface {
+	ListenTCPAt(addr netip.AddrPort) (net.Listener, error)
+}
+
+// Start serves what open opens on addr of n.
+func Start(n Network, addr netip.AddrPort, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
+	ln, err := n.ListenTCPAt(addr)
 	if err != nil {
-		return nil, fmt.Errorf("http: listen [%s]:%d: %w", addr, port, err)
+		return nil, fmt.Errorf("http: %w", err)
 	}
 	s := &Server{ln: ln, tl: tl, done: make(chan struct{})}
 	s.srv = &http.Server{

@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/images"
 )
 
 // NewLab starts a lab whose guests and services end with the test. When
@@ -42,11 +43,29 @@ func NewLab(t testing.TB) *harness.Lab {
 	return NewLabWith(t, harness.Options{})
 }
 
+// Cache is the image cache the scenarios use: $NBH_CACHE, else the
+// default (.cache of the nbh checkout).
+func Cache() *images.Cache { return images.Open(os.Getenv("NBH_CACHE")) }
+
+// Chains lists the boot chains the scenarios boot: all of them, narrowed by
+// $NBH_ARCH and $NBH_FIRMWARE (comma-separated lists), so CI can shard.
+func Chains() []harness.Chain {
+	return harness.SelectChains(os.Getenv("NBH_ARCH"), os.Getenv("NBH_FIRMWARE"))
+}
+
 // NewLabWith is NewLab with options (an IPsec-required network, a smaller
-// MTU); the log always goes to the test's.
+// MTU); the log always goes to the test's. The image cache is $NBH_CACHE's
+// unless opts names one, and $NBH_ACCEL (kvm or tcg) overrides the
+// acceleration probe unless opts sets it.
 func NewLabWith(t testing.TB, opts harness.Options) *harness.Lab {
 	t.Helper()
 	opts.Log = testLog{t}
+	if opts.Cache == nil {
+		opts.Cache = Cache()
+	}
+	if opts.Accel == "" {
+		opts.Accel = os.Getenv("NBH_ACCEL")
+	}
 	l, err := harness.New(opts)
 	if err != nil {
 		t.Fatalf("lab: %v", err)

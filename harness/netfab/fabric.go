@@ -53,15 +53,20 @@ var (
 // DefaultMTU is the network's path MTU unless Config says otherwise.
 const DefaultMTU = 1500
 
-// Fabric is one isolated Ethernet segment with a host stack on it.
+// hostNIC is the host stack's one NIC, its port on the switch.
+const hostNIC tcpip.NICID = 1
+
+// Fabric is one isolated Ethernet segment with a host stack on it. The
+// services reach the stack through the Listen and Dial methods, which return
+// the standard library's types: gVisor stays inside the fabric.
 type Fabric struct {
-	Stack   *stack.Stack
 	HostMAC net.HardwareAddr
 	HostIP  netip.Addr
 	Subnet  netip.Prefix
 	HostIP6 netip.Addr // on Prefix6; the host also has its EUI-64 link-local address
 	Prefix6 netip.Prefix
 
+	stack  *stack.Stack
 	tl     *timeline.Timeline
 	mtu    int
 	ep     *channel.Endpoint
@@ -163,18 +168,18 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	// every full-size UDP datagram (TFTP blocks of 1468), and UEFI's and
 	// U-Boot's TFTP clients do not reassemble.
 	f.ep = channel.New(hostQueue, uint32(f.mtu+14), tcpip.LinkAddress(f.HostMAC))
-	if err := s.CreateNIC(1, ethernet.New(&countingEndpoint{Endpoint: f.ep, f: f})); err != nil {
+	if err := s.CreateNIC(hostNIC, ethernet.New(&countingEndpoint{Endpoint: f.ep, f: f})); err != nil {
 		return nil, fmt.Errorf("netfab: create NIC: %s", err)
 	}
 	addr := tcpip.AddrFrom4(f.HostIP.As4())
-	if err := s.AddProtocolAddress(1, tcpip.ProtocolAddress{
+	if err := s.AddProtocolAddress(hostNIC, tcpip.ProtocolAddress{
 		Protocol:          ipv4.ProtocolNumber,
 		AddressWithPrefix: tcpip.AddressWithPrefix{Address: addr, PrefixLen: f.Subnet.Bits()},
 	}, stack.AddressProperties{}); err != nil {
 		return nil, fmt.Errorf("netfab: add address: %s", err)
 	}
 	for _, a := range []netip.Prefix{netip.PrefixFrom(f.HostIP6, f.Prefix6.Bits()), netip.PrefixFrom(netip.AddrFrom16([16]byte(linkLocal(f.HostMAC))), 64)} {
-		if err := s.AddProtocolAddress(1, tcpip.ProtocolAddress{
+		if err := s.AddProtocolAddress(hostNIC, tcpip.ProtocolAddress{
 			Protocol:          ipv6.ProtocolNumber,
 			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom16(a.Addr().As16()), PrefixLen: a.Bits()},
 		}, stack.AddressProperties{}); err != nil {
@@ -183,9 +188,9 @@ func New(tl *timeline.Timeline, c Config) (*Fabric, error) {
 	}
 	// 0/0 as well as the subnet, so replies to limited broadcast have a
 	// route; IPv6 everything on the one link (link-local replies too).
-	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(f.Subnet), NIC: 1}, {Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: 1},
-		{Destination: header.IPv6EmptySubnet, NIC: 1}})
-	f.Stack = s
+	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(f.Subnet), NIC: hostNIC}, {Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: hostNIC},
+		{Destination: header.IPv6EmptySubnet, NIC: hostNIC}})
+	f.stack = s
 	f.wg.Add(1)
 	go f.hostLoop()
 	return f, nil
@@ -722,9 +727,9 @@ func (f *Fabric) Close() error {
 	}
 	f.cancel()
 	f.ep.Close()
-	f.Stack.Close()
+	f.stack.Close()
 	f.wg.Wait()
-	f.Stack.Wait()
+	f.stack.Wait()
 	return nil
 }
 

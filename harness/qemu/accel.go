@@ -36,20 +36,26 @@ var (
 )
 
 // Probe decides, once per process, whether KVM really works for guests of the
-// host's own architecture; every other guest runs under TCG. $NBH_ACCEL
-// (kvm or tcg) overrides the probe.
+// host's own architecture; every other guest runs under TCG.
 func Probe(arch string) Accel {
 	if hostArch() != arch {
 		return Accel{"tcg", "guest architecture differs from the host's"}
 	}
-	switch os.Getenv("NBH_ACCEL") {
-	case "tcg":
-		return Accel{"tcg", "NBH_ACCEL=tcg"}
-	case "kvm":
-		return Accel{"kvm", "NBH_ACCEL=kvm"}
-	}
 	probeOnce.Do(func() { probed = probeKVM(arch) })
 	return probed
+}
+
+// Choose is the acceleration for a guest of arch: the probe's ("" want),
+// or the one asked for (kvm or tcg: the user knows better, or wants TCG's
+// timing on a KVM host).
+func Choose(arch, want string) (Accel, error) {
+	switch want {
+	case "":
+		return Probe(arch), nil
+	case "tcg", "kvm":
+		return Accel{want, "asked for " + want}, nil
+	}
+	return Accel{}, fmt.Errorf("acceleration %q: want kvm, tcg or nothing (probe)", want)
 }
 
 func hostArch() string { return runtime.GOARCH }

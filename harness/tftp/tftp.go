@@ -14,18 +14,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/timeline"
@@ -94,19 +89,28 @@ func ParseRequest(b []byte) (*Request, error) {
 	return r, nil
 }
 
-// Server serves one root folder on UDP port 69 of a gVisor stack.
+// Network is where a server listens: the lab's fabric host
+// (*netfab.Fabric).
+type Network interface {
+	// ListenUDPAt opens port 69 for requests from any client.
+	ListenUDPAt(addr netip.AddrPort) (net.PacketConn, error)
+	// DialUDP opens a transfer's own port, speaking with its client alone;
+	// it fails for a client of another IP family than laddr's.
+	DialUDP(laddr netip.Addr, raddr netip.AddrPort) (net.Conn, error)
+}
+
+// Server serves one root folder on UDP port 69 of one host address.
 type Server struct {
-	open  bootfile.Opener
-	tl    *timeline.Timeline
-	st    *stack.Stack
-	addr  tcpip.Address
-	conn  *gonet.UDPConn
-	wg    sync.WaitGroup
-	close chan struct{}
+	open    bootfile.Opener
+	tl      *timeline.Timeline
+	network Network
+	addr    netip.Addr
+	conn    net.PacketConn
+	wg      sync.WaitGroup
+	close   chan struct{}
 	// maxBlk is the largest block size the server agrees to.
 	maxBlk atomic.Int32
-	// The address family it serves: IPv4 or IPv6, and that header's size.
-	proto    tcpip.NetworkProtocolNumber
+	// The size of the IP header of the family it serves (IPv4 or IPv6).
 	ipHeader int
 }
 
@@ -115,17 +119,18 @@ type Server struct {
 // and the fabric drops frames over its MTU.
 func (s *Server) FitMTU(mtu int) { s.maxBlk.Store(int32(mtu - s.ipHeader - 8 - 4)) }
 
-// Start serves what open opens on addr:69.
-func Start(st *stack.Stack, addr net.IP, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
-	a, proto, hdr := tcpip.AddrFrom16Slice(addr.To16()), tcpip.NetworkProtocolNumber(ipv6.ProtocolNumber), 40
-	if v4 := addr.To4(); v4 != nil {
-		a, proto, hdr = tcpip.AddrFrom4Slice(v4), ipv4.ProtocolNumber, 20
+// Start serves what open opens on addr:69 of n.
+func Start(n Network, addr netip.Addr, open bootfile.Opener, tl *timeline.Timeline) (*Server, error) {
+	addr = addr.Unmap()
+	hdr := 40
+	if addr.Is4() {
+		hdr = 20
 	}
-	conn, err := gonet.DialUDP(st, &tcpip.FullAddress{NIC: 1, Addr: a, Port: 69}, nil, proto)
+	conn, err := n.ListenUDPAt(netip.AddrPortFrom(addr, 69))
 	if err != nil {
-		return nil, fmt.Errorf("tftp: listen [%s]:69: %w", addr, err)
+		return nil, fmt.Errorf("tftp: %w", err)
 	}
-	s := &Server{open: open, tl: tl, st: st, addr: a, proto: proto, ipHeader: hdr, conn: conn, close: make(chan struct{})}
+	s := &Server{open: open, tl: tl, network: n, addr: addr, ipHeader: hdr, conn: conn, close: make(chan struct{})}
 	s.maxBlk.Store(maxBlksize)
 	s.wg.Add(1)
 	go s.serve()
@@ -163,16 +168,8 @@ func (s *Server) serve() {
 
 // transfer runs one request on its own port (the server's transfer ID).
 func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
-	pa := tcpip.AddrFrom16Slice(peer.IP.To16())
-	if s.proto == ipv4.ProtocolNumber {
-		v4 := peer.IP.To4()
-		if v4 == nil {
-			return
-		}
-		pa = tcpip.AddrFrom4Slice(v4)
-	}
-	conn, err := gonet.DialUDP(s.st, &tcpip.FullAddress{NIC: 1, Addr: s.addr},
-		&tcpip.FullAddress{NIC: 1, Addr: pa, Port: uint16(peer.Port)}, s.proto)
+	// A client of the other IP family gets no answer: DialUDP fails.
+	conn, err := s.network.DialUDP(s.addr, peer.AddrPort())
 	if err != nil {
 		return
 	}

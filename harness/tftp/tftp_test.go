@@ -22,6 +22,7 @@ import (
 
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/netfab/netfabtest"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -60,7 +61,7 @@ type client struct {
 	t    testing.TB
 	conn *gonet.UDPConn
 	srv  netip.Addr
-	peer *netfab.Peer
+	peer *netfabtest.Peer
 	tl   *timeline.Timeline
 }
 
@@ -74,16 +75,16 @@ func newClient(t testing.TB) (*client, *Server, string) {
 	r, err := os.OpenRoot(root)
 	assert.NilError(t, err)
 	t.Cleanup(func() { r.Close() })
-	srv, err := Start(fab.Stack, net.IP(fab.HostIP.AsSlice()), bootfile.Root(r), tl)
+	srv, err := Start(fab, fab.HostIP, bootfile.Root(r), tl)
 	assert.NilError(t, err)
 	t.Cleanup(func() { srv.Close() })
 	port, err := fab.AddPort("peer", net.HardwareAddr{2, 0, 0, 0, 0, 9}, "")
 	assert.NilError(t, err)
 	peerIP := netip.MustParseAddr("10.0.2.50")
-	peer, err := netfab.NewPeer(port, peerIP)
+	peer, err := netfabtest.NewPeer(port, peerIP)
 	assert.NilError(t, err)
 	t.Cleanup(peer.Close)
-	conn, err := gonet.DialUDP(peer.Stack, netfab.UDPAddr(peerIP, 0), nil, ipv4.ProtocolNumber)
+	conn, err := gonet.DialUDP(peer.Stack, netfabtest.UDPAddr(peerIP, 0), nil, ipv4.ProtocolNumber)
 	assert.NilError(t, err)
 	t.Cleanup(func() { conn.Close() })
 	return &client{t: t, conn: conn, srv: fab.HostIP, peer: peer, tl: tl}, srv, root
@@ -222,7 +223,7 @@ func FuzzTFTPSession(f *testing.F) {
 	srv := &net.UDPAddr{IP: net.IP(c.srv.AsSlice()), Port: 69}
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		conn, err := gonet.DialUDP(c.peer.Stack, netfab.UDPAddr(netip.MustParseAddr("10.0.2.50"), 0), nil, ipv4.ProtocolNumber)
+		conn, err := gonet.DialUDP(c.peer.Stack, netfabtest.UDPAddr(netip.MustParseAddr("10.0.2.50"), 0), nil, ipv4.ProtocolNumber)
 		if err != nil {
 			t.Fatal(err)
 		}

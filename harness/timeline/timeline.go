@@ -91,6 +91,22 @@ func (t *Timeline) NewBoot(guest string) int {
 	return t.boots[guest]
 }
 
+// Forget drops guest's events and its addresses' names (keys: its MAC and
+// IP addresses): a long-lived lab's closed guest, whose events were written
+// out.
+func (t *Timeline) Forget(guest string, keys ...string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.events = slices.DeleteFunc(t.events, func(e Event) bool { return e.Guest == guest })
+	t.events = slices.Clip(t.events)
+	for _, k := range keys {
+		if k != "" && t.names[strings.ToLower(k)] == guest {
+			delete(t.names, strings.ToLower(k))
+		}
+	}
+	delete(t.boots, guest)
+}
+
 // CurrentBoot is guest's current boot (0 before its first).
 func (t *Timeline) CurrentBoot(guest string) int {
 	t.mu.Lock()

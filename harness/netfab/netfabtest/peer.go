@@ -1,4 +1,7 @@
-package netfab
+// Package netfabtest is test support for the fabric's users: a Peer, an
+// in-process guest whose gVisor stack the tests dial from. It is for tests
+// alone, so it may show gVisor in its API; netfab itself does not.
+package netfabtest
 
 import (
 	"bufio"
@@ -11,6 +14,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
@@ -19,6 +23,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"nbh.dev/nbh/harness/netfab"
 )
 
 // Peer is an in-process stand-in for a guest: a gVisor stack plugged into a
@@ -34,12 +40,12 @@ type Peer struct {
 }
 
 // NewPeer attaches a stack with address ip to port p.
-func NewPeer(p *Port, ip netip.Addr) (*Peer, error) {
+func NewPeer(p *netfab.Port, ip netip.Addr) (*Peer, error) {
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
 	})
-	ep := channel.New(256, uint32(DefaultMTU+14), tcpip.LinkAddress(p.MAC))
+	ep := channel.New(256, uint32(netfab.DefaultMTU+14), tcpip.LinkAddress(p.MAC))
 	if err := s.CreateNIC(1, ethernet.New(ep)); err != nil {
 		return nil, fmt.Errorf("peer: %s", err)
 	}
@@ -47,7 +53,7 @@ func NewPeer(p *Port, ip netip.Addr) (*Peer, error) {
 		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(ip.As4()), PrefixLen: 24}}, stack.AddressProperties{}); err != nil {
 		return nil, fmt.Errorf("peer: %s", err)
 	}
-	s.SetRouteTable([]tcpip.Route{{Destination: header4Subnet(netip.MustParsePrefix("0.0.0.0/0")), NIC: 1}})
+	s.SetRouteTable([]tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: 1}})
 	pr := &Peer{Stack: s, ep: ep, f: p.QEMUFile(), done: make(chan struct{})}
 	pr.ctx, pr.stop = context.WithCancel(context.Background())
 	go pr.in()
@@ -99,14 +105,14 @@ func (pr *Peer) Close() {
 	pr.Stack.Close()
 }
 
-// UDPAddr is a helper for gonet dialing.
+// UDPAddr is ip:port for gonet dialing on a peer.
 func UDPAddr(ip netip.Addr, port int) *tcpip.FullAddress {
 	a, _ := FullAddr(ip, port)
 	return &a
 }
 
-// FullAddr is ip:port on the fabric host's NIC, with ip's network protocol
-// (IPv4, or IPv6 for an IPv6 address that is not IPv4-mapped).
+// FullAddr is ip:port on NIC 1, with ip's network protocol (IPv4, or IPv6
+// for an IPv6 address that is not IPv4-mapped).
 func FullAddr(ip netip.Addr, port int) (tcpip.FullAddress, tcpip.NetworkProtocolNumber) {
 	ip = ip.Unmap()
 	if ip.Is4() {
