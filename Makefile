@@ -23,9 +23,14 @@ matrix: setup build
 	rm -rf $(REPORT)
 	bin/nbh matrix --ipsec both --report $(REPORT)
 
-# The whole test suite: unit tests, then the scenarios that boot real guests.
+# The whole test suite: unit tests, then the scenarios that boot real guests;
+# then the race detector over the unit tests and over scenarios that boot
+# guests side by side and talk to them.
+RACE_SCENARIOS = TestConversation$$|TestStalledTransfer
 test: setup vet
 	$(GO) test -count=1 -parallel 16 -timeout 35m ./...
+	$(GO) test -race -short -count=1 ./...
+	$(GO) test -race -count=1 -parallel 4 -timeout 15m -run '$(RACE_SCENARIOS)' ./scenarios
 
 # Only the fast tests (no guests booted).
 unit: vet

@@ -17,7 +17,7 @@ import (
 // Record makes the report of a run: rows from results, artifact paths
 // relative to base (the folder the JSON report is written to), and the
 // versions that made it.
-func Record(results []Result, run report.Run, cache *images.Cache, base string) *report.Report {
+func Record(results []Result, run report.Run, cache *images.Cache, base, accel string) *report.Report {
 	r := &report.Report{
 		Format: report.Format, Generated: time.Now().UTC(), NBH: version.String(),
 		QEMU: map[string]string{}, Accel: map[string]string{}, Pins: map[string][]string{},
@@ -30,8 +30,9 @@ func Record(results []Result, run report.Run, cache *images.Cache, base string) 
 	}
 	for a := range arches {
 		r.QEMU[a] = qemu.Version(a)
-		acc := qemu.Probe(a)
-		r.Accel[a] = acc.Name + ": " + acc.Why
+		if acc, err := qemu.Choose(a, accel); err == nil {
+			r.Accel[a] = acc.Name + ": " + acc.Why
+		}
 		if cache != nil {
 			r.Pins[a] = cache.Pins(a)
 		}

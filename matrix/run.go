@@ -34,6 +34,7 @@ func (r Result) Pass() bool { return r.Err == nil && r.Row.Pass(r.Verdict) }
 // Config is how Run boots the rows.
 type Config struct {
 	Jobs      int           // rows at once; 0: sched.DefaultJobs()
+	Accel     string        // the guests' acceleration (harness.Options.Accel): "" probes
 	Timeout   time.Duration // per boot; 0: the harness default
 	Artifacts string        // each row's artifacts go to Artifacts/<row ID>; "": not kept
 	// KeepPassed keeps the artifacts of rows that passed too (CI keeps
@@ -147,7 +148,7 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 		spec.Artifacts = res.Dir
 		os.RemoveAll(res.Dir) // a previous run's files would mislead
 	} // else the lab keeps them in its own folder, removed with it
-	opts := harness.Options{Cache: cfg.Cache}
+	opts := harness.Options{Cache: cfg.Cache, Accel: cfg.Accel}
 	if st, ok := cfg.Stacks[r.Arch]; ok {
 		c, _ := harness.LookupChain(r.Arch, r.Firmware)
 		st.Apply(c, &spec, &opts.Serve)

@@ -30,7 +30,7 @@ func needGuests(t testing.TB) {
 
 // guestTest marks a test that boots guests: skipped with -short, run in
 // parallel with the others while it holds one of the shared scheduler's
-// slots (sched.DefaultJobs, the same bound nbh matrix -j uses; $NBH_JOBS
+// slots (sched.Jobs, the same bound nbh matrix -j uses; $NBH_JOBS
 // sets it), so the test binary never boots more guests than the machine
 // carries. The Makefile runs go test with a high -parallel: the slots are
 // the bound.

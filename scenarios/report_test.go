@@ -61,7 +61,7 @@ func TestMatrixReports(t *testing.T) {
 	_, err := os.Stat(filepath.Join(results[2].Dir, "console.log"))
 	assert.NilError(t, err)
 
-	rep := matrix.Record(results, report.Run{Host: "test", Jobs: 1}, nbhtest.Cache(), dir)
+	rep := matrix.Record(results, report.Run{Host: "test", Jobs: 1}, nbhtest.Cache(), dir, os.Getenv("NBH_ACCEL"))
 	jsonPath := filepath.Join(dir, "matrix.json")
 	assert.NilError(t, rep.WriteJSON(jsonPath))
 	back, err := report.ReadJSON(jsonPath)

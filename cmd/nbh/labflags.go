@@ -110,7 +110,7 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 		}
 		spec.ArchiveFromRoot = strings.Split(strings.TrimSpace(string(b)), "\n")
 	}
-	opts := harness.Options{Cache: images.Open(*f.cache)}
+	opts := harness.Options{Cache: images.Open(*f.cache), Accel: os.Getenv("NBH_ACCEL")}
 	if *f.serve != "" {
 		fi, err := os.Stat(*f.serve)
 		if err != nil || !fi.IsDir() {

@@ -123,14 +123,14 @@ Flags:
 	}
 	n := *jobs
 	if n == 0 {
-		n = sched.DefaultJobs()
+		n = sched.Jobs()
 	}
 	c := images.Open(*cache)
 	fmt.Fprintf(os.Stderr, "nbh matrix: %d rows, %d at a time (expected about %s)\n", len(rows), n, expectedWall(rows, n))
 	start := time.Now()
 	results := matrix.Run(ctx, rows, matrix.Config{
 		Jobs: n, Timeout: *timeout, Artifacts: *artifacts, KeepPassed: *keep == "all",
-		Cache: c, Progress: os.Stderr, Stacks: stacks,
+		Cache: c, Progress: os.Stderr, Stacks: stacks, Accel: os.Getenv("NBH_ACCEL"),
 	})
 	wall := time.Since(start)
 	code := printMatrix(results, len(rows))
@@ -141,7 +141,7 @@ Flags:
 	if *jsonOut != "" {
 		base = filepath.Dir(*jsonOut)
 	}
-	rep := matrix.Record(results, report.Run{Host: host, Shard: *shard, Jobs: n, WallSeconds: wall.Seconds()}, c, base)
+	rep := matrix.Record(results, report.Run{Host: host, Shard: *shard, Jobs: n, WallSeconds: wall.Seconds()}, c, base, os.Getenv("NBH_ACCEL"))
 	if err := writeReports(rep, base, *junit, *jsonOut, *html); err != nil {
 		fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
 		return exitSetup

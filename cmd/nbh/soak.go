@@ -87,7 +87,7 @@ Flags:
 	rows := soakRows(distinct, *boots)
 	n := *jobs
 	if n == 0 {
-		n = sched.DefaultJobs()
+		n = sched.Jobs()
 	}
 	if *oneLab {
 		n = 1 // one lab, one guest at a time
@@ -109,7 +109,8 @@ Flags:
 	before := measure()
 	fmt.Fprintf(os.Stderr, "nbh soak: %d boots over %d rows, %d at a time; unexpected verdicts kept in %s\n", len(rows), len(distinct), n, *artifacts)
 	start := time.Now()
-	cfg := matrix.Config{Jobs: n, Timeout: *timeout, Artifacts: *artifacts, Cache: images.Open(*cache), Progress: os.Stderr, InOrder: true}
+	cfg := matrix.Config{Jobs: n, Timeout: *timeout, Artifacts: *artifacts, Cache: images.Open(*cache), Progress: os.Stderr, InOrder: true,
+		Accel: os.Getenv("NBH_ACCEL")}
 	var results []matrix.Result
 	var flat *flatness
 	if *oneLab {

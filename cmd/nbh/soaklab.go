@@ -98,7 +98,7 @@ func judge(s []footprint) *flatness {
 // soakOneLab boots rows one after the other in one lab that forgets its
 // closed guests, sampling the process after each boot.
 func soakOneLab(ctx context.Context, rows []matrix.Row, cfg matrix.Config, esp bool) ([]matrix.Result, *flatness, error) {
-	opts := harness.Options{Cache: cfg.Cache, ForgetClosed: true}
+	opts := harness.Options{Cache: cfg.Cache, ForgetClosed: true, Accel: cfg.Accel}
 	if esp {
 		opts.IPsec = ipsec.Required()
 	}

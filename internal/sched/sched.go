@@ -13,15 +13,21 @@ import (
 	"nbh.dev/nbh/harness/qemu"
 )
 
-// DefaultJobs is how many guests to boot at once: $NBH_JOBS when set, else
-// one per core, plus one under TCG. Under TCG a guest keeps about one core
-// busy but spends part of each boot waiting (firmware timeouts, DHCP offer
-// collection, retries), so one more than the cores keeps both busy; with
-// KVM a guest mostly waits on I/O and one per core is plenty.
-func DefaultJobs() int {
+// Jobs is how many guests the CLI and the scenarios boot at once: $NBH_JOBS
+// when set, else DefaultJobs.
+func Jobs() int {
 	if n, err := strconv.Atoi(os.Getenv("NBH_JOBS")); err == nil && n > 0 {
 		return n
 	}
+	return DefaultJobs()
+}
+
+// DefaultJobs is how many guests to boot at once: one per core, plus one
+// under TCG. Under TCG a guest keeps about one core busy but spends part of
+// each boot waiting (firmware timeouts, DHCP offer collection, retries), so
+// one more than the cores keeps both busy; with KVM a guest mostly waits on
+// I/O and one per core is plenty.
+func DefaultJobs() int {
 	cores := runtime.NumCPU()
 	if qemu.Probe(runtime.GOARCH).Name == "kvm" {
 		return cores
@@ -56,8 +62,8 @@ var (
 	shared     *Pool
 )
 
-// Shared is the process-wide pool of DefaultJobs slots.
+// Shared is the process-wide pool of Jobs slots.
 func Shared() *Pool {
-	sharedOnce.Do(func() { shared = NewPool(DefaultJobs()) })
+	sharedOnce.Do(func() { shared = NewPool(Jobs()) })
 	return shared
 }

@@ -2,6 +2,7 @@ package sched
 
 import (
 	"context"
+	"runtime"
 	"testing"
 	"time"
 
@@ -30,8 +31,10 @@ func TestPoolBoundsAndReleases(t *testing.T) {
 
 func TestJobsFromEnvironment(t *testing.T) {
 	t.Setenv("NBH_JOBS", "5")
-	assert.Equal(t, DefaultJobs(), 5)
+	assert.Equal(t, Jobs(), 5)
+	assert.Assert(t, DefaultJobs() != 5 || runtime.NumCPU() >= 4, "DefaultJobs reads no environment")
 	t.Setenv("NBH_JOBS", "0")
+	assert.Equal(t, Jobs(), DefaultJobs())
 	assert.Assert(t, DefaultJobs() >= 1)
 	assert.Equal(t, NewPool(0).Size(), 1)
 }
