@@ -141,6 +141,7 @@ func New(opts Options) (l *Lab, err error) {
 	}
 	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.tl.SetStager(l.stageOf)
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -212,7 +213,6 @@ func New(opts Options) (l *Lab, err error) {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)
 	}
 	l.iscsi = iscsi.Serve(iln, l.Server(), l.tl)
-	l.iscsi.LoaderLogin = l.sanLoader
 	l.closers = append(l.closers, l.iscsi)
 	if opts.IPsec != nil {
 		if err := l.startIPsec(opts.IPsec, opts.ESPKeyBits); err != nil {
@@ -517,6 +517,47 @@ func writeFile(path string, data []byte) error {
 		return err
 	}
 	return os.WriteFile(path, data, 0o644)
+}
+
+// stageOf is the boot stage a service's event starts, if any: services say
+// what happened, the lab says what it means for a boot. A guest's DHCP
+// request begins its DHCP stage (at the init's own DHCP, the stage order
+// keeps it from counting), a fetch of a boot file its loader stage, a look
+// at the portmapper or a mount its root stage, and an iSCSI login the
+// loader stage when a SAN-booting guest's loader logs in to its disk.
+func (l *Lab) stageOf(e timeline.Event) timeline.Stage {
+	switch e.Source {
+	case "dhcp":
+		switch e.Kind {
+		case "discover", "request", "solicit":
+			return timeline.DHCP
+		case "ignored":
+			switch e.Detail["message"] {
+			case "discover", "request", "solicit":
+				return timeline.DHCP
+			}
+		}
+	case "tftp", "http":
+		if e.Kind == "request" {
+			return timeline.Loader
+		}
+	case "portmap":
+		if e.Kind == "getport" || e.Kind == "getaddr" {
+			return timeline.Root
+		}
+	case "nfs":
+		if e.Kind == "mount" {
+			return timeline.Root
+		}
+	case "iscsi":
+		if e.Kind == "login" || e.Kind == "login-failed" {
+			if l.sanLoader(e.Addr) {
+				return timeline.Loader
+			}
+			return timeline.Root
+		}
+	}
+	return timeline.None
 }
 
 // sanLoader reports whether an iSCSI login from ip is a SAN-booting guest's

@@ -178,3 +178,32 @@ func TestDeadlinesCountProgress(t *testing.T) {
 	assert.Assert(t, strings.Contains(v.Detail, "the last bytes moved"), v.Detail)
 	_ = g
 }
+
+// TestTheLabStagesServiceEvents: services say what happened and name no
+// stage; the lab's timeline gives each event the stage it starts.
+func TestTheLabStagesServiceEvents(t *testing.T) {
+	lab, err := New(Options{Cache: images.Open(t.TempDir())})
+	assert.NilError(t, err)
+	defer lab.Close()
+	cases := []struct {
+		e    timeline.Event
+		want timeline.Stage
+	}{
+		{timeline.Event{Source: "dhcp", Kind: "discover"}, timeline.DHCP},
+		{timeline.Event{Source: "dhcp", Kind: "ignored", Detail: map[string]any{"message": "request"}}, timeline.DHCP},
+		{timeline.Event{Source: "dhcp", Kind: "ignored", Detail: map[string]any{"message": "release"}}, timeline.None},
+		{timeline.Event{Source: "dhcp", Kind: "ack"}, timeline.None},
+		{timeline.Event{Source: "tftp", Kind: "request"}, timeline.Loader},
+		{timeline.Event{Source: "http", Kind: "request"}, timeline.Loader},
+		{timeline.Event{Source: "http", Kind: "transfer"}, timeline.None},
+		{timeline.Event{Source: "portmap", Kind: "getport"}, timeline.Root},
+		{timeline.Event{Source: "nfs", Kind: "mount"}, timeline.Root},
+		{timeline.Event{Source: "iscsi", Kind: "login", Addr: "10.0.2.99"}, timeline.Root}, // no SAN-booting guest there
+		{timeline.Event{Source: "console", Kind: "stage", Stage: timeline.Kernel}, timeline.Kernel}, // a stage given stands
+	}
+	for _, c := range cases {
+		lab.Timeline().Emit(c.e)
+		evs := lab.Timeline().Events("")
+		assert.Equal(t, evs[len(evs)-1].Stage, c.want, "%s %s", c.e.Source, c.e.Kind)
+	}
+}

@@ -277,7 +277,8 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 	mt := m.MessageType()
 	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String()}
 	if s.ignored(m.ClientHWAddr) {
-		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: " + mt.String(), Detail: detail, Stage: stageFor(mt)})
+		detail["message"] = strings.ToLower(mt.String())
+		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: " + mt.String(), Detail: detail})
 		return
 	}
 	if s.familyOf(m.ClientHWAddr) == V6 {
@@ -294,7 +295,7 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 	var reply dhcpv4.MessageType
 	switch mt {
 	case dhcpv4.MessageTypeDiscover:
-		s.emit(timeline.Event{Kind: "discover", MAC: mac, Stage: timeline.DHCP, Msg: c.String(), Detail: detail})
+		s.emit(timeline.Event{Kind: "discover", MAC: mac, Msg: c.String(), Detail: detail})
 		reply = dhcpv4.MessageTypeOffer
 	case dhcpv4.MessageTypeRequest:
 		want := m.RequestedIPAddress()
@@ -309,7 +310,7 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 			s.send(conn, peer, m, dhcpv4.MessageTypeNak, ip, Boot{})
 			return
 		}
-		s.emit(timeline.Event{Kind: "request", MAC: mac, Stage: timeline.DHCP, Msg: c.String(), Detail: detail})
+		s.emit(timeline.Event{Kind: "request", MAC: mac, Msg: c.String(), Detail: detail})
 		reply = dhcpv4.MessageTypeAck
 	default:
 		return
@@ -332,13 +333,6 @@ func (s *Server) handle(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4) {
 		kind = "ack"
 	}
 	s.emit(timeline.Event{Kind: kind, MAC: mac, Msg: fmt.Sprintf("%s boot=%q", ip, boot.File), Detail: detail})
-}
-
-func stageFor(mt dhcpv4.MessageType) timeline.Stage {
-	if mt == dhcpv4.MessageTypeDiscover || mt == dhcpv4.MessageTypeRequest {
-		return timeline.DHCP
-	}
-	return timeline.None
 }
 
 func (s *Server) send(conn net.PacketConn, peer net.Addr, m *dhcpv4.DHCPv4, mt dhcpv4.MessageType, ip netip.Addr, boot Boot) error {

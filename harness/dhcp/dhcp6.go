@@ -143,12 +143,9 @@ func (s *Server) handle6(conn net.PacketConn, peer net.Addr, d dhcpv6.DHCPv6) {
 	mac := c.MAC.String()
 	mt := m.MessageType
 	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String(), "v6": true}
-	stage := timeline.None
-	if mt == dhcpv6.MessageTypeSolicit || mt == dhcpv6.MessageTypeRequest {
-		stage = timeline.DHCP
-	}
 	if s.ignored(c.MAC) {
-		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: DHCPv6 " + mt.String(), Detail: detail, Stage: stage})
+		detail["message"] = strings.ToLower(mt.String())
+		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: DHCPv6 " + mt.String(), Detail: detail})
 		return
 	}
 	if f := s.familyOf(c.MAC); f == V4 {
@@ -193,12 +190,12 @@ func (s *Server) handle6(conn net.PacketConn, peer net.Addr, d dhcpv6.DHCPv6) {
 			// Preference 255: the client takes this server at once
 			// instead of collecting advertisements for a second.
 			mods = append(mods, dhcpv6.WithPreference(255))
-			s.emit(timeline.Event{Kind: "solicit", MAC: mac, Stage: timeline.DHCP, Msg: c.String(), Detail: detail})
+			s.emit(timeline.Event{Kind: "solicit", MAC: mac, Msg: c.String(), Detail: detail})
 			resp, err = dhcpv6.NewAdvertiseFromSolicit(m, mods...)
 			kind = "advertise"
 			break
 		}
-		s.emit(timeline.Event{Kind: strings.ToLower(mt.String()), MAC: mac, Stage: stage, Msg: c.String(), Detail: detail})
+		s.emit(timeline.Event{Kind: strings.ToLower(mt.String()), MAC: mac, Msg: c.String(), Detail: detail})
 		resp, err = dhcpv6.NewReplyFromMessage(m, mods...)
 		kind = "reply"
 	case dhcpv6.MessageTypeConfirm, dhcpv6.MessageTypeInformationRequest, dhcpv6.MessageTypeRelease, dhcpv6.MessageTypeDecline:

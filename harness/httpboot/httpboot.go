@@ -91,7 +91,7 @@ func Handler(open bootfile.Opener, tl *timeline.Timeline) http.Handler {
 		if rg := r.Header.Get("Range"); rg != "" {
 			detail["range"] = rg
 		}
-		s.emit(timeline.Event{Addr: addr, Kind: "request", Stage: timeline.Loader, Msg: r.Method + " " + r.URL.Path, Detail: detail})
+		s.emit(timeline.Event{Addr: addr, Kind: "request", Msg: r.Method + " " + r.URL.Path, Detail: detail})
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			http.Error(w, "read-only server", http.StatusMethodNotAllowed)
 			return

@@ -44,11 +44,6 @@ type export struct {
 
 // Server is a running target.
 type Server struct {
-	// LoaderLogin, when set, reports whether a login from ip is its
-	// loader's (a SAN boot: the disk the loader boots from) rather than
-	// the root's; the timeline puts it in that stage. Set it before the
-	// first client connects.
-	LoaderLogin func(ip string) bool
 
 	tl    *timeline.Timeline
 	addr  string // portal address, for SendTargets
@@ -103,14 +98,6 @@ func (s *Server) serve(c net.Conn) {
 func hostOf(a net.Addr) string {
 	h, _, _ := net.SplitHostPort(a.String())
 	return h
-}
-
-// stage is the boot stage a login from ip belongs to.
-func (s *Server) stage(ip string) timeline.Stage {
-	if s.LoaderLogin != nil && s.LoaderLogin(ip) {
-		return timeline.Loader
-	}
-	return timeline.Root
 }
 
 func (s *Server) emit(e timeline.Event) {
@@ -474,7 +461,7 @@ func (sc *session) login(p *PDU, r *bufio.Reader) error {
 		}
 		if transit && nsg == 3 {
 			if !sc.discovery {
-				sc.s.emit(timeline.Event{Kind: "login", Addr: sc.ip, Stage: sc.s.stage(sc.ip), Msg: sc.target,
+				sc.s.emit(timeline.Event{Kind: "login", Addr: sc.ip, Msg: sc.target,
 					Detail: map[string]any{"initiator": sc.initiator, "chap": keys["CHAP_N"] != ""}})
 			}
 			return nil
@@ -523,7 +510,7 @@ func (sc *session) loginFail(p *PDU, status uint16, why string) error {
 	resp.BHS[36], resp.BHS[37] = byte(status>>8), byte(status)
 	sc.send(resp)
 	sc.w.Flush()
-	sc.s.emit(timeline.Event{Kind: "login-failed", Addr: sc.ip, Stage: sc.s.stage(sc.ip), Msg: why,
+	sc.s.emit(timeline.Event{Kind: "login-failed", Addr: sc.ip, Msg: why,
 		Detail: map[string]any{"target": sc.target, "initiator": sc.initiator, "status": fmt.Sprintf("%#04x", status)}})
 	sc.target = "" // nothing to report at close
 	return errors.New("iscsi login failed: " + why)

@@ -146,7 +146,7 @@ func (h *handler) Mount(ctx context.Context, conn net.Conn, req gonfs.MountReque
 		// empty one (the handle is not sent).
 		return gonfs.MountStatusErrNoEnt, refused, nil
 	}
-	h.s.emit(timeline.Event{Kind: "mount", Addr: ip, Stage: timeline.Root, Msg: path})
+	h.s.emit(timeline.Event{Kind: "mount", Addr: ip, Msg: path})
 	return gonfs.MountStatusOk, fs, []gonfs.AuthFlavor{gonfs.AuthFlavorNull}
 }
 

@@ -281,7 +281,7 @@ func (p *Portmapper) handle(msg []byte, from, local string) []byte {
 				port = reg.Port
 			}
 		}
-		p.emit(timeline.Event{Kind: "getport", Addr: from, Stage: timeline.Root,
+		p.emit(timeline.Event{Kind: "getport", Addr: from,
 			Msg: fmt.Sprintf("program %d v%d %s -> %d", m.Prog, m.Vers, protName(m.Prot), port)})
 		return acceptedReply(c.XID, success, binary.BigEndian.AppendUint32(nil, port))
 	case 4: // DUMP
@@ -324,7 +324,7 @@ func (p *Portmapper) rpcbind(c *Call, from, local string) []byte {
 				uaddr = universalAddr(local, reg.Port)
 			}
 		}
-		p.emit(timeline.Event{Kind: "getaddr", Addr: from, Stage: timeline.Root,
+		p.emit(timeline.Event{Kind: "getaddr", Addr: from,
 			Msg: fmt.Sprintf("program %d v%d %s -> %q", prog, vers, netid, uaddr)})
 		return acceptedReply(c.XID, success, xdrString(uaddr))
 	}

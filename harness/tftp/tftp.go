@@ -198,7 +198,7 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 		return
 	}
 	name := strings.TrimLeft(strings.ReplaceAll(req.Filename, "\\", "/"), "/")
-	s.emit(timeline.Event{Addr: addr, Kind: "request", Stage: timeline.Loader, Msg: req.Filename, Detail: map[string]any{"client": client, "options": req.Options}})
+	s.emit(timeline.Event{Addr: addr, Kind: "request", Msg: req.Filename, Detail: map[string]any{"client": client, "options": req.Options}})
 	f, err := s.open(name, addr)
 	if err != nil {
 		code, msg := errNotFound, "file not found"

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -74,6 +75,7 @@ type Timeline struct {
 	nextID int
 	names  map[string]string // MAC or IP address -> guest name
 	boots  map[string]int    // guest name -> its current boot
+	stager atomic.Pointer[func(Event) Stage]
 }
 
 // New returns an empty timeline.
@@ -122,6 +124,11 @@ func (t *Timeline) Name(key, guest string) {
 	t.mu.Unlock()
 }
 
+// SetStager makes f decide the stage of every later event that names
+// none: services say what happened (a fetch, a login, a mount), and the lab
+// says which stage of a boot that means. f must not block or emit.
+func (t *Timeline) SetStager(f func(Event) Stage) { t.stager.Store(&f) }
+
 // Emit records e (stamping the time if unset) and tells subscribers.
 func (t *Timeline) Emit(e Event) {
 	if t == nil {
@@ -130,6 +137,13 @@ func (t *Timeline) Emit(e Event) {
 	if e.Time.IsZero() {
 		e.Time = time.Now()
 	}
+	if f := t.stager.Load(); f != nil && e.Stage == None {
+		e.Stage = (*f)(e)
+	}
+	// The timeline's own copy: an emitter that goes on filling its
+	// detail map for a later event (HTTP's request, then its transfer)
+	// must not change, or race with readers of, this one.
+	e.Detail = maps.Clone(e.Detail)
 	t.mu.Lock()
 	if e.Guest == "" && e.MAC != "" {
 		e.Guest = t.names[strings.ToLower(e.MAC)]
