@@ -198,7 +198,7 @@ func TestTheLabStagesServiceEvents(t *testing.T) {
 		{timeline.Event{Source: "http", Kind: "transfer"}, timeline.None},
 		{timeline.Event{Source: "portmap", Kind: "getport"}, timeline.Root},
 		{timeline.Event{Source: "nfs", Kind: "mount"}, timeline.Root},
-		{timeline.Event{Source: "iscsi", Kind: "login", Addr: "10.0.2.99"}, timeline.Root}, // no SAN-booting guest there
+		{timeline.Event{Source: "iscsi", Kind: "login", Addr: "10.0.2.99"}, timeline.Root},          // no SAN-booting guest there
 		{timeline.Event{Source: "console", Kind: "stage", Stage: timeline.Kernel}, timeline.Kernel}, // a stage given stands
 	}
 	for _, c := range cases {

@@ -44,7 +44,6 @@ type export struct {
 
 // Server is a running target.
 type Server struct {
-
 	tl    *timeline.Timeline
 	addr  string // portal address, for SendTargets
 	conns connset.Set
