@@ -187,10 +187,14 @@ func settle(before resourceUse) resourceUse {
 }
 
 // peakRSS is the process's high-water resident set (VmHWM), in MiB.
-func peakRSS() float64 {
+func peakRSS() float64 { return statusMiB("VmHWM") }
+
+// statusMiB is a size the kernel reports in /proc/self/status (VmHWM,
+// VmRSS), in MiB.
+func statusMiB(field string) float64 {
 	b, _ := os.ReadFile("/proc/self/status")
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
 			return float64(kb) / 1024
 		}

@@ -6,8 +6,6 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
-	"strconv"
-	"strings"
 
 	"nbh.dev/nbh/harness"
 	"nbh.dev/nbh/harness/ipsec"
@@ -48,20 +46,8 @@ func sample(lab *harness.Lab) footprint {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	fds, _ := os.ReadDir("/proc/self/fd")
-	return footprint{RSSMiB: rssMiB(), HeapMiB: float64(ms.HeapInuse) / (1 << 20), Goroutines: runtime.NumGoroutine(),
+	return footprint{RSSMiB: statusMiB("VmRSS"), HeapMiB: float64(ms.HeapInuse) / (1 << 20), Goroutines: runtime.NumGoroutine(),
 		FDs: len(fds), Events: len(lab.Timeline().Events("")), Subscribers: lab.Timeline().Subscribers()}
-}
-
-// rssMiB is the process's resident set now (VmRSS), in MiB.
-func rssMiB() float64 {
-	b, _ := os.ReadFile("/proc/self/status")
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return float64(kb) / 1024
-		}
-	}
-	return 0
 }
 
 func peakOf(s []footprint) footprint {
