@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -206,4 +207,25 @@ func TestTheLabStagesServiceEvents(t *testing.T) {
 		evs := lab.Timeline().Events("")
 		assert.Equal(t, evs[len(evs)-1].Stage, c.want, "%s %s", c.e.Source, c.e.Kind)
 	}
+}
+
+// TestGuestNeverStarted: every method of a guest that was provisioned but
+// never started answers with an error (or a Setup verdict), never a panic.
+func TestGuestNeverStarted(t *testing.T) {
+	g := bootedGuest(timeline.New())
+	ctx := context.Background()
+	v := g.Wait(ctx)
+	assert.Equal(t, v.Reason, failure.Setup)
+	assert.ErrorIs(t, g.Attach(io.Discard), errNotStarted)
+	assert.ErrorIs(t, g.Send("x"), errNotStarted)
+	_, err := g.Expect(ctx, "x")
+	assert.ErrorIs(t, err, errNotStarted)
+	_, _, err = g.Run(ctx, "true")
+	assert.ErrorIs(t, err, errNotStarted)
+	assert.ErrorIs(t, g.Login(ctx, "root", ""), errNotStarted)
+	assert.ErrorIs(t, g.Reboot(ctx), errNotStarted)
+	assert.ErrorIs(t, g.Reset(ctx), errNotStarted)
+	assert.ErrorIs(t, g.PowerOff(ctx), errNotStarted)
+	assert.Equal(t, len(g.Argv()), 0)
+	assert.Equal(t, g.Boot(), 1)
 }
