@@ -292,6 +292,15 @@ func (g *Guest) release() {
 			}
 		}
 	}
+	// The guest is gone and never closes its connections: cut them, or
+	// each holds a server goroutine and its buffers for the lab's life.
+	for _, ip := range g.addrs() {
+		if ip != "" {
+			l.nfs.Disconnect(ip)
+			l.portmap.Disconnect(ip)
+			l.iscsi.Disconnect(ip)
+		}
+	}
 	if g.espPeer != nil {
 		l.esp.RemovePeer(g.espPeer)
 	}

@@ -90,9 +90,10 @@ type Lab struct {
 	files bootfile.Opener
 	serve bootfile.Opener // Options.Serve; nil without
 
-	dhcp  *dhcp.Server
-	nfs   *nfs.Server
-	iscsi *iscsi.Server
+	dhcp    *dhcp.Server
+	nfs     *nfs.Server
+	portmap *nfs.Portmapper
+	iscsi   *iscsi.Server
 
 	esp     *ipsec.Gateway // nil on a clear network
 	espBits int
@@ -207,7 +208,8 @@ func New(opts Options) (l *Lab, err error) {
 		pln.Close()
 		return nil, fmt.Errorf("lab: portmap: %w", err)
 	}
-	l.closers = append(l.closers, nfs.ServePortmapper(pln, pcs, l.tl))
+	l.portmap = nfs.ServePortmapper(pln, pcs, l.tl)
+	l.closers = append(l.closers, l.portmap)
 	iln, err := l.fabric.ListenTCP(iscsi.Port)
 	if err != nil {
 		return nil, fmt.Errorf("lab: iscsi: %w", err)

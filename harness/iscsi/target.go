@@ -82,6 +82,10 @@ func (s *Server) Export(iqn, ip string, lun *LUN, chap *CHAP) {
 	s.exports[iqn][ip] = export{lun: lun, chap: chap}
 }
 
+// Disconnect ends the sessions of the initiator at ip (a guest that is
+// gone: it never logs out).
+func (s *Server) Disconnect(ip string) int { return s.conns.CloseFrom(ip) }
+
 // Close stops the target and every session.
 func (s *Server) Close() error { return s.conns.Close() }
 

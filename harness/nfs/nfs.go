@@ -79,6 +79,11 @@ func (s *Server) Close() error {
 	return err
 }
 
+// Disconnect cuts the connections of the client at ip: a guest that is
+// gone never closes them, and go-nfs would serve each (a goroutine, its
+// buffers) for ever.
+func (s *Server) Disconnect(ip string) int { return s.ln.closeFrom(ip) }
+
 // Unexport withdraws path from the client at ip.
 func (s *Server) Unexport(path, ip string) {
 	s.mu.Lock()

@@ -57,6 +57,10 @@ type Portmapper struct {
 	wg    sync.WaitGroup // UDP
 }
 
+// Disconnect cuts the TCP connections of the client at ip (a guest that
+// is gone).
+func (p *Portmapper) Disconnect(ip string) int { return p.conns.CloseFrom(ip) }
+
 // ServePortmapper serves on the given TCP listener (or none: nil) and UDP
 // sockets.
 func ServePortmapper(ln net.Listener, pcs []net.PacketConn, tl *timeline.Timeline) *Portmapper {

@@ -204,6 +204,22 @@ func (l *gateListener) closeAll() error {
 	return err
 }
 
+// closeFrom cuts the open connections from the host ip.
+func (l *gateListener) closeFrom(ip string) int {
+	l.mu.Lock()
+	var conns []*versionGate
+	for g := range l.conns {
+		if host, _, err := net.SplitHostPort(g.RemoteAddr().String()); err == nil && host == ip {
+			conns = append(conns, g)
+		}
+	}
+	l.mu.Unlock()
+	for _, g := range conns {
+		g.Conn.Close()
+	}
+	return len(conns)
+}
+
 // Close closes the connection and forgets it.
 func (g *versionGate) Close() error {
 	if g.done != nil {

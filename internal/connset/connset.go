@@ -61,6 +61,21 @@ func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
 	}()
 }
 
+// CloseFrom cuts the open connections whose peer is the host ip (a guest
+// that closed: it will never close them itself) and says how many.
+func (s *Set) CloseFrom(ip string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		if host, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil && host == ip {
+			c.Close()
+			n++
+		}
+	}
+	return n
+}
+
 // Close cuts every open connection, closes the listener and waits for the
 // handlers to return.
 func (s *Set) Close() error {
