@@ -3,10 +3,12 @@ package harness
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -80,7 +82,10 @@ func (g *Guest) noteProgress(b *boot, e timeline.Event) {
 		if e.Time.After(b.since) {
 			b.since = e.Time
 		}
-	case b.progress.open && e.Source == b.progress.source && transferEnds[e.Kind]:
+	case b.progress.open && e.Source == b.progress.source && transferEnds[e.Kind] &&
+		(e.Msg == b.progress.what || strings.HasPrefix(e.Msg, b.progress.what+" ")):
+		// The end of the transfer watched (its events name its file
+		// first), not of another.
 		b.progress.open = false
 	}
 }
@@ -95,10 +100,16 @@ func (g *Guest) newBoot(start time.Time) *boot {
 	b.ctx, b.end = context.WithCancel(g.lab.ctx)
 	g.mu.Lock()
 	old := g.cur
+	g.mu.Unlock()
+	if old != nil && !old.start.IsZero() {
+		// Reset before its verdict: the boot ended there.
+		g.decideBoot(old, Verdict{Reason: failure.Interrupted, Stage: g.Reached(), Detail: "the machine was reset before this boot's verdict"})
+	}
+	g.mu.Lock()
 	g.cur = b
 	g.mu.Unlock()
 	if old != nil {
-		old.stopDrift()
+		old.stopDrift() // ends its ctx: its watch and its work
 	}
 	return b
 }

@@ -29,9 +29,13 @@ var (
 	errClosed     = errors.New("the guest is closed")
 )
 
-// maxTalkLines is how many console lines a guest keeps for Expect; older
-// ones are dropped (a conversation looks at what came after its position).
-const maxTalkLines = 20000
+// A guest keeps at most maxTalkLines console lines, of maxTalkBytes, for
+// Expect and Run; older ones are dropped (a conversation looks at what came
+// after its position), so a chatty guest cannot take the harness's memory.
+const (
+	maxTalkLines = 20000
+	maxTalkBytes = 8 << 20
+)
 
 // talk is the guest's console as a conversation: the lines so far and the
 // position Expect and Run read from.
@@ -39,6 +43,7 @@ type talk struct {
 	mu    sync.Mutex
 	lines []console.Line
 	base  int // the number of lines dropped before lines[0]
+	bytes int // of the lines kept
 	pos   int // the line (counted from the first) the next Expect looks at first
 	ended bool
 	wake  chan struct{} // closed, and replaced, when a line arrives
@@ -49,8 +54,12 @@ func (g *Guest) hear(l console.Line) {
 	t := &g.talk
 	t.mu.Lock()
 	t.lines = append(t.lines, l)
-	if len(t.lines) > maxTalkLines {
-		drop := len(t.lines) - maxTalkLines/2
+	t.bytes += len(l.Text) + len(l.Raw)
+	if len(t.lines) > maxTalkLines || t.bytes > maxTalkBytes {
+		drop := len(t.lines) / 2
+		for _, d := range t.lines[:drop] {
+			t.bytes -= len(d.Text) + len(d.Raw)
+		}
 		t.lines = append([]console.Line(nil), t.lines[drop:]...)
 		t.base += drop
 	}
@@ -203,62 +212,73 @@ const MaxRunLine = 900
 
 // Run runs cmd in the shell on the guest's console and returns exactly
 // what it wrote (standard output and error, in the order written; its
-// standard input is /dev/null) and its exit status. The output travels
-// framed, hex-encoded and checked against its SHA-256, so kernel and
+// standard input is /dev/null) and its exit status. The output travels as
+// od's decimal bytes, framed per line with a checksum, then a trailer with
+// the status, size and SHA-256 (runScript), so kernel and
 // service messages the console interleaves are left out, and output the
-// console garbled is an error, never a wrong answer. The guest's shell
-// needs od, sed, sha256sum and a writable $TMPDIR or /tmp (the reference
-// init's and root's have them, as has any distribution's).
+// console garbled is printed again from the guest's kept copy, up to
+// runRetries times, or is an error, never a wrong answer. The guest's
+// shell needs od, awk, wc, sha256sum and a writable $TMPDIR or /tmp (the
+// reference init's and root's have them, as has any distribution's).
+// Control characters other than newlines are refused: a line editor would
+// act on them.
 func (g *Guest) Run(ctx context.Context, cmd string) (output string, status int, err error) {
 	for _, line := range strings.Split(cmd, "\n") {
 		if len(line) > MaxRunLine {
 			return "", -1, fmt.Errorf("run: a line of %d bytes; a shell's line editor takes %d", len(line), MaxRunLine)
 		}
 	}
+	// A line editor acts on control keys (TAB completes, Ctrl-U erases):
+	// typed, they would make the shell run another command than cmd.
+	if i := strings.IndexFunc(cmd, func(r rune) bool { return r < 0x20 && r != '\n' || r == 0x7f }); i >= 0 {
+		return "", -1, fmt.Errorf("run: control character %q in the command (write it with printf's escapes)", cmd[i])
+	}
+	ctx, cancel := g.talkDeadline(ctx) // one deadline for the command and its retransmissions
+	defer cancel()
 	var nb [6]byte
 	rand.Read(nb[:])
 	n := hex.EncodeToString(nb[:])
 	what := fmt.Sprintf("run %q", cmd)
 	typed := runScript(n, cmd)
-	for try := 0; ; try++ {
+	budget := repairBudget
+	for try := 1; ; try++ {
 		from := g.end()
 		if err := g.Send(strings.ReplaceAll(typed, "\n", "\r")); err != nil {
 			return "", -1, fmt.Errorf("run: %w", err)
 		}
-		var lines []string
-		var out string
-		var perr error
+		// Only the lines up to this try's end marker are gathered here,
+		// under the conversation's lock; the frames are read after.
+		done := runDone(n, try)
+		var raw []string
 		last, err := g.waitLine(ctx, from, what, func(l console.Line) bool {
-			// As the lines came (Raw: not joined at the firmware's
-			// width) and Plain (not Text: a message that broke in
-			// between a frame's CR and LF must not overwrite it).
-			for _, r := range strings.Split(l.Raw, "\n") {
-				lines = append(lines, console.Plain(r))
-			}
-			if runDone(n, l.Text) || strings.Contains(l.Text, n+":t") {
-				// The end marker, or (should it be lost) a trailer
-				// that reads.
-				out, status, perr = parseRun(n, lines)
-				return runDone(n, l.Text) || perr == nil
-			}
-			return false
+			raw = append(raw, l.Raw)
+			return strings.Contains(l.Text, done)
 		})
 		if err != nil {
 			return "", -1, err
 		}
 		g.setPosition(last + 1)
-		if perr == nil || try == runRetries || strings.Contains(perr.Error(), "cannot write") {
+		// As the lines came (Raw: not joined at the firmware's width)
+		// and Plain (not Text: a message that broke in between a
+		// frame's CR and LF must not overwrite it).
+		var lines []string
+		for _, l := range raw {
+			for _, r := range strings.Split(l, "\n") {
+				lines = append(lines, console.Plain(r))
+			}
+		}
+		out, status, perr := parseRun(n, lines, &budget)
+		if perr == nil || try > runRetries || errors.Is(perr, errNoFile) || ctx.Err() != nil {
 			g.Send(`rm -f "$nbh_f"` + "\r") // kept for a retransmission until now
 			if perr != nil {
 				return "", status, fmt.Errorf("%s: %w", what, perr)
 			}
 			return out, status, nil
 		}
-		// The console lost bytes (QEMU drops a serial byte its
-		// terminal does not take in time): the guest prints the kept
-		// output again; the command does not run again.
-		g.lab.tl.Emit(timeline.Event{Source: "console", Kind: "run-retransmit", Guest: g.Name, Msg: what, Detail: map[string]any{"error": perr.Error(), "try": try + 1}})
-		typed = "nbh_p\n"
+		// The output arrived damaged: the guest prints its kept copy
+		// again; the command does not run again.
+		g.lab.tl.Emit(timeline.Event{Source: "console", Kind: "run-retransmit", Guest: g.Name, Msg: what, Detail: map[string]any{"error": perr.Error(), "try": try}})
+		typed = fmt.Sprintf("nbh_p %d\n", try+1)
 	}
 }
 
@@ -277,7 +297,7 @@ func runScript(n, cmd string) string {
 		return ` | od -An -v -tu1 | awk -v p=` + n + `:` + ch +
 			` '{l=""; s=NF; for (i=1; i<=NF; i++) {l=l " " $i; s=(s*257+$i)%2147483647}; print p " " NR-1 l " =" s ";"}'`
 	}
-	done := "printf '%s-%s\\n' NBH-RUN-" + n + " DONE"
+	done := "printf '%s-%s-DONE\\n' NBH-RUN-" + n + ` "$1"`
 	return strings.Join([]string{
 		"nbh_f=${TMPDIR:-/tmp}/.nbh-run-" + n + "; nbh_s=",
 		// nbh_p prints the kept output and the trailer: again, if the
@@ -288,24 +308,28 @@ func runScript(n, cmd string) string {
 		`else printf nofile` + frame("t") + "; fi; " + done + "; " + done + "; }",
 		`if (: >"$nbh_f") 2>/dev/null; then {`,
 		cmd,
-		`} >"$nbh_f" 2>&1 </dev/null; nbh_s=$?; fi; nbh_p`,
+		`} >"$nbh_f" 2>&1 </dev/null; nbh_s=$?; fi; nbh_p 1`,
 	}, "\n") + "\n"
 }
 
-// runDone reports whether a console line is Run's end marker (nonce n).
-func runDone(n, line string) bool { return strings.Contains(line, "NBH-RUN-"+n+"-DONE") }
+// runDone is the end marker of Run's try (nonce n): each print of the
+// output (nbh_p TRY) ends with its own, so a late marker of one print never
+// ends the next.
+func runDone(n string, try int) string { return fmt.Sprintf("NBH-RUN-%s-%d-DONE", n, try) }
+
+var errNoFile = errors.New("the guest's shell cannot write its $TMPDIR or /tmp for the output")
 
 // parseRun reads Run's result (nonce n) from the console lines since it was
 // typed: the trailer's status, and the output, checked against the
 // trailer's size and SHA-256.
-func parseRun(n string, lines []string) (string, int, error) {
-	streams := readFrames(n, lines)
+func parseRun(n string, lines []string, budget *int) (string, int, error) {
+	streams := readFrames(n, lines, budget)
 	trailer, err := streams['t'].bytes()
 	if err != nil {
 		return "", -1, fmt.Errorf("the trailer: %w", err)
 	}
 	if string(trailer) == "nofile" {
-		return "", -1, errors.New("the guest's shell cannot write its $TMPDIR or /tmp for the output")
+		return "", -1, errNoFile
 	}
 	var status, size int
 	var sum string
@@ -352,13 +376,16 @@ func (f *frames) bytes() ([]byte, error) {
 
 // How far repairs of broken frames go: a frame's rest comes within
 // continuation console lines (kernel messages in between), it breaks at
-// most maxBreaks times, and all repairs together try at most repairBudget
-// joins (a guest's output cannot make Run slow).
+// most maxBreaks times, and a Run's repairs together read at most
+// repairBudget bytes of candidates (what a guest prints cannot make Run
+// slow). No frame is longer than maxFrame: od's 16 bytes, each at most
+// " 255", with the nonce, line number and sum.
 const (
 	continuation = 6
 	maxBreaks    = 3
 	maxSlack     = 12
-	repairBudget = 2_000_000
+	maxFrame     = 160
+	repairBudget = 4 << 20
 )
 
 // readFrames finds Run's frames in console lines. Something that broke
@@ -366,10 +393,9 @@ const (
 // of its console line, such messages ending lines, and the frame goes on
 // at the start of a later line: a broken frame is put together from its
 // line's head and later lines, at the cuts where its checksum holds.
-func readFrames(n string, lines []string) map[byte]*frames {
+func readFrames(n string, lines []string, budget *int) map[byte]*frames {
 	out := map[byte]*frames{'o': {lines: map[int][]byte{}}, 't': {lines: map[int][]byte{}}}
 	used := make([]bool, len(lines))
-	budget := repairBudget
 	for i, l := range lines {
 		if used[i] || !strings.HasPrefix(l, n[:1]) {
 			continue
@@ -380,10 +406,11 @@ func readFrames(n string, lines []string) map[byte]*frames {
 			// breaks (slack: how far short of that they may be, for
 			// what broke in starting like a frame's text), and the
 			// fewest breaks.
-			for slack := 0; slack <= maxSlack && !ok; slack++ {
+			head := l[:validPrefix(n, l, 0)]
+			for slack := 0; slack <= maxSlack && !ok && *budget >= maxFrame; slack++ {
 				for breaks := 1; breaks <= maxBreaks && !ok; breaks++ {
 					var more []int
-					ch, no, data, more, ok = repair(n, lines, used, l, 0, i, breaks, slack, &budget)
+					ch, no, data, more, ok = repair(n, lines, used, head, 0, i, breaks, slack, budget)
 					for _, j := range more {
 						used[j] = true
 					}
@@ -404,30 +431,33 @@ func readFrames(n string, lines []string) map[byte]*frames {
 	return out
 }
 
-// repair completes the broken frame whose text so far ends line at (acc
-// holds it; the break is somewhere after its first from bytes, in the last
-// piece) with later lines, in at most breaks more pieces, and returns the
-// lines it used. The longest head is tried first: what broke in most
-// likely starts where the frame's grammar breaks.
-func repair(n string, lines []string, used []bool, acc string, from, at, breaks, slack int, budget *int) (byte, int, []byte, []int, bool) {
-	valid := from
-	for valid < len(acc) && framePrefix(n, acc[:valid+1]) {
-		valid++
-	}
-	for cut := valid; cut > from && cut >= valid-slack; cut-- {
-		head := acc[:cut]
+// repair completes a broken frame with later lines, in at most breaks more
+// pieces, and returns the lines it used. valid is the frame's text so far,
+// up to where its grammar broke in its last piece (which ends line at and
+// starts after byte from); the cut is tried there first, then up to slack
+// bytes short of it (what broke in may start like a frame's text).
+func repair(n string, lines []string, used []bool, valid string, from, at, breaks, slack int, budget *int) (byte, int, []byte, []int, bool) {
+	for cut := len(valid); cut > from && cut >= len(valid)-slack; cut-- {
+		head := valid[:cut]
 		for j := at + 1; j < len(lines) && j <= at+continuation; j++ {
 			if used[j] {
 				continue
 			}
-			if *budget--; *budget < 0 {
+			next := lines[j]
+			if len(head)+len(next) > maxFrame {
+				next = next[:max(maxFrame-len(head), 0)] // no frame is longer
+			}
+			cand := head + next
+			if *budget < len(cand) {
 				return 0, 0, nil, nil, false
 			}
-			if ch, no, data, ok := parseFrame(n, head+lines[j]); ok {
+			*budget -= len(cand)
+			if ch, no, data, ok := parseFrame(n, cand); ok {
 				return ch, no, data, []int{j}, true
 			}
 			if breaks > 1 {
-				if ch, no, data, more, ok := repair(n, lines, used, head+lines[j], len(head), j, breaks-1, slack-(valid-cut), budget); ok {
+				v := cand[:validPrefix(n, cand, len(head))]
+				if ch, no, data, more, ok := repair(n, lines, used, v, len(head), j, breaks-1, slack-(len(valid)-cut), budget); ok {
 					return ch, no, data, append(more, j), true
 				}
 			}
@@ -436,21 +466,24 @@ func repair(n string, lines []string, used []bool, acc string, from, at, breaks,
 	return 0, 0, nil, nil, false
 }
 
-// framePrefix reports whether s can begin a frame of nonce n.
-func framePrefix(n, s string) bool {
+// validPrefix is how long a prefix of s can begin a frame of nonce n (at
+// most maxFrame), given that its first from bytes can: one pass.
+func validPrefix(n, s string, from int) int {
 	want := n + ":"
-	if len(s) <= len(want) {
-		return strings.HasPrefix(want, s)
-	}
-	if !strings.HasPrefix(s, want) {
-		return false
-	}
-	for _, c := range []byte(s[len(want):]) {
+	i := from
+	for ; i < len(s) && i < maxFrame; i++ {
+		c := s[i]
+		if i < len(want) {
+			if c != want[i] {
+				break
+			}
+			continue
+		}
 		if !(c >= '0' && c <= '9' || c == ' ' || c == '=' || c == 'o' || c == 't') {
-			return false
+			break
 		}
 	}
-	return true
+	return i
 }
 
 // parseFrame reads one frame, "n:CH LINE B B ... =SUM;" (text after the
@@ -494,6 +527,8 @@ func parseFrame(n, s string) (ch byte, line int, data []byte, ok bool) {
 // once a shell prompt ("#" or "$" at a line's end) shows; a refused login
 // is an error.
 func (g *Guest) Login(ctx context.Context, user, password string) error {
+	ctx, cancel := g.talkDeadline(ctx) // one deadline for the whole login
+	defer cancel()
 	if _, err := g.Expect(ctx, `(?i)login:\s*$`); err != nil {
 		return fmt.Errorf("login: %w", err)
 	}
@@ -556,9 +591,12 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 	}
 	ctx, cancel := g.talkDeadline(ctx)
 	defer cancel()
-	for len(g.proc.Resets()) > 0 {
-		<-g.proc.Resets() // not ours
+	g.restartMu.Lock() // one restart at a time
+	defer g.restartMu.Unlock()
+	if g.settle != nil {
+		g.settle.Stop() // an earlier reset's return to -no-reboot: not now
 	}
+	drainResets(g.proc.Resets()) // not ours
 	if err := g.proc.SetRebootAction(true); err != nil {
 		return fmt.Errorf("%s: %w", how, err)
 	}
@@ -568,21 +606,22 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 	}
 	select {
 	case at := <-g.proc.Resets():
+		b := g.newBoot(at)
+		g.talk.from(at) // the conversation goes on with the new boot's lines
+		g.lab.tl.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
+			Msg: fmt.Sprintf("boot %d of %s", b.id, g.Name)})
+		go g.watch(b)
 		// Back to ending QEMU on a reset, a moment after this one: a
 		// boot that resets on its own (panic=-1) must end, not boot
 		// again unobserved. Not at once: a kernel tries its ways to
 		// reset one after the other (ACPI, the keyboard controller),
 		// and the machine takes a later one too.
-		time.AfterFunc(resetSettle, func() {
+		g.settle = time.AfterFunc(resetSettle, func() {
+			g.restartMu.Lock()
+			defer g.restartMu.Unlock()
 			g.proc.SetRebootAction(false)
-			for len(g.proc.Resets()) > 0 {
-				<-g.proc.Resets() // the same reset, asked again
-			}
+			drainResets(g.proc.Resets()) // the same reset, asked again
 		})
-		b := g.newBoot(at)
-		g.lab.tl.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
-			Msg: fmt.Sprintf("boot %d of %s", b.id, g.Name)})
-		go g.watch(b)
 		return nil
 	case <-g.proc.Exited():
 		return g.talkError(how, "QEMU exited instead of resetting")
@@ -590,6 +629,29 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 		g.proc.SetRebootAction(false)
 		return g.talkError(how, "no reset: "+ctx.Err().Error())
 	}
+}
+
+// drainResets empties the channel of resets without waiting.
+func drainResets(ch <-chan time.Time) {
+	for {
+		select {
+		case <-ch:
+		default:
+			return
+		}
+	}
+}
+
+// from moves the position to the first line heard at or after t (a new
+// boot's first), or past every line heard so far.
+func (t *talk) from(at time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	pos := t.base + len(t.lines)
+	for i := len(t.lines) - 1; i >= 0 && !t.lines[i].Time.Before(at); i-- {
+		pos = t.base + i
+	}
+	t.pos = max(t.pos, pos)
 }
 
 // resetSettle is how long after a reset the machine still restarts on

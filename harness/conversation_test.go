@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"os/exec"
 	"slices"
@@ -35,6 +36,23 @@ func runInShell(t *testing.T, n, cmd string) string {
 	return script + string(out) // the echo comes first
 }
 
+// parseRunAll is parseRun with a Run's whole repair budget.
+func parseRunAll(n string, lines []string) (string, int, error) {
+	budget := repairBudget
+	return parseRun(n, lines, &budget)
+}
+
+// frameOf writes a frame as the guest's awk does: the wire format.
+func frameOf(n string, ch byte, line int, data []byte) string {
+	f := fmt.Sprintf("%s:%c %d", n, ch, line)
+	sum := len(data)
+	for _, b := range data {
+		f += fmt.Sprintf(" %d", b)
+		sum = (sum*257 + int(b)) % 2147483647
+	}
+	return f + fmt.Sprintf(" =%d;", sum)
+}
+
 // TestRunFraming: Run gets exactly what the command wrote and its status
 // out of a console that also shows the typed text and kernel messages
 // breaking in anywhere, and says so when the output arrived garbled rather
@@ -51,7 +69,7 @@ func TestRunFraming(t *testing.T) {
 		{"exit_with() { return $1; }; exit_with 7", 7},
 		{`printf '\001\377\r\n\t x'`, 0},
 		{"echo to stderr >&2; echo to stdout", 0},
-		{"echo NBH-RUN-0123456789ab-END 0 " + strings.Repeat("0", 64), 0}, // a command printing a marker-like line
+		{"echo 0123456789ab:o 0 1 =2; echo NBH-RUN-0123456789ab-1-DONE", 0}, // a command printing frame- and marker-like lines
 		{"seq 1 3000", 0},
 		{"printf ''", 0},
 		{"echo one\necho two", 0},
@@ -65,7 +83,7 @@ func TestRunFraming(t *testing.T) {
 		raw := runInShell(t, n, c.cmd)
 		raw = strings.ReplaceAll(raw, "\n", "\r\n") // the terminal's onlcr
 
-		out, status, err := parseRun(n, consoleLines(raw))
+		out, status, err := parseRunAll(n, consoleLines(raw))
 		assert.NilError(t, err, "%q", c.cmd)
 		assert.Equal(t, out, string(want), "%q", c.cmd)
 		assert.Equal(t, status, c.status, "%q", c.cmd)
@@ -87,7 +105,7 @@ func TestRunFraming(t *testing.T) {
 				prev = i
 			}
 			mixed.WriteString(raw[prev:])
-			out, status, err := parseRun(n, consoleLines(mixed.String()))
+			out, status, err := parseRunAll(n, consoleLines(mixed.String()))
 			assert.NilError(t, err, "%q in %q", c.cmd, mixed.String())
 			assert.Equal(t, out, string(want), "%q", c.cmd)
 			assert.Equal(t, status, c.status)
@@ -98,14 +116,39 @@ func TestRunFraming(t *testing.T) {
 	raw := strings.ReplaceAll(runInShell(t, n, "echo hello"), "\n", "\r\n")
 	garbled := strings.Replace(raw, n+":o 0 104", n+":o 0 105", 1)
 	assert.Assert(t, garbled != raw)
-	_, _, err := parseRun(n, consoleLines(garbled))
+	_, _, err := parseRunAll(n, consoleLines(garbled))
 	assert.ErrorContains(t, err, "the guest counted")
+	// A frame replaced by another with a good checksum but other bytes
+	// (what no per-line check can catch): the SHA-256 does.
+	forged := strings.Replace(raw, frameOf(n, 'o', 0, []byte("hello\n")), frameOf(n, 'o', 0, []byte("jello\n")), 1)
+	assert.Assert(t, forged != raw, "the test's frame is not the guest's")
+	_, _, err = parseRunAll(n, consoleLines(forged))
+	assert.ErrorContains(t, err, "SHA-256")
 	// A lost frame too.
 	lost := strings.Replace(raw, n+":o 0", "x:o 0", 1)
-	_, _, err = parseRun(n, consoleLines(lost))
+	_, _, err = parseRunAll(n, consoleLines(lost))
 	assert.ErrorContains(t, err, "the guest counted")
 	// No place to write the output: said so.
 	nowhere, _ := exec.Command("sh", "-c", strings.ReplaceAll(runScript(n, "true"), "${TMPDIR:-/tmp}", "/nonexistent")).CombinedOutput()
-	_, _, err = parseRun(n, consoleLines(string(nowhere)))
+	_, _, err = parseRunAll(n, consoleLines(string(nowhere)))
 	assert.ErrorContains(t, err, "cannot write")
+}
+
+// TestRunRepairIsBounded: what a guest prints cannot make Run's repair
+// of broken frames slow: a broken frame followed by console-long lines of
+// the digits and spaces a frame is made of costs at most the budget (the
+// test's own time limit is the backstop), and gives an error, not an
+// answer.
+func TestRunRepairIsBounded(t *testing.T) {
+	const n = "0123456789ab"
+	digits := strings.Repeat("1 ", console.MaxLine/2)
+	lines := []string{n + ":o 0 104 101 1"}
+	for range 6 {
+		lines = append(lines, digits)
+	}
+	lines = append(lines, frameOf(n, 't', 0, []byte("0 3 "+strings.Repeat("a", 64)+"  -")))
+	budget := repairBudget
+	_, _, err := parseRun(n, lines, &budget)
+	assert.Assert(t, err != nil)
+	assert.Assert(t, budget >= 0, "read %d bytes past the budget", -budget)
 }

@@ -72,6 +72,10 @@ type Guest struct {
 	isClosed  bool
 
 	talk talk // the conversation on its console (Expect, Run, ...)
+
+	kept      []timeline.Event // its last boot's events, once the lab forgot them
+	restartMu sync.Mutex       // one Reboot or Reset at a time
+	settle    *time.Timer      // a reset's return to ending QEMU on the next one
 }
 
 // Boot starts a guest on the lab's network. The returned guest is running;
@@ -183,7 +187,15 @@ func (g *Guest) QEMUArgs(socket string) ([]string, error) {
 
 // Events are the current boot's events on the lab timeline so far (all of
 // the guest's boots: Lab.Timeline.Events with its name).
-func (g *Guest) Events() []timeline.Event { return g.lab.tl.BootEvents(g.Name, g.Boot()) }
+func (g *Guest) Events() []timeline.Event {
+	g.mu.Lock()
+	kept := g.kept
+	g.mu.Unlock()
+	if kept != nil {
+		return kept // closed in a lab that forgets (Options.ForgetClosed)
+	}
+	return g.lab.tl.BootEvents(g.Name, g.Boot())
+}
 
 // Spans are the current boot's per-stage durations so far.
 func (g *Guest) Spans() []timeline.Span {
@@ -337,6 +349,10 @@ func (g *Guest) forget() {
 	delete(l.ubootNFS, g.MAC.String())
 	l.mu.Unlock()
 	l.dhcp.Release(g.MAC)
+	kept := g.Events() // its last boot's, for its verdict's bundle and report
+	g.mu.Lock()
+	g.kept = kept
+	g.mu.Unlock()
 	l.tl.Forget(g.Name, g.MAC.String(), g.IP, g.IP6)
 	base := filepath.Join(l.work, "roots", g.Name)
 	for _, p := range []string{base, base + ".img", base + ".disk", base + ".tmp", filepath.Join(l.srv, g.Name)} {

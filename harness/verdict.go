@@ -100,6 +100,8 @@ func (g *Guest) watch(b *boot) {
 		select {
 		case <-b.decided:
 			return
+		case <-b.ctx.Done(): // a later boot, or the guest closed
+			return
 		case <-t.C:
 		}
 		g.mu.Lock()
@@ -110,7 +112,7 @@ func (g *Guest) watch(b *boot) {
 		}
 		if p.open && stall > 0 && time.Since(p.at) > stall {
 			msg := fmt.Sprintf("the %s transfer of %s stalled at %d bytes%s: nothing moved for %s", p.source, p.what, p.bytes, p.ofSize(), stall)
-			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: g.Name, Msg: msg,
+			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: g.Name, Boot: b.id, Msg: msg,
 				Detail: map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}})
 			g.decideBoot(b, Verdict{Reason: failure.Stalled, Stage: st, Detail: msg})
 			return
@@ -120,7 +122,7 @@ func (g *Guest) watch(b *boot) {
 			if !p.at.IsZero() {
 				msg += fmt.Sprintf("; the last bytes moved %.0fs ago: %s %s, %d bytes%s", time.Since(p.at).Seconds(), p.source, p.what, p.bytes, p.ofSize())
 			}
-			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
+			g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: g.Name, Boot: b.id, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
 			g.decideBoot(b, Verdict{Reason: failure.Deadline, Stage: st, Detail: msg})
 			return
 		}

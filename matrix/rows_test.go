@@ -92,4 +92,23 @@ func TestPassNeedsReasonAndStage(t *testing.T) {
 		assert.Assert(t, strings.Contains(r.Expected(), " at "+r.Stages[0].String()), r.Expected())
 	}
 	assert.Assert(t, n > 100)
+
+	// The stages real boots of these faults end at (the scenarios'
+	// tables, boot_test.go and archive_test.go), not the fault table's
+	// own words: a row of them must pass there.
+	seen := map[string]timeline.Stage{
+		"no-dhcp amd64/seabios-ipxe": timeline.DHCP, "no-dhcp amd64/direct": timeline.Init, "no-dhcp arm64/uboot": timeline.DHCP,
+		"no-dhcp arm64/aavmf-grub": timeline.DHCP, "missing-kernel amd64/ovmf-pxe": timeline.Loader,
+		"stale-config amd64/seabios-ipxe": timeline.Root, "module-skew arm64/uboot": timeline.Init,
+		"truncated-archive amd64/ovmf-http": timeline.Loader, "missing-module arm64/uboot": timeline.Root,
+		"stalled-transfer amd64/seabios-ipxe": timeline.Loader, "stalled-transfer arm64/uboot": timeline.Loader,
+	}
+	checked := 0
+	for _, r := range fullRows() {
+		if st, ok := seen[r.Fault+" "+r.Chain()]; ok {
+			assert.Assert(t, r.Pass(harness.Verdict{Reason: r.Expect, Stage: st}), "%s at %s", r.Label(), st)
+			checked++
+		}
+	}
+	assert.Assert(t, checked >= len(seen), "only %d rows checked", checked)
 }

@@ -64,7 +64,7 @@ func peakOf(s []footprint) footprint {
 // judge compares the peak of all boots with the first boots' peak. The
 // bounds allow for noise (a garbage collector's timing, a connection still
 // closing), not for a per-boot leak: 100 boots leaking a goroutine, a file
-// or a subscriber each, or 200 KiB each, cross them.
+// or a subscriber each, or 100 KiB of heap each, cross them.
 func judge(s []footprint) *flatness {
 	f := &flatness{Samples: s, Base: peakOf(s[:min(flatBase, len(s))]), Peak: peakOf(s), Growth: []string{}}
 	check := func(what string, base, peak, slack float64) {

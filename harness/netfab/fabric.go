@@ -619,7 +619,7 @@ func (f *Fabric) applyRules(p *Port, dir Dir, frame []byte, fi frameInfo) ([]byt
 		case Replay:
 			replays = append(replays, r.Delay)
 		case Limit:
-			wait, room := r.pace(len(frame))
+			wait, room := r.pace(time.Now(), len(frame))
 			if !room {
 				return nil, 0, false
 			}

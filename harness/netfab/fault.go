@@ -85,10 +85,9 @@ const LimitQueue = 250 * time.Millisecond
 // pace is how long a frame of n bytes waits on a Limit rule's link: the
 // frames before it leave first, each taking n/Rate of the link's time. It
 // is false for a frame the queue has no room for.
-func (r *ruleState) pace(n int) (time.Duration, bool) {
+func (r *ruleState) pace(now time.Time, n int) (time.Duration, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	now := time.Now()
 	if r.next.Before(now) {
 		r.next = now
 	}

@@ -116,8 +116,14 @@ func (p *Process) connectQMP(path string) error {
 func (p *Process) events(evs <-chan qmp.Event) {
 	for e := range evs {
 		if e.Event == "RESET" {
+			// QEMU's own time of the reset, not when it was read: the
+			// console's lines are judged by boot against it.
+			at := time.Unix(e.Timestamp.Seconds, e.Timestamp.Microseconds*1000)
+			if e.Timestamp.Seconds == 0 {
+				at = time.Now()
+			}
 			select {
-			case p.resets <- time.Now():
+			case p.resets <- at:
 			default: // nobody is waiting for this many
 			}
 		}

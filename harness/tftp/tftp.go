@@ -219,7 +219,9 @@ func (s *Server) transfer(pkt []byte, peer *net.UDPAddr) {
 	d := time.Since(start)
 	detail := map[string]any{"client": client, "bytes": sent, "seconds": d.Seconds(), "blksize": x.blksize, "windowsize": x.window}
 	if errors.Is(err, errSizeQuery) {
-		// Firmware asks for tsize and then ends the transfer: a size probe.
+		// Firmware asks for tsize and then ends the transfer: a size probe
+		// (its ERROR's code and message kept).
+		detail["error"] = err.Error()
 		s.emit(timeline.Event{Addr: addr, Kind: "size-query", Msg: fmt.Sprintf("%s (%d bytes)", req.Filename, x.size), Detail: detail})
 		return
 	}
@@ -319,7 +321,7 @@ func (x *xfer) run(oack []byte) (int64, error) {
 				// Asking the size and ending there is how firmware
 				// probes a file; any other error is the client's.
 				if x.sizeAsked {
-					return 0, errSizeQuery
+					return 0, fmt.Errorf("%w: %s", errSizeQuery, clientError(buf))
 				}
 				return 0, fmt.Errorf("the client refused the option acknowledgement: %s", clientError(buf))
 			}

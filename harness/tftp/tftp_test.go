@@ -314,6 +314,7 @@ func TestClientErrorAfterOptionAck(t *testing.T) {
 	}
 	e := abort("tsize", "0")
 	assert.Equal(t, e.Kind, "size-query")
+	assert.Assert(t, strings.Contains(e.Detail["error"].(string), `error 8: "out of memory"`), "%v", e.Detail)
 	e = abort("blksize", "1468")
 	assert.Equal(t, e.Kind, "aborted")
 	assert.Assert(t, strings.Contains(e.Detail["error"].(string), `error 8: "out of memory"`), "%v", e.Detail)

@@ -311,9 +311,22 @@ type Meter struct {
 }
 
 // Meter starts a meter whose events are base (Source, Addr or Guest, and
-// the file or export as Msg) with the progress details.
+// the file or export as Msg) with the progress details. Its events belong
+// to the guest and boot of the transfer's start: a report due when the
+// guest resets is no event of the next boot.
 func (t *Timeline) Meter(base Event, size int64, open bool) *Meter {
 	base.Kind = ProgressKind
+	t.mu.Lock()
+	if base.Guest == "" && base.MAC != "" {
+		base.Guest = t.names[strings.ToLower(base.MAC)]
+	}
+	if base.Guest == "" && base.Addr != "" {
+		base.Guest = t.names[base.Addr]
+	}
+	if base.Guest != "" && base.Boot == 0 {
+		base.Boot = t.boots[base.Guest]
+	}
+	t.mu.Unlock()
 	d := map[string]any{"of": size, "open": open}
 	for k, v := range base.Detail {
 		d[k] = v
