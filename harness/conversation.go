@@ -608,6 +608,9 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 	case at := <-g.proc.Resets():
 		b := g.newBoot(at)
 		g.talk.from(at) // the conversation goes on with the new boot's lines
+		if g.espPeer != nil {
+			g.espPeer.In.RestartReplay() // the rebooted kernel counts from 1 again
+		}
 		g.lab.tl.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
 			Msg: fmt.Sprintf("boot %d of %s", b.id, g.Name)})
 		go g.watch(b)

@@ -133,4 +133,13 @@ func TestConversationUnderIPsec(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, status, 0)
 	assert.Check(t, strings.HasPrefix(out, "1\n"), "%q", out)
+	// A reboot on the IPsec network: the rebooted kernel's ESP counts
+	// from 1 again with the same keys, and reaches its root.
+	assert.NilError(t, g.Reboot(ctx))
+	v = g.Wait(ctx)
+	assert.Assert(t, v.OK, "boot 2: %v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+	out, status, err = g.Run(ctx, "cat /root/boots")
+	assert.NilError(t, err)
+	assert.Equal(t, status, 0)
+	assert.Equal(t, out, "2\n")
 }

@@ -444,3 +444,46 @@ func TestOwnExpectations(t *testing.T) {
 		assert.Equal(t, len(events(g, "console", "expect")), 1)
 	})
 }
+
+// TestDebianRootConversation: the conversation API with a stock systemd
+// root (the user's Debian tree, its kernel and initramfs-tools archive,
+// over NFS): Login at its serial getty, then Run against its bash, with
+// kernel and systemd messages free to interleave on the console.
+func TestDebianRootConversation(t *testing.T) {
+	guestTest(t)
+	if !selected("amd64", "direct") {
+		t.Skip("amd64/direct not selected")
+	}
+	root := ownDebianRoot(t, "amd64")
+	// The guest's copy of the tree lets root log in without a password
+	// (mmdebstrap locks the account); the user's tree is left as it is.
+	shadow, err := os.ReadFile(filepath.Join(root.Dir, "etc/shadow"))
+	assert.NilError(t, err)
+	lines := strings.Split(string(shadow), "\n")
+	for i, l := range lines {
+		if f := strings.SplitN(l, ":", 3); len(f) == 3 && f[0] == "root" {
+			lines[i] = "root::" + f[2]
+		}
+	}
+	open := filepath.Join(t.TempDir(), "shadow")
+	assert.NilError(t, os.WriteFile(open, []byte(strings.Join(lines, "\n")), 0o600))
+
+	ctx := context.Background()
+	lab := nbhtest.NewLab(t)
+	g, err := lab.Boot(ctx, harness.Spec{Arch: "amd64", Firmware: "direct", Root: harness.RootNFS,
+		RootDir: root.Dir, RootFiles: map[string]string{"/etc/shadow": open}, Kernel: root.Kernel, Initrd: root.Initrd,
+		Expect: `login:`, Timeout: 420 * time.Second, Artifacts: nbhtest.Artifacts(t, "g1"),
+		StageTimeouts: map[timeline.Stage]time.Duration{timeline.Root: 240 * time.Second}})
+	assert.NilError(t, err)
+	v := g.Wait(ctx)
+	assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+	assert.NilError(t, g.Login(ctx, "root", ""))
+	out, status, err := g.Run(ctx, "grep ^VERSION_CODENAME= /etc/os-release; readlink /proc/1/exe")
+	assert.NilError(t, err)
+	assert.Equal(t, status, 0)
+	assert.Equal(t, out, "VERSION_CODENAME=bookworm\n/usr/lib/systemd/systemd\n")
+	_, status, err = g.Run(ctx, "false")
+	assert.NilError(t, err)
+	assert.Equal(t, status, 1)
+	assert.NilError(t, g.PowerOff(ctx))
+}

@@ -139,6 +139,15 @@ func (sa *SA) nonce(iv [ivLen]byte) [saltLen + ivLen]byte {
 	return n
 }
 
+// RestartReplay starts the inbound replay window again: the peer rebooted
+// and sends from sequence number 1 with the same keys (a lab's guest has
+// them in its archive; no IKE makes new ones). Outbound numbers go on.
+func (sa *SA) RestartReplay() {
+	sa.mu.Lock()
+	sa.top, sa.window = 0, 0
+	sa.mu.Unlock()
+}
+
 // SPIOf reads the SPI of an ESP packet.
 func SPIOf(esp []byte) (uint32, error) {
 	if len(esp) < headerLen {
