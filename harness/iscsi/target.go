@@ -98,7 +98,12 @@ func (s *Server) serve(c net.Conn) {
 	sc.finish(err)
 }
 
+// hostOf is the host of a, "" for none (a gVisor connection that was
+// reset has no address: a guest can do that any time).
 func hostOf(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
 	h, _, _ := net.SplitHostPort(a.String())
 	return h
 }
@@ -612,7 +617,7 @@ func (l *LUN) Close() error { return l.f.Close() }
 // came to (IPv4 or IPv6), else the configured one.
 func (sc *session) portal() string {
 	host := sc.s.addr
-	if h, _, err := net.SplitHostPort(sc.c.LocalAddr().String()); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
+	if h := hostOf(sc.c.LocalAddr()); h != "" && h != "0.0.0.0" && h != "::" {
 		host = h
 	}
 	return net.JoinHostPort(host, fmt.Sprint(Port)) + ",1"

@@ -141,7 +141,7 @@ var refused = memfs.New()
 type handler struct{ s *Server }
 
 func (h *handler) Mount(ctx context.Context, conn net.Conn, req gonfs.MountRequest) (gonfs.MountStatus, billy.Filesystem, []gonfs.AuthFlavor) {
-	ip, _, _ := net.SplitHostPort(conn.RemoteAddr().String())
+	ip := addrOf(conn.RemoteAddr())
 	path := "/" + strings.Trim(filepath.Clean("/"+string(req.Dirpath)), "/")
 	fs, ok := h.s.lookup(path, ip)
 	if !ok {

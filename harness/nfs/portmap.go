@@ -124,7 +124,12 @@ func (p *Portmapper) serveTCP(c net.Conn) {
 	}
 }
 
+// addrOf is the host of a, "" for none (a gVisor connection that was
+// reset has no address: a guest can do that any time).
 func addrOf(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
 	h, _, _ := net.SplitHostPort(a.String())
 	return h
 }

@@ -27,6 +27,7 @@ type versionGate struct {
 
 	pending []byte // the rest of a passed call, for go-nfs's reads
 	done    func() // forgets the connection (gateListener)
+	peer    string // the client's host, from its accept
 
 	mu     sync.Mutex // writes: go-nfs's replies and the gate's own
 	out    recordTracker
@@ -168,6 +169,7 @@ func (l *gateListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	g := newVersionGate(c, l.emit)
+	g.peer = addrOf(c.RemoteAddr()) // now: a connection already reset has no address
 	g.done = func() {
 		l.mu.Lock()
 		delete(l.conns, g)
@@ -209,7 +211,7 @@ func (l *gateListener) closeFrom(ip string) int {
 	l.mu.Lock()
 	var conns []*versionGate
 	for g := range l.conns {
-		if host, _, err := net.SplitHostPort(g.RemoteAddr().String()); err == nil && host == ip {
+		if g.peer == ip {
 			conns = append(conns, g)
 		}
 	}

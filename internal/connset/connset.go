@@ -19,7 +19,7 @@ type Set struct {
 	ln     net.Listener
 	wg     sync.WaitGroup
 	mu     sync.Mutex
-	conns  map[net.Conn]bool
+	conns  map[net.Conn]string // open, with the peer's host (taken at accept: a closed one has no address)
 	closed bool
 }
 
@@ -29,7 +29,7 @@ func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
 	s.mu.Lock()
 	s.ln = ln
 	if s.conns == nil {
-		s.conns = map[net.Conn]bool{}
+		s.conns = map[net.Conn]string{}
 	}
 	s.mu.Unlock()
 	s.wg.Add(1)
@@ -46,12 +46,13 @@ func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
 				c.Close()
 				return
 			}
-			s.conns[c] = true
+			peer := peerHost(c)
+			s.conns[c] = peer
 			s.wg.Add(1)
 			s.mu.Unlock()
 			go func() {
 				defer s.wg.Done()
-				guard.Run("connection from "+c.RemoteAddr().String(), s.Report, func() { handle(c) })
+				guard.Run("connection from "+peer, s.Report, func() { handle(c) })
 				c.Close()
 				s.mu.Lock()
 				delete(s.conns, c)
@@ -67,13 +68,24 @@ func (s *Set) CloseFrom(ip string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
-	for c := range s.conns {
-		if host, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil && host == ip {
+	for c, host := range s.conns {
+		if host == ip {
 			c.Close()
 			n++
 		}
 	}
 	return n
+}
+
+// peerHost is the host of c's peer, "" if c has no address (a gVisor
+// connection already reset has none).
+func peerHost(c net.Conn) string {
+	a := c.RemoteAddr()
+	if a == nil {
+		return ""
+	}
+	host, _, _ := net.SplitHostPort(a.String())
+	return host
 }
 
 // Close cuts every open connection, closes the listener and waits for the

@@ -52,3 +52,44 @@ func TestCloseFrom(t *testing.T) {
 		}
 	}
 }
+
+// addressless is a connection that has lost its addresses (gVisor's, once
+// its peer reset it): asking for them gives nil.
+type addressless struct{ net.Conn }
+
+func (addressless) RemoteAddr() net.Addr { return nil }
+
+type addresslessListener struct{ net.Listener }
+
+func (l addresslessListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return addressless{c}, nil
+}
+
+// TestConnectionWithoutAddress: a guest that resets its connection at once
+// leaves one without an address; serving it, and cutting by host, must not
+// crash the process.
+func TestConnectionWithoutAddress(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s Set
+	served := make(chan struct{}, 1)
+	s.Serve(addresslessListener{ln}, func(c net.Conn) { served <- struct{}{} })
+	defer s.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	select {
+	case <-served:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not served")
+	}
+	s.CloseFrom("127.0.0.1")
+}
