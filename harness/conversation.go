@@ -218,8 +218,9 @@ const MaxRunLine = 900
 // service messages the console interleaves are left out, and output the
 // console garbled is printed again from the guest's kept copy, up to
 // runRetries times, or is an error, never a wrong answer. The guest's
-// shell needs od, awk, wc, sha256sum and a writable $TMPDIR or /tmp (the
-// reference init's and root's have them, as has any distribution's).
+// shell needs od, awk, wc, sha256sum and one writable folder of $TMPDIR,
+// /tmp, /dev/shm, /run and /var/tmp (the reference init's and root's have
+// them, as has any distribution's, read-only root or not).
 // Control characters other than newlines are refused: a line editor would
 // act on them.
 func (g *Guest) Run(ctx context.Context, cmd string) (output string, status int, err error) {
@@ -299,25 +300,32 @@ func runScript(n, cmd string) string {
 	}
 	done := "printf '%s-%s-DONE\\n' NBH-RUN-" + n + ` "$1"`
 	return strings.Join([]string{
-		"nbh_f=${TMPDIR:-/tmp}/.nbh-run-" + n + "; nbh_s=",
+		// The first folder the shell can write: a network root is often
+		// mounted read-only, and then /tmp with it.
+		"nbh_s=; for nbh_d in " + runTmpDirs + "; do nbh_f=$nbh_d/.nbh-run-" + n + `; (: >"$nbh_f") 2>/dev/null && break; nbh_f=; done`,
 		// nbh_p prints the kept output and the trailer: again, if the
 		// console lost some of it.
 		`nbh_p() { if [ -f "$nbh_f" ] && [ -n "$nbh_s" ]; then`,
 		`cat "$nbh_f"` + frame("o"),
 		`printf '%s %s %s' "$nbh_s" "$(wc -c <"$nbh_f")" "$(sha256sum <"$nbh_f")"` + frame("t"),
 		`else printf nofile` + frame("t") + "; fi; " + done + "; " + done + "; }",
-		`if (: >"$nbh_f") 2>/dev/null; then {`,
+		`if [ -n "$nbh_f" ]; then {`,
 		cmd,
 		`} >"$nbh_f" 2>&1 </dev/null; nbh_s=$?; fi; nbh_p 1`,
 	}, "\n") + "\n"
 }
+
+// runTmpDirs are where Run's script keeps a command's output, the first
+// writable one: the user's $TMPDIR, /tmp, and the tmpfs folders a system
+// with a read-only root still writes.
+const runTmpDirs = "${TMPDIR:-/tmp} /dev/shm /run /var/tmp"
 
 // runDone is the end marker of Run's try (nonce n): each print of the
 // output (nbh_p TRY) ends with its own, so a late marker of one print never
 // ends the next.
 func runDone(n string, try int) string { return fmt.Sprintf("NBH-RUN-%s-%d-DONE", n, try) }
 
-var errNoFile = errors.New("the guest's shell cannot write its $TMPDIR or /tmp for the output")
+var errNoFile = errors.New("the guest's shell can write none of " + runTmpDirs + " for the output")
 
 // parseRun reads Run's result (nonce n) from the console lines since it was
 // typed: the trailer's status, and the output, checked against the

@@ -3,6 +3,7 @@ package harness
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -129,9 +130,17 @@ func TestRunFraming(t *testing.T) {
 	_, _, err = parseRunAll(n, consoleLines(lost))
 	assert.ErrorContains(t, err, "the guest counted")
 	// No place to write the output: said so.
-	nowhere, _ := exec.Command("sh", "-c", strings.ReplaceAll(runScript(n, "true"), "${TMPDIR:-/tmp}", "/nonexistent")).CombinedOutput()
+	nowhere, _ := exec.Command("sh", "-c", strings.ReplaceAll(runScript(n, "true"), runTmpDirs, "/nonexistent /proc")).CombinedOutput()
 	_, _, err = parseRunAll(n, consoleLines(string(nowhere)))
-	assert.ErrorContains(t, err, "cannot write")
+	assert.ErrorContains(t, err, "can write none")
+	// A $TMPDIR it cannot write: the next folder.
+	cmd := exec.Command("sh", "-c", runScript(n, "echo fallback"))
+	cmd.Env = append(os.Environ(), "TMPDIR=/nonexistent")
+	b, err := cmd.CombinedOutput()
+	assert.NilError(t, err)
+	out, _, err := parseRunAll(n, consoleLines(string(b)))
+	assert.NilError(t, err)
+	assert.Equal(t, out, "fallback\n")
 }
 
 // TestRunRepairIsBounded: what a guest prints cannot make Run's repair
