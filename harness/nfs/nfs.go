@@ -31,9 +31,10 @@ const Port = 2049
 
 // Server is a running NFS server.
 type Server struct {
-	tl   *timeline.Timeline
-	ln   *gateListener
-	done chan struct{}
+	tl      *timeline.Timeline
+	ln      *gateListener
+	done    chan struct{}
+	handles *forgetting
 
 	mu      sync.Mutex
 	exports map[string]map[string]billy.Filesystem // export path -> client IP -> root
@@ -54,7 +55,8 @@ func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 	})
 	s := &Server{tl: tl, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
 	s.ln = &gateListener{Listener: ln, emit: s.emit}
-	h := helpers.NewCachingHandler(&handler{s: s}, 4096)
+	h := &forgetting{CachingHandler: helpers.NewCachingHandler(&handler{s: s}, 4096).(*helpers.CachingHandler), issued: map[billy.Filesystem]map[string]bool{}}
+	s.handles = h
 	srv := &gonfs.Server{Handler: h, Context: context.Background()}
 	go func() {
 		defer close(s.done)
@@ -91,6 +93,40 @@ func (s *Server) Unexport(path, ip string) {
 	if c, ok := s.exports[path][ip].(*changeFS); ok {
 		c.root.Close()
 		delete(s.exports[path], ip)
+		s.handles.forget(c)
+	}
+}
+
+// forgetting is go-nfs's handle cache, recording the handles it gives out
+// per exported file system, so that a withdrawn export's go with it: a
+// long-lived lab's closed guests would otherwise hold up to the cache's
+// 4,096 entries, each keeping a dead export alive.
+type forgetting struct {
+	*helpers.CachingHandler
+
+	mu     sync.Mutex
+	issued map[billy.Filesystem]map[string]bool
+}
+
+func (h *forgetting) ToHandle(f billy.Filesystem, path []string) []byte {
+	b := h.CachingHandler.ToHandle(f, path)
+	h.mu.Lock()
+	if h.issued[f] == nil {
+		h.issued[f] = map[string]bool{}
+	}
+	h.issued[f][string(b)] = true
+	h.mu.Unlock()
+	return b
+}
+
+// forget invalidates every handle given out for f.
+func (h *forgetting) forget(f billy.Filesystem) {
+	h.mu.Lock()
+	issued := h.issued[f]
+	delete(h.issued, f)
+	h.mu.Unlock()
+	for b := range issued {
+		h.CachingHandler.InvalidateHandle(f, []byte(b))
 	}
 }
 
@@ -107,6 +143,7 @@ func (s *Server) Export(path, ip, dir string) error {
 	}
 	if old, ok := s.exports[path][ip].(*changeFS); ok {
 		old.root.Close()
+		s.handles.forget(old)
 	}
 	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: root}
 	return nil

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	billy "github.com/go-git/go-billy/v5"
+	"github.com/willscott/go-nfs/helpers"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
 	"gotest.tools/v3/assert"
@@ -198,4 +200,25 @@ func TestSpecialModeBits(t *testing.T) {
 		assert.Assert(t, ok, "%s: %T", name, fi)
 		assert.Equal(t, attr.FileMode&0o7777, want, "%s: mode %o", name, attr.FileMode)
 	}
+}
+
+// TestWithdrawnExportsHandlesGo: the handles given out for an export that
+// was withdrawn (a closed guest's) are gone from the handle cache, and the
+// others stay.
+func TestWithdrawnExportsHandlesGo(t *testing.T) {
+	s := &Server{exports: map[string]map[string]billy.Filesystem{}}
+	s.handles = &forgetting{CachingHandler: helpers.NewCachingHandler(&handler{s: s}, 64).(*helpers.CachingHandler), issued: map[billy.Filesystem]map[string]bool{}}
+	dirA, dirB := t.TempDir(), t.TempDir()
+	assert.NilError(t, s.Export("/nbh/root", "10.0.2.15", dirA))
+	assert.NilError(t, s.Export("/nbh/root", "10.0.2.16", dirB))
+	fsA, fsB := s.exports["/nbh/root"]["10.0.2.15"], s.exports["/nbh/root"]["10.0.2.16"]
+	ha := s.handles.ToHandle(fsA, []string{"etc", "passwd"})
+	hb := s.handles.ToHandle(fsB, []string{"etc", "passwd"})
+	s.Unexport("/nbh/root", "10.0.2.15")
+	_, _, err := s.handles.FromHandle(ha)
+	assert.Assert(t, err != nil, "a withdrawn export's handle still resolves")
+	f, _, err := s.handles.FromHandle(hb)
+	assert.NilError(t, err)
+	assert.Assert(t, f == fsB)
+	assert.Equal(t, len(s.handles.issued), 1)
 }
