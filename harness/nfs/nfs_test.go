@@ -9,9 +9,9 @@ import (
 	"time"
 
 	billy "github.com/go-git/go-billy/v5"
-	"github.com/willscott/go-nfs/helpers"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
+	"github.com/willscott/go-nfs/helpers"
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness/timeline"
