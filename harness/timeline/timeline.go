@@ -145,6 +145,18 @@ func (t *Timeline) Emit(e Event) {
 	// must not change, or race with readers of, this one.
 	e.Detail = maps.Clone(e.Detail)
 	t.mu.Lock()
+	t.resolve(&e)
+	t.events = append(t.events, e)
+	subs := slices.Clone(t.subs)
+	t.mu.Unlock()
+	for _, s := range subs {
+		s.f(e)
+	}
+}
+
+// resolve names the guest of e by its MAC or address, and its current
+// boot, where e does not say. Called with mu held.
+func (t *Timeline) resolve(e *Event) {
 	if e.Guest == "" && e.MAC != "" {
 		e.Guest = t.names[strings.ToLower(e.MAC)]
 	}
@@ -153,12 +165,6 @@ func (t *Timeline) Emit(e Event) {
 	}
 	if e.Guest != "" && e.Boot == 0 {
 		e.Boot = t.boots[e.Guest]
-	}
-	t.events = append(t.events, e)
-	subs := slices.Clone(t.subs)
-	t.mu.Unlock()
-	for _, s := range subs {
-		s.f(e)
 	}
 }
 
@@ -317,15 +323,7 @@ type Meter struct {
 func (t *Timeline) Meter(base Event, size int64, open bool) *Meter {
 	base.Kind = ProgressKind
 	t.mu.Lock()
-	if base.Guest == "" && base.MAC != "" {
-		base.Guest = t.names[strings.ToLower(base.MAC)]
-	}
-	if base.Guest == "" && base.Addr != "" {
-		base.Guest = t.names[base.Addr]
-	}
-	if base.Guest != "" && base.Boot == 0 {
-		base.Boot = t.boots[base.Guest]
-	}
+	t.resolve(&base)
 	t.mu.Unlock()
 	d := map[string]any{"of": size, "open": open}
 	for k, v := range base.Detail {
