@@ -117,7 +117,7 @@ func (g *Guest) waitLine(ctx context.Context, from int, what string, match func(
 		var failed <-chan struct{}
 		b := g.current()
 		if v, ok := g.Verdict(); !ok || !v.OK {
-			failed = b.decided
+			failed = b.j.Decided()
 		}
 		select {
 		case <-wake:
@@ -195,7 +195,8 @@ func (g *Guest) end() int {
 }
 
 // Send types s on the guest's serial console (as is: end a command with
-// "\r").
+// "\r"). A guest that takes none of it for a few seconds (its serial port
+// reads nothing) gets console.ErrNotReading, never a Send blocked for ever.
 func (g *Guest) Send(s string) error {
 	if g.con == nil {
 		return errNotStarted
@@ -302,16 +303,21 @@ func runScript(n, cmd string) string {
 	return strings.Join([]string{
 		// The first folder the shell can write: a network root is often
 		// mounted read-only, and then /tmp with it.
-		"nbh_s=; for nbh_d in " + runTmpDirs + "; do nbh_f=$nbh_d/.nbh-run-" + n + `; (: >"$nbh_f") 2>/dev/null && break; nbh_f=; done`,
+		"nbh_s=; nbh_k=; for nbh_d in " + runTmpDirs + "; do nbh_f=$nbh_d/.nbh-run-" + n + `; (: >"$nbh_f") 2>/dev/null && break; nbh_f=; done`,
 		// nbh_p prints the kept output and the trailer: again, if the
-		// console lost some of it.
-		`nbh_p() { if [ -f "$nbh_f" ] && [ -n "$nbh_s" ]; then`,
+		// console lost some of it. A folder that filled up while the
+		// command wrote cut the kept output short, and checksums of a
+		// short copy would check out: "full" instead.
+		`nbh_p() { if [ -f "$nbh_f" ] && [ -n "$nbh_s" ] && [ -n "$nbh_k" ]; then`,
 		`cat "$nbh_f"` + frame("o"),
 		`printf '%s %s %s' "$nbh_s" "$(wc -c <"$nbh_f")" "$(sha256sum <"$nbh_f")"` + frame("t"),
+		`elif [ -n "$nbh_s" ] && [ -z "$nbh_k" ]; then printf full` + frame("t"),
 		`else printf nofile` + frame("t") + "; fi; " + done + "; " + done + "; }",
 		`if [ -n "$nbh_f" ]; then {`,
 		cmd,
-		`} >"$nbh_f" 2>&1 </dev/null; nbh_s=$?; fi; nbh_p 1`,
+		// Still room for a byte after the command: its output was kept
+		// whole.
+		`} >"$nbh_f" 2>&1 </dev/null; nbh_s=$?; printf x 2>/dev/null >"$nbh_f.k" && nbh_k=1; rm -f "$nbh_f.k"; fi; nbh_p 1`,
 	}, "\n") + "\n"
 }
 
@@ -325,7 +331,10 @@ const runTmpDirs = "${TMPDIR:-/tmp} /dev/shm /run /var/tmp"
 // ends the next.
 func runDone(n string, try int) string { return fmt.Sprintf("NBH-RUN-%s-%d-DONE", n, try) }
 
-var errNoFile = errors.New("the guest's shell can write none of " + runTmpDirs + " for the output")
+var (
+	errNoFile = errors.New("the guest's shell can write none of " + runTmpDirs + " for the output")
+	errFull   = errors.New("the guest's folder for the output (the first writable of " + runTmpDirs + ") filled up while the command wrote: its output was cut short")
+)
 
 // parseRun reads Run's result (nonce n) from the console lines since it was
 // typed: the trailer's status, and the output, checked against the
@@ -338,6 +347,9 @@ func parseRun(n string, lines []string, budget *int) (string, int, error) {
 	}
 	if string(trailer) == "nofile" {
 		return "", -1, errNoFile
+	}
+	if string(trailer) == "full" {
+		return "", -1, errFull
 	}
 	var status, size int
 	var sum string
@@ -621,7 +633,7 @@ func (g *Guest) restart(ctx context.Context, how string, trigger func() error) e
 		}
 		g.lab.tl.Emit(timeline.Event{Source: "qemu", Kind: how, Guest: g.Name, Boot: b.id, Stage: timeline.Firmware, Time: at,
 			Msg: fmt.Sprintf("boot %d of %s", b.id, g.Name)})
-		go g.watch(b)
+		go b.j.Watch(b.ctx)
 		// Back to ending QEMU on a reset, a moment after this one: a
 		// boot that resets on its own (panic=-1) must end, not boot
 		// again unobserved. Not at once: a kernel tries its ways to

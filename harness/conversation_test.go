@@ -143,6 +143,35 @@ func TestRunFraming(t *testing.T) {
 	assert.Equal(t, out, "fallback\n")
 }
 
+// TestRunFullFolder: a folder that fills up while the command writes cuts
+// the kept output short, and the short copy's size and SHA-256 agree with
+// each other: Run must say so instead of returning it. The folder is a real
+// one-page tmpfs in a private mount namespace (root and unshare needed).
+func TestRunFullFolder(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("no unshare")
+	}
+	n := "full"
+	cmd := "head -c 20000 /dev/zero | tr '\\0' y" // 5 pages of output into a 1-page folder
+	dir := t.TempDir()
+	shell := "mount -t tmpfs -o size=4k nbh-full " + dir + " && TMPDIR=" + dir + " exec sh -c \"$1\""
+	out, err := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c", shell, "sh", runScript(n, cmd)).CombinedOutput()
+	assert.NilError(t, err, "%s", out)
+	_, _, err = parseRunAll(n, consoleLines(string(out)))
+	assert.ErrorIs(t, err, errFull)
+
+	// The same with room: the whole output.
+	out, err = exec.Command("sh", "-c", runScript(n, cmd)).CombinedOutput()
+	assert.NilError(t, err, "%s", out)
+	got, status, err := parseRunAll(n, consoleLines(string(out)))
+	assert.NilError(t, err)
+	assert.Equal(t, status, 0)
+	assert.Equal(t, got, strings.Repeat("y", 20000))
+}
+
 // TestRunRepairIsBounded: what a guest prints cannot make Run's repair
 // of broken frames slow: a broken frame followed by console-long lines of
 // the digits and spaces a frame is made of costs at most the budget (the

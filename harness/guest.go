@@ -18,6 +18,7 @@ import (
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/iscsi"
+	"nbh.dev/nbh/harness/judge"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
@@ -50,7 +51,7 @@ type Guest struct {
 	espPeer *ipsec.Peer // its SAs in the lab's gateway
 	expect  *regexp.Regexp
 	steps   []*regexp.Regexp  // Spec.Steps
-	failOn  []failOn          // Spec.FailOn
+	failOn  []judge.FailOn    // Spec.FailOn
 	config  *bootcfg.Template // Spec.LoaderConfig
 	proc    *qemu.Process
 	con     *console.Console
@@ -111,10 +112,8 @@ func (g *Guest) start() error {
 	}
 	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, g.Profile.Name(), g.Accel.Name, g.Accel.Why)
 	g.Start = time.Now()
-	g.mu.Lock()
-	b := g.cur
-	b.start = g.Start
-	g.mu.Unlock()
+	b := g.current()
+	b.j.Begin(g.Start)
 	if g.con, err = console.New(g.logFile, g.Start); err != nil {
 		g.Close()
 		return err
@@ -132,7 +131,7 @@ func (g *Guest) start() error {
 	l.tl.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
 	go g.monitor()
-	go g.watch(b)
+	go b.j.Watch(b.ctx)
 	return nil
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"strings"
 	"testing"
 	"time"
 
@@ -63,121 +62,6 @@ func bootedGuest(tl *timeline.Timeline) *Guest {
 	g := &Guest{Name: "g1", lab: &Lab{tl: tl, ctx: context.Background()}}
 	g.newBoot(time.Now())
 	return g
-}
-
-// TestRefineByNetworkEvidence: console wording differs per firmware; the
-// timeline decides.
-func TestRefineByNetworkEvidence(t *testing.T) {
-	tl := timeline.New()
-	g := bootedGuest(tl)
-	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Msg: "no-dhcp fault: DISCOVER"})
-	v := g.refine(g.cur, Verdict{Reason: failure.FirmwareNoBoot, Stage: timeline.Firmware, Line: "Nothing to boot"})
-	assert.Equal(t, v.Reason, failure.NoDHCP)
-	assert.Equal(t, v.Stage, timeline.DHCP)
-
-	tl = timeline.New()
-	g = bootedGuest(tl)
-	tl.Emit(timeline.Event{Source: "dhcp", Kind: "discover", Guest: "g1"})
-	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ack", Guest: "g1"})
-	tl.Emit(timeline.Event{Source: "http", Kind: "not-found", Guest: "g1", Msg: "/g1/vmlinuz 404"})
-	v = g.refine(g.cur, Verdict{Reason: failure.LoaderError, Stage: timeline.Loader, Line: "error: you need to load the kernel first."})
-	assert.Equal(t, v.Reason, failure.LoaderFetch)
-	assert.Assert(t, strings.Contains(v.Detail, "/g1/vmlinuz"), v.Detail)
-
-	// Past the loader, the console's word stands.
-	v = g.refine(g.cur, Verdict{Reason: failure.KernelPanic, Stage: timeline.Kernel})
-	assert.Equal(t, v.Reason, failure.KernelPanic)
-}
-
-// TestConclusiveEvidenceEndsTheBoot: a silent DHCP server settles the boot
-// on the guest's third ignored message (not the first two); a broken-off
-// archive settles it after the grace period unless the guest's own report
-// comes first.
-func TestConclusiveEvidenceEndsTheBoot(t *testing.T) {
-	newGuest := func() (*Guest, *timeline.Timeline) {
-		tl := timeline.New()
-		g := bootedGuest(tl)
-		tl.Subscribe(g.conclude)
-		return g, tl
-	}
-	g, tl := newGuest()
-	for i := 0; i < conclusiveIgnored-1; i++ {
-		tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Stage: timeline.DHCP})
-	}
-	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g2", Stage: timeline.DHCP}) // another guest's
-	select {
-	case <-g.cur.decided:
-		t.Fatal("decided before the client retried enough")
-	case <-time.After(200 * time.Millisecond):
-	}
-	tl.Emit(timeline.Event{Source: "dhcp", Kind: "ignored", Guest: "g1", Stage: timeline.DHCP})
-	select {
-	case <-g.cur.decided:
-	case <-time.After(5 * time.Second):
-		t.Fatal("not decided on the third ignored message")
-	}
-	assert.Equal(t, g.cur.verdict.Reason, failure.NoDHCP)
-	assert.Equal(t, g.cur.verdict.Stage, timeline.DHCP)
-	assert.Assert(t, strings.Contains(g.cur.verdict.Detail, "ignored 3 DHCP messages"), g.cur.verdict.Detail)
-
-	// The loader reports the broken download itself within the grace: its
-	// word stands.
-	g, tl = newGuest()
-	tl.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: "g1", Msg: "truncated-archive: cut", Detail: map[string]any{"fault": "truncated-archive"}})
-	g.decide(Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader, Line: "Input/output error"})
-	assert.Equal(t, g.cur.verdict.Line, "Input/output error")
-}
-
-// TestDeadlinesCountProgress: bytes moving on a transfer keep a stage alive
-// past its deadline, and a transfer that stops moving ends the boot as
-// stalled, naming the file and how far it got; a finished transfer is not
-// watched.
-func TestDeadlinesCountProgress(t *testing.T) {
-	start := func(stall time.Duration) (*Guest, *timeline.Timeline, *boot) {
-		tl := timeline.New()
-		g := bootedGuest(tl)
-		g.spec = Spec{StallWindow: stall, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Loader: 600 * time.Millisecond}}
-		g.unsub = append(g.unsub, tl.Subscribe(g.observe))
-		b := g.current()
-		tl.Emit(timeline.Event{Source: "tftp", Kind: "request", Guest: "g1", Stage: timeline.Loader, Msg: "g1/initrd"})
-		go g.watch(b)
-		return g, tl, b
-	}
-	verdict := func(b *boot) Verdict {
-		select {
-		case <-b.decided:
-			return *b.verdict
-		case <-time.After(10 * time.Second):
-			t.Fatal("no verdict")
-		}
-		return Verdict{}
-	}
-
-	// Moving: every 200 ms for 2 s, well past the 600 ms stage deadline.
-	g, tl, b := start(400 * time.Millisecond)
-	for i := 0; i < 10; i++ {
-		tl.Emit(timeline.Event{Source: "tftp", Kind: timeline.ProgressKind, Guest: "g1", Msg: "g1/initrd",
-			Detail: map[string]any{"bytes": int64(1000 * (i + 1)), "of": int64(1 << 20), "open": true}})
-		time.Sleep(200 * time.Millisecond)
-		assert.Assert(t, !isDecided(b), "decided while bytes moved")
-	}
-	// Then nothing: stalled, within the window (and before the deadline
-	// would say "deadline").
-	v := verdict(b)
-	assert.Equal(t, v.Reason, failure.Stalled, "%v", v.Err())
-	assert.Equal(t, v.Stage, timeline.Loader)
-	assert.Assert(t, strings.Contains(v.Detail, "g1/initrd") && strings.Contains(v.Detail, "10000 bytes of 1048576"), v.Detail)
-	_ = g
-
-	// A finished transfer is not watched: the stage's deadline decides.
-	g, tl, b = start(100 * time.Millisecond)
-	tl.Emit(timeline.Event{Source: "tftp", Kind: timeline.ProgressKind, Guest: "g1", Msg: "g1/initrd",
-		Detail: map[string]any{"bytes": int64(5), "of": int64(5), "open": true}})
-	tl.Emit(timeline.Event{Source: "tftp", Kind: "transfer", Guest: "g1", Msg: "g1/initrd 5 bytes"})
-	v = verdict(b)
-	assert.Equal(t, v.Reason, failure.Deadline, "%v", v.Err())
-	assert.Assert(t, strings.Contains(v.Detail, "the last bytes moved"), v.Detail)
-	_ = g
 }
 
 // TestTheLabStagesServiceEvents: services say what happened and name no

@@ -16,6 +16,7 @@ import (
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/judge"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
@@ -161,7 +162,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		}
 		steps = append(steps, re)
 	}
-	var fails []failOn
+	var fails []judge.FailOn
 	for _, f := range spec.FailOn {
 		re, err := regexp.Compile(f.Pattern)
 		if err != nil {
@@ -170,7 +171,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		if strings.TrimSpace(f.Reason) == "" {
 			return nil, fmt.Errorf("fail-on %q: no reason", f.Pattern)
 		}
-		fails = append(fails, failOn{re: re, reason: failure.Reason(f.Reason)})
+		fails = append(fails, judge.FailOn{Pattern: re, Reason: failure.Reason(f.Reason)})
 	}
 	var config *bootcfg.Template
 	if spec.LoaderConfig != "" {
@@ -308,7 +309,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	l.guests[g.MAC.String()] = g
 	l.byName[g.Name] = g
 	l.mu.Unlock()
-	g.unsub = append(g.unsub, l.tl.Subscribe(g.observe), l.tl.Subscribe(g.conclude))
+	g.unsub = append(g.unsub, l.tl.Subscribe(g.observe))
 	if spec.OnEvent != nil {
 		g.unsub = append(g.unsub, l.tl.Subscribe(func(e timeline.Event) {
 			if e.Guest == g.Name || e.Guest == "" {

@@ -187,26 +187,6 @@ func ParseFailOn(s string) (FailOn, error) {
 	return f, nil
 }
 
-// DefaultStageTimeouts are the per-stage deadlines. A stage that runs past
-// its deadline ends the boot with the stage named, well before the overall
-// deadline: a UEFI PXE client with no DHCP answer would otherwise retry for
-// a minute and then try IPv6 for another.
-func DefaultStageTimeouts() map[timeline.Stage]time.Duration {
-	return map[timeline.Stage]time.Duration{
-		timeline.Firmware: 60 * time.Second,
-		timeline.DHCP:     30 * time.Second,
-		timeline.Loader:   90 * time.Second,
-		timeline.Kernel:   60 * time.Second,
-		timeline.Init:     60 * time.Second,
-		timeline.Root:     60 * time.Second,
-	}
-}
-
-// DefaultStallWindow is how long a file transfer may stand still before the
-// boot ends as stalled: loaders give up on a silent server after tens of
-// seconds (iPXE, GRUB) or never; a working one never pauses this long.
-const DefaultStallWindow = 15 * time.Second
-
 // Roots a guest can boot.
 const (
 	RootNone  = ""

@@ -49,6 +49,9 @@ type Console struct {
 	mu   sync.Mutex
 	tail []string
 
+	sendMu  sync.Mutex
+	pending chan struct{} // a Send the guest has not taken yet
+
 	mirror mirror
 }
 
@@ -97,10 +100,47 @@ func (con *Console) Lines() <-chan Line { return con.lines }
 // Done is closed when the stream has ended and every line was delivered.
 func (con *Console) Done() <-chan struct{} { return con.done }
 
-// Send types s on the console.
+// ErrNotReading is typing the guest does not take: its serial port reads
+// nothing (a hung or busy guest, a firmware that polls no input), so the
+// terminal's buffers are full.
+var ErrNotReading = errors.New("the guest does not read its console")
+
+// sendTimeout bounds how long Send waits for the guest to take what it
+// types (a variable for the tests).
+var sendTimeout = 10 * time.Second
+
+// Send types s on the console. It returns ErrNotReading when the guest has
+// not taken it within a few seconds; the bytes still go in if it ever
+// reads again, and until then every Send fails at once.
 func (con *Console) Send(s string) error {
-	_, err := con.c.Send(s)
-	return err
+	con.sendMu.Lock()
+	defer con.sendMu.Unlock()
+	if con.pending != nil {
+		select {
+		case <-con.pending:
+			con.pending = nil
+		default:
+			return fmt.Errorf("%w: what was typed before is still waiting", ErrNotReading)
+		}
+	}
+	// A write to the terminal blocks while its buffers are full and
+	// cannot be cancelled: it goes on in its own goroutine, which ends
+	// when the guest reads or the console closes.
+	done := make(chan struct{})
+	var err error
+	go func() {
+		defer close(done)
+		_, err = con.c.Send(s)
+	}()
+	t := time.NewTimer(sendTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return err
+	case <-t.C:
+		con.pending = done
+		return fmt.Errorf("%w: %d bytes not taken in %s", ErrNotReading, len(s), sendTimeout)
+	}
 }
 
 // Mirror copies the raw console stream to w from now on, as it arrives (nil

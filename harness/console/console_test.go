@@ -2,12 +2,14 @@ package console
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/term"
 	"gotest.tools/v3/assert"
 	"gotest.tools/v3/poll"
 
@@ -211,4 +213,39 @@ func TestRawKeepsWrappedLines(t *testing.T) {
 	assert.Equal(t, len(got), 1)
 	assert.Equal(t, got[0].Text, first+"second")
 	assert.Equal(t, strings.ReplaceAll(got[0].Raw, "\r", ""), first+"\nsecond")
+}
+
+// TestSendToAGuestThatDoesNotRead: typing into a terminal nobody reads
+// ends with ErrNotReading within the timeout (not a Send blocked for
+// ever), later typing fails at once, and once the guest reads, typing
+// works again and the first bytes arrive first.
+func TestSendToAGuestThatDoesNotRead(t *testing.T) {
+	defer func(d time.Duration) { sendTimeout = d }(sendTimeout)
+	sendTimeout = 300 * time.Millisecond
+	con, err := New(nil, time.Now())
+	assert.NilError(t, err)
+	defer con.Close()
+	tty := con.Tty() // the guest's side: nobody reads it yet
+	// Raw, as QEMU sets its serial terminal: a full input buffer holds
+	// the writer back (canonical mode would drop the excess instead).
+	_, err = term.MakeRaw(int(tty.Fd()))
+	assert.NilError(t, err)
+	big := strings.Repeat("x", 1<<20)
+	start := time.Now()
+	err = con.Send(big)
+	assert.ErrorIs(t, err, ErrNotReading)
+	assert.Assert(t, time.Since(start) < 5*time.Second)
+	assert.ErrorIs(t, con.Send("y"), ErrNotReading)
+
+	// The guest reads again: the first Send completes, then others go.
+	go io.Copy(io.Discard, tty)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err = con.Send("z\n")
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	assert.NilError(t, err)
 }

@@ -1,4 +1,4 @@
-package harness
+package judge
 
 import (
 	"fmt"
@@ -16,44 +16,40 @@ import (
 // verdict's detail. A guest's own report still wins when it comes first:
 // the archive rule waits a grace period for the loader to say it.
 const (
-	// conclusiveIgnored is how many DHCP messages the silent server
+	// ConclusiveIgnored is how many DHCP messages the silent server
 	// ignores before the boot ends: the client has retried, so it is
 	// waiting for an answer that cannot come.
-	conclusiveIgnored = 3
-	// concludeGrace is how long the loader has to report a broken
+	ConclusiveIgnored = 3
+	// ConcludeGrace is how long the loader has to report a broken
 	// download itself (iPXE and U-Boot do within a second).
-	concludeGrace = 5 * time.Second
+	ConcludeGrace = 5 * time.Second
 )
 
-// conclude watches the guest's events for conclusive evidence.
-func (g *Guest) conclude(e timeline.Event) {
-	b := g.current()
-	if e.Guest != g.Name || b == nil || e.Boot != b.id {
-		return
-	}
+// conclude looks at one of the boot's events for conclusive evidence.
+func (b *Boot) conclude(e timeline.Event) {
 	switch {
 	case e.Source == "dhcp" && e.Kind == "ignored":
-		if n := b.dhcpIgnored.Add(1); n == conclusiveIgnored {
-			stage := max(g.Reached(), timeline.DHCP) // the reference init's own DHCP is at init
-			g.concludeAfter(b, 0, Verdict{Reason: failure.NoDHCP, Stage: stage,
+		if n := b.dhcpIgnored.Add(1); n == ConclusiveIgnored {
+			stage := max(b.Reached(), timeline.DHCP) // the reference init's own DHCP is at init
+			b.decideAfter(0, Verdict{Reason: failure.NoDHCP, Stage: stage,
 				Detail: fmt.Sprintf("the DHCP server ignored %d DHCP messages from this guest (no-dhcp): no lease can come, so the boot ends here", n)})
 		}
 	case e.Source == "lab" && e.Kind == "fired" && e.Detail["fault"] == "truncated-archive":
-		g.concludeAfter(b, concludeGrace, Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader,
-			Detail: e.Msg + "; the loader did not report it within " + concludeGrace.String() + ", and the archive cannot arrive whole"})
+		b.decideAfter(ConcludeGrace, Verdict{Reason: failure.LoaderFetch, Stage: timeline.Loader,
+			Detail: e.Msg + "; the loader did not report it within " + ConcludeGrace.String() + ", and the archive cannot arrive whole"})
 	}
 }
 
-// concludeAfter decides boot b with v after d unless it is decided first.
-// It runs apart from the timeline's delivery (decide reads the timeline).
-func (g *Guest) concludeAfter(b *boot, d time.Duration, v Verdict) {
+// decideAfter decides the boot with v after d unless it is decided first.
+// It runs apart from the timeline's delivery (Decide reads the timeline).
+func (b *Boot) decideAfter(d time.Duration, v Verdict) {
 	go func() {
 		t := time.NewTimer(d)
 		defer t.Stop()
 		select {
 		case <-b.decided:
 		case <-t.C:
-			g.decideBoot(b, v)
+			b.Decide(v)
 		}
 	}()
 }
