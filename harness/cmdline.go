@@ -21,7 +21,7 @@ func (g *Guest) cmdline() string {
 		case RootISCSI:
 			// ip=dhcp is for stock initramfs images (dracut brings the
 			// network up only when told); the reference init ignores it.
-			s += " root=/dev/sda netroot=" + g.iscsiRoot() + " ip=dhcp"
+			s += " root=/dev/sda netroot=" + g.iscsiRoot(true) + " ip=dhcp"
 		case RootSANBoot:
 			// The target is the iBFT's: iscsi_auto for initramfs-tools
 			// with open-iscsi, rd.iscsi.firmware for dracut; the

@@ -360,15 +360,16 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	if c.V6 {
 		server = "[" + l.Server6() + "]"
 	}
-	// The guest's root, for DHCP option 17. Only operating-system clients
-	// get it: iPXE would try to hook a SAN device from a root path before
-	// running its script.
+	// The guest's root, for DHCP option 17, without CHAP credentials
+	// (a guest with CHAP finds them on its command line). Only
+	// operating-system clients get it: iPXE would try to hook a SAN
+	// device from a root path before running its script.
 	var rootPath string
 	switch g.spec.Root {
 	case RootNFS:
 		rootPath = server + ":" + g.plan.nfsPath
 	case RootISCSI:
-		rootPath = g.iscsiRoot()
+		rootPath = g.iscsiRoot(false)
 	}
 	// (A SAN boot's root is the iBFT's: the init gets no root path.)
 	if c.VendorClass == "nbh-init" {

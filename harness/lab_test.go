@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
+	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 )
@@ -55,6 +57,14 @@ func TestBootFilePolicy(t *testing.T) {
 	assert.Equal(t, lab.policy(cases[8].c).RootPath, "iscsi:10.0.2.2::3260:0:"+ISCSITarget)
 	g.spec.Root = RootNone
 	assert.Equal(t, lab.policy(cases[8].c).RootPath, "", "a guest without a root gets no root path")
+
+	// No secret in a DHCP option: a CHAP guest's root path names no
+	// credentials; its command line (only in its own loader config) does.
+	g.spec.Root, g.chap = RootISCSI, &iscsi.CHAP{User: "u1", Secret: "s3cret"}
+	for _, c := range cases[6:9] {
+		assert.Assert(t, !strings.Contains(lab.policy(c.c).RootPath, "s3cret"), "%s", c.c)
+	}
+	assert.Assert(t, strings.Contains(g.cmdline(), "netroot=iscsi:u1:s3cret@"), g.cmdline())
 }
 
 // bootedGuest is a guest of a lab with only a timeline, in its first boot.

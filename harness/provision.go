@@ -194,6 +194,9 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		if wantMAC, err = net.ParseMAC(spec.MAC); err != nil || len(wantMAC) != 6 {
 			return nil, fmt.Errorf("spec: MAC %q: want an Ethernet address like 52:54:00:12:34:56", spec.MAC)
 		}
+		if err := netfab.CheckGuestMAC(wantMAC, l.fabric.HostMAC); err != nil {
+			return nil, fmt.Errorf("spec: %w", err)
+		}
 	}
 	var wantIP netip.Addr
 	if spec.IP != "" {

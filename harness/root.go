@@ -13,10 +13,13 @@ import (
 	"nbh.dev/nbh/harness/sandisk"
 )
 
-// iscsiRoot is the guest's root in dracut's netroot= spelling.
-func (g *Guest) iscsiRoot() string {
+// iscsiRoot is the guest's root in dracut's netroot= spelling, with its
+// CHAP credentials if withCHAP (its kernel command line, which only its
+// own loader configuration carries) or without (DHCP's root path: no
+// secret goes in a DHCP option).
+func (g *Guest) iscsiRoot(withCHAP bool) string {
 	creds := ""
-	if g.chap != nil {
+	if g.chap != nil && withCHAP {
 		secret := g.chap.Secret
 		if g.plan.badCHAP {
 			secret = "not-" + secret
@@ -33,7 +36,7 @@ func (g *Guest) rootPath() string {
 	case RootNFS:
 		return g.server() + ":" + g.plan.nfsPath
 	case RootISCSI, RootSANBoot:
-		return g.iscsiRoot()
+		return g.iscsiRoot(true)
 	}
 	return ""
 }

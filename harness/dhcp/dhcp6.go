@@ -84,20 +84,14 @@ func (s *Server) startV6() error {
 
 // ClientOf6 reads what a DHCPv6 message tells of its sender: the MAC from
 // the EUI-64 link-local address it speaks from (firmware, iPXE and Linux
-// all use one) or its DUID, the architecture (option 61), the vendor
-// class data (option 16: "PXEClient:…", "HTTPClient:…") and user class.
+// all use one; the switch lets a port speak from its own only), the
+// architecture (option 61), the vendor class data (option 16:
+// "PXEClient:…", "HTTPClient:…") and user class. Never the MAC of its
+// DUID: a client's word, which could name another guest.
 func ClientOf6(peer net.Addr, m *dhcpv6.Message) Client {
 	c := Client{Arch: ArchNone, V6: true}
 	if u, ok := peer.(*net.UDPAddr); ok {
 		c.MAC = macOfLinkLocal(u.IP)
-	}
-	if c.MAC == nil {
-		switch d := m.Options.ClientID().(type) {
-		case *dhcpv6.DUIDLL:
-			c.MAC = d.LinkLayerAddr
-		case *dhcpv6.DUIDLLT:
-			c.MAC = d.LinkLayerAddr
-		}
 	}
 	if a := m.Options.ArchTypes(); len(a) > 0 {
 		c.Arch = int(a[0])

@@ -126,3 +126,22 @@ func TestLease6ReadsLikeTheIPv4Lease(t *testing.T) {
 	assert.Equal(t, macOfLinkLocal(peer6.IP).String(), mac.String())
 	assert.Check(t, macOfLinkLocal(net.ParseIP("fd4e:4248::15")) == nil)
 }
+
+// TestDHCPv6IdentityIsTheAddress: a client is known by the EUI-64
+// link-local address it speaks from (the switch binds it to the port),
+// never by a DUID naming a MAC: a message from another address whose DUID
+// names the guest's MAC gets nothing.
+func TestDHCPv6IdentityIsTheAddress(t *testing.T) {
+	s := newServer6(func(Client) Boot { return Boot{File: "g1/boot.ipxe"} }, V6)
+	m, err := dhcpv6.NewMessage(dhcpv6.WithClientID(&dhcpv6.DUIDLL{HWType: iana.HWTypeEthernet, LinkLayerAddr: mac}), dhcpv6.WithIAID([4]byte{1, 2, 3, 4}))
+	assert.NilError(t, err)
+	m.MessageType = dhcpv6.MessageTypeSolicit
+	for _, from := range []string{"fe80::1", "fe80::5054:ff:fe4e:4299"} { // not EUI-64; another MAC's
+		r := &recorder6{}
+		s.handle6(r, &net.UDPAddr{IP: net.ParseIP(from), Port: 546, Zone: "1"}, m)
+		assert.Check(t, is.Len(r.sent, 0), "answered %s for the DUID's MAC", from)
+	}
+	r := &recorder6{}
+	s.handle6(r, peer6, m)
+	assert.Check(t, is.Len(r.sent, 1))
+}

@@ -101,7 +101,20 @@ func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
 	f.mu.Lock()
 	h := f.filter
 	f.mu.Unlock()
-	if h == nil || fi.etherType != 0x0800 || len(frame) < 14 {
+	if h == nil || len(frame) < 14 {
+		return frame
+	}
+	if fi.etherType == 0x86dd {
+		// The policy is IPv4's, and the services listen on IPv6 too:
+		// under a filter, the host takes no IPv6 from guests (a network
+		// with a policy boots over IPv4 only), so nothing reaches a
+		// service around it.
+		if toHost {
+			return nil
+		}
+		return frame
+	}
+	if fi.etherType != 0x0800 {
 		return frame
 	}
 	ip := h(toHost, frame[14:])
@@ -264,6 +277,9 @@ type Port struct {
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
 // empty, is the path of the port's pcapng file.
 func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Port, error) {
+	if err := CheckGuestMAC(mac, f.HostMAC); err != nil {
+		return nil, fmt.Errorf("netfab: %w", err)
+	}
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("netfab: socketpair: %w", err)
@@ -330,6 +346,12 @@ func (f *Fabric) Listen(path string, learn Learn) (io.Closer, error) {
 		return nil, fmt.Errorf("netfab: %w", err)
 	}
 	ln.SetUnlinkOnClose(true)
+	// Whoever can connect joins the lab's network: the socket is its
+	// owner's only, whatever the umask.
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("netfab: %w", err)
+	}
 	f.mu.Lock()
 	f.listeners = append(f.listeners, ln)
 	f.mu.Unlock()
@@ -360,7 +382,12 @@ func (p *Port) learnFrom(frame []byte) bool {
 		return false
 	}
 	mac := net.HardwareAddr(append([]byte(nil), frame[6:12]...))
-	name, capture, lease, err := p.learn(mac)
+	var name, capture string
+	var lease Lease
+	err := CheckGuestMAC(mac, p.f.HostMAC)
+	if err == nil {
+		name, capture, lease, err = p.learn(mac)
+	}
 	p.f.mu.Lock()
 	for i, q := range p.f.joining {
 		if q == p {
@@ -559,25 +586,24 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 		}
 		return
 	}
-	f.mu.Lock()
-	if from != nil {
-		f.macs[fi.src.String()] = from
-	}
 	var targets []*Port
 	toHost := false
-	if isGroup(fi.dst) {
-		for _, q := range f.ports {
-			if q != from {
-				targets = append(targets, q)
-			}
+	switch {
+	case from != nil:
+		// Protected ports: a guest speaks to the boot server only. Its
+		// broadcasts and multicasts go to the host, and a frame for
+		// another guest's MAC goes nowhere, so no guest hears another's
+		// DHCP, ARP or NDP, or answers them.
+		toHost = isGroup(fi.dst) || string(fi.dst) == string(f.HostMAC)
+	case isGroup(fi.dst):
+		targets = f.groupTargets(frame, fi)
+	default:
+		f.mu.Lock()
+		if q, ok := f.macs[fi.dst.String()]; ok {
+			targets = append(targets, q)
 		}
-		toHost = from != nil
-	} else if q, ok := f.macs[fi.dst.String()]; ok && q != from {
-		targets = append(targets, q)
-	} else if string(fi.dst) == string(f.HostMAC) && from != nil {
-		toHost = true
+		f.mu.Unlock()
 	}
-	f.mu.Unlock()
 	for _, q := range targets {
 		q.deliver(frame)
 	}
@@ -589,6 +615,42 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 		f.ep.InjectInbound(0, pkt)
 		pkt.DecRef()
 	}
+}
+
+// groupTargets are the ports a broadcast or multicast frame of the host's
+// goes to: every port, but a DHCP reply only to the port of the client it
+// answers (its hardware address), since it carries that guest's boot file
+// and root path. A DHCP reply the switch cannot read whole (a fragment)
+// goes nowhere.
+func (f *Fabric) groupTargets(frame []byte, fi frameInfo) []*Port {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fi.etherType == 0x0800 {
+		if fi.fragment {
+			f.tl.Emit(timeline.Event{Source: "netfab", Kind: "dropped", Msg: "a fragmented broadcast of the boot server's: nothing it broadcasts may be cut up"})
+			return nil
+		}
+		if ch, ok := dhcpReplyClient(frame, fi); ok {
+			if q := f.macs[ch.String()]; q != nil {
+				return []*Port{q}
+			}
+			return nil
+		}
+	}
+	return append([]*Port(nil), f.ports...)
+}
+
+// dhcpReplyClient is the client hardware address of a DHCP server's reply
+// (UDP 67 to 68); false for any other frame. A reply too short to name its
+// client names a client no port has.
+func dhcpReplyClient(frame []byte, fi frameInfo) (net.HardwareAddr, bool) {
+	if fi.proto != 17 || fi.srcPort != 67 || fi.dstPort != 68 {
+		return nil, false
+	}
+	if fi.l4 == 0 || len(frame) < fi.l4+8+34 {
+		return net.HardwareAddr{0, 0, 0, 0, 0, 0}, true
+	}
+	return net.HardwareAddr(frame[fi.l4+8+28 : fi.l4+8+34]), true
 }
 
 // applyRules runs the fault rules on a frame crossing port p.

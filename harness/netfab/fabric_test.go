@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -349,4 +350,269 @@ func TestIPv6PortSecurity(t *testing.T) {
 	p.Bind6(netip.MustParseAddr("fd4e:4248::15"))
 	assert.Equal(t, judge("fd4e:4248::15"), "")
 	assert.Assert(t, is.Contains(judge("fd4e:4248::16"), "its lease is fd4e:4248::15"))
+}
+
+// fragmentRecord is one IPv4 fragment a test guest sends: its datagram's
+// ID, its offset (in 8-byte units), the more-fragments flag, and its bytes.
+type fragmentRecord struct {
+	id   uint16
+	off  int
+	more bool
+	data []byte
+}
+
+// fragmentFrame is rec as a frame from mac and src to the host.
+func fragmentFrame(mac net.HardwareAddr, src netip.Addr, rec fragmentRecord) []byte {
+	f := make([]byte, 14+20+len(rec.data))
+	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:12], mac)
+	binary.BigEndian.PutUint16(f[12:], 0x0800)
+	ip := f[14:]
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], uint16(20+len(rec.data)))
+	binary.BigEndian.PutUint16(ip[4:], rec.id)
+	fl := uint16(rec.off & 0x1fff)
+	if rec.more {
+		fl |= 0x2000
+	}
+	binary.BigEndian.PutUint16(ip[6:], fl)
+	ip[8], ip[9] = 64, 17
+	a := src.As4()
+	copy(ip[12:16], a[:])
+	copy(ip[16:20], []byte{10, 0, 2, 2})
+	copy(ip[20:], rec.data)
+	return f
+}
+
+// reassembled is what a host could make of the fragments that passed: the
+// test's own reassembly, not gVisor's, and a pessimistic one — each
+// datagram both with the first copy of overlapping bytes kept and with the
+// last, whichever a stack does. A fragment that is not one (no MF, offset
+// 0) is a datagram of its own.
+func reassembled(passed []fragmentRecord) [][]byte {
+	var out [][]byte
+	byID := map[uint16][]fragmentRecord{}
+	for _, r := range passed {
+		if !r.more && r.off == 0 {
+			out = append(out, r.data)
+			continue
+		}
+		byID[r.id] = append(byID[r.id], r)
+	}
+	for _, frags := range byID {
+		end := -1
+		for _, r := range frags {
+			if !r.more {
+				end = max(end, r.off*8+len(r.data))
+			}
+		}
+		if end < 0 {
+			continue
+		}
+		for _, lastWins := range []bool{false, true} {
+			buf, have := make([]byte, end), make([]bool, end)
+			for _, r := range frags {
+				for i, b := range r.data {
+					at := r.off*8 + i
+					if at < end && (lastWins || !have[at]) {
+						buf[at], have[at] = b, true
+					}
+				}
+			}
+			whole := true
+			for _, h := range have {
+				whole = whole && h
+			}
+			if whole {
+				out = append(out, buf)
+			}
+		}
+	}
+	return out
+}
+
+// checkFragments sends recs through the port's security and checks the
+// rule on what the host could reassemble from the fragments that passed:
+// every UDP datagram to the DHCP server names the port's MAC.
+func checkFragments(t *testing.T, port *Port, lease netip.Addr, recs []fragmentRecord) {
+	var passed []fragmentRecord
+	for _, r := range recs {
+		fr := fragmentFrame(port.MAC, lease, r)
+		fi, ok := parseFrame(fr)
+		if _, why := port.spoofed(fr, fi); ok && why == "" {
+			passed = append(passed, r)
+		}
+	}
+	for _, d := range reassembled(passed) {
+		if len(d) < 4 || binary.BigEndian.Uint16(d[2:]) != 67 {
+			continue
+		}
+		if len(d) < 8+34 || !bytes.Equal(d[8+28:8+34], port.MAC) {
+			t.Fatalf("the host could reassemble DHCP for another client from fragments that passed: % x (of %d sent)", d, len(recs))
+		}
+	}
+}
+
+// dhcpDatagram is a UDP datagram to the DHCP server asking for chaddr.
+func dhcpDatagram(chaddr net.HardwareAddr) []byte {
+	d := make([]byte, 8+240)
+	binary.BigEndian.PutUint16(d[0:], 68)
+	binary.BigEndian.PutUint16(d[2:], 67)
+	binary.BigEndian.PutUint16(d[4:], uint16(len(d)))
+	d[8] = 1
+	copy(d[8+28:], chaddr)
+	return d
+}
+
+// fragmentsOf cuts datagram d at the given byte offsets (multiples of 8).
+func fragmentsOf(id uint16, d []byte, cuts ...int) []fragmentRecord {
+	var recs []fragmentRecord
+	from := 0
+	for _, c := range append(cuts, len(d)) {
+		recs = append(recs, fragmentRecord{id: id, off: from / 8, more: c < len(d), data: d[from:c]})
+		from = c
+	}
+	return recs
+}
+
+// fragmentPort is a bound port on a fresh fabric for the fragment tests.
+func fragmentPort(t testing.TB) (*Port, netip.Addr) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	t.Cleanup(func() { f.Close() })
+	port, err := f.AddPort("g7", net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}, "")
+	assert.NilError(t, err)
+	lease := netip.MustParseAddr("10.0.2.40")
+	port.Bind(lease)
+	return port, lease
+}
+
+// TestFragmentsCannotCarryForeignDHCP: DHCP snooping holds for what the
+// host reassembles, not only for whole frames. The known attacks (a DHCP
+// message for another MAC cut before its client address, a first fragment
+// too short for its header, a later fragment rewriting an earlier one)
+// and thousands of random fragment sets, each checked by the test's own
+// reassembly.
+func TestFragmentsCannotCarryForeignDHCP(t *testing.T) {
+	port, lease := fragmentPort(t)
+	victim := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8}
+	foreign := dhcpDatagram(victim)
+	own := dhcpDatagram(port.MAC)
+	checkFragments(t, port, lease, fragmentsOf(1, foreign, 16))    // cut before chaddr
+	checkFragments(t, port, lease, fragmentsOf(2, foreign, 8, 40)) // the header alone first
+	// Its own message, then a fragment of the same datagram rewriting
+	// the client address.
+	rewrite := append(fragmentsOf(3, own, 48), fragmentRecord{id: 3, off: 4, more: true, data: foreign[32:48]})
+	checkFragments(t, port, lease, rewrite)
+	// A first fragment to another port, then one at offset 0 to 67.
+	checkFragments(t, port, lease, []fragmentRecord{{id: 4, off: 0, more: true, data: dhcpDatagram(victim)[:16]}, {id: 4, off: 2, data: foreign[16:]}})
+	tiny := []fragmentRecord{{id: 5, off: 0, more: true, data: foreign[:4]}, {id: 5, off: 0, more: true, data: foreign[:16]}, {id: 5, off: 2, data: foreign[16:]}}
+	checkFragments(t, port, lease, tiny)
+
+	// Random sets: pieces of foreign and own datagrams at random offsets,
+	// flags and IDs.
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 20000 {
+		var recs []fragmentRecord
+		for range 1 + rng.IntN(4) {
+			src := foreign
+			if rng.IntN(2) == 0 {
+				src = own
+			}
+			off := rng.IntN(len(src)/8) * 8
+			n := 1 + rng.IntN(len(src)-off)
+			if rng.IntN(2) == 0 {
+				n = min(len(src)-off, (1+rng.IntN(6))*8)
+			}
+			recs = append(recs, fragmentRecord{id: uint16(rng.IntN(2)), off: off / 8, more: off+n < len(src) || rng.IntN(4) == 0, data: src[off : off+n]})
+		}
+		checkFragments(t, port, lease, recs)
+	}
+}
+
+// FuzzFragments is TestFragmentsCannotCarryForeignDHCP's check on fragment
+// sets the fuzzer makes: records of ID, offset (8-byte units), flags and a
+// length, their bytes taken from a DHCP message for another MAC.
+func FuzzFragments(f *testing.F) {
+	f.Add([]byte{1, 0, 1, 16, 1, 2, 0, 255})
+	f.Add([]byte{1, 0, 1, 8, 1, 1, 1, 32, 1, 5, 0, 255})
+	port, lease := fragmentPort(f)
+	foreign := dhcpDatagram(net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		var recs []fragmentRecord
+		for ; len(in) >= 4; in = in[4:] {
+			off := int(in[1]) % (len(foreign) / 8)
+			n := min(len(foreign)-off*8, int(in[3]))
+			recs = append(recs, fragmentRecord{id: uint16(in[0] & 1), off: off, more: in[2]&1 == 1, data: foreign[off*8 : off*8+n]})
+		}
+		checkFragments(t, port, lease, recs)
+	})
+}
+
+// TestNeighborDiscoverySecurity: a port's guest asks about anyone but
+// answers only for its own addresses, names only its own MAC as a
+// link-layer address (behind extension headers too), sends no router
+// advertisement or redirect, and no IPv6 fragment.
+func TestNeighborDiscoverySecurity(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	other := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8}
+	p, err := f.AddPort("g7", mac, "")
+	assert.NilError(t, err)
+	p.Bind6(netip.MustParseAddr("fd4e:4248::15"))
+	own := "fe80::5054:ff:fe4e:4207"
+	// icmp6 is an ICMPv6 message of type typ from own, with target and a
+	// link-layer option (kind 1 source, 2 target) naming ll, behind the
+	// extension headers ext (each a next-header byte; 44 a fragment).
+	icmp6 := func(typ byte, target string, optKind byte, ll net.HardwareAddr, ext ...byte) []byte {
+		b := append(append([]byte{0x33, 0x33, 0, 0, 0, 1}, mac...), 0x86, 0xdd)
+		ip := make([]byte, 40)
+		ip[0], ip[7] = 0x60, 255
+		a := netip.MustParseAddr(own).As16()
+		copy(ip[8:24], a[:])
+		copy(ip[24:40], netip.MustParseAddr("ff02::1").AsSlice())
+		var body []byte
+		next := byte(58)
+		for i := len(ext) - 1; i >= 0; i-- {
+			h := make([]byte, 8)
+			h[0] = next
+			body = append(h, body...)
+			next = ext[i]
+		}
+		ip[6] = next
+		msg := make([]byte, 24)
+		msg[0] = typ
+		if target != "" {
+			copy(msg[8:24], netip.MustParseAddr(target).AsSlice())
+		}
+		if ll != nil {
+			msg = append(append(msg, optKind, 1), ll...)
+		}
+		body = append(body, msg...)
+		binary.BigEndian.PutUint16(ip[4:], uint16(len(body)))
+		return append(append(b, ip...), body...)
+	}
+	judge := func(fr []byte) string {
+		fi, ok := parseFrame(fr)
+		assert.Assert(t, ok)
+		_, why := p.spoofed(fr, fi)
+		return why
+	}
+	// Allowed: its own answers and questions.
+	assert.Equal(t, judge(icmp6(136, own, 2, mac)), "")
+	assert.Equal(t, judge(icmp6(136, "fd4e:4248::15", 2, mac)), "")
+	assert.Equal(t, judge(icmp6(135, "fd4e:4248::2", 1, mac)), "")
+	assert.Equal(t, judge(icmp6(135, "fe80::5054:ff:fe4e:4208", 1, mac)), "") // asking about another is fine
+	assert.Equal(t, judge(icmp6(133, "", 1, mac)), "")
+	// Refused: answering for another, naming another MAC, a router's.
+	assert.Assert(t, is.Contains(judge(icmp6(136, "fd4e:4248::16", 2, mac)), "not its address"))
+	assert.Assert(t, is.Contains(judge(icmp6(136, "fe80::5054:ff:fe4e:4208", 2, mac)), "not its address"))
+	assert.Assert(t, is.Contains(judge(icmp6(136, own, 2, other)), "naming link-layer address 52:54:00:4e:42:08"))
+	assert.Assert(t, is.Contains(judge(icmp6(135, "fd4e:4248::2", 1, other)), "naming link-layer address"))
+	assert.Assert(t, is.Contains(judge(icmp6(136, "fd4e:4248::16", 2, mac, 0, 60)), "not its address"), "behind extension headers")
+	assert.Assert(t, is.Contains(judge(icmp6(134, "", 1, mac)), "a router's"))
+	assert.Assert(t, is.Contains(judge(icmp6(137, own, 0, nil)), "a router's"))
+	assert.Assert(t, is.Contains(judge(icmp6(136, own, 2, mac, 44)), "fragmented IPv6"))
 }

@@ -13,7 +13,9 @@ type frameInfo struct {
 	srcPort   uint16
 	dstPort   uint16
 	icmpType  uint8
-	l4        int // offset of the transport header, 0 if none
+	l4        int  // offset of the transport header, 0 if none
+	fragment  bool // a fragment of an IP datagram (IPv4's MF or offset, IPv6's Fragment header)
+	fragOff   int  // its offset in the datagram, in bytes
 }
 
 func parseFrame(f []byte) (fi frameInfo, ok bool) {
@@ -32,8 +34,11 @@ func parseFrame(f []byte) (fi frameInfo, ok bool) {
 			return fi, true
 		}
 		fi.proto = f[23]
+		flags := binary.BigEndian.Uint16(f[20:22])
+		fi.fragOff = int(flags&0x1fff) * 8
+		fi.fragment = flags&0x2000 != 0 || fi.fragOff != 0
 		// Only the first fragment carries ports.
-		if binary.BigEndian.Uint16(f[20:22])&0x1fff != 0 {
+		if fi.fragOff != 0 {
 			return fi, true
 		}
 		fi.l4 = 14 + ihl
@@ -41,8 +46,33 @@ func parseFrame(f []byte) (fi frameInfo, ok bool) {
 		if len(f) < 54 {
 			return fi, true
 		}
-		fi.proto = f[20]
-		fi.l4 = 54
+		// The upper layer, past the extension headers a host sends
+		// before it (hop-by-hop options carry MLD's router alert).
+		next, off := f[20], 54
+		for {
+			if next == 44 { // Fragment
+				if len(f) < off+8 {
+					return fi, true
+				}
+				fi.fragment = true
+				fi.fragOff = int(binary.BigEndian.Uint16(f[off+2:]) &^ 7)
+				next, off = f[off], off+8
+				if fi.fragOff != 0 {
+					fi.proto = next
+					return fi, true
+				}
+				continue
+			}
+			if next != 0 && next != 43 && next != 60 { // hop-by-hop, routing, destination options
+				break
+			}
+			if len(f) < off+8 {
+				return fi, true
+			}
+			next, off = f[off], off+(int(f[off+1])+1)*8
+		}
+		fi.proto = next
+		fi.l4 = off
 	default:
 		return fi, true
 	}

@@ -213,40 +213,59 @@ func TestMTUAndReplay(t *testing.T) {
 }
 
 // TestListenUDPBroadcast: DHCPv4's socket hears a client and answers it at
-// limited broadcast; the IPv6 group socket refuses what is not a multicast
-// group; DialUDP refuses a peer of the other family.
+// limited broadcast — the answer reaching the client's port only, not a
+// second guest's listening on the same port; the IPv6 group socket refuses
+// what is not a multicast group; DialUDP refuses a peer of the other
+// family.
 func TestListenUDPBroadcast(t *testing.T) {
 	tl := timeline.New()
 	f, err := netfab.New(tl, netfab.Config{})
 	assert.NilError(t, err)
 	defer f.Close()
-	port, err := f.AddPort("g1", net.HardwareAddr{2, 0, 0, 0, 0, 8}, "")
-	assert.NilError(t, err)
-	peerIP := netip.MustParseAddr("10.0.2.43")
-	peer, err := netfabtest.NewPeer(port, peerIP)
-	assert.NilError(t, err)
-	defer peer.Close()
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 8}
+	client := func(mac net.HardwareAddr, ip string) net.PacketConn {
+		port, err := f.AddPort(mac.String(), mac, "")
+		assert.NilError(t, err)
+		peer, err := netfabtest.NewPeer(port, netip.MustParseAddr(ip))
+		assert.NilError(t, err)
+		t.Cleanup(peer.Close)
+		// Bound to the port alone, as a DHCP client is, to hear broadcast.
+		c, err := gonet.DialUDP(peer.Stack, &tcpip.FullAddress{Port: 68}, nil, ipv4.ProtocolNumber)
+		assert.NilError(t, err)
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	c := client(mac, "10.0.2.43")
+	other := client(net.HardwareAddr{2, 0, 0, 0, 0, 9}, "10.0.2.44")
 
 	srv, err := f.ListenUDPBroadcast(67)
 	assert.NilError(t, err)
 	defer srv.Close()
-	// Bound to the port alone, as a DHCP client is, to hear broadcast.
-	c, err := gonet.DialUDP(peer.Stack, &tcpip.FullAddress{Port: 68}, nil, ipv4.ProtocolNumber)
+	// A BOOTP message: op, then the client hardware address at 28.
+	bootp := func(op byte, mac net.HardwareAddr) []byte {
+		m := make([]byte, 240)
+		m[0] = op
+		copy(m[28:], mac)
+		return m
+	}
+	_, err = c.WriteTo(bootp(1, mac), &net.UDPAddr{IP: net.IP(f.HostIP.AsSlice()), Port: 67})
 	assert.NilError(t, err)
-	defer c.Close()
-	_, err = c.WriteTo([]byte("discover"), &net.UDPAddr{IP: net.IP(f.HostIP.AsSlice()), Port: 67})
-	assert.NilError(t, err)
-	buf := make([]byte, 100)
+	buf := make([]byte, 300)
 	srv.SetReadDeadline(time.Now().Add(2 * time.Second))
 	n, _, err := srv.ReadFrom(buf)
 	assert.NilError(t, err)
-	assert.Equal(t, string(buf[:n]), "discover")
-	_, err = srv.WriteTo([]byte("offer"), &net.UDPAddr{IP: net.IPv4bcast, Port: 68})
-	assert.NilError(t, err)
+	assert.DeepEqual(t, buf[:n], bootp(1, mac))
+	for _, to := range []net.HardwareAddr{{2, 0, 0, 0, 0, 7}, mac} { // nobody's, then the client's
+		_, err = srv.WriteTo(bootp(2, to), &net.UDPAddr{IP: net.IPv4bcast, Port: 68})
+		assert.NilError(t, err)
+	}
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	n, _, err = c.ReadFrom(buf)
 	assert.NilError(t, err)
-	assert.Equal(t, string(buf[:n]), "offer")
+	assert.DeepEqual(t, buf[:n], bootp(2, mac))
+	other.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	n, _, err = other.ReadFrom(buf)
+	assert.Assert(t, err != nil, "another guest's port heard a DHCP reply: % x", buf[:n])
 
 	g, err := f.ListenUDPGroup(netip.MustParseAddr("ff02::1:2"), 547)
 	assert.NilError(t, err)

@@ -50,6 +50,10 @@ const (
 	spoofDHCPClient
 	spoofEtherType
 	spoofIPv6Source
+	spoofFragment
+	spoofNDP
+	spoofRouter
+	spoofMAC
 	nSpoofKinds
 )
 
@@ -85,8 +89,16 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		if a, ok := okIP(frame[26:30]); !ok {
 			return spoofIPv4Source, fmt.Sprintf("IPv4 from %s's port with source %s (its lease is %s)", p.Name, a, bound)
 		}
+		if why := p.badFragment(frame, fi); why != "" {
+			return spoofFragment, why
+		}
 		// DHCP to the server: the client hardware address is the port's.
-		if fi.proto == 17 && fi.dstPort == 67 && fi.l4 > 0 && len(frame) >= fi.l4+8+34 {
+		// The message is whole (badFragment), so this is what the server
+		// reads.
+		if fi.proto == 17 && fi.dstPort == 67 {
+			if len(frame) < fi.l4+8+34 {
+				return spoofDHCPClient, fmt.Sprintf("a DHCP message from %s's port too short to name its client", p.Name)
+			}
 			if ch := frame[fi.l4+8+28 : fi.l4+8+34]; !bytes.Equal(ch, p.MAC) {
 				return spoofDHCPClient, fmt.Sprintf("DHCP from %s's port for hardware address %s", p.Name, net.HardwareAddr(ch))
 			}
@@ -115,6 +127,14 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		case !bound6.IsValid() && src.IsGlobalUnicast():
 			return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with source %s (it has no IPv6 lease)", p.Name, src)
 		}
+		if fi.fragment {
+			// Nothing a booting guest sends over IPv6 needs cutting up,
+			// and a fragment hides its upper layer from these checks.
+			return spoofFragment, fmt.Sprintf("a fragmented IPv6 datagram from %s's port", p.Name)
+		}
+		if fi.proto == 58 {
+			return p.badICMPv6(frame, fi, bound6)
+		}
 	default:
 		// The lab's network carries IPv4, ARP and IPv6. Anything else —
 		// an 802.1Q tag above all, which would hide an IPv4 header from
@@ -122,6 +142,86 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		return spoofEtherType, fmt.Sprintf("EtherType %#04x from %s's port (only IPv4, ARP and IPv6 are carried)", fi.etherType, p.Name)
 	}
 	return 0, ""
+}
+
+// badFragment says why an IPv4 fragment from the port could carry what the
+// checks cannot see, "" if it cannot. The first fragment must show the
+// whole transport header, and a DHCP message must come whole: then every
+// datagram the host reassembles for the DHCP server began with a fragment
+// the checks read, and later fragments cannot rewrite a header the
+// first one showed (RFC 1858's overlapping fragments).
+func (p *Port) badFragment(frame []byte, fi frameInfo) string {
+	if !fi.fragment {
+		return ""
+	}
+	header := map[uint8]int{6: 20, 17: 8}[fi.proto]
+	switch {
+	case fi.fragOff == 0 && fi.l4 > 0 && len(frame) < fi.l4+header:
+		return fmt.Sprintf("an IPv4 first fragment from %s's port too short to show its transport header", p.Name)
+	case fi.fragOff == 0 && fi.proto == 17 && fi.dstPort == 67:
+		return fmt.Sprintf("a fragmented DHCP message from %s's port", p.Name)
+	case fi.fragOff > 0 && fi.fragOff < header:
+		return fmt.Sprintf("an IPv4 fragment from %s's port that overlaps the transport header", p.Name)
+	}
+	return ""
+}
+
+// badICMPv6 checks the neighbor discovery a port's guest sends: it may ask
+// about anyone, but it answers only for its own addresses, and names only
+// its own MAC as a link-layer address; router advertisements and redirects
+// are the router's (the fabric's own responder), never a guest's.
+func (p *Port) badICMPv6(frame []byte, fi frameInfo, bound6 netip.Addr) (int, string) {
+	switch fi.icmpType {
+	case 134, 137:
+		return spoofRouter, fmt.Sprintf("ICMPv6 type %d (a router's) from %s's port", fi.icmpType, p.Name)
+	case 135, 136:
+	default:
+		return 0, ""
+	}
+	if len(frame) < fi.l4+24 {
+		return spoofNDP, fmt.Sprintf("a neighbor discovery message from %s's port too short to read", p.Name)
+	}
+	if fi.icmpType == 136 {
+		target, _ := netip.AddrFromSlice(frame[fi.l4+8 : fi.l4+24])
+		if target != linkLocalOf(p.MAC) && (!bound6.IsValid() || target != bound6) {
+			return spoofNDP, fmt.Sprintf("a neighbor advertisement from %s's port for %s, not its address", p.Name, target)
+		}
+	}
+	for opts := frame[fi.l4+24:]; len(opts) >= 2; {
+		n := int(opts[1]) * 8
+		if n == 0 || n > len(opts) {
+			return spoofNDP, fmt.Sprintf("a neighbor discovery message from %s's port with a malformed option", p.Name)
+		}
+		if (opts[0] == 1 || opts[0] == 2) && (n < 8 || !bytes.Equal(opts[2:8], p.MAC)) {
+			return spoofNDP, fmt.Sprintf("a neighbor discovery message from %s's port naming link-layer address %s", p.Name, net.HardwareAddr(opts[2:min(8, n)]))
+		}
+		opts = opts[n:]
+	}
+	return 0, ""
+}
+
+// linkLocalOf is the EUI-64 link-local address of mac.
+func linkLocalOf(mac net.HardwareAddr) netip.Addr {
+	if len(mac) != 6 {
+		return netip.Addr{}
+	}
+	return netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 8: mac[0] ^ 2, 9: mac[1], 10: mac[2], 11: 0xff, 12: 0xfe, 13: mac[3], 14: mac[4], 15: mac[5]})
+}
+
+// CheckGuestMAC says why mac cannot be a guest's port: a group (multicast
+// or broadcast) address, all zeros, or the host's own.
+func CheckGuestMAC(mac, host net.HardwareAddr) error {
+	switch {
+	case len(mac) != 6:
+		return fmt.Errorf("MAC %s: not an Ethernet address", mac)
+	case isGroup(mac):
+		return fmt.Errorf("MAC %s is a group (multicast or broadcast) address", mac)
+	case bytes.Equal(mac, make([]byte, 6)):
+		return fmt.Errorf("MAC %s is all zeros", mac)
+	case bytes.Equal(mac, host):
+		return fmt.Errorf("MAC %s is the boot server's", mac)
+	}
+	return nil
 }
 
 // refuse records a spoofed frame: the first of each kind on a port, then
