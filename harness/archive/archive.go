@@ -106,27 +106,6 @@ func (b *Builder) file(p string, data []byte, perm os.FileMode, source string) e
 	return nil
 }
 
-// FromRoot adds the root file system's file rootPath, read from root (the
-// root tree on the host; symlinks cannot lead outside it), at the same path
-// in the archive. The manifest records it as a copy of rootPath, which the
-// freshness check compares; editable marks configuration.
-func (b *Builder) FromRoot(root *os.Root, rootPath string, editable bool) error {
-	rel := strings.TrimPrefix(path.Clean("/"+rootPath), "/")
-	data, err := root.ReadFile(rel)
-	if err != nil {
-		return fmt.Errorf("archive: root file %s: %w", rootPath, err)
-	}
-	fi, err := root.Stat(rel)
-	if err != nil {
-		return fmt.Errorf("archive: %w", err)
-	}
-	if err := b.file(rel, data, fi.Mode(), manifest.RootPrefix+"/"+rel); err != nil {
-		return err
-	}
-	b.entries[rel].editable = editable
-	return nil
-}
-
 // Secret adds a file whose contents are never shown: the manifest marks it
 // secret and reports print no more than a short hash of it.
 func (b *Builder) Secret(p string, data []byte) error {

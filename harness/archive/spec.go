@@ -4,12 +4,15 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path"
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"nbh.dev/nbh/harness/archive/manifest"
@@ -51,8 +54,78 @@ type Spec struct {
 }
 
 // MaxTrackedBytes bounds the root files an archive copies (they are held
-// in memory while it is built).
+// in memory while it is built). A file past it is refused by its size,
+// unread: a guest can make one on its root huge and sparse in one write.
 const MaxTrackedBytes = 1 << 30
+
+// ErrTrackedTooLarge is root files past MaxTrackedBytes.
+var ErrTrackedTooLarge = errors.New("the root's files are too large for an archive")
+
+// rootFile is a root file an archive carries, as read once for it.
+type rootFile struct {
+	path, rel string
+	data      []byte
+	mode      os.FileMode
+	editable  bool
+}
+
+// snapshot reads the spec's tracked root files, each once, through an
+// os.Root (a symlink on the root cannot lead out of it), refusing what is
+// not a regular file and stopping at MaxTrackedBytes in all.
+func (spec Spec) snapshot() ([]rootFile, error) {
+	if len(spec.Tracked) == 0 {
+		return nil, nil
+	}
+	root, err := os.OpenRoot(spec.Root)
+	if err != nil {
+		return nil, fmt.Errorf("archive: root tree: %w", err)
+	}
+	defer root.Close()
+	var out []rootFile
+	left := int64(MaxTrackedBytes)
+	for _, t := range spec.Tracked {
+		rel := strings.TrimPrefix(path.Clean("/"+t.Path), "/")
+		data, mode, err := readBounded(root, rel, left)
+		if errors.Is(err, ErrTrackedTooLarge) {
+			return nil, fmt.Errorf("archive: %w: they add up to more than %d MiB (at %s): name fewer, or make them smaller", err, MaxTrackedBytes>>20, t.Path)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("archive: root file %s: %w", t.Path, err)
+		}
+		left -= int64(len(data))
+		out = append(out, rootFile{path: t.Path, rel: rel, data: data, mode: mode, editable: t.Editable})
+	}
+	return out, nil
+}
+
+// readBounded reads the regular file rel of root, refusing it past limit
+// bytes: by its size before reading, and again while reading (it may grow).
+func readBounded(root *os.Root, rel string, limit int64) ([]byte, os.FileMode, error) {
+	// Non-blocking: a FIFO would block the open; its type is refused below.
+	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, 0, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, 0, fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	}
+	if fi.Size() > limit {
+		return nil, 0, fmt.Errorf("%w (%d bytes)", ErrTrackedTooLarge, fi.Size())
+	}
+	data, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, 0, err
+	}
+	if int64(len(data)) > limit {
+		return nil, 0, fmt.Errorf("%w (it grew while read)", ErrTrackedTooLarge)
+	}
+	return data, fi.Mode(), nil
+}
 
 // ModuleSet is one module list of an archive.
 type ModuleSet struct {
@@ -87,7 +160,15 @@ const buildVersion = "nbh-archive-2"
 // Build makes the archive spec declares in cacheDir, named by a hash of the
 // spec and of every input's contents, or reuses the one already there.
 func Build(spec Spec, cacheDir string) (*Result, error) {
-	key, err := spec.key()
+	// The root's files are read once: the key is the hash of the bytes
+	// the archive is built from, so no entry is filed under one content
+	// while holding another (a guest can change its root's files between
+	// two reads).
+	snap, err := spec.snapshot()
+	if err != nil {
+		return nil, err
+	}
+	key, err := spec.key(snap)
 	if err != nil {
 		return nil, err
 	}
@@ -107,7 +188,7 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 			}
 		}
 	}
-	b, err := spec.builder()
+	b, err := spec.builder(snap)
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +237,7 @@ func prune(dir string, keep int, newest string) {
 }
 
 // builder adds everything spec declares.
-func (spec Spec) builder() (*Builder, error) {
+func (spec Spec) builder(snap []rootFile) (*Builder, error) {
 	b := New()
 	b.Compression = spec.Compression
 	b.Kernel = spec.Kernel
@@ -218,27 +299,14 @@ func (spec Spec) builder() (*Builder, error) {
 			}
 		}
 	}
-	if len(spec.Tracked) > 0 {
-		root, err := os.OpenRoot(spec.Root)
-		if err != nil {
-			return nil, fmt.Errorf("archive: root tree: %w", err)
+	for _, f := range snap {
+		if _, taken := b.entries[f.rel]; taken {
+			return nil, fmt.Errorf("archive: the root's %s would replace the archive's own", f.path)
 		}
-		defer root.Close()
-		var total int64
-		for _, t := range spec.Tracked {
-			rel := strings.TrimPrefix(path.Clean("/"+t.Path), "/")
-			if _, taken := b.entries[rel]; taken {
-				return nil, fmt.Errorf("archive: the root's %s would replace the archive's own", t.Path)
-			}
-			if fi, err := root.Stat(rel); err == nil {
-				if total += fi.Size(); total > MaxTrackedBytes {
-					return nil, fmt.Errorf("archive: the root's files add up to more than %d MiB (at %s): name fewer", MaxTrackedBytes>>20, t.Path)
-				}
-			}
-			if err := b.FromRoot(root, t.Path, t.Editable); err != nil {
-				return nil, err
-			}
+		if err := b.file(f.rel, f.data, f.mode, manifest.RootPrefix+"/"+f.rel); err != nil {
+			return nil, err
 		}
+		b.entries[f.rel].editable = f.editable
 	}
 	for _, p := range sortedKeys(spec.Secrets) {
 		if err := b.Secret(p, spec.Secrets[p]); err != nil {
@@ -249,7 +317,7 @@ func (spec Spec) builder() (*Builder, error) {
 }
 
 // key hashes the spec and the contents of every input it names.
-func (spec Spec) key() (string, error) {
+func (spec Spec) key(snap []rootFile) (string, error) {
 	type input struct {
 		Name, Hash string
 	}
@@ -272,19 +340,9 @@ func (spec Spec) key() (string, error) {
 			return "", err
 		}
 	}
-	if len(spec.Tracked) > 0 {
-		root, err := os.OpenRoot(spec.Root)
-		if err != nil {
-			return "", fmt.Errorf("archive: root tree: %w", err)
-		}
-		defer root.Close()
-		for _, t := range spec.Tracked {
-			h, err := manifest.Hash(root.FS(), trimSlash(t.Path))
-			if err != nil {
-				return "", fmt.Errorf("archive: root file %s: %w", t.Path, err)
-			}
-			inputs = append(inputs, input{"root:" + t.Path, h})
-		}
+	for _, f := range snap {
+		sum := sha256.Sum256(f.data)
+		inputs = append(inputs, input{"root:" + f.path, fmt.Sprintf("%x %o", sum, f.mode)})
 	}
 	for _, p := range sortedKeys(spec.Secrets) {
 		sum := sha256.Sum256(spec.Secrets[p])

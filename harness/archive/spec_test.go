@@ -209,3 +209,76 @@ func sha(t *testing.T, path string) string {
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:])
 }
+
+// TestHugeSparseTrackedFileIsRefusedUnread: a tracked file a guest made
+// 100 GiB (sparse, one truncate) fails the build by its size, and the
+// freshness check reports it changed, both without reading it (reading
+// would take minutes: the test's time limit is the backstop).
+func TestHugeSparseTrackedFileIsRefusedUnread(t *testing.T) {
+	root := rootTree(t)
+	r, err := Build(testSpec(t, root), t.TempDir())
+	assert.NilError(t, err)
+	assert.NilError(t, os.Truncate(filepath.Join(root, "etc/nbh/boot.conf"), 100<<30))
+	_, err = Build(testSpec(t, root), t.TempDir())
+	assert.ErrorIs(t, err, ErrTrackedTooLarge)
+	assert.ErrorContains(t, err, "/etc/nbh/boot.conf")
+	rt, err := os.OpenRoot(root)
+	assert.NilError(t, err)
+	defer rt.Close()
+	drift, err := manifest.Check(r.Manifest, rt.FS())
+	assert.NilError(t, err)
+	assert.Equal(t, len(drift), 1)
+	assert.Equal(t, drift[0].Now, "size 107374182400")
+}
+
+// TestCacheEntriesHoldTheirKeysContent: while a tracked file flips between
+// two contents during builds (a guest writing its root), every archive
+// filed under a content's key holds that content. The keys come from
+// builds of each content alone, and the archives' contents from their
+// manifests, not from how Build computes either.
+func TestCacheEntriesHoldTheirKeysContent(t *testing.T) {
+	root := rootTree(t)
+	conf := filepath.Join(root, "etc/nbh/boot.conf")
+	contents := []string{"site=A\n", "site=EVIL\n"}
+	keyOf := map[string]string{}
+	for _, c := range contents {
+		assert.NilError(t, os.WriteFile(conf, []byte(c), 0o644))
+		r, err := Build(testSpec(t, root), t.TempDir())
+		assert.NilError(t, err)
+		keyOf[r.Key] = c
+	}
+	cache := t.TempDir()
+	spec := testSpec(t, root)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			// In place, as a guest's write over NFS is.
+			os.WriteFile(conf, []byte(contents[i%2]), 0o644)
+		}
+	}()
+	for range 150 {
+		r, err := Build(spec, cache)
+		if err != nil {
+			continue // caught mid-write: an error is no harm
+		}
+		want, ok := keyOf[r.Key]
+		if !ok {
+			continue // a content mid-write (empty, cut short): its own key
+		}
+		for _, e := range r.Manifest.Files {
+			if e.RootPath() == "/etc/nbh/boot.conf" {
+				sum := sha256.Sum256([]byte(want))
+				assert.Equal(t, e.SHA256, hex.EncodeToString(sum[:]), "the archive under %s's key holds another content", strings.TrimSpace(want))
+			}
+		}
+	}
+	close(stop)
+	<-done
+}

@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -217,10 +218,22 @@ func Read(dir string) (*Bundle, Verdict, error) {
 	return &b, v, nil
 }
 
+// maxJSON bounds a bundle's JSON files.
+const maxJSON = 16 << 20
+
 func readJSON(path string, v any) error {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrBad, err)
+	}
+	defer f.Close()
+	// A spec or verdict is a few KiB; a bundle's is not trusted to be.
+	data, err := io.ReadAll(io.LimitReader(f, maxJSON+1))
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrBad, err)
+	}
+	if len(data) > maxJSON {
+		return fmt.Errorf("%w: %s: %w: more than %d MiB", ErrBad, path, ErrTooLarge, maxJSON>>20)
 	}
 	if err := json.Unmarshal(data, v); err != nil {
 		return fmt.Errorf("%w: %s: %v", ErrBad, path, err)

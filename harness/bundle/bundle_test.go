@@ -2,7 +2,9 @@ package bundle
 
 import (
 	"archive/tar"
+	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -100,4 +102,69 @@ func TestUnpackRefusesHostileArchives(t *testing.T) {
 			assert.Equal(t, len(left), 0, "unpack left %v", left)
 		})
 	}
+}
+
+// bomb writes a packed bundle of entries under b/, each of size bytes of
+// zeros, and returns its path and packed size.
+func bomb(t *testing.T, entries int, size int64) (string, int64) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "bomb"+Ext)
+	f, err := os.Create(file)
+	assert.NilError(t, err)
+	zw, err := zstd.NewWriter(f, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	assert.NilError(t, err)
+	tw := tar.NewWriter(zw)
+	zeros := make([]byte, 1<<20)
+	for i := range entries {
+		assert.NilError(t, tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("b/%d", i), Typeflag: tar.TypeReg, Mode: 0o644, Size: size}))
+		for left := size; left > 0; left -= int64(len(zeros)) {
+			_, err := tw.Write(zeros[:min(left, int64(len(zeros)))])
+			assert.NilError(t, err)
+		}
+	}
+	assert.NilError(t, tw.Close())
+	assert.NilError(t, zw.Close())
+	fi, err := f.Stat()
+	assert.NilError(t, err)
+	assert.NilError(t, f.Close())
+	return file, fi.Size()
+}
+
+// TestUnpackRefusesBombs: a small bundle that unpacks to 1 GiB, and one
+// of countless entries, fail as too large having written no more than the
+// bound, and leave nothing behind; a bundle within the bounds unpacks.
+func TestUnpackRefusesBombs(t *testing.T) {
+	// 1 GiB in one entry, made cheaply: zstd frames decode as one
+	// stream, so the tar header's frame is followed by one frame of 1 MiB
+	// of zeros, 1,024 times.
+	file := filepath.Join(t.TempDir(), "bomb"+Ext)
+	enc, err := zstd.NewWriter(nil)
+	assert.NilError(t, err)
+	var hdr bytes.Buffer
+	tw := tar.NewWriter(&hdr)
+	assert.NilError(t, tw.WriteHeader(&tar.Header{Name: "b/zeros", Typeflag: tar.TypeReg, Mode: 0o644, Size: 1 << 30}))
+	packed := enc.EncodeAll(hdr.Bytes(), nil)
+	mib := enc.EncodeAll(make([]byte, 1<<20), nil)
+	for range 1024 {
+		packed = append(packed, mib...)
+	}
+	assert.NilError(t, os.WriteFile(file, packed, 0o644))
+	assert.Assert(t, len(packed) < 1<<20, "the bomb is %d bytes packed", len(packed))
+	parent := t.TempDir()
+	_, err = Unpack(file, parent)
+	assert.Assert(t, errors.Is(err, ErrTooLarge) && errors.Is(err, ErrBad), "%v", err)
+	assert.ErrorContains(t, err, "bundle too large")
+	left, _ := os.ReadDir(parent)
+	assert.Equal(t, len(left), 0, "unpack left %v", left)
+
+	file, _ = bomb(t, MaxEntries+1, 0)
+	_, err = Unpack(file, t.TempDir())
+	assert.Assert(t, errors.Is(err, ErrTooLarge), "%v", err)
+
+	file, _ = bomb(t, 3, 4<<20) // 12 MiB of zeros: under the floor
+	dir, err := Unpack(file, t.TempDir())
+	assert.NilError(t, err)
+	fi, err := os.Stat(filepath.Join(dir, "2"))
+	assert.NilError(t, err)
+	assert.Equal(t, fi.Size(), int64(4<<20))
 }

@@ -84,17 +84,39 @@ func Pack(dir, out string) (err error) {
 	return zw.Close()
 }
 
+// Bounds on what a packed bundle unpacks to (it is untrusted input): a
+// real one holds a kernel, an archive, a console log and a capture, and
+// unpacks to at most a few times its size; a bomb unpacks to thousands.
+const (
+	MaxUnpacked = 4 << 30  // bytes in all
+	MaxEntries  = 10000    // files and folders
+	MaxRatio    = 200      // unpacked bytes per packed byte, past RatioFloor
+	RatioFloor  = 64 << 20 // bytes any bundle may unpack to, whatever its size
+	maxWindow   = 32 << 20 // zstd window: Pack's is 8 MiB
+)
+
+// ErrTooLarge is a packed bundle past the bounds above.
+var ErrTooLarge = errors.New("bundle too large")
+
 // Unpack extracts a packed bundle into a new folder under parent and
 // returns the bundle's folder. Only folders and regular files are taken;
-// an entry that would land outside the new folder fails the whole unpack
-// (a packed bundle is untrusted input).
+// an entry that would land outside the new folder fails the whole unpack,
+// and so does unpacking past MaxUnpacked bytes, MaxEntries entries or
+// MaxRatio times the packed size (ErrTooLarge): a packed bundle is
+// untrusted input, and nothing of it is held in memory.
 func Unpack(file, parent string) (string, error) {
 	f, err := os.Open(file)
 	if err != nil {
 		return "", fmt.Errorf("%w: %v", ErrBad, err)
 	}
 	defer f.Close()
-	zr, err := zstd.NewReader(f)
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrBad, err)
+	}
+	budget := min(int64(MaxUnpacked), max(int64(RatioFloor), MaxRatio*fi.Size()))
+	zr, err := zstd.NewReader(f, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+		zstd.WithDecoderMaxWindow(maxWindow), zstd.WithDecoderMaxMemory(uint64(budget)))
 	if err != nil {
 		return "", fmt.Errorf("%w: %s: %v", ErrBad, file, err)
 	}
@@ -110,18 +132,35 @@ func Unpack(file, parent string) (string, error) {
 	}
 	defer root.Close()
 	top := ""
-	tr := tar.NewReader(zr)
+	// Every byte that comes out of the decompressor counts, headers and
+	// padding too: a tar of countless empty entries is as big a bomb.
+	left := &limited{r: zr, n: budget}
+	tr := tar.NewReader(left)
 	fail := func(err error) (string, error) {
 		os.RemoveAll(dest)
+		if errors.Is(err, ErrTooLarge) {
+			return "", fmt.Errorf("%w: %s: %w", ErrBad, file, err)
+		}
 		return "", fmt.Errorf("%w: %s: %v", ErrBad, file, err)
 	}
+	tooLarge := func() (string, error) {
+		return fail(fmt.Errorf("%w: it unpacks to more than %d MiB (%d bytes packed; the bound is %d times that, at least %d MiB, at most %d MiB)",
+			ErrTooLarge, budget>>20, fi.Size(), MaxRatio, RatioFloor>>20, MaxUnpacked>>20))
+	}
+	entries := 0
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
+		if left.over {
+			return tooLarge()
+		}
 		if err != nil {
 			return fail(err)
+		}
+		if entries++; entries > MaxEntries {
+			return fail(fmt.Errorf("%w: more than %d entries", ErrTooLarge, MaxEntries))
 		}
 		name := filepath.FromSlash(strings.TrimSuffix(h.Name, "/"))
 		if !filepath.IsLocal(name) {
@@ -149,6 +188,9 @@ func Unpack(file, parent string) (string, error) {
 			_, err = io.Copy(w, tr)
 			if cerr := w.Close(); err == nil {
 				err = cerr
+			}
+			if left.over {
+				return tooLarge()
 			}
 			if err != nil {
 				return fail(err)
@@ -185,4 +227,25 @@ func Open(path string) (b *Bundle, v Verdict, done func(), err error) {
 		return nil, v, func() {}, err
 	}
 	return b, v, done, nil
+}
+
+// limited reads r up to n bytes, then fails, noting that it was cut
+// (over): a bound, not an end of input.
+type limited struct {
+	r    io.Reader
+	n    int64
+	over bool
+}
+
+func (l *limited) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		l.over = true
+		return 0, ErrTooLarge
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
 }

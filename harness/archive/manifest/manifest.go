@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"path"
 	"sort"
@@ -103,16 +104,19 @@ type Drift struct {
 	Path    string // in the archive
 	Root    string // on the root file system
 	Archive string // SHA-256 of the archive's copy
-	Now     string // SHA-256 on the root now; "" when the file is gone
+	Now     string // SHA-256 on the root now; "" when the file is gone; "size N" when its size differs (not read)
 	Secret  bool
 }
 
 func (d Drift) String() string {
 	now := d.Now
-	if now == "" {
+	switch {
+	case now == "":
 		now = "missing"
+	case !strings.HasPrefix(now, "size "):
+		now = Short(now)
 	}
-	return fmt.Sprintf("%s archive=%s root=%s", d.Root, Short(d.Archive), Short(now))
+	return fmt.Sprintf("%s archive=%s root=%s", d.Root, Short(d.Archive), now)
 }
 
 // Short abbreviates a hash for reports (secrets are hashed, never shown, so
@@ -132,7 +136,7 @@ func Check(m Manifest, root fs.FS) ([]Drift, error) {
 	var drift []Drift
 	for _, e := range m.Tracked() {
 		p := strings.TrimPrefix(path.Clean("/"+e.RootPath()), "/")
-		now, err := Hash(root, p)
+		now, err := hashIfSize(root, p, e.Size)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("manifest: %s: %w", e.RootPath(), err)
 		}
@@ -141,6 +145,28 @@ func Check(m Manifest, root fs.FS) ([]Drift, error) {
 		}
 	}
 	return drift, nil
+}
+
+// hashIfSize is the hex SHA-256 of a file in fsys of size bytes, or "size
+// N" for a file of another size, which is not read: a root's file can be
+// made huge (and sparse) in one write, and a check must not read it all.
+func hashIfSize(fsys fs.FS, p string, size int64) (string, error) {
+	f, err := fsys.Open(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	if !fi.Mode().IsRegular() {
+		return "", fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	}
+	if fi.Size() != size {
+		return fmt.Sprintf("size %d", fi.Size()), nil
+	}
+	return fsutil.SHA256(io.LimitReader(f, size))
 }
 
 // Hash is the hex SHA-256 of a file in fsys.
