@@ -73,6 +73,9 @@ type Options struct {
 	// them, its artifacts. Without it a closed guest's name can boot again
 	// and find its root as it left it, and the timeline keeps every event.
 	ForgetClosed bool
+	// NFSQuota bounds what each guest adds to its NFS root (bytes of disk
+	// and names); zero for nfs.DefaultQuota (2 GiB, 100,000 names).
+	NFSQuota nfs.Quota
 	// Accel is the guests' acceleration: "" (a probe decides: KVM where a
 	// guest really runs under it, else TCG), "kvm" or "tcg".
 	Accel string
@@ -197,7 +200,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: nfs: %w", err)
 	}
-	l.nfs = nfs.Serve(nln, l.tl)
+	l.nfs = nfs.Serve(nln, l.tl, opts.NFSQuota)
 	l.closers = append(l.closers, l.nfs)
 	pln, err := l.fabric.ListenTCP(nfs.PortmapPort)
 	if err != nil {

@@ -89,7 +89,7 @@ func FuzzNFSSession(f *testing.F) {
 			t.Fatal(err)
 		}
 		tl := timeline.New()
-		s := Serve(ln, tl)
+		s := Serve(ln, tl, Quota{})
 		defer s.Close()
 		s.Export("/nbh/root", "127.0.0.1", root)
 		s.Export("/nbh/other", "192.0.2.9", other)

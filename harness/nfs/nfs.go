@@ -2,9 +2,12 @@
 // and NFS on one TCP port) on the fabric host stack. One export path serves
 // every guest of a lab, each from its own writable copy of the root, chosen
 // by the client's address: one test never changes another's root, or the
-// fixtures. Files are reached through go-billy's bound OS filesystem, so
-// symlinks are resolved inside the export and never lead out of it; file
-// handles are opaque and a forged one is answered as stale.
+// fixtures. Every operation resolves its path and acts on it in one step
+// inside an os.Root (export.go), so a symlink, even one swapped in
+// mid-operation, never leads out of the export; file handles are random,
+// per export and bound to the file's identity (handles.go), and a forged,
+// forgotten or reused one is answered as stale. What a guest adds to its
+// root is bounded by a quota.
 package nfs
 
 import (
@@ -15,12 +18,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
 
 	billy "github.com/go-git/go-billy/v5"
-	"github.com/go-git/go-billy/v5/osfs"
 	gonfs "github.com/willscott/go-nfs"
-	"github.com/willscott/go-nfs/helpers"
 	"github.com/willscott/go-nfs/helpers/memfs"
 
 	"nbh.dev/nbh/harness/timeline"
@@ -31,20 +31,22 @@ const Port = 2049
 
 // Server is a running NFS server.
 type Server struct {
-	tl      *timeline.Timeline
-	ln      *gateListener
-	done    chan struct{}
-	handles *forgetting
+	tl    *timeline.Timeline
+	ln    *gateListener
+	done  chan struct{}
+	quota Quota
 
 	mu      sync.Mutex
-	exports map[string]map[string]billy.Filesystem // export path -> client IP -> root
+	exports map[string]map[string]*export // export path -> client IP -> root
+	byID    map[[8]byte]*export           // each export by its handles' ID
 }
 
 var quietOnce sync.Once
 
 // Serve serves NFS and MOUNT on ln (the lab uses the fabric host's port
-// 2049 on both of its addresses; unit tests use loopback).
-func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
+// 2049 on both of its addresses; unit tests use loopback). Each guest may
+// add up to quota to its root (zero: DefaultQuota).
+func Serve(ln net.Listener, tl *timeline.Timeline, quota Quota) *Server {
 	// go-nfs logs to stderr through a process-wide logger; the Linux client
 	// probing for NFS_ACL (program 100227), which is not served, is routine,
 	// not an error worth a line in every test. $LOG_LEVEL still applies.
@@ -53,11 +55,13 @@ func Serve(ln net.Listener, tl *timeline.Timeline) *Server {
 			gonfs.Log.SetLevel(gonfs.FatalLevel)
 		}
 	})
-	s := &Server{tl: tl, done: make(chan struct{}), exports: map[string]map[string]billy.Filesystem{}}
+	s := &Server{tl: tl, done: make(chan struct{}), quota: quota,
+		exports: map[string]map[string]*export{}, byID: map[[8]byte]*export{}}
 	s.ln = &gateListener{Listener: ln, emit: s.emit}
-	h := &forgetting{CachingHandler: helpers.NewCachingHandler(&handler{s: s}, 4096).(*helpers.CachingHandler), issued: map[billy.Filesystem]map[string]bool{}}
-	s.handles = h
-	srv := &gonfs.Server{Handler: h, Context: context.Background()}
+	// The handler is not go-nfs's caching one: handles are the exports'
+	// own, and directory listings are not cached across exports (its
+	// cache is keyed by path and names alone, whoever asks).
+	srv := &gonfs.Server{Handler: &handler{s: s}, Context: context.Background()}
 	go func() {
 		defer close(s.done)
 		srv.Serve(s.ln)
@@ -71,10 +75,8 @@ func (s *Server) Close() error {
 	<-s.done
 	s.mu.Lock()
 	for _, byIP := range s.exports {
-		for _, fs := range byIP {
-			if c, ok := fs.(*changeFS); ok {
-				c.root.Close()
-			}
+		for _, e := range byIP {
+			e.root.Close()
 		}
 	}
 	s.mu.Unlock()
@@ -86,67 +88,46 @@ func (s *Server) Close() error {
 // buffers) for ever.
 func (s *Server) Disconnect(ip string) int { return s.ln.closeFrom(ip) }
 
-// Unexport withdraws path from the client at ip.
+// Unexport withdraws path from the client at ip, and its handles with it.
 func (s *Server) Unexport(path, ip string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c, ok := s.exports[path][ip].(*changeFS); ok {
-		c.root.Close()
+	s.dropLocked(path, ip)
+}
+
+func (s *Server) dropLocked(path, ip string) {
+	if e, ok := s.exports[path][ip]; ok {
+		e.root.Close()
 		delete(s.exports[path], ip)
-		s.handles.forget(c)
-	}
-}
-
-// forgetting is go-nfs's handle cache, recording the handles it gives out
-// per exported file system, so that a withdrawn export's go with it: a
-// long-lived lab's closed guests would otherwise hold up to the cache's
-// 4,096 entries, each keeping a dead export alive.
-type forgetting struct {
-	*helpers.CachingHandler
-
-	mu     sync.Mutex
-	issued map[billy.Filesystem]map[string]bool
-}
-
-func (h *forgetting) ToHandle(f billy.Filesystem, path []string) []byte {
-	b := h.CachingHandler.ToHandle(f, path)
-	h.mu.Lock()
-	if h.issued[f] == nil {
-		h.issued[f] = map[string]bool{}
-	}
-	h.issued[f][string(b)] = true
-	h.mu.Unlock()
-	return b
-}
-
-// forget invalidates every handle given out for f.
-func (h *forgetting) forget(f billy.Filesystem) {
-	h.mu.Lock()
-	issued := h.issued[f]
-	delete(h.issued, f)
-	h.mu.Unlock()
-	for b := range issued {
-		h.CachingHandler.InvalidateHandle(f, []byte(b))
+		delete(s.byID, e.handles.id)
 	}
 }
 
 // Export serves dir as path to the client at ip.
 func (s *Server) Export(path, ip, dir string) error {
-	root, err := os.OpenRoot(dir)
+	e, err := newExport(dir, s.quota)
 	if err != nil {
 		return fmt.Errorf("nfs: export %s: %w", path, err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.exports[path] == nil {
-		s.exports[path] = map[string]billy.Filesystem{}
+		s.exports[path] = map[string]*export{}
 	}
-	if old, ok := s.exports[path][ip].(*changeFS); ok {
-		old.root.Close()
-		s.handles.forget(old)
-	}
-	s.exports[path][ip] = &changeFS{Filesystem: osfs.New(dir, osfs.WithBoundOS()), root: root}
+	s.dropLocked(path, ip)
+	s.exports[path][ip] = e
+	s.byID[e.handles.id] = e
 	return nil
+}
+
+// Usage is what the client at ip added to export path so far (bytes of
+// disk, names), against its quota.
+func (s *Server) Usage(path, ip string) (Quota, bool) {
+	e, ok := s.lookup(path, ip)
+	if !ok {
+		return Quota{}, false
+	}
+	return Quota{Bytes: e.bytes.Load(), Files: e.files.Load()}, true
 }
 
 // Exported reports whether path is exported to the client at ip.
@@ -155,7 +136,7 @@ func (s *Server) Exported(path, ip string) bool {
 	return ok
 }
 
-func (s *Server) lookup(path, ip string) (billy.Filesystem, bool) {
+func (s *Server) lookup(path, ip string) (*export, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	byIP, ok := s.exports[path]
@@ -180,7 +161,7 @@ type handler struct{ s *Server }
 func (h *handler) Mount(ctx context.Context, conn net.Conn, req gonfs.MountRequest) (gonfs.MountStatus, billy.Filesystem, []gonfs.AuthFlavor) {
 	ip := addrOf(conn.RemoteAddr())
 	path := "/" + strings.Trim(filepath.Clean("/"+string(req.Dirpath)), "/")
-	fs, ok := h.s.lookup(path, ip)
+	e, ok := h.s.lookup(path, ip)
 	if !ok {
 		h.s.emit(timeline.Event{Kind: "mount-refused", Addr: ip, Msg: path, Detail: map[string]any{"asked": string(req.Dirpath), "error": "no such export for this client"}})
 		// go-nfs v0.0.4 asks for a handle of the returned file system even
@@ -189,7 +170,7 @@ func (h *handler) Mount(ctx context.Context, conn net.Conn, req gonfs.MountReque
 		return gonfs.MountStatusErrNoEnt, refused, nil
 	}
 	h.s.emit(timeline.Event{Kind: "mount", Addr: ip, Msg: path})
-	return gonfs.MountStatusOk, fs, []gonfs.AuthFlavor{gonfs.AuthFlavorNull}
+	return gonfs.MountStatusOk, e, []gonfs.AuthFlavor{gonfs.AuthFlavorNull}
 }
 
 func (h *handler) Change(fs billy.Filesystem) billy.Change {
@@ -203,80 +184,43 @@ func (h *handler) FSStat(ctx context.Context, fs billy.Filesystem, st *gonfs.FSS
 	return nil
 }
 
-// The caching handler wrapped around this one supplies file handles.
-func (h *handler) ToHandle(billy.Filesystem, []string) []byte { return nil }
-func (h *handler) FromHandle([]byte) (billy.Filesystem, []string, error) {
-	return nil, nil, os.ErrNotExist
-}
-func (h *handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil }
-func (h *handler) HandleLimit() int                                { return 4096 }
-
-// changeFS adds attribute changes (chmod, chown, utimes) to the bound OS
-// filesystem through an os.Root: each change resolves its path and acts on
-// it in one step inside the export, so a guest that swaps a component for
-// a symlink between a lookup and the change cannot reach outside (a
-// resolve-then-os.Chmod would follow the new link, as root in CI).
-type changeFS struct {
-	billy.Filesystem
-	root *os.Root
-}
-
-// inRoot is a client path as a name relative to the export's root.
-func inRoot(name string) string {
-	rel := strings.TrimLeft(filepath.Clean("/"+name), "/")
-	if rel == "" {
-		return "."
+// ToHandle is the export's handle for path (handles.go).
+func (h *handler) ToHandle(fs billy.Filesystem, path []string) []byte {
+	e, ok := fs.(*export)
+	if !ok {
+		return make([]byte, handleSize) // the refused mount's: never sent
 	}
-	return rel
+	return e.handles.toHandle(path)
 }
 
-// Remove and Rename act on a symlink itself, as POSIX says, through the
-// os.Root: billy's bound file system resolves the link first, so "rm link"
-// removed the file it names and renaming a link renamed its target (or,
-// for a link out of the export, failed).
-func (c *changeFS) Remove(name string) error { return c.root.Remove(inRoot(name)) }
-
-func (c *changeFS) Rename(from, to string) error {
-	return c.root.Rename(inRoot(from), inRoot(to))
-}
-
-func (c *changeFS) Chmod(name string, mode os.FileMode) error {
-	return c.root.Chmod(inRoot(name), mode)
-}
-
-func (c *changeFS) Lchown(name string, uid, gid int) error {
-	return c.root.Lchown(inRoot(name), uid, gid)
-}
-
-func (c *changeFS) Chown(name string, uid, gid int) error {
-	return c.root.Chown(inRoot(name), uid, gid)
-}
-
-func (c *changeFS) Chtimes(name string, atime, mtime time.Time) error {
-	return c.root.Chtimes(inRoot(name), atime, mtime)
-}
-
-// Stat, Lstat and ReadDir report the setuid, setgid and sticky bits as the
-// Unix mode bits the client reads: go-nfs sends a file's os.FileMode as its
-// NFS mode, where Go keeps those bits far above the permissions, so
-// /usr/bin/su and /tmp arrived as plain 0755 and 0777.
-func (c *changeFS) Stat(name string) (os.FileInfo, error) {
-	fi, err := c.Filesystem.Stat(name)
-	return unixModes(fi), err
-}
-
-func (c *changeFS) Lstat(name string) (os.FileInfo, error) {
-	fi, err := c.Filesystem.Lstat(name)
-	return unixModes(fi), err
-}
-
-func (c *changeFS) ReadDir(name string) ([]os.FileInfo, error) {
-	fis, err := c.Filesystem.ReadDir(name)
-	for i, fi := range fis {
-		fis[i] = unixModes(fi)
+// FromHandle finds a handle's export by its first bytes, then its path.
+func (h *handler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
+	if len(fh) != handleSize {
+		return nil, nil, errStale
 	}
-	return fis, err
+	h.s.mu.Lock()
+	e := h.s.byID[[8]byte(fh[:8])]
+	h.s.mu.Unlock()
+	if e == nil {
+		return nil, nil, errStale
+	}
+	p, err := e.handles.fromHandle(fh[8:])
+	if err != nil {
+		return nil, nil, err
+	}
+	return e, p, nil
 }
+
+func (h *handler) InvalidateHandle(fs billy.Filesystem, fh []byte) error {
+	if e, ok := fs.(*export); ok && len(fh) == handleSize {
+		e.handles.mu.Lock()
+		e.handles.lru.Remove([16]byte(fh[8:]))
+		e.handles.mu.Unlock()
+	}
+	return nil
+}
+
+func (h *handler) HandleLimit() int { return handleLimit }
 
 // unixMode is a FileInfo whose mode carries the special bits at their Unix
 // places (04000, 02000, 01000).

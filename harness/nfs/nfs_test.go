@@ -11,7 +11,6 @@ import (
 	billy "github.com/go-git/go-billy/v5"
 	nfsc "github.com/willscott/go-nfs-client/nfs"
 	"github.com/willscott/go-nfs-client/nfs/rpc"
-	"github.com/willscott/go-nfs/helpers"
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness/timeline"
@@ -33,7 +32,7 @@ func serve(t *testing.T) (*nfsc.Target, string, *timeline.Timeline, *nfsc.Mount)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assert.NilError(t, err)
 	tl := timeline.New()
-	s := Serve(ln, tl)
+	s := Serve(ln, tl, Quota{})
 	t.Cleanup(func() { s.Close() })
 	s.Export("/nbh/root", "127.0.0.1", root)
 
@@ -102,7 +101,7 @@ func TestConfinedToExport(t *testing.T) {
 func TestCloseCutsOpenConnections(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assert.NilError(t, err)
-	s := Serve(ln, timeline.New())
+	s := Serve(ln, timeline.New(), Quota{})
 	c, err := net.Dial("tcp", ln.Addr().String())
 	assert.NilError(t, err)
 	defer c.Close()
@@ -135,12 +134,12 @@ func TestAttributeChangesStayInside(t *testing.T) {
 	assert.NilError(t, os.Symlink("../outside", filepath.Join(root, "dir-link")))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assert.NilError(t, err)
-	s := Serve(ln, timeline.New())
+	s := Serve(ln, timeline.New(), Quota{})
 	defer s.Close()
 	assert.NilError(t, s.Export("/nbh/root", "127.0.0.1", root))
 	fs, ok := s.lookup("/nbh/root", "127.0.0.1")
 	assert.Assert(t, ok)
-	c := fs.(*changeFS)
+	c := fs
 	past := time.Unix(1000, 0)
 	for _, name := range []string{"/link-abs", "link-rel", "/dir-link/secret", "/../outside/secret"} {
 		assert.Check(t, c.Chmod(name, 0o777) != nil, "chmod %s", name)
@@ -203,22 +202,26 @@ func TestSpecialModeBits(t *testing.T) {
 }
 
 // TestWithdrawnExportsHandlesGo: the handles given out for an export that
-// was withdrawn (a closed guest's) are gone from the handle cache, and the
-// others stay.
+// was withdrawn (a closed guest's) no longer resolve, and the others do.
 func TestWithdrawnExportsHandlesGo(t *testing.T) {
-	s := &Server{exports: map[string]map[string]billy.Filesystem{}}
-	s.handles = &forgetting{CachingHandler: helpers.NewCachingHandler(&handler{s: s}, 64).(*helpers.CachingHandler), issued: map[billy.Filesystem]map[string]bool{}}
+	s := &Server{exports: map[string]map[string]*export{}, byID: map[[8]byte]*export{}}
+	h := &handler{s: s}
 	dirA, dirB := t.TempDir(), t.TempDir()
+	for _, d := range []string{dirA, dirB} {
+		assert.NilError(t, os.MkdirAll(filepath.Join(d, "etc"), 0o755))
+		assert.NilError(t, os.WriteFile(filepath.Join(d, "etc/passwd"), nil, 0o644))
+	}
 	assert.NilError(t, s.Export("/nbh/root", "10.0.2.15", dirA))
 	assert.NilError(t, s.Export("/nbh/root", "10.0.2.16", dirB))
 	fsA, fsB := s.exports["/nbh/root"]["10.0.2.15"], s.exports["/nbh/root"]["10.0.2.16"]
-	ha := s.handles.ToHandle(fsA, []string{"etc", "passwd"})
-	hb := s.handles.ToHandle(fsB, []string{"etc", "passwd"})
+	ha := h.ToHandle(fsA, []string{"etc", "passwd"})
+	hb := h.ToHandle(fsB, []string{"etc", "passwd"})
 	s.Unexport("/nbh/root", "10.0.2.15")
-	_, _, err := s.handles.FromHandle(ha)
+	_, _, err := h.FromHandle(ha)
 	assert.Assert(t, err != nil, "a withdrawn export's handle still resolves")
-	f, _, err := s.handles.FromHandle(hb)
+	f, p, err := h.FromHandle(hb)
 	assert.NilError(t, err)
-	assert.Assert(t, f == fsB)
-	assert.Equal(t, len(s.handles.issued), 1)
+	assert.Assert(t, f == billy.Filesystem(fsB))
+	assert.DeepEqual(t, p, []string{"etc", "passwd"})
+	assert.Equal(t, len(s.byID), 1)
 }

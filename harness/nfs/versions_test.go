@@ -20,7 +20,7 @@ func TestOtherVersionsGetProgMismatch(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assert.NilError(t, err)
 	tl := timeline.New()
-	s := Serve(ln, tl)
+	s := Serve(ln, tl, Quota{})
 	defer s.Close()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	assert.NilError(t, err)

@@ -1,0 +1,288 @@
+package nfs
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	billy "github.com/go-git/go-billy/v5"
+)
+
+// export is one client's root as go-nfs sees it: a billy file system whose
+// every operation resolves its path and acts on it in one step inside an
+// os.Root, so a guest that swaps a directory for a symlink between two
+// operations (or within one) cannot reach outside its export; absolute
+// symlinks are not followed at all (an NFS client resolves links itself).
+// It also keeps the export's file handles (handles.go) and counts what the
+// guest adds to it against its quota.
+type export struct {
+	root    *os.Root
+	dir     string
+	handles *handles
+	quota   Quota
+	bytes   atomic.Int64 // bytes of disk the guest added since the export (less what it freed)
+	files   atomic.Int64 // files, folders and links it added (less those it removed)
+}
+
+// Quota bounds what one guest may add to its NFS root: bytes of disk
+// (blocks, so a sparse file costs what it uses) and names. Past them, a
+// write fails with NFS3ERR_DQUOT and a create with an error (go-nfs answers
+// every failed create as NFS3ERR_ACCES).
+type Quota struct {
+	Bytes int64
+	Files int64
+}
+
+var defaultQuota = Quota{Bytes: 2 << 30, Files: 100_000}
+
+// DefaultQuota is what one guest may add to its NFS root by default.
+func DefaultQuota() Quota { return defaultQuota }
+
+// errQuota is a guest past its quota.
+var errQuota = fmt.Errorf("nfs: quota: %w", syscall.EDQUOT)
+
+func newExport(dir string, q Quota) (*export, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	if q == (Quota{}) {
+		q = defaultQuota
+	}
+	e := &export{root: root, dir: dir, quota: q}
+	e.handles = newHandles(e)
+	return e, nil
+}
+
+// inRoot is a client path as a name relative to the export's root.
+func inRoot(name string) string {
+	rel := strings.TrimLeft(filepath.Clean("/"+name), "/")
+	if rel == "" {
+		return "."
+	}
+	return rel
+}
+
+// usage is a file's disk use in bytes, 0 if unknown.
+func usage(fi os.FileInfo) int64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return 0
+}
+
+// addFile counts one more name against the quota, or refuses it.
+func (e *export) addFile() error {
+	if e.files.Add(1) > e.quota.Files {
+		e.files.Add(-1)
+		return errQuota
+	}
+	return nil
+}
+
+func (e *export) Create(name string) (billy.File, error) {
+	return e.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o666)
+}
+
+func (e *export) Open(name string) (billy.File, error) { return e.OpenFile(name, os.O_RDONLY, 0) }
+
+func (e *export) OpenFile(name string, flag int, perm os.FileMode) (billy.File, error) {
+	rel := inRoot(name)
+	created := false
+	if flag&os.O_CREATE != 0 {
+		if _, err := e.root.Lstat(rel); errors.Is(err, fs.ErrNotExist) {
+			if err := e.addFile(); err != nil {
+				return nil, err
+			}
+			created = true
+		}
+	}
+	// Non-blocking: a FIFO on a user's root would block the open (and a
+	// server goroutine) for ever; a regular file ignores the flag.
+	f, err := e.root.OpenFile(rel, flag|syscall.O_NONBLOCK, perm)
+	if err != nil {
+		if created {
+			e.files.Add(-1)
+		}
+		return nil, err
+	}
+	return &file{File: f, name: name, e: e}, nil
+}
+
+func (e *export) Stat(name string) (os.FileInfo, error) {
+	fi, err := e.root.Stat(inRoot(name))
+	return unixModes(fi), err
+}
+
+func (e *export) Lstat(name string) (os.FileInfo, error) {
+	fi, err := e.root.Lstat(inRoot(name))
+	return unixModes(fi), err
+}
+
+// Remove and Rename act on a symlink itself, as POSIX says.
+func (e *export) Remove(name string) error {
+	rel := inRoot(name)
+	fi, statErr := e.root.Lstat(rel)
+	if err := e.root.Remove(rel); err != nil {
+		return err
+	}
+	if statErr == nil {
+		e.files.Add(-1)
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && (st.Nlink <= 1 || fi.IsDir()) {
+			e.bytes.Add(-usage(fi))
+		}
+	}
+	return nil
+}
+
+func (e *export) Rename(from, to string) error {
+	rel := inRoot(to)
+	old, statErr := e.root.Lstat(rel)
+	if err := e.root.Rename(inRoot(from), rel); err != nil {
+		return err
+	}
+	if statErr == nil { // replaced
+		e.files.Add(-1)
+		if st, ok := old.Sys().(*syscall.Stat_t); ok && st.Nlink <= 1 {
+			e.bytes.Add(-usage(old))
+		}
+	}
+	return nil
+}
+
+func (e *export) Join(elem ...string) string { return filepath.Join(elem...) }
+
+func (e *export) TempFile(dir, prefix string) (billy.File, error) {
+	return nil, billy.ErrNotSupported
+}
+
+// ReadDir lists a folder: each entry's attributes are read through the
+// os.Root too (File.Readdir would stat each by a path again).
+func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
+	rel := inRoot(name)
+	d, err := e.root.Open(rel)
+	if err != nil {
+		return nil, err
+	}
+	names, err := d.Readdirnames(-1)
+	d.Close()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]os.FileInfo, 0, len(names))
+	for _, n := range names {
+		fi, err := e.root.Lstat(filepath.Join(rel, n))
+		if err != nil {
+			continue // gone since the listing
+		}
+		out = append(out, unixModes(fi))
+	}
+	return out, nil
+}
+
+func (e *export) MkdirAll(name string, perm os.FileMode) error {
+	rel := inRoot(name)
+	if _, err := e.root.Lstat(rel); err == nil {
+		return e.root.MkdirAll(rel, perm) // exists: MkdirAll's own answer
+	}
+	if err := e.addFile(); err != nil {
+		return err
+	}
+	if err := e.root.MkdirAll(rel, perm); err != nil {
+		e.files.Add(-1)
+		return err
+	}
+	return nil
+}
+
+func (e *export) Symlink(target, link string) error {
+	if err := e.addFile(); err != nil {
+		return err
+	}
+	if err := e.root.Symlink(target, inRoot(link)); err != nil {
+		e.files.Add(-1)
+		return err
+	}
+	return nil
+}
+
+func (e *export) Readlink(name string) (string, error) { return e.root.Readlink(inRoot(name)) }
+
+func (e *export) Chroot(string) (billy.Filesystem, error) { return nil, billy.ErrNotSupported }
+
+func (e *export) Root() string { return e.dir }
+
+// Attribute changes, through the os.Root as well (billy.Change).
+
+func (e *export) Chmod(name string, mode os.FileMode) error {
+	return e.root.Chmod(inRoot(name), mode)
+}
+
+func (e *export) Lchown(name string, uid, gid int) error {
+	return e.root.Lchown(inRoot(name), uid, gid)
+}
+
+func (e *export) Chown(name string, uid, gid int) error {
+	return e.root.Chown(inRoot(name), uid, gid)
+}
+
+func (e *export) Chtimes(name string, atime, mtime time.Time) error {
+	return e.root.Chtimes(inRoot(name), atime, mtime)
+}
+
+// file is an open file of an export: its writes and truncations count
+// against the export's quota by the blocks they add.
+type file struct {
+	*os.File
+	name string
+	e    *export
+}
+
+func (f *file) Name() string { return f.name }
+func (f *file) Lock() error  { return nil }
+func (f *file) Unlock() error {
+	return nil
+}
+
+// grow runs op (a write or truncation that may add up to most bytes) if
+// the quota has room for it, and counts the blocks it added.
+func (f *file) grow(most int64, op func() error) error {
+	before, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	// Room for the worst case: every byte new, plus a block for the
+	// file system's own bookkeeping.
+	if most > 0 && f.e.bytes.Load()+most+4096 > f.e.quota.Bytes {
+		return errQuota
+	}
+	err = op()
+	if after, serr := f.Stat(); serr == nil {
+		f.e.bytes.Add(usage(after) - usage(before))
+	}
+	return err
+}
+
+func (f *file) Write(p []byte) (int, error) {
+	var n int
+	err := f.grow(int64(len(p)), func() (err error) { n, err = f.File.Write(p); return err })
+	return n, err
+}
+
+func (f *file) WriteAt(p []byte, off int64) (int, error) {
+	var n int
+	err := f.grow(int64(len(p)), func() (err error) { n, err = f.File.WriteAt(p, off); return err })
+	return n, err
+}
+
+// Truncate to a larger size makes a hole (no blocks); to a smaller one it
+// frees blocks. Either way it is counted by what it did.
+func (f *file) Truncate(size int64) error {
+	return f.grow(0, func() error { return f.File.Truncate(size) })
+}
