@@ -1,8 +1,10 @@
 package iscsi
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 
 	"nbh.dev/nbh/harness/timeline"
 )
@@ -28,9 +30,19 @@ var (
 	errLBARange      = checkCondition{senseIllegalRequest, 0x21, 0x00}
 )
 
-// maxPendingWrites bounds the writes a session may leave waiting for their
-// data (each holds a buffer of up to 64 MiB): a connection over it is cut.
-const maxPendingWrites = 16
+// A session's memory is bounded: the writes waiting for their data hold
+// at most maxPendingBytes of buffers in all (maxPendingWrites of them), a
+// new one past that is answered TASK SET FULL (the initiator retries
+// later, with fewer at once), and a read is sent from the LUN as it is
+// read, one PDU's worth at a time, never whole.
+const (
+	maxPendingWrites = 16
+	maxPendingBytes  = 64 << 20
+	maxWrite         = 64 << 20 // one command's data
+)
+
+// statusTaskSetFull is SAM's TASK SET FULL: try again with fewer commands.
+const statusTaskSetFull = 0x28
 
 // scsi runs a SCSI Command PDU.
 func (sc *session) scsi(p *PDU) error {
@@ -38,11 +50,13 @@ func (sc *session) scsi(p *PDU) error {
 	expected := int(p.u32(20))
 	write := p.Flags()&0x20 != 0
 	if write {
-		if expected > 64<<20 {
+		if expected > maxWrite {
 			return sc.respond(p.ITT(), statusCheckCondition, errInvalidField, 0)
 		}
-		if len(sc.tasks) >= maxPendingWrites {
-			return fmt.Errorf("more than %d writes waiting for data", maxPendingWrites)
+		if len(sc.tasks) >= maxPendingWrites || sc.pending+expected > maxPendingBytes {
+			sc.s.emit(timeline.Event{Kind: "task-set-full", Addr: sc.ip,
+				Msg: fmt.Sprintf("a write of %d bytes while %d writes (%d bytes) wait for their data: TASK SET FULL", expected, len(sc.tasks), sc.pending)})
+			return sc.respond(p.ITT(), statusTaskSetFull, nil, 0)
 		}
 		t := &task{itt: p.ITT(), cdb: cdb, buf: make([]byte, expected)}
 		t.got = copy(t.buf, p.Data)
@@ -52,7 +66,20 @@ func (sc *session) scsi(p *PDU) error {
 		sc.nextTTT++
 		t.ttt = sc.nextTTT
 		sc.tasks[t.ttt] = t
+		sc.pending += expected
 		return sc.r2t(t)
+	}
+	if off, n, ok, err := sc.lunRead(cdb); ok {
+		if err != nil {
+			return sc.respond(p.ITT(), statusCheckCondition, err, 0)
+		}
+		sc.checkRead10(cdb, int(n), expected)
+		if n == 0 {
+			return sc.respond(p.ITT(), statusGood, nil, expected)
+		}
+		n = min(n, int64(expected))
+		sc.readBytes += n
+		return sc.dataIn(p.ITT(), io.NewSectionReader(sc.lun.f, off, n), expected)
 	}
 	data, err := sc.exec(cdb, nil)
 	if err != nil {
@@ -65,17 +92,40 @@ func (sc *session) scsi(p *PDU) error {
 	if len(data) > expected {
 		data = data[:expected]
 	}
-	if cdb[0] == 0x28 && expected > len(data) && expected/BlockSize > 0xffff {
-		// The initiator wants more than READ(10)'s 16-bit block count can
-		// say and sent the count cut to 16 bits: it gets the residual
-		// (underflow) and, if it ignores that, garbage past what came.
-		sc.s.emit(timeline.Event{Kind: "read10-overflow", Addr: sc.ip,
-			Msg: fmt.Sprintf("READ(10) of %d blocks, but the initiator expects %d bytes (%d blocks): the count did not fit READ(10)'s 16 bits", len(data)/BlockSize, expected, expected/BlockSize)})
-	}
 	if len(data) == 0 {
 		return sc.respond(p.ITT(), statusGood, nil, expected)
 	}
-	return sc.dataIn(p.ITT(), data, expected)
+	return sc.dataIn(p.ITT(), io.NewSectionReader(bytes.NewReader(data), 0, int64(len(data))), expected)
+}
+
+// checkRead10 records a READ(10) whose initiator wants more than its
+// 16-bit block count can say and sent the count cut to 16 bits: it gets the
+// residual (underflow) and, if it ignores that, garbage past what came.
+func (sc *session) checkRead10(cdb []byte, n, expected int) {
+	if cdb[0] == 0x28 && expected > n && expected/BlockSize > 0xffff {
+		sc.s.emit(timeline.Event{Kind: "read10-overflow", Addr: sc.ip,
+			Msg: fmt.Sprintf("READ(10) of %d blocks, but the initiator expects %d bytes (%d blocks): the count did not fit READ(10)'s 16 bits", n/BlockSize, expected, expected/BlockSize)})
+	}
+}
+
+// lunRead reads a READ(10) or READ(16) command: the span of the LUN it
+// asks for (ok: it is one), or why it cannot be read.
+func (sc *session) lunRead(cdb []byte) (off, n int64, ok bool, err error) {
+	be := binary.BigEndian
+	var lba uint64
+	var blocks uint32
+	switch cdb[0] {
+	case 0x28:
+		lba, blocks = uint64(be.Uint32(cdb[2:])), uint32(be.Uint16(cdb[7:]))
+	case 0x88:
+		lba, blocks = be.Uint64(cdb[2:]), be.Uint32(cdb[10:])
+	default:
+		return 0, 0, false, nil
+	}
+	if lba+uint64(blocks) > sc.lun.blocks || lba+uint64(blocks) < lba {
+		return 0, 0, true, errLBARange
+	}
+	return int64(lba) * BlockSize, int64(blocks) * BlockSize, true, nil
 }
 
 // r2t asks for the next burst of a write.
@@ -113,6 +163,7 @@ func (sc *session) dataOut(p *PDU) error {
 		return sc.r2t(t)
 	}
 	delete(sc.tasks, t.ttt)
+	sc.pending -= len(t.buf)
 	return sc.finishWrite(t)
 }
 
@@ -129,12 +180,17 @@ func (sc *session) finishWrite(t *task) error {
 
 // dataIn sends read data in PDUs no larger than the initiator accepts, the
 // last one carrying the status (phase collapse).
-func (sc *session) dataIn(itt uint32, data []byte, expected int) error {
+func (sc *session) dataIn(itt uint32, r *io.SectionReader, expected int) error {
 	var sn uint32
-	for off := 0; off < len(data); {
-		n := min(sc.maxSend, len(data)-off)
-		last := off+n == len(data)
-		p := &PDU{Data: data[off : off+n]}
+	size := int(r.Size())
+	buf := make([]byte, min(sc.maxSend, size))
+	for off := 0; off < size; {
+		n := min(sc.maxSend, size-off)
+		if _, err := r.ReadAt(buf[:n], int64(off)); err != nil {
+			return err
+		}
+		last := off+n == size
+		p := &PDU{Data: buf[:n]}
 		p.BHS[0] = opDataIn
 		p.put32(16, itt)
 		p.put32(20, 0xffffffff)
@@ -143,7 +199,7 @@ func (sc *session) dataIn(itt uint32, data []byte, expected int) error {
 		if last {
 			p.BHS[1] = flagFinal | 0x01 // F, S
 			p.BHS[3] = statusGood
-			if under := expected - len(data); under > 0 {
+			if under := expected - size; under > 0 {
 				p.BHS[1] |= 0x02 // U
 				p.put32(44, uint32(under))
 			}
@@ -219,10 +275,10 @@ func (sc *session) exec(cdb []byte, out []byte) ([]byte, error) {
 		return []byte{0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, nil
 	case 0x35, 0x91: // SYNCHRONIZE CACHE(10/16)
 		return nil, l.f.Sync()
-	case 0x28, 0x88, 0x2a, 0x8a: // READ/WRITE(10/16)
+	case 0x2a, 0x8a: // WRITE(10/16); reads are lunRead's
 		var lba uint64
 		var n uint32
-		if cdb[0] == 0x28 || cdb[0] == 0x2a {
+		if cdb[0] == 0x2a {
 			lba, n = uint64(be.Uint32(cdb[2:])), uint32(be.Uint16(cdb[7:]))
 		} else {
 			lba, n = be.Uint64(cdb[2:]), be.Uint32(cdb[10:])
@@ -231,22 +287,14 @@ func (sc *session) exec(cdb []byte, out []byte) ([]byte, error) {
 			return nil, errLBARange
 		}
 		off := int64(lba) * BlockSize
-		if cdb[0] == 0x2a || cdb[0] == 0x8a {
-			if len(out) != int(n)*BlockSize {
-				return nil, errInvalidField
-			}
-			if _, err := l.f.WriteAt(out, off); err != nil {
-				return nil, err
-			}
-			sc.writeBytes += int64(len(out))
-			return nil, nil
+		if len(out) != int(n)*BlockSize {
+			return nil, errInvalidField
 		}
-		b := make([]byte, int(n)*BlockSize)
-		if _, err := l.f.ReadAt(b, off); err != nil {
+		if _, err := l.f.WriteAt(out, off); err != nil {
 			return nil, err
 		}
-		sc.readBytes += int64(len(b))
-		return b, nil
+		sc.writeBytes += int64(len(out))
+		return nil, nil
 	}
 	return nil, errInvalidOpcode
 }

@@ -131,7 +131,8 @@ type session struct {
 	immediateData    bool
 	nextTTT          uint32
 
-	tasks map[uint32]*task // writes waiting for data, by target transfer tag
+	tasks   map[uint32]*task // writes waiting for data, by target transfer tag
+	pending int              // bytes of their buffers
 
 	commands, readBytes, writeBytes int64
 	loggedOut                       bool
@@ -292,11 +293,13 @@ func (sc *session) taskManagement(p *PDU) byte {
 		for ttt, t := range sc.tasks {
 			if t.itt == p.u32(20) {
 				delete(sc.tasks, ttt)
+				sc.pending -= len(t.buf)
 				code = complete
 			}
 		}
 	case abortTaskSet, clearTaskSet, lunReset, targetWarmReset:
 		clear(sc.tasks)
+		sc.pending = 0
 		code = complete
 	case clearACA:
 		code = complete // no ACA is ever established

@@ -11,8 +11,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -407,4 +409,101 @@ func TestOversizeLoginIsRefusedAtOnce(t *testing.T) {
 	_, err = ReadPDU(in.r)
 	var ne net.Error
 	assert.Assert(t, err != nil && !(errors.As(err, &ne) && ne.Timeout()), "the target waited for 16 MiB: %v", err)
+}
+
+// TestSessionMemoryIsBounded: writes that never send their data hold no
+// more than the session's bound (the ones past it are answered TASK SET
+// FULL, and the session goes on), and a read of a whole large LUN is sent
+// as it is read, not gathered in memory first.
+func TestSessionMemoryIsBounded(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "lun.img")
+	f, err := os.Create(img)
+	assert.NilError(t, err)
+	assert.NilError(t, f.Truncate(256<<20)) // sparse
+	f.Close()
+	lun, err := OpenLUN(img, "serial0002")
+	assert.NilError(t, err)
+	defer lun.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assert.NilError(t, err)
+	s := Serve(ln, "127.0.0.1", timeline.New())
+	defer s.Close()
+	s.Export("iqn.2026-11.dev.nbh:big", "127.0.0.1", lun, nil)
+	in := dial(t, ln.Addr().String())
+	assert.Equal(t, in.login("iqn.2026-11.dev.nbh:big", nil), uint16(0))
+
+	// 16 MiB writes without their data: 4 fit in 64 MiB, the 5th is
+	// TASK SET FULL.
+	var statuses []byte
+	for i := range 6 {
+		w := &PDU{}
+		w.BHS[0], w.BHS[1] = opSCSICmd, flagFinal|0x20
+		w.put32(16, uint32(900+i))
+		w.put32(20, 16<<20)
+		w.put32(24, in.cmdSN)
+		in.cmdSN++
+		copy(w.BHS[32:], []byte{0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0})
+		r := in.roundTrip(w)
+		if r.Opcode() == opR2T {
+			statuses = append(statuses, 0)
+		} else {
+			assert.Equal(t, r.Opcode(), byte(opSCSIResp))
+			statuses = append(statuses, r.BHS[3])
+		}
+	}
+	assert.DeepEqual(t, statuses, []byte{0, 0, 0, 0, statusTaskSetFull, statusTaskSetFull})
+	// They are let go (ABORT TASK SET), and their buffers with them.
+	tmf := &PDU{}
+	tmf.BHS[0], tmf.BHS[1] = opTMFReq|flagImmediate, 0x80|2
+	tmf.put32(16, 950)
+	tmf.put32(24, in.cmdSN)
+	assert.Equal(t, in.roundTrip(tmf).BHS[2], byte(0))
+	runtime.GC()
+
+	// The session still works: a read of the whole LUN (READ(16) of
+	// 256 MiB), its data counted and dropped as it comes, while the
+	// test samples the process's heap: a target that gathered the read
+	// whole would hold 256 MiB for the seconds it takes to send.
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			if m.HeapAlloc > peak.Load() {
+				peak.Store(m.HeapAlloc)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	p := &PDU{}
+	p.BHS[0], p.BHS[1] = opSCSICmd, flagFinal|0x40
+	p.put32(16, 999)
+	p.put32(20, 256<<20)
+	p.put32(24, in.cmdSN)
+	in.cmdSN++
+	copy(p.BHS[32:], []byte{0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0})
+	_, err = in.c.Write(p.Bytes())
+	assert.NilError(t, err)
+	got := 0
+	for {
+		r, err := ReadPDU(in.r)
+		assert.NilError(t, err)
+		assert.Equal(t, r.Opcode(), byte(opDataIn))
+		got += len(r.Data)
+		if r.Flags()&0x01 != 0 {
+			assert.Equal(t, r.BHS[3], byte(statusGood))
+			break
+		}
+	}
+	close(stop)
+	<-sampled
+	assert.Equal(t, got, 256<<20)
+	assert.Assert(t, peak.Load() < 128<<20, "the heap reached %d MiB during a 256 MiB read", peak.Load()>>20)
 }
