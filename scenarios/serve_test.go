@@ -144,6 +144,16 @@ func TestServeWithOwnQEMU(t *testing.T) {
 			for _, stage := range []string{"dhcp", "loader", "init"} {
 				assert.Check(t, is.Regexp(`\] `+c.guest+`\s+`+stage+` `, serveErr.String()), "serve did not show stage %s", stage)
 			}
+			if c.mac != "" {
+				// A machine serve never saw gives back what it got when
+				// its QEMU ends.
+				poll.WaitOn(t, func(poll.LogT) poll.Result {
+					if regexp.MustCompile(`\] ` + c.guest + `\s+left `).MatchString(serveErr.String()) {
+						return poll.Success()
+					}
+					return poll.Continue("serve did not say %s left", c.guest)
+				}, poll.WithTimeout(10*time.Second))
+			}
 			assert.NilError(t, serve.Process.Signal(syscall.SIGINT))
 			waitExit(t, serve)
 			assert.Equal(t, serve.ProcessState.ExitCode(), 0, serveErr.String())

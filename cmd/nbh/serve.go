@@ -21,7 +21,8 @@ func serveCmd(ctx context.Context, args []string) int {
 	appendArgs := fs.String("append", "", "extra kernel command line arguments")
 	guests := fs.Int("guests", 1, "how many QEMU command lines to print (one MAC each)")
 	netdevOnly := fs.Bool("netdev-only", false, "print only the -netdev/-device part, for a QEMU with firmware of your own")
-	dir := fs.String("dir", "", "folder for the socket and the guests' artifacts (default: a new temporary folder, kept)")
+	dir := fs.String("dir", "", "folder for the socket and the guests' artifacts (default: a new temporary folder, kept; made mode 0700)")
+	maxGuests := fs.Int("max-guests", harness.DefaultMaxNew, "how many machines never seen before it serves at once (each gets a lease, a root and boot files; one that leaves gives them back)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh serve [flags]
 
@@ -31,7 +32,9 @@ any faults, on a fabric your own QEMU joins through a unix socket
 (-netdev stream,addr.type=unix,addr.path=DIR/net.sock). It prints the QEMU
 command line of each of --guests machines for the chosen chain (or only its
 network part: --netdev-only); a machine it has never seen is served too, by
-what its firmware says it is (DHCP option 93, vendor class). Each guest's
+what its firmware says it is (DHCP option 93, vendor class), up to
+--max-guests at once; such a machine that leaves (its QEMU ends) gives back
+its lease, root and files. The socket is its owner's only (0600). Each guest's
 stages show as they happen; its timeline.jsonl and network.pcapng go to
 DIR/artifacts/GUEST. QEMU 7.2 connects once and never again: start it after
 nbh serve says it is ready. Ctrl-C stops everything.
@@ -50,18 +53,23 @@ Flags:
 	if err == nil && (*guests < 0 || *guests > 200) {
 		err = fmt.Errorf("--guests: want 0 to 200")
 	}
+	if err == nil && (*maxGuests < 1 || *maxGuests > 200) {
+		err = fmt.Errorf("--max-guests: want 1 to 200")
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitUsage
 	}
 	opts.Log = os.Stderr
+	// A long-lived lab: what a guest held goes back when it closes.
+	opts.ForgetClosed = true
 	template.Append = *appendArgs
 	if *dir == "" {
 		if *dir, err = os.MkdirTemp("", "nbh-serve-"); err != nil {
 			fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 			return exitSetup
 		}
-	} else if err := os.MkdirAll(*dir, 0o755); err != nil {
+	} else if err := os.MkdirAll(*dir, 0o700); err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitSetup
 	}
@@ -75,7 +83,7 @@ Flags:
 	start := time.Now()
 	template.OnStage = liveStage(start, true)
 	template.OnEvent = func(e timeline.Event) {
-		if e.Source == "netfab" && (e.Kind == "joined" || e.Kind == "refused") {
+		if e.Source == "netfab" && (e.Kind == "joined" || e.Kind == "refused" || e.Kind == "left") {
 			fmt.Fprintf(os.Stderr, "  [%7.2fs] %-9s %s %s: %s\n", time.Since(start).Seconds(), e.Guest, e.Kind, e.MAC, e.Msg)
 		}
 	}
@@ -99,7 +107,7 @@ Flags:
 		}
 		printed = append(printed, g)
 	}
-	ln, err := l.Listen(ctx, sock, template)
+	ln, err := l.Listen(ctx, sock, template, *maxGuests)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh serve: %v\n", err)
 		return exitSetup

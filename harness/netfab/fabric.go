@@ -268,6 +268,7 @@ type Port struct {
 	once     sync.Once
 	learn    Learn                      // set until a port that joined through Listen is named
 	joined   bool                       // joined through Listen: its QEMU leaving ends it
+	left     func(net.HardwareAddr)     // told when a named joined port's QEMU left
 	ip       atomic.Pointer[netip.Addr] // the address it speaks from (Bind)
 	ip6      atomic.Pointer[netip.Addr] // the IPv6 address it speaks from (Bind6)
 	managed6 atomic.Bool                // router advertisements say: addresses from DHCPv6
@@ -336,11 +337,12 @@ type Learn func(mac net.HardwareAddr) (name, capture string, lease Lease, err er
 
 // Listen lets QEMUs started outside the lab join the segment through a unix
 // socket at path (-netdev stream,addr.type=unix,addr.path=PATH): each
-// connection becomes a port once its first frame names its MAC (learn). QEMU
+// connection becomes a port once its first frame names its MAC (learn), and
+// left hears when that port's QEMU went away (nil: nobody listens). QEMU
 // 7.2 connects once and never again, so the socket must exist first. Close
 // the returned closer to stop accepting and remove the socket; the ports
 // stay until they or the fabric close.
-func (f *Fabric) Listen(path string, learn Learn) (io.Closer, error) {
+func (f *Fabric) Listen(path string, learn Learn, left func(mac net.HardwareAddr)) (io.Closer, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("netfab: %w", err)
@@ -363,7 +365,7 @@ func (f *Fabric) Listen(path string, learn Learn) (io.Closer, error) {
 			if err != nil {
 				return
 			}
-			p := &Port{f: f, conn: conn, closed: make(chan struct{}), out: make(chan []byte, portQueue), learn: learn, joined: true}
+			p := &Port{f: f, conn: conn, closed: make(chan struct{}), out: make(chan []byte, portQueue), learn: learn, left: left, joined: true}
 			f.mu.Lock()
 			f.joining = append(f.joining, p)
 			f.mu.Unlock()
@@ -470,8 +472,14 @@ func (p *Port) Close() {
 func (p *Port) readLoop() {
 	defer p.f.wg.Done()
 	if p.joined {
-		// The MAC is free for the machine's next QEMU.
-		defer p.Close()
+		// The MAC is free for the machine's next QEMU, and the lab hears
+		// that the machine left (once it was one).
+		defer func() {
+			p.Close()
+			if p.left != nil && p.MAC != nil {
+				p.left(p.MAC)
+			}
+		}()
 	}
 	r := bufio.NewReaderSize(p.conn, 256<<10)
 	var hdr [4]byte

@@ -63,11 +63,15 @@ func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "net.sock")
 	var learned atomic.Int32
+	leftMACs := make(chan string, 4)
 	ln, err := f.Listen(sock, func(mac net.HardwareAddr) (string, string, Lease, error) {
 		learned.Add(1)
 		return "g1", filepath.Join(dir, "g1.pcapng"), Lease{IP: netip.MustParseAddr("10.0.2.40"), IP6: netip.MustParseAddr("fd4e:4248::40")}, nil
-	})
+	}, func(mac net.HardwareAddr) { leftMACs <- mac.String() })
 	assert.NilError(t, err)
+	fi, err := os.Stat(sock)
+	assert.NilError(t, err)
+	assert.Equal(t, fi.Mode().Perm(), os.FileMode(0o600), "the socket is not its owner's only")
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
 	join := func() net.Conn {
 		c, err := net.Dial("unix", sock)
@@ -107,6 +111,27 @@ func TestListenLearnsPortsFromTheirFirstFrame(t *testing.T) {
 		}
 	}
 	assert.DeepEqual(t, kinds, []string{"joined", "refused"})
+
+	// A QEMU claiming a MAC no guest may have is refused before the lab
+	// is asked to learn it.
+	asked := learned.Load()
+	for _, bad := range []net.HardwareAddr{f.HostMAC, {0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, {0x01, 0, 0x5e, 0, 0, 1}, {0, 0, 0, 0, 0, 0}} {
+		mac = bad
+		c3 := join()
+		c3.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c3.Read(hdr[:])
+		assert.Assert(t, err != nil, "a port claiming %s was let in", bad)
+		c3.Close()
+	}
+	assert.Equal(t, learned.Load(), asked)
+	// The guest's QEMU leaves: the lab hears of it, once.
+	c.Close()
+	select {
+	case m := <-leftMACs:
+		assert.Equal(t, m, "52:54:00:12:34:56")
+	case <-time.After(5 * time.Second):
+		t.Fatal("the lab never heard that the QEMU left")
+	}
 
 	assert.NilError(t, ln.Close())
 	_, err = os.Stat(sock)
