@@ -105,6 +105,9 @@ func (g *Guest) start() error {
 		}
 		g.port.SetLease(g.lease()) // it speaks from its lease only
 		netFile = g.port.QEMUFile()
+	} else if err := g.userNetRoot(); err != nil {
+		g.Close()
+		return err
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
@@ -141,6 +144,54 @@ func (g *Guest) passes(line string) bool {
 	return g.spec.Family == dhcp.V6 && g.chain.Passes6 != nil && g.chain.Passes6.MatchString(line)
 }
 
+// userNetRoot makes the folder QEMU's own TFTP server serves a guest on
+// its user-mode network: links to what the lab serves it — the shared
+// loader files, its own folder, its own pxelinux config and U-Boot script —
+// and nothing of another guest's (QEMU's TFTP serves all of its root to
+// whoever asks, so the lab's ownership rule cannot apply there).
+func (g *Guest) userNetRoot() error {
+	l := g.lab
+	root := filepath.Join(g.private, "tftp")
+	if err := os.MkdirAll(filepath.Join(root, "pxelinux.cfg"), 0o755); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(l.srv)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	others := map[string]bool{}
+	for name := range l.byName {
+		others[name] = name != g.Name
+	}
+	l.mu.Unlock()
+	link := func(from, to string) error {
+		if _, err := os.Stat(from); err != nil {
+			return nil // nothing to serve by that name
+		}
+		return os.Symlink(from, filepath.Join(root, to))
+	}
+	for _, e := range ents {
+		switch name := e.Name(); {
+		case others[name], name == "pxelinux.cfg":
+		case name == ubootScriptName && fileExists(filepath.Join(l.srv, g.Name, ubootScriptName)):
+			err = link(filepath.Join(l.srv, g.Name, ubootScriptName), name)
+		default:
+			err = link(filepath.Join(l.srv, name), name)
+		}
+		if err != nil {
+			return fmt.Errorf("lab: user-mode network TFTP root: %w", err)
+		}
+	}
+	own := "01-" + strings.ReplaceAll(g.MAC.String(), ":", "-")
+	return link(filepath.Join(l.srv, "pxelinux.cfg", own), filepath.Join("pxelinux.cfg", own))
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
 // addrs is the guest's leased addresses, IPv4 first: its exports are
 // keyed by them.
 func (g *Guest) addrs() []string {
@@ -168,7 +219,7 @@ func (g *Guest) qemuConfig(socket string) qemu.Config {
 	}
 	c.Profile.FwCfg = g.chain.fwCfg(g.Profile.FwCfg, g.spec.Family)
 	if g.spec.UserNet {
-		c.UserNet = &qemu.UserNet{TFTPRoot: g.lab.srv, Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}
+		c.UserNet = &qemu.UserNet{TFTPRoot: filepath.Join(g.private, "tftp"), Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}
 	}
 	return c
 }
@@ -345,7 +396,6 @@ func (g *Guest) forget() {
 	if l.byName[g.Name] == g {
 		delete(l.byName, g.Name)
 	}
-	delete(l.ubootNFS, g.MAC.String())
 	l.mu.Unlock()
 	l.dhcp.Release(g.MAC)
 	kept := g.Events() // its last boot's, for its verdict's bundle and report

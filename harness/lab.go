@@ -21,7 +21,6 @@ import (
 	"strings"
 	"sync"
 
-	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/bootfile"
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/httpboot"
@@ -106,7 +105,6 @@ type Lab struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	ubootNFS map[string]bootcfg.Boot // U-Boot guests (by MAC) that boot over NFS
 
 	keyOnce sync.Once
 	key     *sign.Key // the lab's signing key, made on first use
@@ -143,7 +141,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, ubootNFS: map[string]bootcfg.Boot{}, opts: opts}
+	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, opts: opts}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tl.SetStager(l.stageOf)
 	defer func() {
@@ -232,9 +230,16 @@ func New(opts Options) (l *Lab, err error) {
 // in flight as its faults say, and GUEST/files/PATH, the guest's own root
 // tree, which the reference init asks for files its archive lacks.
 func (l *Lab) open(name, addr string) (*bootfile.File, error) {
-	// Ownership is decided on the canonical name, the one the file
-	// servers' os.Root resolves: "./g2/x" and "g2//x" are g2's too.
-	name = strings.TrimLeft(path.Clean("/"+name), "/")
+	name = canonical(name)
+	if name == ubootScriptName {
+		// U-Boot asks for its script by this one name: each guest
+		// gets its own.
+		if g := l.guestAt(addr); g != nil {
+			if _, err := os.Stat(filepath.Join(l.srv, g.Name, ubootScriptName)); err == nil {
+				name = g.Name + "/" + ubootScriptName
+			}
+		}
+	}
 	guest, rest, _ := strings.Cut(name, "/")
 	l.mu.Lock()
 	g := l.byName[guest]
@@ -267,6 +272,26 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 		return nil, err
 	}
 	return g.keeper.serve(f), nil
+}
+
+// canonical is a served name as the file servers' os.Root resolves it, on
+// which ownership is decided: "./g2/x", "g2//x" and "/x/../g2/x" are g2's
+// "g2/x" (TFTP has made backslashes slashes, HTTP has decoded percent
+// escapes and refused "..": each server's own spelling rules come first).
+func canonical(name string) string {
+	return strings.TrimLeft(path.Clean("/"+name), "/")
+}
+
+// guestAt is the guest that speaks from addr, if any.
+func (l *Lab) guestAt(addr string) *Guest {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, g := range l.guests {
+		if g.speaksFrom(addr) {
+			return g
+		}
+	}
+	return nil
 }
 
 // owner is the guest a canonical served name belongs to: GUEST/... and

@@ -103,9 +103,12 @@ func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, s
 	}
 }
 
-// ubootLoader writes the guest's pxelinux config and the lab's one U-Boot
-// boot script (with a branch for each guest that boots over NFS).
-func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) error {
+// ubootLoader writes the guest's pxelinux config and its U-Boot boot
+// script (GUEST/boot.scr.uimg: a branch for the guest when it boots over
+// NFS), and the lab's plain one. U-Boot asks for boot.scr.uimg by that
+// name whoever it is: Lab.open gives each guest its own, so no guest reads
+// another's command line or NFS path.
+func ubootLoader(_ context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
 	l := g.lab
 	mac := strings.ReplaceAll(g.MAC.String(), ":", "-")
 	cfg, err := g.loaderConfig(ConfigPXELinux, bootcfg.PXELinuxDefault(), b)
@@ -115,14 +118,18 @@ func ubootLoader(_ context.Context, g *Guest, _ string, b bootcfg.Boot, p plan) 
 	if err := writeFile(filepath.Join(l.srv, "pxelinux.cfg", "01-"+mac), cfg); err != nil {
 		return err
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	own := map[string]bootcfg.Boot{}
 	if p.loaderNFS {
-		l.ubootNFS[g.MAC.String()] = b
+		own[g.MAC.String()] = b
 	}
-	script := bootcfg.UBootScript(l.ubootNFS)
-	return fsutil.WriteAtomic(filepath.Join(l.srv, "boot.scr.uimg"), bootcfg.UBootImage("nbh boot script", script))
+	if err := fsutil.WriteAtomic(filepath.Join(dir, ubootScriptName), bootcfg.UBootImage("nbh boot script", bootcfg.UBootScript(own))); err != nil {
+		return err
+	}
+	return fsutil.WriteAtomic(filepath.Join(l.srv, ubootScriptName), bootcfg.UBootImage("nbh boot script", bootcfg.UBootScript(nil)))
 }
+
+// ubootScriptName is the boot script U-Boot's distro boot asks for.
+const ubootScriptName = "boot.scr.uimg"
 
 // grubLoader writes grub.cfg and builds the guest's GRUB netboot image,
 // signing what GRUB loads when the boot verifies signatures.

@@ -3,6 +3,7 @@ package harness
 import (
 	"bytes"
 	"context"
+	"io"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -102,10 +103,24 @@ func TestBootFilesOnlyToTheirGuest(t *testing.T) {
 		_, err = l.open(name, g2.IP)
 		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
 	}
-	// What every guest needs stays shared.
-	f, err := l.open("boot.scr.uimg", g2.IP)
-	assert.NilError(t, err)
-	f.Close()
+	// U-Boot asks for boot.scr.uimg by that one name: each guest gets its
+	// own script (with its own command line, never another's); an address
+	// with no guest, the lab's plain one.
+	for _, g := range gs {
+		assert.NilError(t, os.WriteFile(filepath.Join(l.srv, g.Name, "boot.scr.uimg"), []byte("script of "+g.Name), 0o644))
+	}
+	for addr, want := range map[string]string{g1.IP: "script of g1", g2.IP: "script of g2", "10.0.2.99": ""} {
+		f, err := l.open("./boot.scr.uimg", addr)
+		assert.NilError(t, err)
+		b, err := io.ReadAll(f)
+		f.Close()
+		assert.NilError(t, err)
+		if want == "" {
+			assert.Assert(t, !strings.Contains(string(b), "script of"), "%s got a guest's script", addr)
+		} else {
+			assert.Equal(t, string(b), want, "%s", addr)
+		}
+	}
 }
 
 // TestServeTreeUnderTheLab: a tree of the user's (Options.Serve) is served
