@@ -105,7 +105,6 @@ type Lab struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-
 	keyOnce sync.Once
 	key     *sign.Key // the lab's signing key, made on first use
 	keyErr  error
