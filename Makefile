@@ -2,7 +2,7 @@
 export NBH_CACHE ?= $(CURDIR)/.cache
 GO ?= go
 
-.PHONY: all setup matrix test unit vet bench build clean fresh-check fuzz
+.PHONY: all setup matrix test unit vet bench build clean fresh-check fuzz negative-controls
 
 all: build
 
@@ -25,12 +25,19 @@ matrix: setup build
 
 # The whole test suite: unit tests, then the scenarios that boot real guests;
 # then the race detector over the unit tests and over scenarios that boot
-# guests side by side and talk to them.
+# guests side by side and talk to them; then the negative controls (each
+# isolation rule's tests fail with the rule off).
 RACE_SCENARIOS = TestConversation$$|TestStalledTransfer
 test: setup vet
 	$(GO) test -count=1 -parallel 16 -timeout 35m ./...
 	$(GO) test -race -short -count=1 ./...
 	$(GO) test -race -count=1 -parallel 4 -timeout 15m -run '$(RACE_SCENARIOS)' ./scenarios
+	scripts/negative-controls
+
+# Each isolation rule's tests pass with it and fail without it (a build
+# with the nbh_rules_off tag; see internal/rules).
+negative-controls:
+	scripts/negative-controls
 
 # Only the fast tests (no guests booted).
 unit: vet

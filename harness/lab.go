@@ -33,6 +33,7 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Options configure a lab.
@@ -230,7 +231,7 @@ func New(opts Options) (l *Lab, err error) {
 // tree, which the reference init asks for files its archive lacks.
 func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	name = canonical(name)
-	if name == ubootScriptName {
+	if name == ubootScriptName && rules.On(rules.OwnBootScript) {
 		// U-Boot asks for its script by this one name: each guest
 		// gets its own.
 		if g := l.guestAt(addr); g != nil {
@@ -246,7 +247,7 @@ func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	owner := l.owner(name)
 	// A guest's boot files (its loader config with its command line, its
 	// archive with its keys, its root tree) go to that guest only.
-	if owner != nil && !owner.speaksFrom(addr) {
+	if owner != nil && !owner.speaksFrom(addr) && rules.On(rules.PathOwner) {
 		l.tl.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, which belongs to %s (%s)", addr, name, owner.Name, owner.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", name, fs.ErrPermission)
@@ -323,7 +324,7 @@ func (l *Lab) lookup(name, rest, addr string) (*bootfile.File, error) {
 	if f, uerr := l.serve(name, addr); !errors.Is(uerr, fs.ErrNotExist) || rest == "" {
 		return f, uerr
 	}
-	if o := l.owner(rest); o != nil && !o.speaksFrom(addr) {
+	if o := l.owner(rest); o != nil && !o.speaksFrom(addr) && rules.On(rules.PathOwner) {
 		l.tl.Emit(timeline.Event{Source: "lab", Kind: "refused", Addr: addr,
 			Msg: fmt.Sprintf("%s asked for %s, whose fallback %s belongs to %s (%s)", addr, name, rest, o.Name, o.IP)})
 		return nil, fmt.Errorf("%s belongs to another guest: %w", rest, fs.ErrPermission)
@@ -396,7 +397,7 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	case RootNFS:
 		rootPath = server + ":" + g.plan.nfsPath
 	case RootISCSI:
-		rootPath = g.iscsiRoot(false)
+		rootPath = g.iscsiRoot(!rules.On(rules.NoSecretInDHCP))
 	}
 	// (A SAN boot's root is the iBFT's: the init gets no root path.)
 	if c.VendorClass == "nbh-init" {

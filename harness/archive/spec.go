@@ -17,6 +17,7 @@ import (
 
 	"nbh.dev/nbh/harness/archive/manifest"
 	"nbh.dev/nbh/internal/fsutil"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Spec declares an archive: what goes in, from where. The same Spec with the
@@ -186,6 +187,11 @@ func Build(spec Spec, cacheDir string) (*Result, error) {
 				os.Chtimes(r.Path, now, now) // recently used: pruned last
 				return r, nil
 			}
+		}
+	}
+	if !rules.On(rules.ArchiveOneRead) {
+		if snap, err = spec.snapshot(); err != nil { // read again for the build
+			return nil, err
 		}
 	}
 	b, err := spec.builder(snap)

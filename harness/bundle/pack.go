@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
+
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Ext is the packed bundle's file name extension.
@@ -115,6 +117,9 @@ func Unpack(file, parent string) (string, error) {
 		return "", fmt.Errorf("%w: %v", ErrBad, err)
 	}
 	budget := min(int64(MaxUnpacked), max(int64(RatioFloor), MaxRatio*fi.Size()))
+	if !rules.On(rules.BundleBounds) {
+		budget = 1 << 62
+	}
 	zr, err := zstd.NewReader(f, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
 		zstd.WithDecoderMaxWindow(maxWindow), zstd.WithDecoderMaxMemory(uint64(budget)))
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/guard"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // IP families a guest boots over (Family).
@@ -92,6 +93,14 @@ func ClientOf6(peer net.Addr, m *dhcpv6.Message) Client {
 	c := Client{Arch: ArchNone, V6: true}
 	if u, ok := peer.(*net.UDPAddr); ok {
 		c.MAC = macOfLinkLocal(u.IP)
+	}
+	if c.MAC == nil && !rules.On(rules.DHCPv6Identity) {
+		switch d := m.Options.ClientID().(type) {
+		case *dhcpv6.DUIDLL:
+			c.MAC = d.LinkLayerAddr
+		case *dhcpv6.DUIDLLT:
+			c.MAC = d.LinkLayerAddr
+		}
 	}
 	if a := m.Options.ArchTypes(); len(a) > 0 {
 		c.Arch = int(a[0])

@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // SCSI status and sense keys.
@@ -79,6 +80,11 @@ func (sc *session) scsi(p *PDU) error {
 		}
 		n = min(n, int64(expected))
 		sc.readBytes += n
+		if !rules.On(rules.ISCSIMemory) {
+			whole := make([]byte, n) // gathered whole
+			sc.lun.f.ReadAt(whole, off)
+			return sc.dataIn(p.ITT(), io.NewSectionReader(bytes.NewReader(whole), 0, n), expected)
+		}
 		return sc.dataIn(p.ITT(), io.NewSectionReader(sc.lun.f, off, n), expected)
 	}
 	data, err := sc.exec(cdb, nil)

@@ -37,6 +37,7 @@ import (
 
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/guard"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Defaults for a lab network. Every lab has its own fabric, so every lab may
@@ -104,7 +105,7 @@ func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
 	if h == nil || len(frame) < 14 {
 		return frame
 	}
-	if fi.etherType == 0x86dd {
+	if fi.etherType == 0x86dd && rules.On(rules.IPv6Policy) {
 		// The policy is IPv4's, and the services listen on IPv6 too:
 		// under a filter, the host takes no IPv6 from guests (a network
 		// with a policy boots over IPv4 only), so nothing reaches a
@@ -278,7 +279,7 @@ type Port struct {
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
 // empty, is the path of the port's pcapng file.
 func (f *Fabric) AddPort(name string, mac net.HardwareAddr, capture string) (*Port, error) {
-	if err := CheckGuestMAC(mac, f.HostMAC); err != nil {
+	if err := CheckGuestMAC(mac, f.HostMAC); err != nil && rules.On(rules.GuestMAC) {
 		return nil, fmt.Errorf("netfab: %w", err)
 	}
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
@@ -387,6 +388,9 @@ func (p *Port) learnFrom(frame []byte) bool {
 	var name, capture string
 	var lease Lease
 	err := CheckGuestMAC(mac, p.f.HostMAC)
+	if !rules.On(rules.GuestMAC) {
+		err = nil
+	}
 	if err == nil {
 		name, capture, lease, err = p.learn(mac)
 	}
@@ -603,6 +607,15 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 		// another guest's MAC goes nowhere, so no guest hears another's
 		// DHCP, ARP or NDP, or answers them.
 		toHost = isGroup(fi.dst) || string(fi.dst) == string(f.HostMAC)
+		if !rules.On(rules.ProtectedPorts) {
+			f.mu.Lock()
+			for _, q := range f.ports {
+				if q != from && (isGroup(fi.dst) || string(fi.dst) == string(q.MAC)) {
+					targets = append(targets, q)
+				}
+			}
+			f.mu.Unlock()
+		}
 	case isGroup(fi.dst):
 		targets = f.groupTargets(frame, fi)
 	default:
@@ -638,7 +651,7 @@ func (f *Fabric) groupTargets(frame []byte, fi frameInfo) []*Port {
 			f.tl.Emit(timeline.Event{Source: "netfab", Kind: "dropped", Msg: "a fragmented broadcast of the boot server's: nothing it broadcasts may be cut up"})
 			return nil
 		}
-		if ch, ok := dhcpReplyClient(frame, fi); ok {
+		if ch, ok := dhcpReplyClient(frame, fi); ok && rules.On(rules.DHCPToOwner) {
 			if q := f.macs[ch.String()]; q != nil {
 				return []*Port{q}
 			}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Port security, as a switch with port security and DHCP snooping does it:
@@ -60,7 +61,7 @@ const (
 // spoofed says why a frame from the port is not its guest's, and which kind
 // of spoofing that is; why is "" for a frame of its guest's.
 func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
-	if !bytes.Equal(fi.src, p.MAC) {
+	if !bytes.Equal(fi.src, p.MAC) && rules.On(rules.PortSource) {
 		return spoofSourceMAC, fmt.Sprintf("source MAC %s on %s's port (%s)", fi.src, p.Name, p.MAC)
 	}
 	var bound netip.Addr
@@ -69,7 +70,7 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 	}
 	okIP := func(b []byte) (netip.Addr, bool) {
 		a := netip.AddrFrom4([4]byte(b))
-		return a, a.IsUnspecified() || !bound.IsValid() || a == bound
+		return a, a.IsUnspecified() || !bound.IsValid() || a == bound || !rules.On(rules.PortSource)
 	}
 	switch fi.etherType {
 	case 0x0806: // ARP: sender hardware and protocol address
@@ -89,13 +90,13 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		if a, ok := okIP(frame[26:30]); !ok {
 			return spoofIPv4Source, fmt.Sprintf("IPv4 from %s's port with source %s (its lease is %s)", p.Name, a, bound)
 		}
-		if why := p.badFragment(frame, fi); why != "" {
+		if why := p.badFragment(frame, fi); why != "" && rules.On(rules.DHCPSnooping) {
 			return spoofFragment, why
 		}
 		// DHCP to the server: the client hardware address is the port's.
 		// The message is whole (badFragment), so this is what the server
 		// reads.
-		if fi.proto == 17 && fi.dstPort == 67 {
+		if fi.proto == 17 && fi.dstPort == 67 && rules.On(rules.DHCPSnooping) {
 			if len(frame) < fi.l4+8+34 {
 				return spoofDHCPClient, fmt.Sprintf("a DHCP message from %s's port too short to name its client", p.Name)
 			}
@@ -127,7 +128,7 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		case !bound6.IsValid() && src.IsGlobalUnicast():
 			return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with source %s (it has no IPv6 lease)", p.Name, src)
 		}
-		if fi.fragment {
+		if fi.fragment && rules.On(rules.NDP) {
 			// Nothing a booting guest sends over IPv6 needs cutting up,
 			// and a fragment hides its upper layer from these checks.
 			return spoofFragment, fmt.Sprintf("a fragmented IPv6 datagram from %s's port", p.Name)
@@ -173,8 +174,14 @@ func (p *Port) badFragment(frame []byte, fi frameInfo) string {
 func (p *Port) badICMPv6(frame []byte, fi frameInfo, bound6 netip.Addr) (int, string) {
 	switch fi.icmpType {
 	case 134, 137:
+		if !rules.On(rules.RouterMessages) {
+			return 0, ""
+		}
 		return spoofRouter, fmt.Sprintf("ICMPv6 type %d (a router's) from %s's port", fi.icmpType, p.Name)
 	case 135, 136:
+		if !rules.On(rules.NDP) {
+			return 0, ""
+		}
 	default:
 		return 0, ""
 	}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	billy "github.com/go-git/go-billy/v5"
+
+	"nbh.dev/nbh/internal/rules"
 )
 
 // export is one client's root as go-nfs sees it: a billy file system whose
@@ -79,7 +81,7 @@ func usage(fi os.FileInfo) int64 {
 
 // addFile counts one more name against the quota, or refuses it.
 func (e *export) addFile() error {
-	if e.files.Add(1) > e.quota.Files {
+	if e.files.Add(1) > e.quota.Files && rules.On(rules.NFSQuota) {
 		e.files.Add(-1)
 		return errQuota
 	}
@@ -105,7 +107,13 @@ func (e *export) OpenFile(name string, flag int, perm os.FileMode) (billy.File, 
 	}
 	// Non-blocking: a FIFO on a user's root would block the open (and a
 	// server goroutine) for ever; a regular file ignores the flag.
-	f, err := e.root.OpenFile(rel, flag|syscall.O_NONBLOCK, perm)
+	var f *os.File
+	var err error
+	if rules.On(rules.NFSExport) {
+		f, err = e.root.OpenFile(rel, flag|syscall.O_NONBLOCK, perm)
+	} else {
+		f, err = os.OpenFile(filepath.Join(e.dir, rel), flag|syscall.O_NONBLOCK, perm) // resolve, then open: the race
+	}
 	if err != nil {
 		if created {
 			e.files.Add(-1)
@@ -259,7 +267,7 @@ func (f *file) grow(most int64, op func() error) error {
 	}
 	// Room for the worst case: every byte new, plus a block for the
 	// file system's own bookkeeping.
-	if most > 0 && f.e.bytes.Load()+most+4096 > f.e.quota.Bytes {
+	if most > 0 && f.e.bytes.Load()+most+4096 > f.e.quota.Bytes && rules.On(rules.NFSQuota) {
 		return errQuota
 	}
 	err = op()

@@ -8,6 +8,8 @@ import (
 
 	lru "github.com/hashicorp/golang-lru/v2"
 	gonfs "github.com/willscott/go-nfs"
+
+	"nbh.dev/nbh/internal/rules"
 )
 
 // handleLimit is how many file handles one export keeps (its root's
@@ -114,7 +116,7 @@ func (h *handles) fromHandle(b []byte) ([]string, error) {
 	if !ok {
 		return nil, errStale
 	}
-	if now, ok := h.identOf(e.path); !ok || now != e.ident {
+	if now, ok := h.identOf(e.path); (!ok || now != e.ident) && rules.On(rules.NFSHandles) {
 		h.mu.Lock()
 		h.lru.Remove(n)
 		h.mu.Unlock()
