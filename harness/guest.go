@@ -22,6 +22,7 @@ import (
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Guest is a booted guest.
@@ -146,9 +147,10 @@ func (g *Guest) passes(line string) bool {
 
 // userNetRoot makes the folder QEMU's own TFTP server serves a guest on
 // its user-mode network: links to what the lab serves it — the shared
-// loader files, its own folder, its own pxelinux config and U-Boot script —
-// and nothing of another guest's (QEMU's TFTP serves all of its root to
-// whoever asks, so the lab's ownership rule cannot apply there).
+// loader files (the regular files at the top of the served root), its own
+// folder, its own pxelinux config and U-Boot script — and nothing else:
+// QEMU's TFTP serves all of its root to whoever asks, so the lab's
+// ownership rule cannot apply there, and a folder at the top is a guest's.
 func (g *Guest) userNetRoot() error {
 	l := g.lab
 	root := filepath.Join(g.private, "tftp")
@@ -159,12 +161,6 @@ func (g *Guest) userNetRoot() error {
 	if err != nil {
 		return err
 	}
-	l.mu.Lock()
-	others := map[string]bool{}
-	for name := range l.byName {
-		others[name] = name != g.Name
-	}
-	l.mu.Unlock()
 	link := func(from, to string) error {
 		if _, err := os.Stat(from); err != nil {
 			return nil // nothing to serve by that name
@@ -173,10 +169,13 @@ func (g *Guest) userNetRoot() error {
 	}
 	for _, e := range ents {
 		switch name := e.Name(); {
-		case others[name], name == "pxelinux.cfg":
-		case name == ubootScriptName && fileExists(filepath.Join(l.srv, g.Name, ubootScriptName)):
+		case name == g.Name:
+			err = link(filepath.Join(l.srv, name), name)
+		case e.IsDir() && rules.On(rules.OwnBootScript):
+			// another guest's folder, or pxelinux.cfg (below)
+		case name == ubootScriptName && fileExists(filepath.Join(l.srv, g.Name, ubootScriptName)) && rules.On(rules.OwnBootScript):
 			err = link(filepath.Join(l.srv, g.Name, ubootScriptName), name)
-		default:
+		case e.Type().IsRegular() || !rules.On(rules.OwnBootScript):
 			err = link(filepath.Join(l.srv, name), name)
 		}
 		if err != nil {

@@ -110,14 +110,17 @@ type Lab struct {
 	key     *sign.Key // the lab's signing key, made on first use
 	keyErr  error
 
-	mu        sync.Mutex
-	guests    map[string]*Guest // by MAC
-	byName    map[string]*Guest // the latest guest of each name
-	n         int
-	closed    bool
-	closeOnce sync.Once
-	closeErr  error
-	closers   []io.Closer // what New and Forward started, in order
+	mu     sync.Mutex
+	guests map[string]*Guest // by MAC
+	byName map[string]*Guest // the latest guest of each name
+	// provisioning are the guests being provisioned, by name: their
+	// files are theirs before they are registered.
+	provisioning map[string]*Guest
+	n            int
+	closed       bool
+	closeOnce    sync.Once
+	closeErr     error
+	closers      []io.Closer // what New and Forward started, in order
 }
 
 // New starts a lab: fabric, DHCP, TFTP and HTTP on the fabric host.
@@ -141,7 +144,7 @@ func New(opts Options) (l *Lab, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, opts: opts}
+	l = &Lab{tl: timeline.New(), cache: opts.Cache, log: opts.Log, work: work, srv: filepath.Join(work, "srv"), guests: map[string]*Guest{}, byName: map[string]*Guest{}, provisioning: map[string]*Guest{}, opts: opts}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tl.SetStager(l.stageOf)
 	defer func() {
@@ -300,10 +303,22 @@ func (l *Lab) owner(name string) *Guest {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if mac, ok := strings.CutPrefix(name, "pxelinux.cfg/01-"); ok {
-		return l.guests[strings.ReplaceAll(mac, "-", ":")]
+		mac = strings.ReplaceAll(mac, "-", ":")
+		if g := l.guests[mac]; g != nil {
+			return g
+		}
+		for _, g := range l.provisioning {
+			if g.MAC.String() == mac {
+				return g
+			}
+		}
+		return nil
 	}
 	guest, _, _ := strings.Cut(name, "/")
-	return l.byName[guest]
+	if g := l.byName[guest]; g != nil {
+		return g
+	}
+	return l.provisioning[guest]
 }
 
 // speaksFrom reports whether addr is one of the guest's leased addresses.

@@ -250,6 +250,17 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 	g.newBoot(time.Time{}) // its events from here on are its next boot's
 	made = g
+	// Its name and MAC are its own from here on, before any of its files
+	// is on the server: Lab.open refuses them to others while it is
+	// being provisioned too.
+	l.mu.Lock()
+	l.provisioning[g.Name] = g
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		delete(l.provisioning, g.Name)
+		l.mu.Unlock()
+	}()
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
 	g.Dir = spec.Artifacts
 	if g.Dir == "" {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"io/fs"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -103,6 +104,40 @@ func TestBootFilesOnlyToTheirGuest(t *testing.T) {
 		_, err = l.open(name, g2.IP)
 		assert.ErrorIs(t, err, fs.ErrPermission, "%s to another guest", name)
 	}
+	// Each U-Boot guest's own script was written, naming no other guest.
+	for _, g := range gs {
+		b, err := os.ReadFile(filepath.Join(l.srv, g.Name, "boot.scr.uimg"))
+		assert.NilError(t, err)
+		for _, o := range gs {
+			if o != g {
+				assert.Assert(t, !strings.Contains(string(b), o.MAC.String()), "%s's script names %s", g.Name, o.Name)
+			}
+		}
+	}
+	// QEMU's user-mode TFTP root for g1 links its own files and the
+	// shared ones only.
+	assert.NilError(t, g1.userNetRoot())
+	tftp := filepath.Join(g1.private, "tftp")
+	_, err = os.Stat(filepath.Join(tftp, "g1", "vmlinuz"))
+	assert.NilError(t, err)
+	_, err = os.Lstat(filepath.Join(tftp, "g2"))
+	assert.Assert(t, os.IsNotExist(err), "g1's TFTP root has g2's folder")
+	pxe, err := os.ReadDir(filepath.Join(tftp, "pxelinux.cfg"))
+	assert.NilError(t, err)
+	assert.Equal(t, len(pxe), 1)
+	assert.Equal(t, pxe[0].Name(), "01-"+mac1)
+	script, err := filepath.EvalSymlinks(filepath.Join(tftp, "boot.scr.uimg"))
+	assert.NilError(t, err)
+	assert.Equal(t, script, filepath.Join(l.srv, "g1", "boot.scr.uimg"))
+	// A guest being provisioned owns its files already.
+	assert.NilError(t, os.MkdirAll(filepath.Join(l.srv, "g9"), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(l.srv, "g9", "boot.ipxe"), []byte("secret"), 0o644))
+	l.mu.Lock()
+	l.provisioning["g9"] = &Guest{Name: "g9", MAC: net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 9}}
+	l.mu.Unlock()
+	_, err = l.open("g9/boot.ipxe", g1.IP)
+	assert.ErrorIs(t, err, fs.ErrPermission, "a guest's file while it is being provisioned")
+
 	// U-Boot asks for boot.scr.uimg by that one name: each guest gets its
 	// own script (with its own command line, never another's); an address
 	// with no guest, the lab's plain one.

@@ -168,3 +168,55 @@ func TestUnpackRefusesBombs(t *testing.T) {
 	assert.NilError(t, err)
 	assert.Equal(t, fi.Size(), int64(4<<20))
 }
+
+// paxSparse is a tar whose one entry is a GNU sparse 1.0 file (PAX
+// records) of realsize bytes, all hole: its data is only the sparse map.
+// Go's tar Writer makes no sparse entries, so the blocks are written here.
+func paxSparse(realsize int64) []byte {
+	rec := func(k, v string) string {
+		s := " " + k + "=" + v + "\n"
+		n := len(s) + 1
+		for len(fmt.Sprint(n))+len(s) != n {
+			n = len(fmt.Sprint(n)) + len(s)
+		}
+		return fmt.Sprint(n) + s
+	}
+	pad := func(b []byte) []byte { return append(b, make([]byte, (512-len(b)%512)%512)...) }
+	block := func(typ byte, name string, size int) []byte {
+		var b [512]byte
+		copy(b[0:], name)
+		copy(b[100:], "0000644\x00")
+		copy(b[108:], "0000000\x00")
+		copy(b[116:], "0000000\x00")
+		copy(b[124:], fmt.Sprintf("%011o\x00", size))
+		copy(b[136:], "00000000000\x00")
+		b[156] = typ
+		copy(b[257:], "ustar\x0000")
+		copy(b[148:], "        ")
+		sum := 0
+		for _, c := range b {
+			sum += int(c)
+		}
+		copy(b[148:], fmt.Sprintf("%06o\x00 ", sum))
+		return b[:]
+	}
+	pax := rec("GNU.sparse.major", "1") + rec("GNU.sparse.minor", "0") + rec("GNU.sparse.name", "b/big") + rec("GNU.sparse.realsize", fmt.Sprint(realsize))
+	data := pad([]byte("0\n"))
+	out := append(block('x', "b/PaxHeaders/big", len(pax)), pad([]byte(pax))...)
+	out = append(append(out, block('0', "b/GNUSparseFile.0/big", len(data))...), data...)
+	return append(out, make([]byte, 1024)...)
+}
+
+// TestUnpackRefusesSparseEntries: a sparse entry's holes cost the packed
+// bundle nothing; a 1 GiB one in a few hundred bytes is refused.
+func TestUnpackRefusesSparseEntries(t *testing.T) {
+	enc, err := zstd.NewWriter(nil)
+	assert.NilError(t, err)
+	file := filepath.Join(t.TempDir(), "sparse"+Ext)
+	assert.NilError(t, os.WriteFile(file, enc.EncodeAll(paxSparse(1<<30), nil), 0o644))
+	parent := t.TempDir()
+	_, err = Unpack(file, parent)
+	assert.Assert(t, errors.Is(err, ErrBad), "%v", err)
+	left, _ := os.ReadDir(parent)
+	assert.Equal(t, len(left), 0, "unpack left %v", left)
+}

@@ -153,6 +153,7 @@ func Unpack(file, parent string) (string, error) {
 			ErrTooLarge, budget>>20, fi.Size(), MaxRatio, RatioFloor>>20, MaxUnpacked>>20))
 	}
 	entries := 0
+	var written int64 // bytes written to files, which the budget bounds too
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -183,6 +184,17 @@ func Unpack(file, parent string) (string, error) {
 				return fail(err)
 			}
 		case tar.TypeReg:
+			// A sparse entry's holes come out of the tar reader as zeros
+			// no input paid for: refused, as is an entry larger than
+			// what is left of the budget.
+			for k := range h.PAXRecords {
+				if strings.HasPrefix(k, "GNU.sparse") && rules.On(rules.BundleBounds) {
+					return fail(fmt.Errorf("entry %q is sparse: a bundle has no sparse files", h.Name))
+				}
+			}
+			if h.Size < 0 || h.Size > budget-written {
+				return tooLarge()
+			}
 			if err := root.MkdirAll(filepath.Dir(name), 0o755); err != nil {
 				return fail(err)
 			}
@@ -190,7 +202,8 @@ func Unpack(file, parent string) (string, error) {
 			if err != nil {
 				return fail(err)
 			}
-			_, err = io.Copy(w, tr)
+			n, err := io.Copy(w, io.LimitReader(tr, h.Size))
+			written += n
 			if cerr := w.Close(); err == nil {
 				err = cerr
 			}

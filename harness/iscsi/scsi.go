@@ -38,7 +38,7 @@ var (
 // read, one PDU's worth at a time, never whole.
 const (
 	maxPendingWrites = 16
-	maxPendingBytes  = 64 << 20
+	maxPendingBytes  = 32 << 20
 	maxWrite         = 64 << 20 // one command's data
 )
 
@@ -54,7 +54,7 @@ func (sc *session) scsi(p *PDU) error {
 		if expected > maxWrite {
 			return sc.respond(p.ITT(), statusCheckCondition, errInvalidField, 0)
 		}
-		if len(sc.tasks) >= maxPendingWrites || sc.pending+expected > maxPendingBytes {
+		if (len(sc.tasks) >= maxPendingWrites || sc.pending+expected > maxPendingBytes) && rules.On(rules.ISCSIMemory) {
 			sc.s.emit(timeline.Event{Kind: "task-set-full", Addr: sc.ip,
 				Msg: fmt.Sprintf("a write of %d bytes while %d writes (%d bytes) wait for their data: TASK SET FULL", expected, len(sc.tasks), sc.pending)})
 			return sc.respond(p.ITT(), statusTaskSetFull, nil, 0)
@@ -75,10 +75,10 @@ func (sc *session) scsi(p *PDU) error {
 			return sc.respond(p.ITT(), statusCheckCondition, err, 0)
 		}
 		sc.checkRead10(cdb, int(n), expected)
+		n = min(n, int64(expected))
 		if n == 0 {
 			return sc.respond(p.ITT(), statusGood, nil, expected)
 		}
-		n = min(n, int64(expected))
 		sc.readBytes += n
 		if !rules.On(rules.ISCSIMemory) {
 			whole := make([]byte, n) // gathered whole

@@ -19,6 +19,7 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/internal/connset"
 	"nbh.dev/nbh/internal/guard"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // Port is the iSCSI well-known port.
@@ -58,9 +59,23 @@ func Serve(ln net.Listener, portal string, tl *timeline.Timeline) *Server {
 	s.conns.Report = func(what string, v any, stack []byte) {
 		s.emit(timeline.Event{Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
 	}
+	// One guest's sessions hold at most MaxPerGuest × maxPendingBytes of
+	// write buffers (a booting initiator needs one or two, with a loader's
+	// before it).
+	s.conns.PerPeer = MaxPerGuest
+	if rules.On(rules.ISCSIMemory) {
+		s.conns.Refused = func(peer string) {
+			s.emit(timeline.Event{Kind: "refused", Addr: peer, Msg: fmt.Sprintf("a connection past the %d one initiator may hold open", MaxPerGuest)})
+		}
+	} else {
+		s.conns.PerPeer = 0
+	}
 	s.conns.Serve(ln, s.serve)
 	return s
 }
+
+// MaxPerGuest is how many connections one initiator address may hold open.
+const MaxPerGuest = 8
 
 // Unexport withdraws target iqn from the client at ip, if lun is still
 // what it serves there.

@@ -432,7 +432,7 @@ func TestSessionMemoryIsBounded(t *testing.T) {
 	in := dial(t, ln.Addr().String())
 	assert.Equal(t, in.login("iqn.2026-11.dev.nbh:big", nil), uint16(0))
 
-	// 16 MiB writes without their data: 4 fit in 64 MiB, the 5th is
+	// 16 MiB writes without their data: 2 fit in 32 MiB, the 3rd is
 	// TASK SET FULL.
 	var statuses []byte
 	for i := range 6 {
@@ -451,7 +451,7 @@ func TestSessionMemoryIsBounded(t *testing.T) {
 			statuses = append(statuses, r.BHS[3])
 		}
 	}
-	assert.DeepEqual(t, statuses, []byte{0, 0, 0, 0, statusTaskSetFull, statusTaskSetFull})
+	assert.DeepEqual(t, statuses, []byte{0, 0, statusTaskSetFull, statusTaskSetFull, statusTaskSetFull, statusTaskSetFull})
 	// They are let go (ABORT TASK SET), and their buffers with them.
 	tmf := &PDU{}
 	tmf.BHS[0], tmf.BHS[1] = opTMFReq|flagImmediate, 0x80|2
@@ -506,4 +506,28 @@ func TestSessionMemoryIsBounded(t *testing.T) {
 	<-sampled
 	assert.Equal(t, got, 256<<20)
 	assert.Assert(t, peak.Load() < 128<<20, "the heap reached %d MiB during a 256 MiB read", peak.Load()>>20)
+
+	// A read that expects nothing is answered (with its residual).
+	st, _, _ := in.cmd([]byte{0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0}, 0, nil)
+	assert.Equal(t, st, byte(statusGood))
+
+	// One initiator address holds at most MaxPerGuest connections: the
+	// one past them is closed at once (the first is the test's session).
+	var extra []net.Conn
+	for range MaxPerGuest - 1 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		assert.NilError(t, err)
+		extra = append(extra, c)
+		defer c.Close()
+	}
+	over, err := net.Dial("tcp", ln.Addr().String())
+	assert.NilError(t, err)
+	defer over.Close()
+	over.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = over.Read(make([]byte, 1))
+	assert.Assert(t, err == io.EOF, "the connection past the bound was kept: %v", err)
+	// The ones within it are kept.
+	extra[0].SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	_, err = extra[0].Read(make([]byte, 1))
+	assert.Assert(t, errors.Is(err, os.ErrDeadlineExceeded), "a connection within the bound was cut: %v", err)
 }

@@ -391,8 +391,10 @@ func (p *Port) learnFrom(frame []byte) bool {
 	if !rules.On(rules.GuestMAC) {
 		err = nil
 	}
+	learned := false
 	if err == nil {
 		name, capture, lease, err = p.learn(mac)
+		learned = err == nil
 	}
 	p.f.mu.Lock()
 	for i, q := range p.f.joining {
@@ -411,6 +413,9 @@ func (p *Port) learnFrom(frame []byte) bool {
 	}
 	if err != nil {
 		p.f.tl.Emit(timeline.Event{Source: "netfab", Kind: "refused", MAC: mac.String(), Msg: "a QEMU that joined through the socket: " + err.Error()})
+		if learned && !taken && p.left != nil {
+			p.left(mac) // the lab made it a guest: it is gone again
+		}
 		return false
 	}
 	p.Name, p.MAC, p.learn = name, mac, nil
@@ -479,10 +484,13 @@ func (p *Port) readLoop() {
 		// The MAC is free for the machine's next QEMU, and the lab hears
 		// that the machine left (once it was one).
 		defer func() {
-			p.Close()
+			// The lab lets the machine go first, and only then is its
+			// MAC free: a QEMU joining again with it meanwhile is
+			// refused, never handed a guest on its way out.
 			if p.left != nil && p.MAC != nil {
 				p.left(p.MAC)
 			}
+			p.Close()
 		}()
 	}
 	r := bufio.NewReaderSize(p.conn, 256<<10)

@@ -128,6 +128,13 @@ func (p *Port) spoofed(frame []byte, fi frameInfo) (kind int, why string) {
 		case !bound6.IsValid() && src.IsGlobalUnicast():
 			return spoofIPv6Source, fmt.Sprintf("IPv6 from %s's port with source %s (it has no IPv6 lease)", p.Name, src)
 		}
+		if !allowedUpper6[fi.proto] && rules.On(rules.NDP) {
+			// Behind an extension header the switch does not read (253,
+			// 254: experiments; mobility; ESP over IPv6), a host stack may
+			// still find neighbor discovery: only what a booting guest
+			// sends passes, behind the headers the switch reads.
+			return spoofNDP, fmt.Sprintf("IPv6 from %s's port with next header %d (only TCP, UDP and ICMPv6, behind hop-by-hop, routing and destination options)", p.Name, fi.proto)
+		}
 		if fi.fragment && rules.On(rules.NDP) {
 			// Nothing a booting guest sends over IPv6 needs cutting up,
 			// and a fragment hides its upper layer from these checks.
@@ -206,6 +213,10 @@ func (p *Port) badICMPv6(frame []byte, fi frameInfo, bound6 netip.Addr) (int, st
 	}
 	return 0, ""
 }
+
+// allowedUpper6 are the upper layers a guest's IPv6 may carry (59: no next
+// header).
+var allowedUpper6 = map[uint8]bool{6: true, 17: true, 58: true, 59: true}
 
 // linkLocalOf is the EUI-64 link-local address of mac.
 func linkLocalOf(mac net.HardwareAddr) netip.Addr {

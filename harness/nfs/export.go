@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -30,6 +31,9 @@ type export struct {
 	quota   Quota
 	bytes   atomic.Int64 // bytes of disk the guest added since the export (less what it freed)
 	files   atomic.Int64 // files, folders and links it added (less those it removed)
+
+	listMu   sync.Mutex
+	listings map[string]listing // recent folder listings (ReadDir)
 }
 
 // Quota bounds what one guest may add to its NFS root: bytes of disk
@@ -57,7 +61,7 @@ func newExport(dir string, q Quota) (*export, error) {
 	if q == (Quota{}) {
 		q = defaultQuota
 	}
-	e := &export{root: root, dir: dir, quota: q}
+	e := &export{root: root, dir: dir, quota: q, listings: map[string]listing{}}
 	e.handles = newHandles(e)
 	return e, nil
 }
@@ -96,9 +100,19 @@ func (e *export) Open(name string) (billy.File, error) { return e.OpenFile(name,
 
 func (e *export) OpenFile(name string, flag int, perm os.FileMode) (billy.File, error) {
 	rel := inRoot(name)
+	if flag&(os.O_WRONLY|os.O_RDWR|os.O_CREATE|os.O_TRUNC) != 0 {
+		defer e.changed()
+	}
 	created := false
 	if flag&os.O_CREATE != 0 {
-		if _, err := e.root.Lstat(rel); errors.Is(err, fs.ErrNotExist) {
+		fi, err := e.root.Lstat(rel)
+		if err == nil && fi.Mode()&os.ModeSymlink != 0 {
+			// Creating through a link would make a file the quota
+			// never saw by its name: an NFS client creates names, and
+			// resolves links itself.
+			return nil, &fs.PathError{Op: "create", Path: name, Err: syscall.ELOOP}
+		}
+		if errors.Is(err, fs.ErrNotExist) {
 			if err := e.addFile(); err != nil {
 				return nil, err
 			}
@@ -135,6 +149,7 @@ func (e *export) Lstat(name string) (os.FileInfo, error) {
 
 // Remove and Rename act on a symlink itself, as POSIX says.
 func (e *export) Remove(name string) error {
+	defer e.changed()
 	rel := inRoot(name)
 	fi, statErr := e.root.Lstat(rel)
 	if err := e.root.Remove(rel); err != nil {
@@ -150,12 +165,16 @@ func (e *export) Remove(name string) error {
 }
 
 func (e *export) Rename(from, to string) error {
+	defer e.changed()
 	rel := inRoot(to)
 	old, statErr := e.root.Lstat(rel)
+	src, srcErr := e.root.Lstat(inRoot(from))
 	if err := e.root.Rename(inRoot(from), rel); err != nil {
 		return err
 	}
-	if statErr == nil { // replaced
+	// A name renamed over another name of the same file (or itself)
+	// changes nothing, POSIX says: nothing was replaced.
+	if statErr == nil && (srcErr != nil || !os.SameFile(src, old)) { // replaced
 		e.files.Add(-1)
 		if st, ok := old.Sys().(*syscall.Stat_t); ok && st.Nlink <= 1 {
 			e.bytes.Add(-usage(old))
@@ -171,9 +190,51 @@ func (e *export) TempFile(dir, prefix string) (billy.File, error) {
 }
 
 // ReadDir lists a folder: each entry's attributes are read through the
-// os.Root too (File.Readdir would stat each by a path again).
+// os.Root too (File.Readdir would stat each by a path again). go-nfs asks
+// for the whole listing for every page of a READDIR, so a listing is kept
+// for a moment: paging through a folder of N names costs one listing, not
+// one per page.
 func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
 	rel := inRoot(name)
+	e.listMu.Lock()
+	if l, ok := e.listings[rel]; ok && time.Since(l.at) < listingTTL {
+		e.listMu.Unlock()
+		return append([]os.FileInfo(nil), l.infos...), nil // go-nfs sorts its copy
+	}
+	e.listMu.Unlock()
+	out, err := e.readDir(rel)
+	if err != nil {
+		return nil, err
+	}
+	e.listMu.Lock()
+	if len(e.listings) >= maxListings {
+		clear(e.listings)
+	}
+	e.listings[rel] = listing{at: time.Now(), infos: out}
+	e.listMu.Unlock()
+	return append([]os.FileInfo(nil), out...), nil
+}
+
+// changed forgets the kept listings: whatever the guest changes (a name,
+// a file's size, mode or times) is in the next listing, as if none was kept.
+func (e *export) changed() {
+	e.listMu.Lock()
+	clear(e.listings)
+	e.listMu.Unlock()
+}
+
+// A listing is kept for listingTTL, at most maxListings of them.
+const (
+	listingTTL  = 2 * time.Second
+	maxListings = 16
+)
+
+type listing struct {
+	at    time.Time
+	infos []os.FileInfo
+}
+
+func (e *export) readDir(rel string) ([]os.FileInfo, error) {
 	d, err := e.root.Open(rel)
 	if err != nil {
 		return nil, err
@@ -194,22 +255,30 @@ func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
 	return out, nil
 }
 
+// MkdirAll makes one folder: go-nfs asks for a new name in a folder that
+// exists (a name with slashes in it finds no parent and fails), and the
+// quota counts the one name and the folder's blocks.
 func (e *export) MkdirAll(name string, perm os.FileMode) error {
+	defer e.changed()
 	rel := inRoot(name)
-	if _, err := e.root.Lstat(rel); err == nil {
-		return e.root.MkdirAll(rel, perm) // exists: MkdirAll's own answer
+	if fi, err := e.root.Lstat(rel); err == nil && fi.IsDir() {
+		return nil // there already, as MkdirAll says
 	}
 	if err := e.addFile(); err != nil {
 		return err
 	}
-	if err := e.root.MkdirAll(rel, perm); err != nil {
+	if err := e.root.Mkdir(rel, perm); err != nil {
 		e.files.Add(-1)
 		return err
+	}
+	if fi, err := e.root.Lstat(rel); err == nil {
+		e.bytes.Add(usage(fi))
 	}
 	return nil
 }
 
 func (e *export) Symlink(target, link string) error {
+	defer e.changed()
 	if err := e.addFile(); err != nil {
 		return err
 	}
@@ -229,18 +298,22 @@ func (e *export) Root() string { return e.dir }
 // Attribute changes, through the os.Root as well (billy.Change).
 
 func (e *export) Chmod(name string, mode os.FileMode) error {
+	defer e.changed()
 	return e.root.Chmod(inRoot(name), mode)
 }
 
 func (e *export) Lchown(name string, uid, gid int) error {
+	defer e.changed()
 	return e.root.Lchown(inRoot(name), uid, gid)
 }
 
 func (e *export) Chown(name string, uid, gid int) error {
+	defer e.changed()
 	return e.root.Chown(inRoot(name), uid, gid)
 }
 
 func (e *export) Chtimes(name string, atime, mtime time.Time) error {
+	defer e.changed()
 	return e.root.Chtimes(inRoot(name), atime, mtime)
 }
 
@@ -261,6 +334,7 @@ func (f *file) Unlock() error {
 // grow runs op (a write or truncation that may add up to most bytes) if
 // the quota has room for it, and counts the blocks it added.
 func (f *file) grow(most int64, op func() error) error {
+	defer f.e.changed()
 	before, err := f.Stat()
 	if err != nil {
 		return err

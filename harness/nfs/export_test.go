@@ -24,7 +24,10 @@ func TestHandlesAreBoundToTheFile(t *testing.T) {
 	assert.NilError(t, os.WriteFile(filepath.Join(dir, "a"), []byte("a"), 0o644))
 	e, err := newExport(dir, Quota{})
 	assert.NilError(t, err)
-	s := &Server{exports: map[string]map[string]*export{"/r": {"10.0.2.15": e}}, byID: map[[8]byte]*export{e.handles.id: e}}
+	other, err := newExport(t.TempDir(), Quota{})
+	assert.NilError(t, err)
+	s := &Server{exports: map[string]map[string]*export{"/r": {"10.0.2.15": e, "10.0.2.16": other}},
+		byID: map[[8]byte]*export{e.handles.id: e, other.handles.id: other}}
 	h := &handler{s: s}
 	ha := h.ToHandle(e, []string{"a"})
 	_, p, err := h.FromHandle(ha)
@@ -42,7 +45,8 @@ func TestHandlesAreBoundToTheFile(t *testing.T) {
 	for name, fh := range map[string][]byte{
 		"made up":        append(append([]byte(nil), e.handles.id[:]...), make([]byte, 16)...),
 		"cut short":      ha[:20],
-		"another export": append(make([]byte, 8), ha[8:]...),
+		"another export": append(append([]byte(nil), other.handles.id[:]...), ha[8:]...),
+		"no export":      append(make([]byte, 8), ha[8:]...),
 	} {
 		_, _, err := h.FromHandle(fh)
 		assert.Assert(t, errors.Is(err, errStale), "%s: %v", name, err)
@@ -199,4 +203,64 @@ func TestSwappedFolderCannotLeadOut(t *testing.T) {
 		}
 		t.Fatalf("an operation left the export: outside now holds %s", strings.Join(names, ", "))
 	}
+}
+
+// TestQuotaCannotBeTricked: what a guest can do without adding anything
+// gives it no room: renaming a file onto itself or onto another name of
+// it, making and removing a folder, and creating through a dangling link
+// (refused: it would make a name the quota never counted).
+func TestQuotaCannotBeTricked(t *testing.T) {
+	dir := t.TempDir()
+	e, err := newExport(dir, Quota{Bytes: 1 << 20, Files: 100})
+	assert.NilError(t, err)
+	f, err := e.Create("f")
+	assert.NilError(t, err)
+	_, err = f.Write(make([]byte, 64<<10))
+	assert.NilError(t, err)
+	f.Close()
+	assert.NilError(t, os.Link(filepath.Join(dir, "f"), filepath.Join(dir, "g"))) // a second name, by the host
+	before := [2]int64{e.bytes.Load(), e.files.Load()}
+	for range 10 {
+		assert.NilError(t, e.Rename("f", "f"))
+		assert.NilError(t, e.Rename("f", "g"))
+	}
+	for range 50 {
+		assert.NilError(t, e.MkdirAll("d", 0o755))
+		assert.NilError(t, e.Remove("d"))
+	}
+	assert.DeepEqual(t, [2]int64{e.bytes.Load(), e.files.Load()}, before)
+	assert.NilError(t, e.Symlink("nowhere", "dangling"))
+	_, err = e.OpenFile("dangling", os.O_CREATE|os.O_WRONLY, 0o644)
+	assert.Assert(t, errors.Is(err, syscall.ELOOP), "%v", err)
+	_, err = os.Lstat(filepath.Join(dir, "nowhere"))
+	assert.Assert(t, os.IsNotExist(err), "created through the link")
+}
+
+// TestListingsAreKeptUntilAChange: a folder's listing is read once for the
+// pages a client asks in a row, and what the guest changes is in the next
+// one at once.
+func TestListingsAreKeptUntilAChange(t *testing.T) {
+	dir := t.TempDir()
+	e, err := newExport(dir, Quota{})
+	assert.NilError(t, err)
+	names := func() []string {
+		fis, err := e.ReadDir("/")
+		assert.NilError(t, err)
+		var out []string
+		for _, fi := range fis {
+			out = append(out, fi.Name()+fmt.Sprint(fi.Size()))
+		}
+		return out
+	}
+	assert.Equal(t, len(names()), 0)
+	f, err := e.Create("a")
+	assert.NilError(t, err)
+	assert.DeepEqual(t, names(), []string{"a0"})
+	f.Write([]byte("xyz"))
+	f.Close()
+	assert.DeepEqual(t, names(), []string{"a3"})
+	assert.NilError(t, os.WriteFile(filepath.Join(dir, "host"), nil, 0o644)) // the host's change: seen after a moment
+	assert.DeepEqual(t, names(), []string{"a3"}) // the listing was kept
+	assert.NilError(t, e.Rename("a", "b"))
+	assert.Equal(t, len(names()), 2)
 }

@@ -15,6 +15,12 @@ type Set struct {
 	// Report hears a handler that panicked (guard.Recover): the
 	// connection is closed and the others go on.
 	Report guard.Report
+	// PerPeer bounds the connections one peer host may hold open at once
+	// (0: no bound): one more is closed at once, and Refused hears of it.
+	// What a server holds per connection times PerPeer is what one guest
+	// can make it hold.
+	PerPeer int
+	Refused func(peer string)
 
 	ln     net.Listener
 	wg     sync.WaitGroup
@@ -47,6 +53,14 @@ func (s *Set) Serve(ln net.Listener, handle func(net.Conn)) {
 				return
 			}
 			peer := peerHost(c)
+			if s.PerPeer > 0 && s.openFrom(peer) >= s.PerPeer {
+				s.mu.Unlock()
+				c.Close()
+				if s.Refused != nil {
+					s.Refused(peer)
+				}
+				continue
+			}
 			s.conns[c] = peer
 			s.wg.Add(1)
 			s.mu.Unlock()
@@ -71,6 +85,17 @@ func (s *Set) CloseFrom(ip string) int {
 	for c, host := range s.conns {
 		if host == ip {
 			c.Close()
+			n++
+		}
+	}
+	return n
+}
+
+// openFrom counts the open connections of peer (s.mu held).
+func (s *Set) openFrom(peer string) int {
+	n := 0
+	for _, host := range s.conns {
+		if host == peer {
 			n++
 		}
 	}
