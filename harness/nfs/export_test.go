@@ -260,7 +260,7 @@ func TestListingsAreKeptUntilAChange(t *testing.T) {
 	f.Close()
 	assert.DeepEqual(t, names(), []string{"a3"})
 	assert.NilError(t, os.WriteFile(filepath.Join(dir, "host"), nil, 0o644)) // the host's change: seen after a moment
-	assert.DeepEqual(t, names(), []string{"a3"}) // the listing was kept
+	assert.DeepEqual(t, names(), []string{"a3"})                             // the listing was kept
 	assert.NilError(t, e.Rename("a", "b"))
 	assert.Equal(t, len(names()), 2)
 }
