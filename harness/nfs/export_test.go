@@ -140,12 +140,29 @@ func swapRace(t *testing.T, fsys billy.Filesystem, root, outside string, tries i
 			unix.Renameat2(unix.AT_FDCWD, filepath.Join(root, "d"), unix.AT_FDCWD, filepath.Join(root, "swap"), unix.RENAME_EXCHANGE)
 		}
 	}()
+	var leaked atomic.Bool // a read that saw outside
 	escaped := func() bool {
 		ents, _ := os.ReadDir(outside)
 		b, _ := os.ReadFile(filepath.Join(outside, "f"))
-		return len(ents) != 1 || string(b) != "outside"
+		return len(ents) != 2 || string(b) != "outside" || leaked.Load()
 	}
 	for i := 0; i < tries && !escaped(); i++ {
+		// Reads: a listing or a lookup that finds outside's only file
+		// (named so nothing inside is) has left the export.
+		if fis, err := fsys.ReadDir("d"); err == nil {
+			for _, fi := range fis {
+				if fi.Name() == "only-outside" {
+					leaked.Store(true)
+				}
+			}
+		}
+		if _, err := fsys.Lstat("d/only-outside"); err == nil {
+			leaked.Store(true)
+		}
+		if r, err := fsys.Open("d/only-outside"); err == nil {
+			leaked.Store(true)
+			r.Close()
+		}
 		if w, err := fsys.OpenFile("d/new", os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			w.Write([]byte("x"))
 			w.Close()
@@ -165,16 +182,19 @@ func swapRace(t *testing.T, fsys billy.Filesystem, root, outside string, tries i
 	return escaped()
 }
 
-// outsideDir is a folder beside the export with one file in it.
+// outsideDir is a folder beside the export with two files in it: f (its
+// contents "outside") and only-outside.
 func outsideDir(t *testing.T, base string) string {
 	outside := filepath.Join(base, "outside")
 	assert.NilError(t, os.MkdirAll(outside, 0o755))
 	assert.NilError(t, os.WriteFile(filepath.Join(outside, "f"), []byte("outside"), 0o644))
+	assert.NilError(t, os.WriteFile(filepath.Join(outside, "only-outside"), nil, 0o644))
 	return outside
 }
 
 // TestSwappedFolderCannotLeadOut: every operation a guest's NFS requests
-// become (create, write, truncate, mkdir, symlink, chmod) stays inside the
+// become (readdir, lookup, open, create, write, truncate, mkdir, symlink,
+// chmod) stays inside the
 // export while a folder on its path is swapped for a link out, again and
 // again. The same race against go-billy's bound OS file system (how the
 // server reached files before) escapes: the test can tell.
