@@ -514,7 +514,7 @@ func (p *Port) readLoop() {
 			return
 		}
 		if p.pcap != nil {
-			p.pcap.write(time.Now(), frame)
+			p.pcap.write(time.Now(), frame, false)
 		}
 		p.f.fromGuestGuarded(p, frame)
 	}
@@ -570,7 +570,7 @@ func (p *Port) writeLoop() {
 				return
 			}
 			if p.pcap != nil {
-				p.pcap.write(time.Now(), frame)
+				p.pcap.write(time.Now(), frame, true)
 			}
 		}
 	}

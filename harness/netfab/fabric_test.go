@@ -778,3 +778,37 @@ func FuzzIPv6AsTheHostSeesIt(f *testing.F) {
 		}
 	})
 }
+
+// TestCaptureKeepsDirection: a port's capture says which frames its guest
+// sent (spoofed ones too: they are recorded before the switch drops them)
+// and which it received.
+func TestCaptureKeepsDirection(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	capture := filepath.Join(t.TempDir(), "c.pcapng")
+	p, err := f.AddPort("g7", mac, capture)
+	assert.NilError(t, err)
+	p.Bind(netip.MustParseAddr("10.0.2.40"))
+	q := p.QEMUFile()
+	for _, fr := range [][]byte{
+		arpRequestFrame(net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8}, netip.MustParseAddr("10.0.2.41"), f.HostIP), // spoofed
+		arpRequestFrame(mac, netip.MustParseAddr("10.0.2.40"), f.HostIP),
+	} {
+		_, err := q.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(fr))), fr...))
+		assert.NilError(t, err)
+	}
+	var hdr [4]byte
+	_, err = io.ReadFull(q, hdr[:]) // the host's answer
+	assert.NilError(t, err)
+	reply := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+	_, err = io.ReadFull(q, reply)
+	assert.NilError(t, err)
+	p.Close()
+	frames, err := ReadCapture(capture)
+	assert.NilError(t, err)
+	assert.Equal(t, len(frames), 3)
+	assert.Assert(t, !frames[0].Inbound && !frames[1].Inbound && frames[2].Inbound)
+	assert.DeepEqual(t, frames[2].Data, reply)
+}

@@ -41,10 +41,14 @@ func newPcapng(w io.Writer) (*pcapng, error) {
 	return &pcapng{w: w}, nil
 }
 
-func (p *pcapng) write(t time.Time, frame []byte) {
+// write records frame at t: inbound, as the guest received it, or
+// outbound, as it sent it (the packet's epb_flags, which Wireshark shows
+// as its direction), whether the switch let it through or not.
+func (p *pcapng) write(t time.Time, frame []byte, inbound bool) {
 	le := binary.LittleEndian
 	pad := (4 - len(frame)%4) % 4
-	total := 32 + len(frame) + pad
+	const opts = 12 // epb_flags (4 + 4), opt_endofopt (4)
+	total := 32 + len(frame) + pad + opts
 	b := make([]byte, total)
 	le.PutUint32(b[0:], 6)
 	le.PutUint32(b[4:], uint32(total))
@@ -55,6 +59,14 @@ func (p *pcapng) write(t time.Time, frame []byte) {
 	le.PutUint32(b[20:], uint32(len(frame)))
 	le.PutUint32(b[24:], uint32(len(frame)))
 	copy(b[28:], frame)
+	o := 28 + len(frame) + pad
+	le.PutUint16(b[o:], 2) // epb_flags
+	le.PutUint16(b[o+2:], 4)
+	dir := uint32(2) // outbound
+	if inbound {
+		dir = 1
+	}
+	le.PutUint32(b[o+4:], dir)
 	le.PutUint32(b[total-4:], uint32(total))
 	p.mu.Lock()
 	if p.err == nil {
@@ -67,8 +79,9 @@ func (p *pcapng) write(t time.Time, frame []byte) {
 
 // Frame is one captured frame.
 type Frame struct {
-	Time time.Time
-	Data []byte
+	Time    time.Time
+	Data    []byte
+	Inbound bool // the guest received it (else it sent it)
 }
 
 // ReadCapture reads a capture this package wrote (a guest's network.pcapng),
@@ -91,7 +104,19 @@ func ReadCapture(path string) ([]Frame, error) {
 				return out, fmt.Errorf("netfab: %s: bad packet block at offset %d", path, off)
 			}
 			us := uint64(le.Uint32(b[off+12:]))<<32 | uint64(le.Uint32(b[off+16:]))
-			out = append(out, Frame{Time: time.UnixMicro(int64(us)), Data: b[off+28 : off+28+caplen]})
+			f := Frame{Time: time.UnixMicro(int64(us)), Data: b[off+28 : off+28+caplen]}
+			// Options follow the padded packet: epb_flags gives the direction.
+			for o := off + 28 + caplen + (4-caplen%4)%4; o+4 <= off+n-4; {
+				code, l := le.Uint16(b[o:]), int(le.Uint16(b[o+2:]))
+				if code == 0 {
+					break
+				}
+				if code == 2 && l == 4 && o+8 <= off+n {
+					f.Inbound = le.Uint32(b[o+4:])&3 == 1
+				}
+				o += 4 + l + (4-l%4)%4
+			}
+			out = append(out, f)
 		}
 		off += n
 	}
