@@ -250,17 +250,6 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	}
 	g.newBoot(time.Time{}) // its events from here on are its next boot's
 	made = g
-	// Its name and MAC are its own from here on, before any of its files
-	// is on the server: Lab.open refuses them to others while it is
-	// being provisioned too.
-	l.mu.Lock()
-	l.provisioning[g.Name] = g
-	l.mu.Unlock()
-	defer func() {
-		l.mu.Lock()
-		delete(l.provisioning, g.Name)
-		l.mu.Unlock()
-	}()
 	g.private = filepath.Join(l.work, "guest-"+g.Name)
 	g.Dir = spec.Artifacts
 	if g.Dir == "" {
@@ -294,6 +283,21 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		g.IP6 = ip6.String()
 		l.tl.Name(g.IP6, g.Name)
 	}
+	// Its name and MAC are its own from here on (its addresses set), before
+	// any of its files is on the server: Lab.open refuses them to others
+	// while it is being provisioned too, and a failure removes them.
+	l.mu.Lock()
+	l.provisioning[g.Name] = g
+	l.mu.Unlock()
+	defer func() {
+		if err != nil {
+			os.RemoveAll(filepath.Join(l.srv, g.Name))
+			os.Remove(filepath.Join(l.srv, "pxelinux.cfg", "01-"+strings.ReplaceAll(g.MAC.String(), ":", "-")))
+		}
+		l.mu.Lock()
+		delete(l.provisioning, g.Name)
+		l.mu.Unlock()
+	}()
 
 	g.plan = p
 	if p.slowLink {

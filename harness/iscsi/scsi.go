@@ -39,7 +39,7 @@ var (
 const (
 	maxPendingWrites = 16
 	maxPendingBytes  = 32 << 20
-	maxWrite         = 64 << 20 // one command's data
+	maxWrite         = maxPendingBytes // one command's data: more is CHECK CONDITION, never TASK SET FULL for ever
 )
 
 // statusTaskSetFull is SAM's TASK SET FULL: try again with fewer commands.

@@ -59,9 +59,10 @@ func Serve(ln net.Listener, portal string, tl *timeline.Timeline) *Server {
 	s.conns.Report = func(what string, v any, stack []byte) {
 		s.emit(timeline.Event{Kind: "panic", Msg: guard.Message(what, v), Detail: map[string]any{"stack": string(stack)}})
 	}
-	// One guest's sessions hold at most MaxPerGuest × maxPendingBytes of
-	// write buffers (a booting initiator needs one or two, with a loader's
-	// before it).
+	// One initiator address's sessions hold at most MaxPerGuest ×
+	// maxPendingBytes of write buffers (a booting initiator needs one or
+	// two, with a loader's before it; a dual-stack guest has two
+	// addresses).
 	s.conns.PerPeer = MaxPerGuest
 	if rules.On(rules.ISCSIMemory) {
 		s.conns.Refused = func(peer string) {

@@ -122,6 +122,9 @@ func (f *Fabric) filtered(toHost bool, frame []byte, fi frameInfo) []byte {
 	if ip == nil {
 		return nil
 	}
+	if sameBytes(ip, frame[14:]) {
+		return frame // passed as it was
+	}
 	return append(append(make([]byte, 0, 14+len(ip)), frame[:14]...), ip...)
 }
 
@@ -637,8 +640,20 @@ func (f *Fabric) forward(from *Port, frame []byte, fi frameInfo) {
 		q.deliver(frame)
 	}
 	if toHost {
+		sealed := frame
 		if frame = f.filtered(true, frame, fi); frame == nil {
 			return
+		}
+		if from != nil && !sameBytes(frame, sealed) {
+			// The filter opened ESP: what was inside is the guest's
+			// too, and passes port security as if it came in clear (a
+			// DHCP request in another's name inside the guest's own
+			// ESP must not reach the server).
+			inner, _ := parseFrame(frame)
+			if kind, why := from.spoofed(frame, inner); why != "" {
+				from.refuse(kind, why+" (inside ESP)")
+				return
+			}
 		}
 		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
 		f.ep.InjectInbound(0, pkt)

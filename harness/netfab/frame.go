@@ -91,3 +91,7 @@ func parseFrame(f []byte) (fi frameInfo, ok bool) {
 }
 
 func isGroup(mac net.HardwareAddr) bool { return len(mac) > 0 && mac[0]&1 == 1 }
+
+// sameBytes says whether a and b are the same slice (a filter that passed
+// a frame unchanged returns it as it was).
+func sameBytes(a, b []byte) bool { return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0]) }

@@ -17,6 +17,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 
+	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/netfab/netfabtest"
 	"nbh.dev/nbh/harness/timeline"
@@ -274,4 +275,61 @@ func TestListenUDPBroadcast(t *testing.T) {
 	assert.ErrorContains(t, err, "not an IPv6 multicast group")
 	_, err = f.DialUDP(f.HostIP, netip.AddrPortFrom(netip.MustParseAddr("fd4e:4248::15"), 69))
 	assert.ErrorContains(t, err, "not the same IP family")
+}
+
+// TestNoDHCPInsideESP: a guest with its own SA wraps a DHCP request in
+// another's name in ESP: the gateway opens it (DHCP is in clear by the
+// policy), and port security checks what was inside as if it came in
+// clear: nothing reaches the DHCP server.
+func TestNoDHCPInsideESP(t *testing.T) {
+	f, err := netfab.New(timeline.New(), netfab.Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 7}
+	me := netip.MustParseAddr("10.0.2.40")
+	port, err := f.AddPort("g7", mac, "")
+	assert.NilError(t, err)
+	port.Bind(me)
+	key := make([]byte, 20)
+	sa, err := ipsec.NewSA(0x1234, key)
+	assert.NilError(t, err)
+	guestSA, err := ipsec.NewSA(0x1234, key)
+	assert.NilError(t, err)
+	gw := ipsec.NewGateway(ipsec.Required())
+	gw.AddPeer(&ipsec.Peer{Addr: me, In: sa, Out: sa})
+	f.SetHostFilter(func(toHost bool, ip []byte) []byte {
+		if toHost {
+			return gw.Inbound(ip)
+		}
+		return gw.Outbound(ip)
+	})
+	srv, err := f.ListenUDPBroadcast(67)
+	assert.NilError(t, err)
+	defer srv.Close()
+	// A BOOTP request from the guest's address to the server, whole, for
+	// chaddr, in ESP.
+	request := func(chaddr net.HardwareAddr) []byte {
+		bootp := make([]byte, 240)
+		bootp[0], bootp[1], bootp[2] = 1, 1, 6
+		copy(bootp[28:], chaddr)
+		udp := append(binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, 68), 67), 0, byte(8+len(bootp)), 0, 0)
+		udp[4] = byte((8 + len(bootp)) >> 8)
+		ip := make([]byte, 20)
+		ip[0], ip[8], ip[9] = 0x45, 64, 17
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(udp)+len(bootp)))
+		copy(ip[12:], me.AsSlice())
+		copy(ip[16:], f.HostIP.AsSlice())
+		esp, err := ipsec.Encap(guestSA, append(append(ip, udp...), bootp...))
+		assert.NilError(t, err)
+		eth := append(append(append([]byte(nil), f.HostMAC...), mac...), 0x08, 0x00)
+		return append(eth, esp...)
+	}
+	for _, fr := range [][]byte{request(net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 8})} {
+		_, err := port.QEMUFile().Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(fr))), fr...))
+		assert.NilError(t, err)
+	}
+	buf := make([]byte, 600)
+	srv.SetReadDeadline(time.Now().Add(time.Second))
+	n, _, err := srv.ReadFrom(buf)
+	assert.Assert(t, err != nil, "DHCP in another's name inside ESP reached the server: chaddr %s", net.HardwareAddr(buf[28:34][:min(6, max(0, n-28))]))
 }

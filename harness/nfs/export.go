@@ -29,11 +29,18 @@ type export struct {
 	dir     string
 	handles *handles
 	quota   Quota
-	bytes   atomic.Int64 // bytes of disk the guest added since the export (less what it freed)
-	files   atomic.Int64 // files, folders and links it added (less those it removed)
+	*tree   // shared by the exports of one folder (a guest's IPv4 and IPv6 mounts)
+}
+
+// tree is what the exports of one folder share: what the guest added to
+// it, against one quota, and the listings kept of it.
+type tree struct {
+	bytes atomic.Int64 // bytes of disk the guest added since the export (less what it freed)
+	files atomic.Int64 // files, folders and links it added (less those it removed)
 
 	listMu   sync.Mutex
 	listings map[string]listing // recent folder listings (ReadDir)
+	listGen  uint64             // changes so far: a listing read across one is not kept
 }
 
 // Quota bounds what one guest may add to its NFS root: bytes of disk
@@ -53,7 +60,9 @@ func DefaultQuota() Quota { return defaultQuota }
 // errQuota is a guest past its quota.
 var errQuota = fmt.Errorf("nfs: quota: %w", syscall.EDQUOT)
 
-func newExport(dir string, q Quota) (*export, error) {
+// newExport exports dir, sharing t with the folder's other exports (nil:
+// it has none).
+func newExport(dir string, q Quota, t *tree) (*export, error) {
 	root, err := os.OpenRoot(dir)
 	if err != nil {
 		return nil, err
@@ -61,7 +70,10 @@ func newExport(dir string, q Quota) (*export, error) {
 	if q == (Quota{}) {
 		q = defaultQuota
 	}
-	e := &export{root: root, dir: dir, quota: q, listings: map[string]listing{}}
+	if t == nil {
+		t = &tree{listings: map[string]listing{}}
+	}
+	e := &export{root: root, dir: dir, quota: q, tree: t}
 	e.handles = newHandles(e)
 	return e, nil
 }
@@ -201,6 +213,7 @@ func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
 		e.listMu.Unlock()
 		return append([]os.FileInfo(nil), l.infos...), nil // go-nfs sorts its copy
 	}
+	gen := e.listGen
 	e.listMu.Unlock()
 	out, err := e.readDir(rel)
 	if err != nil {
@@ -210,7 +223,9 @@ func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
 	if len(e.listings) >= maxListings {
 		clear(e.listings)
 	}
-	e.listings[rel] = listing{at: time.Now(), infos: out}
+	if e.listGen == gen { // nothing changed while it was read
+		e.listings[rel] = listing{at: time.Now(), infos: out}
+	}
 	e.listMu.Unlock()
 	return append([]os.FileInfo(nil), out...), nil
 }
@@ -220,6 +235,7 @@ func (e *export) ReadDir(name string) ([]os.FileInfo, error) {
 func (e *export) changed() {
 	e.listMu.Lock()
 	clear(e.listings)
+	e.listGen++
 	e.listMu.Unlock()
 }
 

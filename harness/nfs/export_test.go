@@ -22,9 +22,9 @@ import (
 func TestHandlesAreBoundToTheFile(t *testing.T) {
 	dir := t.TempDir()
 	assert.NilError(t, os.WriteFile(filepath.Join(dir, "a"), []byte("a"), 0o644))
-	e, err := newExport(dir, Quota{})
+	e, err := newExport(dir, Quota{}, nil)
 	assert.NilError(t, err)
-	other, err := newExport(t.TempDir(), Quota{})
+	other, err := newExport(t.TempDir(), Quota{}, nil)
 	assert.NilError(t, err)
 	s := &Server{exports: map[string]map[string]*export{"/r": {"10.0.2.15": e, "10.0.2.16": other}},
 		byID: map[[8]byte]*export{e.handles.id: e, other.handles.id: other}}
@@ -58,9 +58,9 @@ func TestHandlesAreBoundToTheFile(t *testing.T) {
 func TestOneExportCannotPushOutAnother(t *testing.T) {
 	busy, quiet := t.TempDir(), t.TempDir()
 	assert.NilError(t, os.WriteFile(filepath.Join(quiet, "f"), nil, 0o644))
-	eb, err := newExport(busy, Quota{})
+	eb, err := newExport(busy, Quota{}, nil)
 	assert.NilError(t, err)
-	eq, err := newExport(quiet, Quota{})
+	eq, err := newExport(quiet, Quota{}, nil)
 	assert.NilError(t, err)
 	s := &Server{byID: map[[8]byte]*export{eb.handles.id: eb, eq.handles.id: eq}}
 	h := &handler{s: s}
@@ -81,7 +81,7 @@ func TestOneExportCannotPushOutAnother(t *testing.T) {
 // and names; what it removes gives room back.
 func TestQuota(t *testing.T) {
 	dir := t.TempDir()
-	e, err := newExport(dir, Quota{Bytes: 1 << 20, Files: 4})
+	e, err := newExport(dir, Quota{Bytes: 1 << 20, Files: 4}, nil)
 	assert.NilError(t, err)
 	f, err := e.Create("big")
 	assert.NilError(t, err)
@@ -212,7 +212,7 @@ func TestSwappedFolderCannotLeadOut(t *testing.T) {
 	root = filepath.Join(base, "root")
 	assert.NilError(t, os.MkdirAll(root, 0o755))
 	outside := outsideDir(t, base)
-	e, err := newExport(root, Quota{})
+	e, err := newExport(root, Quota{}, nil)
 	assert.NilError(t, err)
 	defer e.root.Close()
 	if swapRace(t, e, root, outside, 5000) {
@@ -231,7 +231,7 @@ func TestSwappedFolderCannotLeadOut(t *testing.T) {
 // (refused: it would make a name the quota never counted).
 func TestQuotaCannotBeTricked(t *testing.T) {
 	dir := t.TempDir()
-	e, err := newExport(dir, Quota{Bytes: 1 << 20, Files: 100})
+	e, err := newExport(dir, Quota{Bytes: 1 << 20, Files: 100}, nil)
 	assert.NilError(t, err)
 	f, err := e.Create("f")
 	assert.NilError(t, err)
@@ -261,7 +261,7 @@ func TestQuotaCannotBeTricked(t *testing.T) {
 // one at once.
 func TestListingsAreKeptUntilAChange(t *testing.T) {
 	dir := t.TempDir()
-	e, err := newExport(dir, Quota{})
+	e, err := newExport(dir, Quota{}, nil)
 	assert.NilError(t, err)
 	names := func() []string {
 		fis, err := e.ReadDir("/")
@@ -283,4 +283,25 @@ func TestListingsAreKeptUntilAChange(t *testing.T) {
 	assert.DeepEqual(t, names(), []string{"a3"})                             // the listing was kept
 	assert.NilError(t, e.Rename("a", "b"))
 	assert.Equal(t, len(names()), 2)
+}
+
+// TestOneQuotaPerRoot: a dual-stack guest's root is exported to both of
+// its addresses: what it adds through either counts against one quota.
+func TestOneQuotaPerRoot(t *testing.T) {
+	s := &Server{exports: map[string]map[string]*export{}, byID: map[[8]byte]*export{}, quota: Quota{Bytes: 1 << 20, Files: 10}}
+	dir := t.TempDir()
+	assert.NilError(t, s.Export("/r", "10.0.2.15", dir))
+	assert.NilError(t, s.Export("/r", "fd4e:4248::15", dir))
+	v4, v6 := s.exports["/r"]["10.0.2.15"], s.exports["/r"]["fd4e:4248::15"]
+	for i, e := range []*export{v4, v6} {
+		f, err := e.Create(fmt.Sprint("f", i))
+		assert.NilError(t, err)
+		_, err = f.Write(make([]byte, 600<<10))
+		f.Close()
+		if i == 1 {
+			assert.Assert(t, errors.Is(err, syscall.EDQUOT), "twice the quota through two addresses: %v", err)
+		} else {
+			assert.NilError(t, err)
+		}
+	}
 }

@@ -30,7 +30,7 @@ const secretText = "SECRET-OUTSIDE-THE-EXPORT"
 // tree lays out base/root (the export, with links out of it) and
 // base/outside (what must stay untouched) and returns a fingerprint of
 // everything outside the export.
-func tree(t testing.TB, base string) (root string, outside func() string) {
+func exportTree(t testing.TB, base string) (root string, outside func() string) {
 	root = filepath.Join(base, "root")
 	out := filepath.Join(base, "outside")
 	for _, d := range []string{root, out, filepath.Join(root, "sub")} {
@@ -80,7 +80,7 @@ func FuzzNFSSession(f *testing.F) {
 	f.Add(append([]byte{11, 40}, withRecordMark([]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1, 0x86, 0xa3, 0, 0, 0, 4})...))
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		base := t.TempDir()
-		root, outside := tree(t, base)
+		root, outside := exportTree(t, base)
 		other := filepath.Join(base, "other")
 		os.MkdirAll(other, 0o755)
 		before := outside()

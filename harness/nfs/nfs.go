@@ -105,12 +105,20 @@ func (s *Server) dropLocked(path, ip string) {
 
 // Export serves dir as path to the client at ip.
 func (s *Server) Export(path, ip, dir string) error {
-	e, err := newExport(dir, s.quota)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// The same folder to another address of the guest's: one quota, one
+	// set of listings.
+	var shared *tree
+	for other, o := range s.exports[path] {
+		if o.dir == dir && other != ip {
+			shared = o.tree
+		}
+	}
+	e, err := newExport(dir, s.quota, shared)
 	if err != nil {
 		return fmt.Errorf("nfs: export %s: %w", path, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.exports[path] == nil {
 		s.exports[path] = map[string]*export{}
 	}
