@@ -3,12 +3,15 @@ package scenarios
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,10 +21,13 @@ import (
 
 	"nbh.dev/nbh/fixtures"
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/nbhtest"
 	"nbh.dev/nbh/harness/netfab"
+	"nbh.dev/nbh/harness/nfs"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/internal/rules"
 )
 
 // TestHostileGuest boots a hostile guest next to a victim with secrets on
@@ -34,22 +40,33 @@ import (
 // victim's name (whole and in IP fragments), SCSI on a discovery session,
 // malformed iSCSI PDUs and RPC records, mounts of what is not its own,
 // forged NFS handles, SETATTR racing a symlink swap in its own NFS root,
-// HTTP and TFTP traversal, a spoofed source MAC and IP, an ARP claim, an
-// oversize frame, a DHCP flood, ESP garbage and replays. The victim boots,
-// the lab survives, the attacker's table says each attempt was refused (or,
-// for blind ones, sent) — and, by oracles of the test's own, the victim's
-// CHAP secret appears nowhere the attacker could see (its console, its
-// capture), no DHCP message in the victim's name reached the server, and
-// neither guest's capture holds a frame of the other's or a DHCP reply for
-// another client.
+// files made through a link out of it, writes and files past its quota,
+// HTTP and TFTP traversal, a spoofed source MAC and IP, an ARP claim,
+// neighbor discovery in the victim's name, a router advertisement, TCP to
+// the ESP-only services over IPv6 in clear, an oversize frame, a DHCP
+// flood, ESP garbage and replays. The victim boots, the lab survives, the
+// attacker's table says each attempt was refused (or, for blind ones,
+// sent) — and, by oracles of the test's own, the victim's CHAP secret
+// appears nowhere the attacker could see (its console, its capture) nor in
+// any DHCP reply, no DHCP message in the victim's name reached the server,
+// nothing appeared in the host folder the attacker's links aim at, and
+// neither guest's capture holds a frame of the other's, a DHCP reply for
+// another client, or an answer in clear from an ESP-only service.
+//
+// Each check names the isolation rule (internal/rules) it stands for: make
+// negative-controls-hostile runs this test with each rule the attacker can
+// reach switched off, and wants a failure naming that rule.
 func TestHostileGuest(t *testing.T) {
 	guestTest(t)
 	attacker := filepath.Join(t.TempDir(), "attacker")
 	assert.NilError(t, fixtures.BuildAttacker(t.Context(), "amd64", attacker))
-	lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required()})
-	// A host file outside every export, which the attacker's symlinks aim
-	// at while it changes attributes through its NFS root.
-	hostFile := filepath.Join(t.TempDir(), "host-file")
+	// A small NFS quota, which the attacker tries to pass.
+	lab := nbhtest.NewLabWith(t, harness.Options{IPsec: ipsec.Required(), NFSQuota: nfs.Quota{Bytes: 8 << 20, Files: 400}})
+	// A host file outside every export, alone in its folder, which the
+	// attacker's symlinks aim at while it changes attributes and makes
+	// files through its NFS root.
+	hostDir := t.TempDir()
+	hostFile := filepath.Join(hostDir, "host-file")
 	assert.NilError(t, os.WriteFile(hostFile, []byte("the host's"), 0o600))
 	const victimMAC, victimIP = "52:54:00:4e:42:77", "10.0.2.77"
 	ctx := context.Background()
@@ -57,7 +74,7 @@ func TestHostileGuest(t *testing.T) {
 	// on the server (the control: those it may fetch).
 	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootNFS,
 		ArchiveFiles: map[string]string{"bin/attacker": attacker},
-		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.hostfile=" + hostFile +
+		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.hostfile=" + hostFile + " nbh.server6=" + lab.Server6() +
 			" nbh.victim=victim," + victimIP + "," + victimMAC,
 		Timeout:       12 * time.Minute,
 		StageTimeouts: map[timeline.Stage]time.Duration{timeline.Init: 10 * time.Minute},
@@ -84,26 +101,61 @@ func TestHostileGuest(t *testing.T) {
 		outcomes[m[1]], details[m[1]] = m[2], m[3]
 		t.Logf("%-24s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
 	}
-	assert.Check(t, is.Contains(bad.Console(), "nbh-attack: done 21"))
-	want := map[string]string{
-		"own-files": "allowed", "victim-files-http": "refused", "victim-files-tftp": "refused",
-		"http-traversal": "refused", "tftp-traversal": "refused", "iscsi-scsi-on-discovery": "refused",
-		"iscsi-malformed-pdu": "refused", "rpc-malformed-records": "refused", "nfs-mount-elsewhere": "refused",
-		"nfs-forged-handle": "refused", "nfs-symlink-swap": "sent", "spoof-source-mac": "sent", "spoof-source-ip": "sent",
-		"arp-claim-victim": "sent", "oversize-frame": "sent", "dhcp-flood": "sent", "esp-garbage": "sent",
-		"esp-replay": "sent", "dhcp-for-victim": "sent", "dhcp-for-victim-fragmented": "sent", "sniff": "refused",
+	want := map[string]struct{ outcome, rule string }{
+		"own-files":                  {"allowed", ""}, // the control
+		"victim-files-http":          {"refused", rules.PathOwner},
+		"victim-files-tftp":          {"refused", rules.PathOwner},
+		"http-traversal":             {"refused", ""},
+		"tftp-traversal":             {"refused", ""},
+		"iscsi-scsi-on-discovery":    {"refused", ""},
+		"iscsi-malformed-pdu":        {"refused", ""},
+		"rpc-malformed-records":      {"refused", ""},
+		"nfs-mount-elsewhere":        {"refused", ""},
+		"nfs-forged-handle":          {"refused", rules.NFSHandles},
+		"nfs-symlink-swap":           {"sent", rules.NFSExport},
+		"nfs-create-through-link":    {"refused", rules.NFSExport},
+		"nfs-quota-bytes":            {"refused", rules.NFSQuota},
+		"nfs-quota-files":            {"refused", rules.NFSQuota},
+		"ipv6-clear-to-services":     {"refused", rules.IPv6Policy},
+		"ndp-claim-victim":           {"sent", rules.NDP},
+		"router-advertisement":       {"sent", rules.RouterMessages},
+		"spoof-source-mac":           {"sent", rules.PortSource},
+		"spoof-source-ip":            {"sent", rules.PortSource},
+		"arp-claim-victim":           {"sent", rules.PortSource},
+		"oversize-frame":             {"sent", ""},
+		"dhcp-flood":                 {"sent", rules.DHCPSnooping},
+		"esp-garbage":                {"sent", ""},
+		"esp-replay":                 {"sent", ""},
+		"dhcp-for-victim":            {"sent", rules.DHCPSnooping},
+		"dhcp-for-victim-fragmented": {"sent", rules.DHCPSnooping},
+		"sniff":                      {"refused", ""}, // the captures below name the rule
 	}
-	for name, outcome := range want {
-		assert.Check(t, is.Equal(outcomes[name], outcome), "attack %s", name)
+	assert.Check(t, is.Contains(bad.Console(), fmt.Sprintf("nbh-attack: done %d", len(want))))
+	for name, w := range want {
+		holds(t, w.rule, outcomes[name] == w.outcome, "attack %s: %q, want %q (%s)", name, outcomes[name], w.outcome, details[name])
 	}
 
-	// The symlink swap ran (links renamed over the file, SETATTRs on its
-	// handle refused: since handles are bound to the file, the first swap
-	// made the handle stale), and the host file is as it was.
-	assert.Check(t, is.Regexp(`[1-9][0-9]* swaps .*: [0-9]+ done, [1-9][0-9]* refused`, details["nfs-symlink-swap"]))
+	// The symlink swap ran (links renamed over the file), and the host
+	// file is as it was. Every SETATTR on the file's handle after the
+	// first swap was refused as stale: the handle names the file, not the
+	// name (one may meet the link in the instant of that first swap).
+	swap := regexp.MustCompile(`([0-9]+) swaps .*: ([0-9]+) done, ([0-9]+) refused \(([0-9]+) stale\)`).FindStringSubmatch(details["nfs-symlink-swap"])
+	if assert.Check(t, swap != nil, "nfs-symlink-swap: %q", details["nfs-symlink-swap"]) {
+		n := func(i int) int { x, _ := strconv.Atoi(swap[i]); return x }
+		assert.Check(t, n(1) > 0 && n(3) > 0, "the swap did not run: %s", swap[0])
+		holds(t, rules.NFSHandles, n(3)-n(4) <= 1, "SETATTRs on a swapped name's handle not refused as stale: %s", swap[0])
+	}
 	fi, err := os.Stat(hostFile)
 	assert.NilError(t, err)
-	assert.Check(t, is.Equal(fi.Mode().Perm(), os.FileMode(0o600)), "the host file's mode changed")
+	holds(t, rules.NFSExport, fi.Mode().Perm() == 0o600, "the host file's mode changed to %v", fi.Mode().Perm())
+	// Nothing was made in the host folder through the attacker's links.
+	entries, err := os.ReadDir(hostDir)
+	assert.NilError(t, err)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	holds(t, rules.NFSExport, slices.Equal(names, []string{"host-file"}), "the host folder holds %v", names)
 
 	// The lab's side: each refusal recorded, nothing panicked.
 	kinds := map[string][]string{}
@@ -112,10 +164,17 @@ func TestHostileGuest(t *testing.T) {
 		assert.Check(t, e.Kind != "panic", "the lab panicked: %s", e.Msg)
 	}
 	spoofed := strings.Join(kinds["spoofed"], "\n")
-	for _, why := range []string{"source MAC " + victimMAC, "IPv4 from attacker's port with source " + victimIP,
-		"ARP from attacker's port claims " + victimIP, "DHCP from attacker's port for hardware address 02:ba:d0",
-		"a fragmented DHCP message from attacker's port"} {
-		assert.Check(t, is.Contains(spoofed, why))
+	for _, r := range []struct{ rule, why string }{
+		{rules.PortSource, "source MAC " + victimMAC},
+		{rules.PortSource, "IPv4 from attacker's port with source " + victimIP},
+		{rules.PortSource, "ARP from attacker's port claims " + victimIP},
+		{rules.DHCPSnooping, "DHCP from attacker's port for hardware address 02:ba:d0"},
+		{rules.DHCPSnooping, "a fragmented DHCP message from attacker's port"},
+		{rules.NDP, "a neighbor advertisement from attacker's port for " + linkLocalOf(t, victimMAC)},
+		{rules.NDP, "naming link-layer address " + victimMAC},
+		{rules.RouterMessages, "ICMPv6 type 134 (a router's) from attacker's port"},
+	} {
+		holds(t, r.rule, strings.Contains(spoofed, r.why), "no frame recorded as spoofed for %q", r.why)
 	}
 	assert.Check(t, len(kinds["oversize"]) > 0, "no oversize frame recorded")
 	for _, kind := range []string{"esp-replay", "esp-auth", "esp-unknown-spi", "mount-refused", "refused"} {
@@ -123,27 +182,34 @@ func TestHostileGuest(t *testing.T) {
 	}
 	refused := strings.Join(kinds["refused"], "\n")
 	assert.Check(t, is.Contains(refused, "discovery session"))
-	assert.Check(t, is.Contains(refused, "which belongs to victim"))
+	holds(t, rules.PathOwner, strings.Contains(refused, "which belongs to victim"), "no fetch of the victim's files recorded as refused")
 
 	// The test's own oracles, which do not ask the lab how it decided.
 	// The victim's CHAP secret (its kernel says its command line) is
-	// nowhere the attacker could see.
+	// nowhere the attacker could see, and in no DHCP reply.
 	m := regexp.MustCompile(`netroot=iscsi:[^:@\s]+:([0-9a-f]{8,})@`).FindStringSubmatch(victim.Console())
 	assert.Assert(t, m != nil, "no CHAP secret on the victim's command line")
-	secret := m[1]
-	assert.Check(t, !strings.Contains(bad.Console(), secret), "the victim's CHAP secret is on the attacker's console")
+	secret := []byte(m[1])
+	assert.Check(t, !bytes.Contains([]byte(bad.Console()), secret), "the victim's CHAP secret is on the attacker's console")
 	raw, err := os.ReadFile(filepath.Join(bad.Dir, "network.pcapng"))
 	assert.NilError(t, err)
-	assert.Check(t, !strings.Contains(string(raw), secret), "the victim's CHAP secret crossed the attacker's port")
+	assert.Check(t, !bytes.Contains(raw, secret), "the victim's CHAP secret crossed the attacker's port")
 	// No DHCP message in the victim's name from the attacker reached the
 	// DHCP server: whole or in fragments (their transaction IDs).
 	for _, e := range lab.Timeline().Events("") {
 		if x, _ := e.Detail["xid"].(string); e.Source == "dhcp" && (x == "0x0badf00d" || x == "0x0badf00e") {
-			t.Errorf("the attacker's DHCP in the victim's name reached the server: %s %s %s", e.Kind, x, e.Msg)
+			holds(t, rules.DHCPSnooping, false, "the attacker's DHCP in the victim's name reached the server: %s %s %s", e.Kind, x, e.Msg)
 		}
 	}
-	// Each guest's port delivered nothing of the other's and no DHCP
-	// reply for another client.
+	checkCaptures(t, bad, victim, secret)
+}
+
+// checkCaptures reads both guests' captures, by the test's own parsing:
+// each guest's port delivered nothing of the other's, no DHCP reply for
+// another client, no DHCP reply with the secret (if any), and nothing in
+// clear over IPv6 from the services an IPsec policy makes ESP-only.
+func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte) {
+	t.Helper()
 	for _, g := range []*harness.Guest{bad, victim} {
 		other := victim.MAC
 		if g == victim {
@@ -159,13 +225,133 @@ func TestHostileGuest(t *testing.T) {
 				continue // sent by the guest itself (spoofed ones too)
 			}
 			inbound++
-			assert.Check(t, !bytes.Equal(d[6:12], other) && !bytes.Equal(d[0:6], other), "%s's port delivered a frame of or for %s: % x", g.Name, other, d[:14])
+			holds(t, rules.ProtectedPorts, !bytes.Equal(d[6:12], other) && !bytes.Equal(d[0:6], other), "%s's port delivered a frame of or for %s: % x", g.Name, other, d[:14])
 			if ch, ok := dhcpReplyClient(d); ok {
-				assert.Check(t, bytes.Equal(ch, g.MAC), "%s's port delivered a DHCP reply for %s", g.Name, ch)
+				holds(t, rules.DHCPToOwner, bytes.Equal(ch, g.MAC), "%s's port delivered a DHCP reply for %s", g.Name, ch)
+				holds(t, rules.NoSecretInDHCP, len(secret) == 0 || !bytes.Contains(d, secret), "%s's port delivered a DHCP reply with the victim's CHAP secret", g.Name)
+			}
+			if port, ok := tcp6From(d); ok && (port == 111 || port == 2049 || port == 3260) && len(secret) > 0 {
+				holds(t, rules.IPv6Policy, false, "%s's port delivered TCP over IPv6 from port %d, which is ESP-only", g.Name, port)
 			}
 		}
 		assert.Check(t, inbound > 0, "%s's capture shows nothing delivered", g.Name)
 	}
+}
+
+// TestHostileGuestIPv6 boots the attacker next to a victim on a clear
+// dual-stack network, where IPv6 reaches the host (on TestHostileGuest's
+// IPsec network none does, so the DHCPv6 server is out of reach there).
+// The attacker asks DHCPv6 in the victim's name (its DUID) from a
+// link-local address that is no MAC's EUI-64, from its own, and in two
+// fragments, and sends neighbor discovery and a router advertisement in
+// the victim's name. The lab records each; by the test's own oracle, no
+// DHCPv6 message was taken for the victim's (the victim, booting over
+// IPv4, sends none), and the captures hold nothing of the other guest's.
+func TestHostileGuestIPv6(t *testing.T) {
+	guestTest(t)
+	attacker := filepath.Join(t.TempDir(), "attacker")
+	assert.NilError(t, fixtures.BuildAttacker(t.Context(), "amd64", attacker))
+	lab := nbhtest.NewLab(t)
+	const victimMAC, victimIP = "52:54:00:4e:42:78", "10.0.2.78"
+	ctx := context.Background()
+	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "direct",
+		ArchiveFiles: map[string]string{"bin/attacker": attacker},
+		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.attacks=ipv6 nbh.server6=" + lab.Server6() +
+			" nbh.victim=victim," + victimIP + "," + victimMAC,
+		Timeout: 8 * time.Minute, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Init: 6 * time.Minute},
+		Artifacts: nbhtest.Artifacts(t, "attacker")})
+	assert.NilError(t, err)
+	_, err = bad.Expect(ctx, "nbh-attack: listening")
+	assert.NilError(t, err)
+	victim, err := lab.Boot(ctx, harness.Spec{Name: "victim", Arch: "amd64", Firmware: "direct",
+		MAC: victimMAC, IP: victimIP, Timeout: 4 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
+	assert.NilError(t, err)
+	v := victim.Wait(ctx)
+	assert.Check(t, v.OK, "the victim: %v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+	assert.NilError(t, bad.Send("go\r"))
+	a := bad.Wait(ctx)
+	assert.Assert(t, a.OK, "the attacker: %v\n%s", a.Err(), strings.Join(a.Tail, "\n"))
+	victim.Close()
+	bad.Close()
+
+	outcomes, details := map[string]string{}, map[string]string{}
+	for _, m := range regexp.MustCompile(`nbh-attack: (\S+) (\S+) (.*)`).FindAllStringSubmatch(bad.Console(), -1) {
+		outcomes[m[1]], details[m[1]] = m[2], m[3]
+		t.Logf("%-28s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
+	}
+	want := map[string]struct{ outcome, rule string }{
+		"dhcpv6-for-victim":            {"sent", rules.DHCPv6Identity},
+		"dhcpv6-for-victim-fragmented": {"sent", rules.NDP},
+		"ndp-claim-victim":             {"sent", rules.NDP},
+		"router-advertisement":         {"sent", rules.RouterMessages},
+		"sniff":                        {"refused", ""},
+	}
+	assert.Check(t, is.Contains(bad.Console(), fmt.Sprintf("nbh-attack: done %d", len(want))))
+	for name, w := range want {
+		holds(t, w.rule, outcomes[name] == w.outcome, "attack %s: %q, want %q (%s)", name, outcomes[name], w.outcome, details[name])
+	}
+
+	// The lab's records.
+	var spoofed, refused []string
+	for _, e := range lab.Timeline().Events("") {
+		assert.Check(t, e.Kind != "panic", "the lab panicked: %s", e.Msg)
+		switch {
+		case e.Kind == "spoofed":
+			spoofed = append(spoofed, e.Msg)
+		case e.Source == "dhcp" && e.Kind == "refused":
+			refused = append(refused, e.Msg)
+		}
+	}
+	for _, r := range []struct{ rule, why string }{
+		{rules.NDP, "a fragmented IPv6 datagram from attacker's port"},
+		{rules.NDP, "a neighbor advertisement from attacker's port for " + linkLocalOf(t, victimMAC)},
+		{rules.NDP, "naming link-layer address " + victimMAC},
+		{rules.RouterMessages, "ICMPv6 type 134 (a router's) from attacker's port"},
+	} {
+		holds(t, r.rule, strings.Contains(strings.Join(spoofed, "\n"), r.why), "no frame recorded as spoofed for %q", r.why)
+	}
+	holds(t, rules.DHCPv6Identity, strings.Contains(strings.Join(refused, "\n"), "DHCPv6 SOLICIT from no known link-layer address"),
+		"the Solicit from a link-local address of no MAC was not refused: %v", refused)
+	// The test's own oracle: the victim sends no DHCPv6 (it boots over
+	// IPv4), so any DHCPv6 the server took as the victim's was the
+	// attacker's.
+	for _, e := range lab.Timeline().Events("") {
+		if e.Source == "dhcp" && e.MAC == victimMAC && (e.Detail["v6"] == true || strings.Contains(e.Msg, "DHCPv6")) {
+			holds(t, rules.DHCPv6Identity, false, "the server took a DHCPv6 message for the victim's: %s %s", e.Kind, e.Msg)
+		}
+	}
+	checkCaptures(t, bad, victim, nil)
+}
+
+// holds checks one isolation rule: a failure names it (rule "" is a check
+// no single rule of internal/rules stands for).
+func holds(t *testing.T, rule string, ok bool, format string, args ...any) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if rule == "" {
+		t.Errorf(format, args...)
+		return
+	}
+	t.Errorf("rule %s broken: "+format, append([]any{rule}, args...)...)
+}
+
+// linkLocalOf is the EUI-64 link-local address of mac, worked out here.
+func linkLocalOf(t *testing.T, mac string) string {
+	m, err := net.ParseMAC(mac)
+	assert.NilError(t, err)
+	a := netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 8: m[0] ^ 2, 9: m[1], 10: m[2], 11: 0xff, 12: 0xfe, 13: m[3], 14: m[4], 15: m[5]})
+	return a.String()
+}
+
+// tcp6From is the source port of a frame that carries TCP directly over
+// IPv6, read by the test itself.
+func tcp6From(f []byte) (uint16, bool) {
+	if len(f) < 14+40+20 || f[12] != 0x86 || f[13] != 0xdd || f[20] != 6 {
+		return 0, false
+	}
+	return uint16(f[54])<<8 | uint16(f[55]), true
 }
 
 // dhcpReplyClient is the client hardware address of a frame that carries a
@@ -179,4 +365,50 @@ func dhcpReplyClient(f []byte) (net.HardwareAddr, bool) {
 		return nil, false
 	}
 	return net.HardwareAddr(f[l4+8+28 : l4+8+34]), true
+}
+
+// TestGuestMakesATrackedFileHuge: a guest makes a file its archive copies
+// from its root 100 GiB and sparse in one step (a hole costs nothing of
+// its NFS quota). At its next boot's fetch the keeper refuses the file by
+// its size, unread, and says so on the timeline; the guest is served the
+// archive it had, and the boot is judged on a stale archive (its init
+// reads the file's size, not its bytes). The test process's peak memory is
+// logged (make test runs this beside other tests, so it is not asserted).
+func TestGuestMakesATrackedFileHuge(t *testing.T) {
+	guestTest(t)
+	if !selected("amd64", "seabios-ipxe") {
+		t.Skip("amd64/seabios-ipxe not selected")
+	}
+	ctx := context.Background()
+	lab := nbhtest.NewLab(t)
+	g, err := lab.Boot(ctx, harness.Spec{Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootNFS, Shell: true,
+		Artifacts: nbhtest.Artifacts(t, "g1")})
+	assert.NilError(t, err)
+	v := g.Wait(ctx)
+	assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+	_, err = g.Expect(ctx, `nbh-root# $`)
+	assert.NilError(t, err)
+	out, status, err := g.Run(ctx, "truncate -s 100G /etc/nbh/boot.conf && sync && stat -c %s /etc/nbh/boot.conf")
+	assert.NilError(t, err)
+	assert.Equal(t, status, 0, out)
+	assert.Equal(t, out, "107374182400\n")
+
+	assert.NilError(t, g.Reboot(ctx))
+	v = g.Wait(ctx)
+	assert.Assert(t, !v.OK, "the boot passed on an archive its root no longer matches")
+	assert.Equal(t, v.Reason, failure.StaleArchive, "%v", v.Err())
+	var refused string
+	for _, e := range g.Events() {
+		if e.Source == "archive" && e.Kind == "error" {
+			refused = e.Msg
+		}
+	}
+	assert.Check(t, is.Contains(refused, "too large"))
+	assert.Check(t, is.Contains(refused, "/etc/nbh/boot.conf"))
+	t.Logf("verdict: %v; the keeper: %s", v.Err(), refused)
+	if status, err := os.ReadFile("/proc/self/status"); err == nil {
+		if m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(status); m != nil {
+			t.Logf("the test process's peak resident memory: %s kB", m[1])
+		}
+	}
 }

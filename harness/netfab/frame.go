@@ -71,6 +71,11 @@ func parseFrame(f []byte) (fi frameInfo, ok bool) {
 			}
 			next, off = f[off], off+(int(f[off+1])+1)*8
 		}
+		if off > len(f) {
+			// An extension header longer than the frame: no upper layer
+			// to read (proto 0, which no port may send).
+			return fi, true
+		}
 		fi.proto = next
 		fi.l4 = off
 	default:
