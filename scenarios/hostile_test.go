@@ -201,14 +201,15 @@ func TestHostileGuest(t *testing.T) {
 			holds(t, rules.DHCPSnooping, false, "the attacker's DHCP in the victim's name reached the server: %s %s %s", e.Kind, x, e.Msg)
 		}
 	}
-	checkCaptures(t, bad, victim, secret)
+	checkCaptures(t, bad, victim, secret, true)
 }
 
 // checkCaptures reads both guests' captures, by the test's own parsing:
 // each guest's port delivered nothing of the other's, no DHCP reply for
-// another client, no DHCP reply with the secret (if any), and nothing in
-// clear over IPv6 from the services an IPsec policy makes ESP-only.
-func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte) {
+// another client, no DHCP reply with the victim's secret, and, on a
+// network whose IPsec policy makes the root services ESP-only (espOnly),
+// nothing in clear over IPv6 from them.
+func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte, espOnly bool) {
 	t.Helper()
 	for _, g := range []*harness.Guest{bad, victim} {
 		other := victim.MAC
@@ -228,9 +229,9 @@ func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte) {
 			holds(t, rules.ProtectedPorts, !bytes.Equal(d[6:12], other) && !bytes.Equal(d[0:6], other), "%s's port delivered a frame of or for %s: % x", g.Name, other, d[:14])
 			if ch, ok := dhcpReplyClient(d); ok {
 				holds(t, rules.DHCPToOwner, bytes.Equal(ch, g.MAC), "%s's port delivered a DHCP reply for %s", g.Name, ch)
-				holds(t, rules.NoSecretInDHCP, len(secret) == 0 || !bytes.Contains(d, secret), "%s's port delivered a DHCP reply with the victim's CHAP secret", g.Name)
+				holds(t, rules.NoSecretInDHCP, !bytes.Contains(d, secret), "%s's port delivered a DHCP reply with the victim's CHAP secret", g.Name)
 			}
-			if port, ok := tcp6From(d); ok && (port == 111 || port == 2049 || port == 3260) && len(secret) > 0 {
+			if port, ok := tcp6From(d); ok && (port == 111 || port == 2049 || port == 3260) && espOnly {
 				holds(t, rules.IPv6Policy, false, "%s's port delivered TCP over IPv6 from port %d, which is ESP-only", g.Name, port)
 			}
 		}
@@ -238,16 +239,21 @@ func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte) {
 	}
 }
 
-// TestHostileGuestIPv6 boots the attacker next to a victim on a clear
-// dual-stack network, where IPv6 reaches the host (on TestHostileGuest's
-// IPsec network none does, so the DHCPv6 server is out of reach there).
-// The attacker asks DHCPv6 in the victim's name (its DUID) from a
-// link-local address that is no MAC's EUI-64, from its own, and in two
-// fragments, and sends neighbor discovery and a router advertisement in
-// the victim's name. The lab records each; by the test's own oracle, no
-// DHCPv6 message was taken for the victim's (the victim, booting over
-// IPv4, sends none), and the captures hold nothing of the other guest's.
-func TestHostileGuestIPv6(t *testing.T) {
+// TestHostileGuestClear boots the attacker next to a SAN-booting victim
+// with CHAP on a clear dual-stack network, where IPv6 reaches the host (on
+// TestHostileGuest's IPsec network none does, so the DHCPv6 server is out
+// of its reach; and a SAN boot needs a clear network: no loader does ESP).
+// The victim's loader script on the server holds its SAN CHAP secret. The
+// attacker asks for the victim's boot files in many spellings over HTTP and
+// TFTP, asks DHCPv6 in the victim's name (its DUID) from a link-local
+// address that is no MAC's EUI-64, from its own, and in two fragments, and
+// sends neighbor discovery and a router advertisement in the victim's
+// name. The lab records each; by the test's own oracles, the victim's SAN
+// CHAP secret (read from the loader script in the victim's own capture) is
+// nowhere the attacker could see nor in any DHCP reply, no DHCPv6 message
+// was taken for the victim's (the victim, booting over IPv4, sends none),
+// and the captures hold nothing of the other guest's.
+func TestHostileGuestClear(t *testing.T) {
 	guestTest(t)
 	attacker := filepath.Join(t.TempDir(), "attacker")
 	assert.NilError(t, fixtures.BuildAttacker(t.Context(), "amd64", attacker))
@@ -256,15 +262,15 @@ func TestHostileGuestIPv6(t *testing.T) {
 	ctx := context.Background()
 	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "direct",
 		ArchiveFiles: map[string]string{"bin/attacker": attacker},
-		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.attacks=ipv6 nbh.server6=" + lab.Server6() +
+		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.attacks=clear nbh.server6=" + lab.Server6() +
 			" nbh.victim=victim," + victimIP + "," + victimMAC,
-		Timeout: 8 * time.Minute, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Init: 6 * time.Minute},
+		Timeout: 10 * time.Minute, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Init: 8 * time.Minute},
 		Artifacts: nbhtest.Artifacts(t, "attacker")})
 	assert.NilError(t, err)
 	_, err = bad.Expect(ctx, "nbh-attack: listening")
 	assert.NilError(t, err)
-	victim, err := lab.Boot(ctx, harness.Spec{Name: "victim", Arch: "amd64", Firmware: "direct",
-		MAC: victimMAC, IP: victimIP, Timeout: 4 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
+	victim, err := lab.Boot(ctx, harness.Spec{Name: "victim", Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot, CHAP: true,
+		MAC: victimMAC, IP: victimIP, Timeout: 6 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
 	assert.NilError(t, err)
 	v := victim.Wait(ctx)
 	assert.Check(t, v.OK, "the victim: %v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -280,6 +286,8 @@ func TestHostileGuestIPv6(t *testing.T) {
 		t.Logf("%-28s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
 	}
 	want := map[string]struct{ outcome, rule string }{
+		"victim-files-http":            {"refused", rules.PathOwner},
+		"victim-files-tftp":            {"refused", rules.PathOwner},
 		"dhcpv6-for-victim":            {"sent", rules.DHCPv6Identity},
 		"dhcpv6-for-victim-fragmented": {"sent", rules.NDP},
 		"ndp-claim-victim":             {"sent", rules.NDP},
@@ -298,7 +306,7 @@ func TestHostileGuestIPv6(t *testing.T) {
 		switch {
 		case e.Kind == "spoofed":
 			spoofed = append(spoofed, e.Msg)
-		case e.Source == "dhcp" && e.Kind == "refused":
+		case e.Kind == "refused":
 			refused = append(refused, e.Msg)
 		}
 	}
@@ -312,7 +320,9 @@ func TestHostileGuestIPv6(t *testing.T) {
 	}
 	holds(t, rules.DHCPv6Identity, strings.Contains(strings.Join(refused, "\n"), "DHCPv6 SOLICIT from no known link-layer address"),
 		"the Solicit from a link-local address of no MAC was not refused: %v", refused)
-	// The test's own oracle: the victim sends no DHCPv6 (it boots over
+	holds(t, rules.PathOwner, strings.Contains(strings.Join(refused, "\n"), "which belongs to victim"), "no fetch of the victim's files recorded as refused")
+
+	// The test's own oracles. The victim sends no DHCPv6 (it boots over
 	// IPv4), so any DHCPv6 the server took as the victim's was the
 	// attacker's.
 	for _, e := range lab.Timeline().Events("") {
@@ -320,7 +330,18 @@ func TestHostileGuestIPv6(t *testing.T) {
 			holds(t, rules.DHCPv6Identity, false, "the server took a DHCPv6 message for the victim's: %s %s", e.Kind, e.Msg)
 		}
 	}
-	checkCaptures(t, bad, victim, nil)
+	// The victim's SAN CHAP secret, from the loader script its own port
+	// delivered, is nowhere the attacker could see.
+	raw, err := os.ReadFile(filepath.Join(victim.Dir, "network.pcapng"))
+	assert.NilError(t, err)
+	m := regexp.MustCompile(`set password ([0-9a-f]{8,})`).FindSubmatch(raw)
+	assert.Assert(t, m != nil, "no SAN CHAP secret in the loader script the victim fetched")
+	secret := m[1]
+	holds(t, rules.PathOwner, !bytes.Contains([]byte(bad.Console()), secret), "the victim's SAN CHAP secret is on the attacker's console")
+	raw, err = os.ReadFile(filepath.Join(bad.Dir, "network.pcapng"))
+	assert.NilError(t, err)
+	holds(t, rules.PathOwner, !bytes.Contains(raw, secret), "the victim's SAN CHAP secret crossed the attacker's port")
+	checkCaptures(t, bad, victim, secret, false)
 }
 
 // holds checks one isolation rule: a failure names it (rule "" is a check
