@@ -83,13 +83,18 @@ func TestHostileGuest(t *testing.T) {
 	// The victim boots while the attacker listens.
 	_, err = bad.Expect(ctx, "nbh-attack: listening")
 	assert.NilError(t, err)
+	// The victim stays up at a shell after its marker (Shell), its files
+	// on the server, while the attacker fires.
 	victim, err := lab.Boot(ctx, harness.Spec{Name: "victim", Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootISCSI, CHAP: true,
-		MAC: victimMAC, IP: victimIP, Timeout: 6 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
+		Shell: true, MAC: victimMAC, IP: victimIP, Timeout: 6 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
 	assert.NilError(t, err)
-	assert.NilError(t, bad.Send("go\r"))
-
+	// The attacker fires once the victim has booted: its files are all on
+	// the server then (a fetch while the lab still builds them would be
+	// refused with the rule off too, for want of the file: the negative
+	// control showed it).
 	v := victim.Wait(ctx)
 	assert.Check(t, v.OK, "the victim: %v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+	assert.NilError(t, bad.Send("go\r"))
 	a := bad.Wait(ctx)
 	assert.Assert(t, a.OK, "the attacker: %v\n%s", a.Err(), strings.Join(a.Tail, "\n"))
 	victim.Close()
@@ -239,13 +244,15 @@ func checkCaptures(t *testing.T, bad, victim *harness.Guest, secret []byte, espO
 	}
 }
 
-// TestHostileGuestClear boots the attacker next to a SAN-booting victim
-// with CHAP on a clear dual-stack network, where IPv6 reaches the host (on
+// TestHostileGuestClear boots the attacker (on an iSCSI root of its own)
+// next to a SAN-booting victim with CHAP on a clear dual-stack network,
+// where IPv6 reaches the host (on
 // TestHostileGuest's IPsec network none does, so the DHCPv6 server is out
 // of its reach; and a SAN boot needs a clear network: no loader does ESP).
 // The victim's loader script on the server holds its SAN CHAP secret. The
 // attacker asks for the victim's boot files in many spellings over HTTP and
-// TFTP, asks DHCPv6 in the victim's name (its DUID) from a link-local
+// TFTP, logs in to its own iSCSI target and leaves 48 MiB of writes waiting
+// for their data, opens 12 iSCSI connections at once, asks DHCPv6 in the victim's name (its DUID) from a link-local
 // address that is no MAC's EUI-64, from its own, and in two fragments, and
 // sends neighbor discovery and a router advertisement in the victim's
 // name. The lab records each; by the test's own oracles, the victim's SAN
@@ -260,7 +267,7 @@ func TestHostileGuestClear(t *testing.T) {
 	lab := nbhtest.NewLab(t)
 	const victimMAC, victimIP = "52:54:00:4e:42:78", "10.0.2.78"
 	ctx := context.Background()
-	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "direct",
+	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "direct", Root: harness.RootISCSI,
 		ArchiveFiles: map[string]string{"bin/attacker": attacker},
 		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.attacks=clear nbh.server6=" + lab.Server6() +
 			" nbh.victim=victim," + victimIP + "," + victimMAC,
@@ -270,7 +277,7 @@ func TestHostileGuestClear(t *testing.T) {
 	_, err = bad.Expect(ctx, "nbh-attack: listening")
 	assert.NilError(t, err)
 	victim, err := lab.Boot(ctx, harness.Spec{Name: "victim", Arch: "amd64", Firmware: "ovmf-ipxe", Root: harness.RootSANBoot, CHAP: true,
-		MAC: victimMAC, IP: victimIP, Timeout: 6 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
+		Shell: true, MAC: victimMAC, IP: victimIP, Timeout: 6 * time.Minute, Artifacts: nbhtest.Artifacts(t, "victim")})
 	assert.NilError(t, err)
 	v := victim.Wait(ctx)
 	assert.Check(t, v.OK, "the victim: %v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -288,6 +295,8 @@ func TestHostileGuestClear(t *testing.T) {
 	want := map[string]struct{ outcome, rule string }{
 		"victim-files-http":            {"refused", rules.PathOwner},
 		"victim-files-tftp":            {"refused", rules.PathOwner},
+		"iscsi-pending-writes":         {"refused", rules.ISCSIMemory},
+		"iscsi-connections":            {"refused", rules.ISCSIMemory},
 		"dhcpv6-for-victim":            {"sent", rules.DHCPv6Identity},
 		"dhcpv6-for-victim-fragmented": {"sent", rules.NDP},
 		"ndp-claim-victim":             {"sent", rules.NDP},
