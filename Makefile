@@ -39,9 +39,10 @@ test: setup vet
 negative-controls:
 	scripts/negative-controls
 
-# The hostile-guest scenario fails, naming the rule, with each isolation
-# rule a guest can reach switched off (and passes with all on). Boots two
-# guests per rule: about 15 minutes under TCG.
+# The hostile-guest scenarios fail, naming the rule, with each isolation
+# rule a guest can reach switched off (and pass with all on). Boots two
+# guests per rule: about 25 minutes under TCG; logs in
+# out/negative-controls-hostile.
 negative-controls-hostile: setup
 	scripts/negative-controls-hostile
 

@@ -72,7 +72,10 @@ func TestHostileGuest(t *testing.T) {
 	ctx := context.Background()
 	// The attacker boots through iPXE, so that it has boot files of its own
 	// on the server (the control: those it may fetch).
-	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootNFS,
+	// It stays up at a shell after its marker (Shell): its port is there
+	// to receive what the server may send it in the victim's name after
+	// its claims.
+	bad, err := lab.Boot(ctx, harness.Spec{Name: "attacker", Arch: "amd64", Firmware: "seabios-ipxe", Root: harness.RootNFS, Shell: true,
 		ArchiveFiles: map[string]string{"bin/attacker": attacker},
 		Append: "nbh.run=/bin/attacker nbh.self=attacker nbh.hostfile=" + hostFile + " nbh.server6=" + lab.Server6() +
 			" nbh.victim=victim," + victimIP + "," + victimMAC,
@@ -97,15 +100,18 @@ func TestHostileGuest(t *testing.T) {
 	assert.NilError(t, bad.Send("go\r"))
 	a := bad.Wait(ctx)
 	assert.Assert(t, a.OK, "the attacker: %v\n%s", a.Err(), strings.Join(a.Tail, "\n"))
+	// After the attacker's ARP claims, the victim reads its iSCSI root
+	// (through ESP): a server that believed a claim sends the answers to
+	// the attacker's port, and the victim's command never ends.
+	_, err = victim.Expect(ctx, `nbh-root# $`)
+	assert.NilError(t, err)
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	out, status, err := victim.Run(rctx, "echo 3 > /proc/sys/vm/drop_caches; find / -xdev | wc -l")
+	cancel()
+	holds(t, rules.PortSource, err == nil && status == 0, "the victim could not read its root after the attacker's claims: %v %d %q", err, status, out)
 	victim.Close()
 	bad.Close() // its capture complete
 
-	// The attacker's table: every attack ran and none got through.
-	outcomes, details := map[string]string{}, map[string]string{}
-	for _, m := range regexp.MustCompile(`nbh-attack: (\S+) (\S+) (.*)`).FindAllStringSubmatch(bad.Console(), -1) {
-		outcomes[m[1]], details[m[1]] = m[2], m[3]
-		t.Logf("%-24s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
-	}
 	want := map[string]struct{ outcome, rule string }{
 		"own-files":                  {"allowed", ""}, // the control
 		"victim-files-http":          {"refused", rules.PathOwner},
@@ -116,34 +122,32 @@ func TestHostileGuest(t *testing.T) {
 		"iscsi-malformed-pdu":        {"refused", ""},
 		"rpc-malformed-records":      {"refused", ""},
 		"nfs-mount-elsewhere":        {"refused", ""},
-		"nfs-forged-handle":          {"refused", rules.NFSHandles},
-		"nfs-symlink-swap":           {"sent", rules.NFSExport},
+		"nfs-forged-handle":          {"refused", ""}, // a made-up handle is in no table, whatever the rule
+		"nfs-symlink-swap":           {"sent", ""},    // how its SETATTRs were refused names the rule, below
 		"nfs-create-through-link":    {"refused", rules.NFSExport},
 		"nfs-quota-bytes":            {"refused", rules.NFSQuota},
 		"nfs-quota-files":            {"refused", rules.NFSQuota},
 		"ipv6-clear-to-services":     {"refused", rules.IPv6Policy},
-		"ndp-claim-victim":           {"sent", rules.NDP},
-		"router-advertisement":       {"sent", rules.RouterMessages},
-		"spoof-source-mac":           {"sent", rules.PortSource},
-		"spoof-source-ip":            {"sent", rules.PortSource},
-		"arp-claim-victim":           {"sent", rules.PortSource},
+		"ndp-claim-victim":           {"sent", ""}, // blind: the records below
+		"router-advertisement":       {"sent", ""},
+		"spoof-source-mac":           {"sent", ""},
+		"spoof-source-ip":            {"sent", ""},
+		"arp-claim-victim":           {"sent", ""},
 		"oversize-frame":             {"sent", ""},
-		"dhcp-flood":                 {"sent", rules.DHCPSnooping},
+		"dhcp-flood":                 {"sent", ""},
 		"esp-garbage":                {"sent", ""},
 		"esp-replay":                 {"sent", ""},
-		"dhcp-for-victim":            {"sent", rules.DHCPSnooping},
-		"dhcp-for-victim-fragmented": {"sent", rules.DHCPSnooping},
+		"dhcp-for-victim":            {"sent", ""},
+		"dhcp-for-victim-fragmented": {"sent", ""},    // dropped by the IPsec gateway too: TestHostileGuestClear
 		"sniff":                      {"refused", ""}, // the captures below name the rule
 	}
-	assert.Check(t, is.Contains(bad.Console(), fmt.Sprintf("nbh-attack: done %d", len(want))))
-	for name, w := range want {
-		holds(t, w.rule, outcomes[name] == w.outcome, "attack %s: %q, want %q (%s)", name, outcomes[name], w.outcome, details[name])
-	}
+	details := attackTable(t, bad, want)
 
 	// The symlink swap ran (links renamed over the file), and the host
-	// file is as it was. Every SETATTR on the file's handle after the
-	// first swap was refused as stale: the handle names the file, not the
-	// name (one may meet the link in the instant of that first swap).
+	// file is as it was (SETATTR goes through the export's os.Root whatever
+	// the rules). Every SETATTR on the file's handle after the first swap
+	// was refused as stale: the handle names the file, not the name (one
+	// may meet the link in the instant of that first swap).
 	swap := regexp.MustCompile(`([0-9]+) swaps .*: ([0-9]+) done, ([0-9]+) refused \(([0-9]+) stale\)`).FindStringSubmatch(details["nfs-symlink-swap"])
 	if assert.Check(t, swap != nil, "nfs-symlink-swap: %q", details["nfs-symlink-swap"]) {
 		n := func(i int) int { x, _ := strconv.Atoi(swap[i]); return x }
@@ -152,8 +156,9 @@ func TestHostileGuest(t *testing.T) {
 	}
 	fi, err := os.Stat(hostFile)
 	assert.NilError(t, err)
-	holds(t, rules.NFSExport, fi.Mode().Perm() == 0o600, "the host file's mode changed to %v", fi.Mode().Perm())
-	// Nothing was made in the host folder through the attacker's links.
+	assert.Check(t, fi.Mode().Perm() == 0o600, "the host file's mode changed to %v", fi.Mode().Perm())
+	// Nothing was made in the host folder through the attacker's links
+	// (a CREATE that opens through them would).
 	entries, err := os.ReadDir(hostDir)
 	assert.NilError(t, err)
 	var names []string
@@ -199,14 +204,87 @@ func TestHostileGuest(t *testing.T) {
 	raw, err := os.ReadFile(filepath.Join(bad.Dir, "network.pcapng"))
 	assert.NilError(t, err)
 	assert.Check(t, !bytes.Contains(raw, secret), "the victim's CHAP secret crossed the attacker's port")
-	// No DHCP message in the victim's name from the attacker reached the
-	// DHCP server: whole or in fragments (their transaction IDs).
+	noDHCPForVictim(t, lab)
+	checkCaptures(t, bad, victim, secret, true)
+	// The server answered nothing of what the attacker sent in the
+	// victim's name: no TFTP answer to the request from the victim's
+	// address reached the victim, and nothing for the victim's address
+	// reached the attacker (after its ARP claims).
+	for _, f := range inbound(t, victim) {
+		if sport, dport, ok := udp4Ports(f); ok && sport == 69 && dport == 40001 {
+			holds(t, rules.PortSource, false, "the victim's port delivered TFTP's answer to a request the attacker sent from the victim's address")
+		}
+	}
+	for _, f := range inbound(t, bad) {
+		if len(f) >= 34 && f[12] == 0x08 && f[13] == 0x00 && net.IP(f[30:34]).Equal(net.ParseIP(victimIP)) {
+			holds(t, rules.PortSource, false, "the attacker's port delivered an IPv4 packet for the victim's address: % x", f[:34])
+			break
+		}
+	}
+}
+
+// attackTable reads the attacker's table from its console, after checking
+// that it started and finished, and checks each attack's outcome: a
+// wrong one names the attack's rule; one it could not make (ERROR, or
+// missing) is a failure of the test, naming no rule. It returns the
+// attacks' details.
+func attackTable(t *testing.T, bad *harness.Guest, want map[string]struct{ outcome, rule string }) map[string]string {
+	t.Helper()
+	outcomes, details := map[string]string{}, map[string]string{}
+	for _, m := range regexp.MustCompile(`nbh-attack: (\S+) (\S+) (.*)`).FindAllStringSubmatch(bad.Console(), -1) {
+		outcomes[m[1]], details[m[1]] = m[2], m[3]
+		t.Logf("%-28s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
+	}
+	assert.Assert(t, outcomes["setup"] == "", "the attacker could not start: %s", details["setup"])
+	assert.Assert(t, is.Contains(bad.Console(), fmt.Sprintf("nbh-attack: done %d", len(want))))
+	for name, w := range want {
+		switch got := outcomes[name]; got {
+		case "", "ERROR":
+			t.Errorf("attack %s could not be made: %q %s", name, got, details[name])
+		default:
+			holds(t, w.rule, got == w.outcome, "attack %s: %q, want %q (%s)", name, got, w.outcome, details[name])
+		}
+	}
+	return details
+}
+
+// noDHCPForVictim: no DHCP message in the victim's name from the attacker
+// reached the DHCP server, whole or in fragments (the server's own events,
+// by the attacker's transaction IDs).
+func noDHCPForVictim(t *testing.T, lab *harness.Lab) {
+	t.Helper()
 	for _, e := range lab.Timeline().Events("") {
 		if x, _ := e.Detail["xid"].(string); e.Source == "dhcp" && (x == "0x0badf00d" || x == "0x0badf00e") {
 			holds(t, rules.DHCPSnooping, false, "the attacker's DHCP in the victim's name reached the server: %s %s %s", e.Kind, x, e.Msg)
 		}
 	}
-	checkCaptures(t, bad, victim, secret, true)
+}
+
+// inbound is what g's port delivered to it, from its capture.
+func inbound(t *testing.T, g *harness.Guest) [][]byte {
+	t.Helper()
+	frames, err := netfab.ReadCapture(filepath.Join(g.Dir, "network.pcapng"))
+	assert.NilError(t, err)
+	var in [][]byte
+	for _, f := range frames {
+		if f.Inbound && len(f.Data) >= 14 {
+			in = append(in, f.Data)
+		}
+	}
+	return in
+}
+
+// udp4Ports are the ports of a frame carrying UDP over IPv4 (a first or
+// only fragment), read by the test itself.
+func udp4Ports(f []byte) (sport, dport uint16, ok bool) {
+	if len(f) < 34 || f[12] != 0x08 || f[13] != 0x00 || f[23] != 17 || (uint16(f[20])<<8|uint16(f[21]))&0x1fff != 0 {
+		return 0, 0, false
+	}
+	l4 := 14 + int(f[14]&0x0f)*4
+	if len(f) < l4+4 {
+		return 0, 0, false
+	}
+	return uint16(f[l4])<<8 | uint16(f[l4+1]), uint16(f[l4+2])<<8 | uint16(f[l4+3]), true
 }
 
 // checkCaptures reads both guests' captures, by the test's own parsing:
@@ -287,25 +365,30 @@ func TestHostileGuestClear(t *testing.T) {
 	victim.Close()
 	bad.Close()
 
-	outcomes, details := map[string]string{}, map[string]string{}
-	for _, m := range regexp.MustCompile(`nbh-attack: (\S+) (\S+) (.*)`).FindAllStringSubmatch(bad.Console(), -1) {
-		outcomes[m[1]], details[m[1]] = m[2], m[3]
-		t.Logf("%-28s %-8s %s", m[1], m[2], strings.TrimSpace(m[3]))
-	}
 	want := map[string]struct{ outcome, rule string }{
 		"victim-files-http":            {"refused", rules.PathOwner},
 		"victim-files-tftp":            {"refused", rules.PathOwner},
 		"iscsi-pending-writes":         {"refused", rules.ISCSIMemory},
 		"iscsi-connections":            {"refused", rules.ISCSIMemory},
-		"dhcpv6-for-victim":            {"sent", rules.DHCPv6Identity},
-		"dhcpv6-for-victim-fragmented": {"sent", rules.NDP},
-		"ndp-claim-victim":             {"sent", rules.NDP},
-		"router-advertisement":         {"sent", rules.RouterMessages},
+		"dhcp-for-victim":              {"sent", ""},
+		"dhcp-for-victim-fragmented":   {"sent", ""},
+		"dhcpv6-for-victim":            {"sent", ""},
+		"dhcpv6-for-victim-fragmented": {"sent", ""},
+		"ndp-claim-victim":             {"sent", ""},
+		"router-advertisement":         {"sent", ""},
 		"sniff":                        {"refused", ""},
 	}
-	assert.Check(t, is.Contains(bad.Console(), fmt.Sprintf("nbh-attack: done %d", len(want))))
-	for name, w := range want {
-		holds(t, w.rule, outcomes[name] == w.outcome, "attack %s: %q, want %q (%s)", name, outcomes[name], w.outcome, details[name])
+	details := attackTable(t, bad, want)
+	// The iSCSI bounds, as the attacker saw them: at most 16 writes (32
+	// MiB) waiting for their data, and at most 8 connections held.
+	if m := regexp.MustCompile(`: ([0-9]+) wait for their data, ([0-9]+) TASK SET FULL`).FindStringSubmatch(details["iscsi-pending-writes"]); assert.Check(t, m != nil, details["iscsi-pending-writes"]) {
+		waiting, _ := strconv.Atoi(m[1])
+		holds(t, rules.ISCSIMemory, waiting <= 16, "%d writes of 2 MiB wait for their data on one session", waiting)
+	}
+	if m := regexp.MustCompile(`([0-9]+) connections opened, ([0-9]+) closed`).FindStringSubmatch(details["iscsi-connections"]); assert.Check(t, m != nil, details["iscsi-connections"]) {
+		opened, _ := strconv.Atoi(m[1])
+		closed, _ := strconv.Atoi(m[2])
+		holds(t, rules.ISCSIMemory, opened-closed <= 8, "%d of %d iSCSI connections held open", opened-closed, opened)
 	}
 
 	// The lab's records.
@@ -331,12 +414,12 @@ func TestHostileGuestClear(t *testing.T) {
 		"the Solicit from a link-local address of no MAC was not refused: %v", refused)
 	holds(t, rules.PathOwner, strings.Contains(strings.Join(refused, "\n"), "which belongs to victim"), "no fetch of the victim's files recorded as refused")
 
-	// The test's own oracles. The victim sends no DHCPv6 (it boots over
-	// IPv4), so any DHCPv6 the server took as the victim's was the
-	// attacker's.
+	// The test's own oracles. No DHCP or DHCPv6 message of the attacker's
+	// (by its transaction IDs) was taken for the victim's by the server.
+	noDHCPForVictim(t, lab)
 	for _, e := range lab.Timeline().Events("") {
-		if e.Source == "dhcp" && e.MAC == victimMAC && (e.Detail["v6"] == true || strings.Contains(e.Msg, "DHCPv6")) {
-			holds(t, rules.DHCPv6Identity, false, "the server took a DHCPv6 message for the victim's: %s %s", e.Kind, e.Msg)
+		if x, _ := e.Detail["xid"].(string); e.Source == "dhcp" && e.MAC == victimMAC && (x == "0xbad6d0" || x == "0xbad6d1" || x == "0xbad6d2") {
+			holds(t, rules.DHCPv6Identity, false, "the server took the attacker's DHCPv6 %s for the victim's: %s %s", x, e.Kind, e.Msg)
 		}
 	}
 	// The victim's SAN CHAP secret, from the loader script its own port

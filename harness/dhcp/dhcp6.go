@@ -140,19 +140,20 @@ func (s *Server) handle6(conn net.PacketConn, peer net.Addr, d dhcpv6.DHCPv6) {
 	}
 	c := ClientOf6(peer, m)
 	if c.MAC == nil {
-		s.emit(timeline.Event{Kind: "refused", Addr: peer.String(), Msg: "DHCPv6 " + m.MessageType.String() + " from no known link-layer address"})
+		s.emit(timeline.Event{Kind: "refused", Addr: peer.String(), Msg: "DHCPv6 " + m.MessageType.String() + " from no known link-layer address",
+			Detail: map[string]any{"xid": m.TransactionID.String(), "v6": true}})
 		return
 	}
 	mac := c.MAC.String()
 	mt := m.MessageType
-	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String(), "v6": true}
+	detail := map[string]any{"xid": m.TransactionID.String(), "client": c.String(), "v6": true, "peer": peer.String()}
 	if s.ignored(c.MAC) {
 		detail["message"] = strings.ToLower(mt.String())
 		s.emit(timeline.Event{Kind: "ignored", MAC: mac, Msg: "no-dhcp fault: DHCPv6 " + mt.String(), Detail: detail})
 		return
 	}
 	if f := s.familyOf(c.MAC); f == V4 {
-		s.emit(timeline.Event{Kind: "unanswered", MAC: mac, Msg: "DHCPv6 " + mt.String() + " from a guest booting over IPv4"})
+		s.emit(timeline.Event{Kind: "unanswered", MAC: mac, Msg: "DHCPv6 " + mt.String() + " from a guest booting over IPv4", Detail: detail})
 		return
 	}
 	if _, ok := s.leaseOf(c.MAC); !ok {
