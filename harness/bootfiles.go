@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/efivars"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/secureboot"
+	"nbh.dev/nbh/harness/timeline"
 	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
@@ -173,27 +176,37 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 }
 
 // firmwareFiles fetches the chain's firmware images, and makes its
-// environment flash.
+// environment flash; with Secure Boot, the firmware that enforces it and
+// the guest's copy of its variables with the lab's keys enrolled.
 func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	var f qemu.Files
 	c, cache := g.chain, g.lab.cache
+	code, vars := c.Code, c.Vars
+	if c.SecureBoot {
+		code, vars = c.Secure.Code, c.Secure.Vars
+	}
 	var err error
 	switch {
 	case g.spec.FirmwareCode != "":
 		f.Code = g.spec.FirmwareCode
 	case g.spec.BIOS != "":
 		f.Code = g.spec.BIOS
-	case c.Code != (images.File{}):
-		if f.Code, err = cache.Path(ctx, c.Arch, c.Code); err != nil {
+	case code != (images.File{}):
+		if f.Code, err = cache.Path(ctx, c.Arch, code); err != nil {
 			return f, err
 		}
 	}
 	switch {
 	case g.spec.FirmwareVars != "":
 		f.Vars = g.spec.FirmwareVars
-	case c.Vars != (images.File{}):
-		if f.Vars, err = cache.Path(ctx, c.Arch, c.Vars); err != nil {
+	case vars != (images.File{}):
+		if f.Vars, err = cache.Path(ctx, c.Arch, vars); err != nil {
 			return f, err
+		}
+	}
+	if c.SecureBoot {
+		if f.Vars, err = g.secureBootVars(f.Vars); err != nil {
+			return f, fmt.Errorf("firmware variables: %w", err)
 		}
 	}
 	if c.vars6 != nil && g.spec.Family == dhcp.V6 {
@@ -207,6 +220,112 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 	return f, err
 }
 
+// secureBootVars writes the guest's copy of the Secure Boot firmware's
+// variables with what this boot adds to them: in db the lab's certificate
+// (when the lab signs the image the firmware starts) and the user's
+// (Spec.SecureBootCerts); in dbx, for dbx-revoked, the hash of the image
+// the firmware starts. With nothing to add, vars as they are.
+func (g *Guest) secureBootVars(vars string) (string, error) {
+	var db [][]byte
+	if g.chain.signsImage() {
+		key, err := g.lab.secureBootKey()
+		if err != nil {
+			return "", err
+		}
+		db = append(db, key.CertDER)
+	}
+	for _, p := range g.spec.SecureBootCerts {
+		certs, err := secureboot.ReadCerts(p)
+		if err != nil {
+			return "", fmt.Errorf("db certificate: %w", err)
+		}
+		db = append(db, certs...)
+	}
+	var dbx [][sha256.Size]byte
+	if g.plan.dbxRevoked {
+		img := g.firstImage()
+		b, err := os.ReadFile(img)
+		if err != nil {
+			return "", fmt.Errorf("dbx-revoked: %w", err)
+		}
+		h, err := secureboot.Hash(b)
+		if err != nil {
+			return "", fmt.Errorf("dbx-revoked: %s: %w", img, err)
+		}
+		dbx = append(dbx, h)
+		g.lab.tl.Emit(timeline.Event{Source: "lab", Kind: "fired", Guest: g.Name,
+			Msg:    fmt.Sprintf("dbx-revoked: %s's hash %x is in the firmware's dbx", filepath.Base(img), h),
+			Detail: map[string]any{"fault": "dbx-revoked", "sha256": fmt.Sprintf("%x", h)}})
+	}
+	if len(db) == 0 && len(dbx) == 0 {
+		return vars, nil
+	}
+	return editVars(vars, filepath.Join(g.private, "vars-secure.fd"), func(b []byte) error {
+		s, err := efivars.Open(b)
+		if err != nil {
+			return fmt.Errorf("%s: nbh cannot enroll keys in this variable store (%v); enroll them yourself, or leave --firmware-vars out", vars, err)
+		}
+		for _, der := range db {
+			if err := s.AppendSigList("db", efivars.X509List(labOwner, der)); err != nil {
+				return err
+			}
+		}
+		if len(dbx) > 0 {
+			return s.AppendSigList("dbx", efivars.SHA256List(labOwner, dbx...))
+		}
+		return nil
+	})
+}
+
+// labOwner is the owner GUID of the signatures nbh enrolls (any GUID the
+// firmware does not give a meaning to).
+var labOwner, _ = efivars.ParseGUID("6E624800-0000-4E42-4800-6E6268000001")
+
+// firstImage is the EFI image the guest's firmware starts: the Unified
+// Kernel Image, or the loader DHCP offers (shim, or the user's own).
+func (g *Guest) firstImage() string {
+	dir := filepath.Join(g.lab.srv, g.Name)
+	if g.chain.Stub.Path != "" {
+		return filepath.Join(dir, ukiName)
+	}
+	if n := g.loaderName(); n != "" {
+		return filepath.Join(dir, n)
+	}
+	for _, r := range g.chain.DHCP {
+		if r.Loader {
+			return filepath.Join(dir, strings.TrimPrefix(r.File, "{guest}/"))
+		}
+	}
+	return ""
+}
+
+// editVars writes a copy of the variables flash src to dst, edited by fn.
+// fn gets the head of the flash that can hold the variable store (AAVMF's
+// 64 MiB bank holds it in its first ArmVirtVolume bytes, written back over
+// a hole; OVMF's whole file is smaller).
+func editVars(src, dst string, fn func(b []byte) error) (string, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return "", err
+	}
+	b := make([]byte, min(fi.Size(), efivars.ArmVirtVolume))
+	if _, err := io.ReadFull(in, b); err != nil {
+		return "", fmt.Errorf("%s: %w", src, err)
+	}
+	if err := fn(b); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		return "", err
+	}
+	return dst, os.Truncate(dst, fi.Size())
+}
+
 // netBootV6First writes the guest's copy of AAVMF's (blank) variables with
 // its NIC's PXEv6 and HTTPv6 boot options first in the boot order, as a
 // user would set them in the firmware's boot manager: AAVMF, unlike OVMF,
@@ -214,45 +333,25 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 // minute first. PXEv6 before HTTPv6 for the reason in httpV6. The NIC is
 // the first PCI device nbh gives QEMU: Pci(0x1,0x0).
 func netBootV6First(g *Guest, vars string) (string, error) {
-	// Only the head of the 64 MiB bank holds variables (ArmVirtVolume); the
-	// rest is unused and written as a hole.
-	src, err := os.Open(vars)
-	if err != nil {
-		return "", err
-	}
-	defer src.Close()
-	fi, err := src.Stat()
-	if err != nil {
-		return "", err
-	}
-	b := make([]byte, efivars.ArmVirtVolume)
-	if _, err := io.ReadFull(src, b); err != nil {
-		return "", fmt.Errorf("%s: %w", vars, err)
-	}
-	if _, err := efivars.Open(b); err != nil {
-		if g.spec.FirmwareVars != "" {
-			// The user's store is theirs: nbh formats only Debian's blank one.
-			return "", fmt.Errorf("%s: nbh cannot add its IPv6 boot options to this variable store (%v); put UEFI PXEv6 and HTTPv6 first in its boot order yourself, or leave --firmware-vars out", vars, err)
+	return editVars(vars, filepath.Join(g.private, "vars-ipv6.fd"), func(b []byte) error {
+		if _, err := efivars.Open(b); err != nil {
+			if g.spec.FirmwareVars != "" {
+				// The user's store is theirs: nbh formats only Debian's blank one.
+				return fmt.Errorf("%s: nbh cannot add its IPv6 boot options to this variable store (%v); put UEFI PXEv6 and HTTPv6 first in its boot order yourself, or leave --firmware-vars out", vars, err)
+			}
+			if err := efivars.Format(b); err != nil {
+				return err
+			}
 		}
-		if err := efivars.Format(b); err != nil {
-			return "", err
+		s, err := efivars.Open(b)
+		if err != nil {
+			return err
 		}
-	}
-	s, err := efivars.Open(b)
-	if err != nil {
-		return "", err
-	}
-	nic := efivars.NICPath(1, g.MAC)
-	ipv6 := append(slices.Clip(nic), efivars.IPv6Node()...)
-	if err := s.SetBootOrder(
-		efivars.LoadOption(efivars.NetBootDescription("PXEv6", g.MAC), append(slices.Clip(ipv6), efivars.End()...)),
-		efivars.LoadOption(efivars.NetBootDescription("HTTPv6", g.MAC), append(append(slices.Clip(ipv6), efivars.URINode()...), efivars.End()...)),
-	); err != nil {
-		return "", err
-	}
-	path := filepath.Join(g.private, "vars-ipv6.fd")
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		return "", err
-	}
-	return path, os.Truncate(path, fi.Size())
+		nic := efivars.NICPath(1, g.MAC)
+		ipv6 := append(slices.Clip(nic), efivars.IPv6Node()...)
+		return s.SetBootOrder(
+			efivars.LoadOption(efivars.NetBootDescription("PXEv6", g.MAC), append(slices.Clip(ipv6), efivars.End()...)),
+			efivars.LoadOption(efivars.NetBootDescription("HTTPv6", g.MAC), append(append(slices.Clip(ipv6), efivars.URINode()...), efivars.End()...)),
+		)
+	})
 }

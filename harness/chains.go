@@ -66,6 +66,12 @@ type Chain struct {
 	NICs []string
 	// Cost is what a row of the chain takes, for the matrix's shards.
 	Cost Cost
+	// Secure is the chain's firmware with UEFI Secure Boot; nil for a
+	// chain that cannot boot with it.
+	Secure *SecureFirmware
+	// SecureBoot: this boot of the chain has Secure Boot on (the chain's
+	// default, or Spec.SecureBoot; WithSecureBoot).
+	SecureBoot bool
 
 	// loader writes what the chain's loader reads into the served root:
 	// dir is the guest's folder there, b what to boot.
@@ -77,6 +83,58 @@ type Chain struct {
 	// for a boot over IPv6 (from vars) and returns its path.
 	vars6 func(g *Guest, vars string) (string, error)
 }
+
+// SecureFirmware is a chain's firmware with UEFI Secure Boot: Microsoft's
+// keys enrolled (PK, KEK, db with Microsoft's UEFI CA, which signs shim),
+// so it starts only images signed by a key in db, and none whose hash or
+// signer is in dbx.
+type SecureFirmware struct {
+	Code, Vars images.File
+	// SMM: the variables are writable only from System Management Mode
+	// (OVMF's Secure Boot build): QEMU gives the machine SMM and the
+	// flash its secure property, or nothing could stop an OS from
+	// rewriting db.
+	SMM bool
+	// Default: the chain boots with Secure Boot unless Spec.SecureBoot is
+	// "off" (a shim chain); else only when it is "on".
+	Default bool
+	// Signs: the firmware starts an image the lab builds (a Unified
+	// Kernel Image), which the lab signs with its own key, enrolled in db.
+	Signs bool
+}
+
+// Spec.SecureBoot's values.
+const (
+	SecureBootOn  = "on"
+	SecureBootOff = "off"
+)
+
+// WithSecureBoot is the chain as a boot with Spec.SecureBoot want ("", on,
+// off) runs it: Secure Boot on or off, with the firmware that does it.
+func (c Chain) WithSecureBoot(want string) (Chain, error) {
+	switch want {
+	case "":
+		c.SecureBoot = c.Secure != nil && c.Secure.Default
+	case SecureBootOn:
+		if c.Secure == nil {
+			return c, fmt.Errorf("secure boot: %s cannot boot with UEFI Secure Boot; %s can", c.Name(), strings.Join(SecureBootChains(), ", "))
+		}
+		c.SecureBoot = true
+	case SecureBootOff:
+		c.SecureBoot = false
+	default:
+		return c, fmt.Errorf("secure boot %q: want on or off", want)
+	}
+	if c.SecureBoot && c.Secure.SMM {
+		c.Machine += ",smm=on"
+		c.SecureFlash = true
+	}
+	return c, nil
+}
+
+// signsImage: this boot's firmware verifies an image the lab signs (a
+// Unified Kernel Image under Secure Boot).
+func (c Chain) signsImage() bool { return c.SecureBoot && c.Secure.Signs }
 
 // The loader configurations a user's template can replace (Chain.LoaderConfig).
 const (
@@ -196,8 +254,17 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-http", Machine: "q35", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "OVMF's own UEFI HTTP boot: DHCP option 60 HTTPClient and a URL, one Unified Kernel Image (systemd stub, kernel, archive, command line) over HTTP, no loader"},
 		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true, Stub: images.StubX64(),
-		DHCP: []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64()), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
+		Secure: &SecureFirmware{Code: images.OVMFSecureCode(), Vars: images.OVMFVarsMS(), SMM: true, Signs: true},
+		DHCP:   []DHCPRule{httpBoot(archHTTPx64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubX64()), IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp,
 		Cost: Cost{Boot: 17, Loader: 9, NoDHCP: 18},
+	},
+	{
+		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-shim", Machine: "q35", Load: qemu.LoadPflash,
+			Description: "OVMF with Secure Boot (Microsoft's keys enrolled): PXE option 93 = 7 picks Debian's signed shim, which fetches Debian's signed GRUB netboot image beside it over TFTP; grub.cfg over TFTP, the kernel (verified through shim) and the archive (verified by nobody) over HTTP"},
+		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true,
+		Secure: &SecureFirmware{Code: images.OVMFSecureCode(), Vars: images.OVMFVarsMS(), SMM: true, Default: true},
+		DHCP:   []DHCPRule{pxeX64("{guest}/" + shimX64.shimName)}, loader: shimLoader(shimX64), LoaderConfig: ConfigGRUB,
+		Cost: Cost{Boot: 30, Loader: 12, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
@@ -227,11 +294,20 @@ var chainTable = []Chain{
 		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-http", Machine: "virt", Load: qemu.LoadPflash, FwCfg: noPXE,
 			Description: "AAVMF's own UEFI HTTP boot: as ovmf-http, on arm64"},
 		Code: images.AAVMFCode(), Vars: images.AAVMFVars(), UEFI: true, Stub: images.StubArm64(),
-		DHCP: []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64()),
+		Secure: &SecureFirmware{Code: images.AAVMFCode(), Vars: images.AAVMFVarsMS(), Signs: true},
+		DHCP:   []DHCPRule{httpBoot(archHTTPArm64, "http://{server}/{guest}/"+ukiName)}, loader: ukiLoader(images.StubArm64()),
 		// AAVMF has no switch to leave IPv4 out (IPv4Support is OVMF's
 		// alone): the boot order in its variables puts IPv6 first.
 		IPv6: true, FwCfg6: httpV6, Passes6: pxeV6GivesUp, vars6: netBootV6First,
 		Cost: Cost{Boot: 18, Loader: 10, NoDHCP: 18},
+	},
+	{
+		Profile: qemu.Profile{Arch: "arm64", Firmware: "aavmf-shim", Machine: "virt", Load: qemu.LoadPflash,
+			Description: "AAVMF with Secure Boot (Microsoft's keys enrolled): as ovmf-shim, on arm64"},
+		Code: images.AAVMFCode(), Vars: images.AAVMFVars(), UEFI: true,
+		Secure: &SecureFirmware{Code: images.AAVMFCode(), Vars: images.AAVMFVarsMS(), Default: true},
+		DHCP:   []DHCPRule{pxeArm64("{guest}/" + shimArm64.shimName)}, loader: shimLoader(shimArm64), LoaderConfig: ConfigGRUB,
+		Cost: Cost{Boot: 30, Loader: 14, NoDHCP: 18},
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
@@ -300,6 +376,9 @@ func UserNetChains() []string { return chainNames(func(c Chain) bool { return c.
 
 // IPv6Chains names the chains that can boot over IPv6 (Spec.Family).
 func IPv6Chains() []string { return chainNames(func(c Chain) bool { return c.IPv6 }) }
+
+// SecureBootChains names the chains that can boot with UEFI Secure Boot.
+func SecureBootChains() []string { return chainNames(func(c Chain) bool { return c.Secure != nil }) }
 
 // SANBootChains names the chains whose loader can SAN-boot (RootSANBoot).
 func SANBootChains() []string { return chainNames(func(c Chain) bool { return c.SANBoot }) }

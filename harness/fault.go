@@ -28,6 +28,18 @@ type Fault struct {
 	// at are the stages a boot with the fault fails at (where the failure
 	// shows), for a chain; nil for a fault the boot absorbs.
 	at func(Chain) []timeline.Stage
+	// expect, when set, is Expect for a chain as it boots (Secure Boot on
+	// or off changes what some faults end in).
+	expect func(Chain) failure.Reason
+}
+
+// ExpectOn is the reason a boot of chain c (as WithSecureBoot made it) with
+// the fault must end in; failure.None: it must reach its marker.
+func (f Fault) ExpectOn(c Chain) failure.Reason {
+	if f.expect != nil {
+		return f.expect(c)
+	}
+	return f.Expect
 }
 
 // Stages are the stages at which a boot of chain c with the fault must end
@@ -77,6 +89,11 @@ type plan struct {
 	sign          bool // the loader verifies signatures (Spec.Signed)
 	tamper        bool // the signed archive changes after signing
 
+	// Secure Boot.
+	unsignedLoader bool // GRUB without its signature, beside shim
+	unsignedKernel bool // the kernel without its signature
+	dbxRevoked     bool // the image the firmware starts is in dbx
+
 	// ESP (an IPsec-required network).
 	espNoKeys   bool // the archive carries no keys
 	espWrongKey bool // the archive's keys differ from the lab's
@@ -99,8 +116,36 @@ func iscsiRoot(_ Chain, root string) bool { return root == RootISCSI }
 
 func sanBoot(_ Chain, root string) bool { return root == RootSANBoot }
 
-// canVerify: the chains whose loader checks signatures of what it loads.
-func canVerify(c Chain, _ string) bool { return c.Verifies }
+// canVerify: the chains whose loader checks signatures of what it loads, or
+// whose firmware verifies the image that carries the archive (a signed
+// Unified Kernel Image under Secure Boot).
+func canVerify(c Chain, _ string) bool { return c.Verifies || c.signsImage() }
+
+// shimChain: the chains that boot through shim and GRUB (Secure Boot on or
+// off: off, nothing is verified and the boot passes).
+func shimChain(c Chain, root string) bool {
+	return c.Secure != nil && !c.Secure.Signs && fetched(c, root)
+}
+
+// secureBootOn: a boot with Secure Boot on.
+func secureBootOn(c Chain, root string) bool { return c.SecureBoot && fetched(c, root) }
+
+// refusedUnderSecureBoot is a Secure Boot fault's outcome: the loader
+// stage's "secure boot violation" with Secure Boot on; with it off nothing
+// checks and the boot reaches its marker.
+func refusedUnderSecureBoot(c Chain) failure.Reason {
+	if c.SecureBoot {
+		return failure.SecureBoot
+	}
+	return failure.None
+}
+
+func atLoaderUnderSecureBoot(c Chain) []timeline.Stage {
+	if c.SecureBoot {
+		return []timeline.Stage{timeline.Loader}
+	}
+	return nil
+}
 
 // loaderHasNFS: the chains whose loader can read files over NFS (iPXE,
 // U-Boot; not GRUB), with an NFS root to read them from.
@@ -182,8 +227,19 @@ var faults = map[string]Fault{
 	},
 	"corrupt-archive": {
 		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: fetched,
-		Help:  "one bit of the archive flips in transit; the kernel's unpacker finds it",
-		at:    stage(timeline.Kernel, timeline.Init),
+		Help: "one bit of the archive flips in transit; the kernel's unpacker finds it (in a signed Unified Kernel Image under Secure Boot, the firmware: secure boot violation at the loader)",
+		at: func(c Chain) []timeline.Stage {
+			if c.signsImage() {
+				return []timeline.Stage{timeline.Loader}
+			}
+			return []timeline.Stage{timeline.Kernel, timeline.Init}
+		},
+		expect: func(c Chain) failure.Reason {
+			if c.signsImage() {
+				return failure.SecureBoot
+			}
+			return failure.CorruptArchive
+		},
 		apply: func(p *plan) { p.corrupt = true },
 	},
 	"archive-swap": {
@@ -193,9 +249,35 @@ var faults = map[string]Fault{
 	},
 	"tampered-archive": {
 		Name: "tampered-archive", Where: "archive", Expect: failure.BadSignature, Applies: canVerify,
-		Help:  "the loader verifies signatures (as --signed) and the archive changes after the harness signed it",
-		at:    stage(timeline.Loader),
+		Help: "the archive changes after the harness signed it: GRUB verifies it (aavmf-grub, as --signed), or the firmware the signed Unified Kernel Image that carries it (ovmf-http and aavmf-http with --secure-boot: secure boot violation)",
+		at:   stage(timeline.Loader),
+		expect: func(c Chain) failure.Reason {
+			if c.signsImage() {
+				return failure.SecureBoot
+			}
+			return failure.BadSignature
+		},
 		apply: func(p *plan) { p.sign, p.tamper = true, true },
+	},
+	"unsigned-loader": {
+		Name: "unsigned-loader", Where: "loader", Expect: failure.SecureBoot, Applies: shimChain,
+		Help:   "GRUB beside shim is not signed for it (Debian's image with its signature taken off, as a rebuilt GRUB): shim refuses it under Secure Boot; with --secure-boot off the boot passes",
+		at:     atLoaderUnderSecureBoot,
+		expect: refusedUnderSecureBoot,
+		apply:  func(p *plan) { p.unsignedLoader = true },
+	},
+	"unsigned-kernel": {
+		Name: "unsigned-kernel", Where: "loader", Expect: failure.SecureBoot, Applies: shimChain,
+		Help:   "the kernel is not signed by a key shim trusts (Debian's kernel with its signature taken off, as a self-built one): GRUB, asking shim, refuses it under Secure Boot; with --secure-boot off the same kernel boots",
+		at:     atLoaderUnderSecureBoot,
+		expect: refusedUnderSecureBoot,
+		apply:  func(p *plan) { p.unsignedKernel = true },
+	},
+	"dbx-revoked": {
+		Name: "dbx-revoked", Where: "firmware", Expect: failure.SecureBoot, Applies: secureBootOn,
+		Help:  "the hash of the image the firmware starts (shim, or the signed Unified Kernel Image) is in the firmware's dbx, as a revocation update puts it there: the firmware refuses it",
+		at:    stage(timeline.Loader),
+		apply: func(p *plan) { p.dbxRevoked = true },
 	},
 	"ipsec-no-keys": {
 		Name: "ipsec-no-keys", Where: "archive", Expect: failure.ESPRequired, Applies: anyRoot, IPsec: true,

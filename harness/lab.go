@@ -28,6 +28,7 @@ import (
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/nfs"
+	"nbh.dev/nbh/harness/secureboot"
 	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/harness/tftp"
 	"nbh.dev/nbh/harness/timeline"
@@ -109,6 +110,9 @@ type Lab struct {
 	keyOnce sync.Once
 	key     *sign.Key // the lab's signing key, made on first use
 	keyErr  error
+	sbOnce  sync.Once
+	sbKey   *secureboot.Key // the lab's Secure Boot key, made on first use
+	sbErr   error
 
 	mu     sync.Mutex
 	guests map[string]*Guest // by MAC
@@ -234,12 +238,12 @@ func New(opts Options) (l *Lab, err error) {
 // tree, which the reference init asks for files its archive lacks.
 func (l *Lab) open(name, addr string) (*bootfile.File, error) {
 	name = canonical(name)
-	if name == ubootScriptName && rules.On(rules.OwnBootScript) {
-		// U-Boot asks for its script by this one name: each guest
-		// gets its own.
+	if own, ok := ownNames[name]; ok && rules.On(rules.OwnBootScript) {
+		// U-Boot asks for its script, Debian's signed GRUB for its
+		// config, by one name whoever asks: each guest gets its own.
 		if g := l.guestAt(addr); g != nil {
-			if _, err := os.Stat(filepath.Join(l.srv, g.Name, ubootScriptName)); err == nil {
-				name = g.Name + "/" + ubootScriptName
+			if _, err := os.Stat(filepath.Join(l.srv, g.Name, own)); err == nil {
+				name = g.Name + "/" + own
 			}
 		}
 	}
@@ -359,6 +363,16 @@ func (l *Lab) signingKey(ctx context.Context) (*sign.Key, error) {
 		}
 	})
 	return l.key, l.keyErr
+}
+
+// secureBootKey is the lab's Secure Boot signing key (made on first use in
+// the lab's private folder, removed with it), whose certificate the
+// guests' firmware variables enroll in db.
+func (l *Lab) secureBootKey() (*secureboot.Key, error) {
+	l.sbOnce.Do(func() {
+		l.sbKey, l.sbErr = secureboot.NewKey(filepath.Join(l.work, "secureboot"), "nbh lab Secure Boot key")
+	})
+	return l.sbKey, l.sbErr
 }
 
 // Options are the lab's options as New completed them: with the Seed it

@@ -10,6 +10,7 @@ import (
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/sandisk"
+	"nbh.dev/nbh/harness/secureboot"
 	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
@@ -131,6 +132,16 @@ func ubootLoader(_ context.Context, g *Guest, dir string, b bootcfg.Boot, p plan
 // ubootScriptName is the boot script U-Boot's distro boot asks for.
 const ubootScriptName = "boot.scr.uimg"
 
+// ownNames are the names loaders ask for whoever runs them, each with the
+// file in the asking guest's folder Lab.open serves by it.
+var ownNames = func() map[string]string {
+	m := map[string]string{ubootScriptName: ubootScriptName}
+	for _, n := range grubCfgNames {
+		m[n] = "grub/grub.cfg"
+	}
+	return m
+}()
+
 // grubLoader writes grub.cfg and builds the guest's GRUB netboot image,
 // signing what GRUB loads when the boot verifies signatures.
 func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
@@ -172,6 +183,88 @@ func grubLoader(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p pla
 	return bootcfg.GRUBImage(ctx, mods, "(tftp)/"+g.Name+"/grub", filepath.Join(dir, "grubnetaa64.efi"), pubkey)
 }
 
+// shimBoot is what a shim chain serves for an architecture: Debian's
+// signed shim and GRUB netboot image, and the names shim and GRUB ask for.
+type shimBoot struct {
+	shim, grub images.File
+	// shimName is shim's name in the guest's folder (what DHCP offers);
+	// grubName what shim fetches from the folder it came from.
+	shimName, grubName string
+	// platform is GRUB's folder for the architecture's modules: the signed
+	// image's built-in config reads $prefix/PLATFORM/grub.cfg, else
+	// $prefix/grub.cfg (its prefix is /grub on the server it came from).
+	platform string
+}
+
+var (
+	shimX64   = shimBoot{images.ShimX64(), images.GRUBNetX64(), "shimx64.efi", "grubx64.efi", "x86_64-efi"}
+	shimArm64 = shimBoot{images.ShimArm64(), images.GRUBNetArm64(), "shimaa64.efi", "grubaa64.efi", "arm64-efi"}
+)
+
+// grubCfgNames are the names Debian's signed GRUB netboot image asks for
+// its configuration by, whoever runs it: Lab.open gives each guest its own
+// GUEST/grub/grub.cfg by them (as U-Boot's script).
+var grubCfgNames = []string{"grub/grub.cfg", "grub/" + shimX64.platform + "/grub.cfg", "grub/" + shimArm64.platform + "/grub.cfg"}
+
+// shimLoader serves the Secure Boot chain: Debian's shim (signed by
+// Microsoft, unless the user brings their own loader), Debian's GRUB
+// netboot image beside it (signed by Debian; its signature taken off for
+// unsigned-loader), the guest's grub.cfg where that image looks for it,
+// and the kernel with its signature taken off for unsigned-kernel. Nothing
+// verifies the archive: GRUB asks shim to verify the kernel only.
+func shimLoader(sb shimBoot) func(context.Context, *Guest, string, bootcfg.Boot, plan) error {
+	return func(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
+		b.TFTP = true
+		text, err := g.loaderConfig(ConfigGRUB, bootcfg.GRUBDefault(), b)
+		if err != nil {
+			return err
+		}
+		if err := writeFile(filepath.Join(dir, "grub", "grub.cfg"), text); err != nil {
+			return err
+		}
+		arch := g.Profile.Arch
+		if g.spec.Loader == "" {
+			shim, err := g.lab.cache.Path(ctx, arch, sb.shim)
+			if err != nil {
+				return err
+			}
+			if err := place(shim, filepath.Join(dir, sb.shimName)); err != nil {
+				return err
+			}
+		}
+		grub, err := g.lab.cache.Path(ctx, arch, sb.grub)
+		if err != nil {
+			return err
+		}
+		if p.unsignedLoader {
+			err = stripSignature(grub, filepath.Join(dir, sb.grubName))
+		} else {
+			err = place(grub, filepath.Join(dir, sb.grubName))
+		}
+		if err != nil {
+			return err
+		}
+		if kernel := filepath.Join(dir, "vmlinuz"); p.unsignedKernel && !p.noKernel {
+			return stripSignature(kernel, kernel)
+		}
+		return nil
+	}
+}
+
+// stripSignature writes the EFI image src without its signatures to dst
+// (a new file: src may be a link into the image cache).
+func stripSignature(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	bare, err := secureboot.Strip(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", src, err)
+	}
+	return fsutil.WriteAtomic(dst, bare)
+}
+
 // ukiName is a guest's Unified Kernel Image in its folder on the boot
 // server: the URL UEFI HTTP boot is given.
 const ukiName = "boot.efi"
@@ -208,7 +301,20 @@ func (g *Guest) buildUKI(ctx context.Context, stub images.File, kernel, initrd, 
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return uki.Layout{}, err
 	}
-	at, err := uki.Build(out, head, []uki.Section{
+	// Under Secure Boot the image is built in the guest's private folder
+	// and signed into place: the served name only ever holds a signed
+	// image, whole (each step renames its file into place).
+	built := out
+	if g.chain.signsImage() {
+		tmp, err := os.CreateTemp(g.private, "uki-*.efi")
+		if err != nil {
+			return uki.Layout{}, err
+		}
+		tmp.Close()
+		defer os.Remove(tmp.Name())
+		built = tmp.Name()
+	}
+	at, err := uki.Build(built, head, []uki.Section{
 		{Name: ".osrel", Data: []byte(osRelease)},
 		{Name: ".cmdline", Data: []byte(g.cmdline())},
 		{Name: ".linux", File: kernel},
@@ -216,6 +322,15 @@ func (g *Guest) buildUKI(ctx context.Context, stub images.File, kernel, initrd, 
 	})
 	if err != nil {
 		return uki.Layout{}, err
+	}
+	if built != out {
+		key, err := g.lab.secureBootKey()
+		if err != nil {
+			return uki.Layout{}, err
+		}
+		if err := key.Sign(ctx, built, out); err != nil {
+			return uki.Layout{}, err
+		}
 	}
 	return at[".initrd"], nil
 }

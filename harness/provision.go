@@ -48,6 +48,12 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("spec: %w", err)
 	}
+	if chain, err = chain.WithSecureBoot(spec.SecureBoot); err != nil {
+		return nil, fmt.Errorf("spec: %w", err)
+	}
+	if len(spec.SecureBootCerts) > 0 && !chain.SecureBoot {
+		return nil, fmt.Errorf("spec: db certificates (--db-cert) are for a boot with Secure Boot on (--secure-boot; %s)", strings.Join(SecureBootChains(), ", "))
+	}
 	if spec.UserNet {
 		switch {
 		case chain.UserNet == "":
@@ -65,7 +71,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, fmt.Errorf("spec: %w", err)
 		}
 		if f.Applies != nil && !f.Applies(chain, spec.Root) {
-			return nil, fmt.Errorf("fault %s does not apply to %s", f.Name, chain.Name())
+			return nil, fmt.Errorf("fault %s does not apply to %s%s (it is: %s)", f.Name, chain.Name(), secureBootWords(chain), f.Help)
 		}
 		if f.IPsec && l.esp == nil {
 			return nil, fmt.Errorf("fault %s needs a network that requires IPsec (--ipsec required)", f.Name)
@@ -88,8 +94,12 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if spec.Signed {
 		p.sign = true
 	}
-	if p.sign && !chain.Verifies {
-		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures; only %s can", chain.Name(), strings.Join(VerifyingChains(), ", "))
+	if p.sign && !chain.Verifies && !chain.signsImage() {
+		why := ""
+		if chain.Secure != nil && chain.Secure.Signs {
+			why = " (its firmware verifies the signed image with --secure-boot)"
+		}
+		return nil, fmt.Errorf("signed boot: %s's loader cannot verify signatures%s; only %s can", chain.Name(), why, strings.Join(VerifyingChains(), ", "))
 	}
 	switch spec.Family {
 	case "":
@@ -340,6 +350,18 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		return nil, err
 	}
 	return g, nil
+}
+
+// secureBootWords names a boot's Secure Boot for messages, where the chain
+// has it.
+func secureBootWords(c Chain) string {
+	switch {
+	case c.Secure == nil:
+		return ""
+	case c.SecureBoot:
+		return " with Secure Boot on"
+	}
+	return " with Secure Boot off"
 }
 
 // noLoaderWhy says why a chain has no loader configuration.

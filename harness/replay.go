@@ -47,7 +47,7 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 			Arch: s.Arch, Firmware: s.Firmware, Name: s.Name, MAC: s.MAC, IP: s.IP, Family: s.Family, NIC: s.NIC, Root: s.Root, CHAP: s.CHAP,
 			RootDir: s.RootDir, RootImage: s.RootImage, RootWritable: s.RootWritable, ArchiveFromRoot: s.ArchiveFromRoot,
 			Append: s.Append, NoArchiveRefresh: s.NoArchiveRefresh, OnStale: s.OnStale, Compression: s.Compression,
-			Signed: s.Signed, KeepPrompts: s.KeepPrompts, Expect: s.Expect, Memory: s.Memory,
+			Signed: s.Signed, SecureBoot: s.SecureBoot, KeepPrompts: s.KeepPrompts, Expect: s.Expect, Memory: s.Memory,
 			Timeout: s.Timeout.Seconds(),
 		},
 	}
@@ -94,6 +94,9 @@ func (g *Guest) WriteBundle(dir string, v Verdict) error {
 		{s.BIOS, &b.Spec.BIOS, "bios"}, {s.NICROM, &b.Spec.NICROM, "nic-rom"},
 	} {
 		*f.dst = keep(f.src, f.name)
+	}
+	for i, c := range s.SecureBootCerts {
+		b.Spec.SecureBootCerts = append(b.Spec.SecureBootCerts, keep(c, fmt.Sprintf("db-cert-%d", i+1)))
 	}
 	keepAll := func(m map[string]string, folder string) map[string]string {
 		if len(m) == 0 {
@@ -228,7 +231,7 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 	s := Spec{Arch: bs.Arch, Firmware: bs.Firmware, Name: bs.Name, MAC: bs.MAC, IP: bs.IP, Family: bs.Family, NIC: bs.NIC, Root: bs.Root, CHAP: bs.CHAP,
 		RootDir: bs.RootDir, RootImage: bs.RootImage, ArchiveFromRoot: bs.ArchiveFromRoot,
 		Append: bs.Append, NoArchiveRefresh: bs.NoArchiveRefresh, OnStale: bs.OnStale, Compression: bs.Compression,
-		Signed: bs.Signed, KeepPrompts: bs.KeepPrompts, Expect: bs.Expect, Memory: bs.Memory,
+		Signed: bs.Signed, SecureBoot: bs.SecureBoot, KeepPrompts: bs.KeepPrompts, Expect: bs.Expect, Memory: bs.Memory,
 		Timeout: time.Duration(bs.Timeout * float64(time.Second))}
 	var err error
 	if s.Kernel, err = b.Path(bs.Kernel); err != nil {
@@ -245,6 +248,13 @@ func FromBundle(b *bundle.Bundle) (Options, Spec, error) {
 		if *f.dst, err = b.Path(f.rel); err != nil {
 			return Options{}, Spec{}, err
 		}
+	}
+	for _, rel := range bs.SecureBootCerts {
+		p, err := b.Path(rel)
+		if err != nil {
+			return Options{}, Spec{}, err
+		}
+		s.SecureBootCerts = append(s.SecureBootCerts, p)
 	}
 	if bs.RootWritable {
 		// A bundle is untrusted: it never makes nbh serve a host path for a

@@ -7,6 +7,7 @@ import (
 	mathrand "math/rand/v2"
 	"net"
 	"path/filepath"
+	"slices"
 )
 
 // guestRand is the source of a guest's random choices (ESP SPIs and keys,
@@ -46,6 +47,12 @@ func absPaths(spec *Spec) error {
 	for _, p := range []*string{&spec.Kernel, &spec.Initrd, &spec.Artifacts, &spec.LoaderConfig, &spec.Loader,
 		&spec.FirmwareCode, &spec.FirmwareVars, &spec.BIOS, &spec.NICROM, &spec.RootDir, &spec.RootImage} {
 		if err := abs(p); err != nil {
+			return err
+		}
+	}
+	spec.SecureBootCerts = slices.Clone(spec.SecureBootCerts)
+	for i := range spec.SecureBootCerts {
+		if err := abs(&spec.SecureBootCerts[i]); err != nil {
 			return err
 		}
 	}

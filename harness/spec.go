@@ -103,6 +103,16 @@ type Spec struct {
 	// builds the key into the loader, which refuses anything unsigned or
 	// changed. Only GRUB (aavmf-grub) can; see README.
 	Signed bool
+	// SecureBoot turns UEFI Secure Boot on ("on") or off ("off") in the
+	// chain's firmware; "" is the chain's default: on for the shim chains
+	// (ovmf-shim, aavmf-shim), off for the others. On ovmf-http and
+	// aavmf-http the lab signs the Unified Kernel Image with a key of its
+	// own, enrolled in the firmware's db (SecureBootChains).
+	SecureBoot string
+	// SecureBootCerts are certificate files (PEM or DER) added to the
+	// firmware's db with Secure Boot on: the keys the user's own signed
+	// loader or image was signed with.
+	SecureBootCerts []string
 
 	Faults []Fault
 	// AnyLoader makes the boot server ready for any firmware of the arch:

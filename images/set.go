@@ -70,6 +70,18 @@ func StubX64() File   { return fileStubX64 }
 func StubArm64() File { return fileStubArm64 }
 func IPXEArm64() File { return fileIPXEArm64 }
 
+// Secure Boot: the firmware that enforces it with Microsoft's keys
+// enrolled (on amd64 a build that keeps its variables in SMM; AAVMF
+// enforces through its variables alone, with the same code), Debian's
+// shim signed by Microsoft and GRUB's netboot image signed by Debian.
+func OVMFSecureCode() File { return fileOVMFSecureCode }
+func OVMFVarsMS() File     { return fileOVMFVarsMS }
+func AAVMFVarsMS() File    { return fileAAVMFVarsMS }
+func ShimX64() File        { return fileShimX64 }
+func ShimArm64() File      { return fileShimArm64 }
+func GRUBNetX64() File     { return fileGRUBNetX64 }
+func GRUBNetArm64() File   { return fileGRUBNetArm64 }
+
 // Files the boot chains use. Architecture-independent packages ("all") are
 // fetched through the index of the guest architecture that needs them. The
 // NIC's iPXE option ROM is not among them: QEMU patches PCI IDs only into
@@ -93,6 +105,14 @@ var (
 	// Debian 12 has no arm64 iPXE; Debian 13's ipxe (architecture all)
 	// ships one.
 	fileIPXEArm64 = File{Package: "ipxe", Path: "usr/lib/ipxe/ipxe-arm64.efi", Suite: "trixie"}
+
+	fileOVMFSecureCode = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.secboot.fd"}
+	fileOVMFVarsMS     = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.ms.fd"}
+	fileAAVMFVarsMS    = File{Package: "qemu-efi-aarch64", Path: "usr/share/AAVMF/AAVMF_VARS.ms.fd"}
+	fileShimX64        = File{Package: "shim-signed", Path: "usr/lib/shim/shimx64.efi.signed"}
+	fileShimArm64      = File{Package: "shim-signed", Path: "usr/lib/shim/shimaa64.efi.signed"}
+	fileGRUBNetX64     = File{Package: "grub-efi-amd64-signed", Path: "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"}
+	fileGRUBNetArm64   = File{Package: "grub-efi-arm64-signed", Path: "usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
@@ -120,8 +140,8 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64": {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64},
-	"arm64": {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64},
+	"amd64": {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
+	"arm64": {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64, fileAAVMFVarsMS, fileShimArm64, fileGRUBNetArm64},
 }
 
 // FetchAll fetches everything guests of arch may boot.

@@ -12,6 +12,7 @@ import (
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/harness/secureboot"
 	"nbh.dev/nbh/images"
 )
 
@@ -27,6 +28,26 @@ type labFlags struct {
 	sanboot                            *bool
 	mtu                                *int
 	faults                             multiFlag
+	secureBoot                         secureBootFlag
+	dbCerts                            multiFlag
+}
+
+// secureBootFlag is --secure-boot: on by itself, or =on, =off; unset, the
+// chain's default.
+type secureBootFlag string
+
+func (s *secureBootFlag) String() string   { return string(*s) }
+func (s *secureBootFlag) IsBoolFlag() bool { return true }
+func (s *secureBootFlag) Set(v string) error {
+	switch v {
+	case "true", "on", "1":
+		*s = harness.SecureBootOn
+	case "false", "off", "0":
+		*s = harness.SecureBootOff
+	default:
+		return fmt.Errorf("want on or off")
+	}
+	return nil
 }
 
 func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
@@ -53,7 +74,21 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		cache:        fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
 	}
 	fs.Var(&f.faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
+	fs.Var(&f.secureBoot, "secure-boot", "UEFI Secure Boot: --secure-boot (on) or --secure-boot=off; default on for "+strings.Join(secureByDefault(), " and ")+", off for the others; on for ovmf-http and aavmf-http the lab signs the Unified Kernel Image with a key of its own and enrolls its certificate in the firmware's db (chains: "+strings.Join(harness.SecureBootChains(), ", ")+")")
+	fs.Var(&f.dbCerts, "db-cert", "with Secure Boot on: a certificate (PEM or DER file; repeatable) added to the firmware's db, for a loader or image of yours signed with your own key")
 	return f
+}
+
+// secureByDefault names the chains that boot with Secure Boot unless told
+// otherwise.
+func secureByDefault() []string {
+	var out []string
+	for _, c := range harness.AllChains() {
+		if c.Secure != nil && c.Secure.Default {
+			out = append(out, c.Firmware)
+		}
+	}
+	return out
 }
 
 // resolve checks the flags and returns the chain, the lab's options and a
@@ -67,9 +102,21 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 	if err != nil {
 		return prof, harness.Options{}, harness.Spec{}, err
 	}
+	if prof, err = prof.WithSecureBoot(string(f.secureBoot)); err != nil {
+		return prof, harness.Options{}, harness.Spec{}, fmt.Errorf("--%v", err)
+	}
 	spec := harness.Spec{Arch: *f.arch, Firmware: *f.firmware, Family: *f.family, NIC: *f.nic,
 		RootDir: *f.rootDir, RootImage: *f.rootImage, RootWritable: *f.rootWritable,
-		LoaderConfig: *f.loaderConfig, Loader: *f.loader, FirmwareCode: *f.fwCode, FirmwareVars: *f.fwVars, BIOS: *f.bios, NICROM: *f.nicROM}
+		LoaderConfig: *f.loaderConfig, Loader: *f.loader, FirmwareCode: *f.fwCode, FirmwareVars: *f.fwVars, BIOS: *f.bios, NICROM: *f.nicROM,
+		SecureBoot: string(f.secureBoot), SecureBootCerts: f.dbCerts}
+	if len(f.dbCerts) > 0 && !prof.SecureBoot {
+		return prof, harness.Options{}, spec, fmt.Errorf("--db-cert: Secure Boot is off on %s (--secure-boot turns it on)", prof.Name())
+	}
+	for _, c := range f.dbCerts {
+		if _, err := secureboot.ReadCerts(c); err != nil {
+			return prof, harness.Options{}, spec, fmt.Errorf("--db-cert: %v", err)
+		}
+	}
 	switch *f.root {
 	case "none":
 	case harness.RootNFS, harness.RootISCSI, harness.RootSANBoot:
@@ -139,7 +186,11 @@ func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, erro
 			return prof, opts, spec, err
 		}
 		if ft.Applies != nil && !ft.Applies(prof, spec.Root) {
-			return prof, opts, spec, fmt.Errorf("fault %s does not apply to %s with --root %s", name, prof.Name(), *f.root)
+			sb := ""
+			if prof.Secure != nil {
+				sb = " and --secure-boot=" + map[bool]string{true: "on", false: "off"}[prof.SecureBoot]
+			}
+			return prof, opts, spec, fmt.Errorf("fault %s does not apply to %s with --root %s%s (it is: %s)", name, prof.Name(), *f.root, sb, ft.Help)
 		}
 		if ft.IPsec && opts.IPsec == nil {
 			return prof, opts, spec, fmt.Errorf("fault %s needs --ipsec required", name)

@@ -32,8 +32,10 @@ type Boot struct {
 	// export of the server (the root file system itself) instead of over
 	// HTTP or TFTP: iPXE with nfs:// URLs, U-Boot with its nfs command.
 	NFS string
-	// TFTP makes iPXE fetch kernel and archive over TFTP (a network with
-	// no HTTP server: QEMU's user-mode network).
+	// TFTP makes the loader fetch kernel and archive over TFTP: iPXE on a
+	// network with no HTTP server (QEMU's user-mode network), Debian's
+	// signed GRUB netboot image (it has no HTTP built in, and loads no
+	// module under Secure Boot).
 	TFTP bool
 	// SAN, if set, makes iPXE boot from an iSCSI disk instead of kernel
 	// and archive (the iPXE script only).
@@ -121,9 +123,9 @@ label nbh
 const GRUBTemplate = `set timeout=0
 echo "nbh: grub.cfg"
 echo "nbh: loading kernel"
-linux (http,{{.Server}})/{{.Kernel}} {{.Cmdline}}
+linux ({{if .TFTP}}tftp{{else}}http{{end}},{{.Server}})/{{.Kernel}} {{.Cmdline}}
 echo "nbh: loading archive"
-initrd (http,{{.Server}})/{{.Initrd}}
+initrd ({{if .TFTP}}tftp{{else}}http{{end}},{{.Server}})/{{.Initrd}}
 echo "nbh: booting kernel"
 boot
 echo "nbh: GRUB boot failed"

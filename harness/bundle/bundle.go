@@ -136,6 +136,8 @@ type Spec struct {
 	OnStale          string             `json:"on_stale,omitempty"`
 	Compression      string             `json:"compression,omitempty"`
 	Signed           bool               `json:"signed,omitempty"`
+	SecureBoot       string             `json:"secure_boot,omitempty"`
+	SecureBootCerts  []string           `json:"secure_boot_certs,omitempty"` // bundle-relative
 	Faults           []string           `json:"faults,omitempty"`
 	KeepPrompts      bool               `json:"keep_prompts,omitempty"`
 	Steps            []string           `json:"expect_steps,omitempty"`

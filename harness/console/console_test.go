@@ -55,6 +55,12 @@ func TestClassify(t *testing.T) {
 		{"[  190.1] dracut Warning: Could not boot.", timeline.Init, nil, failure.RootMount},
 		{"Warning: /dev/sda does not exist", timeline.Init, nil, failure.RootMount},
 		{"Entering emergency mode. Exit the shell to continue.", timeline.Init, nil, failure.InitFailed},
+		// Secure Boot's refusals, as OVMF with Debian's shim 16.1 and GRUB
+		// 2.06 printed them (shim's dialog box as the console cleans it).
+		{"error: bad shim signature.", timeline.Loader, nil, failure.SecureBoot},
+		{"\u00da\u00c4\u00c4\u00c4\u00bf                                    ERROR                                     \u00b3                Verification failed: (0x1A) Security Violation                \u00b3 OK", timeline.Loader, nil, failure.SecureBoot},
+		{`BdsDxe: failed to load Boot0001 "UEFI PXEv4 (MAC:525400123456)" from PciRoot(0x0)/Pci(0x1,0x0)/MAC(525400123456,0x1)/IPv4(0.0.0.0,0x0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0): Access Denied`, timeline.Loader, nil, failure.SecureBoot},
+		{`BdsDxe: failed to start Boot0001 "UEFI HTTPv4 (MAC:525400123456)" from PciRoot(0x0)/Pci(0x1,0x0)/MAC(525400123456,0x1)/IPv4(0.0.0.0,0x0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)/Uri(): Security Violation`, timeline.Loader, nil, failure.SecureBoot},
 	}
 	for _, c := range cases {
 		p, ok := Classify(c.line, c.reached, c.before)

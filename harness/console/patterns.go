@@ -76,6 +76,15 @@ var failures = []Pattern{
 	row(`Retry time exceeded`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "u-boot"),
 	row(`(Bad Linux ARM64 Image magic|Wrong Image Format|ERROR: Did not find a cmdline Flattened Device Tree)`, failure.LoaderError, timeline.Loader, timeline.Kernel, "u-boot"),
 
+	// UEFI Secure Boot's refusals, at the loader: GRUB asking shim to
+	// verify the kernel; shim's dialog for a loader not signed for it (a
+	// box drawn without line breaks: the words are somewhere in the line);
+	// the firmware refusing the image it was to start (not signed by a key
+	// in db, or revoked by dbx).
+	row(`error: (bad shim signature|prohibited by secure boot policy)`, failure.SecureBoot, timeline.Loader, timeline.Kernel, "grub"),
+	row(`Verification failed: \(0x1A\) Security Violation`, failure.SecureBoot, timeline.Loader, timeline.Kernel, "shim"),
+	row(`BdsDxe: failed to (load|start) Boot\d+ ".*".*: (Access Denied|Security Violation)`, failure.SecureBoot, timeline.Loader, timeline.Kernel, "uefi"),
+
 	// GRUB.
 	row(`error: (bad signature|verification requested but nobody cares|public key .* not found)`, failure.BadSignature, timeline.Loader, timeline.Kernel, "grub"),
 	row(`error: (file .* not found|.*couldn't find|.*timeout|.*connection refused|.*unresolvable|.*404)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "grub"),

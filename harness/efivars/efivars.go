@@ -1,7 +1,8 @@
 // Package efivars edits the variable store of an EDK2 flash file (a VARS
 // file): what a user does in the firmware's setup screens, done before the
 // first boot. nbh uses it to put a boot order into a guest's copy of AAVMF's
-// variables.
+// variables, and Secure Boot's keys and revocations (db, dbx) into a copy
+// of OVMF's or AAVMF's.
 //
 // The store is EDK2's authenticated variable store in a firmware volume
 // (MdeModulePkg's VariableFormat.h): a volume header, a store header, then
@@ -195,10 +196,14 @@ func (s *Store) Get(name string, guid GUID) ([]byte, bool) {
 }
 
 // Set writes the variable, marking a live one of the same name deleted.
+// A replaced variable keeps its authentication fields (monotonic count,
+// time stamp, key index): what a signed update of it is checked against.
 func (s *Store) Set(v Variable) error {
+	var auth [28]byte
 	end, err := s.walk(func(off int, old Variable, live bool) {
 		if live && old.Name == v.Name && old.GUID == v.GUID {
 			s.b[off+2] &= varDeleted
+			copy(auth[:], s.b[off+8:off+36])
 		}
 	})
 	if err != nil {
@@ -215,8 +220,9 @@ func (s *Store) Set(v Variable) error {
 	le.PutUint16(h[0:], varStartID)
 	h[2] = varAdded
 	le.PutUint32(h[4:], v.Attributes)
-	// Monotonic count, time stamp and public key index stay zero: not a
-	// time-based authenticated variable.
+	// Monotonic count, time stamp and public key index: the old copy's, or
+	// zero for a new variable.
+	copy(h[8:36], auth[:])
 	le.PutUint32(h[36:], uint32(len(name)))
 	le.PutUint32(h[40:], uint32(len(v.Data)))
 	copy(h[44:], v.GUID[:])

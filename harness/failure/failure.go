@@ -20,7 +20,11 @@ const (
 	StaleArchive   Reason = "stale boot archive"
 	CorruptArchive Reason = "corrupt boot archive"
 	BadSignature   Reason = "signature verification failed"
-	SANBoot        Reason = "SAN boot failed"
+	// SecureBoot is UEFI Secure Boot refusing an image: the firmware (not
+	// in db, or in dbx), shim (a loader not signed for it) or GRUB asking
+	// shim (a kernel no trusted key signed).
+	SecureBoot Reason = "secure boot violation"
+	SANBoot    Reason = "SAN boot failed"
 	// The IPsec network's reasons, from the lab's ESP gateway.
 	ESPRequired   Reason = "root unreachable: ESP required"
 	ESPAuth       Reason = "ESP authentication failed"

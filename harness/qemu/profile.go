@@ -31,6 +31,10 @@ type Profile struct {
 	// FwCfg are firmware settings passed as fw_cfg strings
 	// (opt/org.tianocore/IPv4PXESupport=no).
 	FwCfg [][2]string
+	// SecureFlash makes the UEFI variables flash writable from System
+	// Management Mode only (with smm=on in Machine): what OVMF's Secure
+	// Boot build requires.
+	SecureFlash bool
 }
 
 // Load is how QEMU loads a chain's firmware.
@@ -178,6 +182,9 @@ func Args(c Config) ([]string, error) {
 		a = append(a,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.Code,
 			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
+		if c.SecureFlash {
+			a = append(a, "-global", "driver=cfi.pflash01,property=secure,value=on")
+		}
 	case LoadBIOS:
 		a = append(a, "-bios", c.Files.Code)
 		if c.Files.Env != "" {
