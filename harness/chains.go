@@ -125,11 +125,16 @@ func (c Chain) WithSecureBoot(want string) (Chain, error) {
 	default:
 		return c, fmt.Errorf("secure boot %q: want on or off", want)
 	}
-	if c.SecureBoot && c.Secure.SMM {
-		c.Machine += ",smm=on"
-		c.SecureFlash = true
-	}
+	c.SecureFlash = c.SecureBoot && c.Secure.SMM
 	return c, nil
+}
+
+// Each chain in the table as it boots by default (Secure Boot on for the
+// shim chains).
+func init() {
+	for i, c := range chainTable {
+		chainTable[i], _ = c.WithSecureBoot("")
+	}
 }
 
 // signsImage: this boot's firmware verifies an image the lab signs (a
@@ -260,7 +265,7 @@ var chainTable = []Chain{
 	},
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "ovmf-shim", Machine: "q35", Load: qemu.LoadPflash,
-			Description: "OVMF with Secure Boot (Microsoft's keys enrolled): PXE option 93 = 7 picks Debian's signed shim, which fetches Debian's signed GRUB netboot image beside it over TFTP; grub.cfg over TFTP, the kernel (verified through shim) and the archive (verified by nobody) over HTTP"},
+			Description: "OVMF with Secure Boot (Microsoft's keys enrolled): PXE option 93 = 7 picks Debian's signed shim, which fetches Debian's signed GRUB netboot image beside it; grub.cfg, the kernel (verified through shim) and the archive (verified by nobody) over TFTP"},
 		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true,
 		Secure: &SecureFirmware{Code: images.OVMFSecureCode(), Vars: images.OVMFVarsMS(), SMM: true, Default: true},
 		DHCP:   []DHCPRule{pxeX64("{guest}/" + shimX64.shimName)}, loader: shimLoader(shimX64), LoaderConfig: ConfigGRUB,

@@ -19,11 +19,26 @@ func TestQEMUArgs(t *testing.T) {
 	dir := t.TempDir()
 	vars := filepath.Join(dir, "vars.fd")
 	assert.NilError(t, os.WriteFile(vars, []byte("vars"), 0o644))
+	var chains []Chain
 	for _, c := range AllChains() {
-		t.Run(c.Name(), func(t *testing.T) {
+		chains = append(chains, c)
+		if c.Secure != nil && !c.SecureBoot {
+			// And the same chain with Secure Boot on.
+			sb, err := c.WithSecureBoot(SecureBootOn)
+			assert.NilError(t, err)
+			chains = append(chains, sb)
+		}
+	}
+	for _, c := range chains {
+		name := c.Arch + "-" + c.Firmware
+		code := c.Code
+		if c.SecureBoot {
+			name, code = name+"-secure-boot", c.Secure.Code
+		}
+		t.Run(name, func(t *testing.T) {
 			var files qemu.Files
-			if c.Code.Path != "" {
-				files.Code = "/fw/" + filepath.Base(c.Code.Path)
+			if code.Path != "" {
+				files.Code = "/fw/" + filepath.Base(code.Path)
 			}
 			if c.Vars.Path != "" {
 				files.Vars = vars
@@ -35,14 +50,14 @@ func TestQEMUArgs(t *testing.T) {
 				Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img", Append: "console=ttyS0", Dir: dir, QMP: "/q/qmp.sock", NetFD: 3})
 			assert.NilError(t, err)
 			got := strings.ReplaceAll(strings.Join(a, "\n"), dir, "$DIR") + "\n"
-			golden.Assert(t, got, filepath.Join("qemu-args", c.Arch+"-"+c.Firmware+".golden"))
+			golden.Assert(t, got, filepath.Join("qemu-args", name+".golden"))
 		})
 	}
 }
 
 func TestLookupChain(t *testing.T) {
 	_, err := LookupChain("amd64", "uboot")
-	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-http, ovmf-ipxe, ovmf-pxe, seabios-ipxe)")
+	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-http, ovmf-ipxe, ovmf-pxe, ovmf-shim, seabios-ipxe)")
 	_, err = LookupChain("riscv64", "direct")
 	assert.ErrorContains(t, err, "unknown architecture")
 	c, err := LookupChain("arm64", "aavmf-grub")

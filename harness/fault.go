@@ -2,6 +2,7 @@ package harness
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -332,6 +333,31 @@ var faults = map[string]Fault{
 		at:    stage(timeline.Root),
 		apply: func(p *plan) { p.badCHAP = true },
 	},
+}
+
+// Outcomes are the reasons a boot with the fault can end in, over every
+// chain (Secure Boot on and off) and root it applies to, in table order;
+// failure.None for a boot that reaches its marker.
+func (f Fault) Outcomes() []failure.Reason {
+	var out []failure.Reason
+	for _, c := range chainTable {
+		variants := []Chain{c}
+		if c.Secure != nil {
+			other, _ := c.WithSecureBoot(map[bool]string{true: SecureBootOff, false: SecureBootOn}[c.SecureBoot])
+			variants = append(variants, other)
+		}
+		for _, v := range variants {
+			for _, root := range Roots() {
+				if f.Applies != nil && !f.Applies(v, root) {
+					continue
+				}
+				if r := f.ExpectOn(v); !slices.Contains(out, r) {
+					out = append(out, r)
+				}
+			}
+		}
+	}
+	return out
 }
 
 // FaultNames lists the known faults, sorted.

@@ -23,6 +23,9 @@ type Row struct {
 	IPsec          bool   // on a network that requires ESP for the root's services
 	Family         string // "" (IPv4), or dhcp.V6 / dhcp.Dual (Spec.Family)
 	Fault          string // "" for none
+	// SecureBoot is Spec.SecureBoot: "" (the chain's default), "on" or
+	// "off".
+	SecureBoot string
 	// Expect is the fault's expected reason; failure.None means the boot
 	// must reach its marker. Stages are where that failure must show
 	// (Fault.Stages): the right reason at the wrong stage is not the fault.
@@ -85,6 +88,9 @@ func (r Row) Label() string {
 	if r.Family != "" && r.Family != dhcp.V4 {
 		s += " ip=" + r.Family
 	}
+	if r.SecureBoot != "" {
+		s += " secure-boot=" + r.SecureBoot
+	}
 	if r.Fault != "" {
 		s += " +" + r.Fault
 	}
@@ -101,7 +107,14 @@ func (r Row) ID() string {
 
 // Spec is the boot the row runs.
 func (r Row) Spec() harness.Spec {
-	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root, Family: r.Family}
+	s := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, Root: r.Root, Family: r.Family, SecureBoot: r.SecureBoot}
+	if c, err := harness.LookupChain(r.Arch, r.Firmware); err == nil && c.Secure != nil && r.Expect == failure.None {
+		// A boot of a chain that has Secure Boot passes only if the
+		// kernel says Secure Boot is as the row has it.
+		if c, err = c.WithSecureBoot(r.SecureBoot); err == nil {
+			s.Steps = []string{secureBootLine(c.SecureBoot)}
+		}
+	}
 	if r.Fault != "" {
 		f, err := harness.LookupFault(r.Fault)
 		if err != nil {
@@ -110,6 +123,15 @@ func (r Row) Spec() harness.Spec {
 		s.Faults = []harness.Fault{f}
 	}
 	return s
+}
+
+// secureBootLine is what Debian's kernel prints about Secure Boot, on or
+// off (its efi_set_secure_boot, on amd64 and arm64 alike).
+func secureBootLine(on bool) string {
+	if on {
+		return `secureboot: Secure boot enabled`
+	}
+	return `secureboot: Secure boot disabled`
 }
 
 // Pass reports whether a verdict is what the row expects: the marker, or a
@@ -154,7 +176,7 @@ func Rows(sel Select) []Row {
 					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6})
 					if sel.Faults {
 						f, _ := harness.LookupFault("no-dhcp")
-						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: f.Expect, Stages: f.Stages(p)})
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.V6, Fault: "no-dhcp", Expect: f.ExpectOn(p), Stages: f.Stages(p)})
 					}
 					rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Family: dhcp.Dual})
 				}
@@ -181,11 +203,53 @@ func Rows(sel Select) []Row {
 						once[key] = true
 					}
 					if esp || root == harness.RootNone || !f.Applies(p, harness.RootNone) {
-						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp, Fault: n, Expect: f.Expect, Stages: f.Stages(p)})
+						rows = append(rows, Row{Arch: p.Arch, Firmware: p.Firmware, Root: root, IPsec: esp, Fault: n, Expect: f.ExpectOn(p), Stages: f.Stages(p)})
 					}
 				}
 			}
+			if !esp {
+				rows = append(rows, secureBootRows(p, sel.Faults)...)
+			}
 		}
+	}
+	return rows
+}
+
+// secureBootRows are a chain's boots with Secure Boot the other way from
+// its default, on the clear network with no root: with it on (the signed
+// Unified Kernel Image chains), a clean boot; with it off (the shim
+// chains), none. With faults, each fault whose outcome the switch changes
+// or that applies only that way (Secure Boot's own, the archive damage a
+// signed image's firmware now finds, the unsigned kernel that boots with
+// it off).
+func secureBootRows(p harness.Chain, faults bool) []Row {
+	if p.Secure == nil {
+		return nil
+	}
+	want := harness.SecureBootOn
+	if p.SecureBoot {
+		want = harness.SecureBootOff
+	}
+	q, err := p.WithSecureBoot(want)
+	if err != nil {
+		return nil
+	}
+	var rows []Row
+	if q.SecureBoot {
+		rows = append(rows, Row{Arch: q.Arch, Firmware: q.Firmware, SecureBoot: want})
+	}
+	if !faults {
+		return rows
+	}
+	for _, n := range harness.FaultNames() {
+		f, _ := harness.LookupFault(n)
+		if f.IPsec || f.Slow || !f.Applies(q, harness.RootNone) {
+			continue
+		}
+		if f.Applies(p, harness.RootNone) && f.ExpectOn(p) == f.ExpectOn(q) && slices.Equal(f.Stages(p), f.Stages(q)) {
+			continue // the same boot as with the chain's default
+		}
+		rows = append(rows, Row{Arch: q.Arch, Firmware: q.Firmware, SecureBoot: want, Fault: n, Expect: f.ExpectOn(q), Stages: f.Stages(q)})
 	}
 	return rows
 }
@@ -213,9 +277,19 @@ func Estimate(r Row) float64 {
 	}
 	// Faults that end at the loader end early, by how long the chain takes
 	// to get there.
+	// (The Secure Boot faults end there only with Secure Boot on.)
+	ends := r.Expect != failure.None
 	switch r.Fault {
 	case "missing-kernel", "loader-nfs":
 		base = c.Cost.Loader
+	case "unsigned-loader", "dbx-revoked":
+		if ends {
+			base = c.Cost.Loader
+		}
+	case "unsigned-kernel":
+		if ends {
+			base = c.Cost.Loader + 2
+		}
 	case "truncated-archive":
 		base = c.Cost.Loader
 		if c.Cost.Truncated > 0 {

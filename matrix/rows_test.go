@@ -112,3 +112,45 @@ func TestPassNeedsReasonAndStage(t *testing.T) {
 	}
 	assert.Assert(t, checked >= len(seen), "only %d rows checked", checked)
 }
+
+// The Secure Boot rows: each chain that has Secure Boot boots it the other
+// way from its default too, with the faults whose outcome that changes —
+// the signed image's archive damage found by the firmware, the unsigned
+// kernel and loader that boot with Secure Boot off — and no row of a fault
+// that ends the same either way. A passing row of such a chain needs the
+// kernel's line for its Secure Boot state.
+func TestSecureBootRows(t *testing.T) {
+	got := map[string]string{}
+	for _, r := range fullRows() {
+		if r.SecureBoot != "" {
+			got[r.Label()] = r.Expected()
+		}
+	}
+	want := map[string]string{}
+	for _, arch := range []string{"amd64", "arm64"} {
+		http, shim := map[string]string{"amd64": "ovmf", "arm64": "aavmf"}[arch]+"-http", map[string]string{"amd64": "ovmf", "arm64": "aavmf"}[arch]+"-shim"
+		on := arch + "/" + http + " secure-boot=on"
+		want[on] = "marker"
+		for _, f := range []string{"corrupt-archive", "dbx-revoked", "tampered-archive"} {
+			want[on+" +"+f] = "secure boot violation at loader"
+		}
+		for _, f := range []string{"unsigned-kernel", "unsigned-loader"} {
+			want[arch+"/"+shim+" secure-boot=off +"+f] = "marker"
+		}
+	}
+	assert.DeepEqual(t, got, want)
+
+	for _, c := range []struct {
+		row  Row
+		step string
+	}{
+		{Row{Arch: "amd64", Firmware: "ovmf-shim"}, "secureboot: Secure boot enabled"},
+		{Row{Arch: "amd64", Firmware: "ovmf-shim", SecureBoot: "off", Fault: "unsigned-kernel"}, "secureboot: Secure boot disabled"},
+		{Row{Arch: "arm64", Firmware: "aavmf-http", SecureBoot: "on"}, "secureboot: Secure boot enabled"},
+		{Row{Arch: "arm64", Firmware: "aavmf-http"}, "secureboot: Secure boot disabled"},
+	} {
+		assert.DeepEqual(t, c.row.Spec().Steps, []string{c.step})
+	}
+	assert.Equal(t, len(Row{Arch: "amd64", Firmware: "seabios-ipxe"}.Spec().Steps), 0)
+	assert.Equal(t, len(Row{Arch: "amd64", Firmware: "ovmf-shim", Fault: "unsigned-kernel", Expect: failure.SecureBoot}.Spec().Steps), 0)
+}

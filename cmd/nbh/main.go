@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/failure"
 )
 
 const usage = `nbh — the netboot harness
@@ -62,10 +63,15 @@ func faultsHelp() string {
 	var b strings.Builder
 	for _, n := range harness.FaultNames() {
 		f, _ := harness.LookupFault(n)
-		expect := string(f.Expect)
-		if expect == "" {
-			expect = "boots"
+		var outcomes []string
+		for _, r := range f.Outcomes() {
+			if r == failure.None {
+				outcomes = append(outcomes, "boots")
+			} else {
+				outcomes = append(outcomes, string(r))
+			}
 		}
+		expect := strings.Join(outcomes, " or ")
 		if f.IPsec {
 			expect += "; needs --ipsec required"
 		}

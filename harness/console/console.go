@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	expect "github.com/Netflix/go-expect"
 )
@@ -270,7 +271,9 @@ func Plain(s string) string {
 	}, escapes.ReplaceAllString(s, ""))
 }
 
-// Clean strips terminal escapes, carriage returns and other control bytes.
+// Clean strips terminal escapes, carriage returns and other control bytes,
+// and bytes that are not UTF-8 (the code page 437 box shim draws its
+// dialogs with).
 func Clean(s string) string {
 	s = escapes.ReplaceAllString(s, "")
 	// A carriage return in the middle of a line overwrote what came before
@@ -284,7 +287,7 @@ func Clean(s string) string {
 		}
 	}
 	return strings.Map(func(r rune) rune {
-		if r < 0x20 && r != '\t' || r == 0x7f {
+		if r < 0x20 && r != '\t' || r == 0x7f || r == utf8.RuneError {
 			return -1
 		}
 		return r

@@ -77,6 +77,7 @@ func TestClassify(t *testing.T) {
 		{"nbh-init: NBH-READY addr=10.0.2.15/24", timeline.Init, nil},
 		{"TFTP error: 'file not found' (1)", timeline.Loader, []string{"Filename 'pxelinux.cfg/01-52-54-00-4e-42-01'.", "Load address: 0x40300000", "Loading: *"}},
 		{"error: something a kernel driver said", timeline.Kernel, nil},
+		{"error: no suitable video mode found.", timeline.Loader, nil},                                                            // GRUB boots on, blind
 		{"autoexec.ipxe... Not found (https://ipxe.org/2d12618e)", timeline.Loader, nil},                                          // iPXE 1.21's probe
 		{" Not found (https://ipxe.org/2d12618e)", timeline.Loader, []string{"iPXE initialising devices...", "autoexec.ipxe..."}}, // the same, split over two lines
 		{"[    0.5] ACPI: PCI Interrupt Link [LNKA] enabled", timeline.Kernel, nil},

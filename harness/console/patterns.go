@@ -88,7 +88,10 @@ var failures = []Pattern{
 	// GRUB.
 	row(`error: (bad signature|verification requested but nobody cares|public key .* not found)`, failure.BadSignature, timeline.Loader, timeline.Kernel, "grub"),
 	row(`error: (file .* not found|.*couldn't find|.*timeout|.*connection refused|.*unresolvable|.*404)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "grub"),
-	row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
+	// (GRUB's x86 Linux loader with Secure Boot off warns that it boots
+	// with no video mode, and boots.)
+	unless(row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
+		`^error: no suitable video mode found\.`),
 
 	// UEFI firmware PXE.
 	row(`PXE-E16|PXE-E51|PXE-E53`, failure.NoDHCP, timeline.DHCP, timeline.Loader, "uefi"),

@@ -31,9 +31,9 @@ type Profile struct {
 	// FwCfg are firmware settings passed as fw_cfg strings
 	// (opt/org.tianocore/IPv4PXESupport=no).
 	FwCfg [][2]string
-	// SecureFlash makes the UEFI variables flash writable from System
-	// Management Mode only (with smm=on in Machine): what OVMF's Secure
-	// Boot build requires.
+	// SecureFlash gives the machine System Management Mode (smm=on) and
+	// makes the UEFI variables flash writable from it only: what OVMF's
+	// Secure Boot build requires.
 	SecureFlash bool
 }
 
@@ -149,7 +149,11 @@ func Args(c Config) ([]string, error) {
 	if c.Machine == "" {
 		return nil, fmt.Errorf("qemu: profile %s names no machine", c.Name())
 	}
-	a = append(a, "-machine", c.Machine)
+	machine := c.Machine
+	if c.SecureFlash {
+		machine += ",smm=on"
+	}
+	a = append(a, "-machine", machine)
 	model, err := LookupNIC(c.NIC)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)

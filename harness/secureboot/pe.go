@@ -92,9 +92,10 @@ func parsePE(b []byte) (pe, error) {
 // Hash is an EFI image's Authenticode SHA-256: what its signature signs
 // and what a dbx entry of type EFI_CERT_SHA256 names. It covers the
 // headers but the checksum and the Certificate Table entry, each section's
-// data in file order, and what follows the sections short of the
-// Certificate Table (PE/COFF specification, "Calculating the PE Image
-// Hash"; EDK2's DxeImageVerificationLib hashes the same).
+// data in file order, and the rest of the file short of the Certificate
+// Table as the specification counts it (PE/COFF specification,
+// "Calculating the PE Image Hash"; EDK2's DxeImageVerificationLib hashes
+// the same).
 func Hash(b []byte) ([sha256.Size]byte, error) {
 	p, err := parsePE(b)
 	if err != nil {
@@ -104,14 +105,18 @@ func Hash(b []byte) ([sha256.Size]byte, error) {
 	h.Write(b[:p.checksum])
 	h.Write(b[p.checksum+4 : p.certDir])
 	h.Write(b[p.certDir+8 : p.headerSize])
-	done := p.headerSize
+	// The specification counts the bytes hashed (the headers and each
+	// section's SizeOfRawData) and hashes the file from that count on, up
+	// to the Certificate Table: where sections leave gaps between them,
+	// that is not where the last one ends. EDK2 and sbsign count so, and
+	// their hash is the one that matters.
+	hashed := p.headerSize
 	for _, s := range p.sections {
 		h.Write(b[s[0] : s[0]+s[1]])
-		done = max(done, s[0]+s[1])
+		hashed += s[1]
 	}
-	end := int64(len(b)) - p.certSize
-	if done < end {
-		h.Write(b[done:end])
+	if end := int64(len(b)) - p.certSize; hashed < end {
+		h.Write(b[hashed:end])
 	}
 	var out [sha256.Size]byte
 	copy(out[:], h.Sum(nil))

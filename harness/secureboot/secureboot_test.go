@@ -12,6 +12,7 @@ import (
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness/secureboot"
+	"nbh.dev/nbh/harness/uki"
 	"nbh.dev/nbh/images"
 )
 
@@ -126,6 +127,26 @@ func TestSignedByTheLabsKey(t *testing.T) {
 	assert.NilError(t, os.WriteFile(tampered, img, 0o644))
 	b, err = exec.Command("sbverify", "--cert", cert, tampered).CombinedOutput()
 	assert.Assert(t, err != nil, "a tampered image verified: %s", b)
+}
+
+// A Unified Kernel Image as the lab builds it (systemd's stub with
+// sections appended, gaps between them) carries, once sbsign signed it, the
+// hash nbh computes for its dbx entry: what the firmware compares.
+func TestHashOfASignedUKI(t *testing.T) {
+	dir := t.TempDir()
+	k, err := secureboot.NewKey(filepath.Join(dir, "key"), "nbh test key")
+	assert.NilError(t, err)
+	stub := signed(t, "amd64", images.StubX64())
+	_, err = uki.Build(filepath.Join(dir, "uki.efi"), stub, []uki.Section{
+		{Name: ".cmdline", Data: []byte("console=ttyS0")},
+		{Name: ".linux", Data: bytes.Repeat([]byte{0xa5}, 100001)},
+		{Name: ".initrd", Data: bytes.Repeat([]byte{0x5a}, 77777)},
+	})
+	assert.NilError(t, err)
+	assert.NilError(t, k.Sign(context.Background(), filepath.Join(dir, "uki.efi"), filepath.Join(dir, "signed.efi")))
+	img, err := os.ReadFile(filepath.Join(dir, "signed.efi"))
+	assert.NilError(t, err)
+	assert.Equal(t, hexHash(t, img), signersDigest(t, img))
 }
 
 func TestReadCerts(t *testing.T) {
