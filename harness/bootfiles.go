@@ -282,18 +282,21 @@ func (g *Guest) secureBootVars(vars string) (string, error) {
 var labOwner, _ = efivars.ParseGUID("6E624800-0000-4E42-4800-6E6268000001")
 
 // firstImage is the EFI image the guest's firmware starts: the Unified
-// Kernel Image, or the loader DHCP offers (shim, or the user's own).
+// Kernel Image, or the loader DHCP offers (shim, iPXE, or the user's own).
 func (g *Guest) firstImage() string {
 	dir := filepath.Join(g.lab.srv, g.Name)
 	if g.chain.Stub.Path != "" {
 		return filepath.Join(dir, ukiName)
 	}
-	if n := g.loaderName(); n != "" {
+	if n := g.servedLoader(); n != "" {
 		return filepath.Join(dir, n)
 	}
 	for _, r := range g.chain.DHCP {
 		if r.Loader {
-			return filepath.Join(dir, strings.TrimPrefix(r.File, "{guest}/"))
+			if own, ok := strings.CutPrefix(r.File, "{guest}/"); ok {
+				return filepath.Join(dir, own)
+			}
+			return filepath.Join(g.lab.srv, r.File)
 		}
 	}
 	return ""

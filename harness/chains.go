@@ -98,8 +98,9 @@ type SecureFirmware struct {
 	// Default: the chain boots with Secure Boot unless Spec.SecureBoot is
 	// "off" (a shim chain); else only when it is "on".
 	Default bool
-	// Signs: the firmware starts an image the lab builds (a Unified
-	// Kernel Image), which the lab signs with its own key, enrolled in db.
+	// Signs: the firmware starts images the lab serves (a Unified Kernel
+	// Image; iPXE and the kernel it hands the firmware), which the lab
+	// signs with its own key, enrolled in db.
 	Signs bool
 }
 
@@ -126,6 +127,12 @@ func (c Chain) WithSecureBoot(want string) (Chain, error) {
 		return c, fmt.Errorf("secure boot %q: want on or off", want)
 	}
 	c.SecureFlash = c.SecureBoot && c.Secure.SMM
+	if c.SecureBoot {
+		// Secure Boot's keys live in the variables flash: firmware
+		// that QEMU otherwise loads with -bios (aavmf-ipxe) runs from
+		// code and variables flash with it.
+		c.Load = qemu.LoadPflash
+	}
 	return c, nil
 }
 
@@ -137,9 +144,13 @@ func init() {
 	}
 }
 
-// signsImage: this boot's firmware verifies an image the lab signs (a
-// Unified Kernel Image under Secure Boot).
+// signsImage: this boot's firmware verifies images the lab signs (a
+// Unified Kernel Image, iPXE and the kernel it starts) under Secure Boot.
 func (c Chain) signsImage() bool { return c.SecureBoot && c.Secure.Signs }
+
+// signsArchive: the image the firmware verifies holds the archive (a
+// signed Unified Kernel Image).
+func (c Chain) signsArchive() bool { return c.signsImage() && c.Stub.Path != "" }
 
 // The loader configurations a user's template can replace (Chain.LoaderConfig).
 const (
@@ -252,7 +263,8 @@ var chainTable = []Chain{
 			Description: "OVMF's own PXE: DHCP option 93 = 7 picks ipxe.efi, TFTP chainload, then as above"},
 		Code: images.OVMFCode(), Vars: images.OVMFVars(), UEFI: true,
 		DHCP: []DHCPRule{ipxeScript, pxeX64("ipxe.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEEFI(), "ipxe.efi"), ReadsNFS: true, SANBoot: true,
-		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
+		Secure: &SecureFirmware{Code: images.OVMFSecureCode(), Vars: images.OVMFVarsMS(), SMM: true, Signs: true},
+		IPv6:   true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 15.5, Loader: 9, NoDHCP: 18},
 	},
 	{
@@ -292,7 +304,8 @@ var chainTable = []Chain{
 			Description: "AAVMF (UEFI) PXE: option 93 = 11 picks Debian 13's ipxe-arm64.efi over TFTP, then the iPXE script as on amd64"},
 		Code: images.AAVMF(), UEFI: true,
 		DHCP: []DHCPRule{ipxeScript, pxeArm64("ipxe-arm64.efi")}, LoaderConfig: ConfigIPXE, loader: ipxeChainload(images.IPXEArm64(), "ipxe-arm64.efi"), ReadsNFS: true, SANBoot: true,
-		IPv6: true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
+		Secure: &SecureFirmware{Code: images.AAVMFCode(), Vars: images.AAVMFVarsMS(), Signs: true},
+		IPv6:   true, FwCfg6: [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}},
 		Cost: Cost{Boot: 19, Loader: 11, NoDHCP: 18},
 	},
 	{
@@ -362,11 +375,14 @@ func LookupChain(arch, firmware string) (Chain, error) {
 	return Chain{}, fmt.Errorf("firmware %q is not available for %s (have: %s)", firmware, arch, strings.Join(names, ", "))
 }
 
-// loaderChains are the chains of arch with a network boot, in table order.
+// loaderChains are the chains of arch with a network boot, in table order,
+// but for those that need Secure Boot firmware to boot at all (the shim
+// chains: a guest ready for any loader is offered iPXE or GRUB by the
+// chains before them, so shim's files would only be written for nobody).
 func loaderChains(arch string) []Chain {
 	var out []Chain
 	for _, c := range chainTable {
-		if c.Arch == arch && c.Firmware != qemu.Direct {
+		if c.Arch == arch && c.Firmware != qemu.Direct && !(c.Secure != nil && c.Secure.Default) {
 			out = append(out, c)
 		}
 	}

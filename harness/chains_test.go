@@ -31,16 +31,16 @@ func TestQEMUArgs(t *testing.T) {
 	}
 	for _, c := range chains {
 		name := c.Arch + "-" + c.Firmware
-		code := c.Code
+		code, varsFile := c.Code, c.Vars
 		if c.SecureBoot {
-			name, code = name+"-secure-boot", c.Secure.Code
+			name, code, varsFile = name+"-secure-boot", c.Secure.Code, c.Secure.Vars
 		}
 		t.Run(name, func(t *testing.T) {
 			var files qemu.Files
 			if code.Path != "" {
 				files.Code = "/fw/" + filepath.Base(code.Path)
 			}
-			if c.Vars.Path != "" {
+			if varsFile.Path != "" {
 				files.Vars = vars
 			}
 			if c.env != nil {

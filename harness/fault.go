@@ -120,7 +120,7 @@ func sanBoot(_ Chain, root string) bool { return root == RootSANBoot }
 // canVerify: the chains whose loader checks signatures of what it loads, or
 // whose firmware verifies the image that carries the archive (a signed
 // Unified Kernel Image under Secure Boot).
-func canVerify(c Chain, _ string) bool { return c.Verifies || c.signsImage() }
+func canVerify(c Chain, _ string) bool { return c.Verifies || c.signsArchive() }
 
 // shimChain: the chains that boot through shim and GRUB (Secure Boot on or
 // off: off, nothing is verified and the boot passes).
@@ -128,8 +128,12 @@ func shimChain(c Chain, root string) bool {
 	return c.Secure != nil && !c.Secure.Signs && fetched(c, root)
 }
 
-// secureBootOn: a boot with Secure Boot on.
-func secureBootOn(c Chain, root string) bool { return c.SecureBoot && fetched(c, root) }
+// dbxApplies: a boot with Secure Boot on, where the image the firmware
+// starts stays the one whose hash went into dbx (not a Unified Kernel
+// Image the keeper rebuilds when an NFS root drifts).
+func dbxApplies(c Chain, root string) bool {
+	return c.SecureBoot && fetched(c, root) && !(c.Stub.Path != "" && root == RootNFS)
+}
 
 // refusedUnderSecureBoot is a Secure Boot fault's outcome: the loader
 // stage's "secure boot violation" with Secure Boot on; with it off nothing
@@ -230,13 +234,13 @@ var faults = map[string]Fault{
 		Name: "corrupt-archive", Where: "archive", Expect: failure.CorruptArchive, Applies: fetched,
 		Help: "one bit of the archive flips in transit; the kernel's unpacker finds it (in a signed Unified Kernel Image under Secure Boot, the firmware: secure boot violation at the loader)",
 		at: func(c Chain) []timeline.Stage {
-			if c.signsImage() {
+			if c.signsArchive() {
 				return []timeline.Stage{timeline.Loader}
 			}
 			return []timeline.Stage{timeline.Kernel, timeline.Init}
 		},
 		expect: func(c Chain) failure.Reason {
-			if c.signsImage() {
+			if c.signsArchive() {
 				return failure.SecureBoot
 			}
 			return failure.CorruptArchive
@@ -253,7 +257,7 @@ var faults = map[string]Fault{
 		Help: "the archive changes after the harness signed it: GRUB verifies it (aavmf-grub, as --signed), or the firmware the signed Unified Kernel Image that carries it (ovmf-http and aavmf-http with --secure-boot: secure boot violation)",
 		at:   stage(timeline.Loader),
 		expect: func(c Chain) failure.Reason {
-			if c.signsImage() {
+			if c.signsArchive() {
 				return failure.SecureBoot
 			}
 			return failure.BadSignature
@@ -275,7 +279,7 @@ var faults = map[string]Fault{
 		apply:  func(p *plan) { p.unsignedKernel = true },
 	},
 	"dbx-revoked": {
-		Name: "dbx-revoked", Where: "firmware", Expect: failure.SecureBoot, Applies: secureBootOn,
+		Name: "dbx-revoked", Where: "firmware", Expect: failure.SecureBoot, Applies: dbxApplies,
 		Help:  "the hash of the image the firmware starts (shim, or the signed Unified Kernel Image) is in the firmware's dbx, as a revocation update puts it there: the firmware refuses it",
 		at:    stage(timeline.Loader),
 		apply: func(p *plan) { p.dbxRevoked = true },

@@ -447,7 +447,7 @@ func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	for _, ch := range chains {
 		for _, r := range ch.DHCP {
 			if r.Match(c) {
-				return r.answer(server, g.Name, g.loaderName())
+				return r.answer(server, g.Name, g.servedLoader())
 			}
 		}
 	}

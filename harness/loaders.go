@@ -90,7 +90,11 @@ func (g *Guest) sanbootDisk(ctx context.Context, dir string, p plan) (*bootcfg.S
 }
 
 // ipxeChainload serves an iPXE binary from the image cache at name (what
-// the firmware's PXE fetches over TFTP), and then the iPXE script.
+// the firmware's PXE fetches over TFTP), and then the iPXE script. Under
+// Secure Boot the firmware starts only what a key in db signed, iPXE and
+// the kernel iPXE hands it alike: the lab signs the guest's own copies of
+// both with its key (in its folder, where DHCP then names iPXE). A SAN
+// boot's image on the disk is signed as it is built (buildUKI).
 func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, string, bootcfg.Boot, plan) error {
 	return func(ctx context.Context, g *Guest, dir string, b bootcfg.Boot, p plan) error {
 		if err := ipxeLoader(ctx, g, dir, b, p); err != nil {
@@ -100,8 +104,49 @@ func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, s
 		if err != nil {
 			return err
 		}
-		return place(src, filepath.Join(g.lab.srv, name))
+		if !g.chain.signsImage() {
+			return place(src, filepath.Join(g.lab.srv, name))
+		}
+		if g.spec.Loader == "" {
+			if err := g.signImage(ctx, src, filepath.Join(dir, name)); err != nil {
+				return err
+			}
+		}
+		if kernel := filepath.Join(dir, "vmlinuz"); !p.noKernel && g.spec.Root != RootSANBoot {
+			return g.signImage(ctx, kernel, kernel)
+		}
+		return nil
 	}
+}
+
+// signImage writes the EFI image src to dst signed by the lab's Secure
+// Boot key alone (a signature src carries is taken off first).
+func (g *Guest) signImage(ctx context.Context, src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	bare, err := secureboot.Strip(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", src, err)
+	}
+	tmp, err := os.CreateTemp(g.private, "unsigned-*.efi")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(bare)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	key, err := g.lab.secureBootKey()
+	if err != nil {
+		return err
+	}
+	return key.Sign(ctx, tmp.Name(), dst)
 }
 
 // ubootLoader writes the guest's pxelinux config and its U-Boot boot
@@ -137,7 +182,7 @@ const ubootScriptName = "boot.scr.uimg"
 var ownNames = func() map[string]string {
 	m := map[string]string{ubootScriptName: ubootScriptName}
 	for _, n := range grubCfgNames {
-		m[n] = "grub/grub.cfg"
+		m[n] = shimGRUBConfig
 	}
 	return m
 }()
@@ -203,8 +248,11 @@ var (
 
 // grubCfgNames are the names Debian's signed GRUB netboot image asks for
 // its configuration by, whoever runs it: Lab.open gives each guest its own
-// GUEST/grub/grub.cfg by them (as U-Boot's script).
+// GUEST/shim-grub.cfg by them (as U-Boot's script). (Its own name: aavmf-grub's
+// GRUB reads GUEST/grub/grub.cfg, signed for --signed.)
 var grubCfgNames = []string{"grub/grub.cfg", "grub/" + shimX64.platform + "/grub.cfg", "grub/" + shimArm64.platform + "/grub.cfg"}
+
+const shimGRUBConfig = "shim-grub.cfg"
 
 // shimLoader serves the Secure Boot chain: Debian's shim (signed by
 // Microsoft, unless the user brings their own loader), Debian's GRUB
@@ -219,7 +267,7 @@ func shimLoader(sb shimBoot) func(context.Context, *Guest, string, bootcfg.Boot,
 		if err != nil {
 			return err
 		}
-		if err := writeFile(filepath.Join(dir, "grub", "grub.cfg"), text); err != nil {
+		if err := writeFile(filepath.Join(dir, shimGRUBConfig), text); err != nil {
 			return err
 		}
 		arch := g.Profile.Arch

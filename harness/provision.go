@@ -94,7 +94,7 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 	if spec.Signed {
 		p.sign = true
 	}
-	if p.sign && !chain.Verifies && !chain.signsImage() {
+	if p.sign && !chain.Verifies && !chain.signsArchive() {
 		why := ""
 		if chain.Secure != nil && chain.Secure.Signs {
 			why = " (its firmware verifies the signed image with --secure-boot)"

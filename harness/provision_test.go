@@ -231,3 +231,42 @@ func TestServeTreeUnderTheLab(t *testing.T) {
 		assert.Assert(t, err != nil && got != "secret", "%s: %q %v", name, got, err)
 	}
 }
+
+// TestShimGRUBConfigOnlyToItsGuest: Debian's signed GRUB asks for its
+// configuration by names that are the same for every guest; each guest
+// gets its own (its command line, its kernel), never another's, and an
+// address with no guest gets none.
+func TestShimGRUBConfigOnlyToItsGuest(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds boot archives from the image cache; skipped with -short")
+	}
+	l, err := New(Options{})
+	assert.NilError(t, err)
+	defer l.Close()
+	var gs []*Guest
+	for _, name := range []string{"g1", "g2"} {
+		g, err := l.Provision(context.Background(), Spec{Arch: "amd64", Firmware: "ovmf-shim", Name: name})
+		assert.NilError(t, err)
+		gs = append(gs, g)
+	}
+	for _, name := range []string{"/grub/x86_64-efi/grub.cfg", "grub/grub.cfg", "grub//grub.cfg", "grub/arm64-efi/grub.cfg"} {
+		for _, g := range gs {
+			f, err := l.open(name, g.IP)
+			assert.NilError(t, err, "%s to %s", name, g.Name)
+			b, err := io.ReadAll(f)
+			f.Close()
+			assert.NilError(t, err)
+			assert.Assert(t, strings.Contains(string(b), "/"+g.Name+"/vmlinuz"), "%s to %s: %s", name, g.Name, b)
+			for _, o := range gs {
+				if o != g {
+					assert.Assert(t, !strings.Contains(string(b), "/"+o.Name+"/"), "%s to %s names %s: %s", name, g.Name, o.Name, b)
+				}
+			}
+		}
+		_, err := l.open(name, "10.0.2.99")
+		assert.ErrorIs(t, err, fs.ErrNotExist, "%s to an address with no guest", name)
+	}
+	// And each guest's copy by its own name, to it only.
+	_, err = l.open("g1/"+shimGRUBConfig, gs[1].IP)
+	assert.ErrorIs(t, err, fs.ErrPermission)
+}

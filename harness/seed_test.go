@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"gotest.tools/v3/assert"
@@ -43,8 +46,15 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 	own := good
 	own.Spec.Family, own.Spec.NIC, own.Spec.Steps, own.Spec.FailOn = "6", "e1000", []string{"a"}, []bundle.FailOn{{Pattern: "x", Reason: "y"}}
 	own.Spec.RootDir, own.Spec.Root, own.Lab.Serve, own.Spec.RootWritable = t.TempDir(), RootNFS, t.TempDir(), true
+	own.Spec.SecureBoot, own.Spec.SecureBootCerts = SecureBootOn, []string{"files/db-cert-1"}
+	own.Dir = t.TempDir()
+	assert.NilError(t, os.MkdirAll(filepath.Join(own.Dir, "files"), 0o755))
+	assert.NilError(t, os.WriteFile(filepath.Join(own.Dir, "files", "db-cert-1"), []byte("cert"), 0o644))
 	opts, spec, err = FromBundle(&own)
 	assert.NilError(t, err)
+	assert.Equal(t, spec.SecureBoot, SecureBootOn)
+	assert.Equal(t, len(spec.SecureBootCerts), 1)
+	assert.Assert(t, strings.HasSuffix(spec.SecureBootCerts[0], "files/db-cert-1"), spec.SecureBootCerts[0])
 	assert.Equal(t, spec.Family, "6")
 	assert.Equal(t, spec.NIC, "e1000")
 	assert.DeepEqual(t, spec.Steps, []string{"a"})
@@ -62,6 +72,7 @@ func TestFromBundleRejectsWhatItCannotReplay(t *testing.T) {
 		"unknown action": func(b *bundle.Bundle) { b.Lab.IPsec = &bundle.Policy{Default: "maybe"} },
 		"kernel outside": func(b *bundle.Bundle) { b.Spec.Kernel = "../../vmlinuz" },
 		"loader outside": func(b *bundle.Bundle) { b.Spec.Loader = "../ipxe.efi" },
+		"cert outside":   func(b *bundle.Bundle) { b.Spec.SecureBootCerts = []string{"../db.crt"} },
 		"root gone":      func(b *bundle.Bundle) { b.Spec.RootDir = "/nonexistent/root" },
 		"served gone":    func(b *bundle.Bundle) { b.Lab.Serve = "/nonexistent/tree" },
 	} {

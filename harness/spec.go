@@ -105,9 +105,11 @@ type Spec struct {
 	Signed bool
 	// SecureBoot turns UEFI Secure Boot on ("on") or off ("off") in the
 	// chain's firmware; "" is the chain's default: on for the shim chains
-	// (ovmf-shim, aavmf-shim), off for the others. On ovmf-http and
-	// aavmf-http the lab signs the Unified Kernel Image with a key of its
-	// own, enrolled in the firmware's db (SecureBootChains).
+	// (ovmf-shim, aavmf-shim), off for the others (SecureBootChains).
+	// Where the firmware starts what the lab serves (the Unified Kernel
+	// Image of ovmf-http and aavmf-http, iPXE and the kernel on ovmf-pxe
+	// and aavmf-ipxe, a SAN disk's image) the lab signs it with a key of
+	// its own, enrolled in the firmware's db.
 	SecureBoot string
 	// SecureBootCerts are certificate files (PEM or DER) added to the
 	// firmware's db with Secure Boot on: the keys the user's own signed

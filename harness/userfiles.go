@@ -3,6 +3,7 @@ package harness
 import (
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -47,6 +48,23 @@ func (g *Guest) loaderName() string {
 		return ""
 	}
 	return filepath.Base(g.spec.Loader)
+}
+
+// servedLoader is the loader binary DHCP names in the guest's folder: the
+// user's own, or under Secure Boot nbh's iPXE as the lab signed it for the
+// guest (ipxeChainload); "" for the chain's own name.
+func (g *Guest) servedLoader() string {
+	if n := g.loaderName(); n != "" {
+		return n
+	}
+	if g.chain.signsImage() && g.chain.Stub.Path == "" {
+		for _, r := range g.chain.DHCP {
+			if r.Loader && !strings.HasPrefix(r.File, "{guest}/") {
+				return path.Base(r.File)
+			}
+		}
+	}
+	return ""
 }
 
 // takesLoader reports whether DHCP hands the chain's firmware a loader

@@ -134,6 +134,10 @@ func secureBootLine(on bool) string {
 	return `secureboot: Secure boot disabled`
 }
 
+func isSecureBootLine(step string) bool {
+	return step == secureBootLine(true) || step == secureBootLine(false)
+}
+
 // Pass reports whether a verdict is what the row expects: the marker, or a
 // failure with the fault's reason.
 func (r Row) Pass(v harness.Verdict) bool {
@@ -208,7 +212,7 @@ func Rows(sel Select) []Row {
 				}
 			}
 			if !esp {
-				rows = append(rows, secureBootRows(p, sel.Faults)...)
+				rows = append(rows, secureBootRows(p, sel.Roots, sel.Faults)...)
 			}
 		}
 	}
@@ -216,13 +220,12 @@ func Rows(sel Select) []Row {
 }
 
 // secureBootRows are a chain's boots with Secure Boot the other way from
-// its default, on the clear network with no root: with it on (the signed
-// Unified Kernel Image chains), a clean boot; with it off (the shim
-// chains), none. With faults, each fault whose outcome the switch changes
-// or that applies only that way (Secure Boot's own, the archive damage a
-// signed image's firmware now finds, the unsigned kernel that boots with
-// it off).
-func secureBootRows(p harness.Chain, faults bool) []Row {
+// its default, on the clear network: a clean boot with no root (and a SAN
+// boot, whose disk's image the firmware then verifies); with faults, each
+// fault whose outcome the switch changes or that applies only that way
+// (Secure Boot's own, the archive damage a signed image's firmware now
+// finds, the unsigned kernel and loader that boot with it off).
+func secureBootRows(p harness.Chain, roots []string, faults bool) []Row {
 	if p.Secure == nil {
 		return nil
 	}
@@ -235,10 +238,13 @@ func secureBootRows(p harness.Chain, faults bool) []Row {
 		return nil
 	}
 	var rows []Row
-	if q.SecureBoot {
+	if slices.Contains(roots, harness.RootNone) {
 		rows = append(rows, Row{Arch: q.Arch, Firmware: q.Firmware, SecureBoot: want})
 	}
-	if !faults {
+	if q.SecureBoot && q.SANBoot && slices.Contains(roots, harness.RootSANBoot) {
+		rows = append(rows, Row{Arch: q.Arch, Firmware: q.Firmware, Root: harness.RootSANBoot, SecureBoot: want})
+	}
+	if !faults || !slices.Contains(roots, harness.RootNone) {
 		return rows
 	}
 	for _, n := range harness.FaultNames() {

@@ -128,14 +128,21 @@ func TestSecureBootRows(t *testing.T) {
 	}
 	want := map[string]string{}
 	for _, arch := range []string{"amd64", "arm64"} {
-		http, shim := map[string]string{"amd64": "ovmf", "arm64": "aavmf"}[arch]+"-http", map[string]string{"amd64": "ovmf", "arm64": "aavmf"}[arch]+"-shim"
-		on := arch + "/" + http + " secure-boot=on"
+		fw := map[string]string{"amd64": "ovmf", "arm64": "aavmf"}[arch]
+		on := arch + "/" + fw + "-http secure-boot=on"
 		want[on] = "marker"
 		for _, f := range []string{"corrupt-archive", "dbx-revoked", "tampered-archive"} {
 			want[on+" +"+f] = "secure boot violation at loader"
 		}
+		// iPXE and the kernel signed by the lab; the archive beside
+		// them is not, so its faults end as without Secure Boot.
+		ipxe := arch + "/" + map[string]string{"amd64": "ovmf-pxe", "arm64": "aavmf-ipxe"}[arch] + " secure-boot=on"
+		want[ipxe] = "marker"
+		want[ipxe+" +dbx-revoked"] = "secure boot violation at loader"
+		off := arch + "/" + fw + "-shim secure-boot=off"
+		want[off] = "marker"
 		for _, f := range []string{"unsigned-kernel", "unsigned-loader"} {
-			want[arch+"/"+shim+" secure-boot=off +"+f] = "marker"
+			want[off+" +"+f] = "marker"
 		}
 	}
 	assert.DeepEqual(t, got, want)
@@ -152,5 +159,13 @@ func TestSecureBootRows(t *testing.T) {
 		assert.DeepEqual(t, c.row.Spec().Steps, []string{c.step})
 	}
 	assert.Equal(t, len(Row{Arch: "amd64", Firmware: "seabios-ipxe"}.Spec().Steps), 0)
+	// With a SAN boot the firmware verifies the disk's image too.
+	var san []string
+	for _, r := range Rows(Select{Chains: harness.AllChains(), Roots: []string{harness.RootSANBoot}, Nets: []bool{false}}) {
+		if r.SecureBoot != "" {
+			san = append(san, r.Label())
+		}
+	}
+	assert.DeepEqual(t, san, []string{"amd64/ovmf-pxe root=sanboot secure-boot=on", "arm64/aavmf-ipxe root=sanboot secure-boot=on"})
 	assert.Equal(t, len(Row{Arch: "amd64", Firmware: "ovmf-shim", Fault: "unsigned-kernel", Expect: failure.SecureBoot}.Spec().Steps), 0)
 }

@@ -30,6 +30,9 @@ func BenchmarkNetboot(b *testing.B) {
 		userNet bool
 		root    string
 		family  string
+		// secureBoot is Spec.SecureBoot, set for the boot of a chain with
+		// Secure Boot the other way from its default.
+		secureBoot string
 	}
 	chains := nbhtest.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
@@ -41,7 +44,14 @@ func BenchmarkNetboot(b *testing.B) {
 	}
 	for _, c := range chains {
 		if c.Firmware != qemu.Direct {
+			// Secure Boot's cost: the chain with it off first, then on.
+			if c.Secure != nil && c.SecureBoot {
+				runs = append(runs, run{Chain: c, secureBoot: harness.SecureBootOff})
+			}
 			runs = append(runs, run{Chain: c})
+			if c.Secure != nil && !c.SecureBoot {
+				runs = append(runs, run{Chain: c, secureBoot: harness.SecureBootOn})
+			}
 			if c.UserNet != "" {
 				runs = append(runs, run{Chain: c, userNet: true})
 			}
@@ -54,8 +64,9 @@ func BenchmarkNetboot(b *testing.B) {
 		}
 	}
 	direct := map[string]float64{}
-	fetched := map[string]float64{} // CHAIN/root=iscsi
-	ipv4 := map[string]float64{}    // CHAIN
+	fetched := map[string]float64{}  // CHAIN/root=iscsi
+	ipv4 := map[string]float64{}     // CHAIN
+	insecure := map[string]float64{} // CHAIN with Secure Boot off
 	for _, r := range runs {
 		name := r.Name()
 		if r.userNet {
@@ -67,13 +78,16 @@ func BenchmarkNetboot(b *testing.B) {
 		if r.family != "" {
 			name += "/ip=" + r.family
 		}
+		if r.secureBoot != "" {
+			name += "/secure-boot=" + r.secureBoot
+		}
 		b.Run(name, func(b *testing.B) {
 			var total float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				lab := nbhtest.NewLab(b)
 				b.StartTimer()
-				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root, Family: r.family})
+				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root, Family: r.family, SecureBoot: r.secureBoot})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -90,8 +104,16 @@ func BenchmarkNetboot(b *testing.B) {
 			if r.Firmware == qemu.Direct {
 				direct[r.Arch] = mean
 			}
-			if r.root == "" && r.family == "" && !r.userNet {
+			plain := r.root == "" && r.family == "" && !r.userNet
+			if plain && r.secureBoot == "" {
 				ipv4[r.Name()] = mean
+			}
+			if plain && r.Secure != nil {
+				if on, _ := r.WithSecureBoot(r.secureBoot); !on.SecureBoot {
+					insecure[r.Name()] = mean
+				} else if f := insecure[r.Name()]; f > 0 {
+					b.ReportMetric(mean/f, "x-no-secure-boot")
+				}
 			}
 			if f := ipv4[r.Name()]; r.family != "" && f > 0 {
 				b.ReportMetric(mean/f, "x-ipv4")

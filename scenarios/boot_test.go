@@ -183,16 +183,20 @@ func TestFaultRefusedWhereMeaningless(t *testing.T) {
 
 // TestHTTPBootStaleArchive: on UEFI HTTP boot the archive travels inside the
 // Unified Kernel Image; a stale one is found by the init as on every chain,
-// and the keeper's rebuild (config-changed) rebuilds the image too.
+// and the keeper's rebuild (config-changed) rebuilds the image too (and,
+// under Secure Boot, signs it again).
 func TestHTTPBootStaleArchive(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
-	for _, c := range []struct{ arch, firmware, fault string }{
-		{"amd64", "ovmf-http", "stale-config"},
-		{"arm64", "aavmf-http", "stale-config"},
-		{"amd64", "ovmf-http", "config-changed"},
+	for _, c := range []struct{ arch, firmware, fault, secureBoot string }{
+		{"amd64", "ovmf-http", "stale-config", ""},
+		{"arm64", "aavmf-http", "stale-config", ""},
+		{"amd64", "ovmf-http", "config-changed", ""},
+		// Under Secure Boot the rebuilt image is signed again, or the
+		// firmware would refuse it.
+		{"arm64", "aavmf-http", "config-changed", harness.SecureBootOn},
 	} {
-		t.Run(c.arch+"/"+c.firmware+"/"+c.fault, func(t *testing.T) {
+		t.Run(c.arch+"/"+c.firmware+"/"+c.fault+"/"+c.secureBoot, func(t *testing.T) {
 			guestTest(t)
 			if !selected(c.arch, c.firmware) {
 				t.Skipf("chain %s/%s not selected by NBH_ARCH/NBH_FIRMWARE", c.arch, c.firmware)
@@ -200,7 +204,7 @@ func TestHTTPBootStaleArchive(t *testing.T) {
 			f, err := harness.LookupFault(c.fault)
 			assert.NilError(t, err)
 			lab := nbhtest.NewLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: harness.RootNFS,
+			g, err := lab.Boot(context.Background(), harness.Spec{Arch: c.arch, Firmware: c.firmware, Root: harness.RootNFS, SecureBoot: c.secureBoot,
 				Faults: []harness.Fault{f}, Artifacts: nbhtest.Artifacts(t, "g1")})
 			assert.NilError(t, err)
 			v := g.Wait(context.Background())

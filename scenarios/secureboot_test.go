@@ -27,7 +27,8 @@ const (
 // TestSecureBootBoots: the Secure Boot chains reach the marker with the
 // kernel saying Secure Boot is on and the kernel locked down — through
 // Debian's signed shim and GRUB (with the reference roots, NFS on the
-// IPsec network too), and through the lab-signed Unified Kernel Image.
+// IPsec network too), through the lab-signed Unified Kernel Image, and
+// through lab-signed iPXE (fetching the kernel, or SAN-booting a disk).
 // The kernel's lines are steps the boot must print in order before the
 // marker counts.
 func TestSecureBootBoots(t *testing.T) {
@@ -42,8 +43,11 @@ func TestSecureBootBoots(t *testing.T) {
 		{"amd64", "ovmf-shim", harness.RootNFS, "", true},
 		{"amd64", "ovmf-http", harness.RootNone, harness.SecureBootOn, false},
 		{"arm64", "aavmf-http", harness.RootNone, harness.SecureBootOn, false},
+		// iPXE and the kernel signed by the lab; a SAN disk's image too.
+		{"arm64", "aavmf-ipxe", harness.RootNone, harness.SecureBootOn, false},
+		{"amd64", "ovmf-pxe", harness.RootSANBoot, harness.SecureBootOn, false},
 	} {
-		name := c.arch + "/" + c.firmware + "/" + strings.Join([]string{c.root, map[bool]string{true: "ipsec"}[c.ipsec]}, "")
+		name := c.arch + "/" + c.firmware + "/" + c.root + map[bool]string{true: "+ipsec"}[c.ipsec]
 		t.Run(name, func(t *testing.T) {
 			guestTest(t)
 			if !selected(c.arch, c.firmware) {

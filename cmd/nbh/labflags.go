@@ -74,7 +74,7 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		cache:        fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)"),
 	}
 	fs.Var(&f.faults, "fault", "inject a fault (repeatable): "+strings.Join(harness.FaultNames(), ", "))
-	fs.Var(&f.secureBoot, "secure-boot", "UEFI Secure Boot: --secure-boot (on) or --secure-boot=off; default on for "+strings.Join(secureByDefault(), " and ")+", off for the others; on for ovmf-http and aavmf-http the lab signs the Unified Kernel Image with a key of its own and enrolls its certificate in the firmware's db (chains: "+strings.Join(harness.SecureBootChains(), ", ")+")")
+	fs.Var(&f.secureBoot, "secure-boot", "UEFI Secure Boot: --secure-boot (on) or --secure-boot=off; default on for "+strings.Join(secureByDefault(), " and ")+", off for the others; where the firmware starts what the lab serves (the Unified Kernel Image of ovmf-http and aavmf-http, iPXE and the kernel on ovmf-pxe and aavmf-ipxe, a SAN disk's image) the lab signs it with a key of its own and enrolls its certificate in the firmware's db (chains: "+strings.Join(harness.SecureBootChains(), ", ")+")")
 	fs.Var(&f.dbCerts, "db-cert", "with Secure Boot on: a certificate (PEM or DER file; repeatable) added to the firmware's db, for a loader or image of yours signed with your own key")
 	return f
 }

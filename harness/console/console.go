@@ -272,8 +272,8 @@ func Plain(s string) string {
 }
 
 // Clean strips terminal escapes, carriage returns and other control bytes,
-// and bytes that are not UTF-8 (the code page 437 box shim draws its
-// dialogs with).
+// and bytes that are not UTF-8 (most of the code page 437 box EDK2's
+// terminal draws shim's dialogs with).
 func Clean(s string) string {
 	s = escapes.ReplaceAllString(s, "")
 	// A carriage return in the middle of a line overwrote what came before

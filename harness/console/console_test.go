@@ -18,6 +18,16 @@ import (
 )
 
 // Lines as the firmware, loaders, kernel and init really print them.
+// Clean keeps text and drops what a terminal would not show as text:
+// escapes, control bytes, and bytes that are not UTF-8 (the code page 437
+// box around shim's dialogs, where its bytes do not happen to form UTF-8:
+// "\xc4\xbf" is a valid "\u013f").
+func TestCleanDropsWhatIsNotText(t *testing.T) {
+	assert.Equal(t, Clean("\x1b[01;01H\xda\xc4\xc4 ERROR \xb3\r\n"), " ERROR ")
+	assert.Equal(t, Clean("\xc4\xc4\xbf"), "\u013f")
+	assert.Equal(t, Clean("caf\u00e9 \u2500"), "caf\u00e9 \u2500")
+}
+
 func TestClassify(t *testing.T) {
 	cases := []struct {
 		line    string
@@ -58,7 +68,9 @@ func TestClassify(t *testing.T) {
 		// Secure Boot's refusals, as OVMF with Debian's shim 16.1 and GRUB
 		// 2.06 printed them (shim's dialog box as the console cleans it).
 		{"error: bad shim signature.", timeline.Loader, nil, failure.SecureBoot},
-		{"\u00da\u00c4\u00c4\u00c4\u00bf                                    ERROR                                     \u00b3                Verification failed: (0x1A) Security Violation                \u00b3 OK", timeline.Loader, nil, failure.SecureBoot},
+		// GRUB's video warning is no failure, but an error after it is.
+		{"error: out of memory.", timeline.Loader, []string{"error: no suitable video mode found.", "Booting in blind mode"}, failure.LoaderError},
+		{Clean("\x1b[0m\x1b[37m\x1b[44m\x1b[01;01H\xda\x1b[01;01H\xda\xc4\xc4\xc4\xbf\x1b[02;01H\xb3                                    ERROR                                     \xb3\x1b[03;01H\xb3                Verification failed: (0x1A) Security Violation                \xb3\x1b[04;01H OK"), timeline.Loader, nil, failure.SecureBoot},
 		{`BdsDxe: failed to load Boot0001 "UEFI PXEv4 (MAC:525400123456)" from PciRoot(0x0)/Pci(0x1,0x0)/MAC(525400123456,0x1)/IPv4(0.0.0.0,0x0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0): Access Denied`, timeline.Loader, nil, failure.SecureBoot},
 		{`BdsDxe: failed to start Boot0001 "UEFI HTTPv4 (MAC:525400123456)" from PciRoot(0x0)/Pci(0x1,0x0)/MAC(525400123456,0x1)/IPv4(0.0.0.0,0x0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)/Uri(): Security Violation`, timeline.Loader, nil, failure.SecureBoot},
 	}

@@ -19,8 +19,8 @@ type Pattern struct {
 	Who    string // what printed it, for the report
 	// Unless, when set, cancels the row if it matches the line or one of
 	// the few lines before (a loader probing for optional files is not
-	// failing).
-	Unless *regexp.Regexp
+	// failing); Not cancels it if it matches the line itself.
+	Unless, Not *regexp.Regexp
 }
 
 func row(re string, r failure.Reason, st, before timeline.Stage, who string) Pattern {
@@ -29,6 +29,11 @@ func row(re string, r failure.Reason, st, before timeline.Stage, who string) Pat
 
 func unless(p Pattern, re string) Pattern {
 	p.Unless = regexp.MustCompile(re)
+	return p
+}
+
+func not(p Pattern, re string) Pattern {
+	p.Not = regexp.MustCompile(re)
 	return p
 }
 
@@ -90,7 +95,7 @@ var failures = []Pattern{
 	row(`error: (file .* not found|.*couldn't find|.*timeout|.*connection refused|.*unresolvable|.*404)`, failure.LoaderFetch, timeline.Loader, timeline.Kernel, "grub"),
 	// (GRUB's x86 Linux loader with Secure Boot off warns that it boots
 	// with no video mode, and boots.)
-	unless(row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
+	not(row(`^error: .*|grub rescue>`, failure.LoaderError, timeline.Loader, timeline.Kernel, "grub"),
 		`^error: no suitable video mode found\.`),
 
 	// UEFI firmware PXE.
@@ -175,7 +180,7 @@ next:
 		if p.Before != 0 && reached >= p.Before {
 			continue
 		}
-		if !p.Re.MatchString(line) {
+		if !p.Re.MatchString(line) || p.Not != nil && p.Not.MatchString(line) {
 			continue
 		}
 		if p.Unless != nil {

@@ -200,9 +200,10 @@ func (s *Store) Get(name string, guid GUID) ([]byte, bool) {
 // time stamp, key index): what a signed update of it is checked against.
 func (s *Store) Set(v Variable) error {
 	var auth [28]byte
+	replaced := -1
 	end, err := s.walk(func(off int, old Variable, live bool) {
 		if live && old.Name == v.Name && old.GUID == v.GUID {
-			s.b[off+2] &= varDeleted
+			replaced = off
 			copy(auth[:], s.b[off+8:off+36])
 		}
 	})
@@ -213,6 +214,9 @@ func (s *Store) Set(v Variable) error {
 	n := varHeaderLen + len(name) + len(v.Data)
 	if end+n > s.limit {
 		return fmt.Errorf("efivars: no room for %s (%d bytes)", v.Name, n)
+	}
+	if replaced >= 0 {
+		s.b[replaced+2] &= varDeleted
 	}
 	h := s.b[end : end+varHeaderLen]
 	clear(h)

@@ -46,6 +46,9 @@ func SHA256List(owner GUID, hashes ...[sha256.Size]byte) []byte {
 // an empty header, each signature's size, then each signature as its
 // owner's GUID and its data (all of one size).
 func sigList(typ, owner GUID, data [][]byte) []byte {
+	if len(data) == 0 {
+		return nil
+	}
 	sigSize := 16 + len(data[0])
 	b := make([]byte, 28, 28+sigSize*len(data))
 	copy(b, typ[:])
@@ -93,6 +96,12 @@ func ParseSigLists(b []byte) ([]Signature, error) {
 // AppendSigList adds a signature list to the security database variable
 // name (db, dbx), creating it when the store has none.
 func (s *Store) AppendSigList(name string, list []byte) error {
+	if _, err := ParseSigLists(list); err != nil {
+		return err
+	}
+	if len(list) == 0 {
+		return nil
+	}
 	old, _ := s.Get(name, ImageSecurityDatabase)
 	if _, err := ParseSigLists(old); err != nil {
 		return fmt.Errorf("efivars: %s: %w", name, err)

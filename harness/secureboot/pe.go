@@ -59,8 +59,8 @@ func parsePE(b []byte) (pe, error) {
 		return p, errors.New("PE SizeOfHeaders does not fit the file")
 	}
 	p.certOff, p.certSize = int64(le.Uint32(b[p.certDir:])), int64(le.Uint32(b[p.certDir+4:]))
-	if p.certSize == 0 {
-		p.certOff = 0
+	if (p.certOff == 0) != (p.certSize == 0) {
+		return p, fmt.Errorf("PE Certificate Table entry has offset %d and size %d", p.certOff, p.certSize)
 	}
 	if p.certOff != 0 && (p.certOff < p.headerSize || p.certOff+p.certSize != int64(len(b))) {
 		// Authenticode requires the table at the very end.

@@ -23,6 +23,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"os"
 	"os/exec"
@@ -111,12 +112,26 @@ func (k *Key) Sign(ctx context.Context, in, out string) error {
 	return nil
 }
 
+// maxCertFile bounds a certificate file: db's certificates are a few KiB.
+const maxCertFile = 1 << 20
+
 // ReadCerts reads certificates for a firmware's db from a file: PEM (one
 // or more CERTIFICATE blocks) or one DER certificate.
 func ReadCerts(path string) ([][]byte, error) {
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxCertFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxCertFile {
+		return nil, fmt.Errorf("%s: larger than %d bytes: not a certificate", path, maxCertFile)
 	}
 	var out [][]byte
 	for rest := b; ; {

@@ -9,7 +9,7 @@ package rules
 // The rules, by the boundary each holds.
 const (
 	PathOwner      = "path-owner"      // a guest's boot files go to its own address only (Lab.open)
-	OwnBootScript  = "own-boot-script" // U-Boot's one script name gives each guest its own (Lab.open)
+	OwnBootScript  = "own-boot-script" // U-Boot's one script name, Debian's signed GRUB's config names: each guest gets its own (Lab.open)
 	NoSecretInDHCP = "no-secret-in-dhcp"
 	ProtectedPorts = "protected-ports"  // a guest's frames go to the boot server only (netfab forward)
 	DHCPToOwner    = "dhcp-to-owner"    // a DHCP reply goes to its client's port only (netfab)
