@@ -204,6 +204,11 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 			return f, err
 		}
 	}
+	if c.Payload != (images.File{}) {
+		if f.Payload, err = cache.Path(ctx, c.Arch, c.Payload); err != nil {
+			return f, err
+		}
+	}
 	if c.SecureBoot {
 		if f.Vars, err = g.secureBootVars(f.Vars); err != nil {
 			return f, fmt.Errorf("firmware variables: %w", err)

@@ -23,6 +23,9 @@ type Chain struct {
 	// Code and Vars are the firmware images from the image cache (Load
 	// LoadPflash or LoadBIOS); zero when QEMU's own firmware does.
 	Code, Vars images.File
+	// Payload is what the firmware jumps to (LoadBIOS, as -kernel):
+	// riscv64's OpenSBI starts U-Boot.
+	Payload images.File
 	// DHCP is what the DHCP server answers the chain's firmware and its
 	// loaders: the first rule whose client matches.
 	DHCP []DHCPRule
@@ -328,6 +331,15 @@ var chainTable = []Chain{
 		Cost: Cost{Boot: 30, Loader: 14, NoDHCP: 18},
 	},
 	{
+		Profile: qemu.Profile{Arch: "riscv64", Firmware: "uboot", Machine: "virt", Load: qemu.LoadBIOS,
+			Description: "OpenSBI, then U-Boot in supervisor mode (Debian 13's): DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
+		Code: images.OpenSBI(), Payload: images.UBootRiscv64(),
+		// (Debian 13's U-Boot for it has no nfs command: no loader-nfs.)
+		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, LoaderConfig: ConfigPXELinux, UserNet: "boot.scr.uimg",
+		NoIPv6: "not tried on riscv64 yet (U-Boot 2025.01 has IPv6, unlike arm64's 2023.01)",
+		Cost:   Cost{Boot: 30, Loader: 10, NoDHCP: 10},
+	},
+	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: qemu.Direct, Machine: "pc", Load: qemu.LoadKernel,
 			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
 		IPv6: true,
@@ -338,6 +350,12 @@ var chainTable = []Chain{
 			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
 		IPv6: true,
 		Cost: Cost{Boot: 4, NoDHCP: 6},
+	},
+	{
+		Profile: qemu.Profile{Arch: "riscv64", Firmware: qemu.Direct, Machine: "virt", Load: qemu.LoadKernel,
+			Description: "QEMU -kernel/-initrd with the same archive and network (baseline)"},
+		IPv6: true,
+		Cost: Cost{Boot: 12, NoDHCP: 6},
 	},
 }
 
@@ -369,7 +387,7 @@ func LookupChain(arch, firmware string) (Chain, error) {
 		}
 	}
 	if names == nil {
-		return Chain{}, fmt.Errorf("unknown architecture %q (amd64 or arm64)", arch)
+		return Chain{}, fmt.Errorf("unknown architecture %q (%s)", arch, strings.Join(images.Arches(), ", "))
 	}
 	sort.Strings(names)
 	return Chain{}, fmt.Errorf("firmware %q is not available for %s (have: %s)", firmware, arch, strings.Join(names, ", "))

@@ -46,6 +46,9 @@ func TestQEMUArgs(t *testing.T) {
 			if c.env != nil {
 				files.Env = "/fw/env.fd"
 			}
+			if c.Payload.Path != "" {
+				files.Payload = "/fw/" + filepath.Base(c.Payload.Path)
+			}
 			a, err := qemu.Args(qemu.Config{Profile: c.Profile, Accel: qemu.Accel{Name: "tcg"}, MAC: "52:54:00:4e:42:01", Files: files,
 				Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img", Append: "console=ttyS0", Dir: dir, QMP: "/q/qmp.sock", NetFD: 3})
 			assert.NilError(t, err)
@@ -58,7 +61,7 @@ func TestQEMUArgs(t *testing.T) {
 func TestLookupChain(t *testing.T) {
 	_, err := LookupChain("amd64", "uboot")
 	assert.ErrorContains(t, err, "not available for amd64 (have: direct, ovmf-http, ovmf-ipxe, ovmf-pxe, ovmf-shim, seabios-ipxe)")
-	_, err = LookupChain("riscv64", "direct")
+	_, err = LookupChain("loong64", "direct")
 	assert.ErrorContains(t, err, "unknown architecture")
 	c, err := LookupChain("arm64", "aavmf-grub")
 	assert.NilError(t, err)

@@ -122,24 +122,13 @@ func ipxeChainload(bin images.File, name string) func(context.Context, *Guest, s
 // signImage writes the EFI image src to dst signed by the lab's Secure
 // Boot key alone (a signature src carries is taken off first).
 func (g *Guest) signImage(ctx context.Context, src, dst string) error {
-	b, err := os.ReadFile(src)
-	if err != nil {
-		return err
-	}
-	bare, err := secureboot.Strip(b)
-	if err != nil {
-		return fmt.Errorf("%s: %w", src, err)
-	}
 	tmp, err := os.CreateTemp(g.private, "unsigned-*.efi")
 	if err != nil {
 		return err
 	}
+	tmp.Close()
 	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(bare)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err := stripSignature(src, tmp.Name()); err != nil {
 		return err
 	}
 	key, err := g.lab.secureBootKey()

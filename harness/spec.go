@@ -11,7 +11,7 @@ import (
 
 // Spec describes one guest to boot.
 type Spec struct {
-	Arch     string // amd64 or arm64
+	Arch     string // amd64, arm64 or riscv64
 	Firmware string // a chain of Arch (AllChains), e.g. seabios-ipxe
 	Name     string // guest name; default g1, g2, ...
 	// MAC and IP pin the guest's Ethernet and leased address (a replay

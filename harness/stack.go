@@ -6,10 +6,12 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
 	"nbh.dev/nbh/harness/qemu"
+	"nbh.dev/nbh/images"
 )
 
 // Stack is a user's own boot stack for one architecture: the slots of a
@@ -67,8 +69,8 @@ func ReadStacks(file string) (map[string]Stack, error) {
 		}
 	}
 	for arch, s := range stacks {
-		if arch != "amd64" && arch != "arm64" {
-			return nil, fmt.Errorf("stack %s: architecture %q: want amd64 or arm64", file, arch)
+		if !slices.Contains(images.Arches(), arch) {
+			return nil, fmt.Errorf("stack %s: architecture %q: want one of %s", file, arch, strings.Join(images.Arches(), ", "))
 		}
 		for k := range s.LoaderConfig {
 			if loaderKinds[k] == "" {

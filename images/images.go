@@ -29,7 +29,16 @@ import (
 )
 
 // Arches are the guest architectures nbh boots, in Debian's spelling.
-func Arches() []string { return []string{"amd64", "arm64"} }
+func Arches() []string { return []string{"amd64", "arm64", "riscv64"} }
+
+// archSuite is the Debian release an architecture's packages come from
+// when not the host's: riscv64 became an official architecture in Debian
+// 13 (trixie), so every riscv64 package is trixie's, through the cache's
+// own sources list as for File.Suite.
+var archSuite = map[string]string{"riscv64": "trixie"}
+
+// home is where arch's packages come from by default.
+func home(arch string) source { return source{arch: arch, suite: archSuite[arch]} }
 
 // Cache is a folder of fetched packages.
 type Cache struct {
@@ -112,8 +121,10 @@ func (c *Cache) Package(ctx context.Context, arch, name string) (string, error) 
 	if !ok {
 		return "", fmt.Errorf("images: package %s (%s) is not pinned in images/%s; run nbh images --update", name, arch, PinsFile(arch))
 	}
-	src := source{arch: arch}
-	name, src.suite, _ = strings.Cut(name, "@")
+	src := home(arch)
+	if n, suite, ok := strings.Cut(name, "@"); ok {
+		name, src.suite = n, suite
+	}
 	unlock, err := c.lock()
 	if err != nil {
 		return "", err
@@ -276,7 +287,7 @@ func (c *Cache) KernelPackage(ctx context.Context, arch string) (string, error) 
 // kernelDependency names the versioned kernel package linux-image-ARCH
 // depends on in the (fresh) package lists.
 func (c *Cache) kernelDependency(ctx context.Context, arch string) (string, error) {
-	out, err := c.apt(ctx, c.Dir, source{arch: arch}, "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
+	out, err := c.apt(ctx, c.Dir, home(arch), "apt-cache", "show", "--no-all-versions", "linux-image-"+arch)
 	if err != nil {
 		return "", err
 	}

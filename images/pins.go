@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 )
 
 // The resolved packages every machine and CI shard boots, committed in the
@@ -42,7 +43,7 @@ func PinsFile(arch string) string { return "pins-" + arch + ".json" }
 func Pinned(arch string) (PinSet, error) {
 	b, err := pinFiles.ReadFile(PinsFile(arch))
 	if err != nil {
-		return PinSet{}, fmt.Errorf("images: no pins for architecture %q (amd64 or arm64)", arch)
+		return PinSet{}, fmt.Errorf("images: no pins for architecture %q (%s)", arch, strings.Join(Arches(), ", "))
 	}
 	return parsePins(PinsFile(arch), b)
 }
@@ -107,34 +108,37 @@ func (c *Cache) Pins(arch string) []string {
 func (c *Cache) Resolve(ctx context.Context, arch string) (PinSet, error) {
 	files, ok := archFiles[arch]
 	if !ok {
-		return PinSet{}, fmt.Errorf("images: unknown architecture %q (amd64 or arm64)", arch)
+		return PinSet{}, fmt.Errorf("images: unknown architecture %q (%s)", arch, strings.Join(Arches(), ", "))
 	}
 	unlock, err := c.lock()
 	if err != nil {
 		return PinSet{}, err
 	}
 	defer unlock()
-	if err := c.update(ctx, source{arch: arch}, true); err != nil {
+	if err := c.update(ctx, home(arch), true); err != nil {
 		return PinSet{}, err
 	}
 	s := PinSet{Arch: arch, Packages: map[string]Pin{}}
 	if s.Kernel, err = c.kernelDependency(ctx, arch); err != nil {
 		return PinSet{}, err
 	}
-	if s.Packages[s.Kernel], err = c.resolve(ctx, source{arch: arch}, s.Kernel); err != nil {
+	if s.Packages[s.Kernel], err = c.resolve(ctx, home(arch), s.Kernel); err != nil {
 		return PinSet{}, err
 	}
-	updated := map[string]bool{"": true}
+	updated := map[string]bool{archSuite[arch]: true}
 	for _, f := range files {
 		if _, done := s.Packages[f.key()]; done {
 			continue
 		}
-		src := source{arch: arch, suite: f.Suite}
-		if !updated[f.Suite] {
+		src := home(arch)
+		if f.Suite != "" {
+			src.suite = f.Suite
+		}
+		if !updated[src.suite] {
 			if err := c.update(ctx, src, true); err != nil {
 				return PinSet{}, err
 			}
-			updated[f.Suite] = true
+			updated[src.suite] = true
 		}
 		if s.Packages[f.key()], err = c.resolve(ctx, src, f.Package); err != nil {
 			return PinSet{}, err

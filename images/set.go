@@ -11,8 +11,8 @@ import (
 type Kernel struct {
 	Arch    string
 	Version string // uname -r, e.g. 6.1.0-56-amd64
-	Image   string // path of vmlinuz
-	Modules string // path of lib/modules/VERSION
+	Image   string // path of vmlinuz (vmlinux on riscv64)
+	Modules string // path of lib/modules/VERSION (or usr/lib/modules/VERSION)
 }
 
 // Kernel fetches the current Debian kernel for arch.
@@ -27,13 +27,31 @@ func (c *Cache) Kernel(ctx context.Context, arch string) (*Kernel, error) {
 	}
 	version := strings.TrimPrefix(pkg, "linux-image-")
 	k := &Kernel{Arch: arch, Version: version}
-	if k.Image, err = fileIn(dir, arch, pkg, "boot/vmlinuz-"+version); err != nil {
+	// Compressed as vmlinuz, or (riscv64) the plain EFI image vmlinux;
+	// modules under lib/ or, merged into /usr (Debian 13), usr/lib/.
+	if k.Image, err = firstIn(dir, arch, pkg, "boot/vmlinuz-"+version, "boot/vmlinux-"+version); err != nil {
 		return nil, err
 	}
-	if k.Modules, err = fileIn(dir, arch, pkg, "lib/modules/"+version); err != nil {
+	if k.Modules, err = firstIn(dir, arch, pkg, "lib/modules/"+version, "usr/lib/modules/"+version); err != nil {
 		return nil, err
 	}
 	return k, nil
+}
+
+// firstIn is the first of rels inside the package unpacked at dir; when
+// none is there, the error says why the first is not.
+func firstIn(dir, arch, pkg string, rels ...string) (string, error) {
+	var first error
+	for _, rel := range rels {
+		p, err := fileIn(dir, arch, pkg, rel)
+		if err == nil {
+			return p, nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return "", first
 }
 
 // File is one file inside a cached package.
@@ -82,6 +100,14 @@ func ShimArm64() File      { return fileShimArm64 }
 func GRUBNetX64() File     { return fileGRUBNetX64 }
 func GRUBNetArm64() File   { return fileGRUBNetArm64 }
 
+// riscv64 (every package from Debian 13: archSuite): OpenSBI, the
+// supervisor-mode U-Boot it jumps to, systemd's EFI stub, EDK2.
+func OpenSBI() File      { return fileOpenSBI }
+func UBootRiscv64() File { return fileUBootRiscv64 }
+func StubRiscv64() File  { return fileStubRiscv64 }
+func EDK2Riscv64() File  { return fileEDK2Riscv64 }
+func EDK2Riscv64V() File { return fileEDK2Riscv64Vars }
+
 // Files the boot chains use. Architecture-independent packages ("all") are
 // fetched through the index of the guest architecture that needs them. The
 // NIC's iPXE option ROM is not among them: QEMU patches PCI IDs only into
@@ -113,6 +139,12 @@ var (
 	fileShimArm64      = File{Package: "shim-signed", Path: "usr/lib/shim/shimaa64.efi.signed"}
 	fileGRUBNetX64     = File{Package: "grub-efi-amd64-signed", Path: "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"}
 	fileGRUBNetArm64   = File{Package: "grub-efi-arm64-signed", Path: "usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"}
+
+	fileOpenSBI         = File{Package: "opensbi", Path: "usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin"}
+	fileUBootRiscv64    = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu-riscv64_smode/uboot.elf"}
+	fileStubRiscv64     = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxriscv64.efi.stub"}
+	fileEDK2Riscv64     = File{Package: "qemu-efi-riscv64", Path: "usr/share/qemu-efi-riscv64/RISCV_VIRT_CODE.fd"}
+	fileEDK2Riscv64Vars = File{Package: "qemu-efi-riscv64", Path: "usr/share/qemu-efi-riscv64/RISCV_VIRT_VARS.fd"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
@@ -121,7 +153,8 @@ func (c *Cache) Path(ctx context.Context, arch string, f File) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return fileIn(dir, arch, f.key(), f.Path)
+	// Debian 13's packages ship /bin, /lib, /sbin merged into /usr.
+	return firstIn(dir, arch, f.key(), f.Path, "usr/"+f.Path)
 }
 
 // fileIn is the real path of rel inside the package unpacked at dir (links
@@ -140,15 +173,16 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64": {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
-	"arm64": {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64, fileAAVMFVarsMS, fileShimArm64, fileGRUBNetArm64},
+	"amd64":   {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
+	"riscv64": {fileBusybox, fileOpenSBI, fileUBootRiscv64, fileStubRiscv64, fileEDK2Riscv64, fileEDK2Riscv64Vars},
+	"arm64":   {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64, fileAAVMFVarsMS, fileShimArm64, fileGRUBNetArm64},
 }
 
 // FetchAll fetches everything guests of arch may boot.
 func FetchAll(ctx context.Context, c *Cache, arch string) error {
 	files, ok := archFiles[arch]
 	if !ok {
-		return fmt.Errorf("images: unknown architecture %q (amd64 or arm64)", arch)
+		return fmt.Errorf("images: unknown architecture %q (%s)", arch, strings.Join(Arches(), ", "))
 	}
 	if _, err := c.Kernel(ctx, arch); err != nil {
 		return err

@@ -114,6 +114,7 @@ func TestFailuresAreClassified(t *testing.T) {
 		{"amd64", "seabios-ipxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"amd64", "ovmf-pxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", "uboot", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
+		{"riscv64", "uboot", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", "aavmf-grub", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		{"arm64", "aavmf-ipxe", "missing-kernel", "", failure.LoaderFetch, timeline.Loader},
 		// UEFI HTTP boot: no Unified Kernel Image, a 404 for the firmware.

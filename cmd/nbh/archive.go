@@ -25,7 +25,7 @@ func archiveCmd(ctx context.Context, args []string) int {
 	root := fs.String("root", "", "the root tree the archive is for (required)")
 	files := fs.String("files", "", "the file list (required): one root path a line, a glob (/etc/modprobe.d/*.conf) or a folder; 'config PATH' marks editable configuration; # comments")
 	out := fs.String("out", "", "where to write the archive (required); its manifest goes to OUT.manifest.json")
-	arch := fs.String("arch", "", "the root's architecture, amd64 or arm64, for nbh's init and busybox (default: what the root's kernel modules are built for)")
+	arch := fs.String("arch", "", "the root's architecture, amd64, arm64 or riscv64, for nbh's init and busybox (default: what the root's kernel modules are built for)")
 	kver := fs.String("kernel-version", "", "the kernel whose modules to carry, when the root has several (lib/modules/VERSION)")
 	compression := fs.String("compression", "gzip", "gzip or zstd")
 	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")

@@ -242,7 +242,7 @@ func updatePins(ctx context.Context, c *images.Cache, arches []string) int {
 
 func imagesCmd(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("images", flag.ContinueOnError)
-	arch := fs.String("arch", "all", "amd64, arm64 or all")
+	arch := fs.String("arch", "all", strings.Join(images.Arches(), ", ")+" or all")
 	cache := fs.String("cache", os.Getenv("NBH_CACHE"), "image cache folder (default: $NBH_CACHE, else .cache in the nbh source tree)")
 	withStock := fs.Bool("stock", false, "also build the stock initramfs images ("+strings.Join(stock.Tools(), ", ")+") for the host's architecture, in a throwaway chroot (needs mmdebstrap)")
 	update := fs.Bool("update", false, "resolve every package again from the package archive and rewrite the pins (images/pins-ARCH.json in the source tree), then fetch them")

@@ -52,7 +52,7 @@ func (s *secureBootFlag) Set(v string) error {
 
 func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 	f := &labFlags{
-		arch:         fs.String("arch", "amd64", "guest architecture: amd64 or arm64"),
+		arch:         fs.String("arch", "amd64", "guest architecture: "+strings.Join(images.Arches(), ", ")),
 		firmware:     fs.String("firmware", "", firmwareHelp),
 		root:         fs.String("root", "none", "root file system: none (the archive only), nfs (the lab's NFS export), iscsi (an ext4 LUN of the lab's target) or sanboot (as --root iscsi --sanboot); with a root the marker is NBH-ROOT-READY"),
 		family:       fs.String("ip", "4", "what the guest boots over: 4 (IPv4), 6 (IPv6 only: router advertisements with the M flag, DHCPv6 with option 59 boot file URLs, TFTP, HTTP and the NFS and iSCSI roots over IPv6; chains: "+strings.Join(harness.IPv6Chains(), ", ")+") or dual (both; the loaders use IPv4, the init configures both)"),
@@ -96,7 +96,7 @@ func secureByDefault() []string {
 // errors, worded as flags.
 func (f *labFlags) resolve() (harness.Chain, harness.Options, harness.Spec, error) {
 	if *f.firmware == "" {
-		*f.firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot"}[*f.arch]
+		*f.firmware = map[string]string{"amd64": "seabios-ipxe", "arm64": "uboot", "riscv64": "uboot"}[*f.arch]
 	}
 	prof, err := harness.LookupChain(*f.arch, *f.firmware)
 	if err != nil {

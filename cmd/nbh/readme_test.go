@@ -9,6 +9,7 @@ import (
 	"gotest.tools/v3/assert"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/images"
 )
 
 // chainTable is the README's chain table, made from the chain table that
@@ -29,6 +30,9 @@ func chainTable() string {
 				continue
 			}
 			done[key], arch = true, "both"
+			if both[key] == len(images.Arches()) {
+				arch = "all"
+			}
 		}
 		fmt.Fprintf(&b, "| %-5s | %-14s | %s |\n", arch, "`"+c.Firmware+"`", c.Description)
 	}

@@ -29,6 +29,12 @@ type Spec struct {
 	Kernel string
 	// Modules is the host folder lib/modules/VERSION modules come from.
 	Modules string
+	// ModuleCache, when set, is a folder that keeps compressed modules
+	// decompressed after their first read, by their path under Modules:
+	// for modules that never change (a kernel package in the image
+	// cache), so a rebuild does not decompress them again. Not part of
+	// the archive's key: it changes how, not what.
+	ModuleCache string `json:"-"`
 	// ModuleSets are module lists, each written (in load order) to its List
 	// path with its dependency closure; a set leaves out what an earlier
 	// set already carries.
@@ -277,6 +283,7 @@ func (spec Spec) builder(snap []rootFile) (*Builder, error) {
 		if err != nil {
 			return nil, err
 		}
+		idx.Cache = spec.ModuleCache
 		var names []string
 		var mods []Module
 		have := 0
@@ -296,7 +303,7 @@ func (spec Spec) builder(snap []rootFile) (*Builder, error) {
 			found := false
 			for _, m := range mods {
 				if m.Name == ModuleName(name) {
-					b.Remove(path.Join("lib/modules", spec.Kernel, m.Path))
+					b.Remove(path.Join("lib/modules", spec.Kernel, plainPath(m.Path)))
 					found = true
 				}
 			}

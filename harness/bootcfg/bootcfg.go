@@ -45,7 +45,7 @@ type Boot struct {
 	Guest    string // the guest's name, e.g. g1
 	MAC      string // its Ethernet address, 52:54:00:4e:42:01
 	IP       string // its leased address
-	Arch     string // amd64 or arm64
+	Arch     string // amd64, arm64 or riscv64
 	Firmware string // the chain, e.g. seabios-ipxe
 	// Root is the root the command line names: "" (none), nfs, iscsi or
 	// sanboot; RootPath its location (SERVER:/PATH for NFS, the iscsi: URI).

@@ -15,7 +15,7 @@ import (
 )
 
 // peMachine is the PE machine type of each architecture's EFI binaries.
-var peMachine = map[string]uint16{"amd64": pe.IMAGE_FILE_MACHINE_AMD64, "arm64": pe.IMAGE_FILE_MACHINE_ARM64}
+var peMachine = map[string]uint16{"amd64": pe.IMAGE_FILE_MACHINE_AMD64, "arm64": pe.IMAGE_FILE_MACHINE_ARM64, "riscv64": pe.IMAGE_FILE_MACHINE_RISCV64}
 
 var machineName = map[uint16]string{
 	pe.IMAGE_FILE_MACHINE_AMD64: "x86-64", pe.IMAGE_FILE_MACHINE_ARM64: "arm64", pe.IMAGE_FILE_MACHINE_I386: "i386",

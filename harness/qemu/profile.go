@@ -20,7 +20,7 @@ const Direct = "direct"
 // its firmware, and what the NIC carries. The chains themselves (what each
 // needs from the network) are declared in package harness.
 type Profile struct {
-	Arch        string // amd64 or arm64
+	Arch        string // amd64, arm64 or riscv64
 	Firmware    string // the chain's name for its arch, e.g. seabios-ipxe
 	Description string
 	Machine     string // -machine
@@ -48,8 +48,9 @@ const (
 	// LoadPflash: a UEFI code flash (Files.Code, read-only) and a per-guest
 	// copy of its variables (Files.Vars).
 	LoadPflash
-	// LoadBIOS: -bios Files.Code, and Files.Env as the second flash bank
-	// when set (U-Boot's environment).
+	// LoadBIOS: -bios Files.Code, Files.Env as the second flash bank
+	// when set (U-Boot's environment), and Files.Payload as -kernel when
+	// set (the next stage the firmware jumps to: OpenSBI's U-Boot).
 	LoadBIOS
 )
 
@@ -66,8 +67,11 @@ func Console(arch string) string {
 
 // Binary is the QEMU system emulator for arch.
 func Binary(arch string) string {
-	if arch == "arm64" {
+	switch arch {
+	case "arm64":
 		return "qemu-system-aarch64"
+	case "riscv64":
+		return "qemu-system-riscv64" // Debian: qemu-system-misc
 	}
 	return "qemu-system-x86_64"
 }
@@ -77,6 +81,9 @@ type Files struct {
 	Code string // the firmware image (UEFI code flash, or -bios)
 	Vars string // UEFI variables, copied per guest (LoadPflash)
 	Env  string // a per-guest environment flash bank (LoadBIOS, U-Boot)
+	// Payload is what firmware loaded with -bios jumps to, given as
+	// -kernel (LoadBIOS: riscv64's OpenSBI, then U-Boot).
+	Payload string
 }
 
 // Config describes one guest.
@@ -191,6 +198,9 @@ func Args(c Config) ([]string, error) {
 		}
 	case LoadBIOS:
 		a = append(a, "-bios", c.Files.Code)
+		if c.Files.Payload != "" {
+			a = append(a, "-kernel", c.Files.Payload)
+		}
 		if c.Files.Env != "" {
 			a = append(a, "-drive", "if=pflash,format=raw,unit=1,file="+c.Files.Env)
 		}
