@@ -67,7 +67,7 @@ func addLabFlags(fs *flag.FlagSet, firmwareHelp string) *labFlags {
 		loader:       fs.String("loader", "", "your own boot file for the firmware's PXE, served in place of nbh's (ipxe.efi on ovmf-pxe, ipxe-arm64.efi on aavmf-ipxe, the GRUB image on aavmf-grub): an EFI binary for the guest's architecture"),
 		fwCode:       fs.String("firmware-code", "", "your own UEFI firmware build (OVMF or AAVMF code) for the UEFI chains"),
 		fwVars:       fs.String("firmware-vars", "", "your own UEFI variable store (copied per guest) for the chains that run their firmware from flash (ovmf-*, aavmf-http)"),
-		bios:         fs.String("bios", "", "your own SeaBIOS (seabios-ipxe) or U-Boot (uboot) build"),
+		bios:         fs.String("bios", "", "your own SeaBIOS (seabios-ipxe), U-Boot (arm64 uboot) or OpenSBI (riscv64 uboot: Debian 13's U-Boot stays what it starts) build"),
 		nicROM:       fs.String("nic-rom", "", "your own option ROM for the NIC (an iPXE build), loaded on any chain"),
 		serve:        fs.String("serve", "", "a folder merged read-only into what TFTP and HTTP serve (menus, second-stage loaders, a netboot tree); a guest's own files come first, and a name in a guest's folder (GUEST/PATH) is also looked up as PATH"),
 		mtu:          fs.Int("mtu", 1500, "the network's path MTU: larger frames are dropped, TFTP blocks and TCP segments (ESP included) are sized to fit"),

@@ -54,7 +54,7 @@ Run "nbh boot --help" for the boot flags.
 func chainsHelp() string {
 	var b strings.Builder
 	for _, p := range harness.AllChains() {
-		fmt.Fprintf(&b, "  %-6s %-13s %s\n", p.Arch, p.Firmware, p.Description)
+		fmt.Fprintf(&b, "  %-7s %-13s %s\n", p.Arch, p.Firmware, p.Description)
 	}
 	return b.String()
 }

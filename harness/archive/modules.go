@@ -9,9 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // ModuleList is where the init finds the modules to load at start, in order;
@@ -63,6 +66,12 @@ func readModule(file string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
+	return readModuleFrom(file, f)
+}
+
+// readModuleFrom reads a module from f (named file), decompressing an .xz or
+// .zst one, up to maxModule bytes.
+func readModuleFrom(file string, f io.Reader) ([]byte, error) {
 	var r io.Reader = f
 	switch {
 	case strings.HasSuffix(file, ".xz"):
@@ -89,48 +98,86 @@ func readModule(file string) ([]byte, error) {
 	return b, nil
 }
 
-// openModule is a module's ELF file, decompressed when it is compressed.
-func openModule(file string) (*elf.File, error) {
-	b, err := readModule(file)
-	if err != nil {
-		return nil, err
-	}
-	return elf.NewFile(bytes.NewReader(b))
-}
-
 // ModuleIndex maps canonical names to module files of one kernel.
 type ModuleIndex struct {
 	Dir string
-	// Cache, when set, keeps compressed modules decompressed (Spec.ModuleCache).
+	// Cache, when set, says the modules are a trusted kernel's (a pinned
+	// Debian package, Spec.ModuleCache): compressed ones are read, and
+	// kept here decompressed. Without it only plain modules are read: a
+	// root of the user's (or a guest's writable copy of it) is no place
+	// to decompress from (an xz header may ask for gigabytes).
 	Cache   string
 	path    map[string]string
 	builtin map[string]bool
+	data    map[string][]byte // each module as first read: what Closure read, AddModules copies
 }
 
-// read is the module at rel, decompressed: from the cache when it holds
-// it, else decompressed (and kept in the cache, written whole or not at
-// all).
+// read is the module at rel, plain, read once: through an os.Root of the
+// modules folder (a link swapped in between reads cannot lead out of it),
+// a compressed one decompressed (or from the cache).
 func (idx *ModuleIndex) read(rel string) ([]byte, error) {
-	src := filepath.Join(idx.Dir, rel)
-	if idx.Cache == "" || plainPath(rel) == rel {
-		return readModule(src)
+	if b, ok := idx.data[rel]; ok {
+		return b, nil
 	}
-	kept := filepath.Join(idx.Cache, plainPath(rel))
-	if fi, err := os.Lstat(kept); err == nil && fi.Mode().IsRegular() && fi.Size() <= maxModule {
-		return os.ReadFile(kept)
+	compressed := plainPath(rel) != rel
+	if compressed && idx.Cache == "" {
+		return nil, fmt.Errorf("%s: a compressed module; nbh decompresses only the modules of its pinned Debian kernels, so give your root's modules plain (.ko)", filepath.Join(idx.Dir, rel))
 	}
-	b, err := readModule(src)
+	var kept string
+	if compressed {
+		kept = filepath.Join(idx.Cache, plainPath(rel))
+		if b, err := readPlain(kept); err == nil {
+			idx.data[rel] = b
+			return b, nil
+		}
+	}
+	root, err := os.OpenRoot(idx.Dir)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Dir(kept), 0o755); err == nil {
-		if tmp, err := os.CreateTemp(filepath.Dir(kept), ".module-*"); err == nil {
-			_, werr := tmp.Write(b)
-			if cerr := tmp.Close(); werr == nil && cerr == nil {
-				os.Rename(tmp.Name(), kept)
-			}
-			os.Remove(tmp.Name())
+	defer root.Close()
+	f, err := root.Open(rel)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", filepath.Join(idx.Dir, rel))
+	}
+	b, err := readModuleFrom(filepath.Join(idx.Dir, rel), f)
+	if err != nil {
+		return nil, err
+	}
+	if compressed {
+		// Kept for the next build; a failure to keep it costs time only.
+		if os.MkdirAll(filepath.Dir(kept), 0o755) == nil {
+			fsutil.WriteAtomic(kept, b)
 		}
+	}
+	idx.data[rel] = b
+	return b, nil
+}
+
+// readPlain reads a kept decompressed module, refusing a link, a file past
+// the bound and anything that is not an ELF module (a broken entry is
+// decompressed again).
+func readPlain(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() || fi.Size() > maxModule {
+		return nil, fmt.Errorf("%s: not a kept module", path)
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, err
+	}
+	e, err := elf.NewFile(bytes.NewReader(b))
+	if err != nil || e.Section(".modinfo") == nil {
+		return nil, fmt.Errorf("%s: not a module", path)
 	}
 	return b, nil
 }
@@ -139,7 +186,7 @@ func (idx *ModuleIndex) read(rel string) ([]byte, error) {
 // packages carry no modules.dep, so dependencies are read from each module's
 // own .modinfo section when needed.
 func IndexModules(dir string) (*ModuleIndex, error) {
-	idx := &ModuleIndex{Dir: dir, path: map[string]string{}, builtin: map[string]bool{}}
+	idx := &ModuleIndex{Dir: dir, path: map[string]string{}, builtin: map[string]bool{}, data: map[string][]byte{}}
 	// Built into the kernel image: nothing to load (arm64 builds virtio in).
 	if b, err := os.ReadFile(filepath.Join(dir, "modules.builtin")); err == nil {
 		for _, l := range strings.Fields(string(b)) {
@@ -181,7 +228,11 @@ func (idx *ModuleIndex) Has(name string) bool {
 // module's ELF header ("" when unknown).
 func (idx *ModuleIndex) Arch() string {
 	for _, rel := range idx.path {
-		f, err := openModule(filepath.Join(idx.Dir, rel))
+		b, err := idx.read(rel)
+		if err != nil {
+			return ""
+		}
+		f, err := elf.NewFile(bytes.NewReader(b))
 		if err != nil {
 			return ""
 		}
@@ -282,19 +333,12 @@ func (b *Builder) AddModules(idx *ModuleIndex, version string, mods []Module, li
 	var names strings.Builder
 	for _, m := range mods {
 		dst := filepath.ToSlash(filepath.Join("lib/modules", version, plainPath(m.Path)))
-		src := filepath.Join(idx.Dir, m.Path)
-		if plainPath(m.Path) == m.Path {
-			if err := b.Copy(dst, src); err != nil {
-				return err
-			}
-		} else {
-			data, err := idx.read(m.Path)
-			if err != nil {
-				return fmt.Errorf("archive: %w", err)
-			}
-			if err := b.file(dst, data, 0o644, src); err != nil {
-				return err
-			}
+		data, err := idx.read(m.Path)
+		if err != nil {
+			return fmt.Errorf("archive: %w", err)
+		}
+		if err := b.file(dst, data, 0o644, filepath.Join(idx.Dir, m.Path)); err != nil {
+			return err
 		}
 		names.WriteString("/" + dst + "\n")
 	}

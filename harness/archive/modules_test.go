@@ -25,6 +25,7 @@ func TestClosureDebianVirtio(t *testing.T) {
 			assert.NilError(t, err)
 			idx, err := IndexModules(k.Modules)
 			assert.NilError(t, err)
+			idx.Cache = t.TempDir() // Debian's: compressed modules are read
 			mods, err := idx.Closure([]string{"virtio_pci", "virtio_net"})
 			assert.NilError(t, err)
 			pos := map[string]int{}
@@ -76,11 +77,28 @@ func TestCompressedModules(t *testing.T) {
 		assert.NilError(t, err)
 		assert.Assert(t, bytes.Contains(data, []byte("\x00name="+m.Name+"\x00")) || bytes.HasPrefix(data, []byte("name="+m.Name+"\x00")), "%s: .modinfo names another module", p)
 		assert.Assert(t, bytes.HasSuffix(e.data, []byte("~Module signature appended~\n")), "%s: no signature", p)
-		// Kept decompressed for the next build, the same bytes.
+		// Kept decompressed for the next build: the module's bytes.
 		kept, err := os.ReadFile(filepath.Join(idx.Cache, strings.TrimSuffix(m.Path, ".xz")))
 		assert.NilError(t, err)
-		assert.Assert(t, bytes.Equal(kept, e.data), p)
+		fresh, err := readModule(filepath.Join(k.Modules, m.Path))
+		assert.NilError(t, err)
+		assert.Assert(t, bytes.Equal(kept, fresh) && bytes.Equal(e.data, fresh), p)
 	}
+	// A broken kept copy is decompressed again, not used.
+	first := mods[0]
+	keptPath := filepath.Join(idx.Cache, strings.TrimSuffix(first.Path, ".xz"))
+	assert.NilError(t, os.WriteFile(keptPath, []byte("not a module"), 0o644))
+	idx2, err := IndexModules(k.Modules)
+	assert.NilError(t, err)
+	idx2.Cache = idx.Cache
+	data, err := idx2.read(first.Path)
+	assert.NilError(t, err)
+	assert.Assert(t, bytes.Equal(data, b.entries["lib/modules/6.12-test/"+strings.TrimSuffix(first.Path, ".xz")].data))
+	// Without a cache (a root of the user's) compressed modules are refused.
+	idx3, err := IndexModules(k.Modules)
+	assert.NilError(t, err)
+	_, err = idx3.Closure([]string{"nfsv3"})
+	assert.ErrorContains(t, err, "give your root's modules plain")
 	list := string(b.entries["etc/nbh/modules"].data)
 	assert.Assert(t, strings.HasSuffix(strings.TrimSpace(list), "/nfsv3.ko"), list)
 }
