@@ -29,6 +29,9 @@ import (
 // a local (iSCSI) root's carries none: the init reads it from the root.
 func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel string, p plan) (string, error) {
 	opts := fixtures.Options{Extra: g.spec.ArchiveFiles, Compression: g.spec.Compression}
+	if m, err := qemu.LookupNIC(g.spec.NIC); err == nil {
+		opts.NICDriver = m.Driver
+	}
 	if g.lab.esp != nil {
 		// The ESP modules always; the keys unless a fault leaves them out.
 		// An archive with keys is built in the lab's own cache, which goes

@@ -335,8 +335,8 @@ var chainTable = []Chain{
 			Description: "OpenSBI, then U-Boot in supervisor mode (Debian 13's): DHCP, boot script and pxelinux config over TFTP, kernel and archive over TFTP"},
 		Code: images.OpenSBI(), Payload: images.UBootRiscv64(),
 		// (Debian 13's U-Boot for it has no nfs command: no loader-nfs.)
-		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, LoaderConfig: ConfigPXELinux, UserNet: "boot.scr.uimg",
-		NoIPv6: "not tried on riscv64 yet (U-Boot 2025.01 has IPv6, unlike arm64's 2023.01)",
+		DHCP: []DHCPRule{ubootScript}, loader: ubootLoader, LoaderConfig: ConfigPXELinux, UserNet: "boot.scr.uimg", NICs: []string{"e1000"},
+		NoIPv6: "Debian 13's U-Boot (2025.01) for qemu-riscv64_smode is built without CONFIG_IPV6 (no ip6addr variable, no tftpboot -ipv6)",
 		Cost:   Cost{Boot: 30, Loader: 10, NoDHCP: 10},
 	},
 	{

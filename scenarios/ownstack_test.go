@@ -300,6 +300,7 @@ func TestOwnNIC(t *testing.T) {
 		{"amd64", "seabios-ipxe", "e1000", "e1000"},
 		{"arm64", "uboot", "e1000", "e1000"},
 		{"amd64", "direct", "rtl8139", "8139cp"},
+		{"riscv64", "uboot", "e1000", "e1000"},
 	} {
 		t.Run(c.arch+"/"+c.firmware+"/"+c.nic, func(t *testing.T) {
 			guestTest(t)
@@ -315,6 +316,20 @@ func TestOwnNIC(t *testing.T) {
 			assert.Check(t, is.Contains(strings.Join(g.Argv(), " "), "-device "+map[string]string{"e1000": "e1000", "rtl8139": "rtl8139"}[c.nic]+",netdev=n0"))
 		})
 	}
+}
+
+// TestNICWithoutDriverRefused: a card the guest's kernel has no driver for
+// (Debian 13's riscv64 kernel builds no 8139too) is refused before QEMU
+// starts, not a boot that ends without a network.
+func TestNICWithoutDriverRefused(t *testing.T) {
+	if !selected("riscv64", "direct") {
+		t.Skip("riscv64/direct not selected")
+	}
+	lab := nbhtest.NewLab(t)
+	_, err := lab.Boot(context.Background(), harness.Spec{Arch: "riscv64", Firmware: "direct", NIC: "rtl8139"})
+	assert.ErrorContains(t, err, "no 8139too module")
+	// The same card on amd64, whose kernel has the driver, is not refused
+	// (TestOwnNIC boots it).
 }
 
 // TestOwnLoaderConfig: the user's iPXE script and grub.cfg, as templates,

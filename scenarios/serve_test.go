@@ -74,6 +74,9 @@ func TestServeWithOwnQEMU(t *testing.T) {
 		// The user's QEMU with an e1000: its iPXE ROM boots, and the
 		// reference archive carries the card's driver.
 		{"amd64/e1000", "amd64", "seabios-ipxe", "52:54:00:aa:bb:cd", "g-aabbcd", nil, "e1000"},
+		// RISC-V: OpenSBI and U-Boot as -bios/-kernel on the printed
+		// line, and a machine never seen served by the same rule.
+		{"riscv64/never-seen-mac", "riscv64", "uboot", "52:54:00:aa:bb:ce", "g-aabbce", nil, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			guestTest(t)
