@@ -101,12 +101,10 @@ func GRUBNetX64() File     { return fileGRUBNetX64 }
 func GRUBNetArm64() File   { return fileGRUBNetArm64 }
 
 // riscv64 (every package from Debian 13: archSuite): OpenSBI, the
-// supervisor-mode U-Boot it jumps to, systemd's EFI stub, EDK2.
+// supervisor-mode U-Boot it jumps to. (Debian 13's EDK2 for riscv64 has no
+// network stack: nothing to netboot with; see the README.)
 func OpenSBI() File      { return fileOpenSBI }
 func UBootRiscv64() File { return fileUBootRiscv64 }
-func StubRiscv64() File  { return fileStubRiscv64 }
-func EDK2Riscv64() File  { return fileEDK2Riscv64 }
-func EDK2Riscv64V() File { return fileEDK2Riscv64Vars }
 
 // Files the boot chains use. Architecture-independent packages ("all") are
 // fetched through the index of the guest architecture that needs them. The
@@ -142,9 +140,6 @@ var (
 
 	fileOpenSBI         = File{Package: "opensbi", Path: "usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin"}
 	fileUBootRiscv64    = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu-riscv64_smode/uboot.elf"}
-	fileStubRiscv64     = File{Package: "systemd-boot-efi", Path: "usr/lib/systemd/boot/efi/linuxriscv64.efi.stub"}
-	fileEDK2Riscv64     = File{Package: "qemu-efi-riscv64", Path: "usr/share/qemu-efi-riscv64/RISCV_VIRT_CODE.fd"}
-	fileEDK2Riscv64Vars = File{Package: "qemu-efi-riscv64", Path: "usr/share/qemu-efi-riscv64/RISCV_VIRT_VARS.fd"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
@@ -174,7 +169,7 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // need, for FetchAll.
 var archFiles = map[string][]File{
 	"amd64":   {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
-	"riscv64": {fileBusybox, fileOpenSBI, fileUBootRiscv64, fileStubRiscv64, fileEDK2Riscv64, fileEDK2Riscv64Vars},
+	"riscv64": {fileBusybox, fileOpenSBI, fileUBootRiscv64},
 	"arm64":   {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64, fileAAVMFVarsMS, fileShimArm64, fileGRUBNetArm64},
 }
 
