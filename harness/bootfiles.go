@@ -207,6 +207,13 @@ func (g *Guest) firmwareFiles(ctx context.Context) (qemu.Files, error) {
 			return f, err
 		}
 	}
+	if c.NICROM && g.spec.NICROM == "" {
+		// The NIC's iPXE ROM boots the guest: the pinned one, not the
+		// host's.
+		if f.ROMs, err = cache.Path(ctx, c.Arch, images.IPXEROMs()); err != nil {
+			return f, err
+		}
+	}
 	if c.Payload != (images.File{}) {
 		if f.Payload, err = cache.Path(ctx, c.Arch, c.Payload); err != nil {
 			return f, err

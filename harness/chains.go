@@ -250,7 +250,7 @@ var noPXE = [][2]string{{"opt/org.tianocore/IPv4PXESupport", "no"}, {"opt/org.ti
 var chainTable = []Chain{
 	{
 		Profile: qemu.Profile{Arch: "amd64", Firmware: "seabios-ipxe", Machine: "pc", NICROM: true,
-			Description: "SeaBIOS, QEMU's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
+			Description: "SeaBIOS, the NIC's iPXE ROM: DHCP, iPXE script over HTTP, kernel and archive over HTTP"},
 		DHCP: []DHCPRule{ipxeScript}, loader: ipxeLoader, LoaderConfig: ConfigIPXE, ReadsNFS: true, UserNet: "{guest}/boot.ipxe", IPv6: true,
 		Cost: Cost{Boot: 7, Loader: 1, NoDHCP: 6},
 	},
@@ -432,12 +432,19 @@ func (c Chain) Drives(nic string, romFile bool) error {
 	if err != nil {
 		return err
 	}
-	romBoots := c.NICROM && m.ROM && (m.EFI || !c.UEFI)
 	switch {
-	case m.Name == qemu.VirtioNIC, c.Load == qemu.LoadKernel, romFile, romBoots, slices.Contains(c.NICs, m.Name):
+	case m.Name == qemu.VirtioNIC, c.Load == qemu.LoadKernel, romFile, slices.Contains(c.NICs, m.Name):
 		return nil
-	case c.NICROM && m.ROM:
-		return fmt.Errorf("NIC %s: QEMU's ROM for it (%s) holds no EFI driver, so %s's UEFI firmware cannot boot from it; seabios-ipxe can, or bring an EFI ROM with --nic-rom", m.Name, m.ROMFile, c.Name())
+	case c.NICROM:
+		rom, err := qemu.DefaultROM(c.Arch, c.Machine, m)
+		switch {
+		case err != nil:
+			return err
+		case rom != "" && (qemu.ROMHasEFI(rom) || !c.UEFI):
+			return nil
+		case rom != "":
+			return fmt.Errorf("NIC %s: QEMU's ROM for it (%s) holds no EFI driver, so %s's UEFI firmware cannot boot from it; seabios-ipxe can, or bring an EFI ROM with --nic-rom", m.Name, rom, c.Name())
+		}
 	}
 	return fmt.Errorf("NIC %s: %s's firmware has no driver for it (it drives %s); chains that boot through the NIC's iPXE ROM (%s) and direct boots take any model, or bring the NIC's ROM with --nic-rom, or firmware of your own that drives it",
 		m.Name, c.Name(), strings.Join(append([]string{qemu.VirtioNIC}, c.NICs...), ", "), strings.Join(chainNames(func(c Chain) bool { return c.NICROM }), ", "))

@@ -216,6 +216,9 @@ func (g *Guest) qemuConfig(socket string) qemu.Config {
 		Kernel: g.kernel, Initrd: g.initrd, Append: g.cmdline(),
 		Dir: g.private, QMP: filepath.Join(g.private, "qmp.sock"), NetSocket: socket,
 	}
+	if socket != "" {
+		c.NetReconnect = qemu.StreamReconnect(g.Profile.Arch)
+	}
 	c.Profile.FwCfg = g.chain.fwCfg(g.Profile.FwCfg, g.spec.Family)
 	if g.spec.UserNet {
 		c.UserNet = &qemu.UserNet{TFTPRoot: filepath.Join(g.private, "tftp"), Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}

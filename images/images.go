@@ -31,11 +31,13 @@ import (
 // Arches are the guest architectures nbh boots, in Debian's spelling.
 func Arches() []string { return []string{"amd64", "arm64", "riscv64"} }
 
-// archSuite is the Debian release an architecture's packages come from
-// when not the host's: riscv64 became an official architecture in Debian
-// 13 (trixie), so every riscv64 package is trixie's, through the cache's
-// own sources list as for File.Suite.
-var archSuite = map[string]string{"riscv64": "trixie"}
+// archSuite is the Debian release an architecture's pins come from,
+// whatever the host runs: amd64's and arm64's were resolved in Debian 12
+// (bookworm); riscv64 became an official architecture in Debian 13
+// (trixie), so every riscv64 package is trixie's. Each is fetched through
+// the cache's own sources list for that release (suiteList), so a Debian 13
+// host fetches the same Debian 12 packages a Debian 12 host does.
+var archSuite = map[string]string{"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 
 // home is where arch's packages come from by default.
 func home(arch string) source { return source{arch: arch, suite: archSuite[arch]} }
@@ -153,27 +155,18 @@ func (c *Cache) lock() (func(), error) {
 	return unlock, nil
 }
 
-// source is where apt fetches from: the host's Debian release for arch, or
-// another release's suite (Suite, e.g. trixie) through the cache's own
-// sources list.
+// source is where apt fetches from: a Debian release's suite (its
+// -updates and -security suites too) for one architecture, through the
+// cache's own sources list.
 type source struct {
 	arch, suite string
 }
 
-func (s source) String() string {
-	if s.suite == "" {
-		return s.arch
-	}
-	return s.arch + ", " + s.suite
-}
+func (s source) String() string { return s.arch + ", " + s.suite }
 
-// dir is src's private apt folder under the cache's apt/: arm64, arm64-trixie.
-func (s source) dir() string {
-	if s.suite == "" {
-		return s.arch
-	}
-	return s.arch + "-" + s.suite
-}
+// dir is src's private apt folder under the cache's apt/: amd64-bookworm,
+// arm64-trixie.
+func (s source) dir() string { return s.arch + "-" + s.suite }
 
 // aptArgs points apt at private folders under the cache for src.
 func (c *Cache) aptArgs(ctx context.Context, src source) ([]string, error) {
@@ -193,7 +186,7 @@ func (c *Cache) aptArgs(ctx context.Context, src source) ([]string, error) {
 	switch {
 	case c.sourceList != "":
 		sources = []string{"-o", "Dir::Etc::SourceList=" + c.sourceList, "-o", "Dir::Etc::SourceParts=/nonexistent"}
-	case src.suite != "":
+	default:
 		list, err := suiteList(ctx, base, src.suite)
 		if err != nil {
 			return nil, err
@@ -229,7 +222,7 @@ func sandboxUser() string {
 
 func (c *Cache) apt(ctx context.Context, dir string, src source, tool string, args ...string) ([]byte, error) {
 	if _, err := exec.LookPath(tool); err != nil {
-		return nil, fmt.Errorf("images: %w: %s (a Debian 12 host is needed to fetch images)", ErrMissingTool, tool)
+		return nil, fmt.Errorf("images: %w: %s (nbh fetches its images with apt: a Debian host, or another with apt and NBH_DEBIAN_ARCHIVE)", ErrMissingTool, tool)
 	}
 	base, err := c.aptArgs(ctx, src)
 	if err != nil {
@@ -425,41 +418,74 @@ func (c *Cache) progress(dir, name string, size int64) func() {
 
 // debianKeyring holds the Debian archive's signing keys, from the
 // debian-archive-keyring package apt depends on; Debian 12's has the keys of
-// Debian 13 too.
-const debianKeyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+// Debian 13 too, and Debian 13's those of Debian 12. $NBH_DEBIAN_KEYRING
+// names another file (a host whose distribution is not Debian).
+func debianKeyring() string {
+	if k := os.Getenv("NBH_DEBIAN_KEYRING"); k != "" {
+		return k
+	}
+	return "/usr/share/keyrings/debian-archive-keyring.gpg"
+}
 
-// suiteList writes (under base) the sources list of another Debian release's
-// suite: the same archive the host's apt reads its Debian release from, the
-// other suite, signed by Debian's keys. The host's own sources are read,
-// never changed.
+// suiteList writes (under base) the sources list of a Debian release: its
+// suite and its -updates suite from the archive the host's apt reads its
+// Debian release from, its -security suite from the host's security
+// archive, signed by Debian's keys. The host's own sources are read, never
+// changed.
 func suiteList(ctx context.Context, base, suite string) (string, error) {
-	uri, err := hostArchive(ctx)
+	main, security, err := hostArchives(ctx)
 	if err != nil {
 		return "", err
 	}
-	if _, err := os.Stat(debianKeyring); err != nil {
-		return "", fmt.Errorf("images: %s, which checks Debian's %s suite, is missing: install debian-archive-keyring (%w)", debianKeyring, suite, err)
+	keyring := debianKeyring()
+	if _, err := os.Stat(keyring); err != nil {
+		return "", fmt.Errorf("images: %s, which checks Debian's %s suite, is missing: install debian-archive-keyring (%w)", keyring, suite, err)
 	}
 	list := filepath.Join(base, "etc", "sources.list")
-	line := fmt.Sprintf("deb [signed-by=%s] %s %s main\n", debianKeyring, uri, suite)
-	if old, err := os.ReadFile(list); err == nil && string(old) == line {
+	text := fmt.Sprintf("deb [signed-by=%s] %s %s main\ndeb [signed-by=%s] %s %s-updates main\n", keyring, main, suite, keyring, main, suite)
+	if security != "" {
+		text += fmt.Sprintf("deb [signed-by=%s] %s %s-security main\n", keyring, security, suite)
+	}
+	if old, err := os.ReadFile(list); err == nil && string(old) == text {
 		return list, nil
 	}
-	return list, os.WriteFile(list, []byte(line), 0o644)
+	return list, os.WriteFile(list, []byte(text), 0o644)
 }
 
-// hostArchive is the URI the host's apt fetches its Debian release from
-// (its main suite, not -updates or -security).
-func hostArchive(ctx context.Context) (string, error) {
+// hostArchives are the URIs the host's apt fetches its Debian release from
+// (its main suite, not -updates or -security) and its security updates
+// from ("" if it has none). $NBH_DEBIAN_ARCHIVE and $NBH_DEBIAN_SECURITY
+// name them on a host whose apt sources hold no Debian release
+// (NBH_DEBIAN_SECURITY=none: no security suite).
+func hostArchives(ctx context.Context) (main, security string, err error) {
+	main, security = os.Getenv("NBH_DEBIAN_ARCHIVE"), os.Getenv("NBH_DEBIAN_SECURITY")
+	if main != "" {
+		if security == "none" {
+			security = ""
+		}
+		return main, security, nil
+	}
 	out, err := exec.CommandContext(ctx, "apt-get", "indextargets", "--format", "$(TARGET_OF) $(IDENTIFIER) $(RELEASE) $(REPO_URI)").Output()
 	if err != nil {
-		return "", fmt.Errorf("images: apt-get indextargets: %w", err)
+		return "", "", fmt.Errorf("images: apt-get indextargets: %w", err)
 	}
 	for _, l := range strings.Split(string(out), "\n") {
 		f := strings.Fields(l)
-		if len(f) == 4 && f[0] == "deb" && f[1] == "Packages" && !strings.Contains(f[2], "-") {
-			return f[3], nil
+		if len(f) != 4 || f[0] != "deb" || f[1] != "Packages" {
+			continue
+		}
+		switch {
+		case main == "" && !strings.Contains(f[2], "-"):
+			main = f[3]
+		case security == "" && strings.HasSuffix(f[2], "-security"):
+			security = f[3]
 		}
 	}
-	return "", fmt.Errorf("images: the host's apt sources name no Debian release (a Debian 12 host is needed to fetch images)")
+	if security == "none" {
+		security = ""
+	}
+	if main == "" {
+		return "", "", fmt.Errorf("images: the host's apt sources name no Debian release: nbh fetches Debian's packages through apt; on another distribution set NBH_DEBIAN_ARCHIVE to a Debian archive's URI (see the README)")
+	}
+	return main, security, nil
 }

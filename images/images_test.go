@@ -188,12 +188,12 @@ func TestFetchPinnedAndPinGone(t *testing.T) {
 	c2.PinsOverride = map[string]PinSet{"amd64": {Arch: "amd64", Packages: map[string]Pin{"linktest": {Version: "0.9-1", SHA256: sum}}}}
 	_, err = c2.Path(context.Background(), "amd64", File{Package: "linktest", Path: "usr/lib/ipxe/ipxe.efi"})
 	assert.Assert(t, errors.Is(err, ErrPinGone), "%v", err)
-	assert.ErrorContains(t, err, "pinned package linktest 0.9-1 (amd64) is no longer served")
+	assert.ErrorContains(t, err, "pinned package linktest 0.9-1 (amd64, bookworm) is no longer served")
 
 	// Resolving pins what the archive serves now.
 	c3 := &Cache{Dir: t.TempDir(), Log: &log, sourceList: c.sourceList}
-	assert.NilError(t, c3.update(context.Background(), source{arch: "amd64"}, true))
-	pin, err := c3.resolve(context.Background(), source{arch: "amd64"}, "linktest")
+	assert.NilError(t, c3.update(context.Background(), source{arch: "amd64", suite: "bookworm"}, true))
+	pin, err := c3.resolve(context.Background(), source{arch: "amd64", suite: "bookworm"}, "linktest")
 	assert.NilError(t, err)
 	assert.DeepEqual(t, pin, Pin{Version: "1.0-1", SHA256: sum, Size: pin.Size})
 }

@@ -98,7 +98,10 @@ func AAVMFVarsMS() File    { return fileAAVMFVarsMS }
 func ShimX64() File        { return fileShimX64 }
 func ShimArm64() File      { return fileShimArm64 }
 func GRUBNetX64() File     { return fileGRUBNetX64 }
-func GRUBNetArm64() File   { return fileGRUBNetArm64 }
+
+// IPXEROMs is the folder of the NICs' iPXE option ROMs (amd64).
+func IPXEROMs() File     { return fileIPXEROMs }
+func GRUBNetArm64() File { return fileGRUBNetArm64 }
 
 // riscv64 (every package from Debian 13: archSuite): OpenSBI, the
 // supervisor-mode U-Boot it jumps to. (Debian 13's EDK2 for riscv64 has no
@@ -107,11 +110,16 @@ func OpenSBI() File      { return fileOpenSBI }
 func UBootRiscv64() File { return fileUBootRiscv64 }
 
 // Files the boot chains use. Architecture-independent packages ("all") are
-// fetched through the index of the guest architecture that needs them. The
-// NIC's iPXE option ROM is not among them: QEMU patches PCI IDs only into
-// its own default ROM (from the host's ipxe-qemu package), and firmware
-// rejects an explicit romfile= whose IDs do not match the device.
+// fetched through the index of the guest architecture that needs them.
 var (
+	// The NICs' iPXE option ROMs (a folder of them): a guest's firmware
+	// as much as OVMF is, so pinned, not the host's ipxe-qemu (Debian
+	// 13's iPXE 1.21.1 EFI ROMs leave the boot to OVMF's own PXE). QEMU
+	// finds them as its default ROMs through -L (qemu.Config.ROMDir): it
+	// patches PCI IDs only into a default ROM, and firmware rejects an
+	// explicit romfile= whose IDs do not match the device.
+	fileIPXEROMs = File{Package: "ipxe-qemu", Path: "usr/lib/ipxe/qemu"}
+
 	fileBusybox  = File{Package: "busybox-static", Path: "bin/busybox"}
 	fileOVMFCode = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_CODE_4M.fd"}
 	fileOVMFVars = File{Package: "ovmf", Path: "usr/share/OVMF/OVMF_VARS_4M.fd"}
@@ -138,8 +146,8 @@ var (
 	fileGRUBNetX64     = File{Package: "grub-efi-amd64-signed", Path: "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"}
 	fileGRUBNetArm64   = File{Package: "grub-efi-arm64-signed", Path: "usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"}
 
-	fileOpenSBI         = File{Package: "opensbi", Path: "usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin"}
-	fileUBootRiscv64    = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu-riscv64_smode/uboot.elf"}
+	fileOpenSBI      = File{Package: "opensbi", Path: "usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin"}
+	fileUBootRiscv64 = File{Package: "u-boot-qemu", Path: "usr/lib/u-boot/qemu-riscv64_smode/uboot.elf"}
 )
 
 // Path fetches f's package for arch and returns the file's path.
@@ -168,7 +176,7 @@ func fileIn(dir, arch, pkg, rel string) (string, error) {
 // Chain files by architecture: everything a guest of that architecture may
 // need, for FetchAll.
 var archFiles = map[string][]File{
-	"amd64":   {fileBusybox, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
+	"amd64":   {fileBusybox, fileIPXEROMs, fileOVMFCode, fileOVMFVars, fileIPXEEFI, fileStubX64, fileOVMFSecureCode, fileOVMFVarsMS, fileShimX64, fileGRUBNetX64},
 	"riscv64": {fileBusybox, fileOpenSBI, fileUBootRiscv64},
 	"arm64":   {fileBusybox, fileAAVMF, fileAAVMFCode, fileAAVMFVars, fileUBoot, fileGRUBArm64, fileStubArm64, fileIPXEArm64, fileAAVMFVarsMS, fileShimArm64, fileGRUBNetArm64},
 }

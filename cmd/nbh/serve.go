@@ -36,8 +36,11 @@ what its firmware says it is (DHCP option 93, vendor class), up to
 --max-guests at once; such a machine that leaves (its QEMU ends) gives back
 its lease, root and files. The socket is its owner's only (0600). Each guest's
 stages show as they happen; its timeline.jsonl and network.pcapng go to
-DIR/artifacts/GUEST. QEMU 7.2 connects once and never again: start it after
-nbh serve says it is ready. Ctrl-C stops everything.
+DIR/artifacts/GUEST. Where QEMU's stream netdev can reconnect (QEMU 8.0 and
+later, found by a probe), the printed line carries the option, so QEMU may
+start before nbh serve and outlive a restart of it; QEMU 7.2 connects once
+and never again: start it after nbh serve says it is ready. Ctrl-C stops
+everything.
 
 Flags:
 `)
@@ -122,7 +125,7 @@ Flags:
 			if rom := g.Spec().NICROM; rom != "" {
 				dev += ",romfile=" + rom
 			}
-			fmt.Printf("%s (%s): -netdev stream,id=n0,server=off,addr.type=unix,addr.path=%s -device %s\n", g.Name, g.IP, sock, dev)
+			fmt.Printf("%s (%s): -netdev %s -device %s\n", g.Name, g.IP, qemu.StreamNetdev(sock, qemu.StreamReconnect(prof.Arch)), dev)
 			continue
 		}
 		argv, err := g.QEMUArgs(sock)
@@ -136,7 +139,11 @@ Flags:
 		}
 		fmt.Printf("%s (%s, %s):\n  %s\n", g.Name, g.MAC, addrs, shellJoin(argv))
 	}
-	fmt.Printf("nbh serve: ready: start QEMU now (it connects once: this nbh serve must stay up); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
+	if qemu.StreamReconnect(prof.Arch) != "" {
+		fmt.Printf("nbh serve: ready: start QEMU now (its netdev reconnects: a QEMU started before nbh serve, or left running across a restart of it, joins when the socket is there); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
+	} else {
+		fmt.Printf("nbh serve: ready: start QEMU now (this QEMU connects once: this nbh serve must stay up); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
+	}
 	<-ctx.Done()
 	fmt.Fprintf(os.Stderr, "\nnbh serve: stopping\n")
 	ln.Close()

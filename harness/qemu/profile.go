@@ -84,6 +84,11 @@ type Files struct {
 	// Payload is what firmware loaded with -bios jumps to, given as
 	// -kernel (LoadBIOS: riscv64's OpenSBI, then U-Boot).
 	Payload string
+	// ROMs is a folder of NIC option ROMs QEMU takes as its own default
+	// ones (-L: searched before its data folders, so it still patches
+	// the device's PCI IDs into them), for a chain that boots through
+	// the NIC's ROM.
+	ROMs string
 }
 
 // Config describes one guest.
@@ -114,6 +119,20 @@ type Config struct {
 	// gets the console and its monitor on the user's terminal (Ctrl-A x
 	// quits) and no QMP socket.
 	NetSocket string
+	// NetReconnect is the stream option (StreamReconnect) with which such
+	// a QEMU connects when the socket appears and again after it went
+	// away; "" on a QEMU that connects once.
+	NetReconnect string
+}
+
+// StreamNetdev is the -netdev of a QEMU joining a lab through its unix
+// socket at path, reconnecting with option reconnect ("" for none).
+func StreamNetdev(path, reconnect string) string {
+	n := "stream,id=n0,server=off,addr.type=unix,addr.path=" + path
+	if reconnect != "" {
+		n += "," + reconnect
+	}
+	return n
 }
 
 // UserNet is QEMU's user-mode network (slirp) as a boot network: the same
@@ -143,7 +162,7 @@ func Args(c Config) ([]string, error) {
 	if c.NetSocket != "" {
 		// A QEMU the user runs: console and monitor on their terminal.
 		a = append(a, "-serial", "mon:stdio", "-no-reboot",
-			"-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path="+c.NetSocket)
+			"-netdev", StreamNetdev(c.NetSocket, c.NetReconnect))
 	} else {
 		// No monitor on the console's terminal; QMP on a socket.
 		a = append(a, "-monitor", "none",
@@ -164,6 +183,9 @@ func Args(c Config) ([]string, error) {
 	model, err := LookupNIC(c.NIC)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	if c.Files.ROMs != "" && c.Profile.NICROM && c.ROMFile == "" {
+		a = append(a, "-L", c.Files.ROMs)
 	}
 	nic := model.Device + ",netdev=n0,mac=" + c.MAC
 	switch {
