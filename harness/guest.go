@@ -99,7 +99,9 @@ func (g *Guest) start() error {
 	l := g.lab
 	var err error
 	var netFile *os.File
-	if !g.spec.UserNet {
+	if g.spec.TapNet != nil {
+		// On another network: the lab's fabric has no port for it.
+	} else if !g.spec.UserNet {
 		if g.port, err = l.fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
 			g.Close()
 			return err
@@ -220,6 +222,7 @@ func (g *Guest) qemuConfig(socket string) qemu.Config {
 		c.NetReconnect = qemu.StreamReconnect(g.Profile.Arch)
 	}
 	c.Profile.FwCfg = g.chain.fwCfg(g.Profile.FwCfg, g.spec.Family)
+	c.TapNet = g.spec.TapNet
 	if g.spec.UserNet {
 		c.UserNet = &qemu.UserNet{TFTPRoot: filepath.Join(g.private, "tftp"), Bootfile: strings.ReplaceAll(g.chain.UserNet, "{guest}", g.Name)}
 	}

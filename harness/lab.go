@@ -405,6 +405,12 @@ func (g *Guest) server() string {
 // Cache is the lab's image cache.
 func (l *Lab) Cache() *images.Cache { return l.cache }
 
+// ServedDir is the folder the lab's TFTP and HTTP servers serve: each
+// guest's folder and the loader files guests share, as the lab provisions
+// them. Another network's servers may serve it to a guest on a tap network
+// (Spec.TapNet), with the lab's own names and paths.
+func (l *Lab) ServedDir() string { return l.srv }
+
 // policy decides boot files from what a DHCP client says it is.
 func (l *Lab) policy(c dhcp.Client) dhcp.Boot {
 	l.mu.Lock()

@@ -62,6 +62,14 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 			return nil, fmt.Errorf("spec: a boot on QEMU's user-mode network has no faults, no root, no IPsec and one chain")
 		}
 	}
+	if spec.TapNet != nil {
+		switch {
+		case spec.UserNet:
+			return nil, fmt.Errorf("spec: a tap network or QEMU's user-mode network, not both")
+		case len(spec.Faults) > 0 || spec.Root != RootNone || spec.AnyLoader || l.esp != nil:
+			return nil, fmt.Errorf("spec: a boot on a tap network has no faults, no root, no IPsec and one chain")
+		}
+	}
 	var p plan
 	for _, given := range spec.Faults {
 		// Only the name counts: a Fault made by hand is looked up, and

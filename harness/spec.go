@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
 )
 
@@ -129,6 +130,12 @@ type Spec struct {
 	// the lab sees none of the guest's traffic, so stages come from the
 	// console only.
 	UserNet bool
+	// TapNet puts the guest on a tap device of a Linux network instead of
+	// the lab's fabric (needs root): the lab provisions its boot files in
+	// Lab.ServedDir and answers none of its packets; whoever runs that
+	// network serves them (BenchmarkNetboot's dnsmasq baseline). As with
+	// UserNet: no root, no fault, no IPsec, stages from the console.
+	TapNet *qemu.TapNet
 	// KeepPrompts leaves firmware prompts to run out their timeouts instead
 	// of answering them (see console.Respond).
 	KeepPrompts bool

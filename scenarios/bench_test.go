@@ -15,7 +15,12 @@ import (
 // the same archive on the same architecture, measured in the same run. The
 // chains that can also boot on QEMU's own user-mode network (its built-in
 // DHCP and TFTP: what users pick instead of a boot network) run there too,
-// as CHAIN/qemu-user-net, so the table sets nbh's network against it. The
+// as CHAIN/qemu-user-net, so the table sets nbh's network against it. As
+// root, seabios-ipxe, ovmf-pxe, ovmf-http and arm64's uboot also boot on
+// the network a team runs instead (CHAIN/dnsmasq: a bridge and a tap
+// device in a network namespace of the benchmark's own, dnsmasq for DHCP
+// and TFTP, busybox's httpd; the same files), reported also as a ratio to
+// nbh's network (x-nbh; skipped, with the reason, where it cannot run). The
 // chains that can SAN-boot boot onto an iSCSI root twice: with kernel and
 // archive fetched over HTTP (CHAIN/root=iscsi), then from the disk itself
 // (CHAIN/root=sanboot, reported also as a ratio to the fetched boot). The
@@ -33,6 +38,8 @@ func BenchmarkNetboot(b *testing.B) {
 		// secureBoot is Spec.SecureBoot, set for the boot of a chain with
 		// Secure Boot the other way from its default.
 		secureBoot string
+		// realLab boots the chain on the dnsmasq network (realLab).
+		realLab bool
 	}
 	chains := nbhtest.Chains()
 	// Baselines first, so every ratio has its direct boot from this run.
@@ -54,6 +61,9 @@ func BenchmarkNetboot(b *testing.B) {
 			}
 			if c.UserNet != "" {
 				runs = append(runs, run{Chain: c, userNet: true})
+			}
+			if _, ok := realLabChains[c.Name()]; ok {
+				runs = append(runs, run{Chain: c, realLab: true})
 			}
 			if c.IPv6 {
 				runs = append(runs, run{Chain: c, family: dhcp.V6})
@@ -81,18 +91,36 @@ func BenchmarkNetboot(b *testing.B) {
 		if r.secureBoot != "" {
 			name += "/secure-boot=" + r.secureBoot
 		}
+		if r.realLab {
+			name += "/dnsmasq"
+		}
 		b.Run(name, func(b *testing.B) {
+			if why := realLabMissing(); r.realLab && why != "" {
+				b.Skip(why)
+			}
 			var total float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				lab := nbhtest.NewLab(b)
+				spec := harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root, Family: r.family, SecureBoot: r.secureBoot}
+				var rl *realLab
+				if r.realLab {
+					var err error
+					if rl, err = startRealLab(b, lab, r.Name()); err != nil {
+						b.Fatal(err)
+					}
+					spec.TapNet = rl.tap
+				}
 				b.StartTimer()
-				g, err := lab.Boot(context.Background(), harness.Spec{Arch: r.Arch, Firmware: r.Firmware, UserNet: r.userNet, Root: r.root, Family: r.family, SecureBoot: r.secureBoot})
+				g, err := lab.Boot(context.Background(), spec)
 				if err != nil {
 					b.Fatal(err)
 				}
 				v := g.Wait(context.Background())
 				b.StopTimer()
+				if rl != nil {
+					rl.stop()
+				}
 				if !v.OK {
 					b.Fatalf("%s: %v", name, v.Err())
 				}
@@ -104,7 +132,11 @@ func BenchmarkNetboot(b *testing.B) {
 			if r.Firmware == qemu.Direct {
 				direct[r.Arch] = mean
 			}
-			plain := r.root == "" && r.family == "" && !r.userNet
+			if f := ipv4[r.Name()]; r.realLab && f > 0 {
+				// Below 1: the real lab is faster than nbh's network.
+				b.ReportMetric(mean/f, "x-nbh")
+			}
+			plain := r.root == "" && r.family == "" && !r.userNet && !r.realLab
 			if plain && r.secureBoot == "" {
 				ipv4[r.Name()] = mean
 			}

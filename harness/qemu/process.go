@@ -44,8 +44,17 @@ func Start(c Config, tty *os.File, net *os.File) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Process{Args: append([]string{bin}, args...), exited: make(chan struct{}), resets: make(chan time.Time, 8)}
-	cmd := exec.Command(bin, args...)
+	argv := append([]string{bin}, args...)
+	if t := c.TapNet; t != nil && t.Netns != "" {
+		// QEMU opens the tap device in the namespace that has it.
+		ip, err := exec.LookPath("ip")
+		if err != nil {
+			return nil, fmt.Errorf("qemu: a tap network in namespace %s needs ip (iproute2): %w", t.Netns, err)
+		}
+		argv = append([]string{ip, "netns", "exec", t.Netns}, argv...)
+	}
+	p := &Process{Args: argv, exited: make(chan struct{}), resets: make(chan time.Time, 8)}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout = tty, tty
 	cmd.Stderr = &lockedWriter{w: &p.stderr, mu: &p.mu}
 	if net != nil {

@@ -114,6 +114,8 @@ type Config struct {
 	// UserNet, instead, puts the guest on QEMU's own user-mode network
 	// (its built-in DHCP and TFTP server), for comparison with the lab's.
 	UserNet *UserNet
+	// TapNet, instead, puts it on a tap device (needs root).
+	TapNet *TapNet
 	// NetSocket, instead, is the path of a lab's unix socket the stream
 	// netdev connects to (a QEMU the user starts: nbh serve). Such a QEMU
 	// gets the console and its monitor on the user's terminal (Ctrl-A x
@@ -143,6 +145,14 @@ type UserNet struct {
 	TFTPRoot, Bootfile string
 }
 
+// TapNet puts the guest's NIC on a tap device of a Linux network, instead
+// of the lab's fabric: Ifname in the network namespace Netns (a name under
+// /run/netns; QEMU is started inside it with ip netns exec). For a
+// baseline the lab does not serve (BenchmarkNetboot's dnsmasq network).
+type TapNet struct {
+	Netns, Ifname string
+}
+
 // Args builds the QEMU arguments (without the binary).
 func Args(c Config) ([]string, error) {
 	mem := c.Memory
@@ -158,6 +168,12 @@ func Args(c Config) ([]string, error) {
 			return nil, fmt.Errorf("qemu: user network: a comma in %q or %q", u.TFTPRoot, u.Bootfile)
 		}
 		netdev = "user,id=n0,restrict=on,net=10.0.2.0/24,host=10.0.2.2,dhcpstart=10.0.2.15,tftp=" + u.TFTPRoot + ",bootfile=" + u.Bootfile
+	}
+	if t := c.TapNet; t != nil {
+		if strings.ContainsAny(t.Ifname, ",=") || t.Ifname == "" {
+			return nil, fmt.Errorf("qemu: tap device %q", t.Ifname)
+		}
+		netdev = "tap,id=n0,ifname=" + t.Ifname + ",script=no,downscript=no"
 	}
 	if c.NetSocket != "" {
 		// A QEMU the user runs: console and monitor on their terminal.

@@ -64,6 +64,28 @@ func TestNICModels(t *testing.T) {
 	assert.ErrorContains(t, err, `NIC "tulip3000": want one of virtio, e1000`)
 }
 
+// TestNetworks: the netdev for each kind of network the guest can be on,
+// and the pinned ROMs (-L) only where the NIC's own ROM boots the guest.
+func TestNetworks(t *testing.T) {
+	args := func(c Config) string {
+		c.Machine, c.MAC, c.Arch = "pc", "52:54:00:00:00:01", "amd64"
+		a, err := Args(c)
+		assert.NilError(t, err)
+		return strings.Join(a, " ")
+	}
+	assert.Assert(t, strings.Contains(args(Config{NetFD: 3}), "-netdev stream,id=n0,addr.type=fd,addr.str=3 "))
+	assert.Assert(t, strings.Contains(args(Config{TapNet: &TapNet{Netns: "ns", Ifname: "tap0"}}), "-netdev tap,id=n0,ifname=tap0,script=no,downscript=no "))
+	assert.Assert(t, strings.Contains(args(Config{NetSocket: "/s/net.sock", NetReconnect: "reconnect-ms=1000"}), "-netdev stream,id=n0,server=off,addr.type=unix,addr.path=/s/net.sock,reconnect-ms=1000 "))
+	for _, bad := range []string{"", "tap0,script=/evil", "a=b"} {
+		_, err := Args(Config{Profile: Profile{Machine: "pc"}, TapNet: &TapNet{Ifname: bad}})
+		assert.ErrorContains(t, err, "tap device")
+	}
+	roms := Files{ROMs: "/pinned/roms"}
+	assert.Assert(t, strings.Contains(args(Config{Profile: Profile{NICROM: true}, Files: roms}), " -L /pinned/roms "))
+	assert.Assert(t, !strings.Contains(args(Config{Files: roms}), "-L"), "no NIC ROM boots this chain")
+	assert.Assert(t, !strings.Contains(args(Config{Profile: Profile{NICROM: true}, Files: roms, ROMFile: "/x/my.rom"}), "-L"), "the user's ROM")
+}
+
 // TestNICROMs checks what QEMU says it loads for each NIC against the
 // pinned ipxe-qemu (the ROMs guests boot through, -L): the file QEMU
 // reports in its device tree is one the pinned package has, and it holds
