@@ -66,8 +66,10 @@ func (l *Lab) provision(ctx context.Context, spec Spec) (_ *Guest, err error) {
 		switch {
 		case spec.UserNet:
 			return nil, fmt.Errorf("spec: a tap network or QEMU's user-mode network, not both")
-		case len(spec.Faults) > 0 || spec.Root != RootNone || spec.AnyLoader || l.esp != nil:
-			return nil, fmt.Errorf("spec: a boot on a tap network has no faults, no root, no IPsec and one chain")
+		case len(spec.Faults) > 0 || spec.Root != RootNone || spec.AnyLoader || l.esp != nil || (spec.Family != "" && spec.Family != dhcp.V4):
+			return nil, fmt.Errorf("spec: a boot on a tap network has no faults, no root, no IPsec, IPv4 only and one chain")
+		case spec.TapNet.Ifname == "" || spec.TapNet.Netns == "" || strings.ContainsAny(spec.TapNet.Netns, "/ \x00"):
+			return nil, fmt.Errorf("spec: tap network %+v: want a tap device and a network namespace's name", *spec.TapNet)
 		}
 	}
 	var p plan

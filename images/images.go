@@ -22,7 +22,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"nbh.dev/nbh/internal/fsutil"
@@ -171,6 +173,9 @@ func (s source) dir() string { return s.arch + "-" + s.suite }
 // aptArgs points apt at private folders under the cache for src.
 func (c *Cache) aptArgs(ctx context.Context, src source) ([]string, error) {
 	base := filepath.Join(c.Dir, "apt", src.dir())
+	// The apt state an older nbh kept per architecture alone (apt/amd64),
+	// before each release had its own: tens of MB nothing reads.
+	os.RemoveAll(filepath.Join(c.Dir, "apt", src.arch))
 	for _, d := range []string{"lists/partial", "cache/archives/partial", "etc/preferences.d", "etc/apt.conf.d"} {
 		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
 			return nil, err
@@ -428,64 +433,169 @@ func debianKeyring() string {
 }
 
 // suiteList writes (under base) the sources list of a Debian release: its
-// suite and its -updates suite from the archive the host's apt reads its
-// Debian release from, its -security suite from the host's security
-// archive, signed by Debian's keys. The host's own sources are read, never
-// changed.
+// suite from the archive the host's apt reads its own Debian release from,
+// its -updates suite where the host reads one, and its -security suite from
+// the host's security archive, signed by Debian's keys. The host's own
+// sources are read, never changed.
 func suiteList(ctx context.Context, base, suite string) (string, error) {
-	main, security, err := hostArchives(ctx)
+	a, err := hostArchives(ctx)
 	if err != nil {
 		return "", err
 	}
 	keyring := debianKeyring()
+	if strings.ContainsAny(keyring, " \t\n[]") {
+		return "", fmt.Errorf("images: keyring %q: a path apt's sources line cannot hold", keyring)
+	}
 	if _, err := os.Stat(keyring); err != nil {
 		return "", fmt.Errorf("images: %s, which checks Debian's %s suite, is missing: install debian-archive-keyring (%w)", keyring, suite, err)
 	}
 	list := filepath.Join(base, "etc", "sources.list")
-	text := fmt.Sprintf("deb [signed-by=%s] %s %s main\ndeb [signed-by=%s] %s %s-updates main\n", keyring, main, suite, keyring, main, suite)
-	if security != "" {
-		text += fmt.Sprintf("deb [signed-by=%s] %s %s-security main\n", keyring, security, suite)
-	}
+	text := a.list(keyring, suite)
 	if old, err := os.ReadFile(list); err == nil && string(old) == text {
 		return list, nil
 	}
 	return list, os.WriteFile(list, []byte(text), 0o644)
 }
 
-// hostArchives are the URIs the host's apt fetches its Debian release from
-// (its main suite, not -updates or -security) and its security updates
-// from ("" if it has none). $NBH_DEBIAN_ARCHIVE and $NBH_DEBIAN_SECURITY
-// name them on a host whose apt sources hold no Debian release
-// (NBH_DEBIAN_SECURITY=none: no security suite).
-func hostArchives(ctx context.Context) (main, security string, err error) {
-	main, security = os.Getenv("NBH_DEBIAN_ARCHIVE"), os.Getenv("NBH_DEBIAN_SECURITY")
-	if main != "" {
-		if security == "none" {
-			security = ""
-		}
-		return main, security, nil
+// archives are where Debian's suites come from: the archive's URI (Main),
+// whether it has the -updates suites, and the security archive's URI
+// ("" for none).
+type archives struct {
+	Main     string
+	Updates  bool
+	Security string
+}
+
+// list is the sources list of the release suite from a.
+func (a archives) list(keyring, suite string) string {
+	text := fmt.Sprintf("deb [signed-by=%s] %s %s main\n", keyring, a.Main, suite)
+	if a.Updates {
+		text += fmt.Sprintf("deb [signed-by=%s] %s %s-updates main\n", keyring, a.Main, suite)
 	}
-	out, err := exec.CommandContext(ctx, "apt-get", "indextargets", "--format", "$(TARGET_OF) $(IDENTIFIER) $(RELEASE) $(REPO_URI)").Output()
+	if a.Security != "" {
+		text += fmt.Sprintf("deb [signed-by=%s] %s %s-security main\n", keyring, a.Security, suite)
+	}
+	return text
+}
+
+// hostArchives finds the archives the host's apt reads its own Debian
+// release from. $NBH_DEBIAN_ARCHIVE and $NBH_DEBIAN_SECURITY (a URI, or
+// "none") name them on a host whose apt sources hold no Debian release.
+func hostArchives(ctx context.Context) (archives, error) {
+	if main := os.Getenv("NBH_DEBIAN_ARCHIVE"); main != "" {
+		sec := os.Getenv("NBH_DEBIAN_SECURITY")
+		switch sec {
+		case "":
+			return archives{}, fmt.Errorf("images: NBH_DEBIAN_ARCHIVE is set: set NBH_DEBIAN_SECURITY too, to the URI of Debian's security archive (pinned kernels often come from a -security suite), or to none")
+		case "none":
+			sec = ""
+		}
+		if err := checkURI(main); err != nil {
+			return archives{}, err
+		}
+		if sec != "" {
+			if err := checkURI(sec); err != nil {
+				return archives{}, err
+			}
+		}
+		return archives{Main: main, Updates: true, Security: sec}, nil
+	}
+	hostSources.Lock()
+	defer hostSources.Unlock()
+	if hostSources.out == nil {
+		// --no-release-info: the sources as configured, even where no
+		// list was ever downloaded (a container that removed them).
+		out, err := exec.CommandContext(ctx, "apt-get", "indextargets", "--no-release-info", "--format", "$(TARGET_OF) $(IDENTIFIER) $(RELEASE) $(REPO_URI)").Output()
+		if err != nil {
+			return archives{}, fmt.Errorf("images: apt-get indextargets: %w", err)
+		}
+		hostSources.out = out
+	}
+	return parseIndexTargets(string(hostSources.out), debianCodename())
+}
+
+// hostSources is the host's apt sources as indextargets lists them, read
+// once per process.
+var hostSources struct {
+	sync.Mutex
+	out []byte
+}
+
+// debianCodename is the host's Debian release codename (/etc/os-release),
+// "" on a host that is not Debian (another distribution's codename names
+// its own archive, not Debian's).
+func debianCodename() string {
+	data, err := os.ReadFile("/etc/os-release")
 	if err != nil {
-		return "", "", fmt.Errorf("images: apt-get indextargets: %w", err)
+		return ""
 	}
-	for _, l := range strings.Split(string(out), "\n") {
+	fields := map[string]string{}
+	for _, l := range strings.Split(string(data), "\n") {
+		if k, v, ok := strings.Cut(l, "="); ok {
+			fields[k] = strings.Trim(strings.TrimSpace(v), `"'`)
+		}
+	}
+	if fields["ID"] != "debian" {
+		return ""
+	}
+	return fields["VERSION_CODENAME"]
+}
+
+// debianAliases are the suite names Debian's archives also know a release
+// by, which a host's sources may use instead of its codename.
+var debianAliases = []string{"stable", "oldstable", "testing", "unstable", "sid"}
+
+// parseIndexTargets picks the host's Debian archives out of apt-get
+// indextargets lines ("deb Packages SUITE URI"): the archive of the suite
+// that is the host's Debian codename (debianCodename), else of a Debian alias (stable, ...)
+// from a URI whose path ends in /debian/ (so a third-party repository's
+// "stable" is never taken for Debian's); its -updates suite; and the
+// security archive of the same release (SUITE-security).
+func parseIndexTargets(out, codename string) (archives, error) {
+	type source struct{ suite, uri string }
+	var debs []source
+	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
-		if len(f) != 4 || f[0] != "deb" || f[1] != "Packages" {
-			continue
-		}
-		switch {
-		case main == "" && !strings.Contains(f[2], "-"):
-			main = f[3]
-		case security == "" && strings.HasSuffix(f[2], "-security"):
-			security = f[3]
+		if len(f) == 4 && f[0] == "deb" && f[1] == "Packages" {
+			debs = append(debs, source{f[2], f[3]})
 		}
 	}
-	if security == "none" {
-		security = ""
+	var a archives
+	release := ""
+	for _, d := range debs {
+		if codename != "" && d.suite == codename {
+			a.Main, release = d.uri, d.suite
+			break
+		}
 	}
-	if main == "" {
-		return "", "", fmt.Errorf("images: the host's apt sources name no Debian release: nbh fetches Debian's packages through apt; on another distribution set NBH_DEBIAN_ARCHIVE to a Debian archive's URI (see the README)")
+	if a.Main == "" {
+		for _, d := range debs {
+			if slices.Contains(debianAliases, d.suite) && strings.HasSuffix(strings.TrimSuffix(d.uri, "/"), "/debian") {
+				a.Main, release = d.uri, d.suite
+				break
+			}
+		}
 	}
-	return main, security, nil
+	if a.Main == "" {
+		return archives{}, fmt.Errorf("images: the host's apt sources name no Debian release (none of suite %q, nor stable/oldstable/testing from a .../debian archive): nbh fetches Debian's packages with apt; on another distribution set NBH_DEBIAN_ARCHIVE and NBH_DEBIAN_SECURITY (see Hosts in the README)", codename)
+	}
+	for _, d := range debs {
+		switch d.suite {
+		case release + "-updates":
+			a.Updates = a.Updates || d.uri == a.Main
+		case release + "-security":
+			if a.Security == "" {
+				a.Security = d.uri
+			}
+		}
+	}
+	return a, nil
+}
+
+// checkURI refuses a URI that would not stay one field of a sources line.
+func checkURI(u string) error {
+	if strings.ContainsAny(u, " \t\n[]") || !strings.Contains(u, "://") {
+		return fmt.Errorf("images: %q is not an archive URI", u)
+	}
+	return nil
 }

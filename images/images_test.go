@@ -197,3 +197,61 @@ func TestFetchPinnedAndPinGone(t *testing.T) {
 	assert.NilError(t, err)
 	assert.DeepEqual(t, pin, Pin{Version: "1.0-1", SHA256: sum, Size: pin.Size})
 }
+
+// TestHostArchives: the host's Debian archives out of its apt sources as
+// apt-get indextargets lists them, whatever else the host reads from.
+func TestHostArchives(t *testing.T) {
+	const (
+		chrome   = "deb Packages stable https://dl.example.com/linux/chrome/deb/\n"
+		bookworm = "deb Packages bookworm http://mirror.example/debian/\n" +
+			"deb DEP-11 bookworm http://mirror.example/debian/\n" +
+			"deb Packages bookworm-updates http://mirror.example/debian/\n" +
+			"deb Packages bookworm-security http://security.example/debian-security/\n"
+	)
+	for _, c := range []struct {
+		name, out, codename string
+		want                archives
+		err                 string
+	}{
+		{"debian", bookworm, "bookworm", archives{Main: "http://mirror.example/debian/", Updates: true, Security: "http://security.example/debian-security/"}, ""},
+		// A third-party "stable" listed first is not Debian's archive.
+		{"third party first", chrome + bookworm, "bookworm", archives{Main: "http://mirror.example/debian/", Updates: true, Security: "http://security.example/debian-security/"}, ""},
+		// A local mirror with neither -updates nor -security.
+		{"bare mirror", "deb Packages trixie http://local/debian/\n", "trixie", archives{Main: "http://local/debian/"}, ""},
+		// Sources written with the alias, not the codename.
+		{"alias", "deb Packages stable http://mirror.example/debian/\ndeb Packages stable-security http://sec.example/debian-security/\n", "trixie",
+			archives{Main: "http://mirror.example/debian/", Security: "http://sec.example/debian-security/"}, ""},
+		// Only a third party's "stable": no Debian here.
+		{"no debian", chrome, "noble", archives{}, "name no Debian release"},
+		// Another distribution: no Debian codename (debianCodename).
+		{"ubuntu", "deb Packages noble http://archive.example/ubuntu/\n", "", archives{}, "NBH_DEBIAN_ARCHIVE"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := parseIndexTargets(c.out, c.codename)
+			if c.err != "" {
+				assert.ErrorContains(t, err, c.err)
+				return
+			}
+			assert.NilError(t, err)
+			assert.DeepEqual(t, got, c.want)
+		})
+	}
+}
+
+// TestNamedArchives: on a host without Debian's sources the archives are
+// named; the security archive must be named too (or "none"), and each must
+// stay one field of a sources line.
+func TestNamedArchives(t *testing.T) {
+	t.Setenv("NBH_DEBIAN_ARCHIVE", "http://mirror.example/debian/")
+	t.Setenv("NBH_DEBIAN_SECURITY", "")
+	_, err := hostArchives(context.Background())
+	assert.ErrorContains(t, err, "set NBH_DEBIAN_SECURITY too")
+	t.Setenv("NBH_DEBIAN_SECURITY", "none")
+	a, err := hostArchives(context.Background())
+	assert.NilError(t, err)
+	assert.DeepEqual(t, a, archives{Main: "http://mirror.example/debian/", Updates: true})
+	assert.Equal(t, a.list("/k.gpg", "bookworm"), "deb [signed-by=/k.gpg] http://mirror.example/debian/ bookworm main\ndeb [signed-by=/k.gpg] http://mirror.example/debian/ bookworm-updates main\n")
+	t.Setenv("NBH_DEBIAN_ARCHIVE", "http://mirror.example/debian/ bookworm main\ndeb http://evil/")
+	_, err = hostArchives(context.Background())
+	assert.ErrorContains(t, err, "not an archive URI")
+}

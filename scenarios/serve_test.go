@@ -17,6 +17,8 @@ import (
 	"gotest.tools/v3/assert"
 	is "gotest.tools/v3/assert/cmp"
 	"gotest.tools/v3/poll"
+
+	"nbh.dev/nbh/harness/qemu"
 )
 
 // syncBuffer is a buffer two goroutines share.
@@ -170,4 +172,69 @@ func TestServeWithOwnQEMU(t *testing.T) {
 			assert.Check(t, is.Len(leftovers(tmp), 0), "left behind")
 		})
 	}
+}
+
+// TestServeReconnects: where QEMU's stream netdev can reconnect (QEMU 8.0
+// and later; the probe decides), a QEMU started from serve's line while no
+// serve runs — a killed serve's socket still in the folder — joins the
+// serve started after it in the same folder and reaches the marker.
+// Skipped on a QEMU that connects once (7.2), where serve prints no option.
+func TestServeReconnects(t *testing.T) {
+	needGuests(t)
+	guestTest(t)
+	if !selected("arm64", "uboot") {
+		t.Skip("arm64/uboot not selected")
+	}
+	if opt := qemu.StreamReconnect("arm64"); opt == "" {
+		t.Skipf("%s connects once (no reconnect option for -netdev stream)", qemu.Version("arm64"))
+	}
+	bin := buildNBH(t)
+	dir := filepath.Join(t.TempDir(), "serve")
+	serveLine := func() (*exec.Cmd, *syncBuffer, string) {
+		serve := exec.Command(bin, "serve", "--arch", "arm64", "--firmware", "uboot", "--dir", dir)
+		var out syncBuffer
+		serve.Stdout, serve.Stderr = &out, &out
+		assert.NilError(t, serve.Start())
+		var line string
+		poll.WaitOn(t, func(poll.LogT) poll.Result {
+			for _, l := range strings.Split(out.String(), "\n") {
+				if l = strings.TrimSpace(l); strings.HasPrefix(l, "qemu-system-") {
+					line = l
+				}
+			}
+			if line != "" && strings.Contains(out.String(), "nbh serve: ready") {
+				return poll.Success()
+			}
+			return poll.Continue("serve is not ready")
+		}, poll.WithTimeout(60*time.Second))
+		return serve, &out, line
+	}
+	first, _, line := serveLine()
+	assert.Assert(t, strings.Contains(line, ",reconnect"), "serve printed no reconnect option: %s", line)
+	// Killed: its socket stays in the folder, nobody answers on it.
+	first.Process.Kill()
+	first.Wait()
+	_, err := os.Lstat(filepath.Join(dir, "net.sock"))
+	assert.NilError(t, err, "the killed serve's socket is gone; the test needs it there")
+
+	argv := shellSplit(line)
+	q := exec.Command(argv[0], argv[1:]...)
+	var console syncBuffer
+	q.Stdout, q.Stderr = &console, &console
+	assert.NilError(t, q.Start())
+	defer q.Process.Kill()
+	time.Sleep(3 * time.Second) // QEMU runs, with nothing to join yet
+
+	second, out, _ := serveLine()
+	defer second.Process.Kill()
+	poll.WaitOn(t, func(poll.LogT) poll.Result {
+		if strings.Contains(console.String(), "NBH-READY") {
+			return poll.Success()
+		}
+		return poll.Continue("no marker yet")
+	}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
+	assert.Check(t, is.Regexp(`\] g1\s+joined `, out.String()))
+	waitExit(t, q)
+	assert.NilError(t, second.Process.Signal(syscall.SIGINT))
+	waitExit(t, second)
 }

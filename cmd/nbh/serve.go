@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -38,7 +39,8 @@ its lease, root and files. The socket is its owner's only (0600). Each guest's
 stages show as they happen; its timeline.jsonl and network.pcapng go to
 DIR/artifacts/GUEST. Where QEMU's stream netdev can reconnect (QEMU 8.0 and
 later, found by a probe), the printed line carries the option, so QEMU may
-start before nbh serve and outlive a restart of it; QEMU 7.2 connects once
+start before nbh serve and outlive a restart of it with the same --dir (a
+socket a killed nbh serve left there is replaced); QEMU 7.2 connects once
 and never again: start it after nbh serve says it is ready. Ctrl-C stops
 everything.
 
@@ -125,7 +127,14 @@ Flags:
 			if rom := g.Spec().NICROM; rom != "" {
 				dev += ",romfile=" + rom
 			}
-			fmt.Printf("%s (%s): -netdev %s -device %s\n", g.Name, g.IP, qemu.StreamNetdev(sock, qemu.StreamReconnect(prof.Arch)), dev)
+			// The pinned iPXE ROMs, where the NIC's ROM boots the guest.
+			roms := ""
+			if argv, err := g.QEMUArgs(sock); err == nil {
+				if i := slices.Index(argv, "-L"); i >= 0 && i+1 < len(argv) {
+					roms = " -L " + shellJoin(argv[i+1:i+2])
+				}
+			}
+			fmt.Printf("%s (%s): -netdev %s -device %s%s\n", g.Name, g.IP, qemu.StreamNetdev(sock, qemu.StreamReconnect(prof.Arch)), dev, roms)
 			continue
 		}
 		argv, err := g.QEMUArgs(sock)
@@ -140,7 +149,7 @@ Flags:
 		fmt.Printf("%s (%s, %s):\n  %s\n", g.Name, g.MAC, addrs, shellJoin(argv))
 	}
 	if qemu.StreamReconnect(prof.Arch) != "" {
-		fmt.Printf("nbh serve: ready: start QEMU now (its netdev reconnects: a QEMU started before nbh serve, or left running across a restart of it, joins when the socket is there); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
+		fmt.Printf("nbh serve: ready: start QEMU now (its netdev reconnects: a QEMU started before nbh serve, or left running across a restart of it with the same --dir, joins when the socket is there); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
 	} else {
 		fmt.Printf("nbh serve: ready: start QEMU now (this QEMU connects once: this nbh serve must stay up); a MAC never seen gets a lease and boot files too; Ctrl-C stops\n")
 	}

@@ -11,6 +11,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/bits"
@@ -334,6 +335,21 @@ func (f *Fabric) plug(p *Port) {
 	f.mu.Unlock()
 }
 
+// staleSocket reports whether path is a unix socket nobody listens on
+// (connecting is refused): never a file, a link or a live socket.
+func staleSocket(path string) bool {
+	fi, err := os.Lstat(path)
+	if err != nil || fi.Mode()&os.ModeSocket == 0 {
+		return false
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return false
+	}
+	return errors.Is(err, syscall.ECONNREFUSED)
+}
+
 // Learn names a port that joined through Listen, from the source MAC of its
 // first frame: the port's name, capture path and its guest's lease, or an
 // error to refuse it.
@@ -343,11 +359,20 @@ type Learn func(mac net.HardwareAddr) (name, capture string, lease Lease, err er
 // socket at path (-netdev stream,addr.type=unix,addr.path=PATH): each
 // connection becomes a port once its first frame names its MAC (learn), and
 // left hears when that port's QEMU went away (nil: nobody listens). QEMU
-// 7.2 connects once and never again, so the socket must exist first. Close
+// 7.2 connects once and never again, so the socket must exist first (a
+// later QEMU can reconnect: qemu.StreamReconnect). A socket at path that
+// nobody listens on (a killed lab's) is replaced; anything else there is
+// an error. Close
 // the returned closer to stop accepting and remove the socket; the ports
 // stay until they or the fabric close.
 func (f *Fabric) Listen(path string, learn Learn, left func(mac net.HardwareAddr)) (io.Closer, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if errors.Is(err, syscall.EADDRINUSE) && staleSocket(path) {
+		// A socket left by a lab that was killed: nobody answers on it,
+		// and a QEMU that reconnects is waiting for this one.
+		os.Remove(path)
+		ln, err = net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	}
 	if err != nil {
 		return nil, fmt.Errorf("netfab: %w", err)
 	}

@@ -3,6 +3,7 @@ package netfab
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -811,4 +812,44 @@ func TestCaptureKeepsDirection(t *testing.T) {
 	assert.Equal(t, len(frames), 3)
 	assert.Assert(t, !frames[0].Inbound && !frames[1].Inbound && frames[2].Inbound)
 	assert.DeepEqual(t, frames[2].Data, reply)
+}
+
+// TestListenReplacesAStaleSocket: a socket a killed lab left, which nobody
+// listens on, is replaced; a live socket, a regular file and a link are
+// not touched.
+func TestListenReplacesAStaleSocket(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	learn := func(net.HardwareAddr) (string, string, Lease, error) { return "", "", Lease{}, errors.New("no") }
+	dir := t.TempDir()
+
+	stale := filepath.Join(dir, "stale.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: stale, Net: "unix"})
+	assert.NilError(t, err)
+	l.SetUnlinkOnClose(false)
+	l.Close() // the file stays, nobody listens: a killed lab's
+	_, err = os.Lstat(stale)
+	assert.NilError(t, err)
+	ln, err := f.Listen(stale, learn, nil)
+	assert.NilError(t, err)
+	c, err := net.Dial("unix", stale)
+	assert.NilError(t, err, "the replaced socket does not answer")
+	c.Close()
+	ln.Close()
+
+	live := filepath.Join(dir, "live.sock")
+	other, err := net.Listen("unix", live)
+	assert.NilError(t, err)
+	defer other.Close()
+	_, err = f.Listen(live, learn, nil)
+	assert.ErrorContains(t, err, "address already in use")
+
+	file := filepath.Join(dir, "file")
+	assert.NilError(t, os.WriteFile(file, []byte("mine"), 0o600))
+	_, err = f.Listen(file, learn, nil)
+	assert.Assert(t, err != nil)
+	data, err := os.ReadFile(file)
+	assert.NilError(t, err)
+	assert.Equal(t, string(data), "mine")
 }

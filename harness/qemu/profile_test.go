@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -125,4 +126,87 @@ func TestNICROMs(t *testing.T) {
 			assert.Equal(t, efi, ROMHasEFI(name), "%s: EFI image in %s", n.Name, name)
 		}
 	}
+}
+
+// TestParseQtree: each probed NIC gets the romfile of its own node, not a
+// child's or the next device's; a NIC whose node shows none gets "".
+func TestParseQtree(t *testing.T) {
+	out := `bus: main-system-bus
+  dev: i440FX-pcihost, id ""
+    bus: pci.0
+      dev: virtio-net-pci, id "nbh-probe-0"
+        addr = 02.0
+        romfile = "efi-virtio.rom"
+        bus: virtio-bus
+          dev: virtio-net-device, id ""
+      dev: e1000, id "nbh-probe-1"
+        addr = 03.0
+      dev: PIIX4_PM, id ""
+        romfile = ""
+      dev: ne2k_pci, id "nbh-probe-6"
+        romfile = "efi-ne2k_pci.rom"
+      dev: rtl8139, id "nbh-probe-3x"
+        romfile = "evil.rom"
+`
+	got := parseQtree(out)
+	assert.DeepEqual(t, got, map[string]string{"virtio-net-pci": "efi-virtio.rom", "e1000": "", "ne2k_pci": "efi-ne2k_pci.rom"})
+}
+
+// TestROMsFolderIsWhereQEMULoadsFrom: the -L folder Args gives a NIC-ROM
+// chain is where QEMU takes the NIC's default ROM from, not its own data
+// folder. The folder holds a ROM of another size under the default name,
+// and the size of the ROM's RAM block QEMU reports (a power of two at
+// least the file's size) is the planted file's; without the folder it is
+// not.
+func TestROMsFolderIsWhereQEMULoadsFrom(t *testing.T) {
+	bin, err := exec.LookPath(Binary("amd64"))
+	if err != nil {
+		t.Skip("qemu-system-x86_64 is not installed")
+	}
+	if testing.Short() {
+		t.Skip("fetches the pinned ipxe-qemu")
+	}
+	cache := &images.Cache{Dir: images.DefaultDir(), Log: io.Discard}
+	pinned, err := cache.Path(context.Background(), "amd64", images.IPXEROMs())
+	assert.NilError(t, err)
+	def, err := DefaultROM("amd64", "pc", NIC{Name: VirtioNIC, Device: "virtio-net-pci"})
+	assert.NilError(t, err)
+	small, err := os.ReadFile(filepath.Join(pinned, "pxe-virtio.rom")) // legacy only: smaller
+	assert.NilError(t, err)
+	planted := t.TempDir()
+	assert.NilError(t, os.WriteFile(filepath.Join(planted, def), small, 0o644))
+	block := func(roms string) int64 {
+		a, err := Args(Config{Profile: Profile{Machine: "pc", NICROM: true, Arch: "amd64"}, MAC: "52:54:00:00:00:01", Files: Files{ROMs: roms}, NetFD: 3})
+		assert.NilError(t, err)
+		args := []string{"-M", "pc", "-S", "-nodefaults", "-display", "none", "-monitor", "stdio", "-netdev", "user,id=n0"}
+		for i, s := range a {
+			// The ROM folder and the NIC, as Args gives them.
+			if s == "-L" || (s == "-device" && strings.Contains(a[i+1], "netdev=n0")) {
+				args = append(args, s, a[i+1])
+			}
+		}
+		cmd := exec.Command(bin, args...)
+		cmd.Stdin = strings.NewReader("info ramblock\nquit\n")
+		out, err := cmd.CombinedOutput()
+		assert.NilError(t, err, "%s", out)
+		for _, l := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(l); len(f) >= 6 && strings.HasSuffix(f[0], "/virtio-net-pci.rom") {
+				var n int64
+				_, err := fmt.Sscanf(f[len(f)-1], "0x%x", &n)
+				assert.NilError(t, err, l)
+				return n
+			}
+		}
+		t.Fatalf("no ROM block for the NIC in:\n%s", out)
+		return 0
+	}
+	pow2 := func(n int64) int64 {
+		p := int64(1)
+		for p < n {
+			p <<= 1
+		}
+		return p
+	}
+	assert.Equal(t, block(planted), pow2(int64(len(small))), "QEMU did not load the ROM from the -L folder")
+	assert.Assert(t, block("") != pow2(int64(len(small))), "the test cannot tell: QEMU's own ROM has the planted one's size")
 }

@@ -22,15 +22,17 @@ func DefaultROM(arch, machine string, n NIC) (string, error) {
 	romMu.Lock()
 	defer romMu.Unlock()
 	key := arch + "/" + machine
-	roms, ok := romProbes[key]
+	p, ok := romProbes[key]
 	if !ok {
-		var err error
-		if roms, err = probeROMs(Binary(arch), machine); err != nil {
-			return "", err
-		}
-		romProbes[key] = roms
+		// A failed probe is remembered too: asked again, it would fail
+		// again, slowly.
+		p.roms, p.err = probeROMs(Binary(arch), machine)
+		romProbes[key] = p
 	}
-	rom, ok := roms[n.Device]
+	if p.err != nil {
+		return "", p.err
+	}
+	rom, ok := p.roms[n.Device]
 	if !ok {
 		return "", fmt.Errorf("qemu: %s (%s) did not show NIC %s in its device tree", Binary(arch), machine, n.Device)
 	}
@@ -39,13 +41,19 @@ func DefaultROM(arch, machine string, n NIC) (string, error) {
 
 var (
 	romMu     sync.Mutex
-	romProbes = map[string]map[string]string{}
+	romProbes = map[string]romProbe{}
 )
 
-// qtreeDev and qtreeROM are lines of HMP's "info qtree": a device and its
-// romfile property (indented below it).
+type romProbe struct {
+	roms map[string]string
+	err  error
+}
+
+// qtreeDev and qtreeROM are lines of HMP's "info qtree": a device (with
+// the probe's id for one of nics) and its romfile property (indented below
+// it, before the device's child buses).
 var (
-	qtreeDev = regexp.MustCompile(`^\s*dev: ([^,]+), id "nbh-probe-[^"]*"`)
+	qtreeDev = regexp.MustCompile(`^\s*dev: [^,]+, id "([^"]*)"`)
 	qtreeROM = regexp.MustCompile(`^\s*romfile = "([^"]*)"`)
 )
 
@@ -62,12 +70,23 @@ func probeROMs(bin, machine string) (map[string]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu: probing the NICs' option ROMs (%s -M %s): %v: %s", bin, machine, err, bytes.TrimSpace(out))
 	}
+	return parseQtree(string(out)), nil
+}
+
+// parseQtree maps each probed NIC's device name to the romfile the tree
+// shows for it: the first romfile line after the device's own line and
+// before the next device's (a child's or sibling's is never taken for it).
+func parseQtree(out string) map[string]string {
 	roms := map[string]string{}
 	dev := ""
-	for _, l := range strings.Split(string(out), "\n") {
+	for _, l := range strings.Split(out, "\n") {
 		if m := qtreeDev.FindStringSubmatch(l); m != nil {
-			dev = m[1]
-			roms[dev] = ""
+			dev = ""
+			var i int
+			if _, err := fmt.Sscanf(m[1], "nbh-probe-%d", &i); err == nil && i >= 0 && i < len(nics) && m[1] == fmt.Sprintf("nbh-probe-%d", i) {
+				dev = nics[i].Device
+				roms[dev] = ""
+			}
 			continue
 		}
 		if m := qtreeROM.FindStringSubmatch(l); m != nil && dev != "" {
@@ -75,5 +94,5 @@ func probeROMs(bin, machine string) (map[string]string, error) {
 			dev = ""
 		}
 	}
-	return roms, nil
+	return roms
 }
