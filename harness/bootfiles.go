@@ -134,7 +134,17 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 	}
 	dir := filepath.Join(l.srv, g.Name)
 	if !p.noKernel {
-		if err := place(kernel, filepath.Join(dir, "vmlinuz")); err != nil {
+		served := kernel
+		if g.chain.GzipKernel && g.spec.Kernel == "" {
+			k, err := l.cache.Kernel(ctx, g.Profile.Arch)
+			if err != nil {
+				return "", "", err
+			}
+			if served, err = l.cache.Gzipped(k); err != nil {
+				return "", "", err
+			}
+		}
+		if err := place(served, filepath.Join(dir, "vmlinuz")); err != nil {
 			return "", "", fmt.Errorf("lab: %w", err)
 		}
 	}
