@@ -39,6 +39,18 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// waitMarker waits for the reference marker on the console of a QEMU the
+// test started.
+func waitMarker(t *testing.T, console *syncBuffer) {
+	t.Helper()
+	poll.WaitOn(t, func(poll.LogT) poll.Result {
+		if strings.Contains(console.String(), "NBH-READY") {
+			return poll.Success()
+		}
+		return poll.Continue("no marker yet")
+	}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
+}
+
 // shellSplit reads back a line nbh printed with shellJoin.
 func shellSplit(line string) []string {
 	var out []string
@@ -133,12 +145,7 @@ func TestServeWithOwnQEMU(t *testing.T) {
 			q.Stdout, q.Stderr = &console, &console
 			assert.NilError(t, q.Start())
 			defer q.Process.Kill()
-			poll.WaitOn(t, func(poll.LogT) poll.Result {
-				if strings.Contains(console.String(), "NBH-READY") {
-					return poll.Success()
-				}
-				return poll.Continue("no marker yet")
-			}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
+			waitMarker(t, &console)
 			wantAddr := "nbh-init: NBH-READY addr=10.0.2."
 			if slices.Contains(c.args, "6") {
 				wantAddr = "nbh-init: NBH-READY addr=fd4e:4248::15/64"
@@ -227,12 +234,7 @@ func TestServeReconnects(t *testing.T) {
 
 	second, out, _ := serveLine()
 	defer second.Process.Kill()
-	poll.WaitOn(t, func(poll.LogT) poll.Result {
-		if strings.Contains(console.String(), "NBH-READY") {
-			return poll.Success()
-		}
-		return poll.Continue("no marker yet")
-	}, poll.WithTimeout(240*time.Second), poll.WithDelay(time.Second))
+	waitMarker(t, &console)
 	assert.Check(t, is.Regexp(`\] g1\s+joined `, out.String()))
 	waitExit(t, q)
 	assert.NilError(t, second.Process.Signal(syscall.SIGINT))

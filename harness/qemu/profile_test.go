@@ -87,6 +87,22 @@ func TestNetworks(t *testing.T) {
 	assert.Assert(t, !strings.Contains(args(Config{Profile: Profile{NICROM: true}, Files: roms, ROMFile: "/x/my.rom"}), "-L"), "the user's ROM")
 }
 
+// pinnedROMs is the amd64 QEMU and the folder of pinned iPXE ROMs (fetched
+// if need be), or skips the test.
+func pinnedROMs(t *testing.T) (bin, dir string) {
+	bin, err := exec.LookPath(Binary("amd64"))
+	if err != nil {
+		t.Skip("qemu-system-x86_64 is not installed")
+	}
+	if testing.Short() {
+		t.Skip("fetches the pinned ipxe-qemu")
+	}
+	cache := &images.Cache{Dir: images.DefaultDir(), Log: io.Discard}
+	dir, err = cache.Path(context.Background(), "amd64", images.IPXEROMs())
+	assert.NilError(t, err)
+	return bin, dir
+}
+
 // TestNICROMs checks what QEMU says it loads for each NIC against the
 // pinned ipxe-qemu (the ROMs guests boot through, -L): the file QEMU
 // reports in its device tree is one the pinned package has, and it holds
@@ -94,15 +110,7 @@ func TestNetworks(t *testing.T) {
 // own image headers: code type 3 is EFI). On both machines the ROM chains
 // use.
 func TestNICROMs(t *testing.T) {
-	if _, err := exec.LookPath(Binary("amd64")); err != nil {
-		t.Skip("qemu-system-x86_64 is not installed")
-	}
-	if testing.Short() {
-		t.Skip("fetches the pinned ipxe-qemu")
-	}
-	cache := &images.Cache{Dir: images.DefaultDir(), Log: io.Discard}
-	dir, err := cache.Path(context.Background(), "amd64", images.IPXEROMs())
-	assert.NilError(t, err)
+	_, dir := pinnedROMs(t)
 	for _, machine := range []string{"pc", "q35"} {
 		for _, n := range NICs() {
 			name, err := DefaultROM("amd64", machine, n)
@@ -159,16 +167,7 @@ func TestParseQtree(t *testing.T) {
 // least the file's size) is the planted file's; without the folder it is
 // not.
 func TestROMsFolderIsWhereQEMULoadsFrom(t *testing.T) {
-	bin, err := exec.LookPath(Binary("amd64"))
-	if err != nil {
-		t.Skip("qemu-system-x86_64 is not installed")
-	}
-	if testing.Short() {
-		t.Skip("fetches the pinned ipxe-qemu")
-	}
-	cache := &images.Cache{Dir: images.DefaultDir(), Log: io.Discard}
-	pinned, err := cache.Path(context.Background(), "amd64", images.IPXEROMs())
-	assert.NilError(t, err)
+	bin, pinned := pinnedROMs(t)
 	def, err := DefaultROM("amd64", "pc", NIC{Name: VirtioNIC, Device: "virtio-net-pci"})
 	assert.NilError(t, err)
 	small, err := os.ReadFile(filepath.Join(pinned, "pxe-virtio.rom")) // legacy only: smaller
