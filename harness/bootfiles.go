@@ -115,9 +115,9 @@ func (g *Guest) referenceArchive(ctx context.Context, k *images.Kernel, kernel s
 func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, err error) {
 	l := g.lab
 	kernel, initrd = g.spec.Kernel, g.spec.Initrd
+	var k *images.Kernel // the reference kernel, when the boot uses it
 	if kernel == "" || initrd == "" {
-		k, err := l.cache.Kernel(ctx, g.Profile.Arch)
-		if err != nil {
+		if k, err = l.cache.Kernel(ctx, g.Profile.Arch); err != nil {
 			return "", "", err
 		}
 		if kernel == "" {
@@ -136,10 +136,6 @@ func (g *Guest) bootFiles(ctx context.Context, p plan) (kernel, initrd string, e
 	if !p.noKernel {
 		served := kernel
 		if g.chain.GzipKernel && g.spec.Kernel == "" {
-			k, err := l.cache.Kernel(ctx, g.Profile.Arch)
-			if err != nil {
-				return "", "", err
-			}
 			if served, err = l.cache.Gzipped(k); err != nil {
 				return "", "", err
 			}

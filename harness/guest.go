@@ -99,18 +99,21 @@ func (g *Guest) start() error {
 	l := g.lab
 	var err error
 	var netFile *os.File
-	if g.spec.TapNet != nil {
+	switch {
+	case g.spec.TapNet != nil:
 		// On another network: the lab's fabric has no port for it.
-	} else if !g.spec.UserNet {
+	case g.spec.UserNet:
+		if err := g.userNetRoot(); err != nil {
+			g.Close()
+			return err
+		}
+	default:
 		if g.port, err = l.fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
 			g.Close()
 			return err
 		}
 		g.port.SetLease(g.lease()) // it speaks from its lease only
 		netFile = g.port.QEMUFile()
-	} else if err := g.userNetRoot(); err != nil {
-		g.Close()
-		return err
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
