@@ -594,11 +594,14 @@ func (p *Port) writeLoop() {
 		case frame := <-p.out:
 			buf = binary.BigEndian.AppendUint32(buf[:0], uint32(len(frame)))
 			buf = append(buf, frame...)
-			if _, err := p.conn.Write(buf); err != nil {
-				return
-			}
+			// Recorded before it is written: whatever the guest has read
+			// is in its capture already (a test, or a user, reading the
+			// answer and then closing the port finds it there).
 			if p.pcap != nil {
 				p.pcap.write(time.Now(), frame, true)
+			}
+			if _, err := p.conn.Write(buf); err != nil {
+				return
 			}
 		}
 	}
