@@ -22,6 +22,7 @@ import (
 	"nbh.dev/nbh/harness/netfab"
 	"nbh.dev/nbh/harness/qemu"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/harness/warm"
 	"nbh.dev/nbh/internal/rules"
 )
 
@@ -75,6 +76,9 @@ type Guest struct {
 
 	talk talk // the conversation on its console (Expect, Run, ...)
 
+	warm      string      // how its machine started, in a lab with warm starts (WarmStart)
+	warmMaker *warm.Maker // its snapshot's making, until saved or given up
+
 	kept      []timeline.Event // its last boot's events, once the lab forgot them
 	restartMu sync.Mutex       // one Reboot or Reset at a time
 	settle    *time.Timer      // a reset's return to ending QEMU on the next one
@@ -94,7 +98,9 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 }
 
 // start runs the provisioned guest's QEMU on a port of the fabric, with the
-// console, the monitor of its lines and the stage deadlines.
+// console, the monitor of its lines and the stage deadlines. In a lab with
+// warm starts (Options.Warm) the machine starts from its snapshot where
+// there is one, and makes it where there is none.
 func (g *Guest) start() error {
 	l := g.lab
 	var err error
@@ -108,37 +114,142 @@ func (g *Guest) start() error {
 			return err
 		}
 	default:
-		if g.port, err = l.fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
+		if netFile, err = g.plugIn(); err != nil {
 			g.Close()
 			return err
 		}
-		g.port.SetLease(g.lease()) // it speaks from its lease only
-		netFile = g.port.QEMUFile()
 	}
 	if g.logFile, err = os.Create(filepath.Join(g.Dir, "console.log")); err != nil {
 		g.Close()
 		return err
 	}
 	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, g.Profile.Name(), g.Accel.Name, g.Accel.Why)
+	w := g.warmPlan()
+	if w.snap != nil {
+		if err = g.launch(netFile, w); err == nil {
+			return g.started(w)
+		}
+		// Whatever went wrong with the snapshot, the guest boots: from
+		// reset, on a port and a console log of its own.
+		l.opts.Warm.Forget(w.key)
+		w = warmStart{how: "cold: the snapshot did not restore (" + err.Error() + "); it is made again next time"}
+		if netFile, err = g.plugIn(); err != nil {
+			g.Close()
+			return err
+		}
+		if err = truncate(g.logFile); err != nil {
+			g.Close()
+			return err
+		}
+	}
+	if err = g.launch(netFile, w); err != nil {
+		if w.maker != nil {
+			w.maker.Abandon()
+		}
+		g.Close()
+		return err
+	}
+	return g.started(w)
+}
+
+// plugIn gives the guest a port on the fabric (again, after a machine
+// that did not restore: its QEMU took the old one's socket with it), and
+// returns the socket end its QEMU inherits.
+func (g *Guest) plugIn() (*os.File, error) {
+	if g.port != nil {
+		g.port.Close()
+	}
+	var err error
+	if g.port, err = g.lab.fabric.AddPort(g.Name, g.MAC, filepath.Join(g.Dir, "network.pcapng")); err != nil {
+		return nil, err
+	}
+	g.port.SetLease(g.lease()) // it speaks from its lease only
+	return g.port.QEMUFile(), nil
+}
+
+func truncate(f *os.File) error {
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	_, err := f.Seek(0, 0)
+	return err
+}
+
+// launch runs the guest's QEMU with its console: from reset, or restored
+// from w's snapshot and running on from there (its console's output and
+// its frames from before the save first). Nothing is left running when it
+// fails.
+func (g *Guest) launch(netFile *os.File, w warmStart) error {
 	g.Start = time.Now()
-	b := g.current()
-	b.j.Begin(g.Start)
-	if g.con, err = console.New(g.logFile, g.Start); err != nil {
-		g.Close()
-		return err
-	}
-	g.proc, err = qemu.Start(g.qemuConfig(""), g.con.Tty(), netFile)
+	con, err := console.New(g.logFile, g.Start)
 	if err != nil {
-		g.con.Tty().Close()
-		g.Close()
 		return err
 	}
-	g.con.Started()
+	if w.maker != nil {
+		con.KeepRaw()
+	}
+	c := g.qemuConfig("")
+	if w.snap != nil {
+		c.Incoming = w.snap.State
+	}
+	if w.maker != nil {
+		// The port holds the guest's frames from the first on; at the
+		// first that asks for something the machine is saved (saveWarm).
+		g.port.HoldUntilAsked(func() { g.saveWarm(w) })
+	}
+	proc, err := qemu.Start(c, con.Tty(), netFile)
 	if netFile != nil {
 		netFile.Close()
 	}
+	if err != nil {
+		con.Tty().Close()
+		con.Close()
+		return err
+	}
+	if w.snap == nil {
+		con.Started()
+		g.mu.Lock()
+		g.con, g.proc = con, proc
+		g.mu.Unlock()
+		return nil
+	}
+	con.StartedAfter(w.snap.Console)
+	if err := proc.WaitIncoming(restoreTimeout); err != nil {
+		proc.Stop()
+		con.Close()
+		return err
+	}
+	if err := proc.Cont(); err != nil {
+		proc.Stop()
+		con.Close()
+		return err
+	}
+	g.mu.Lock()
+	g.con, g.proc = con, proc
+	g.mu.Unlock()
+	g.port.Inject(w.snap.Frames)
+	return nil
+}
+
+// started follows the launched guest: the start on the timeline, the
+// monitor of its console, its stage deadlines.
+func (g *Guest) started(w warmStart) error {
+	l := g.lab
+	b := g.current()
+	b.j.Begin(g.Start)
+	g.mu.Lock()
+	g.warm, g.warmMaker = w.how, w.maker
+	g.mu.Unlock()
 	l.tl.Emit(timeline.Event{Source: "qemu", Kind: "start", Guest: g.Name, Stage: timeline.Firmware, Time: g.Start,
 		Msg: g.Profile.Name(), Detail: map[string]any{"argv": strings.Join(g.proc.Args, " "), "accel": g.Accel.Name, "pid": g.proc.Pid()}})
+	if w.how != "" {
+		ev := timeline.Event{Source: "qemu", Kind: "warm", Guest: g.Name, Msg: w.how}
+		if w.snap != nil {
+			ev.Detail = map[string]any{"key": w.key, "firmware_seconds": w.snap.Firmware.Seconds(), "frames": len(w.snap.Frames), "made": w.snap.Made}
+		}
+		l.tl.Emit(ev)
+		fmt.Fprintf(l.log, "lab: %s: %s\n", g.Name, w.how)
+	}
 	go g.monitor()
 	go b.j.Watch(b.ctx)
 	return nil
@@ -312,6 +423,12 @@ func (g *Guest) close() error {
 	}()
 	if g.proc != nil {
 		g.proc.Stop()
+	}
+	g.mu.Lock()
+	maker := g.warmMaker
+	g.mu.Unlock()
+	if maker != nil {
+		maker.Abandon() // it ended before its first request on the network (or its save failed): a no-op once saved
 	}
 	if g.con != nil {
 		select {

@@ -32,6 +32,7 @@ import (
 	"nbh.dev/nbh/harness/sign"
 	"nbh.dev/nbh/harness/tftp"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/harness/warm"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/fsutil"
 	"nbh.dev/nbh/internal/rules"
@@ -80,6 +81,13 @@ type Options struct {
 	// Accel is the guests' acceleration: "" (a probe decides: KVM where a
 	// guest really runs under it, else TCG), "kvm" or "tcg".
 	Accel string
+	// Warm, if set, starts each guest's machine from the store's snapshot
+	// of it at its firmware's first request on the network, making the snapshot where there
+	// is none (package warm; Guest.WarmStart says how each started). A
+	// guest with no firmware, off the lab's network, or whose firmware is
+	// made for this lab alone (its Secure Boot db holds the lab's key)
+	// starts cold.
+	Warm *warm.Store
 }
 
 // Lab is one isolated boot network with its services.

@@ -47,7 +47,7 @@ func Row2Report(res Result, base string) report.Row {
 	out := report.Row{
 		ID: row.ID(), Arch: row.Arch, Firmware: row.Firmware, Chain: row.Chain(),
 		Root: row.RootName(), Network: row.Network(), Fault: row.Fault,
-		Expect: row.Expected(), Pass: res.Pass(), WallSeconds: res.Wall.Seconds(),
+		Expect: row.Expected(), Pass: res.Pass(), WallSeconds: res.Wall.Seconds(), Start: res.Warm,
 		Verdict: report.Verdict{OK: v.OK, Reason: string(v.Reason), Stage: v.Stage.String(), Line: v.Line,
 			Detail: v.Detail, ElapsedSeconds: v.Elapsed.Seconds(), Tail: v.Tail, Warnings: v.Warnings},
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/harness/warm"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/sched"
 )
@@ -25,6 +27,9 @@ type Result struct {
 	Spans   []timeline.Span
 	Err     error  // the lab could not be set up or the guest not started
 	Dir     string // the row's artifacts (console.log, timeline.jsonl, network.pcapng); "" when removed
+	// Warm is how the row's machine started with Config.Warm
+	// (harness.Guest.WarmStart): "warm: ...", "saved: ..." or "cold: why".
+	Warm string
 	Start   time.Time
 	Wall    time.Duration // the whole row: lab set-up, boot, clean-up
 }
@@ -51,6 +56,10 @@ type Config struct {
 	// InOrder boots the rows in the order given instead of longest first
 	// (nbh soak interleaves chains, roots and networks on purpose).
 	InOrder bool
+	// Warm starts each row's machine from a snapshot of its firmware at
+	// its first request on the network (harness.Options.Warm), made by the first row of
+	// each machine.
+	Warm *warm.Store
 }
 
 // Run boots rows, Jobs at a time, longest first (unless InOrder), and returns their results
@@ -109,8 +118,12 @@ func Run(ctx context.Context, rows []Row, cfg Config) []Result {
 						left := (totalEst - spentEst) * (spentReal / spentEst) / float64(jobs)
 						eta = (time.Duration(left) * time.Second).Round(time.Second).String()
 					}
-					fmt.Fprintf(cfg.Progress, "[%d/%d] %s %s (%.1fs)  elapsed %s, ETA %s\n",
-						finished, len(rows), status, r.Label(), res.Verdict.Elapsed.Seconds(),
+					how := ""
+					if h, _, _ := strings.Cut(res.Warm, ":"); h == "warm" || h == "saved" {
+						how = " " + h
+					}
+					fmt.Fprintf(cfg.Progress, "[%d/%d] %s %s (%.1fs%s)  elapsed %s, ETA %s\n",
+						finished, len(rows), status, r.Label(), res.Verdict.Elapsed.Seconds(), how,
 						elapsed.Round(time.Second), eta)
 				}
 				if cfg.OnResult != nil {
@@ -149,7 +162,7 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 		spec.Artifacts = res.Dir
 		os.RemoveAll(res.Dir) // a previous run's files would mislead
 	} // else the lab keeps them in its own folder, removed with it
-	opts := harness.Options{Cache: cfg.Cache, Accel: cfg.Accel}
+	opts := harness.Options{Cache: cfg.Cache, Accel: cfg.Accel, Warm: cfg.Warm}
 	if st, ok := cfg.Stacks[r.Arch]; ok {
 		c, _ := harness.LookupChain(r.Arch, r.Firmware)
 		st.Apply(c, &spec, &opts.Serve)
@@ -161,7 +174,11 @@ func runRow(ctx context.Context, r Row, cfg Config) Result {
 	if r.IPsec {
 		opts.IPsec = ipsec.Required()
 	}
-	res.Verdict, res.Spans, _, res.Err = Boot(ctx, opts, spec)
+	res.Verdict, res.Spans, _, res.Err = BootWith(ctx, opts, spec, func(g *harness.Guest) harness.Verdict {
+		v := g.Wait(ctx)
+		res.Warm = g.WarmStart()
+		return v
+	})
 	if res.Pass() && !cfg.KeepPassed && res.Dir != "" {
 		os.RemoveAll(res.Dir)
 		res.Dir = ""

@@ -58,6 +58,9 @@ type Row struct {
 	Spans   []Span  `json:"spans"`
 	// WallSeconds is the whole row: lab set-up, boot and clean-up.
 	WallSeconds float64 `json:"wall_seconds"`
+	// Start is how the row's machine started in a matrix with warm starts
+	// (nbh matrix --warm): "warm: …", "saved: …" or "cold: why".
+	Start string `json:"start,omitempty"`
 	// Artifacts are paths relative to the report file's folder; empty
 	// when not kept.
 	Artifacts Artifacts `json:"artifacts"`

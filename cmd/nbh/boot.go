@@ -19,6 +19,7 @@ import (
 	"nbh.dev/nbh/harness/dhcp"
 	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/timeline"
+	"nbh.dev/nbh/harness/warm"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/images/stock"
 	"nbh.dev/nbh/matrix"
@@ -42,6 +43,7 @@ func bootCmd(ctx context.Context, args []string) int {
 	compression := fs.String("compression", "gzip", "reference archive compression: gzip or zstd")
 	signed := fs.Bool("signed", false, "the loader verifies signatures: the lab signs kernel, archive and loader config and builds its key into the loader (arm64 aavmf-grub only)")
 	interactive := fs.Bool("interactive", false, "the terminal becomes the guest's serial console (raw mode; Ctrl-] q quits, Ctrl-] d detaches); timeline events show on stderr; the lab keeps serving after the verdict until you quit; the reference init gives a shell when the boot fails (nbh.shell=1 in --append: also after the marker)")
+	warmStart := fs.Bool("warm", false, "start the machine from a snapshot of its firmware at its first request on the network (the image cache's warm/; the first boot of a machine makes it): each boot after the first of the same chain, NIC and firmware files skips the firmware's start, as nbh matrix --warm does")
 	pack := fs.Bool("pack", false, "when the boot fails, also pack its repro bundle (the artifacts folder) into FOLDER"+bundle.Ext+" for a bug report")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: nbh boot [flags]\n\nBoots one guest on the reference stack and waits for its marker, a\nclassified failure or the deadline. Exit status: 0 marker seen, 1 boot failed\n(the reason is printed), 2 bad usage, 3 the lab could not be set up.\nThe artifacts folder of a failed boot is a repro bundle: nbh repro replays it.\n\nBoot chains:\n%s\nFaults:\n%s\nFlags:\n", chainsHelp(), faultsHelp())
@@ -54,6 +56,12 @@ func bootCmd(ctx context.Context, args []string) int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		return exitUsage
+	}
+	if *warmStart {
+		if opts.Warm, err = warm.Open(filepath.Join(opts.Cache.Dir, "warm")); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
+			return exitSetup
+		}
 	}
 	if *interactive && !term.IsTerminal(int(os.Stdin.Fd())) {
 		fmt.Fprintln(os.Stderr, "nbh boot: --interactive needs a terminal on standard input")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"nbh.dev/nbh/harness"
+	"nbh.dev/nbh/harness/warm"
 	"nbh.dev/nbh/images"
 	"nbh.dev/nbh/internal/sched"
 	"nbh.dev/nbh/matrix"
@@ -36,6 +37,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	html := fs.String("html", "", "write the HTML report into this folder (index.html, console pages)")
 	artifacts := fs.String("artifacts", "", "folder for each row's console.log, timeline.jsonl and network.pcapng (default: REPORT/artifacts, else artifacts/matrix)")
 	keep := fs.String("keep-artifacts", "all", "whose artifacts to keep: all, or failed (CI uploads those)")
+	warmStart := fs.Bool("warm", false, "warm starts: each machine (chain, NIC, firmware files, QEMU) boots once to its firmware's first request on the network and is saved there (in the image cache, under warm/); every other row of it starts from the snapshot instead of from reset. Rows with no firmware, or whose Secure Boot db holds the lab's own key, start cold; the report's start column says how each row started")
 	stackFile := fs.String("stack", "", "your own boot stack: a JSON file of per-architecture slots ({\"amd64\": {\"kernel\": ..., \"initrd\": ..., \"root_dir\": ..., \"loader_config\": {\"ipxe\": ...}, \"expect\": [...]}}; see README); the rows are then your stack across every chain, root and fault of its architectures that applies")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh matrix [flags]
@@ -126,11 +128,18 @@ Flags:
 		n = sched.Jobs()
 	}
 	c := images.Open(*cache)
+	var store *warm.Store
+	if *warmStart {
+		if store, err = warm.Open(filepath.Join(c.Dir, "warm")); err != nil {
+			fmt.Fprintf(os.Stderr, "nbh matrix: %v\n", err)
+			return exitSetup
+		}
+	}
 	fmt.Fprintf(os.Stderr, "nbh matrix: %d rows, %d at a time (expected about %s)\n", len(rows), n, expectedWall(rows, n))
 	start := time.Now()
 	results := matrix.Run(ctx, rows, matrix.Config{
 		Jobs: n, Timeout: *timeout, Artifacts: *artifacts, KeepPassed: *keep == "all",
-		Cache: c, Progress: os.Stderr, Stacks: stacks, Accel: os.Getenv("NBH_ACCEL"),
+		Cache: c, Progress: os.Stderr, Stacks: stacks, Accel: os.Getenv("NBH_ACCEL"), Warm: store,
 	})
 	wall := time.Since(start)
 	code := printMatrix(results, len(rows))
@@ -229,13 +238,17 @@ func reportCmd(args []string) int {
 	html := fs.String("html", "", "write the HTML report into this folder")
 	junit := fs.String("junit", "", "write a JUnit XML file")
 	jsonOut := fs.String("json", "", "write the merged JSON report")
+	compare := fs.Bool("compare", false, "compare two reports row by row (A.json B.json: a cold and a warm run): each row's outcome in both, its time in both and the share the second saved; exit status 1 when an outcome differs")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: nbh report [flags] REPORT.json...\n\nMerges the JSON reports of nbh matrix runs (CI shards) and renders them:\nHTML, JUnit, or one merged JSON. Exit status 0 when every row passed, 1\nwhen one failed, 2 for bad usage or an unreadable report.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: nbh report [flags] REPORT.json...\n       nbh report --compare A.json B.json\n\nMerges the JSON reports of nbh matrix runs (CI shards) and renders them:\nHTML, JUnit, or one merged JSON. Exit status 0 when every row passed, 1\nwhen one failed, 2 for bad usage or an unreadable report. With --compare,\ncompares two runs row by row instead.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	files, code, ok := parseWithFiles(fs, args)
 	if !ok {
 		return code
+	}
+	if *compare {
+		return compareReports(files)
 	}
 	if len(files) == 0 || (*html == "" && *junit == "" && *jsonOut == "") {
 		fs.Usage()
@@ -273,6 +286,29 @@ func reportCmd(args []string) int {
 	}
 	fmt.Printf("%d of %d rows passed\n", len(merged.Rows)-merged.Failed(), len(merged.Rows))
 	if merged.Failed() > 0 {
+		return exitFailed
+	}
+	return exitOK
+}
+
+// compareReports prints two runs of the matrix row by row.
+func compareReports(files []string) int {
+	if len(files) != 2 {
+		fmt.Fprintf(os.Stderr, "nbh report --compare: want two reports, got %d\n", len(files))
+		return exitUsage
+	}
+	var reps [2]*report.Report
+	for i, p := range files {
+		r, err := report.ReadJSON(p)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "nbh report: %v\n", err)
+			return exitUsage
+		}
+		reps[i] = r
+	}
+	c := report.Compare(reps[0], reps[1])
+	c.Write(os.Stdout, "A", "B")
+	if c.Differ > 0 {
 		return exitFailed
 	}
 	return exitOK

@@ -59,13 +59,21 @@ type Console struct {
 // mirror is where the raw console stream is copied as it arrives, rune by
 // rune (an interactive session); nowhere until Mirror is called.
 type mirror struct {
-	mu sync.Mutex
-	w  io.Writer
+	mu   sync.Mutex
+	w    io.Writer
+	keep *bytes.Buffer // the stream so far (KeepRaw), up to maxKept
 }
+
+// maxKept bounds the stream KeepRaw keeps: a firmware's output up to its
+// first request on the network is a few KiB.
+const maxKept = 1 << 20
 
 func (m *mirror) Write(b []byte) (int, error) {
 	m.mu.Lock()
 	w := m.w
+	if m.keep != nil && m.keep.Len() < maxKept {
+		m.keep.Write(b[:min(len(b), maxKept-m.keep.Len())])
+	}
 	m.mu.Unlock()
 	if w != nil {
 		w.Write(b) // a slow or gone terminal must not stop the console
@@ -90,9 +98,35 @@ func (con *Console) Tty() *os.File { return con.c.Tty() }
 
 // Started tells the console that QEMU holds the terminal: the console closes
 // its own copy, so that QEMU exiting ends the stream, and begins reading.
-func (con *Console) Started() {
-	con.c.Tty().Close()
+func (con *Console) Started() { con.StartedAfter(nil) }
+
+// StartedAfter is Started for a machine restored from a saved state: what
+// its console showed before the state was saved (Raw of the machine that
+// saved it) comes first, read like the rest, and the guest's own output
+// follows. QEMU must not write before this returns (it is paused).
+func (con *Console) StartedAfter(before []byte) {
 	go con.read()
+	if len(before) > 0 {
+		con.c.Tty().Write(before) // the reader takes it: this cannot block for long
+	}
+	con.c.Tty().Close()
+}
+
+// KeepRaw makes the console keep its raw stream (up to 1 MiB), for Raw.
+func (con *Console) KeepRaw() {
+	con.mirror.mu.Lock()
+	con.mirror.keep = new(bytes.Buffer)
+	con.mirror.mu.Unlock()
+}
+
+// Raw is the raw stream read so far, since KeepRaw.
+func (con *Console) Raw() []byte {
+	con.mirror.mu.Lock()
+	defer con.mirror.mu.Unlock()
+	if con.mirror.keep == nil {
+		return nil
+	}
+	return bytes.Clone(con.mirror.keep.Bytes())
 }
 
 // Lines delivers console lines; it is closed when the stream ends.

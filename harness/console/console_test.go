@@ -268,3 +268,32 @@ func TestSendToAGuestThatDoesNotRead(t *testing.T) {
 	}
 	assert.NilError(t, err)
 }
+
+// A restored machine's console: what it showed before its state was saved
+// comes first, as lines like the rest, then its own output, the line it
+// left unfinished completed; the raw stream of a console that keeps it is
+// everything it read, a restored machine's included.
+func TestStartedAfterASavedConsole(t *testing.T) {
+	var log strings.Builder
+	con, err := New(&log, time.Now())
+	assert.NilError(t, err)
+	defer con.Close()
+	con.KeepRaw()
+	w := writer(t, con)
+	before := "UEFI firmware (version 2024)\r\n\x1b[2J>>Start PXE over IPv4."
+	con.StartedAfter([]byte(before))
+	w.WriteString("\r\n  Station IP address is 10.0.2.15\r\n")
+	w.Close()
+	var lines []string
+	for l := range con.Lines() {
+		if !l.Partial {
+			lines = append(lines, l.Text)
+		}
+	}
+	assert.DeepEqual(t, lines[0], "UEFI firmware (version 2024)")
+	assert.Equal(t, lines[len(lines)-1], "  Station IP address is 10.0.2.15")
+	assert.Assert(t, strings.Contains(log.String(), ">>Start PXE over IPv4."))
+	raw := strings.ReplaceAll(string(con.Raw()), "\r", "")
+	assert.Assert(t, strings.HasPrefix(raw, "UEFI firmware (version 2024)\n"), "%q", raw)
+	assert.Assert(t, strings.HasSuffix(raw, "Station IP address is 10.0.2.15\n"), "%q", raw)
+}

@@ -373,6 +373,17 @@ func (b *Boot) refine(v Verdict) Verdict {
 			lastFetch = &e
 		}
 	}
+	b.mu.Lock()
+	p := b.progress
+	b.mu.Unlock()
+	if v.Reason == failure.LoaderFetch && p.open && time.Since(p.at) >= stalledBeforeGivingUp {
+		// The loader gave up on a transfer that stood still (UEFI's HTTP
+		// boot times out 5 s after the last byte, well inside the stall
+		// window): the server stopped sending, which is a stall.
+		v.Detail = joinDetail(fmt.Sprintf("the %s transfer of %s had stood still at %d bytes%s for %.1fs when the loader gave up", p.source, p.what, p.bytes, p.ofSize(), time.Since(p.at).Seconds()), v.Detail)
+		v.Reason = failure.Stalled
+		return v
+	}
 	if asked && !answered {
 		v.Detail = joinDetail(v.Detail, "the DHCP server never acknowledged this guest")
 		v.Reason, v.Stage = failure.NoDHCP, timeline.DHCP
@@ -384,6 +395,11 @@ func (b *Boot) refine(v Verdict) Verdict {
 	}
 	return v
 }
+
+// stalledBeforeGivingUp is how long an open transfer must have stood still
+// for a loader's failed fetch to be the stall: longer than a transfer's
+// progress events are apart (timeline.Meter: at most a second).
+const stalledBeforeGivingUp = 2 * time.Second
 
 // evidence is the boot's last telling network event, for a verdict's detail.
 func (b *Boot) evidence() string {

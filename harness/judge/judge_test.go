@@ -220,3 +220,37 @@ func TestDeadlinesCountProgress(t *testing.T) {
 	<-done
 	assert.Assert(t, !b.IsDecided())
 }
+
+// A loader that gives up on a transfer standing still (UEFI's HTTP boot
+// says "Server response timeout" 5 s after the last byte, inside the stall
+// window) failed because the server stopped sending: stalled. A transfer
+// still moving a moment ago, or one that ended, leaves the loader's own
+// reason.
+func TestLoaderGivingUpOnAStalledTransfer(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		still time.Duration
+		ended bool
+		want  failure.Reason
+	}{
+		{"stood still", 3 * time.Second, false, failure.Stalled},
+		{"moving", 200 * time.Millisecond, false, failure.LoaderFetch},
+		{"ended", 3 * time.Second, true, failure.LoaderFetch},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b, tl := judged(t, Rules{})
+			tl.Emit(timeline.Event{Source: "http", Kind: "request", Guest: "g1", Stage: timeline.Loader, Msg: "g1/boot.efi"})
+			tl.Emit(timeline.Event{Source: "http", Kind: timeline.ProgressKind, Guest: "g1", Msg: "g1/boot.efi", Time: time.Now().Add(-c.still),
+				Detail: map[string]any{"bytes": int64(36622749), "of": int64(40214016), "open": true}})
+			if c.ended {
+				tl.Emit(timeline.Event{Source: "http", Kind: "aborted", Guest: "g1", Msg: "g1/boot.efi after 36622749 bytes"})
+			}
+			b.Line(line("  Error: Server response timeout."))
+			v := verdictOf(t, b)
+			assert.Equal(t, v.Reason, c.want, "%v", v.Err())
+			if c.want == failure.Stalled {
+				assert.Assert(t, strings.Contains(v.Detail, "g1/boot.efi had stood still at 36622749 bytes of 40214016"), v.Detail)
+			}
+		})
+	}
+}

@@ -278,6 +278,17 @@ type Port struct {
 	ip6      atomic.Pointer[netip.Addr] // the IPv6 address it speaks from (Bind6)
 	managed6 atomic.Bool                // router advertisements say: addresses from DHCPv6
 	spoofs   [nSpoofKinds]atomic.Int64
+
+	holdMu sync.Mutex
+	hold   *hold // frames from the guest held back (HoldFirst)
+}
+
+// hold is a port's guest frames kept off the switch, from the first one
+// on, until Release.
+type hold struct {
+	asks   func() // called, once, at the first frame held that asks something
+	called bool
+	frames [][]byte
 }
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
@@ -544,7 +555,101 @@ func (p *Port) readLoop() {
 		if p.pcap != nil {
 			p.pcap.write(time.Now(), frame, false)
 		}
+		if p.held(frame) {
+			continue
+		}
 		p.f.fromGuestGuarded(p, frame)
+	}
+}
+
+// HoldUntilAsked holds back what the guest sends from its first frame on,
+// and calls asks (in a goroutine of its own) at the first frame that asks
+// the network something (Announces says which do not): a firmware's first
+// DHCP request, router solicitation or ARP. The frames stay off the switch
+// until Release. A warm start saves the machine there (package
+// harness/warm) and hands the frames to every guest restored from it.
+func (p *Port) HoldUntilAsked(asks func()) {
+	p.holdMu.Lock()
+	p.hold = &hold{asks: asks}
+	p.holdMu.Unlock()
+}
+
+// Announces reports whether a frame only tells the network something and
+// waits for no answer: an IGMP or MLD report (a host joining a multicast
+// group, as a UEFI network stack does as it starts), or a neighbour
+// solicitation from the unspecified address (duplicate address
+// detection, which an answer would only fail).
+func Announces(frame []byte) bool {
+	fi, ok := parseFrame(frame)
+	if !ok || fi.fragment || fi.l4 == 0 {
+		return false
+	}
+	switch {
+	case fi.etherType == 0x0800 && fi.proto == 2:
+		return true
+	case fi.etherType == 0x86dd && fi.proto == 58:
+		switch fi.icmpType {
+		case 131, 143: // MLDv1 and MLDv2 reports
+			return true
+		case 135:
+			return netip.AddrFrom16([16]byte(frame[22:38])).IsUnspecified()
+		}
+	}
+	return false
+}
+
+// held keeps frame back if the port is holding, and reports whether it
+// did.
+func (p *Port) held(frame []byte) bool {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	h := p.hold
+	if h == nil {
+		return false
+	}
+	h.frames = append(h.frames, frame)
+	if !h.called && !Announces(frame) {
+		h.called = true
+		go h.asks()
+	}
+	return true
+}
+
+// Release ends a hold: it returns the frames held, in order, and sends
+// them on to the switch.
+func (p *Port) Release() [][]byte {
+	p.holdMu.Lock()
+	h := p.hold
+	p.hold = nil
+	p.holdMu.Unlock()
+	if h == nil {
+		return nil
+	}
+	for _, f := range h.frames {
+		p.f.fromGuestGuarded(p, f)
+	}
+	return h.frames
+}
+
+// Held is what the guest sent since HoldFirst, so far.
+func (p *Port) Held() [][]byte {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	if p.hold == nil {
+		return nil
+	}
+	return append([][]byte(nil), p.hold.frames...)
+}
+
+// Inject switches frames as if the guest had sent them now (a restored
+// machine's frames, sent before its state was saved): recorded in the
+// capture and subject to every rule of the port.
+func (p *Port) Inject(frames [][]byte) {
+	for _, f := range frames {
+		if p.pcap != nil {
+			p.pcap.write(time.Now(), f, false)
+		}
+		p.f.fromGuestGuarded(p, append([]byte(nil), f...))
 	}
 }
 

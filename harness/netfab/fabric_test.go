@@ -3,6 +3,7 @@ package netfab
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -852,4 +853,111 @@ func TestListenReplacesAStaleSocket(t *testing.T) {
 	data, err := os.ReadFile(file)
 	assert.NilError(t, err)
 	assert.Equal(t, string(data), "mine")
+}
+
+// AAVMF's first three frames on the network, as a warm start's snapshot
+// kept them: an MLD report (inside a hop-by-hop header), duplicate address
+// detection for its link-local address, then its DHCP discover. Only the
+// last asks for something.
+func TestAnnouncesOnlyWhatWaitsForNoAnswer(t *testing.T) {
+	frames := readFrames(t, "testdata/aavmf-first-frames.json")
+	assert.Equal(t, len(frames), 3)
+	// Independent of the parser: the discover is IPv4, UDP, to port 67.
+	last := frames[2]
+	assert.Equal(t, binary.BigEndian.Uint16(last[12:]), uint16(0x0800))
+	assert.Equal(t, last[23], uint8(17))
+	assert.Equal(t, binary.BigEndian.Uint16(last[14+20+2:]), uint16(67))
+	for i, f := range frames {
+		assert.Equal(t, Announces(f), i < 2, "frame %d", i)
+	}
+	// A neighbour solicitation from an address asks (for the neighbour).
+	ns := bytes.Clone(frames[1])
+	ns[22] = 0xfe
+	ns[23] = 0x80
+	assert.Assert(t, !Announces(ns))
+	assert.Assert(t, !Announces(frames[2][:20]), "a cut frame")
+}
+
+func readFrames(t *testing.T, path string) [][]byte {
+	b, err := os.ReadFile(path)
+	assert.NilError(t, err)
+	var frames [][]byte
+	assert.NilError(t, json.Unmarshal(b, &frames))
+	return frames
+}
+
+// A held port keeps what the guest sends off the switch, calls back at the
+// first frame that asks (not at the announcements before it), and sends
+// everything on, in order, at Release: the host answers the ARP request
+// only then.
+func TestHoldUntilAsked(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 0x01}
+	capture := filepath.Join(t.TempDir(), "c.pcapng")
+	port, err := f.AddPort("g1", mac, capture)
+	assert.NilError(t, err)
+	defer port.Close()
+	asked := make(chan struct{}, 4)
+	port.HoldUntilAsked(func() { asked <- struct{}{} })
+	qemu, err := net.FileConn(port.QEMUFile())
+	assert.NilError(t, err)
+	defer qemu.Close()
+	send := func(fr []byte) {
+		_, err := qemu.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(fr))), fr...))
+		assert.NilError(t, err)
+	}
+	frames := readFrames(t, "testdata/aavmf-first-frames.json")
+	send(frames[0])
+	send(frames[1])
+	select {
+	case <-asked:
+		t.Fatal("called back at an announcement")
+	case <-time.After(200 * time.Millisecond):
+	}
+	arp := arpRequest(mac, netip.MustParseAddr("10.0.2.15"), f.HostIP)
+	send(arp)
+	select {
+	case <-asked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no call back at the ARP request")
+	}
+	send(frames[2])
+	poll.WaitOn(t, func(poll.LogT) poll.Result {
+		if len(port.Held()) == 4 {
+			return poll.Success()
+		}
+		return poll.Continue("%d frames held", len(port.Held()))
+	})
+	qemu.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	var hdr [4]byte
+	_, err = io.ReadFull(qemu, hdr[:])
+	assert.Assert(t, errors.Is(err, os.ErrDeadlineExceeded), "the host answered a held frame: %v", err)
+	assert.Equal(t, len(asked), 0, "called back twice")
+
+	held := port.Release()
+	assert.DeepEqual(t, held, [][]byte{frames[0], frames[1], arp, frames[2]})
+	qemu.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		_, err = io.ReadFull(qemu, hdr[:])
+		assert.NilError(t, err, "no ARP reply after Release")
+		fr := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+		_, err = io.ReadFull(qemu, fr)
+		assert.NilError(t, err)
+		if binary.BigEndian.Uint16(fr[12:]) == 0x0806 && binary.BigEndian.Uint16(fr[20:]) == 2 {
+			break // the reply
+		}
+	}
+	assert.Assert(t, port.Held() == nil)
+}
+
+// arpRequest is who-has target, tell ip.
+func arpRequest(mac net.HardwareAddr, ip, target netip.Addr) []byte {
+	b := append([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, mac...)
+	b = append(b, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1)
+	b = append(b, mac...)
+	b = append(b, ip.AsSlice()...)
+	b = append(b, 0, 0, 0, 0, 0, 0)
+	return append(b, target.AsSlice()...)
 }

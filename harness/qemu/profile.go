@@ -125,6 +125,10 @@ type Config struct {
 	// a QEMU connects when the socket appears and again after it went
 	// away; "" on a QEMU that connects once.
 	NetReconnect string
+	// Incoming is a saved machine state (Process.SaveState) this QEMU
+	// starts from instead of from reset: it comes up paused at the
+	// moment the state was saved (WaitIncoming, then Cont).
+	Incoming string
 }
 
 // StreamNetdev is the -netdev of a QEMU joining a lab through its unix
@@ -153,8 +157,13 @@ type TapNet struct {
 	Netns, Ifname string
 }
 
-// Args builds the QEMU arguments (without the binary).
-func Args(c Config) ([]string, error) {
+// Args builds the QEMU arguments (without the binary), and the guest's
+// copy of its UEFI variables in c.Dir.
+func Args(c Config) ([]string, error) { return args(c, true) }
+
+// args builds the arguments; with prepare false it writes nothing (a
+// snapshot key is computed from them).
+func args(c Config, prepare bool) ([]string, error) {
 	mem := c.Memory
 	if mem == 0 {
 		mem = 1024
@@ -225,8 +234,10 @@ func Args(c Config) ([]string, error) {
 		}
 	case LoadPflash:
 		vars := filepath.Join(c.Dir, "vars.fd")
-		if err := fsutil.CopyFile(c.Files.Vars, vars); err != nil {
-			return nil, fmt.Errorf("qemu: %w", err)
+		if prepare {
+			if err := fsutil.CopyFile(c.Files.Vars, vars); err != nil {
+				return nil, fmt.Errorf("qemu: %w", err)
+			}
 		}
 		a = append(a,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+c.Files.Code,
@@ -255,5 +266,12 @@ func Args(c Config) ([]string, error) {
 	}
 	// An entropy source, so the guest's RNG is ready at once.
 	a = append(a, "-device", nic, "-device", "virtio-rng-pci")
+	if c.Incoming != "" {
+		// QEMU reads the state through a shell command (exec:); QEMU 7.2
+		// has no file: migration URI. No RARP announcements once it is
+		// loaded (for switches that must learn where a migrated guest
+		// went): a machine booted from reset sends none.
+		a = append(a, "-incoming", "exec:cat "+shellQuote(c.Incoming), "-global", "migration.announce-rounds=0")
+	}
 	return a, nil
 }
