@@ -204,6 +204,7 @@ func (g *Guest) Send(s string) error {
 	if g.closed() {
 		return errClosed
 	}
+	g.typed.Store(true) // a machine typed on is not saved for others (saveWarm)
 	return g.con.Send(s)
 }
 

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,11 +12,13 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"nbh.dev/nbh/harness/bootcfg"
 	"nbh.dev/nbh/harness/console"
 	"nbh.dev/nbh/harness/dhcp"
+	"nbh.dev/nbh/harness/failure"
 	"nbh.dev/nbh/harness/ipsec"
 	"nbh.dev/nbh/harness/iscsi"
 	"nbh.dev/nbh/harness/judge"
@@ -78,6 +81,9 @@ type Guest struct {
 
 	warm      string      // how its machine started, in a lab with warm starts (WarmStart)
 	warmMaker *warm.Maker // its snapshot's making, until saved or given up
+	saving    sync.Mutex  // held while its machine is saved (saveWarm)
+	saveEnded bool        // under saving: Close has given the save up
+	typed     atomic.Bool // Send typed on its console (a machine not to save)
 
 	kept      []timeline.Event // its last boot's events, once the lab forgot them
 	restartMu sync.Mutex       // one Reboot or Reset at a time
@@ -91,7 +97,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := g.start(); err != nil {
+	if err := g.start(ctx); err != nil {
 		return nil, err
 	}
 	return g, nil
@@ -101,7 +107,7 @@ func (l *Lab) Boot(ctx context.Context, spec Spec) (*Guest, error) {
 // console, the monitor of its lines and the stage deadlines. In a lab with
 // warm starts (Options.Warm) the machine starts from its snapshot where
 // there is one, and makes it where there is none.
-func (g *Guest) start() error {
+func (g *Guest) start(ctx context.Context) error {
 	l := g.lab
 	var err error
 	var netFile *os.File
@@ -124,15 +130,18 @@ func (g *Guest) start() error {
 		return err
 	}
 	fmt.Fprintf(l.log, "lab: %s: %s, acceleration %s (%s)\n", g.Name, g.Profile.Name(), g.Accel.Name, g.Accel.Why)
-	w := g.warmPlan()
+	w := g.warmPlan(ctx)
 	if w.snap != nil {
 		if err = g.launch(netFile, w); err == nil {
 			return g.started(w)
 		}
-		// Whatever went wrong with the snapshot, the guest boots: from
-		// reset, on a port and a console log of its own.
-		l.opts.Warm.Forget(w.key)
-		w = warmStart{how: "cold: the snapshot did not restore (" + err.Error() + "); it is made again next time"}
+		// Whatever went wrong, the guest boots: from reset, on a port and
+		// a console log of its own.
+		why := err.Error()
+		if errors.Is(err, qemu.ErrRestore) {
+			l.opts.Warm.Broken(w.snap, why)
+		}
+		w = warmStart{how: "cold: its snapshot did not restore (" + why + ")"}
 		if netFile, err = g.plugIn(); err != nil {
 			g.Close()
 			return err
@@ -144,7 +153,7 @@ func (g *Guest) start() error {
 	}
 	if err = g.launch(netFile, w); err != nil {
 		if w.maker != nil {
-			w.maker.Abandon()
+			w.maker.Abandon("its QEMU did not start: " + err.Error())
 		}
 		g.Close()
 		return err
@@ -175,10 +184,9 @@ func truncate(f *os.File) error {
 	return err
 }
 
-// launch runs the guest's QEMU with its console: from reset, or restored
-// from w's snapshot and running on from there (its console's output and
-// its frames from before the save first). Nothing is left running when it
-// fails.
+// launch runs the guest's QEMU with its console: from reset, or from w's
+// snapshot, loaded and paused there (started runs it on). Nothing is left
+// running, and nothing writes the console log, when it fails.
 func (g *Guest) launch(netFile *os.File, w warmStart) error {
 	g.Start = time.Now()
 	con, err := console.New(g.logFile, g.Start)
@@ -208,31 +216,33 @@ func (g *Guest) launch(netFile *os.File, w warmStart) error {
 	}
 	if w.snap == nil {
 		con.Started()
-		g.mu.Lock()
-		g.con, g.proc = con, proc
-		g.mu.Unlock()
-		return nil
-	}
-	con.StartedAfter(w.snap.Console)
-	if err := proc.WaitIncoming(restoreTimeout); err != nil {
-		proc.Stop()
-		con.Close()
-		return err
-	}
-	if err := proc.Cont(); err != nil {
-		proc.Stop()
-		con.Close()
-		return err
+	} else {
+		con.StartedAfter(w.snap.Console)
+		if err := proc.WaitIncoming(restoreTimeout); err != nil {
+			proc.Stop()
+			// Its reader must be done before the log is the next
+			// start's: it may hold replayed lines nobody reads.
+			go func() {
+				for range con.Lines() {
+				}
+			}()
+			select {
+			case <-con.Done():
+			case <-time.After(5 * time.Second):
+			}
+			con.Close()
+			return err
+		}
 	}
 	g.mu.Lock()
 	g.con, g.proc = con, proc
 	g.mu.Unlock()
-	g.port.Inject(w.snap.Frames)
 	return nil
 }
 
 // started follows the launched guest: the start on the timeline, the
-// monitor of its console, its stage deadlines.
+// monitor of its console, its stage deadlines; a restored machine then
+// gets the frames it sent before its save, and runs on.
 func (g *Guest) started(w warmStart) error {
 	l := g.lab
 	b := g.current()
@@ -252,6 +262,14 @@ func (g *Guest) started(w warmStart) error {
 	}
 	go g.monitor()
 	go b.j.Watch(b.ctx)
+	if w.snap != nil {
+		// Switched while the machine is still paused (QEMU queues the
+		// answers), so nothing it sends next comes before them.
+		g.port.Inject(w.snap.Frames)
+		if err := g.proc.Cont(); err != nil {
+			g.decide(Verdict{Reason: failure.QEMUFailed, Stage: timeline.Firmware, Detail: "the restored machine did not run on: " + err.Error()})
+		}
+	}
 	return nil
 }
 
@@ -424,12 +442,7 @@ func (g *Guest) close() error {
 	if g.proc != nil {
 		g.proc.Stop()
 	}
-	g.mu.Lock()
-	maker := g.warmMaker
-	g.mu.Unlock()
-	if maker != nil {
-		maker.Abandon() // it ended before its first request on the network (or its save failed): a no-op once saved
-	}
+	g.endSave()
 	if g.con != nil {
 		select {
 		case <-g.con.Done():

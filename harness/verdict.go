@@ -59,12 +59,16 @@ func (g *Guest) Reached() timeline.Stage {
 func (g *Guest) monitor() {
 	tl := g.lab.tl
 	for line := range g.con.Lines() {
-		g.hear(line)
+		if !line.Replayed {
+			// A restored machine's output from before its save is not
+			// said now: no conversation and no responder answers it.
+			g.hear(line)
+		}
 		b := g.current()
 		if line.Time.Before(b.j.Start()) {
 			continue // the end of the boot before a reset
 		}
-		if r, ok := console.Respond(line.Text); ok && !g.spec.KeepPrompts {
+		if r, ok := console.Respond(line.Text); ok && !g.spec.KeepPrompts && !line.Replayed {
 			if err := g.con.Send(r.Send); err == nil {
 				tl.Emit(timeline.Event{Source: "console", Kind: "responded", Guest: g.Name, Time: line.Time, Msg: r.Why})
 			}

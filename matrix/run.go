@@ -29,9 +29,9 @@ type Result struct {
 	Dir     string // the row's artifacts (console.log, timeline.jsonl, network.pcapng); "" when removed
 	// Warm is how the row's machine started with Config.Warm
 	// (harness.Guest.WarmStart): "warm: ...", "saved: ..." or "cold: why".
-	Warm string
-	Start   time.Time
-	Wall    time.Duration // the whole row: lab set-up, boot, clean-up
+	Warm  string
+	Start time.Time
+	Wall  time.Duration // the whole row: lab set-up, boot, clean-up
 }
 
 // Pass reports whether the row showed what it expects.

@@ -25,10 +25,13 @@ import (
 // first row boots OVMF from reset and saves it at its first DHCP request,
 // the next two (an NFS root, and no-dhcp, a fault that must still fail as
 // it fails cold) start from that snapshot. Each row shows what the cold
-// matrix expects of it; a restored row's console begins with what OVMF
+// matrix expects of it, and the NFS row the same outcome and stages as the
+// same row booted cold; a restored row's console begins with what OVMF
 // printed before the save and its capture with the frames it sent before
 // it, the DHCP request the lab then answers. A Secure Boot row whose db
-// holds the lab's own key starts cold and says why.
+// holds the lab's own key starts cold and says why. A snapshot damaged in
+// the store does not restore: its row boots from reset and says so, and
+// the snapshot is gone.
 func TestWarmStart(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
@@ -63,6 +66,18 @@ func TestWarmStart(t *testing.T) {
 	assert.Check(t, is.Contains(results[1].Warm, "warm:"))
 	assert.Check(t, is.Contains(results[2].Warm, "warm:"))
 	assert.Check(t, is.Contains(results[3].Warm, "cold: the firmware's Secure Boot db holds this lab's own key"))
+
+	// The same row cold: the same outcome, through the same stages.
+	release, err := sched.Shared().Acquire(t.Context())
+	assert.NilError(t, err)
+	cold := matrix.Run(t.Context(), []matrix.Row{rows[1]}, matrix.Config{Jobs: 1, Cache: nbhtest.Cache()})
+	release()
+	assert.Equal(t, len(cold), 1)
+	assert.Equal(t, cold[0].Warm, "")
+	assert.Equal(t, cold[0].Pass(), results[1].Pass())
+	assert.Equal(t, cold[0].Verdict.OK, results[1].Verdict.OK)
+	assert.Equal(t, cold[0].Verdict.Reason, results[1].Verdict.Reason)
+	assert.DeepEqual(t, stagesOf(cold[0].Spans), stagesOf(results[1].Spans))
 
 	ents, err := os.ReadDir(store.Dir())
 	assert.NilError(t, err)
@@ -104,6 +119,21 @@ func TestWarmStart(t *testing.T) {
 		assert.NilError(t, err)
 		assert.Equal(t, strings.Contains(string(tl), "-incoming exec:cat"), i == 1 || i == 2, "%s", res.Row.Label())
 	}
+
+	// A damaged snapshot: the row boots from reset and says why.
+	state := filepath.Join(snapDir, "state")
+	fi, err := os.Stat(state)
+	assert.NilError(t, err)
+	assert.NilError(t, os.Truncate(state, fi.Size()/2))
+	release, err = sched.Shared().Acquire(t.Context())
+	assert.NilError(t, err)
+	again := matrix.Run(t.Context(), []matrix.Row{rows[0]}, matrix.Config{Jobs: 1, Cache: nbhtest.Cache(), Warm: store})
+	release()
+	assert.Equal(t, len(again), 1)
+	assert.Assert(t, again[0].Pass(), "%v", again[0].Verdict.Err())
+	assert.Check(t, is.Contains(again[0].Warm, "cold: its snapshot did not restore"))
+	_, err = os.Stat(snapDir)
+	assert.Assert(t, os.IsNotExist(err), "the damaged snapshot is still in the store")
 }
 
 // consoleText is console.log's text without its time stamps, its line

@@ -57,6 +57,12 @@ func bootCmd(ctx context.Context, args []string) int {
 		fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)
 		return exitUsage
 	}
+	if *warmStart && *interactive {
+		// What the user types before the firmware's first request would
+		// be saved into every later boot's machine.
+		fmt.Fprintln(os.Stderr, "nbh boot: --warm and --interactive: a machine typed on is not the one the others start; boot it without --warm")
+		return exitUsage
+	}
 	if *warmStart {
 		if opts.Warm, err = warm.Open(filepath.Join(opts.Cache.Dir, "warm")); err != nil {
 			fmt.Fprintf(os.Stderr, "nbh boot: %v\n", err)

@@ -37,7 +37,7 @@ func matrixCmd(ctx context.Context, args []string) int {
 	html := fs.String("html", "", "write the HTML report into this folder (index.html, console pages)")
 	artifacts := fs.String("artifacts", "", "folder for each row's console.log, timeline.jsonl and network.pcapng (default: REPORT/artifacts, else artifacts/matrix)")
 	keep := fs.String("keep-artifacts", "all", "whose artifacts to keep: all, or failed (CI uploads those)")
-	warmStart := fs.Bool("warm", false, "warm starts: each machine (chain, NIC, firmware files, QEMU) boots once to its firmware's first request on the network and is saved there (in the image cache, under warm/); every other row of it starts from the snapshot instead of from reset. Rows with no firmware, or whose Secure Boot db holds the lab's own key, start cold; the report's start column says how each row started")
+	warmStart := fs.Bool("warm", false, "warm starts: each machine (chain, NIC, firmware files, QEMU) boots once to its firmware's first request on the network and is saved there (in the image cache, under warm/); every other row of it starts from the snapshot instead of from reset. Rows with no firmware, or whose Secure Boot db holds the lab's own key, start cold; each row's progress line and its start in matrix.json say how it started (README: Warm starts)")
 	stackFile := fs.String("stack", "", "your own boot stack: a JSON file of per-architecture slots ({\"amd64\": {\"kernel\": ..., \"initrd\": ..., \"root_dir\": ..., \"loader_config\": {\"ipxe\": ...}, \"expect\": [...]}}; see README); the rows are then your stack across every chain, root and fault of its architectures that applies")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: nbh matrix [flags]

@@ -37,6 +37,10 @@ type Line struct {
 	Text    string // printable text: no CR, no terminal escapes (a CR's overwrite applied)
 	Raw     string // the bytes as they came, without the line's end (a wrapped line's break kept)
 	Partial bool   // no newline yet (a prompt, or output that paused)
+	// Replayed: the line is a restored machine's output from before its
+	// state was saved (StartedAfter), not something it says now: nothing
+	// answers it.
+	Replayed bool
 }
 
 // Console is a running serial console.
@@ -98,19 +102,27 @@ func (con *Console) Tty() *os.File { return con.c.Tty() }
 
 // Started tells the console that QEMU holds the terminal: the console closes
 // its own copy, so that QEMU exiting ends the stream, and begins reading.
-func (con *Console) Started() { con.StartedAfter(nil) }
+func (con *Console) Started() {
+	con.c.Tty().Close()
+	go con.read("")
+}
 
 // StartedAfter is Started for a machine restored from a saved state: what
 // its console showed before the state was saved (Raw of the machine that
-// saved it) comes first, read like the rest, and the guest's own output
-// follows. QEMU must not write before this returns (it is paused).
+// saved it, at most MaxReplay bytes of it) comes first, as lines marked
+// Replayed, and the guest's own output follows. The replay goes straight
+// to the reader, not through the terminal (which would add carriage
+// returns), and never waits for anyone to take its lines.
 func (con *Console) StartedAfter(before []byte) {
-	go con.read()
-	if len(before) > 0 {
-		con.c.Tty().Write(before) // the reader takes it: this cannot block for long
-	}
 	con.c.Tty().Close()
+	if len(before) > MaxReplay {
+		before = before[len(before)-MaxReplay:]
+	}
+	go con.read(string(before))
 }
+
+// MaxReplay bounds what StartedAfter replays.
+const MaxReplay = maxKept
 
 // KeepRaw makes the console keep its raw stream (up to 1 MiB), for Raw.
 func (con *Console) KeepRaw() {
@@ -226,12 +238,13 @@ func untilLineEnd(opts *expect.ExpectOpts) error {
 // and its error code stay on one line for the classifier.
 const WrapWidth = 80
 
-func (con *Console) read() {
+func (con *Console) read(replay string) {
 	defer close(con.done)
 	defer close(con.lines)
 	// held is a line that filled the firmware console's width, joined
 	// with the next; heldRaw keeps it as it came, line break included.
 	var held, heldRaw string
+	replaying := false
 	take := func(s string, partial bool) {
 		if s != "" && !partial && len(Clean(s)) == WrapWidth {
 			held += strings.TrimRight(s, "\r\n")
@@ -243,8 +256,21 @@ func (con *Console) read() {
 			s, raw, held, heldRaw = held+s, heldRaw+s, "", ""
 		}
 		if s != "" {
-			con.emit(s, raw, partial)
+			con.emit(s, raw, partial, replaying)
 		}
+	}
+	if replay != "" {
+		con.mirror.Write([]byte(replay))
+		replaying = true
+		pieces := strings.SplitAfter(replay, "\n")
+		for i, p := range pieces {
+			if p != "" {
+				// The last line, cut by the save, goes on in the guest's
+				// own output: shown split, as a pause would.
+				take(p, i == len(pieces)-1 && !strings.HasSuffix(p, "\n"))
+			}
+		}
+		replaying = false
 	}
 	for {
 		s, err := con.c.Expect(untilLineEnd, expect.WithTimeout(idle))
@@ -268,7 +294,7 @@ func isTimeout(err error) bool {
 }
 
 // emit hands on a line: joined (firmware wrapping undone) and as it came.
-func (con *Console) emit(joined, raw string, partial bool) {
+func (con *Console) emit(joined, raw string, partial, replayed bool) {
 	now := time.Now()
 	text := Clean(joined)
 	if con.log != nil {
@@ -288,7 +314,7 @@ func (con *Console) emit(joined, raw string, partial bool) {
 		con.tail = con.tail[len(con.tail)-100:]
 	}
 	con.mu.Unlock()
-	con.lines <- Line{Time: now, Text: text, Raw: strings.TrimRight(raw, "\r\n"), Partial: partial}
+	con.lines <- Line{Time: now, Text: text, Raw: strings.TrimRight(raw, "\r\n"), Partial: partial, Replayed: replayed}
 }
 
 var escapes = regexp.MustCompile(`\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])`)

@@ -270,9 +270,10 @@ func TestSendToAGuestThatDoesNotRead(t *testing.T) {
 }
 
 // A restored machine's console: what it showed before its state was saved
-// comes first, as lines like the rest, then its own output, the line it
+// comes first, as lines marked replayed, then its own output, the line it
 // left unfinished completed; the raw stream of a console that keeps it is
-// everything it read, a restored machine's included.
+// everything, the replay byte for byte. A long replay never waits for a
+// reader of its lines.
 func TestStartedAfterASavedConsole(t *testing.T) {
 	var log strings.Builder
 	con, err := New(&log, time.Now())
@@ -280,20 +281,41 @@ func TestStartedAfterASavedConsole(t *testing.T) {
 	defer con.Close()
 	con.KeepRaw()
 	w := writer(t, con)
-	before := "UEFI firmware (version 2024)\r\n\x1b[2J>>Start PXE over IPv4."
-	con.StartedAfter([]byte(before))
+	var before strings.Builder
+	for i := 0; i < 6000; i++ {
+		fmt.Fprintf(&before, "firmware line %d \xb3\r\n", i) // CP437, as EDK2's boxes
+	}
+	before.WriteString("\x1b[2J>>Start PXE over IPv4.")
+	done := make(chan struct{})
+	go func() {
+		con.StartedAfter([]byte(before.String()))
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("StartedAfter waits for its lines to be read")
+	}
 	w.WriteString("\r\n  Station IP address is 10.0.2.15\r\n")
 	w.Close()
-	var lines []string
+	var lines []Line
 	for l := range con.Lines() {
-		if !l.Partial {
-			lines = append(lines, l.Text)
+		lines = append(lines, l)
+	}
+	assert.Equal(t, lines[0].Text, "firmware line 0 ")
+	assert.Assert(t, lines[0].Replayed)
+	var replayed int
+	for _, l := range lines {
+		if l.Replayed {
+			replayed++
 		}
 	}
-	assert.DeepEqual(t, lines[0], "UEFI firmware (version 2024)")
-	assert.Equal(t, lines[len(lines)-1], "  Station IP address is 10.0.2.15")
+	assert.Equal(t, replayed, 6001, "every saved line, the cut one too, and nothing after")
+	last := lines[len(lines)-1]
+	assert.Equal(t, last.Text, "  Station IP address is 10.0.2.15")
+	assert.Assert(t, !last.Replayed)
 	assert.Assert(t, strings.Contains(log.String(), ">>Start PXE over IPv4."))
-	raw := strings.ReplaceAll(string(con.Raw()), "\r", "")
-	assert.Assert(t, strings.HasPrefix(raw, "UEFI firmware (version 2024)\n"), "%q", raw)
-	assert.Assert(t, strings.HasSuffix(raw, "Station IP address is 10.0.2.15\n"), "%q", raw)
+	raw := string(con.Raw())
+	assert.Assert(t, strings.HasPrefix(raw, before.String()), "the replay is not kept byte for byte")
+	assert.Assert(t, strings.HasSuffix(strings.ReplaceAll(raw, "\r", ""), "Station IP address is 10.0.2.15\n"), "%q", raw[len(raw)-100:])
 }

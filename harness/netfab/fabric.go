@@ -286,10 +286,16 @@ type Port struct {
 // hold is a port's guest frames kept off the switch, from the first one
 // on, until Release.
 type hold struct {
-	asks   func() // called, once, at the first frame held that asks something
-	called bool
-	frames [][]byte
+	asks     func() // called, once, at the first frame held that asks something
+	called   bool
+	overflow bool // MaxHeld frames came before one that asks: asks was called for them
+	frames   [][]byte
 }
+
+// MaxHeld bounds the frames a port holds before one that asks: a guest
+// that only announces itself is not held for ever (asks is called, and
+// HoldOverflowed says why).
+const MaxHeld = 256
 
 // AddPort creates a port for a guest NIC with the given MAC; capture, if not
 // empty, is the path of the port's pcapng file.
@@ -608,15 +614,15 @@ func (p *Port) held(frame []byte) bool {
 		return false
 	}
 	h.frames = append(h.frames, frame)
-	if !h.called && !Announces(frame) {
-		h.called = true
+	if !h.called && (!Announces(frame) || len(h.frames) >= MaxHeld) {
+		h.called, h.overflow = true, Announces(frame)
 		go h.asks()
 	}
 	return true
 }
 
 // Release ends a hold: it returns the frames held, in order, and sends
-// them on to the switch.
+// them on to the switch (unless the port is closed: its guest is gone).
 func (p *Port) Release() [][]byte {
 	p.holdMu.Lock()
 	h := p.hold
@@ -625,10 +631,30 @@ func (p *Port) Release() [][]byte {
 	if h == nil {
 		return nil
 	}
-	for _, f := range h.frames {
-		p.f.fromGuestGuarded(p, f)
+	if !p.Closed() {
+		for _, f := range h.frames {
+			p.f.fromGuestGuarded(p, f)
+		}
 	}
 	return h.frames
+}
+
+// HoldOverflowed reports whether the hold ended its wait for a request at
+// MaxHeld announcements.
+func (p *Port) HoldOverflowed() bool {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	return p.hold != nil && p.hold.overflow
+}
+
+// Closed reports whether the port was closed.
+func (p *Port) Closed() bool {
+	select {
+	case <-p.closed:
+		return true
+	default:
+		return false
+	}
 }
 
 // Held is what the guest sent since HoldFirst, so far.

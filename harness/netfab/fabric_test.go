@@ -961,3 +961,32 @@ func arpRequest(mac net.HardwareAddr, ip, target netip.Addr) []byte {
 	b = append(b, 0, 0, 0, 0, 0, 0)
 	return append(b, target.AsSlice()...)
 }
+
+// A guest that only announces itself is not held for ever: at MaxHeld
+// frames the hold calls back, and says it overflowed.
+func TestHoldOverflows(t *testing.T) {
+	f, err := New(timeline.New(), Config{})
+	assert.NilError(t, err)
+	defer f.Close()
+	port, err := f.AddPort("g1", net.HardwareAddr{0x52, 0x54, 0, 0x4e, 0x42, 0x01}, "")
+	assert.NilError(t, err)
+	defer port.Close()
+	asked := make(chan struct{}, 1)
+	port.HoldUntilAsked(func() { asked <- struct{}{} })
+	qemu, err := net.FileConn(port.QEMUFile())
+	assert.NilError(t, err)
+	defer qemu.Close()
+	mld := readFrames(t, "testdata/aavmf-first-frames.json")[0]
+	for i := 0; i < MaxHeld; i++ {
+		_, err := qemu.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(mld))), mld...))
+		assert.NilError(t, err)
+	}
+	select {
+	case <-asked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no call back after MaxHeld announcements")
+	}
+	assert.Assert(t, port.HoldOverflowed())
+	assert.Equal(t, len(port.Release()), MaxHeld)
+	assert.Assert(t, !port.HoldOverflowed())
+}

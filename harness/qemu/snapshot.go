@@ -46,6 +46,11 @@ func SnapshotKey(c Config) (string, error) {
 		return "", err
 	}
 	fmt.Fprintf(h, "qemu %s\n", id)
+	if c.Accel.Name == "kvm" {
+		// The machine's CPU is the host's (-cpu host): its model and
+		// features, and the kernel that runs KVM, are the machine too.
+		fmt.Fprintf(h, "host %s\n", hostCPU())
+	}
 	vars := filepath.Join(c.Dir, "vars.fd")
 	for _, a := range args {
 		parts := strings.Split(a, ",")
@@ -187,6 +192,27 @@ func hashFile(w io.Writer, path string) error {
 	return err
 }
 
+// hostCPU is the host's first CPU as /proc/cpuinfo shows it (without the
+// lines that change as it runs), and the kernel's release.
+func hostCPU() string {
+	var b strings.Builder
+	if info, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		first, _, _ := strings.Cut(string(info), "\n\n")
+		for _, l := range strings.Split(first, "\n") {
+			k, _, _ := strings.Cut(l, ":")
+			switch strings.TrimSpace(k) {
+			case "cpu MHz", "bogomips", "BogoMIPS":
+				continue
+			}
+			b.WriteString(l + "\n")
+		}
+	}
+	if rel, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		b.Write(rel)
+	}
+	return b.String()
+}
+
 // shellQuote quotes s for /bin/sh (QEMU's exec: migration URIs).
 func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
@@ -237,15 +263,29 @@ func (p *Process) SaveState(path string, timeout time.Duration) error {
 		}
 		if time.Now().After(deadline) {
 			p.Run("migrate_cancel", nil)
+			p.waitMigration(5 * time.Second) // until it can run on
 			return fmt.Errorf("qemu: saving the machine's state took more than %s", timeout)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
+// waitMigration waits for a cancelled migration to end.
+func (p *Process) waitMigration(timeout time.Duration) {
+	for end := time.Now().Add(timeout); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		out, err := p.Run("query-migrate", nil)
+		if err != nil || !strings.Contains(string(out), `"cancelling"`) && !strings.Contains(string(out), `"active"`) {
+			return
+		}
+	}
+}
+
 // blocked is how QEMU says a machine cannot migrate ("State blocked by
 // non-migratable device", "... is not migratable", a migration blocker).
 var blocked = regexp.MustCompile(`(?i)non-migratable|not migratable|blocked|blocker`)
+
+// ErrRestore is a saved state QEMU did not load.
+var ErrRestore = errors.New("the saved state did not load")
 
 // WaitIncoming waits until a QEMU started with Config.Incoming has loaded
 // the state: it is then paused where the state was saved (Cont runs it).
@@ -254,22 +294,28 @@ func (p *Process) WaitIncoming(timeout time.Duration) error {
 	for {
 		select {
 		case <-p.exited:
-			return fmt.Errorf("qemu exited while loading the saved state: %s", p.Stderr())
+			return fmt.Errorf("%w: qemu exited: %s", ErrRestore, p.Stderr())
 		default:
 		}
 		st, err := p.Status()
 		if err != nil {
-			return err
+			// QMP goes with a QEMU that gave the load up.
+			select {
+			case <-p.exited:
+				return fmt.Errorf("%w: qemu exited: %s", ErrRestore, p.Stderr())
+			case <-time.After(2 * time.Second):
+			}
+			return fmt.Errorf("%w: %v", ErrRestore, err)
 		}
 		switch st {
 		case "paused", "postmigrate":
 			return nil
 		case "inmigrate", "prelaunch", "restore-vm":
 		default:
-			return fmt.Errorf("qemu: after loading the saved state the machine is %q: %s", st, p.Stderr())
+			return fmt.Errorf("%w: the machine is %q: %s", ErrRestore, st, p.Stderr())
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("qemu: the saved state did not load within %s", timeout)
+			return fmt.Errorf("%w within %s", ErrRestore, timeout)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

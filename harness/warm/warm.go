@@ -1,15 +1,18 @@
 // Package warm keeps firmware warm starts: a machine saved (QEMU's
-// migration stream) at the moment its firmware first spoke on the network,
-// with what its console showed and the frames it sent until then, so that
-// every later guest of the same machine starts there instead of from reset
-// (nbh matrix --warm). Under TCG a UEFI firmware's own start is seconds of
-// every boot, the same in every row of its chain.
+// migration stream) at the moment its firmware first asked the network
+// for something, with what its console showed and the frames it sent until
+// then, so that every later guest of the same machine starts there instead
+// of from reset (nbh matrix --warm). Under TCG a UEFI firmware's own start
+// is seconds of every boot, the same in every row of its chain.
 //
 // A snapshot is found by its key (qemu.SnapshotKey: QEMU, its data files,
 // the command line and the content of every file it names), so anything
-// that changes what the machine did before its first request on the network makes another
-// one. The store is a folder (in the image cache); one snapshot per key,
-// made by the first guest that needs it while the others of its key wait.
+// that changes what the machine did before its first request makes
+// another one. The store is a folder (in the image cache); one snapshot
+// per key, made by the first guest of a process that needs it while the
+// others of its key wait, and never changed once in place (runs that share
+// the store keep the first). Its files are read as untrusted input:
+// bounded, regular files only.
 package warm
 
 import (
@@ -17,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -74,8 +78,13 @@ const maxTries = 2
 type entry struct {
 	making chan struct{} // closed when the guest making it is done
 	tries  int
+	last   string // why the last guest that was to make it did not
 	cold   string // why this run starts its guests cold
 }
+
+// MaxWait bounds how long a guest waits for another to save its machine;
+// after it, it starts cold.
+var MaxWait = 3 * time.Minute
 
 // Open opens (creating) the store in dir.
 func Open(dir string) (*Store, error) {
@@ -109,11 +118,16 @@ type Maker struct {
 // StatePath is where QEMU writes the machine's state (Process.SaveState).
 func (m *Maker) StatePath() string { return filepath.Join(m.tmp, "state") }
 
-// Acquire is how a guest of key starts: from a snapshot (snap), by making
-// it (maker: the guest starts cold and saves itself at its first request on the network),
-// or cold for the reason why (a machine that cannot be saved, guests that
-// never spoke). It waits while another guest makes the key's snapshot.
-func (s *Store) Acquire(ctx context.Context, key string) (snap *Snapshot, maker *Maker, why string, err error) {
+// Acquire is how a guest of key starts: from a snapshot (snap, its state
+// linked or copied into the guest's folder dir, so that no later change to
+// the store reaches it), by making it (maker: the guest starts from reset
+// and saves itself at its first request on the network), or cold for the
+// reason why (a machine that cannot be saved, guests that were to save it
+// and did not). It waits, up to MaxWait, while another guest of this
+// process makes the key's snapshot.
+func (s *Store) Acquire(ctx context.Context, key, dir string) (snap *Snapshot, maker *Maker, why string, err error) {
+	give := time.NewTimer(MaxWait)
+	defer give.Stop()
 	for {
 		s.mu.Lock()
 		e := s.keys[key]
@@ -132,9 +146,11 @@ func (s *Store) Acquire(ctx context.Context, key string) (snap *Snapshot, maker 
 				continue
 			case <-ctx.Done():
 				return nil, nil, "", ctx.Err()
+			case <-give.C:
+				return nil, nil, fmt.Sprintf("waited %s for another guest to save this machine", MaxWait), nil
 			}
 		}
-		snap, err := s.load(key)
+		snap, err := s.load(key, dir)
 		switch {
 		case err == nil && snap.Cannot != "":
 			e.cold = snap.Cannot
@@ -145,12 +161,14 @@ func (s *Store) Acquire(ctx context.Context, key string) (snap *Snapshot, maker 
 			now := time.Now()
 			os.Chtimes(filepath.Join(s.dir, key), now, now) // recently used
 			return snap, nil, "", nil
-		case !errors.Is(err, os.ErrNotExist):
-			// A damaged snapshot: made again.
-			os.RemoveAll(filepath.Join(s.dir, key))
+		default:
+			if _, serr := os.Stat(filepath.Join(s.dir, key, "meta.json")); !errors.Is(serr, os.ErrNotExist) {
+				// A damaged snapshot: made again.
+				os.RemoveAll(filepath.Join(s.dir, key))
+			}
 		}
 		if e.tries >= maxTries {
-			e.cold = fmt.Sprintf("the %d guests that were to save this machine ended before its first request on the network", e.tries)
+			e.cold = fmt.Sprintf("%d guests were to save this machine and did not (the last: %s)", e.tries, e.last)
 			s.mu.Unlock()
 			return nil, nil, e.cold, nil
 		}
@@ -183,7 +201,7 @@ func (m *Maker) Save(meta Meta, console []byte, frames [][]byte) error {
 }
 
 func (m *Maker) save(meta Meta, console []byte, frames [][]byte) error {
-	meta.Format, meta.Key, meta.Frames = Format, m.key, len(frames)
+	meta.Format, meta.Key, meta.Frames, meta.Made = Format, m.key, len(frames), time.Now()
 	if err := writeFrames(filepath.Join(m.tmp, "frames"), frames); err != nil {
 		return err
 	}
@@ -194,15 +212,24 @@ func (m *Maker) save(meta Meta, console []byte, frames [][]byte) error {
 }
 
 // commit writes meta.json last and moves the folder into place: a folder
-// with meta.json is whole.
+// with meta.json is whole, and never changes once in place. Where another
+// process put one first (a store two runs share), that one stays.
 func (m *Maker) commit(meta Meta) error {
 	b, _ := json.MarshalIndent(meta, "", "  ")
 	if err := os.WriteFile(filepath.Join(m.tmp, "meta.json"), b, 0o644); err != nil {
 		return err
 	}
 	final := filepath.Join(m.s.dir, m.key)
-	os.RemoveAll(final)
+	if _, err := os.Stat(filepath.Join(final, "meta.json")); err == nil {
+		os.RemoveAll(m.tmp)
+		return nil
+	}
+	os.RemoveAll(final) // a damaged one
 	if err := os.Rename(m.tmp, final); err != nil {
+		os.RemoveAll(m.tmp)
+		if _, serr := os.Stat(filepath.Join(final, "meta.json")); serr == nil {
+			return nil // another process's, just now
+		}
 		return fmt.Errorf("warm: %w", err)
 	}
 	return nil
@@ -225,14 +252,21 @@ func (m *Maker) Cannot(meta Meta, why string) {
 	})
 }
 
-// Abandon gives up making the snapshot (the guest ended before its first
-// frame, or its state could not be written): the next guest of the key
-// tries, up to a few times in a run.
-func (m *Maker) Abandon() {
+// Abandon gives up making the snapshot, for the reason why (the guest
+// ended before its first request on the network, its state could not be
+// written): the next guest of the key tries, up to a few times in a run.
+// It reports whether this call gave up (false once saved or given up).
+func (m *Maker) Abandon(why string) bool {
+	gave := false
 	m.once.Do(func() {
+		gave = true
 		os.RemoveAll(m.tmp)
+		m.s.mu.Lock()
+		m.e.last = why
+		m.s.mu.Unlock()
 		m.done(true)
 	})
+	return gave
 }
 
 func (m *Maker) done(failed bool) {
@@ -245,38 +279,113 @@ func (m *Maker) done(failed bool) {
 	m.s.mu.Unlock()
 }
 
-// Forget removes a snapshot that could not be restored; the key's next
-// guest makes it again.
-func (s *Store) Forget(key string) {
+// Broken records that snap did not restore (why: QEMU's words): it is
+// removed (unless another has taken its place since), the guests of its
+// key start cold for the rest of the run, and the next run makes it again.
+func (s *Store) Broken(snap *Snapshot, why string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	os.RemoveAll(filepath.Join(s.dir, key))
+	dir := filepath.Join(s.dir, snap.Key)
+	if b, err := os.ReadFile(filepath.Join(dir, "meta.json")); err == nil {
+		var now Meta
+		if json.Unmarshal(b, &now) == nil && now.Made.Equal(snap.Made) {
+			os.RemoveAll(dir)
+		}
+	}
+	e := s.keys[snap.Key]
+	if e == nil {
+		e = &entry{}
+		s.keys[snap.Key] = e
+	}
+	e.cold = "its snapshot did not restore (" + why + "); it is made again next run"
 }
 
-// load reads key's snapshot.
-func (s *Store) load(key string) (*Snapshot, error) {
+// load reads key's snapshot, its state linked (or copied) into the folder
+// pin. Its files are bounded: a store is a folder anyone with the cache
+// can write.
+func (s *Store) load(key, pin string) (*Snapshot, error) {
 	dir := filepath.Join(s.dir, key)
-	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	b, err := readBounded(filepath.Join(dir, "meta.json"), 1<<16)
 	if err != nil {
 		return nil, err
 	}
-	snap := &Snapshot{State: filepath.Join(dir, "state")}
+	snap := &Snapshot{}
 	if err := json.Unmarshal(b, &snap.Meta); err != nil || snap.Key != key || snap.Format != Format {
 		return nil, fmt.Errorf("warm: %s: damaged meta.json, or another format", dir)
 	}
 	if snap.Cannot != "" {
 		return snap, nil
 	}
-	if _, err := os.Stat(snap.State); err != nil {
+	if snap.Console, err = readBounded(filepath.Join(dir, "console"), maxConsole); err != nil {
 		return nil, fmt.Errorf("warm: %s: %w", dir, err)
 	}
-	if snap.Console, err = os.ReadFile(filepath.Join(dir, "console")); err != nil {
+	fb, err := readBounded(filepath.Join(dir, "frames"), maxFrames)
+	if err != nil {
 		return nil, fmt.Errorf("warm: %s: %w", dir, err)
 	}
-	if snap.Frames, err = readFrames(filepath.Join(dir, "frames")); err != nil || len(snap.Frames) != snap.Meta.Frames {
+	if err := json.Unmarshal(fb, &snap.Frames); err != nil || len(snap.Frames) != snap.Meta.Frames || len(snap.Frames) == 0 {
 		return nil, fmt.Errorf("warm: %s: damaged frames", dir)
 	}
+	snap.State = filepath.Join(pin, "warm-state")
+	if err := pinFile(filepath.Join(dir, "state"), snap.State); err != nil {
+		return nil, fmt.Errorf("warm: %s: %w", dir, err)
+	}
 	return snap, nil
+}
+
+// Bounds on a snapshot's small files.
+const (
+	maxConsole = 1 << 20 // console.MaxReplay
+	maxFrames  = 8 << 20
+)
+
+// readBounded reads a regular file of at most max bytes.
+func readBounded(path string, max int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > max {
+		return nil, fmt.Errorf("%s: not a regular file of at most %d bytes", path, max)
+	}
+	return io.ReadAll(io.LimitReader(f, max))
+}
+
+// pinFile makes dst the file src is now: a hard link where both are on one
+// file system, else a copy. A regular file only (not a pipe that would
+// hold QEMU's load).
+func pinFile(src, dst string) error {
+	fi, err := os.Lstat(src)
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s: not a regular file", src)
+	}
+	os.Remove(dst)
+	if err := os.Link(src, dst); err == nil {
+		return nil
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		os.Remove(dst)
+		return err
+	}
+	return out.Close()
 }
 
 // writeFrames writes frames as a JSON list (a few small frames).
@@ -286,16 +395,6 @@ func writeFrames(path string, frames [][]byte) error {
 		return err
 	}
 	return os.WriteFile(path, b, 0o644)
-}
-
-func readFrames(path string) ([][]byte, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var frames [][]byte
-	err = json.Unmarshal(b, &frames)
-	return frames, err
 }
 
 // trim removes the least recently used snapshots until the store fits
