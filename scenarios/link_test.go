@@ -15,17 +15,23 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 )
 
-// TestSlowLink: on a link slow enough that GRUB's download of the 33 MB
-// arm64 kernel alone outlasts the loader stage's deadline, the boot still
-// passes, because bytes moving are progress.
+// TestSlowLink: on a link slow enough that GRUB's downloads (the arm64
+// kernel, gzip-compressed, and the archive: tens of MB at 320 KiB/s)
+// outlast the loader stage's deadline, the boot still passes, because
+// bytes moving are progress. The deadline is the test's own, well below
+// the downloads' time, so that the premise holds by construction (the
+// default 90 s was within a second of the downloads once the kernel was
+// served compressed).
 func TestSlowLink(t *testing.T) {
 	guestTest(t)
 	if !selected("arm64", "aavmf-grub") {
 		t.Skip("arm64/aavmf-grub not selected")
 	}
 	lab := nbhtest.NewLab(t)
+	deadline := 30 * time.Second
 	g, err := lab.Boot(context.Background(), harness.Spec{Arch: "arm64", Firmware: "aavmf-grub",
-		Faults: []harness.Fault{fault(t, "slow-link")}, Timeout: 10 * time.Minute, Artifacts: nbhtest.Artifacts(t, "g1")})
+		Faults: []harness.Fault{fault(t, "slow-link")}, Timeout: 10 * time.Minute, Artifacts: nbhtest.Artifacts(t, "g1"),
+		StageTimeouts: map[timeline.Stage]time.Duration{timeline.Loader: deadline}})
 	assert.NilError(t, err)
 	v := g.Wait(context.Background())
 	assert.Assert(t, v.OK, "%v\n%s", v.Err(), strings.Join(v.Tail, "\n"))
@@ -40,15 +46,15 @@ func TestSlowLink(t *testing.T) {
 	}
 	assert.Check(t, fired > 0, "the slow-link rule never fired")
 	assert.Check(t, progress > 10, "%d progress events from the downloads", progress)
-	// By construction, not by this machine's speed: the kernel alone takes
-	// its size over the link's rate, longer than the stage's deadline.
+	// By construction, not by this machine's speed: the downloads take
+	// their size over the link's rate, much longer than the deadline.
 	var loader time.Duration
 	for _, s := range g.Spans() {
 		if s.Stage == timeline.Loader {
 			loader = s.Duration
 		}
 	}
-	assert.Check(t, loader > harness.DefaultStageTimeouts()[timeline.Loader], "loader stage %s", loader)
+	assert.Check(t, loader > deadline, "loader stage %s", loader)
 	t.Logf("slow link: loader stage %.0fs, boot %.0fs\n%s", loader.Seconds(), v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.BootStart()))
 }
 
