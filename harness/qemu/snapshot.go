@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -16,6 +15,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // A machine's saved state (a warm start, package harness/warm) is QEMU's
@@ -167,10 +168,14 @@ func contentDigest(path string) (string, error) {
 			}
 			fmt.Fprintf(h, "%s %s\n", rel, fd)
 		}
-	} else if err := hashFile(h, path); err != nil {
-		return "", err
+		d = "sha256:" + hex.EncodeToString(h.Sum(nil))
+	} else {
+		sum, err := fsutil.SHA256File(path)
+		if err != nil {
+			return "", err
+		}
+		d = "sha256:" + sum
 	}
-	d = "sha256:" + hex.EncodeToString(h.Sum(nil))
 	digestMu.Lock()
 	digests[memo] = d
 	digestMu.Unlock()
@@ -181,16 +186,6 @@ var (
 	digestMu sync.Mutex
 	digests  = map[string]string{}
 )
-
-func hashFile(w io.Writer, path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	_, err = io.Copy(w, f)
-	return err
-}
 
 // hostCPU is the host's first CPU as /proc/cpuinfo shows it (without the
 // lines that change as it runs), and the kernel's release.

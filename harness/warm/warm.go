@@ -26,6 +26,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"nbh.dev/nbh/internal/fsutil"
 )
 
 // Format is the version of how snapshots are made and kept: a snapshot of
@@ -371,21 +373,7 @@ func pinFile(src, dst string) error {
 	if err := os.Link(src, dst); err == nil {
 		return nil
 	}
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		os.Remove(dst)
-		return err
-	}
-	return out.Close()
+	return fsutil.CopyFile(src, dst)
 }
 
 // writeFrames writes frames as a JSON list (a few small frames).
