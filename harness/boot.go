@@ -65,8 +65,22 @@ func (g *Guest) rules(b *boot) judge.Rules {
 	return judge.Rules{
 		Expect: g.expect, Steps: g.steps, FailOn: g.failOn, Passes: g.passes,
 		StageTimeouts: g.spec.StageTimeouts, StallWindow: g.spec.StallWindow, OnStage: g.spec.OnStage,
-		Drift: func(wait bool) (string, string) { return b.driftFound(g, wait) },
+		Drift:   func(wait bool) (string, string) { return b.driftFound(g, wait) },
+		Machine: g.machineState,
 	}
+}
+
+// machineState samples what the guest's QEMU was doing for a second: a
+// verdict of standing still then says whether the guest hung or the
+// emulator was not running it.
+func (g *Guest) machineState() string {
+	g.mu.Lock()
+	proc := g.proc
+	g.mu.Unlock()
+	if proc == nil {
+		return ""
+	}
+	return proc.Sample(time.Second).String()
 }
 
 // current is the guest's boot now.

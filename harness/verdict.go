@@ -102,8 +102,13 @@ func (g *Guest) Wait(ctx context.Context) Verdict {
 	select {
 	case <-b.j.Decided():
 	case <-deadline.C:
-		b.j.Decide(Verdict{Reason: failure.Deadline, Stage: b.j.Reached(),
-			Detail: fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)})
+		detail := fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)
+		if !b.j.IsDecided() {
+			if m := g.machineState(); m != "" {
+				detail += "; " + m
+			}
+		}
+		b.j.Decide(Verdict{Reason: failure.Deadline, Stage: b.j.Reached(), Detail: detail})
 	case <-ctx.Done():
 		b.j.Decide(Verdict{Reason: failure.Interrupted, Stage: b.j.Reached(), Detail: ctx.Err().Error()})
 	}

@@ -79,6 +79,9 @@ func TestStalledTransfer(t *testing.T) {
 			assert.Equal(t, v.Stage, timeline.Loader, "%v", v.Err())
 			assert.Check(t, is.Contains(v.Detail, "the "+c.source+" transfer of"))
 			assert.Check(t, is.Contains(v.Detail, "nothing moved for "+window.String()))
+			// The loader still runs, waiting for the bytes: what the
+			// machine did says so (its monitor answered, it ran).
+			assert.Check(t, is.Contains(v.Detail, "; the machine was "))
 			var fired, stalled time.Time
 			for _, e := range g.Events() {
 				switch {

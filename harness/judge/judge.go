@@ -40,6 +40,10 @@ type Rules struct {
 	// the root found for this boot: a stale archive, or why it could not
 	// tell. wait gives a comparison under way a moment. Optional.
 	Drift func(wait bool) (stale, unchecked string)
+	// Machine says what the machine was doing when the boot stood still
+	// (a deadline, a stalled transfer): evidence from the emulator for
+	// the verdict's detail. It may take a moment. Optional.
+	Machine func() string
 }
 
 // FailOn is a failure signature of the user's: a console line matching
@@ -277,8 +281,10 @@ func (b *Boot) Watch(ctx context.Context) {
 		}
 		if p.open && stall > 0 && time.Since(p.at) > stall {
 			msg := fmt.Sprintf("the %s transfer of %s stalled at %d bytes%s: nothing moved for %s", p.source, p.what, p.bytes, p.ofSize(), stall)
-			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: b.guest, Boot: b.id, Msg: msg,
-				Detail: map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}})
+			detail := map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}
+			at := time.Now() // before the machine's sample
+			msg = b.withMachine(msg, detail)
+			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: b.guest, Boot: b.id, Time: at, Msg: msg, Detail: detail})
 			b.Decide(Verdict{Reason: failure.Stalled, Stage: st, Detail: msg})
 			return
 		}
@@ -287,11 +293,28 @@ func (b *Boot) Watch(ctx context.Context) {
 			if !p.at.IsZero() {
 				msg += fmt.Sprintf("; the last bytes moved %.0fs ago: %s %s, %d bytes%s", time.Since(p.at).Seconds(), p.source, p.what, p.bytes, p.ofSize())
 			}
-			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: b.guest, Boot: b.id, Msg: fmt.Sprintf("stage %s ran past %s", st, d)})
+			detail := map[string]any{}
+			at := time.Now()
+			msg = b.withMachine(msg, detail)
+			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: b.guest, Boot: b.id, Time: at, Msg: fmt.Sprintf("stage %s ran past %s", st, d), Detail: detail})
 			b.Decide(Verdict{Reason: failure.Deadline, Stage: st, Detail: msg})
 			return
 		}
 	}
+}
+
+// withMachine adds to msg, and to an event's detail, what Rules.Machine
+// says the machine was doing.
+func (b *Boot) withMachine(msg string, detail map[string]any) string {
+	if b.rules.Machine == nil {
+		return msg
+	}
+	m := b.rules.Machine()
+	if m == "" {
+		return msg
+	}
+	detail["machine"] = m
+	return msg + "; " + m
 }
 
 // Decide settles the boot with v, unless it is settled: a failure is

@@ -254,3 +254,33 @@ func TestLoaderGivingUpOnAStalledTransfer(t *testing.T) {
 		})
 	}
 }
+
+// A boot that stands still carries what the machine was doing then, in
+// the verdict and on the timeline; a boot decided otherwise never asks.
+func TestStandingStillSaysWhatTheMachineDid(t *testing.T) {
+	asked := 0
+	machine := func() string { asked++; return "the machine was idle" }
+	b, tl := judged(t, Rules{Machine: machine, StageTimeouts: map[timeline.Stage]time.Duration{timeline.None: 300 * time.Millisecond}})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go b.Watch(ctx)
+	v := verdictOf(t, b)
+	assert.Equal(t, v.Reason, failure.Deadline, "%v", v.Err())
+	assert.Assert(t, strings.Contains(v.Detail, "the machine was idle"), v.Detail)
+	found := false
+	for _, e := range tl.Events("g1") {
+		if e.Kind == "stage-deadline" && e.Detail["machine"] == "the machine was idle" {
+			found = true
+		}
+	}
+	assert.Assert(t, found, "no stage-deadline event with the machine's state")
+	assert.Equal(t, asked, 1)
+
+	asked = 0
+	b, _ = judged(t, Rules{Machine: machine, Expect: regexp.MustCompile("READY"), StageTimeouts: map[timeline.Stage]time.Duration{timeline.None: time.Hour}})
+	go b.Watch(ctx)
+	b.Line(line("READY"))
+	v = verdictOf(t, b)
+	assert.Assert(t, v.OK, "%v", v.Err())
+	assert.Equal(t, asked, 0)
+}
