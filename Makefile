@@ -27,9 +27,17 @@ matrix: setup build
 # then the race detector over the unit tests and over scenarios that boot
 # guests side by side and talk to them; then the negative controls (each
 # isolation rule's tests fail with the rule off).
+# The first run's events go to out/test.json (go test -json, through
+# gotestsum, the module's tool: the output stays go test's own), and the
+# tests slower than a minute are listed after it, pass or fail: what to
+# trim when make test nears CI's limit.
 RACE_SCENARIOS = TestConversation$$|TestStalledTransfer
 test: setup vet
-	$(GO) test -count=1 -parallel 16 -timeout 35m ./...
+	@mkdir -p out
+	@$(GO) tool gotestsum --format standard-quiet --jsonfile out/test.json -- -count=1 -parallel 16 -timeout 35m ./...; rc=$$?; \
+	  echo "tests slower than a minute (out/test.json):"; \
+	  $(GO) tool gotestsum tool slowest --jsonfile out/test.json --threshold 60s | head -40; \
+	  exit $$rc
 	$(GO) test -race -short -count=1 ./...
 	$(GO) test -race -count=1 -parallel 4 -timeout 15m -run '$(RACE_SCENARIOS)' ./scenarios
 	scripts/negative-controls

@@ -64,30 +64,56 @@ func stagesOf(spans []timeline.Span) []timeline.Stage {
 	return out
 }
 
-// expectedStages is the path every boot of a chain takes to its marker.
-func expectedStages(p harness.Chain) []timeline.Stage {
+// expectedStages is the path every boot of a chain takes to its marker: a
+// root's between the init and the marker.
+func expectedStages(p harness.Chain, root string) []timeline.Stage {
+	out := []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init}
 	if p.Firmware == qemu.Direct {
-		return []timeline.Stage{timeline.Firmware, timeline.Kernel, timeline.Init, timeline.Marker}
+		out = []timeline.Stage{timeline.Firmware, timeline.Kernel, timeline.Init}
 	}
-	return []timeline.Stage{timeline.Firmware, timeline.DHCP, timeline.Loader, timeline.Kernel, timeline.Init, timeline.Marker}
+	if root != harness.RootNone && root != "" {
+		out = append(out, timeline.Root)
+	}
+	return append(out, timeline.Marker)
 }
 
+// TestEveryChainReachesTheMarker boots every chain onto each network root
+// (the matrix boots each without one too; the way to the init is the same):
+// every stage in order, the init on the address the lab's DHCP server
+// leased, the root's own init reporting how / is mounted, and the root's
+// service having logged the guest in once.
 func TestEveryChainReachesTheMarker(t *testing.T) {
 	needGuests(t)
 	t.Parallel()
-	for _, p := range nbhtest.Chains() {
-		t.Run(p.Name(), func(t *testing.T) {
-			guestTest(t)
-			lab := nbhtest.NewLab(t)
-			g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Artifacts: nbhtest.Artifacts(t, "g1")})
-			assert.NilError(t, err)
-			v := g.Wait(context.Background())
-			assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
-			// The init prints the address the lab's DHCP server leased.
-			assert.Check(t, is.Contains(v.Line, "addr="+g.IP+"/24"))
-			assert.DeepEqual(t, stagesOf(g.Spans()), expectedStages(p))
-			t.Logf("%s: marker after %.2fs\n%s", p.Name(), v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
-		})
+	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
+		for _, p := range nbhtest.Chains() {
+			t.Run(root+"/"+p.Name(), func(t *testing.T) {
+				guestTest(t)
+				lab := nbhtest.NewLab(t)
+				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root,
+					Artifacts: nbhtest.Artifacts(t, "g1")})
+				assert.NilError(t, err)
+				v := g.Wait(context.Background())
+				assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
+				assert.Check(t, is.DeepEqual(stagesOf(g.Spans()), expectedStages(p, root)))
+				// The init prints the address the lab's DHCP server leased.
+				assert.Check(t, is.Contains(g.Console(), "nbh-init: network up addr="+g.IP+"/24"))
+				assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
+				want, event := "fstype=nfs source="+lab.Server()+":"+harness.NFSExport, "mount"
+				if root == harness.RootISCSI {
+					want, event = "fstype=ext4 source=/dev/sda", "login"
+				}
+				assert.Check(t, is.Contains(v.Line, want))
+				var n int
+				for _, e := range lab.Timeline().Events("g1") {
+					if (e.Source == "nfs" || e.Source == "iscsi") && e.Kind == event {
+						n++
+					}
+				}
+				assert.Check(t, n == 1, "%d %s events on the timeline", n, event)
+				t.Logf("%s: marker after %.2fs\n%s", p.Name(), v.Elapsed.Seconds(), timeline.Table(g.Spans(), g.Start))
+			})
+		}
 	}
 }
 

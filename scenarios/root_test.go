@@ -17,42 +17,6 @@ import (
 	"nbh.dev/nbh/harness/timeline"
 )
 
-// TestNetworkRootOnEveryChain boots every chain onto each network root: the
-// root's own init reports how / is mounted, and the root's service logged
-// the guest in.
-func TestNetworkRootOnEveryChain(t *testing.T) {
-	needGuests(t)
-	t.Parallel()
-	for _, root := range []string{harness.RootNFS, harness.RootISCSI} {
-		for _, p := range nbhtest.Chains() {
-			t.Run(root+"/"+p.Name(), func(t *testing.T) {
-				guestTest(t)
-				lab := nbhtest.NewLab(t)
-				g, err := lab.Boot(context.Background(), harness.Spec{Arch: p.Arch, Firmware: p.Firmware, Root: root,
-					Artifacts: nbhtest.Artifacts(t, "g1")})
-				assert.NilError(t, err)
-				v := g.Wait(context.Background())
-				assert.Assert(t, v.OK, "%v\nlast console lines:\n%s", v.Err(), strings.Join(v.Tail, "\n"))
-				assert.Check(t, is.Contains(v.Line, "boots=1 "), "the root's write did not land")
-				want, event := "fstype=nfs source="+lab.Server()+":"+harness.NFSExport, "mount"
-				if root == harness.RootISCSI {
-					want, event = "fstype=ext4 source=/dev/sda", "login"
-				}
-				assert.Check(t, is.Contains(v.Line, want))
-				stages := stagesOf(g.Spans())
-				assert.Check(t, is.DeepEqual(stages[len(stages)-3:], []timeline.Stage{timeline.Init, timeline.Root, timeline.Marker}))
-				var n int
-				for _, e := range lab.Timeline().Events("g1") {
-					if (e.Source == "nfs" || e.Source == "iscsi") && e.Kind == event {
-						n++
-					}
-				}
-				assert.Check(t, n == 1, "%d %s events on the timeline", n, event)
-			})
-		}
-	}
-}
-
 // TestISCSIWriteSurvivesReboot boots a guest twice under the same name: the
 // second boot finds what the first wrote on its iSCSI disk.
 func TestISCSIWriteSurvivesReboot(t *testing.T) {
