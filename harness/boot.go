@@ -73,14 +73,14 @@ func (g *Guest) rules(b *boot) judge.Rules {
 // machineState samples what the guest's QEMU was doing for a second: a
 // verdict of standing still then says whether the guest hung or the
 // emulator was not running it.
-func (g *Guest) machineState() string {
+func (g *Guest) machineState(ctx context.Context) string {
 	g.mu.Lock()
 	proc := g.proc
 	g.mu.Unlock()
 	if proc == nil {
 		return ""
 	}
-	return proc.Sample(time.Second).String()
+	return proc.Sample(ctx, time.Second).String()
 }
 
 // current is the guest's boot now.

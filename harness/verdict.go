@@ -89,9 +89,10 @@ func (g *Guest) monitor() {
 func (g *Guest) decide(v Verdict) { g.current().j.Decide(v) }
 
 // Wait returns the current boot's verdict: the first of the marker, a
-// classified failure, QEMU's exit, the spec's deadline or ctx's end. It
-// never blocks past the deadline. On a guest that never started it returns
-// a Setup verdict.
+// classified failure, QEMU's exit, the spec's deadline or ctx's end. Past
+// the deadline it takes at most a few seconds more, to say what the
+// machine was doing (Process.Sample). On a guest that never started it
+// returns a Setup verdict.
 func (g *Guest) Wait(ctx context.Context) Verdict {
 	b := g.current()
 	if b == nil || g.proc == nil {
@@ -104,9 +105,13 @@ func (g *Guest) Wait(ctx context.Context) Verdict {
 	case <-deadline.C:
 		detail := fmt.Sprintf("no marker and no classified failure within %s", g.spec.Timeout)
 		if !b.j.IsDecided() {
-			if m := g.machineState(); m != "" {
+			if m := g.machineState(ctx); m != "" {
 				detail += "; " + m
 			}
+		}
+		if ctx.Err() != nil {
+			b.j.Decide(Verdict{Reason: failure.Interrupted, Stage: b.j.Reached(), Detail: ctx.Err().Error()})
+			break
 		}
 		b.j.Decide(Verdict{Reason: failure.Deadline, Stage: b.j.Reached(), Detail: detail})
 	case <-ctx.Done():

@@ -42,8 +42,9 @@ type Rules struct {
 	Drift func(wait bool) (stale, unchecked string)
 	// Machine says what the machine was doing when the boot stood still
 	// (a deadline, a stalled transfer): evidence from the emulator for
-	// the verdict's detail. It may take a moment. Optional.
-	Machine func() string
+	// the verdict's detail. It may take a few seconds, less when ctx
+	// ends. Optional.
+	Machine func(ctx context.Context) string
 }
 
 // FailOn is a failure signature of the user's: a console line matching
@@ -282,9 +283,11 @@ func (b *Boot) Watch(ctx context.Context) {
 		if p.open && stall > 0 && time.Since(p.at) > stall {
 			msg := fmt.Sprintf("the %s transfer of %s stalled at %d bytes%s: nothing moved for %s", p.source, p.what, p.bytes, p.ofSize(), stall)
 			detail := map[string]any{"source": p.source, "file": p.what, "bytes": p.bytes, "window": stall.Seconds()}
-			at := time.Now() // before the machine's sample
-			msg = b.withMachine(msg, detail)
-			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: b.guest, Boot: b.id, Time: at, Msg: msg, Detail: detail})
+			msg = b.withMachine(ctx, msg, detail)
+			if b.IsDecided() || ctx.Err() != nil {
+				return // decided, or replaced, while the machine was sampled
+			}
+			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stalled", Guest: b.guest, Boot: b.id, Msg: msg, Detail: detail})
 			b.Decide(Verdict{Reason: failure.Stalled, Stage: st, Detail: msg})
 			return
 		}
@@ -294,9 +297,11 @@ func (b *Boot) Watch(ctx context.Context) {
 				msg += fmt.Sprintf("; the last bytes moved %.0fs ago: %s %s, %d bytes%s", time.Since(p.at).Seconds(), p.source, p.what, p.bytes, p.ofSize())
 			}
 			detail := map[string]any{}
-			at := time.Now()
-			msg = b.withMachine(msg, detail)
-			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: b.guest, Boot: b.id, Time: at, Msg: fmt.Sprintf("stage %s ran past %s", st, d), Detail: detail})
+			msg = b.withMachine(ctx, msg, detail)
+			if b.IsDecided() || ctx.Err() != nil {
+				return
+			}
+			b.tl.Emit(timeline.Event{Source: "lab", Kind: "stage-deadline", Guest: b.guest, Boot: b.id, Msg: fmt.Sprintf("stage %s ran past %s", st, d), Detail: detail})
 			b.Decide(Verdict{Reason: failure.Deadline, Stage: st, Detail: msg})
 			return
 		}
@@ -305,11 +310,11 @@ func (b *Boot) Watch(ctx context.Context) {
 
 // withMachine adds to msg, and to an event's detail, what Rules.Machine
 // says the machine was doing.
-func (b *Boot) withMachine(msg string, detail map[string]any) string {
+func (b *Boot) withMachine(ctx context.Context, msg string, detail map[string]any) string {
 	if b.rules.Machine == nil {
 		return msg
 	}
-	m := b.rules.Machine()
+	m := b.rules.Machine(ctx)
 	if m == "" {
 		return msg
 	}

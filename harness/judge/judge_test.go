@@ -179,7 +179,7 @@ func TestConclusiveEvidenceEndsTheBoot(t *testing.T) {
 // watched.
 func TestDeadlinesCountProgress(t *testing.T) {
 	start := func(stall time.Duration) (*Boot, *timeline.Timeline) {
-		b, tl := judged(t, Rules{StallWindow: stall, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Loader: 600 * time.Millisecond}})
+		b, tl := judged(t, Rules{StallWindow: stall, StageTimeouts: map[timeline.Stage]time.Duration{timeline.Loader: 2 * time.Second}})
 		tl.Emit(timeline.Event{Source: "tftp", Kind: "request", Guest: "g1", Stage: timeline.Loader, Msg: "g1/initrd"})
 		ctx, cancel := context.WithCancel(context.Background())
 		t.Cleanup(cancel)
@@ -187,9 +187,11 @@ func TestDeadlinesCountProgress(t *testing.T) {
 		return b, tl
 	}
 
-	// Moving: every 200 ms for 2 s, well past the 600 ms stage deadline.
-	b, tl := start(400 * time.Millisecond)
-	for i := 0; i < 10; i++ {
+	// Moving: every 200 ms for 3 s, past the 2 s stage deadline, with a
+	// stall window five times the pace (a loaded machine delays the
+	// emitter).
+	b, tl := start(time.Second)
+	for i := 0; i < 15; i++ {
 		tl.Emit(timeline.Event{Source: "tftp", Kind: timeline.ProgressKind, Guest: "g1", Msg: "g1/initrd",
 			Detail: map[string]any{"bytes": int64(1000 * (i + 1)), "of": int64(1 << 20), "open": true}})
 		time.Sleep(200 * time.Millisecond)
@@ -200,7 +202,7 @@ func TestDeadlinesCountProgress(t *testing.T) {
 	v := verdictOf(t, b)
 	assert.Equal(t, v.Reason, failure.Stalled, "%v", v.Err())
 	assert.Equal(t, v.Stage, timeline.Loader)
-	assert.Assert(t, strings.Contains(v.Detail, "g1/initrd") && strings.Contains(v.Detail, "10000 bytes of 1048576"), v.Detail)
+	assert.Assert(t, strings.Contains(v.Detail, "g1/initrd") && strings.Contains(v.Detail, "15000 bytes of 1048576"), v.Detail)
 
 	// A finished transfer is not watched: the stage's deadline decides.
 	b, tl = start(100 * time.Millisecond)
@@ -256,17 +258,19 @@ func TestLoaderGivingUpOnAStalledTransfer(t *testing.T) {
 }
 
 // A boot that stands still carries what the machine was doing then, in
-// the verdict and on the timeline; a boot decided otherwise never asks.
+// the verdict and on the timeline; a boot decided while the machine was
+// sampled keeps its verdict and gets no deadline event.
 func TestStandingStillSaysWhatTheMachineDid(t *testing.T) {
-	asked := 0
-	machine := func() string { asked++; return "the machine was idle" }
-	b, tl := judged(t, Rules{Machine: machine, StageTimeouts: map[timeline.Stage]time.Duration{timeline.None: 300 * time.Millisecond}})
+	deadline := map[timeline.Stage]time.Duration{timeline.None: 300 * time.Millisecond}
+	machine := func(context.Context) string { return "the machine was idle" }
+	b, tl := judged(t, Rules{Machine: machine, StageTimeouts: deadline})
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go b.Watch(ctx)
 	v := verdictOf(t, b)
 	assert.Equal(t, v.Reason, failure.Deadline, "%v", v.Err())
 	assert.Assert(t, strings.Contains(v.Detail, "the machine was idle"), v.Detail)
+	assert.Equal(t, deadlineEvents(tl), 1)
 	found := false
 	for _, e := range tl.Events("g1") {
 		if e.Kind == "stage-deadline" && e.Detail["machine"] == "the machine was idle" {
@@ -274,13 +278,29 @@ func TestStandingStillSaysWhatTheMachineDid(t *testing.T) {
 		}
 	}
 	assert.Assert(t, found, "no stage-deadline event with the machine's state")
-	assert.Equal(t, asked, 1)
 
-	asked = 0
-	b, _ = judged(t, Rules{Machine: machine, Expect: regexp.MustCompile("READY"), StageTimeouts: map[timeline.Stage]time.Duration{timeline.None: time.Hour}})
+	// The marker arrives while the machine is sampled.
+	var bp *Boot
+	sampling := make(chan struct{})
+	b, tl = judged(t, Rules{Expect: regexp.MustCompile("READY"), StageTimeouts: deadline, Machine: func(context.Context) string {
+		close(sampling)
+		bp.Line(line("READY"))
+		return "the machine was busy"
+	}})
+	bp = b
 	go b.Watch(ctx)
-	b.Line(line("READY"))
+	<-sampling
 	v = verdictOf(t, b)
 	assert.Assert(t, v.OK, "%v", v.Err())
-	assert.Equal(t, asked, 0)
+	assert.Equal(t, deadlineEvents(tl), 0)
+}
+
+func deadlineEvents(tl *timeline.Timeline) int {
+	n := 0
+	for _, e := range tl.Events("g1") {
+		if e.Kind == "stage-deadline" {
+			n++
+		}
+	}
+	return n
 }

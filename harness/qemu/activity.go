@@ -1,7 +1,9 @@
 package qemu
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"regexp"
@@ -31,44 +33,91 @@ type Activity struct {
 	Halted bool
 }
 
-// monitorGrace is how long the monitor gets to answer: a QEMU whose main
-// loop runs answers in milliseconds.
+// monitorGrace is how long the monitor gets to answer, all its questions
+// together: a QEMU whose main loop runs answers in milliseconds.
 const monitorGrace = 2 * time.Second
 
-// Sample watches p for window and says what it was doing.
-func (p *Process) Sample(window time.Duration) Activity {
+// Sample watches p for window and says what it was doing. It returns
+// within window plus monitorGrace, sooner when ctx ends (with what it
+// has) or QEMU exits.
+func (p *Process) Sample(ctx context.Context, window time.Duration) Activity {
 	a := Activity{Window: window, Run: -1, Wait: -1}
-	st, ok := p.runWithin(monitorGrace, func() (string, error) { return p.Status() })
+	grace := time.Now().Add(monitorGrace)
+	ask := func(f func() (string, error)) (string, bool) {
+		s, err := p.runUntil(ctx, grace, f)
+		switch {
+		case err == nil:
+			return s, true
+		case p.hasExited():
+			a.Monitor = "exited"
+		case errors.Is(err, errNoAnswer):
+			a.Monitor, a.Blocked = "", monitorGrace
+		case ctx.Err() == nil && a.Monitor == "":
+			a.Monitor = "error: " + err.Error()
+		}
+		return "", false
+	}
+	st, ok := ask(func() (string, error) { return p.Status() })
 	if !ok {
-		a.Blocked = monitorGrace
 		return a
 	}
 	a.Monitor = st
-	tid, _ := p.runWithin(monitorGrace, p.vcpuThread)
-	a.PC[0], _ = p.runWithin(monitorGrace, p.pc)
+	tid, _ := ask(p.vcpuThread)
+	a.PC[0], _ = ask(p.pc)
+	if a.Monitor != st {
+		return a
+	}
+	t0 := time.Now()
 	before, okBefore := threadTimes(p.Pid(), tid)
 	select {
 	case <-time.After(window):
+	case <-ctx.Done():
+		return a
 	case <-p.exited:
 		a.Monitor = "exited"
 		return a
 	}
 	after, okAfter := threadTimes(p.Pid(), tid)
+	took := time.Since(t0)
+	if p.hasExited() {
+		// The pid may be another process's by now.
+		a.Monitor = "exited"
+		return a
+	}
 	if okBefore && okAfter {
-		a.Run = (after.run - before.run).Seconds() / window.Seconds()
+		a.Window = took
+		a.Run = (after.run - before.run).Seconds() / took.Seconds()
 		if after.wait >= 0 && before.wait >= 0 {
-			a.Wait = (after.wait - before.wait).Seconds() / window.Seconds()
+			a.Wait = (after.wait - before.wait).Seconds() / took.Seconds()
 		}
 	}
-	regs, _ := p.runWithin(monitorGrace, p.registers)
-	a.PC[1] = programCounter(regs)
-	a.Halted = halted(regs)
+	// A fresh grace for the last question: the window was not the
+	// monitor's time.
+	grace = time.Now().Add(monitorGrace)
+	if regs, ok := ask(p.registers); ok {
+		a.PC[1] = programCounter(regs)
+		a.Halted = halted(regs)
+	}
 	return a
 }
 
-// runWithin runs f, giving it d: a QMP command to a QEMU whose main loop
-// is stuck never returns (it ends when QEMU is stopped).
-func (p *Process) runWithin(d time.Duration, f func() (string, error)) (string, bool) {
+func (p *Process) hasExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// errNoAnswer: the monitor did not answer in time.
+var errNoAnswer = errors.New("the monitor did not answer")
+
+// runUntil runs f, waiting for it until deadline: a QMP command to a QEMU
+// whose main loop is stuck never returns (it ends when QEMU is stopped),
+// and holds the monitor for every later command, so one deadline covers
+// them all.
+func (p *Process) runUntil(ctx context.Context, deadline time.Time, f func() (string, error)) (string, error) {
 	type result struct {
 		s   string
 		err error
@@ -78,11 +127,15 @@ func (p *Process) runWithin(d time.Duration, f func() (string, error)) (string, 
 		s, err := f()
 		ch <- result{s, err}
 	}()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
 	select {
 	case r := <-ch:
-		return r.s, r.err == nil
-	case <-time.After(d):
-		return "", false
+		return r.s, r.err
+	case <-t.C:
+		return "", errNoAnswer
+	case <-ctx.Done():
+		return "", ctx.Err()
 	}
 }
 
@@ -137,18 +190,21 @@ type cpuTimes struct{ run, wait time.Duration }
 
 // threadTimes is how long thread tid of pid ran and waited to run: the
 // scheduler's own account (schedstat), else the CPU ticks in stat with the
-// wait unknown; the whole process when tid is "".
+// wait unknown. Without the vCPU's thread there is nothing to measure (the
+// process's own files are its main thread's, not the guest's).
 func threadTimes(pid int, tid string) (cpuTimes, bool) {
-	dir := fmt.Sprintf("/proc/%d", pid)
-	if tid != "" {
-		dir += "/task/" + tid
+	if tid == "" {
+		return cpuTimes{}, false
 	}
+	dir := fmt.Sprintf("/proc/%d/task/%s", pid, tid)
 	if b, err := os.ReadFile(dir + "/schedstat"); err == nil {
 		f := strings.Fields(string(b))
 		if len(f) >= 2 {
 			run, err1 := strconv.ParseInt(f[0], 10, 64)
 			wait, err2 := strconv.ParseInt(f[1], 10, 64)
-			if err1 == nil && err2 == nil {
+			// All zeros: a kernel without sched_info accounting,
+			// which still prints the file.
+			if err1 == nil && err2 == nil && run+wait > 0 {
 				return cpuTimes{time.Duration(run), time.Duration(wait)}, true
 			}
 		}
@@ -184,19 +240,24 @@ func (a Activity) String() string {
 		return fmt.Sprintf("QEMU's monitor did not answer within %s: the emulator's main loop was blocked, not running the guest", a.Blocked)
 	case a.Monitor == "exited":
 		return "QEMU exited while it was sampled"
+	case strings.HasPrefix(a.Monitor, "error: "):
+		return "QEMU's monitor could not be asked what the machine was doing (" + strings.TrimPrefix(a.Monitor, "error: ") + ")"
+	case a.Monitor == "":
+		return ""
 	case a.Monitor != "running":
 		return fmt.Sprintf("the machine was %s, not running", a.Monitor)
 	}
 	var b strings.Builder
+	window := a.Window.Round(100 * time.Millisecond)
 	switch {
 	case a.Run < 0:
 		b.WriteString("the machine was running (its vCPU's CPU time unknown)")
-	case a.Wait >= 0.5:
-		fmt.Fprintf(&b, "the machine was starved by the host: its vCPU waited %s of %s for a host CPU and ran %s", pct(a.Wait), a.Window, pct(a.Run))
-	case a.Run < 0.05:
-		fmt.Fprintf(&b, "the machine was idle: its vCPU ran %s of %s (the guest waited for something that did not come)", pct(a.Run), a.Window)
+	case a.Run+a.Wait < 0.05:
+		fmt.Fprintf(&b, "the machine was idle: its vCPU ran %s of %s (the guest waited for something that did not come)", pct(a.Run), window)
+	case a.Wait > a.Run && a.Wait >= 0.25:
+		fmt.Fprintf(&b, "the machine was starved by the host: its vCPU waited %s of %s for a host CPU and ran %s", pct(a.Wait), window, pct(a.Run))
 	default:
-		fmt.Fprintf(&b, "the machine was busy: its vCPU ran %s of %s", pct(a.Run), a.Window)
+		fmt.Fprintf(&b, "the machine was busy: its vCPU ran %s of %s", pct(a.Run), window)
 		if a.Wait >= 0 {
 			fmt.Fprintf(&b, " (and waited %s for a host CPU)", pct(a.Wait))
 		}
@@ -215,4 +276,4 @@ func (a Activity) String() string {
 	return b.String()
 }
 
-func pct(f float64) string { return fmt.Sprintf("%.0f%%", 100*f) }
+func pct(f float64) string { return fmt.Sprintf("%.0f%%", 100*min(max(f, 0), 1)) }

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,6 +43,11 @@ func TestActivityString(t *testing.T) {
 		{Activity{Window: time.Second, Monitor: "running", Run: 0.98, Wait: 0.01, PC: [2]string{"0x4000", "0x4010"}},
 			[]string{"busy", "ran 98% of 1s", "waited 1% for a host CPU", "pc 0x4000, then 0x4010"}},
 		{Activity{Window: time.Second, Monitor: "running", Run: 0.1, Wait: 0.85}, []string{"starved by the host", "waited 85%"}},
+		// Barely ran but wanted to: not idle.
+		{Activity{Window: time.Second, Monitor: "running", Run: 0.04, Wait: 0.45}, []string{"starved by the host"}},
+		{Activity{Window: time.Second, Monitor: "running", Run: 0.04, Wait: 0.1}, []string{"busy"}},
+		{Activity{Window: time.Second, Monitor: "exited"}, []string{"QEMU exited"}},
+		{Activity{Window: time.Second, Monitor: "error: qmp: not connected"}, []string{"could not be asked", "not connected"}},
 		{Activity{Window: time.Second, Monitor: "running", Run: -1, Wait: -1}, []string{"CPU time unknown"}},
 	} {
 		s := c.a.String()
@@ -85,7 +91,8 @@ func TestSampleTellsSpinFromHaltFromStopped(t *testing.T) {
 		return p
 	}
 
-	a := start(spin).Sample(time.Second)
+	ctx := context.Background()
+	a := start(spin).Sample(ctx, time.Second)
 	t.Logf("spin: %s", a)
 	assert.Equal(t, a.Monitor, "running")
 	// Ran, or wanted to and waited for a host CPU: a loaded host shares.
@@ -93,7 +100,7 @@ func TestSampleTellsSpinFromHaltFromStopped(t *testing.T) {
 	assert.Equal(t, a.PC[1], "0xfff0", "%+v", a)
 	assert.Assert(t, !a.Halted)
 
-	a = start(halt).Sample(time.Second)
+	a = start(halt).Sample(ctx, time.Second)
 	t.Logf("halt: %s", a)
 	assert.Equal(t, a.Monitor, "running")
 	assert.Assert(t, a.Run >= 0 && a.Run < 0.05, "%+v", a)
@@ -102,9 +109,29 @@ func TestSampleTellsSpinFromHaltFromStopped(t *testing.T) {
 
 	p := start(spin)
 	assert.NilError(t, syscall.Kill(p.Pid(), syscall.SIGSTOP))
-	a = p.Sample(time.Second)
+	began := time.Now()
+	a = p.Sample(ctx, time.Second)
+	took := time.Since(began)
 	syscall.Kill(p.Pid(), syscall.SIGCONT)
-	t.Logf("stopped: %s", a)
+	t.Logf("stopped: %s (%s)", a, took)
 	assert.Equal(t, a.Monitor, "")
 	assert.Assert(t, strings.Contains(a.String(), "did not answer"), a.String())
+	// Its first question's grace, not the window and every question's.
+	assert.Assert(t, took < 2*monitorGrace, "sampling a stuck QEMU took %s", took)
+
+	// A QEMU that has exited is not a blocked one.
+	p = start(spin)
+	p.Kill()
+	a = p.Sample(ctx, time.Second)
+	t.Logf("exited: %s", a)
+	assert.Equal(t, a.Monitor, "exited", "%+v", a)
+	assert.Assert(t, strings.Contains(a.String(), "exited"), a.String())
+
+	// The caller's end ends the sample.
+	p = start(spin)
+	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	began = time.Now()
+	p.Sample(cctx, 10*time.Second)
+	assert.Assert(t, time.Since(began) < 5*time.Second, "a sample outlived its context by %s", time.Since(began))
 }
