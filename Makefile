@@ -28,7 +28,7 @@ matrix: setup build
 # guests side by side and talk to them; then the negative controls (each
 # isolation rule's tests fail with the rule off).
 # The first run's events go to out/test.json (go test -json, through
-# gotestsum, the module's tool: the output stays go test's own), and the
+# gotestsum, the module's tool: go test's own output and a summary), and the
 # tests slower than a minute are listed after it, pass or fail: what to
 # trim when make test nears CI's limit.
 RACE_SCENARIOS = TestConversation$$|TestStalledTransfer
