@@ -11,8 +11,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/digitalocean/go-qemu/qmp"
 )
 
 // Process is a running QEMU.
@@ -25,7 +23,7 @@ type Process struct {
 	exitErr error
 
 	mu  sync.Mutex
-	mon *qmp.SocketMonitor
+	mon *monitor
 
 	resets chan time.Time // the machine's resets (QMP RESET events)
 }
@@ -99,19 +97,13 @@ func (p *Process) connectQMP(path string) error {
 		default:
 		}
 		if _, err := os.Stat(path); err == nil {
-			mon, err := qmp.NewSocketMonitor("unix", path, 2*time.Second)
+			mon, err := dialMonitor(path, 2*time.Second, p.event)
 			if err == nil {
-				if err = mon.Connect(); err == nil {
-					os.Remove(path)
-					// The monitor's event channel must be drained, or
-					// its replies to commands stop.
-					evs, _ := mon.Events(context.Background())
-					go p.events(evs)
-					p.mu.Lock()
-					p.mon = mon
-					p.mu.Unlock()
-					return nil
-				}
+				os.Remove(path)
+				p.mu.Lock()
+				p.mon = mon
+				p.mu.Unlock()
+				return nil
 			}
 		}
 		if time.Now().After(deadline) {
@@ -121,21 +113,20 @@ func (p *Process) connectQMP(path string) error {
 	}
 }
 
-// events follows QMP's events until the connection ends.
-func (p *Process) events(evs <-chan qmp.Event) {
-	for e := range evs {
-		if e.Event == "RESET" {
-			// QEMU's own time of the reset, not when it was read: the
-			// console's lines are judged by boot against it.
-			at := time.Unix(e.Timestamp.Seconds, e.Timestamp.Microseconds*1000)
-			if e.Timestamp.Seconds == 0 {
-				at = time.Now()
-			}
-			select {
-			case p.resets <- at:
-			default: // nobody is waiting for this many
-			}
-		}
+// event is QMP's event e (from the monitor's reader: it must not block).
+func (p *Process) event(e qmpEvent) {
+	if e.Event != "RESET" {
+		return
+	}
+	// QEMU's own time of the reset, not when it was read: the console's
+	// lines are judged by boot against it.
+	at := e.Time()
+	if e.Timestamp.Seconds == 0 {
+		at = time.Now()
+	}
+	select {
+	case p.resets <- at:
+	default: // nobody is waiting for this many
 	}
 }
 
@@ -177,30 +168,25 @@ func (p *Process) Stderr() string {
 	return strings.TrimSpace(p.stderr.String())
 }
 
-// Run sends one QMP command and returns its "return" value.
+// Run sends one QMP command and returns its "return" value, waiting for
+// it as long as QEMU's monitor is connected.
 func (p *Process) Run(command string, args map[string]any) (json.RawMessage, error) {
+	return p.RunContext(context.Background(), command, args)
+}
+
+// RunContext is Run, giving up when ctx ends.
+func (p *Process) RunContext(ctx context.Context, command string, args map[string]any) (json.RawMessage, error) {
 	p.mu.Lock()
 	mon := p.mon
 	p.mu.Unlock()
 	if mon == nil {
 		return nil, fmt.Errorf("qmp: not connected")
 	}
-	req := map[string]any{"execute": command}
-	if args != nil {
-		req["arguments"] = args
-	}
-	b, _ := json.Marshal(req)
-	out, err := mon.Run(b)
+	out, err := mon.run(ctx, command, args)
 	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", command, err)
 	}
-	var resp struct {
-		Return json.RawMessage `json:"return"`
-	}
-	if err := json.Unmarshal(out, &resp); err != nil {
-		return nil, fmt.Errorf("qmp %s: %w", command, err)
-	}
-	return resp.Return, nil
+	return out, nil
 }
 
 // Status is QEMU's run state ("running", "shutdown", ...).
@@ -232,21 +218,19 @@ func (p *Process) Stop() {
 		mon := p.mon
 		p.mu.Unlock()
 		if mon != nil {
-			done := make(chan struct{})
-			go func() {
-				mon.Run([]byte(`{"execute":"quit"}`))
-				close(done)
-			}()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			go mon.run(ctx, "quit", nil)
 			select {
 			case <-p.exited:
-			case <-time.After(2 * time.Second):
+			case <-ctx.Done():
 			}
+			cancel()
 		}
 		p.Kill()
 	}
 	p.mu.Lock()
 	if p.mon != nil {
-		p.mon.Disconnect()
+		p.mon.close()
 		p.mon = nil
 	}
 	p.mu.Unlock()

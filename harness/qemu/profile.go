@@ -1,6 +1,7 @@
 // Package qemu turns a boot chain (architecture + firmware) into a QEMU
-// command line and runs it: acceleration chosen by a probe, QMP through
-// go-qemu, and a process that never outlives its test or CLI run. It knows
+// command line and runs it: acceleration chosen by a probe, QMP through a
+// client of its own that matches replies to commands by id (qmp.go says why
+// not go-qemu's), and a process that never outlives its test or CLI run. It knows
 // QEMU and nothing about the protocols the guest speaks.
 package qemu
 
