@@ -33,8 +33,9 @@ type Activity struct {
 	Halted bool
 }
 
-// monitorGrace is how long the monitor gets to answer, all its questions
-// together: a QEMU whose main loop runs answers in milliseconds.
+// monitorGrace is how long the monitor gets to answer the questions before
+// the window, together (and the one after it): a QEMU whose main loop runs
+// answers in milliseconds.
 const monitorGrace = 2 * time.Second
 
 // Sample watches p for window and says what it was doing. It returns
@@ -43,21 +44,23 @@ const monitorGrace = 2 * time.Second
 func (p *Process) Sample(ctx context.Context, window time.Duration) Activity {
 	a := Activity{Window: window, Run: -1, Wait: -1}
 	grace := time.Now().Add(monitorGrace)
-	ask := func(f func() (string, error)) (string, bool) {
-		s, err := p.runUntil(ctx, grace, f)
+	ask := func(f func(context.Context) (string, error)) (string, bool) {
+		qctx, cancel := context.WithDeadline(ctx, grace)
+		defer cancel()
+		s, err := f(qctx)
 		switch {
 		case err == nil:
 			return s, true
 		case p.hasExited():
 			a.Monitor = "exited"
-		case errors.Is(err, errNoAnswer):
+		case ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded):
 			a.Monitor, a.Blocked = "", monitorGrace
 		case ctx.Err() == nil && a.Monitor == "":
 			a.Monitor = "error: " + err.Error()
 		}
 		return "", false
 	}
-	st, ok := ask(func() (string, error) { return p.Status() })
+	st, ok := ask(p.status)
 	if !ok {
 		return a
 	}
@@ -110,38 +113,9 @@ func (p *Process) hasExited() bool {
 	}
 }
 
-// errNoAnswer: the monitor did not answer in time.
-var errNoAnswer = errors.New("the monitor did not answer")
-
-// runUntil runs f, waiting for it until deadline: a QMP command to a QEMU
-// whose main loop is stuck never returns (it ends when QEMU is stopped),
-// and holds the monitor for every later command, so one deadline covers
-// them all.
-func (p *Process) runUntil(ctx context.Context, deadline time.Time, f func() (string, error)) (string, error) {
-	type result struct {
-		s   string
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		s, err := f()
-		ch <- result{s, err}
-	}()
-	t := time.NewTimer(time.Until(deadline))
-	defer t.Stop()
-	select {
-	case r := <-ch:
-		return r.s, r.err
-	case <-t.C:
-		return "", errNoAnswer
-	case <-ctx.Done():
-		return "", ctx.Err()
-	}
-}
-
 // vcpuThread is the host thread that runs the first vCPU.
-func (p *Process) vcpuThread() (string, error) {
-	out, err := p.Run("query-cpus-fast", nil)
+func (p *Process) vcpuThread(ctx context.Context) (string, error) {
+	out, err := p.RunContext(ctx, "query-cpus-fast", nil)
 	if err != nil {
 		return "", err
 	}
@@ -155,8 +129,8 @@ func (p *Process) vcpuThread() (string, error) {
 }
 
 // registers is the first vCPU's registers as the human monitor prints them.
-func (p *Process) registers() (string, error) {
-	out, err := p.Run("human-monitor-command", map[string]any{"command-line": "info registers"})
+func (p *Process) registers(ctx context.Context) (string, error) {
+	out, err := p.RunContext(ctx, "human-monitor-command", map[string]any{"command-line": "info registers"})
 	if err != nil {
 		return "", err
 	}
@@ -165,8 +139,8 @@ func (p *Process) registers() (string, error) {
 	return s, err
 }
 
-func (p *Process) pc() (string, error) {
-	regs, err := p.registers()
+func (p *Process) pc(ctx context.Context) (string, error) {
+	regs, err := p.registers(ctx)
 	return programCounter(regs), err
 }
 

@@ -190,8 +190,10 @@ func (p *Process) RunContext(ctx context.Context, command string, args map[strin
 }
 
 // Status is QEMU's run state ("running", "shutdown", ...).
-func (p *Process) Status() (string, error) {
-	out, err := p.Run("query-status", nil)
+func (p *Process) Status() (string, error) { return p.status(context.Background()) }
+
+func (p *Process) status(ctx context.Context) (string, error) {
+	out, err := p.RunContext(ctx, "query-status", nil)
 	if err != nil {
 		return "", err
 	}
@@ -229,11 +231,13 @@ func (p *Process) Stop() {
 		p.Kill()
 	}
 	p.mu.Lock()
-	if p.mon != nil {
-		p.mon.close()
-		p.mon = nil
-	}
+	mon := p.mon
+	p.mon = nil
 	p.mu.Unlock()
+	if mon != nil {
+		// Outside the lock: the reader may still be delivering.
+		mon.close()
+	}
 }
 
 // Kill ends QEMU at once and waits for it.

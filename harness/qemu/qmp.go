@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"sync"
@@ -68,7 +69,7 @@ type qmpReply struct {
 }
 
 // errMonitorClosed: the connection ended before the reply.
-var errMonitorClosed = errors.New("qmp: the connection ended")
+var errMonitorClosed = errors.New("the connection ended")
 
 // dialMonitor connects to QEMU's QMP socket at path, reads the greeting
 // and leaves capabilities negotiation, all within timeout. onEvent is
@@ -95,7 +96,7 @@ func dialMonitor(path string, timeout time.Duration, onEvent func(qmpEvent)) (*m
 	}
 	if err := m.write("caps", "qmp_capabilities", nil); err != nil {
 		conn.Close()
-		return nil, err
+		return nil, fmt.Errorf("qmp: capabilities: %w", err)
 	}
 	for {
 		var msg qmpMessage
@@ -138,6 +139,19 @@ func (m *monitor) write(id, command string, args map[string]any) error {
 	return err
 }
 
+// writeContext is write, given up when ctx ends first (a QEMU that stopped
+// reading its monitor).
+func (m *monitor) writeContext(ctx context.Context, id, command string, args map[string]any) error {
+	done := make(chan error, 1)
+	go func() { done <- m.write(id, command, args) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // read hands replies to their commands and events to onEvent until the
 // connection ends; then every command still waiting gets the reason.
 func (m *monitor) read(dec *json.Decoder) {
@@ -145,8 +159,18 @@ func (m *monitor) read(dec *json.Decoder) {
 	for {
 		var msg qmpMessage
 		if err := dec.Decode(&msg); err != nil {
+			var typeErr *json.UnmarshalTypeError
+			if errors.As(err, &typeErr) {
+				continue // a message of another shape; the stream is intact
+			}
+			why := fmt.Errorf("%w: %v", errMonitorClosed, err)
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				// Not JSON: nothing after it can be trusted.
+				why = fmt.Errorf("%w: an unreadable message: %v", errMonitorClosed, err)
+				m.conn.Close()
+			}
 			m.mu.Lock()
-			m.err = fmt.Errorf("%w: %v", errMonitorClosed, err)
+			m.err = why
 			for id, ch := range m.pending {
 				ch <- qmpReply{err: m.err}
 				delete(m.pending, id)
@@ -196,7 +220,7 @@ func (m *monitor) run(ctx context.Context, command string, args map[string]any) 
 		delete(m.pending, id)
 		m.mu.Unlock()
 	}
-	if err := m.write(id, command, args); err != nil {
+	if err := m.writeContext(ctx, id, command, args); err != nil {
 		forget()
 		return nil, err
 	}

@@ -62,6 +62,16 @@ func fakeQMP(t *testing.T, hold chan string) string {
 					send(fmt.Sprintf(`{"return": {"status": "late", "for": %s}, "id": %s}`, id, id))
 				}
 				held = nil
+			case "first":
+				// Answered after "second", which is answered first.
+				held = append(held[:0:0], string(req.ID))
+				hold <- string(req.ID)
+			case "second":
+				send(fmt.Sprintf(`{"return": {"status": "second", "for": %s}, "id": %s}`, req.ID, req.ID))
+				for _, id := range held {
+					send(fmt.Sprintf(`{"return": {"status": "first", "for": %s}, "id": %s}`, id, id))
+				}
+				held = nil
 			case "fail":
 				send(fmt.Sprintf(`{"error": {"class": "GenericError", "desc": "no such thing"}, "id": %s}`, req.ID))
 			case "hangup":
@@ -78,13 +88,22 @@ func TestMonitorMatchesRepliesToCommands(t *testing.T) {
 	m, err := dialMonitor(fakeQMP(t, hold), 2*time.Second, func(e qmpEvent) { events <- e })
 	assert.NilError(t, err)
 	defer m.close()
-
-	status := func() (string, string) {
-		out, err := m.run(context.Background(), "query-status", nil)
-		assert.NilError(t, err)
+	// Every wait is bounded: a reply that never comes fails the test
+	// instead of hanging it.
+	bounded := func() context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	reply := func(out json.RawMessage) (string, string) {
 		var st struct{ Status, For string }
 		assert.NilError(t, json.Unmarshal(out, &st))
 		return st.Status, st.For
+	}
+	status := func() (string, string) {
+		out, err := m.run(bounded(), "query-status", nil)
+		assert.NilError(t, err)
+		return reply(out)
 	}
 	// The first command gets its own reply, not the capabilities' (the
 	// event before that reply, and a reply without an id, are no replies
@@ -93,29 +112,58 @@ func TestMonitorMatchesRepliesToCommands(t *testing.T) {
 	assert.Equal(t, st, "running")
 	assert.Equal(t, id, "nbh-1")
 
-	// A command given up on: its late reply goes to nobody.
-	ctx, cancel := context.WithCancel(context.Background())
+	// A command given up on: its late reply goes to nobody, and nothing
+	// of it is left.
+	ctx, cancel := context.WithCancel(bounded())
 	go func() { <-hold; cancel() }()
 	_, err = m.run(ctx, "hold", nil)
 	assert.Assert(t, errors.Is(err, context.Canceled), "%v", err)
+	m.mu.Lock()
+	left := len(m.pending)
+	m.mu.Unlock()
+	assert.Equal(t, left, 0, "a given-up command is still pending")
 	st, id = status()
 	assert.Equal(t, st, "running")
 	assert.Equal(t, id, "nbh-3")
 
-	_, err = m.run(context.Background(), "fail", nil)
+	// Two commands in flight, answered in the other order: each gets its
+	// own reply.
+	type answer struct{ status, id string }
+	first := make(chan answer, 1)
+	go func() {
+		out, err := m.run(bounded(), "first", nil)
+		if err != nil {
+			first <- answer{"error", err.Error()}
+			return
+		}
+		s, i := reply(out)
+		first <- answer{s, i}
+	}()
+	firstID := <-hold
+	out, err := m.run(bounded(), "second", nil)
+	assert.NilError(t, err)
+	st, id = reply(out)
+	assert.Equal(t, st, "second")
+	a := <-first
+	assert.Equal(t, a.status, "first", "%+v", a)
+	assert.Equal(t, `"`+a.id+`"`, firstID)
+	assert.Assert(t, id != a.id)
+
+	_, err = m.run(bounded(), "fail", nil)
 	assert.ErrorContains(t, err, "no such thing")
 
-	// Events arrived, with QEMU's time.
-	assert.Assert(t, len(events) >= 3, "%d events", len(events))
+	// Every event arrived (before the greeting, around the capabilities'
+	// reply, before each query-status' reply), with QEMU's time.
+	assert.Equal(t, len(events), 4)
 	e := <-events
 	assert.Equal(t, e.Event, "NETDEV_STREAM_CONNECTED")
 	assert.Equal(t, e.Time().Unix(), int64(1796311633))
 
 	// A connection that ends ends the command waiting on it, and every
 	// later one.
-	_, err = m.run(context.Background(), "hangup", nil)
+	_, err = m.run(bounded(), "hangup", nil)
 	assert.Assert(t, errors.Is(err, errMonitorClosed), "%v", err)
-	_, err = m.run(context.Background(), "query-status", nil)
+	_, err = m.run(bounded(), "query-status", nil)
 	assert.Assert(t, errors.Is(err, errMonitorClosed), "%v", err)
 }
 
